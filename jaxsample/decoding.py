@@ -1,0 +1,219 @@
+"""The batched decode loop shared by every sampler.
+
+A `DecodeState` holds B rows (samples, MH chains or SMC particles) of one generation in
+progress: generated tokens with their per-token log p, log q and entropy, the model cache
+and the logits for each row's next position. `extend` grows rows inside one
+`lax.while_loop`; `rewind` cuts rows back (an MH cut); `take_rows` gathers rows (SMC
+resampling); `select_rows` picks per row between two states (MH accept/reject).
+
+Generation-relative indexing everywhere: position j is the j-th generated token.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxsample.errors import ArgumentError
+from jaxsample.lm import LanguageModel
+from jaxsample.sampling import Proposal, proposal_log_probs, token_log_probs
+
+Array = jax.Array
+
+
+class DecodeState(NamedTuple):
+    """Rows of a generation in progress (B rows, N = max_new_tokens slots).
+
+    Attributes:
+      tokens: int32 `[B, N]` generated tokens; `pad_token_id` at positions ≥ length.
+      log_p: float32 `[B, N]` log p(x_j | x_<j), untempered, full vocabulary; 0 after length.
+      log_q: float32 `[B, N]` log-prob under the distribution actually sampled; 0 after length.
+      entropy: float32 `[B, N]` entropy of p(· | x_<j); 0 after length.
+      length: int32 `[B]` generated tokens, a final stop token included.
+      done: bool `[B]` the row ended with a stop token.
+      prompt_length: int32 `[B]` real prompt tokens of the row.
+      last_prompt_token: int32 `[B]` the prompt's last real token (fed again on a rewind to 0).
+      cache: the model cache; holds prompt_length + length positions.
+      next_logits: float32 `[B, V]` logits of generated position `length`.
+    """
+
+    tokens: Array
+    log_p: Array
+    log_q: Array
+    entropy: Array
+    length: Array
+    done: Array
+    prompt_length: Array
+    last_prompt_token: Array
+    cache: Any
+    next_logits: Array
+
+
+def check_lengths(lm: LanguageModel, prompt_length: int, max_new_tokens: int) -> None:
+    """Raises `ArgumentError` unless the prompt and generation fit the model's positions."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ArgumentError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if prompt_length < 1:
+        raise ArgumentError("the prompt must hold at least one token (e.g. BOS)")
+    if prompt_length + max_new_tokens > lm.max_length:
+        raise ArgumentError(
+            f"prompt of {prompt_length} tokens + max_new_tokens={max_new_tokens} exceeds the "
+            f"{lm.max_length} positions of model {lm.name!r}"
+        )
+
+
+def init_decode(
+    lm: LanguageModel,
+    prompt_tokens: Array,
+    num_rows: int,
+    max_new_tokens: int,
+    prompt_lengths: Array | None = None,
+) -> DecodeState:
+    """Prefills the prompt(s) and returns an empty generation of `num_rows` rows.
+
+    Args:
+      lm: the model.
+      prompt_tokens: int32 `[T]` shared by every row (prefilled once, then broadcast), or
+        `[B, T]` right-padded prompts, one per row (B = num_rows).
+      num_rows: B.
+      max_new_tokens: N, the generation slots per row.
+      prompt_lengths: int32 `[B]` real lengths for `[B, T]` prompts (default T).
+    """
+    prompt = jnp.asarray(prompt_tokens, jnp.int32)
+    if prompt.ndim not in (1, 2):
+        raise ArgumentError(f"prompt_tokens must have shape [T] or [B, T], got {prompt.shape}")
+    check_lengths(lm, prompt.shape[-1], max_new_tokens)
+    capacity = prompt.shape[-1] + max_new_tokens
+    if prompt.ndim == 1:
+        cache = lm.init_cache(1, capacity)
+        logits, cache = lm.prefill(prompt[None], jnp.array([prompt.shape[0]], jnp.int32), cache)
+        cache = jax.tree.map(lambda x: jnp.repeat(x, num_rows, axis=0), cache)
+        logits = jnp.repeat(logits, num_rows, axis=0)
+        prompt_length = jnp.full((num_rows,), prompt.shape[0], jnp.int32)
+        last = jnp.full((num_rows,), prompt[-1], jnp.int32)
+    else:
+        if prompt.shape[0] != num_rows:
+            raise ArgumentError(f"{prompt.shape[0]} prompts given for num_rows={num_rows}")
+        lengths = (
+            jnp.full((num_rows,), prompt.shape[1], jnp.int32)
+            if prompt_lengths is None
+            else jnp.asarray(prompt_lengths, jnp.int32)
+        )
+        logits, cache = lm.prefill(prompt, lengths, lm.init_cache(num_rows, capacity))
+        prompt_length = lengths
+        last = jnp.take_along_axis(prompt, (lengths - 1)[:, None], axis=1)[:, 0]
+    zeros = jnp.zeros((num_rows, max_new_tokens), jnp.float32)
+    return DecodeState(
+        tokens=jnp.full((num_rows, max_new_tokens), lm.pad_token_id, jnp.int32),
+        log_p=zeros,
+        log_q=zeros,
+        entropy=zeros,
+        length=jnp.zeros((num_rows,), jnp.int32),
+        done=jnp.zeros((num_rows,), bool),
+        prompt_length=prompt_length,
+        last_prompt_token=last,
+        cache=cache,
+        next_logits=logits.astype(jnp.float32),
+    )
+
+
+def extend(
+    key: Array, lm: LanguageModel, state: DecodeState, limit: Array | int, proposal: Proposal
+) -> tuple[DecodeState, Array]:
+    """Samples every unfinished row forward until a stop token or `length == limit`.
+
+    Row r draws its token at generated position j with `fold_in(fold_in(key, r), j)`, so a
+    row's randomness does not depend on the other rows.
+
+    Args:
+      key: PRNG key.
+      lm: the model.
+      state: rows to extend.
+      limit: int32 scalar or `[B]`, the length cap (≤ N); traced.
+      proposal: the sampling distribution (log q is taken from it exactly).
+
+    Returns:
+      `(state, num_decoded int32[B])`, the tokens each row decoded.
+    """
+    batch, slots = state.tokens.shape
+    limit = jnp.broadcast_to(jnp.minimum(jnp.asarray(limit, jnp.int32), slots), (batch,))
+    rows = jnp.arange(batch)
+    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, rows)
+
+    def active(s: DecodeState) -> Array:
+        return ~s.done & (s.length < limit)
+
+    def body(s: DecodeState) -> DecodeState:
+        is_active = active(s)
+        log_p, entropy = token_log_probs(s.next_logits)
+        log_q = proposal_log_probs(s.next_logits, proposal)
+        keys = jax.vmap(jax.random.fold_in)(row_keys, s.length)
+        token = jax.vmap(jax.random.categorical)(keys, log_q).astype(jnp.int32)
+        slot = jnp.where(is_active, s.length, slots)  # out of range: dropped
+
+        def write(buffer, value):
+            return buffer.at[rows, slot].set(value, mode="drop")
+
+        def at_token(values):
+            return jnp.take_along_axis(values, token[:, None], axis=1)[:, 0]
+
+        logits, cache = lm.decode(jnp.where(is_active, token, lm.pad_token_id), s.cache)
+        cache = cache._replace(length=jnp.where(is_active, cache.length, s.cache.length))
+        return s._replace(
+            tokens=write(s.tokens, token),
+            log_p=write(s.log_p, at_token(log_p)),
+            log_q=write(s.log_q, at_token(log_q)),
+            entropy=write(s.entropy, entropy),
+            length=s.length + is_active,
+            done=s.done | (is_active & lm.is_stop(token)),
+            cache=cache,
+            next_logits=jnp.where(is_active[:, None], logits, s.next_logits),
+        )
+
+    final = jax.lax.while_loop(lambda s: jnp.any(active(s)), body, state)
+    return final, final.length - state.length
+
+
+def rewind(lm: LanguageModel, state: DecodeState, new_length: Array) -> DecodeState:
+    """Cuts each row back to its first `new_length` generated tokens (int32 `[B]`).
+
+    Positions from `new_length` on are cleared; the next-token logits are recomputed with one
+    decode step on the last kept token (the prompt's last token when `new_length` is 0).
+    """
+    new_length = jnp.asarray(new_length, jnp.int32)
+    keep = jnp.arange(state.tokens.shape[1])[None, :] < new_length[:, None]
+    last_kept = jnp.take_along_axis(
+        state.tokens, jnp.maximum(new_length - 1, 0)[:, None], axis=1
+    )[:, 0]
+    feed = jnp.where(new_length > 0, last_kept, state.last_prompt_token)
+    cache = state.cache._replace(length=state.prompt_length + new_length - 1)
+    logits, cache = lm.decode(feed, cache)
+    return state._replace(
+        tokens=jnp.where(keep, state.tokens, lm.pad_token_id),
+        log_p=jnp.where(keep, state.log_p, 0.0),
+        log_q=jnp.where(keep, state.log_q, 0.0),
+        entropy=jnp.where(keep, state.entropy, 0.0),
+        length=new_length,
+        done=(new_length > 0) & lm.is_stop(last_kept),
+        cache=cache,
+        next_logits=logits.astype(jnp.float32),
+    )
+
+
+def _row_mask(mask: Array, x: Array) -> Array:
+    return mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
+
+
+def select_rows(mask: Array, new: DecodeState, old: DecodeState) -> DecodeState:
+    """Per row: `new` where `mask` (bool `[B]`) else `old` — the MH accept step."""
+    return jax.tree.map(lambda a, b: jnp.where(_row_mask(mask, a), a, b), new, old)
+
+
+def take_rows(state: DecodeState, indices: Array) -> DecodeState:
+    """Gathers rows `indices` (int32 `[B']`) of every per-row array — SMC resampling.
+
+    Not in place: the gathered cache is a new buffer, so the peak is about twice the cache.
+    """
+    return jax.tree.map(lambda x: jnp.take(x, indices, axis=0), state)

@@ -1,0 +1,33 @@
+"""Exceptions raised by jaxsample.
+
+Every error names the file, key, tensor, shape or argument at fault, so a user sees what to
+fix instead of a traceback from deep inside XLA.
+"""
+
+
+class JaxsampleError(Exception):
+    """Base class of every jaxsample error."""
+
+
+class ConfigError(JaxsampleError, ValueError):
+    """A model configuration is malformed or uses a feature the port does not implement."""
+
+
+class CheckpointError(JaxsampleError, ValueError):
+    """A checkpoint file is missing, truncated, or holds missing/unexpected/mis-shaped tensors."""
+
+
+class ModelNotFoundError(JaxsampleError, FileNotFoundError):
+    """A model name or path does not resolve to a checkpoint on this machine."""
+
+
+class ArgumentError(JaxsampleError, ValueError):
+    """A function argument is out of its documented range."""
+
+
+class DataError(JaxsampleError, ValueError):
+    """A data file (tasks, benchmarks) is missing or malformed."""
+
+
+class NumericalError(JaxsampleError, FloatingPointError):
+    """A NaN (or another impossible value) appeared where the algorithm forbids it."""

@@ -1,0 +1,85 @@
+"""Ancestral sampling: `js.generate`."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxsample.decoding import check_lengths, extend, init_decode
+from jaxsample.errors import ArgumentError
+from jaxsample.lm import LanguageModel
+from jaxsample.sampling import Proposal
+
+Array = jax.Array
+
+
+class GenerateResult(NamedTuple):
+    """Samples of one prompt (S samples, N = max_new_tokens).
+
+    Attributes:
+      tokens: int32 `[S, N]`; positions after the first stop token hold the pad id.
+      lengths: int32 `[S]` generated tokens, the stop token included.
+      log_p: float32 `[S, N]` base log-probability of each token (untempered, full vocab).
+      log_q: float32 `[S, N]` log-probability under the distribution actually sampled.
+      entropy: float32 `[S, N]` entropy of the base next-token distribution.
+      done: bool `[S]` the sample ended with a stop token (else it hit max_new_tokens).
+    """
+
+    tokens: Array
+    lengths: Array
+    log_p: Array
+    log_q: Array
+    entropy: Array
+    done: Array
+
+
+@partial(jax.jit, static_argnames=("max_new_tokens", "num_samples"))
+def _generate(key, lm, prompt, proposal, max_new_tokens, num_samples):
+    state = init_decode(lm, prompt, num_samples, max_new_tokens)
+    state, _ = extend(key, lm, state, max_new_tokens, proposal)
+    return GenerateResult(
+        tokens=state.tokens,
+        lengths=state.length,
+        log_p=state.log_p,
+        log_q=state.log_q,
+        entropy=state.entropy,
+        done=state.done,
+    )
+
+
+def generate(
+    key: Array,
+    lm: LanguageModel,
+    prompt_tokens: Array,
+    max_new_tokens: int,
+    temperature: float | Array = 1.0,
+    top_k: int = 0,
+    top_p: float | Array = 1.0,
+    num_samples: int = 1,
+) -> GenerateResult:
+    """Samples `num_samples` continuations of one prompt in a single jitted while-loop.
+
+    Greedy decoding is `top_k=1`. Temperature and top-p are traced: changing them does not
+    recompile; the prompt length, `max_new_tokens`, `num_samples` and `top_k` are static.
+
+    Args:
+      key: PRNG key.
+      lm: the model.
+      prompt_tokens: int32 `[T]`, T ≥ 1.
+      max_new_tokens: N; the prompt plus N must fit the model's positions.
+      temperature: τ > 0.
+      top_k: keep the k most likely tokens (0 = all).
+      top_p: nucleus mass in (0, 1].
+      num_samples: S, rows decoded as one batch.
+    """
+    prompt = jnp.asarray(prompt_tokens, jnp.int32)
+    if prompt.ndim != 1:
+        raise ArgumentError(f"prompt_tokens must have shape [T], got {prompt.shape}")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ArgumentError(f"num_samples must be a positive int, got {num_samples!r}")
+    proposal = Proposal(temperature=temperature, top_k=top_k, top_p=top_p).validated()
+    check_lengths(lm, prompt.shape[0], max_new_tokens)
+    return _generate(key, lm, prompt, proposal, max_new_tokens, num_samples)

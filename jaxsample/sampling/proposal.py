@@ -1,0 +1,94 @@
+"""Token-level proposals with exact log-probabilities.
+
+Every sampler needs, per generated token, three numbers: log p under the base model
+(untempered, full vocabulary), log q under the distribution that was *actually* sampled
+(temperature, then top-k, then top-p, renormalised), and the entropy of p. Getting log q
+from the processed distribution is what keeps Metropolis–Hastings and SMC weights exact.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxsample.errors import ArgumentError
+
+Array = jax.Array
+
+
+@struct.dataclass
+class Proposal:
+    """Tempered, truncated sampling distribution over the next token.
+
+    Attributes:
+      temperature: τ > 0, a traced float (changing it does not recompile).
+      top_k: static int; keep the k most likely tokens (0 keeps all).
+      top_p: traced float in (0, 1]; keep the smallest set of most likely tokens whose
+        tempered probability reaches top_p (1 keeps all). Ties at the threshold are kept.
+    """
+
+    temperature: Array | float = 1.0
+    top_k: int = struct.field(pytree_node=False, default=0)
+    top_p: Array | float = 1.0
+
+    def validated(self) -> "Proposal":
+        """Checks concrete values and returns the proposal with float32 array leaves."""
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ArgumentError(f"top_k must be a non-negative int (0 = off), got {self.top_k!r}")
+        _check_concrete("temperature", self.temperature, lambda t: t > 0, "must be > 0")
+        _check_concrete("top_p", self.top_p, lambda p: 0 < p <= 1, "must lie in (0, 1]")
+        return self.replace(
+            temperature=jnp.asarray(self.temperature, jnp.float32),
+            top_p=jnp.asarray(self.top_p, jnp.float32),
+        )
+
+
+def _check_concrete(name, value, ok, rule):
+    if isinstance(value, jax.core.Tracer):
+        return
+    value = float(value)
+    if not ok(value):
+        raise ArgumentError(f"{name} {rule}, got {value}")
+
+
+def token_log_probs(logits: Array) -> tuple[Array, Array]:
+    """Base log-probabilities and entropy.
+
+    Args:
+      logits: `[..., V]`, any float dtype.
+
+    Returns:
+      `(log_p [..., V], entropy [...])` in float32; entropy uses 0·log 0 = 0.
+    """
+    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    entropy = -jnp.sum(jnp.where(jnp.isneginf(log_p), 0.0, jnp.exp(log_p) * log_p), axis=-1)
+    return log_p, entropy
+
+
+def proposal_log_probs(logits: Array, proposal: Proposal) -> Array:
+    """Exact normalised log-probabilities of the distribution `proposal` samples from.
+
+    Args:
+      logits: `[..., V]`.
+      proposal: temperature, then top-k, then top-p (the order of transformers' warpers).
+
+    Returns:
+      float32 `[..., V]`, `-inf` outside the support.
+    """
+    scores = logits.astype(jnp.float32) / proposal.temperature
+    if proposal.top_k:
+        kth = jax.lax.top_k(scores, min(proposal.top_k, scores.shape[-1]))[0][..., -1:]
+        scores = jnp.where(scores < kth, -jnp.inf, scores)
+    log_q = jax.nn.log_softmax(scores, axis=-1)
+    # Skipping the sort when top-p is off matters at a 150k vocabulary.
+    return jax.lax.cond(proposal.top_p < 1.0, _truncate_top_p, lambda lq, _: lq, log_q, proposal.top_p)
+
+
+def _truncate_top_p(log_q: Array, top_p: Array) -> Array:
+    sorted_log_q = jnp.sort(log_q, axis=-1)[..., ::-1]
+    mass_before = jnp.cumsum(jnp.exp(sorted_log_q), axis=-1) - jnp.exp(sorted_log_q)
+    # The most likely token is always kept; the smallest kept value is the threshold.
+    kept = (mass_before < top_p) | (jnp.arange(log_q.shape[-1]) == 0)
+    threshold = jnp.min(jnp.where(kept, sorted_log_q, jnp.inf), axis=-1, keepdims=True)
+    return jax.nn.log_softmax(jnp.where(log_q < threshold, -jnp.inf, log_q), axis=-1)
