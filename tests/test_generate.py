@@ -1,0 +1,151 @@
+"""`js.generate`, proposals and the decode loop on a wrapped logits function."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxsample as js
+from jaxsample.errors import ArgumentError
+
+VOCAB = 6
+EOS = 5
+
+
+def _logits_fn(tokens):
+    # A causal, position- and history-dependent toy: logits at t depend on tokens ≤ t.
+    table = jax.random.normal(jax.random.key(7), (VOCAB, 11, VOCAB)) * 2.0
+    history = jnp.cumsum(tokens) % 11
+    return table[tokens, history]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return js.LanguageModel.from_logits_fn(_logits_fn, VOCAB, EOS, max_length=24)
+
+
+PROMPT = jnp.array([1, 2, 3], jnp.int32)
+
+
+def _full_log_probs(lm, seq):
+    return jax.nn.log_softmax(lm.logits(seq), axis=-1)
+
+
+def test_log_p_log_q_entropy_match_recomputation(lm):
+    proposal = js.Proposal(temperature=0.6, top_k=4, top_p=0.85)
+    result = js.generate(jax.random.key(0), lm, PROMPT, 12, 0.6, 4, 0.85, num_samples=16)
+    for row in range(16):
+        n = int(result.lengths[row])
+        gen = result.tokens[row, :n]
+        logits = lm.logits(jnp.concatenate([PROMPT, gen]))[len(PROMPT) - 1 : -1]
+        log_p, entropy = js.token_log_probs(logits)
+        log_q = js.proposal_log_probs(logits, proposal)
+        np.testing.assert_allclose(result.log_p[row, :n], log_p[jnp.arange(n), gen], atol=1e-5)
+        np.testing.assert_allclose(result.log_q[row, :n], log_q[jnp.arange(n), gen], atol=1e-5)
+        np.testing.assert_allclose(result.entropy[row, :n], entropy, atol=1e-5)
+        assert np.all(np.asarray(result.tokens[row, n:]) == lm.pad_token_id)
+        stops = np.asarray(lm.is_stop(gen))
+        assert not stops[:-1].any()
+        assert stops[-1] == bool(result.done[row])
+        assert bool(result.done[row]) or n == 12
+
+
+def test_proposal_log_probs_is_the_truncated_tempered_distribution():
+    logits = jnp.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    temperature, top_k, top_p = 0.5, 4, 0.9
+    scores = np.asarray(logits) / temperature
+    keep = np.argsort(-scores)[:top_k]
+    probs = np.exp(scores[keep] - scores[keep].max())
+    probs /= probs.sum()
+    cumulative_before = np.cumsum(probs) - probs
+    keep = keep[cumulative_before < top_p]
+    expected = np.full(6, -np.inf)
+    expected[keep] = scores[keep] - np.log(np.exp(scores[keep]).sum())
+    got = js.proposal_log_probs(logits, js.Proposal(temperature, top_k, top_p))
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-6)
+
+
+def test_empirical_token_frequencies_follow_log_q(lm):
+    # 4000 first tokens; the largest binomial std of a frequency is sqrt(0.25/4000) ≈ 0.0079,
+    # and 5 std keeps the false-alarm rate below 1e-5 per category.
+    samples = 4000
+    proposal = js.Proposal(temperature=1.3, top_k=0, top_p=0.8)
+    result = js.generate(jax.random.key(3), lm, PROMPT, 1, 1.3, 0, 0.8, num_samples=samples)
+    q = np.exp(np.asarray(js.proposal_log_probs(lm.logits(PROMPT)[-1], proposal)))
+    freq = np.bincount(np.asarray(result.tokens[:, 0]), minlength=VOCAB) / samples
+    np.testing.assert_array_less(np.abs(freq - q), 5 * np.sqrt(q * (1 - q) / samples) + 1e-9)
+
+
+def test_same_key_same_result_with_and_without_jit(lm):
+    proposal = js.Proposal(0.9, 0, 1.0).validated()
+    a = js.generate(jax.random.key(5), lm, PROMPT, 8, 0.9, num_samples=3)
+    b = js.generate(jax.random.key(5), lm, PROMPT, 8, 0.9, num_samples=3)
+    chex.assert_trees_all_equal(a, b)
+    with jax.disable_jit():
+        state = js.init_decode(lm, PROMPT, 3, 8)
+        state, _ = js.extend(jax.random.key(5), lm, state, 8, proposal)
+    np.testing.assert_array_equal(state.tokens, a.tokens)
+    np.testing.assert_allclose(state.log_q, a.log_q, atol=1e-6)
+
+
+def test_rewind_then_extend_matches_fresh_decoding(lm):
+    proposal = js.Proposal(1.0).validated()
+    state = js.init_decode(lm, PROMPT, 4, 10)
+    state, _ = js.extend(jax.random.key(1), lm, state, 10, proposal)
+    cut = jnp.minimum(jnp.array([0, 1, 3, 5]), state.length)
+    rewound = js.rewind(lm, state, cut)
+    fresh = js.init_decode(lm, PROMPT, 4, 10)
+    # Re-decode the kept prefix token by token from a fresh state.
+    for j in range(int(cut.max())):
+        keep = j < cut
+        token = jnp.where(keep, state.tokens[:, j], lm.pad_token_id)
+        logits, cache = lm.decode(token, fresh.cache)
+        cache = cache._replace(length=jnp.where(keep, cache.length, fresh.cache.length))
+        fresh = fresh._replace(
+            cache=cache, next_logits=jnp.where(keep[:, None], logits, fresh.next_logits)
+        )
+    np.testing.assert_allclose(rewound.next_logits, fresh.next_logits, atol=1e-6)
+    np.testing.assert_array_equal(rewound.cache.length, fresh.cache.length)
+    # A row cut at its full length keeps its stop token; every shorter cut reopens it.
+    np.testing.assert_array_equal(rewound.done, state.done & (cut == state.length))
+
+
+def test_temperature_and_top_p_changes_do_not_recompile(lm):
+    from jaxsample.generate import _generate
+
+    js.generate(jax.random.key(0), lm, PROMPT, 6, 0.7, 0, 0.9, num_samples=2)
+    before = _generate._cache_size()
+    for temperature, top_p in [(0.3, 0.5), (1.7, 1.0), (0.9, 0.99)]:
+        js.generate(jax.random.key(1), lm, PROMPT, 6, temperature, 0, top_p, num_samples=2)
+    assert _generate._cache_size() == before
+
+
+def test_decode_loop_traces_once_across_float_changes(lm):
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def run(key, proposal):
+        state = js.init_decode(lm, PROMPT, 2, 6)
+        return js.extend(key, lm, state, 6, proposal)[0].tokens
+
+    for temperature in (0.5, 1.0, 2.0):
+        run(jax.random.key(0), js.Proposal(temperature, 0, 0.9).validated())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=0.0), "temperature"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-2), "top_k"),
+        (dict(max_new_tokens=40), "positions"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(num_samples=0), "num_samples"),
+    ],
+)
+def test_bad_sampler_arguments_raise(lm, kwargs, message):
+    args = dict(max_new_tokens=4, temperature=1.0, top_k=0, top_p=1.0, num_samples=1) | kwargs
+    with pytest.raises(ArgumentError, match=message):
+        js.generate(jax.random.key(0), lm, PROMPT, **args)
