@@ -3,6 +3,6 @@
 # Not runnable on the development machines (no TPU there); kept minimal on purpose.
 set -euo pipefail
 python3 -m pip install --upgrade pip
-python3 -m pip install "jax[tpu]>=0.10" -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
+python3 -m pip install "jax[tpu]>=0.10"
 python3 -m pip install -e .
 python3 -c "import jax; print('devices:', jax.devices())"
