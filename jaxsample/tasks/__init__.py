@@ -1,0 +1,88 @@
+"""Verifiable tasks and graders: the stylized decision task, arithmetic, HumanEval, MATH500."""
+
+from jaxsample.tasks.arithmetic import (
+    ArithmeticProblem,
+    arithmetic_messages,
+    arithmetic_prompt,
+    extract_integer,
+    grade_arithmetic,
+    sample_arithmetic,
+)
+from jaxsample.tasks.decision_models import data_model, exact_accuracies
+from jaxsample.tasks.decision_tokenizer import decision_tokenizer, read_task_config, write_tokenizer
+from jaxsample.tasks.decisions import (
+    Accuracies,
+    DecisionProblem,
+    DecisionTaskConfig,
+    DecisionVocabulary,
+    closed_form_accuracies,
+    data_log_prob,
+    data_token_log_probs,
+    decision_positions,
+    grade,
+    parse_prompt,
+    sample_batch,
+    sample_problem,
+    sample_traces,
+)
+from jaxsample.tasks.humaneval import (
+    HumanEvalProblem,
+    check_humaneval,
+    extract_code,
+    humaneval_messages,
+    humaneval_path,
+    humaneval_program,
+    load_humaneval,
+)
+from jaxsample.tasks.math500 import (
+    MathProblem,
+    extract_boxed,
+    grade_math,
+    load_math500,
+    math_messages,
+    math_prompt,
+)
+from jaxsample.tasks.sandbox import ExecutionResult, SandboxLimits, run_python
+
+__all__ = [
+    "Accuracies",
+    "ArithmeticProblem",
+    "DecisionProblem",
+    "DecisionTaskConfig",
+    "DecisionVocabulary",
+    "ExecutionResult",
+    "HumanEvalProblem",
+    "MathProblem",
+    "SandboxLimits",
+    "arithmetic_messages",
+    "arithmetic_prompt",
+    "check_humaneval",
+    "closed_form_accuracies",
+    "data_log_prob",
+    "data_model",
+    "data_token_log_probs",
+    "decision_positions",
+    "decision_tokenizer",
+    "exact_accuracies",
+    "extract_boxed",
+    "extract_code",
+    "extract_integer",
+    "grade",
+    "grade_arithmetic",
+    "grade_math",
+    "humaneval_messages",
+    "humaneval_path",
+    "humaneval_program",
+    "load_humaneval",
+    "load_math500",
+    "math_messages",
+    "math_prompt",
+    "parse_prompt",
+    "read_task_config",
+    "run_python",
+    "sample_arithmetic",
+    "sample_batch",
+    "sample_problem",
+    "sample_traces",
+    "write_tokenizer",
+]

@@ -1,0 +1,99 @@
+"""Two- and three-digit addition and multiplication as chat prompts, graded exactly.
+
+The prompt works with any tokenizer wrapper that has `apply_chat_template(messages) -> ids`
+(e.g. `jaxsample.models.Tokenizer` of `smollm2-135m-instruct`). Answers are read from free
+text: the last integer of the reply (or of its last `\\boxed{}`), tolerating thousands
+separators, `= 123`, `**123**` and a trailing `.0`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from jaxsample.errors import ArgumentError
+from jaxsample.tasks.math500 import extract_boxed
+from jaxsample.tasks.rng import numpy_rng
+
+OPERATIONS = {"+": lambda a, b: a + b, "*": lambda a, b: a * b}
+# A number not glued to a preceding digit, letter or point: 1,234,567 | 1234 | -12 | 12.0
+_NUMBER = re.compile(r"(?<![\w.])([-−]?)(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?!\d|,\d)")
+
+
+@dataclass(frozen=True)
+class ArithmeticProblem:
+    """`a op b` with op in {"+", "*"}."""
+
+    a: int
+    b: int
+    operation: str
+
+    def __post_init__(self):
+        if self.operation not in OPERATIONS:
+            raise ArgumentError(
+                f"operation must be one of {sorted(OPERATIONS)}, got {self.operation!r}")
+
+    @property
+    def answer(self) -> int:
+        return OPERATIONS[self.operation](self.a, self.b)
+
+    @property
+    def question(self) -> str:
+        return f"What is {self.a} {self.operation} {self.b}?"
+
+
+def sample_arithmetic(
+    rng, num_problems: int, num_digits: int = 2, operation: str = "+"
+) -> list[ArithmeticProblem]:
+    """Problems with both operands uniform over `num_digits`-digit numbers.
+
+    Args:
+      rng: `np.random.Generator`, int seed or JAX PRNG key.
+      num_problems: how many.
+      num_digits: 2 or 3.
+      operation: "+" or "*".
+    """
+    if num_digits not in (2, 3):
+        raise ArgumentError(f"num_digits must be 2 or 3, got {num_digits!r}")
+    if operation not in OPERATIONS:
+        raise ArgumentError(f"operation must be one of {sorted(OPERATIONS)}, got {operation!r}")
+    low, high = 10 ** (num_digits - 1), 10**num_digits
+    operands = numpy_rng(rng).integers(low, high, size=(num_problems, 2))
+    return [ArithmeticProblem(int(a), int(b), operation) for a, b in operands]
+
+
+def arithmetic_messages(
+    problem: ArithmeticProblem, system: str | None = None
+) -> list[dict[str, str]]:
+    """Chat messages asking the question (with an optional system message)."""
+    content = f"{problem.question} Reply with the final answer as a number."
+    user = {"role": "user", "content": content}
+    return ([{"role": "system", "content": system}] if system else []) + [user]
+
+
+def arithmetic_prompt(
+    tokenizer: Any, problem: ArithmeticProblem, system: str | None = None
+) -> Sequence[int]:
+    """Token ids of the chat prompt, via `tokenizer.apply_chat_template(messages)`."""
+    return tokenizer.apply_chat_template(arithmetic_messages(problem, system))
+
+
+def extract_integer(text: str) -> int | None:
+    """The last integer in `text` (inside its last `\\boxed{}` if it has one), else None.
+
+    A final number with a non-zero fractional part is not an integer answer: None.
+    """
+    boxed = extract_boxed(text)
+    matches = list(_NUMBER.finditer(boxed if boxed is not None else text))
+    if not matches:
+        return None
+    sign, digits, fraction = matches[-1].groups()
+    if fraction and int(fraction[1:]) != 0:
+        return None
+    return int(("-" if sign else "") + digits.replace(",", ""))
+
+
+def grade_arithmetic(problem: ArithmeticProblem, text: str) -> bool:
+    """Whether the reply's extracted integer equals the exact answer."""
+    return extract_integer(text) == problem.answer

@@ -1,0 +1,463 @@
+"""A stylized reasoning task with decision points, with its exact data distribution p*.
+
+A trace handles K items in order. Each item opens with a *decision* token: the right option
+`R` with probability r or one of W wrong options `W1..WW` with probability w = (1 − r)/W
+each. A stretch of L digits follows: after `R` it writes the item's value (its L base-m
+digits, most significant first) with probability 1; after a wrong option every digit is
+uniform over the m symbols. A separator the model is certain about closes the item: `<sep>`,
+or `<eos>` after the last item. The trace is correct iff it is the unique trace that takes
+`R` at every item (it then writes every value right), so under p* its accuracy is r^K while
+p^α accuracy approaches 1: the gap power samplers exist to close (specs/decision_task.md).
+
+Token layout (c = `chunk_length` digits per prompt token, so the prompt stays short):
+
+    prompt  <bos> x.. x.. ... <go>      L/c chunk tokens per item (base-m^c digits)
+    trace   R 1 0 1 1 0 1 0 0 <sep> W2 0 1 1 0 1 1 1 0 <eos>
+
+With the defaults (K ≤ 4, L = 8, m = 2, c = 4) a prompt has at most 10 tokens and a trace
+at most 40. Generated positions are 0-based and trace-relative, as in `DecodeState`:
+item k's decision is trace position k·(L + 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+from scipy.special import entr
+
+from jaxsample.errors import ArgumentError, ConfigError
+from jaxsample.tasks.rng import numpy_rng
+
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>", "<sep>", "<go>")
+PAD, UNK, BOS, EOS, SEP, GO = range(len(SPECIAL_TOKENS))
+RIGHT = len(SPECIAL_TOKENS)  # token id of the right option `R`; wrong options follow it
+
+
+@dataclass(frozen=True)
+class DecisionTaskConfig:
+    """Parameters of the task (frozen, hashable).
+
+    Attributes:
+      right_prob: r, p*(R) at every decision, in (0, 1).
+      num_wrong: W ≥ 1 wrong options, each with probability (1 − r)/W. The task shows its
+        point (temperature hurts, p^α helps) when each wrong option beats R: (1 − r)/W > r.
+      stretch_length: L ≥ 1 digits after each decision.
+      num_symbols: m ≥ 2 digit symbols; a diffuse stretch has entropy log m per token.
+      max_decisions: K_max, the most items a problem holds (sets `max_sequence_length`).
+      chunk_length: c, digits written by one prompt token; must divide L (m^c ≤ 256).
+    """
+
+    right_prob: float = 0.30
+    num_wrong: int = 2
+    stretch_length: int = 8
+    num_symbols: int = 2
+    max_decisions: int = 4
+    chunk_length: int = 4
+
+    def __post_init__(self):
+        def check(ok, message):
+            if not ok:
+                raise ConfigError(f"DecisionTaskConfig: {message}")
+
+        check(0.0 < self.right_prob < 1.0, f"right_prob must lie in (0, 1), got {self.right_prob}")
+        for name, low in (("num_wrong", 1), ("stretch_length", 1), ("num_symbols", 2),
+                          ("max_decisions", 1), ("chunk_length", 1)):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= low,
+                  f"{name} must be an int ≥ {low}, got {value!r}")
+        check(self.stretch_length % self.chunk_length == 0,
+              f"chunk_length {self.chunk_length} must divide stretch_length {self.stretch_length}")
+        check(self.num_symbols**self.chunk_length <= 256,
+              f"num_symbols**chunk_length = {self.num_symbols**self.chunk_length} chunk tokens "
+              "exceed 256; lower chunk_length")
+
+    @property
+    def wrong_prob(self) -> float:
+        """w = (1 − r)/W, p* of each wrong option."""
+        return (1.0 - self.right_prob) / self.num_wrong
+
+    @property
+    def decision_probs(self) -> np.ndarray:
+        """float64 `[1 + W]` p* over the options, the right one first."""
+        return np.array([self.right_prob] + [self.wrong_prob] * self.num_wrong)
+
+    @property
+    def item_length(self) -> int:
+        """Trace tokens per item: decision, L digits, separator."""
+        return self.stretch_length + 2
+
+    @property
+    def chunks_per_item(self) -> int:
+        return self.stretch_length // self.chunk_length
+
+    def prompt_length(self, num_decisions: int) -> int:
+        return 2 + num_decisions * self.chunks_per_item
+
+    def trace_length(self, num_decisions: int) -> int:
+        return num_decisions * self.item_length
+
+    @property
+    def max_sequence_length(self) -> int:
+        """Prompt plus trace of the longest problem: the positions a model needs."""
+        return self.prompt_length(self.max_decisions) + self.trace_length(self.max_decisions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> "DecisionTaskConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ConfigError(f"DecisionTaskConfig: unknown fields {unknown}")
+        return cls(**fields)
+
+
+@dataclass(frozen=True)
+class DecisionVocabulary:
+    """Token ids of a config: specials, options, digits, then chunk symbols."""
+
+    config: DecisionTaskConfig
+
+    @property
+    def num_options(self) -> int:
+        return 1 + self.config.num_wrong
+
+    @property
+    def first_digit(self) -> int:
+        return RIGHT + self.num_options
+
+    @property
+    def first_chunk(self) -> int:
+        return self.first_digit + self.config.num_symbols
+
+    @property
+    def size(self) -> int:
+        return self.first_chunk + self.config.num_symbols**self.config.chunk_length
+
+    @property
+    def option_ids(self) -> np.ndarray:
+        return RIGHT + np.arange(self.num_options)
+
+    @property
+    def digit_ids(self) -> np.ndarray:
+        return self.first_digit + np.arange(self.config.num_symbols)
+
+    def tokens(self) -> list[str]:
+        """Token strings in id order."""
+        cfg = self.config
+        options = ["R"] + [f"W{i + 1}" for i in range(cfg.num_wrong)]
+        digits = [str(i) for i in range(cfg.num_symbols)]
+        chunks = [f"x{i}" for i in range(cfg.num_symbols**cfg.chunk_length)]
+        return list(SPECIAL_TOKENS) + options + digits + chunks
+
+
+@dataclass(frozen=True)
+class DecisionProblem:
+    """One problem: the values of its K items.
+
+    Attributes:
+      config: the task.
+      items: K item values, each in [0, m^L).
+    """
+
+    config: DecisionTaskConfig
+    items: tuple[int, ...]
+
+    def __post_init__(self):
+        cfg = self.config
+        if not 1 <= len(self.items) <= cfg.max_decisions:
+            raise ArgumentError(
+                f"a problem holds 1..{cfg.max_decisions} items (max_decisions), "
+                f"got {len(self.items)}")
+        top = cfg.num_symbols**cfg.stretch_length
+        for value in self.items:
+            if not 0 <= value < top:
+                raise ArgumentError(f"item value {value} outside [0, {top}) = [0, m^L)")
+
+    @property
+    def num_decisions(self) -> int:
+        return len(self.items)
+
+    @property
+    def digits(self) -> np.ndarray:
+        """int64 `[K, L]` the items' base-m digits, most significant first."""
+        return _digits(self.config, np.asarray(self.items, np.int64))
+
+    @property
+    def prompt(self) -> np.ndarray:
+        """int32 `[P]`: `<bos>`, the chunk tokens, `<go>`."""
+        return _encode_prompt(self.config, np.asarray(self.items, np.int64)[None])[0]
+
+    @property
+    def correct_trace(self) -> np.ndarray:
+        """int32 `[K (L + 2)]`: the one correct trace (`R` and the item's digits everywhere)."""
+        decisions = np.zeros((1, self.num_decisions), np.int64)
+        return _encode_trace(self.config, decisions, self.digits[None])[0]
+
+
+def parse_prompt(config: DecisionTaskConfig, prompt_tokens) -> DecisionProblem:
+    """The problem a prompt states (the inverse of `DecisionProblem.prompt`).
+
+    Args:
+      config: the task.
+      prompt_tokens: int `[P]`: `<bos>`, chunk tokens, `<go>` (no padding).
+    """
+    tokens = np.asarray(prompt_tokens).astype(np.int64).reshape(-1)
+    vocab = DecisionVocabulary(config)
+    body = tokens[1:-1] - vocab.first_chunk
+    num_chunks = vocab.size - vocab.first_chunk
+    well_formed = (
+        np.ndim(prompt_tokens) == 1 and tokens.shape[0] >= 2
+        and tokens[0] == BOS and tokens[-1] == GO and body.size % config.chunks_per_item == 0
+        and np.all((body >= 0) & (body < num_chunks)))
+    if not well_formed:
+        raise ArgumentError(
+            f"not a decision-task prompt (<bos>, {config.chunks_per_item} chunk tokens per item, "
+            f"<go>): {tokens}")
+    chunks = body.reshape(-1, config.chunks_per_item)
+    base = num_chunks ** np.arange(config.chunks_per_item - 1, -1, -1)
+    return DecisionProblem(config, tuple(int(v) for v in chunks @ base))
+
+
+def _digits(config: DecisionTaskConfig, items: np.ndarray) -> np.ndarray:
+    powers = config.num_symbols ** np.arange(config.stretch_length - 1, -1, -1, dtype=np.int64)
+    return (items[..., None] // powers) % config.num_symbols
+
+
+def _encode_prompt(config: DecisionTaskConfig, items: np.ndarray) -> np.ndarray:
+    """int32 `[S, P]` prompts of items `[S, K]`."""
+    rows, k = items.shape
+    c, m = config.chunk_length, config.num_symbols
+    digits = _digits(config, items).reshape(rows, k, config.chunks_per_item, c)
+    chunks = digits @ (m ** np.arange(c - 1, -1, -1, dtype=np.int64))
+    body = DecisionVocabulary(config).first_chunk + chunks.reshape(rows, -1)
+    return np.concatenate(
+        [np.full((rows, 1), BOS), body, np.full((rows, 1), GO)], axis=1).astype(np.int32)
+
+
+def _encode_trace(config: DecisionTaskConfig, decisions: np.ndarray, stretches: np.ndarray):
+    """int32 `[S, K (L + 2)]` traces: option indices `[S, K]` (0 = right), digits `[S, K, L]`."""
+    rows, k = decisions.shape
+    vocab = DecisionVocabulary(config)
+    separators = np.full((rows, k, 1), SEP)
+    separators[:, -1] = EOS
+    items = np.concatenate(
+        [(RIGHT + decisions)[..., None], vocab.first_digit + stretches, separators], axis=2)
+    return items.reshape(rows, -1).astype(np.int32)
+
+
+def _check_num_decisions(config: DecisionTaskConfig, num_decisions: int) -> None:
+    is_int = isinstance(num_decisions, (int, np.integer))
+    if not (is_int and 1 <= num_decisions <= config.max_decisions):
+        raise ArgumentError(
+            f"num_decisions must be an int in 1..{config.max_decisions} (max_decisions), "
+            f"got {num_decisions!r}")
+
+
+def _tempered_decision_probs(config: DecisionTaskConfig, temperature: float) -> np.ndarray:
+    if not temperature > 0:
+        raise ArgumentError(f"temperature must be > 0, got {temperature}")
+    scores = np.log(config.decision_probs) / temperature
+    return np.exp(scores - np.logaddexp.reduce(scores))
+
+
+def _sample_stretches(rng, config, decisions, items) -> np.ndarray:
+    noise = rng.integers(0, config.num_symbols, decisions.shape + (config.stretch_length,))
+    return np.where((decisions == 0)[..., None], _digits(config, items), noise)
+
+
+def sample_problem(rng, config: DecisionTaskConfig, num_decisions: int) -> DecisionProblem:
+    """A problem of `num_decisions` items with values uniform in [0, m^L).
+
+    Args:
+      rng: `np.random.Generator`, int seed or JAX PRNG key.
+      config: the task.
+      num_decisions: K in 1..max_decisions.
+    """
+    _check_num_decisions(config, num_decisions)
+    values = numpy_rng(rng).integers(0, config.num_symbols**config.stretch_length, num_decisions)
+    return DecisionProblem(config, tuple(int(v) for v in values))
+
+
+def sample_traces(
+    rng, problem: DecisionProblem, num_samples: int, temperature: float = 1.0
+) -> np.ndarray:
+    """Traces drawn from p* (every token tempered by `temperature`).
+
+    Tempering p* token-wise only changes the decisions: digits after `R` and separators stay
+    certain and diffuse digits stay uniform.
+
+    Returns:
+      int32 `[num_samples, K (L + 2)]`; every trace ends with `<eos>`.
+    """
+    rng = numpy_rng(rng)
+    cfg = problem.config
+    probs = _tempered_decision_probs(cfg, temperature)
+    decisions = rng.choice(len(probs), size=(num_samples, problem.num_decisions), p=probs)
+    items = np.broadcast_to(np.asarray(problem.items, np.int64), decisions.shape)
+    return _encode_trace(cfg, decisions, _sample_stretches(rng, cfg, decisions, items))
+
+
+def sample_batch(rng, config: DecisionTaskConfig, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training sequences (prompt + trace) drawn from p*, K uniform in 1..max_decisions.
+
+    Returns:
+      tokens: int32 `[B, T]`, T = `config.max_sequence_length`, right-padded with `<pad>`.
+      loss_mask: bool `[B, T]`, True at trace tokens (the `<eos>` included): the targets of
+        next-token prediction from position t − 1.
+    """
+    rng = numpy_rng(rng)
+    cfg = config
+    num_decisions = rng.integers(1, cfg.max_decisions + 1, batch_size)
+    items = rng.integers(0, cfg.num_symbols**cfg.stretch_length, (batch_size, cfg.max_decisions))
+    decisions = rng.choice(1 + cfg.num_wrong, size=items.shape, p=cfg.decision_probs)
+    stretches = _sample_stretches(rng, cfg, decisions, items)
+    tokens = np.full((batch_size, cfg.max_sequence_length), PAD, np.int32)
+    loss_mask = np.zeros(tokens.shape, bool)
+    for k in np.unique(num_decisions):
+        rows = num_decisions == k
+        prompt = _encode_prompt(cfg, items[rows, :k])
+        trace = _encode_trace(cfg, decisions[rows, :k], stretches[rows, :k])
+        start, end = prompt.shape[1], prompt.shape[1] + trace.shape[1]
+        tokens[rows, :end] = np.concatenate([prompt, trace], axis=1)
+        loss_mask[rows, start:end] = True
+    return tokens, loss_mask
+
+
+def grade(problem: DecisionProblem, generated_tokens) -> bool | np.ndarray:
+    """Whether generation is the correct trace (every decision right, every value written).
+
+    Args:
+      problem: the problem.
+      generated_tokens: int `[N]` or `[B, N]` generated tokens; tokens after the trace's
+        `<eos>` (padding) are ignored, a generation without it is wrong.
+
+    Returns:
+      bool, or bool `[B]`.
+    """
+    tokens = np.asarray(generated_tokens)
+    if tokens.ndim not in (1, 2):
+        raise ArgumentError(f"generated_tokens must have shape [N] or [B, N], got {tokens.shape}")
+    target = problem.correct_trace
+    if tokens.shape[-1] < target.shape[0]:
+        correct = np.zeros(tokens.shape[:-1], bool)
+    else:
+        correct = np.all(tokens[..., : target.shape[0]] == target, axis=-1)
+    return bool(correct) if tokens.ndim == 1 else correct
+
+
+def _trim(trace) -> np.ndarray:
+    trace = np.asarray(trace).astype(np.int64)
+    if trace.ndim != 1:
+        raise ArgumentError(f"trace must have shape [N], got {trace.shape}")
+    stops = np.flatnonzero(trace == EOS)
+    return trace[: stops[0] + 1] if stops.size else trace
+
+
+def _next_token_log_probs(problem: DecisionProblem, trace: np.ndarray) -> np.ndarray:
+    """float64 `[n, V]`: log p*(· | prompt, trace[:j]) for j < n.
+
+    Defined for every prefix, possible or not (the same rules as `data_model`): a stretch
+    after a token that is not `R` is uniform; after the last item only `<eos>` follows.
+    """
+    cfg = problem.config
+    vocab = DecisionVocabulary(cfg)
+    rows = np.full((len(trace), vocab.size), -np.inf)
+    digits = problem.digits
+    for j in range(len(trace)):
+        k, slot = divmod(j, cfg.item_length)
+        if k >= problem.num_decisions:
+            rows[j, EOS] = 0.0
+        elif slot == 0:
+            rows[j, vocab.option_ids] = np.log(cfg.decision_probs)
+        elif slot <= cfg.stretch_length:
+            if trace[j - slot] == RIGHT:
+                rows[j, vocab.first_digit + digits[k, slot - 1]] = 0.0
+            else:
+                rows[j, vocab.digit_ids] = -math.log(cfg.num_symbols)
+        else:
+            rows[j, EOS if k == problem.num_decisions - 1 else SEP] = 0.0
+    return rows
+
+
+def data_token_log_probs(problem: DecisionProblem, trace) -> tuple[np.ndarray, np.ndarray]:
+    """Exact per-token log p* and the entropy of p* before each token.
+
+    Args:
+      problem: the problem.
+      trace: int `[N]` generated tokens; anything after the first `<eos>` is ignored.
+
+    Returns:
+      `(log_p [n], entropy [n])` float64 (n = tokens up to the first `<eos>`); `-inf` marks a
+      token p* never writes.
+    """
+    trace = _trim(trace)
+    log_p = _next_token_log_probs(problem, trace)
+    entropy = np.sum(entr(np.exp(log_p)), axis=-1)
+    return log_p[np.arange(len(trace)), trace], entropy
+
+
+def data_log_prob(problem: DecisionProblem, trace) -> float:
+    """log p*(trace | prompt): of the whole trace if it ends with `<eos>`, else of the prefix."""
+    return float(np.sum(data_token_log_probs(problem, trace)[0]))
+
+
+def decision_positions(problem: DecisionProblem, trace) -> np.ndarray:
+    """Trace positions (0-based, generated-relative) of the decision tokens present in `trace`."""
+    length = len(_trim(trace))
+    positions = problem.config.item_length * np.arange(problem.num_decisions)
+    return positions[positions < length]
+
+
+class Accuracies(NamedTuple):
+    """P(correct trace) under three ways of sampling, with per-decision probabilities.
+
+    Attributes:
+      base: under p (ancestral sampling at temperature 1).
+      temperature: sampling every token at temperature τ (default 1/α).
+      power: under π ∝ p^α over well-formed traces.
+      power_lower_bound: under π ∝ p^α with every token outside the task's format charged at
+        its largest possible weight (equals `power` when p never leaves the format).
+      decision_probs: float64 `[K, 1 + W]` p(option | the correct trace so far); column 0 = R.
+      continuation_probs: float64 `[K]` p(the correct digits and separator | R).
+    """
+
+    base: float
+    temperature: float
+    power: float
+    power_lower_bound: float
+    decision_probs: np.ndarray
+    continuation_probs: np.ndarray
+
+
+def closed_form_accuracies(
+    config: DecisionTaskConfig, num_decisions: int, alpha: float, temperature: float | None = None
+) -> Accuracies:
+    """Accuracies of p* in closed form (decisions are independent, so per item to the K).
+
+    Per item: base r; temperature r^{1/τ} / (r^{1/τ} + W w^{1/τ}); power r^α / (r^α +
+    W w^α m^{−(α−1)L}), since all m^L diffuse stretches after a wrong option together weigh
+    m^L · m^{−αL}.
+    """
+    _check_num_decisions(config, num_decisions)
+    if not alpha >= 1.0:
+        raise ArgumentError(f"alpha must be ≥ 1, got {alpha}")
+    temperature = 1.0 / alpha if temperature is None else temperature
+    r, w, k = config.right_prob, config.wrong_prob, num_decisions
+    log_wrong = math.log(config.num_wrong) + alpha * math.log(w) - (
+        (alpha - 1.0) * config.stretch_length * math.log(config.num_symbols))
+    log_power = alpha * math.log(r) - np.logaddexp(alpha * math.log(r), log_wrong)
+    power = math.exp(k * log_power)
+    return Accuracies(
+        base=r**k,
+        temperature=float(_tempered_decision_probs(config, temperature)[0] ** k),
+        power=power,
+        power_lower_bound=power,
+        decision_probs=np.tile(config.decision_probs, (k, 1)),
+        continuation_probs=np.ones(k),
+    )
