@@ -1,0 +1,142 @@
+"""Baselines for power sampling, in the same API and result type.
+
+- `base_sample`: ancestral sampling from p (or any τ / top-k / top-p).
+- `temperature_sample`: low-temperature sampling, τ = 1/α — the "power of sums"
+  distribution, not p^α (spec §1).
+- `best_of_n`: per chain, the candidate with the highest mean log-likelihood, optionally
+  under a token budget so that it matches a power-sampling run's compute.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from jaxsample.decoding import DecodeState, check_lengths, extend, init_decode
+from jaxsample.errors import ArgumentError
+from jaxsample.lm import LanguageModel
+from jaxsample.mcmc.blocks import check_alpha, check_count
+from jaxsample.mcmc.kernel import PowerMHInfo
+from jaxsample.mcmc.result import PowerSampleResult
+from jaxsample.sampling import Proposal
+
+Array = jax.Array
+
+
+@partial(jax.jit, static_argnames=("num_rows", "max_new_tokens"))
+def _decode(key, lm, prompt, proposal, num_rows, max_new_tokens) -> DecodeState:
+    state = init_decode(lm, prompt, num_rows, max_new_tokens)
+    return extend(key, lm, state, max_new_tokens, proposal)[0]
+
+
+def _without_mcmc(tokens, lengths, done, log_p, tokens_decoded) -> PowerSampleResult:
+    num_chains = lengths.shape[0]
+    zeros = jnp.zeros((1, 0, num_chains), log_p.dtype)
+    never = jnp.zeros((1, 0, num_chains), jnp.int32)
+    return PowerSampleResult(
+        tokens=tokens,
+        lengths=lengths,
+        done=done,
+        log_p=log_p,
+        info=PowerMHInfo(never, zeros, zeros, zeros, zeros, never.astype(bool), never),
+        active=jnp.ones((1, num_chains), bool),
+        tokens_decoded=tokens_decoded,
+    )
+
+
+def _checked(lm, prompt_tokens, max_new_tokens, temperature, top_k, top_p):
+    prompt = jnp.asarray(prompt_tokens, jnp.int32)
+    if prompt.ndim != 1:
+        raise ArgumentError(f"prompt_tokens must have shape [T], got {prompt.shape}")
+    check_lengths(lm, prompt.shape[0], max_new_tokens)
+    return prompt, Proposal(temperature=temperature, top_k=top_k, top_p=top_p).validated()
+
+
+def base_sample(
+    key: Array,
+    lm: LanguageModel,
+    prompt_tokens: Array,
+    num_chains: int = 1,
+    max_new_tokens: int = 3072,
+    temperature: float | Array = 1.0,
+    top_k: int = 0,
+    top_p: float | Array = 1.0,
+) -> PowerSampleResult:
+    """C independent completions from the proposal (default: the base model p)."""
+    check_count("num_chains", num_chains, 1)
+    prompt, proposal = _checked(lm, prompt_tokens, max_new_tokens, temperature, top_k, top_p)
+    state = _decode(key, lm, prompt, proposal, num_chains, max_new_tokens)
+    return _without_mcmc(state.tokens, state.length, state.done, state.log_p, state.length)
+
+
+def temperature_sample(
+    key: Array,
+    lm: LanguageModel,
+    prompt_tokens: Array,
+    alpha: float | Array = 4.0,
+    num_chains: int = 1,
+    max_new_tokens: int = 3072,
+    top_k: int = 0,
+    top_p: float | Array = 1.0,
+) -> PowerSampleResult:
+    """C independent completions at temperature τ = 1/α (power sampling's proposal)."""
+    check_alpha(alpha)
+    return base_sample(key, lm, prompt_tokens, num_chains, max_new_tokens,
+                       1.0 / jnp.asarray(alpha, jnp.float32), top_k, top_p)
+
+
+@jax.jit
+def _select_best(state: DecodeState, token_budget: Array) -> PowerSampleResult:
+    num_chains = token_budget.shape[0]
+    num_candidates = state.length.shape[0] // num_chains
+
+    def per_candidate(x):
+        return x.reshape((num_chains, num_candidates) + x.shape[1:])
+
+    lengths = per_candidate(state.length)
+    # Candidates are drawn in order; one is affordable while the tokens so far fit the
+    # budget. The first is always kept so that every chain returns a completion.
+    spent = jnp.cumsum(lengths, axis=1)
+    affordable = (spent <= token_budget[:, None]) | (jnp.arange(num_candidates) == 0)
+    score = jnp.sum(per_candidate(state.log_p), axis=-1) / lengths
+    best = jnp.argmax(jnp.where(affordable, score, -jnp.inf), axis=1)
+
+    def pick(x):
+        return jnp.take_along_axis(
+            per_candidate(x), best.reshape((num_chains, 1) + (1,) * (x.ndim - 1)), axis=1
+        )[:, 0]
+
+    return _without_mcmc(pick(state.tokens), pick(state.length), pick(state.done),
+                         pick(state.log_p), jnp.sum(jnp.where(affordable, lengths, 0), axis=1))
+
+
+def best_of_n(
+    key: Array,
+    lm: LanguageModel,
+    prompt_tokens: Array,
+    num_candidates: int,
+    num_chains: int = 1,
+    max_new_tokens: int = 3072,
+    temperature: float | Array = 1.0,
+    top_k: int = 0,
+    top_p: float | Array = 1.0,
+    token_budget: Array | int | None = None,
+) -> PowerSampleResult:
+    """Per chain, the best of `num_candidates` samples by mean log-likelihood per token.
+
+    The mean is Σ log p / length over the completion, its stop token included.
+    Compute matching: pass `token_budget` (int32 scalar or `[C]`, e.g. a power-sampling
+    result's `tokens_decoded`); candidates are then taken in sampling order while their
+    cumulative tokens fit the budget (at least one per chain), so `num_candidates` is only
+    an upper bound — make it large enough (budget / shortest plausible completion).
+    `tokens_decoded` counts the candidates kept; all `num_candidates` are decoded.
+    """
+    check_count("num_chains", num_chains, 1)
+    check_count("num_candidates", num_candidates, 1)
+    prompt, proposal = _checked(lm, prompt_tokens, max_new_tokens, temperature, top_k, top_p)
+    budget = jnp.iinfo(jnp.int32).max if token_budget is None else token_budget
+    budget = jnp.broadcast_to(jnp.asarray(budget, jnp.int32), (num_chains,))
+    state = _decode(key, lm, prompt, proposal, num_chains * num_candidates, max_new_tokens)
+    return _select_best(state, budget)

@@ -1,0 +1,166 @@
+"""Block-wise power sampling (Karan & Du, Algorithm 1, with the exact kernel).
+
+For block k = 0..K−1 (K = max_new_tokens / block_size, cap L_k = (k+1)·block_size): every
+chain still running is extended from q up to L_k (chains that already hold a stop token
+are not), then `num_mcmc_steps` MH steps target π_k ∝ p(x_{≤L_k})^α, cutting over all
+generated positions so far (earlier blocks too), so the last block's chain targets the
+full p^α and earlier blocks are warm starts.
+
+As in Karan & Du, a chain whose completion has a stop token after a block's MH steps is
+finished and frozen (`freeze_finished=True`). Its law is then that of block k's chain, which
+targets π_k, not π: with several blocks the output law differs from π even with infinitely
+many steps (on a 121-state toy, α = 2, 2 blocks of 2 tokens: TV 0.037). `freeze_finished=False`
+keeps moving finished chains in later blocks, at the cost of their decoding, so every chain
+targets π in the last block; one block (block_size = max_new_tokens) is plain MH on π.
+
+The whole loop is one jitted program: `lax.scan` over blocks and steps, with a `lax.cond`
+skipping blocks once every chain is frozen.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+
+from jaxsample.decoding import check_lengths, extend, init_decode
+from jaxsample.errors import ArgumentError
+from jaxsample.lm import LanguageModel
+from jaxsample.mcmc.cuts import CutLaw, resolve_cut_law
+from jaxsample.mcmc.kernel import PowerMHInfo, PowerMHState, build_kernel
+from jaxsample.mcmc.result import PowerSampleResult
+from jaxsample.sampling import Proposal
+
+Array = jax.Array
+
+
+def check_count(name: str, value, minimum: int) -> None:
+    """Raises `ArgumentError` unless `value` is an int ≥ `minimum`."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ArgumentError(f"{name} must be an int ≥ {minimum}, got {value!r}")
+
+
+def check_alpha(alpha) -> None:
+    """Raises `ArgumentError` unless a concrete α is > 0 (traced values are not checked)."""
+    if not isinstance(alpha, jax.core.Tracer) and not float(alpha) > 0:
+        raise ArgumentError(f"alpha must be > 0 (target p^alpha), got {float(alpha)}")
+
+
+def _idle_info(num_steps: int, num_chains: int, dtype) -> PowerMHInfo:
+    zeros = jnp.zeros((num_steps, num_chains), dtype)
+    never = jnp.zeros((num_steps, num_chains), jnp.int32)
+    return PowerMHInfo(never, zeros, zeros, zeros, zeros, never.astype(bool), never)
+
+
+@partial(
+    jax.jit,
+    static_argnames=("cut_law", "num_chains", "block_size", "num_mcmc_steps", "max_new_tokens"),
+)
+def _power_sample(key, lm, prompt, alpha, proposal, cut_law, num_chains, block_size,
+                  num_mcmc_steps, max_new_tokens, freeze_finished):
+    step = build_kernel(lm, cut_law, proposal)
+    decode = init_decode(lm, prompt, num_chains, max_new_tokens)
+
+    def run_block(decode, block, active):
+        cap = (block + 1) * block_size
+        extend_key, mh_key = jax.random.split(jax.random.fold_in(key, block))
+        decode, extended = extend(extend_key, lm, decode, cap, proposal)
+
+        def mh_step(state, index):
+            return step(jax.random.fold_in(mh_key, index), state, alpha, cap, active)
+
+        state, info = jax.lax.scan(mh_step, PowerMHState(decode), jnp.arange(num_mcmc_steps))
+        return state.decode, info, extended
+
+    def skip_block(decode, block, active):
+        del block, active
+        idle = _idle_info(num_mcmc_steps, num_chains, decode.log_p.dtype)
+        return decode, idle, jnp.zeros((num_chains,), jnp.int32)
+
+    def one_block(decode, block):
+        active = ~(decode.done & freeze_finished)
+        decode, info, extended = jax.lax.cond(
+            jnp.any(active), run_block, skip_block, decode, block, active
+        )
+        return decode, (info, active, extended)
+
+    num_blocks = max_new_tokens // block_size
+    decode, (info, active, extended) = jax.lax.scan(one_block, decode, jnp.arange(num_blocks))
+    return PowerSampleResult(
+        tokens=decode.tokens,
+        lengths=decode.length,
+        done=decode.done,
+        log_p=decode.log_p,
+        info=info,
+        active=active,
+        tokens_decoded=jnp.sum(extended, axis=0) + jnp.sum(info.tokens_decoded, axis=(0, 1)),
+    )
+
+
+def power_sample(
+    key: Array,
+    lm: LanguageModel,
+    prompt_tokens: Array,
+    alpha: float | Array = 4.0,
+    cut: Union[str, CutLaw] = "uniform",
+    num_chains: int = 1,
+    block_size: int = 192,
+    num_mcmc_steps: int = 10,
+    max_new_tokens: int = 3072,
+    temperature: float | Array | None = None,
+    top_k: int = 0,
+    top_p: float | Array = 1.0,
+    freeze_finished: bool = True,
+) -> PowerSampleResult:
+    """Samples completions from π ∝ p(x | prompt)^α with block-wise Metropolis–Hastings.
+
+    Defaults follow Karan & Du (α = 4, 16 blocks of 192 tokens, 10 steps per block, τ = 1/α).
+    α, temperature, top-p and freeze_finished are traced: changing them does not recompile.
+    The prompt length, chain count, block size, step count, max_new_tokens, cut law and top-k
+    are static.
+
+    Args:
+      key: PRNG key.
+      lm: the model.
+      prompt_tokens: int32 `[T]`, shared by every chain.
+      alpha: α > 0, the target exponent.
+      cut: "uniform" (Karan & Du), "entropy" (entropy-jump law, β = 4; Zhou et al.) or a
+        cut law (see `jaxsample.mcmc.cuts`).
+      num_chains: C independent chains, decoded as one batch.
+      block_size: B; must divide max_new_tokens (blocks end at multiples of B).
+      num_mcmc_steps: MH steps per block (0 gives block-wise sampling from q).
+      max_new_tokens: N, the cap on generated tokens.
+      temperature: proposal τ (default 1/α).
+      top_k: proposal top-k (0 = off). The target keeps the full p; the chain samples π
+        restricted to the completions the truncated proposal can reach.
+      top_p: proposal nucleus mass in (0, 1] (same remark as top-k).
+      freeze_finished: stop a chain once it holds a stop token after a block (Karan & Du);
+        False keeps moving it in later blocks so that its output law tends to π (see the
+        module docstring).
+
+    Returns:
+      `PowerSampleResult` with each chain's final completion, per-step diagnostics
+      (`info` `[K, S, C]`) and token counts.
+    """
+    prompt = jnp.asarray(prompt_tokens, jnp.int32)
+    if prompt.ndim != 1:
+        raise ArgumentError(f"prompt_tokens must have shape [T], got {prompt.shape}")
+    check_alpha(alpha)
+    check_count("num_chains", num_chains, 1)
+    check_count("block_size", block_size, 1)
+    check_count("num_mcmc_steps", num_mcmc_steps, 0)
+    check_lengths(lm, prompt.shape[0], max_new_tokens)
+    if max_new_tokens % block_size:
+        raise ArgumentError(
+            f"block_size={block_size} must divide max_new_tokens={max_new_tokens} "
+            "(blocks end at multiples of block_size)"
+        )
+    cut_law = resolve_cut_law(cut)
+    alpha = jnp.asarray(alpha, jnp.float32)
+    proposal = Proposal(
+        temperature=1.0 / alpha if temperature is None else temperature, top_k=top_k, top_p=top_p
+    ).validated()
+    return _power_sample(key, lm, prompt, alpha, proposal, cut_law, num_chains, block_size,
+                         num_mcmc_steps, max_new_tokens, jnp.asarray(freeze_finished, bool))

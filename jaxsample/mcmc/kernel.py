@@ -1,0 +1,147 @@
+"""Power-distribution Metropolis–Hastings over completions: target π(x) ∝ p(x | prompt)^α.
+
+All chains are rows of one `DecodeState`, moved together: per row a cut i ~ c(· | x), a
+rewind to i tokens, a proposal decoded from q up to the block cap (the same cap for the
+forward and the reverse move), and an accept/reject with the exact ratio of
+`jaxsample.mcmc.acceptance`. Under a truncated proposal (top-k, top-p) the target keeps the
+full, untruncated p, so the chain samples π restricted to the completions the proposal can
+reach (Karan & Du's choice; Zhou's code instead renormalises p on the top-k set).
+
+    state = init(key, lm, prompt, num_chains=8, max_new_tokens=64, proposal=proposal)
+    step = jax.jit(build_kernel(lm, uniform, proposal))
+    state, info = step(key, state, alpha, cap)
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxsample.decoding import DecodeState, extend, init_decode, rewind, select_rows
+from jaxsample.lm import LanguageModel
+from jaxsample.mcmc.acceptance import Trace, log_acceptance_ratio
+from jaxsample.mcmc.cuts import CutLaw
+from jaxsample.sampling import Proposal
+
+Array = jax.Array
+
+
+class PowerMHState(NamedTuple):
+    """C chains of power-distribution MH.
+
+    Attributes:
+      decode: a `DecodeState` with C rows holding each chain's current completion (tokens,
+        per-token log p / log q / entropy, length, done) plus its cache and next logits, so
+        a move rewinds and extends it without re-running the prompt.
+    """
+
+    decode: DecodeState
+
+
+class PowerMHInfo(NamedTuple):
+    """Per-chain diagnostics of one MH step (all `[C]`).
+
+    Attributes:
+      cut: int32 first resampled position i (generation-relative).
+      log_ratio: log r (`-inf` where NaN, i.e. rejected).
+      log_power: α (Σ ℓp' − Σ ℓp) over the suffixes.
+      log_proposal: Σ ℓq − Σ ℓq' over the suffixes.
+      log_cut: log c(i | x') − log c(i | x).
+      accepted: bool, the chain moved.
+      tokens_decoded: int32 tokens decoded for the proposal (accepted or not).
+
+    For chains masked out by `active`, `accepted` is False and `tokens_decoded` 0; their
+    other fields describe a move that was never made.
+    """
+
+    cut: Array
+    log_ratio: Array
+    log_power: Array
+    log_proposal: Array
+    log_cut: Array
+    accepted: Array
+    tokens_decoded: Array
+
+
+def init(
+    key: Array,
+    lm: LanguageModel,
+    prompt_tokens: Array,
+    num_chains: int,
+    max_new_tokens: int,
+    proposal: Proposal,
+    cap: Array | int | None = None,
+) -> PowerMHState:
+    """Starts C chains from completions drawn from `proposal`.
+
+    Args:
+      key: PRNG key.
+      lm: the model.
+      prompt_tokens: int32 `[T]`, shared by every chain.
+      num_chains: C.
+      max_new_tokens: N, the slots per chain.
+      proposal: the sampling distribution q.
+      cap: the initial length cap (default N); chains stop at a stop token or `cap`.
+
+    The tokens this decodes are `state.decode.length`.
+    """
+    state = init_decode(lm, prompt_tokens, num_chains, max_new_tokens)
+    state, _ = extend(key, lm, state, max_new_tokens if cap is None else cap, proposal)
+    return PowerMHState(state)
+
+
+def build_kernel(
+    lm: LanguageModel, cut_law: CutLaw, proposal: Proposal
+) -> Callable[..., tuple[PowerMHState, PowerMHInfo]]:
+    """Returns `step(key, state, alpha, cap, active=None) -> (state, info)`.
+
+    Args of `step`:
+      key: PRNG key; chain r's cut and uniform come from `fold_in(key, r)`, so a chain's
+        randomness does not depend on the other chains.
+      state: `PowerMHState`; every active chain must lie in the cap's state space (length ≤
+        cap, and a chain without a stop token has length == cap).
+      alpha: α > 0, traced.
+      cap: int32 scalar or `[C]`, the block cap L (≤ N), traced.
+      active: bool `[C]` chains to move (default all); the others keep their state and decode
+        nothing.
+
+    `proposal` may hold traced temperature / top-p when `build_kernel` is called inside a
+    jitted function; `cut_law` and `top_k` are static.
+    """
+    ratio = jax.vmap(partial(log_acceptance_ratio, cut_law=cut_law), in_axes=(0, None, 0, 0))
+
+    def step(key, state: PowerMHState, alpha, cap, active=None):
+        current = state.decode
+        num_chains = current.length.shape[0]
+        active = jnp.ones((num_chains,), bool) if active is None else active
+        cut_key, proposal_key = jax.random.split(key)
+        chains = jnp.arange(num_chains)
+        chain_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(cut_key, chains)
+        split_keys = jax.vmap(jax.random.split)(chain_keys)
+
+        traces = Trace.of(current)
+        log_c = jax.vmap(lambda trace: trace.cut_log_probs(cut_law))(traces)
+        cut = jax.vmap(jax.random.categorical)(split_keys[:, 0], log_c).astype(jnp.int32)
+        # Inactive chains rewind to their own length with a cap at that length: a no-op.
+        proposed = rewind(lm, current, jnp.where(active, cut, current.length))
+        proposed, tokens_decoded = extend(
+            proposal_key, lm, proposed, jnp.where(active, cap, current.length), proposal
+        )
+        log_r = ratio(cut, alpha, traces, Trace.of(proposed))
+        log_u = jnp.log(jax.vmap(jax.random.uniform)(split_keys[:, 1]))
+        accepted = active & (log_u < log_r.log_ratio)
+        info = PowerMHInfo(
+            cut=cut,
+            log_ratio=log_r.log_ratio,
+            log_power=log_r.log_power,
+            log_proposal=log_r.log_proposal,
+            log_cut=log_r.log_cut,
+            accepted=accepted,
+            tokens_decoded=tokens_decoded,
+        )
+        return PowerMHState(select_rows(accepted, proposed, current)), info
+
+    return step

@@ -1,0 +1,61 @@
+"""Baselines: base / low-temperature sampling and (budget-matched) best-of-N."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxsample.errors import ArgumentError
+from jaxsample.mcmc import base_sample, best_of_n, temperature_sample
+from toy_models import TabularLM
+
+TOY = TabularLM.random(seed=2, vocab_size=4, cap=4, scale=1.5)
+LM = TOY.lm()
+CHAINS, CANDIDATES = 4, 8
+
+
+@pytest.fixture(scope="module")
+def candidates():
+    # best_of_n decodes its C·M candidates exactly as base_sample decodes C·M chains.
+    return base_sample(jax.random.key(0), LM, TOY.prompt(), CHAINS * CANDIDATES, 4)
+
+
+def _per_chain(x):
+    return np.asarray(x).reshape((CHAINS, CANDIDATES) + np.shape(x)[1:])
+
+
+@pytest.mark.parametrize("budget", [None, 1, [3, 6, 9, 1000]])
+def test_best_of_n_picks_highest_mean_log_likelihood_within_budget(candidates, budget):
+    result = best_of_n(jax.random.key(0), LM, TOY.prompt(), CANDIDATES, CHAINS, 4,
+                       token_budget=budget)
+    lengths = _per_chain(candidates.lengths)
+    spent = np.cumsum(lengths, axis=1)
+    limit = np.broadcast_to(np.iinfo(np.int32).max if budget is None else budget, (CHAINS,))
+    affordable = (spent <= np.asarray(limit)[:, None]) | (np.arange(CANDIDATES) == 0)
+    score = np.where(affordable, _per_chain(candidates.log_p).sum(-1) / lengths, -np.inf)
+    best = np.argmax(score, axis=1)
+    chains = np.arange(CHAINS)
+    np.testing.assert_array_equal(result.tokens, _per_chain(candidates.tokens)[chains, best])
+    np.testing.assert_array_equal(result.lengths, lengths[chains, best])
+    np.testing.assert_array_equal(result.tokens_decoded,
+                                  np.sum(np.where(affordable, lengths, 0), axis=1))
+    if budget == 1:
+        np.testing.assert_array_equal(best, 0)
+    if budget is None:
+        assert np.any(best > 0)  # a later candidate wins somewhere: selection is exercised
+
+
+def test_temperature_sample_is_base_sample_at_one_over_alpha():
+    low = temperature_sample(jax.random.key(1), LM, TOY.prompt(), 4.0, 16, 4)
+    base = base_sample(jax.random.key(1), LM, TOY.prompt(), 16, 4, temperature=0.25)
+    np.testing.assert_array_equal(low.tokens, base.tokens)
+    np.testing.assert_array_equal(low.tokens_decoded, low.lengths)
+    assert low.info.accepted.shape == (1, 0, 16)
+
+
+def test_baseline_arguments():
+    with pytest.raises(ArgumentError, match="num_candidates"):
+        best_of_n(jax.random.key(0), LM, TOY.prompt(), 0, 1, 4)
+    with pytest.raises(ArgumentError, match="alpha"):
+        temperature_sample(jax.random.key(0), LM, TOY.prompt(), 0.0, 1, 4)
+    with pytest.raises(ArgumentError, match="exceeds"):
+        base_sample(jax.random.key(0), LM, TOY.prompt(), 1, 5)
