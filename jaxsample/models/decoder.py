@@ -1,0 +1,276 @@
+"""The Qwen2 / Llama decoder as pure functions over a params pytree, with a KV cache.
+
+Params layout (HF-like names; the L layers are stacked on a leading axis so the layer loop
+is one `lax.scan` and compiles once whatever the depth):
+
+    {"embed_tokens": {"embedding": [V, D]},
+     "layers": {"input_layernorm": {"scale": [L, D]},
+                "self_attn": {"q_proj": {"kernel": [L, D, N*H], "bias": [L, N*H]}, ...},
+                "post_attention_layernorm": {"scale": [L, D]},
+                "mlp": {"gate_proj": {"kernel": [L, D, F]}, ...}},
+     "norm": {"scale": [D]},
+     "lm_head": {"kernel": [D, V]}}          # absent when embeddings are tied
+
+Activations run in the params' dtype; RMSNorm, RoPE angles, attention scores/softmax and
+the returned logits are float32. All public functions are jitted with `config` static.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxsample.errors import ArgumentError
+from jaxsample.models.config import ModelConfig
+from jaxsample.models.modules import DecoderLayer, RMSNorm, grouped_attention
+
+Array = jax.Array
+Params = Any
+
+
+class KVCache(NamedTuple):
+    """Per-row KV cache (all leaves batch-leading; see `jaxsample.lm`).
+
+    Attributes:
+      k: `[B, L, S, K, H]` rotated keys, in the activation dtype (S = capacity).
+      v: `[B, L, S, K, H]` values.
+      length: int32 `[B]` filled slots per row; slots ≥ length are stale and never read.
+    """
+
+    k: Array
+    v: Array
+    length: Array
+
+
+def _dtype(params: Params):
+    return params["embed_tokens"]["embedding"].dtype
+
+
+def _layer(config: ModelConfig, params: Params) -> DecoderLayer:
+    return DecoderLayer(config, _dtype(params))
+
+
+def _check_tokens(config: ModelConfig, tokens: Array, ndim: int, what: str) -> None:
+    if tokens.ndim != ndim:
+        raise ArgumentError(f"{what} must have {ndim} dimensions, got shape {tokens.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ArgumentError(f"{what} must be integer token ids, got dtype {tokens.dtype}")
+    if ndim == 2 and tokens.shape[1] > config.max_position_embeddings:
+        raise ArgumentError(
+            f"{what} has {tokens.shape[1]} positions; the model supports "
+            f"{config.max_position_embeddings} (max_position_embeddings)"
+        )
+
+
+def _module_params(key: Array, config: ModelConfig, dtype) -> Params:
+    """Params as the Linen modules initialise them (used for shapes and dtypes only)."""
+    embed_key, layers_key, head_key = jax.random.split(key, 3)
+    h = jnp.zeros((1, 1, config.hidden_size), dtype)
+    positions = jnp.zeros((1, 1), jnp.int32)
+    layer = DecoderLayer(config, dtype)
+    params = {
+        "embed_tokens": _embedder(config, dtype).init(embed_key, positions)["params"],
+        "layers": jax.vmap(lambda k: layer.init(k, h, positions)["params"])(
+            jax.random.split(layers_key, config.num_hidden_layers)
+        ),
+        "norm": RMSNorm(config.rms_norm_eps, dtype).init(embed_key, h)["params"],
+    }
+    if not config.tie_word_embeddings:
+        params["lm_head"] = _lm_head(config, dtype).init(head_key, h)["params"]
+    return params
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def init_params(key: Array, config: ModelConfig, dtype=jnp.float32) -> Params:
+    """Random parameters, transformers-style: N(0, 0.02²) projections and embeddings, unit
+    norm gains, zero biases.
+
+    All normal draws come from one `jax.random.normal` call: XLA compiles a separate
+    threefry kernel per call, ~0.5 s each on CPU, which dominated the init of small models.
+    """
+    shapes = jax.eval_shape(functools.partial(_module_params, config=config, dtype=dtype), key)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    drawn = [leaf for path, leaf in leaves if path[-1].key in ("kernel", "embedding")]
+    noise = 0.02 * jax.random.normal(key, (sum(leaf.size for leaf in drawn),), dtype)
+    values, offset = [], 0
+    for path, leaf in leaves:
+        kind = path[-1].key
+        if kind in ("kernel", "embedding"):
+            values.append(noise[offset : offset + leaf.size].reshape(leaf.shape))
+            offset += leaf.size
+        else:
+            values.append(jnp.full(leaf.shape, 1.0 if kind == "scale" else 0.0, dtype))
+    return jax.tree.unflatten(treedef, values)
+
+
+def _embedder(config: ModelConfig, dtype) -> nn.Embed:
+    return nn.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype)
+
+
+def _lm_head(config: ModelConfig, dtype) -> nn.Dense:
+    return nn.Dense(config.vocab_size, use_bias=False, dtype=dtype, param_dtype=dtype)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def embed(params: Params, config: ModelConfig, tokens: Array) -> Array:
+    """Token embeddings: int `[B, T]` → `[B, T, D]` in the params' dtype."""
+    return _embedder(config, _dtype(params)).apply({"params": params["embed_tokens"]}, tokens)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def apply_layer(params: Params, config: ModelConfig, i: Array, h: Array, positions: Array) -> Array:
+    """Decoder layer `i` (int, may be traced) with causal attention among the T positions.
+
+    Args:
+      h: `[B, T, D]` residual stream entering the layer.
+      positions: int32 `[B, T]` or `[T]` RoPE positions (causal order must follow them).
+
+    Returns:
+      `[B, T, D]`, the residual stream leaving the layer.
+    """
+    positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), h.shape[:2])
+    layer_params = jax.tree.map(lambda x: x[i], params["layers"])
+    out, _ = _layer(config, params).apply({"params": layer_params}, h, positions)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def final_logits(params: Params, config: ModelConfig, h: Array) -> Array:
+    """Final RMSNorm and LM head: `[..., D]` → float32 logits `[..., V]`."""
+    dtype = _dtype(params)
+    h = RMSNorm(config.rms_norm_eps, dtype).apply({"params": params["norm"]}, h)
+    if config.tie_word_embeddings:
+        logits = _embedder(config, dtype).apply(
+            {"params": params["embed_tokens"]}, h, method=nn.Embed.attend
+        )
+    else:
+        logits = _lm_head(config, dtype).apply({"params": params["lm_head"]}, h)
+    return logits.astype(jnp.float32)
+
+
+def _causal_layers(params: Params, config: ModelConfig, h: Array, positions: Array, keep_kv: bool):
+    """All layers with causal attention among the T tokens; optionally stacks their k/v."""
+    layer = _layer(config, params)
+
+    def body(h, layer_params):
+        h, kv = layer.apply({"params": layer_params}, h, positions)
+        return h, kv if keep_kv else None
+
+    return jax.lax.scan(body, h, params["layers"])
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def forward(params: Params, config: ModelConfig, tokens: Array) -> Array:
+    """Full causal forward: int `[B, T]` → float32 logits `[B, T, V]`."""
+    _check_tokens(config, tokens, 2, "tokens")
+    batch, length = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    h, _ = _causal_layers(params, config, embed(params, config, tokens), positions, keep_kv=False)
+    return final_logits(params, config, h)
+
+
+def init_cache(config: ModelConfig, batch_size: int, capacity: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache of `batch_size` rows with `capacity` slots, k/v in `dtype`."""
+    if batch_size < 1:
+        raise ArgumentError(f"batch_size must be positive, got {batch_size}")
+    if not 1 <= capacity <= config.max_position_embeddings:
+        raise ArgumentError(
+            f"cache capacity must be in [1, {config.max_position_embeddings}] "
+            f"(max_position_embeddings), got {capacity}"
+        )
+    shape = (
+        batch_size,
+        config.num_hidden_layers,
+        capacity,
+        config.num_key_value_heads,
+        config.head_dim,
+    )
+    return KVCache(
+        k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), length=jnp.zeros((batch_size,), jnp.int32)
+    )
+
+
+def _check_cache(cache: KVCache, batch: int, what: str) -> None:
+    if cache.k.shape[0] != batch:
+        raise ArgumentError(f"{what} has {batch} rows but the cache has {cache.k.shape[0]}")
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def prefill(
+    params: Params, config: ModelConfig, tokens: Array, lengths: Array, cache: KVCache
+) -> tuple[Array, KVCache]:
+    """Writes right-padded prompts into slots `0..T-1` of every row.
+
+    Args:
+      tokens: int `[B, T]` prompts, right-padded (pad values are irrelevant).
+      lengths: int `[B]` real prompt lengths, each in `[1, T]`.
+      cache: a cache from `init_cache` with capacity ≥ T (its previous content is replaced).
+
+    Returns:
+      (float32 `[B, V]` logits of the token after each row's last real token — NaN for rows
+      whose length is outside `[1, T]` —, the cache with `length = lengths`).
+    """
+    _check_tokens(config, tokens, 2, "prompt tokens")
+    batch, length = tokens.shape
+    _check_cache(cache, batch, "prompt tokens")
+    if length > cache.k.shape[2]:
+        raise ArgumentError(f"prompt length {length} exceeds the cache capacity {cache.k.shape[2]}")
+    lengths = jnp.asarray(lengths, jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    h, (k, v) = _causal_layers(params, config, embed(params, config, tokens), positions, keep_kv=True)
+    # Scan stacks per-layer k/v as [L, B, T, K, H]; the cache is batch-leading.
+    k_cache = jax.lax.dynamic_update_slice(cache.k, k.swapaxes(0, 1).astype(cache.k.dtype), (0,) * 5)
+    v_cache = jax.lax.dynamic_update_slice(cache.v, v.swapaxes(0, 1).astype(cache.v.dtype), (0,) * 5)
+    valid = (lengths >= 1) & (lengths <= length)
+    last = jnp.take_along_axis(h, jnp.clip(lengths - 1, 0, length - 1)[:, None, None], axis=1)
+    logits = final_logits(params, config, last[:, 0])
+    logits = jnp.where(valid[:, None], logits, jnp.nan)
+    return logits, KVCache(k_cache, v_cache, lengths)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def decode_step(params: Params, config: ModelConfig, tokens: Array, cache: KVCache) -> tuple[Array, KVCache]:
+    """Appends one token per row at slot `cache.length` and returns the next-token logits.
+
+    Rows write at their own slot (a per-row scatter), so rows may have any lengths, e.g.
+    after rewinding some of them with `cache._replace(length=shorter)`.
+
+    Args:
+      tokens: int `[B]`.
+      cache: `KVCache` with B rows.
+
+    Returns:
+      (float32 `[B, V]` logits, the cache with `length + 1`). A row already at capacity has
+      its write dropped and gets NaN logits: callers must bound lengths by the capacity.
+    """
+    _check_tokens(config, tokens, 1, "decode tokens")
+    batch = tokens.shape[0]
+    _check_cache(cache, batch, "decode tokens")
+    capacity = cache.k.shape[2]
+    slots = cache.length
+    rows = jnp.arange(batch)
+    visible = (jnp.arange(capacity)[None, :] <= slots[:, None])[:, None, :]  # [B, 1, S]
+    layer = _layer(config, params)
+
+    def body(carry, layer_params):
+        h, k_all, v_all, i = carry
+
+        def attend(q, k, v):
+            k_new = k_all.at[rows, i, slots].set(k[:, 0].astype(k_all.dtype), mode="drop")
+            v_new = v_all.at[rows, i, slots].set(v[:, 0].astype(v_all.dtype), mode="drop")
+            keys = jax.lax.dynamic_index_in_dim(k_new, i, axis=1, keepdims=False)
+            values = jax.lax.dynamic_index_in_dim(v_new, i, axis=1, keepdims=False)
+            return grouped_attention(q, keys.astype(q.dtype), values.astype(q.dtype), visible), (k_new, v_new)
+
+        h, (k_all, v_all) = layer.apply({"params": layer_params}, h, slots[:, None], attend)
+        return (h, k_all, v_all, i + 1), None
+
+    h = embed(params, config, tokens[:, None])
+    (h, k_all, v_all, _), _ = jax.lax.scan(body, (h, cache.k, cache.v, jnp.int32(0)), params["layers"])
+    logits = final_logits(params, config, h[:, 0])
+    logits = jnp.where((slots < capacity)[:, None], logits, jnp.nan)
+    return logits, KVCache(k_all, v_all, slots + 1)

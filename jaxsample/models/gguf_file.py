@@ -1,0 +1,175 @@
+"""Reading llama.cpp GGUF files (`llama` and `qwen2` architectures) into Hugging Face layout.
+
+Tensors are dequantized to float32 with the `gguf` package, reshaped to the reversed GGUF
+dimensions (which is Hugging Face's `[out, in]`), renamed to Hugging Face names, and — for
+the `llama` architecture only — have llama.cpp's q/k row permutation undone (q grouped by
+N heads, k by K heads), so one rotate-half RoPE serves every source.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from jaxsample.errors import CheckpointError, ConfigError
+from jaxsample.models.checkpoint import TensorEntry
+from jaxsample.models.config import ModelConfig
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_GLOBAL_PATTERN = re.compile(r"(\w+)\.(weight|bias)")
+# Stop tokens beyond eos that chat GGUFs declare (end of turn / end of message).
+_EXTRA_STOP_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+
+
+def open_reader(path: Path) -> gguf.GGUFReader:
+    """`gguf.GGUFReader`, with a corrupt or truncated file reported as a `CheckpointError`."""
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the parser raises many types (ValueError, IndexError, struct errors)
+        raise CheckpointError(f"{path}: not a readable GGUF file: {type(e).__name__}: {e}") from e
+
+
+def _field(reader: gguf.GGUFReader, key: str, default=None, *, required: bool = False):
+    field = reader.fields.get(key)
+    if field is None:
+        if required:
+            raise ConfigError(f"GGUF metadata key {key!r} is missing")
+        return default
+    return field.contents()
+
+
+def _path(reader: gguf.GGUFReader) -> str:
+    return str(reader.data.filename)
+
+
+def hf_name(gguf_name: str) -> str:
+    """Hugging Face name of a GGUF tensor; unknown names are returned unchanged."""
+    match = _LAYER_PATTERN.fullmatch(gguf_name)
+    if match and match.group(2) in _LAYER_NAMES:
+        layer, module, kind = match.groups()
+        return f"model.layers.{layer}.{_LAYER_NAMES[module]}.{kind}"
+    match = _GLOBAL_PATTERN.fullmatch(gguf_name)
+    if match and match.group(1) in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[match.group(1)]}.{match.group(2)}"
+    return gguf_name
+
+
+def unpermute_rows(weights: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undoes llama.cpp's per-head row interleave of q/k (row 2i ← HF row i, 2i+1 ← i + H/2)."""
+    half = weights.shape[0] // num_heads // 2
+    rows = weights.reshape(num_heads, half, 2, *weights.shape[1:])
+    return rows.swapaxes(1, 2).reshape(weights.shape)
+
+
+def gguf_config(reader: gguf.GGUFReader) -> tuple[ModelConfig, tuple[int, ...]]:
+    """(ModelConfig, extra stop token ids) from GGUF metadata."""
+    try:
+        config = _config_from_metadata(reader)
+    except ConfigError as e:
+        raise ConfigError(f"{_path(reader)}: {e}") from None
+    extra_stops = tuple(int(v) for key in _EXTRA_STOP_KEYS if (v := _field(reader, key)) is not None)
+    return config, extra_stops
+
+
+def _config_from_metadata(reader: gguf.GGUFReader) -> ModelConfig:
+    arch = _field(reader, "general.architecture", required=True)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(f"general.architecture is {arch!r}; supported: {SUPPORTED_ARCHITECTURES}")
+    scaling_type = _field(reader, f"{arch}.rope.scaling.type", "none")
+    if scaling_type != "none":
+        raise ConfigError(f"{arch}.rope.scaling.type is {scaling_type!r}; not supported")
+    tensor_names = {t.name for t in reader.tensors}
+    hidden = int(_field(reader, f"{arch}.embedding_length", required=True))
+    heads = int(_field(reader, f"{arch}.attention.head_count", required=True))
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // heads))
+    rope_dim = int(_field(reader, f"{arch}.rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise ConfigError(
+            f"{arch}.rope.dimension_count {rope_dim} differs from head_dim {head_dim}; "
+            "partial RoPE is not supported"
+        )
+    vocab = _field(reader, f"{arch}.vocab_size")
+    if vocab is None and "tokenizer.ggml.tokens" in reader.fields:
+        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    if vocab is None:
+        raise ConfigError(f"neither {arch}.vocab_size nor tokenizer.ggml.tokens is present")
+    if arch == "qwen2":
+        qkv_bias, o_bias = True, False
+    else:
+        qkv_bias = o_bias = "blk.0.attn_q.bias" in tensor_names
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    return ModelConfig(
+        model_type=arch,
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(_field(reader, f"{arch}.feed_forward_length", required=True)),
+        num_hidden_layers=int(_field(reader, f"{arch}.block_count", required=True)),
+        num_attention_heads=heads,
+        num_key_value_heads=int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        max_position_embeddings=int(_field(reader, f"{arch}.context_length", required=True)),
+        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=arch == "llama" and "blk.0.ffn_gate.bias" in tensor_names,
+        eos_token_ids=() if eos is None else (int(eos),),
+        bos_token_id=_optional_int(_field(reader, "tokenizer.ggml.bos_token_id")),
+        pad_token_id=_optional_int(_field(reader, "tokenizer.ggml.padding_token_id")),
+    )
+
+
+def _optional_int(value) -> int | None:
+    return None if value is None else int(value)
+
+
+def gguf_entries(reader: gguf.GGUFReader, config: ModelConfig) -> list[TensorEntry]:
+    """Every tensor as a lazily dequantized float32 `TensorEntry` in Hugging Face layout."""
+    path = _path(reader)
+    permute = config.model_type == "llama"
+
+    def reader_for(tensor, name: str, shape: tuple[int, ...]):
+        def read() -> np.ndarray:
+            try:
+                array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            except (NotImplementedError, ValueError) as e:
+                raise CheckpointError(
+                    f"{path}: cannot dequantize tensor {tensor.name!r} ({tensor.tensor_type.name}): {e}"
+                ) from e
+            array = np.asarray(array, np.float32).reshape(shape)
+            if permute and ".self_attn.q_proj." in name:
+                array = unpermute_rows(array, config.num_attention_heads)
+            elif permute and ".self_attn.k_proj." in name:
+                array = unpermute_rows(array, config.num_key_value_heads)
+            return array
+
+        return read
+
+    entries = []
+    for tensor in reader.tensors:
+        name = hf_name(tensor.name)
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        entries.append(TensorEntry(name, shape, "F32", path, reader_for(tensor, name, shape)))
+    return entries

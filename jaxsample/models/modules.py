@@ -1,0 +1,185 @@
+"""Flax Linen modules of the Qwen2 / Llama decoder layer, and rotate-half RoPE.
+
+Parameter names mirror Hugging Face's (`self_attn.q_proj`, `mlp.gate_proj`, ...) so the
+checkpoint name map is a transpose away. Projection kernels are `[in, out]`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsample.models.config import ModelConfig
+
+Array = jax.Array
+
+# A finite mask value: a fully masked row (never produced by the callers) gives a uniform
+# softmax instead of NaN.
+_MASKED = float(np.finfo(np.float32).min)
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
+    """`[H/2]` float32 inverse frequencies theta^(-2j/H), llama3-remapped when configured.
+
+    Computed in float32 exactly as transformers does, so angles match it bit for bit.
+    """
+    dim = config.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    inv_freq = np.float32(1.0) / (np.float32(config.rope_theta) ** exponents)
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    old_context = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_context / scaling.low_freq_factor
+    high_freq_wavelen = old_context / scaling.high_freq_factor
+    wavelen = np.float32(2 * np.pi) / inv_freq
+    remapped = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(scaling.factor), inv_freq)
+    smooth = (old_context / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * remapped / scaling.factor + smooth * remapped
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(is_medium, smoothed, remapped).astype(np.float32)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
+    """Rotate-half RoPE.
+
+    Args:
+      x: `[B, T, heads, H]`.
+      positions: int32 `[B, T]`.
+      inv_freq: float32 `[H/2]`.
+
+    Returns:
+      `[B, T, heads, H]` in `x.dtype`; angles are float32 (bf16 cannot hold positions > 256).
+    """
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def grouped_attention(q: Array, keys: Array, values: Array, mask: Array) -> Array:
+    """Softmax attention of N query heads over K kv heads, without repeating K/V.
+
+    Args:
+      q: `[B, T, N, H]` (already rotated).
+      keys, values: `[B, S, K, H]`.
+      mask: bool `[B, T, S]`, True where query t may attend to slot s.
+
+    Returns:
+      `[B, T, N, H]` in `q.dtype`; scores and softmax in float32.
+    """
+    batch, length, num_heads, head_dim = q.shape
+    num_kv = keys.shape[2]
+    # Query head n reads kv head n // G, matching transformers' repeat_kv order.
+    q = q.reshape(batch, length, num_kv, num_heads // num_kv, head_dim)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, keys, preferred_element_type=jnp.float32)
+    scores = scores * np.float32(head_dim**-0.5)
+    scores = jnp.where(mask[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, values)
+    return out.reshape(batch, length, num_heads, head_dim)
+
+
+class RMSNorm(nn.Module):
+    """y = g * x / sqrt(mean(x²) + eps), normalised in float32 and cast back before the gain."""
+
+    eps: float
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale * normed.astype(x.dtype)
+
+
+def _dense(features: int, use_bias: bool, dtype: Any, name: str) -> nn.Dense:
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=dtype, name=name)
+
+
+class SelfAttention(nn.Module):
+    """GQA self-attention projections (q/k/v/o) with RoPE applied after the bias."""
+
+    config: ModelConfig
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        c = self.config
+        self.q_proj = _dense(c.num_attention_heads * c.head_dim, c.qkv_bias, self.param_dtype, "q_proj")
+        self.k_proj = _dense(c.num_key_value_heads * c.head_dim, c.qkv_bias, self.param_dtype, "k_proj")
+        self.v_proj = _dense(c.num_key_value_heads * c.head_dim, c.qkv_bias, self.param_dtype, "v_proj")
+        self.o_proj = _dense(c.hidden_size, c.o_bias, self.param_dtype, "o_proj")
+
+    def project(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
+        """`x [B, T, D]` → rotated q `[B, T, N, H]`, rotated k and v `[B, T, K, H]`."""
+        c = self.config
+        batch, length, _ = x.shape
+        q = self.q_proj(x).reshape(batch, length, c.num_attention_heads, c.head_dim)
+        k = self.k_proj(x).reshape(batch, length, c.num_key_value_heads, c.head_dim)
+        v = self.v_proj(x).reshape(batch, length, c.num_key_value_heads, c.head_dim)
+        inv_freq = rope_inverse_frequencies(c)
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+    def output(self, attended: Array) -> Array:
+        """`[B, T, N, H]` → `[B, T, D]`."""
+        batch, length = attended.shape[:2]
+        return self.o_proj(attended.reshape(batch, length, -1))
+
+
+class GatedMLP(nn.Module):
+    """(silu(x Wg) * (x Wu)) Wd."""
+
+    config: ModelConfig
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = self.config
+        gate = _dense(c.intermediate_size, c.mlp_bias, self.param_dtype, "gate_proj")(x)
+        up = _dense(c.intermediate_size, c.mlp_bias, self.param_dtype, "up_proj")(x)
+        return _dense(c.hidden_size, c.mlp_bias, self.param_dtype, "down_proj")(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm decoder block. The attention pattern is supplied by the caller.
+
+    `__call__` takes `attend(q, k, v) -> (attended, aux)`, which decides which keys each query
+    sees (causal among the new tokens, or a KV cache) and may return auxiliary state (the
+    updated cache or the new k/v); this keeps a single definition of the block for the full
+    forward, prefill and cached decoding.
+    """
+
+    config: ModelConfig
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        c = self.config
+        self.input_layernorm = RMSNorm(c.rms_norm_eps, self.param_dtype)
+        self.self_attn = SelfAttention(c, self.param_dtype)
+        self.post_attention_layernorm = RMSNorm(c.rms_norm_eps, self.param_dtype)
+        self.mlp = GatedMLP(c, self.param_dtype)
+
+    def __call__(self, h: Array, positions: Array, attend=None) -> tuple[Array, Any]:
+        """Args: h `[B, T, D]`; positions int32 `[B, T]`; attend (default: causal).
+
+        Returns:
+          (h `[B, T, D]`, aux from `attend`).
+        """
+        q, k, v = self.self_attn.project(self.input_layernorm(h), positions)
+        if attend is None:
+            causal = positions[:, :, None] >= positions[:, None, :]
+            attended, aux = grouped_attention(q, k, v, causal), (k, v)
+        else:
+            attended, aux = attend(q, k, v)
+        h = h + self.self_attn.output(attended)
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, aux

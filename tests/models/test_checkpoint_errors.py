@@ -1,0 +1,171 @@
+"""Strict checkpoint loading: every malformed input raises the right error, naming file and tensor."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from jaxsample import models
+from jaxsample.errors import CheckpointError, ConfigError, ModelNotFoundError
+
+CONFIG = models.ModelConfig(
+    model_type="qwen2",
+    vocab_size=40,
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=4,
+    max_position_embeddings=32,
+    qkv_bias=True,
+    eos_token_ids=(1,),
+)
+Q_PROJ = "model.layers.1.self_attn.q_proj.weight"
+K_PROJ = "model.layers.0.self_attn.k_proj.weight"  # [K·H, D] = [8, 16]: a transpose changes its shape
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("valid")
+    params = models.init_params(jax.random.key(0), CONFIG)
+    models.save_pretrained(params, CONFIG, directory)
+    return directory, params
+
+
+@pytest.fixture
+def copy(saved, tmp_path):
+    directory = tmp_path / "checkpoint"
+    shutil.copytree(saved[0], directory)
+    return directory
+
+
+def _edit_tensors(directory, edit):
+    path = directory / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _edit_config(directory, edit):
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+
+
+def test_valid_checkpoint_loads_exactly(saved):
+    directory, params = saved
+    lm = models.load(directory)
+    assert lm.config == CONFIG
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), lm.params, params)))
+
+
+def test_missing_tensor(copy):
+    _edit_tensors(copy, lambda t: t.pop(Q_PROJ))
+    with pytest.raises(CheckpointError, match=rf"model.safetensors.*missing tensors {Q_PROJ}"):
+        models.load(copy)
+
+
+def test_unexpected_tensor(copy):
+    _edit_tensors(copy, lambda t: t.update({"model.layers.2.mlp.up_proj.weight": np.zeros((24, 16), np.float32)}))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: unexpected tensor 'model.layers.2.mlp.up_proj.weight'"):
+        models.load(copy)
+
+
+def test_shape_mismatch(copy):
+    _edit_tensors(copy, lambda t: t.update({K_PROJ: np.ascontiguousarray(t[K_PROJ].T)}))
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: tensor '{K_PROJ}' has shape \(16, 8\), expected \(8, 16\)"):
+        models.load(copy)
+
+
+def test_unsupported_dtype(copy):
+    _edit_tensors(copy, lambda t: t.update({Q_PROJ: t[Q_PROJ].astype(np.int8)}))
+    with pytest.raises(CheckpointError, match=rf"'{Q_PROJ}' has unsupported dtype I8"):
+        models.load(copy)
+
+
+def test_truncated_safetensors(copy):
+    path = copy / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=r"model.safetensors: not a readable safetensors file"):
+        models.load(copy)
+
+
+def test_missing_shard(copy):
+    path = copy / "model.safetensors"
+    tensors = load_file(path)
+    names = sorted(tensors)
+    save_file({n: tensors[n] for n in names[:5]}, copy / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
+    weight_map = {n: "model-00001-of-00002.safetensors" if i < 5 else "model-00002-of-00002.safetensors"
+                  for i, n in enumerate(names)}
+    (copy / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=r"shard 'model-00002-of-00002.safetensors' does not exist"):
+        models.load(copy)
+    save_file({n: tensors[n] for n in names[5:]}, copy / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
+    path.unlink()
+    sharded = models.load(copy)  # complete now
+    np.testing.assert_array_equal(sharded.params["norm"]["scale"], tensors["model.norm.weight"])
+
+
+def test_malformed_config_json(copy):
+    (copy / "config.json").write_text('{"model_type": "qwen2",')
+    with pytest.raises(ConfigError, match=r"config.json: malformed JSON"):
+        models.load(copy)
+    (copy / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"no config.json"):
+        models.load(copy)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.update(model_type="mistral"), r"config.json: 'model_type' is 'mistral'"),
+        (lambda c: c["rope_parameters"].update(rope_type="yarn", factor=4.0),
+         r"config.json: 'rope_parameters.rope_type' is 'yarn'"),
+        (lambda c: c.update(use_sliding_window=True, sliding_window=8),
+         r"config.json: 'use_sliding_window' is true"),
+        (lambda c: c.pop("hidden_size"), r"config.json: 'hidden_size' is missing"),
+        (lambda c: c.update(num_key_value_heads=3), r"config.json: .*multiple of num_key_value_heads"),
+        (lambda c: c.update(vocab_size="40"), r"config.json: 'vocab_size' must be an integer"),
+    ],
+    ids=["model_type", "rope_type", "sliding_window", "missing_key", "heads", "type"],
+)
+def test_bad_config(copy, edit, message):
+    _edit_config(copy, edit)
+    with pytest.raises(ConfigError, match=message):
+        models.load(copy)
+
+
+def test_no_stop_token_anywhere(copy):
+    _edit_config(copy, lambda c: c.update(eos_token_id=None))
+    (copy / "generation_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="no eos_token_id"):
+        models.load(copy)
+
+
+def test_generation_config_adds_stop_tokens(copy):
+    (copy / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 1]}))
+    assert models.load(copy).eos_token_ids == (1, 7)
+
+
+def test_dtype_cast_and_bad_dtype(saved):
+    directory, _ = saved
+    assert models.load(directory, dtype=jnp.bfloat16).params["embed_tokens"]["embedding"].dtype == jnp.bfloat16
+    with pytest.raises(CheckpointError, match="dtype int32 is not supported"):
+        models.load(directory, dtype=jnp.int32)
+
+
+def test_unknown_path_or_name():
+    with pytest.raises(ModelNotFoundError, match=r"'no-such-model'.*registered models: .*smollm2-135m-instruct"):
+        models.load("no-such-model")
+
+
+def test_corrupt_tokenizer_json(copy):
+    (copy / "tokenizer.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"checkpoint: cannot load the tokenizer"):
+        models.load(copy)

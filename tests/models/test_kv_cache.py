@@ -1,0 +1,180 @@
+"""Prefill + cached decoding reproduce the full forward; per-layer functions; recompiles."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsample import models
+from jaxsample.errors import ArgumentError
+
+# Same f32 math on both paths, only the attention width differs (T vs S slots, masked with
+# exact zeros), so differences are summation-order rounding: observed ≤ 1e-6.
+ATOL = 1e-5
+
+CONFIG = models.ModelConfig(
+    model_type="llama",
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=40,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=12,
+    max_position_embeddings=64,
+    rope_theta=50.0,
+    rope_scaling=models.Llama3RopeScaling(8.0, 1.0, 4.0, 16),
+    qkv_bias=True,
+    o_bias=True,
+    eos_token_ids=(0,),
+)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def random_params(config, seed):
+    """`init_params` layout with every leaf redrawn at O(1) scale (see conftest.rerandomize);
+    one normal draw for all leaves, since each draw is a separate (slow) XLA compile."""
+    leaves, treedef = jax.tree.flatten_with_path(models.init_params(jax.random.key(seed), config))
+    noise = jax.random.normal(jax.random.key(seed + 1), (sum(leaf.size for _, leaf in leaves),))
+    redrawn, offset = [], 0
+    for path, leaf in leaves:
+        z = noise[offset : offset + leaf.size].reshape(leaf.shape)
+        offset += leaf.size
+        kind = path[-1].key
+        if kind == "scale":
+            redrawn.append(1.0 + 0.3 * z)
+        elif kind == "bias":
+            redrawn.append(0.3 * z)
+        elif kind == "embedding":
+            redrawn.append(z)
+        else:
+            redrawn.append(z / np.sqrt(leaf.shape[-2]))
+    return jax.tree.unflatten(treedef, redrawn)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return random_params(CONFIG, 0)
+
+
+@pytest.fixture(scope="module")
+def lm(params):
+    return models.make_language_model(CONFIG, params, name="tiny")
+
+
+def _forward(params, sequence):
+    return np.asarray(models.forward(params, CONFIG, jnp.asarray(sequence)[None]))[0]
+
+
+def test_prefill_and_decode_match_forward_for_ragged_batch(params, lm):
+    rng = np.random.default_rng(0)
+    lengths = [5, 9, 2]
+    steps = 8
+    # Equal-length sequences (one compile of the per-sequence forward); prompts cut at n.
+    sequences = [rng.integers(0, CONFIG.vocab_size, size=max(lengths) + steps) for _ in lengths]
+    prompts = np.zeros((3, max(lengths)), np.int32)  # right-padded with 0
+    for row, n in enumerate(lengths):
+        prompts[row, :n] = sequences[row][:n]
+
+    logits, cache = lm.prefill(jnp.asarray(prompts), jnp.asarray(lengths), lm.init_cache(3, 24))
+    references = [_forward(params, s) for s in sequences]
+    deltas = [np.abs(logits[row] - references[row][n - 1]).max() for row, n in enumerate(lengths)]
+    for step in range(steps):
+        tokens = jnp.asarray([s[n + step] for s, n in zip(sequences, lengths)])
+        logits, cache = lm.decode(tokens, cache)
+        deltas += [np.abs(logits[row] - references[row][n + step]).max() for row, n in enumerate(lengths)]
+    np.testing.assert_array_equal(cache.length, np.asarray(lengths) + steps)
+    print(f"\nprefill/decode vs forward: max|Δlogit| = {max(deltas):.2e}")
+    assert max(deltas) <= ATOL
+
+
+def test_rewound_rows_continue_from_their_new_length(params, lm):
+    rng = np.random.default_rng(1)
+    sequence = rng.integers(0, CONFIG.vocab_size, size=12)
+    logits, cache = lm.prefill(jnp.asarray(np.stack([sequence[:8]] * 2)), jnp.asarray([8, 8]), lm.init_cache(2, 16))
+    for token in sequence[8:11]:
+        logits, cache = lm.decode(jnp.asarray([token, token]), cache)
+    # Row 0 keeps going; row 1 is cut back to 3 tokens (inside its prompt) and diverges.
+    cache = cache._replace(length=jnp.asarray([11, 3], jnp.int32))
+    new_tokens = rng.integers(0, CONFIG.vocab_size, size=4)
+    row1 = np.concatenate([sequence[:3], new_tokens])
+    for step, token in enumerate(new_tokens):
+        logits, cache = lm.decode(jnp.asarray([sequence[11] if step == 0 else token, token]), cache)
+        np.testing.assert_allclose(logits[1], _forward(params, row1)[3 + step], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(
+        logits[0], _forward(params, np.concatenate([sequence, new_tokens[1:]]))[-1], atol=ATOL, rtol=0
+    )
+
+
+def test_out_of_range_lengths_give_nan_logits_not_clamped_values(lm):
+    tokens = jnp.ones((2, 4), jnp.int32)
+    logits, _ = lm.prefill(tokens, jnp.asarray([0, 4]), lm.init_cache(2, 4))
+    assert np.isnan(logits[0]).all() and np.isfinite(logits[1]).all()
+    _, cache = lm.prefill(tokens, jnp.asarray([4, 3]), lm.init_cache(2, 4))
+    logits, cache = lm.decode(jnp.asarray([1, 1]), cache)  # row 0 is at capacity
+    assert np.isnan(logits[0]).all() and np.isfinite(logits[1]).all()
+
+
+def test_per_layer_functions_compose_to_forward(params):
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, CONFIG.vocab_size, size=(2, 10)))
+    positions = jnp.arange(10)
+    h = models.embed(params, CONFIG, tokens)
+    for i in range(CONFIG.num_hidden_layers):
+        h = models.apply_layer(params, CONFIG, i, h, positions)
+    np.testing.assert_allclose(
+        models.final_logits(params, CONFIG, h), models.forward(params, CONFIG, tokens), atol=ATOL, rtol=0
+    )
+
+    @jax.jit
+    def traced_layer_loop(params, h):  # the layer index may be traced (steering sweeps)
+        body = lambda i, h: models.apply_layer(params, CONFIG, i, h, positions)
+        return jax.lax.fori_loop(0, CONFIG.num_hidden_layers, body, h)
+
+    np.testing.assert_allclose(
+        traced_layer_loop(params, models.embed(params, CONFIG, tokens)), h, atol=ATOL, rtol=0
+    )
+
+
+def test_decode_step_does_not_retrace_when_values_change(params):
+    """Lengths, cache content, params and even a second model object of the same config must
+    reuse one compiled decode step (the bound functions compare equal by config)."""
+    decode = jax.jit(chex.assert_max_traces(lambda lm, tokens, cache: lm.decode(tokens, cache), n=1))
+    lm_a = models.make_language_model(CONFIG, params)
+    lm_b = models.make_language_model(CONFIG, random_params(CONFIG, 5))
+    _, cache = lm_a.prefill(jnp.ones((2, 3), jnp.int32), jnp.asarray([3, 1]), lm_a.init_cache(2, 16))
+    for step in range(4):
+        logits, cache = decode(lm_a if step % 2 else lm_b, jnp.asarray([step, step + 1]), cache)
+    cache = cache._replace(length=jnp.asarray([2, 9], jnp.int32))
+    logits, cache = decode(lm_a, jnp.asarray([3, 4]), cache)
+    assert logits.shape == (2, CONFIG.vocab_size)
+
+
+def test_bfloat16_params_run_with_float32_logits(params):
+    lm16 = models.make_language_model(CONFIG, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, CONFIG.vocab_size, size=(2, 16)))
+    logits16 = lm16.logits(tokens)
+    assert logits16.dtype == jnp.float32
+    cache = lm16.init_cache(2, 20)
+    assert cache.k.dtype == jnp.bfloat16
+    log_p32 = jax.nn.log_softmax(models.forward(params, CONFIG, tokens))
+    log_p16 = jax.nn.log_softmax(logits16)
+    kl = jnp.sum(jnp.exp(log_p32) * (log_p32 - log_p16), axis=-1).mean()
+    # bf16 keeps 8 mantissa bits (relative error 2^-9 per rounding); through 3 layers the
+    # logit error is a few 1e-2, i.e. KL ~ 1e-3. A dtype bug (e.g. bf16 angles) is ≫ 1e-2.
+    assert kl < 1e-2, kl
+
+
+def test_bad_shapes_raise_argument_errors(params, lm):
+    with pytest.raises(ArgumentError, match="capacity"):
+        lm.prefill(jnp.ones((1, 9), jnp.int32), jnp.asarray([9]), lm.init_cache(1, 8))
+    with pytest.raises(ArgumentError, match="max_position_embeddings"):
+        models.forward(params, CONFIG, jnp.ones((1, 65), jnp.int32))
+    with pytest.raises(ArgumentError, match="max_position_embeddings"):
+        models.init_cache(CONFIG, 1, 65)
+    with pytest.raises(ArgumentError, match="rows"):
+        lm.decode(jnp.ones((3,), jnp.int32), lm.init_cache(2, 8))
+    with pytest.raises(ArgumentError, match="dimensions"):
+        lm.decode(jnp.ones((2, 1), jnp.int32), lm.init_cache(2, 8))
