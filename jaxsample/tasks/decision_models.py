@@ -25,7 +25,7 @@ from jaxsample.errors import ArgumentError
 from jaxsample.lm import LanguageModel
 from jaxsample.tasks.decisions import (
     EOS,
-    GO,
+    ITEM,
     PAD,
     RIGHT,
     SEP,
@@ -40,36 +40,37 @@ def data_model(config: DecisionTaskConfig) -> LanguageModel:
     """p* as a `LanguageModel` over `DecisionVocabulary(config)` (max_length: the longest problem).
 
     Logits are log-probabilities with `-inf` outside p*'s support. Prompt positions predict
-    uniformly; the rules for impossible prefixes match `data_token_log_probs`.
+    uniformly; the rules for impossible prefixes match `data_token_log_probs`. Every rule is
+    a lookup at a fixed offset, as a transformer would learn it: a digit after `R` is the
+    token P − 1 positions back, and a separator is `<sep>` iff the next prompt slot opens
+    with `<item>`.
     """
     vocab = DecisionVocabulary(config)
-    L, c, m = config.stretch_length, config.chunk_length, config.num_symbols
+    P, L, n = config.prompt_length, config.stretch_length, config.item_length
     ids = jnp.arange(vocab.size)
     never = jnp.full(vocab.size, -jnp.inf)
     decision_row = never.at[vocab.option_ids].set(jnp.log(config.decision_probs))
-    uniform_digits = never.at[vocab.digit_ids].set(-jnp.log(m))
+    uniform_digits = never.at[vocab.digit_ids].set(-jnp.log(config.num_symbols))
 
     def one_hot(token):
         return jnp.where(ids == token[..., None], 0.0, -jnp.inf)
 
     def logits_fn(tokens):
         size = tokens.shape[0]
-        go = jnp.argmax(tokens == GO)
-        num_items = (go - 1) // config.chunks_per_item
-        # Position t predicts trace token j = t − go, which is slot `slot` of item k.
-        j = jnp.arange(size) - go
-        k, slot = j // config.item_length, j % config.item_length
-        decision = tokens[jnp.clip(go + 1 + k * config.item_length, 0, size - 1)]
-        digit_index = jnp.clip(slot - 1, 0, L - 1)
-        chunk = tokens[jnp.clip(1 + k * config.chunks_per_item + digit_index // c, 0, size - 1)]
-        digit = ((chunk - vocab.first_chunk) // m ** (c - 1 - digit_index % c)) % m
-        copied = one_hot(vocab.first_digit + digit)
+        num_items = jnp.sum(tokens[:P] == ITEM)
+        # Position t predicts the token at t + 1: trace token j = t + 1 − P, slot `slot` of
+        # item k.
+        t = jnp.arange(size)
+        k, slot = jnp.divmod(t + 1 - P, n)
+        decision = tokens[jnp.clip(P + k * n, 0, size - 1)]
+        copied = one_hot(tokens[jnp.clip(t + 1 - (P - 1), 0, size - 1)])
         stretch = jnp.where((decision == RIGHT)[:, None], copied, uniform_digits)
-        separator = one_hot(jnp.where(k == num_items - 1, EOS, SEP))
+        next_slot_opens = tokens[jnp.clip(1 + (k + 1) * n, 0, P - 1)]
+        separator = one_hot(jnp.where(next_slot_opens == ITEM, SEP, EOS))
         logits = jnp.where((slot <= L)[:, None], stretch, separator)
         logits = jnp.where((slot == 0)[:, None], decision_row, logits)
         logits = jnp.where((k >= num_items)[:, None], one_hot(jnp.full(size, EOS)), logits)
-        return jnp.where((j < 0)[:, None], 0.0, logits)
+        return jnp.where((t + 1 < P)[:, None], 0.0, logits)
 
     return LanguageModel.from_logits_fn(
         logits_fn, vocab.size, EOS, config.max_sequence_length, pad_token_id=PAD,

@@ -1,9 +1,9 @@
 """Hugging Face tokenizer files for the decision task, so its checkpoint loads like any other.
 
-The vocabulary is a WordLevel model over whitespace-separated symbols (`<bos> x3 x12 <go> R
-1 0 ...`); `write_tokenizer` saves tokenizer.json, tokenizer_config.json and
-special_tokens_map.json beside the task's own config (decision_task.json), which
-`read_task_config` reads back.
+The vocabulary is a WordLevel model over whitespace-separated symbols (`<bos> <item> 1 0 ...
+<sep> <none> ... <go> R 1 0 ...`); `write_tokenizer` saves tokenizer.json,
+tokenizer_config.json and special_tokens_map.json beside the task's own config
+(decision_task.json), which `read_task_config` reads back.
 """
 
 from __future__ import annotations

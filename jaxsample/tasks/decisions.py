@@ -9,14 +9,21 @@ or `<eos>` after the last item. The trace is correct iff it is the unique trace 
 `R` at every item (it then writes every value right), so under p* its accuracy is r^K while
 p^α accuracy approaches 1: the gap power samplers exist to close (specs/decision_task.md).
 
-Token layout (c = `chunk_length` digits per prompt token, so the prompt stays short):
+Token layout: the prompt holds `max_decisions` item slots of L + 2 tokens each, shaped like
+the trace's items, so every prompt has the same length P = 2 + K_max (L + 2). A problem with
+K = 2 items 180 = 10110100₂ and 47 = 00101111₂ (defaults: K_max = 4, L = 8, m = 2):
 
-    prompt  <bos> x.. x.. ... <go>      L/c chunk tokens per item (base-m^c digits)
+    prompt  <bos> <item> 1 0 1 1 0 1 0 0 <sep> <item> 0 0 1 0 1 1 1 1 <sep>
+                  <none> × 10  <none> × 10  <go>                               P = 42
     trace   R 1 0 1 1 0 1 0 0 <sep> W2 0 1 1 0 1 1 1 0 <eos>
 
-With the defaults (K ≤ 4, L = 8, m = 2, c = 4) a prompt has at most 10 tokens and a trace
-at most 40. Generated positions are 0-based and trace-relative, as in `DecodeState`:
-item k's decision is trace position k·(L + 2).
+Trace token s of item k sits at position P + k (L + 2) + s and its prompt counterpart at
+1 + k (L + 2) + s: every digit R copies lies exactly P − 1 positions back, one fixed offset
+that a RoPE attention head learns quickly. Whether item k closes with `<sep>` or `<eos>` is
+read from the first token of prompt slot k + 1 (`<item>`, or `<none>` / `<go>`).
+A trace has at most K_max (L + 2) = 40 tokens, so sequences have at most 82. Generated
+positions are 0-based and trace-relative, as in `DecodeState`: item k's decision is trace
+position k·(L + 2).
 """
 
 from __future__ import annotations
@@ -32,8 +39,8 @@ from scipy.special import entr
 from jaxsample.errors import ArgumentError, ConfigError
 from jaxsample.tasks.rng import numpy_rng
 
-SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>", "<sep>", "<go>")
-PAD, UNK, BOS, EOS, SEP, GO = range(len(SPECIAL_TOKENS))
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>", "<sep>", "<go>", "<item>", "<none>")
+PAD, UNK, BOS, EOS, SEP, GO, ITEM, NONE = range(len(SPECIAL_TOKENS))
 RIGHT = len(SPECIAL_TOKENS)  # token id of the right option `R`; wrong options follow it
 
 
@@ -47,8 +54,8 @@ class DecisionTaskConfig:
         point (temperature hurts, p^α helps) when each wrong option beats R: (1 − r)/W > r.
       stretch_length: L ≥ 1 digits after each decision.
       num_symbols: m ≥ 2 digit symbols; a diffuse stretch has entropy log m per token.
-      max_decisions: K_max, the most items a problem holds (sets `max_sequence_length`).
-      chunk_length: c, digits written by one prompt token; must divide L (m^c ≤ 256).
+      max_decisions: K_max, the most items a problem holds: the prompt's number of item
+        slots (sets `prompt_length` and `max_sequence_length`).
     """
 
     right_prob: float = 0.30
@@ -56,7 +63,6 @@ class DecisionTaskConfig:
     stretch_length: int = 8
     num_symbols: int = 2
     max_decisions: int = 4
-    chunk_length: int = 4
 
     def __post_init__(self):
         def check(ok, message):
@@ -65,15 +71,10 @@ class DecisionTaskConfig:
 
         check(0.0 < self.right_prob < 1.0, f"right_prob must lie in (0, 1), got {self.right_prob}")
         for name, low in (("num_wrong", 1), ("stretch_length", 1), ("num_symbols", 2),
-                          ("max_decisions", 1), ("chunk_length", 1)):
+                          ("max_decisions", 1)):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= low,
                   f"{name} must be an int ≥ {low}, got {value!r}")
-        check(self.stretch_length % self.chunk_length == 0,
-              f"chunk_length {self.chunk_length} must divide stretch_length {self.stretch_length}")
-        check(self.num_symbols**self.chunk_length <= 256,
-              f"num_symbols**chunk_length = {self.num_symbols**self.chunk_length} chunk tokens "
-              "exceed 256; lower chunk_length")
 
     @property
     def wrong_prob(self) -> float:
@@ -87,15 +88,13 @@ class DecisionTaskConfig:
 
     @property
     def item_length(self) -> int:
-        """Trace tokens per item: decision, L digits, separator."""
+        """Tokens per item, in the trace (decision, L digits, separator) and per prompt slot."""
         return self.stretch_length + 2
 
     @property
-    def chunks_per_item(self) -> int:
-        return self.stretch_length // self.chunk_length
-
-    def prompt_length(self, num_decisions: int) -> int:
-        return 2 + num_decisions * self.chunks_per_item
+    def prompt_length(self) -> int:
+        """P = 2 + K_max (L + 2), the same for every problem."""
+        return 2 + self.max_decisions * self.item_length
 
     def trace_length(self, num_decisions: int) -> int:
         return num_decisions * self.item_length
@@ -103,7 +102,7 @@ class DecisionTaskConfig:
     @property
     def max_sequence_length(self) -> int:
         """Prompt plus trace of the longest problem: the positions a model needs."""
-        return self.prompt_length(self.max_decisions) + self.trace_length(self.max_decisions)
+        return self.prompt_length + self.trace_length(self.max_decisions)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -119,7 +118,7 @@ class DecisionTaskConfig:
 
 @dataclass(frozen=True)
 class DecisionVocabulary:
-    """Token ids of a config: specials, options, digits, then chunk symbols."""
+    """Token ids of a config: specials, options, then digits."""
 
     config: DecisionTaskConfig
 
@@ -132,12 +131,8 @@ class DecisionVocabulary:
         return RIGHT + self.num_options
 
     @property
-    def first_chunk(self) -> int:
-        return self.first_digit + self.config.num_symbols
-
-    @property
     def size(self) -> int:
-        return self.first_chunk + self.config.num_symbols**self.config.chunk_length
+        return self.first_digit + self.config.num_symbols
 
     @property
     def option_ids(self) -> np.ndarray:
@@ -152,8 +147,7 @@ class DecisionVocabulary:
         cfg = self.config
         options = ["R"] + [f"W{i + 1}" for i in range(cfg.num_wrong)]
         digits = [str(i) for i in range(cfg.num_symbols)]
-        chunks = [f"x{i}" for i in range(cfg.num_symbols**cfg.chunk_length)]
-        return list(SPECIAL_TOKENS) + options + digits + chunks
+        return list(SPECIAL_TOKENS) + options + digits
 
 
 @dataclass(frozen=True)
@@ -190,14 +184,16 @@ class DecisionProblem:
 
     @property
     def prompt(self) -> np.ndarray:
-        """int32 `[P]`: `<bos>`, the chunk tokens, `<go>`."""
-        return _encode_prompt(self.config, np.asarray(self.items, np.int64)[None])[0]
+        """int32 `[P]`: `<bos>`, K item slots, K_max − K `<none>` slots, `<go>`."""
+        items = np.asarray(self.items, np.int64)[None]
+        return _encode_prompt(self.config, items, np.array([self.num_decisions]))[0]
 
     @property
     def correct_trace(self) -> np.ndarray:
         """int32 `[K (L + 2)]`: the one correct trace (`R` and the item's digits everywhere)."""
         decisions = np.zeros((1, self.num_decisions), np.int64)
-        return _encode_trace(self.config, decisions, self.digits[None])[0]
+        num_decisions = np.array([self.num_decisions])
+        return _encode_trace(self.config, decisions, self.digits[None], num_decisions)[0]
 
 
 def parse_prompt(config: DecisionTaskConfig, prompt_tokens) -> DecisionProblem:
@@ -205,23 +201,38 @@ def parse_prompt(config: DecisionTaskConfig, prompt_tokens) -> DecisionProblem:
 
     Args:
       config: the task.
-      prompt_tokens: int `[P]`: `<bos>`, chunk tokens, `<go>` (no padding).
+      prompt_tokens: int `[P]`, P = `config.prompt_length`: `<bos>`, K slots `<item>` d_1 ..
+        d_L `<sep>`, K_max − K slots of L + 2 `<none>`, `<go>` (no padding).
     """
-    tokens = np.asarray(prompt_tokens).astype(np.int64).reshape(-1)
+    tokens = np.asarray(prompt_tokens)
     vocab = DecisionVocabulary(config)
-    body = tokens[1:-1] - vocab.first_chunk
-    num_chunks = vocab.size - vocab.first_chunk
-    well_formed = (
-        np.ndim(prompt_tokens) == 1 and tokens.shape[0] >= 2
-        and tokens[0] == BOS and tokens[-1] == GO and body.size % config.chunks_per_item == 0
-        and np.all((body >= 0) & (body < num_chunks)))
-    if not well_formed:
+    L = config.stretch_length
+
+    def reject(reason):
         raise ArgumentError(
-            f"not a decision-task prompt (<bos>, {config.chunks_per_item} chunk tokens per item, "
-            f"<go>): {tokens}")
-    chunks = body.reshape(-1, config.chunks_per_item)
-    base = num_chunks ** np.arange(config.chunks_per_item - 1, -1, -1)
-    return DecisionProblem(config, tuple(int(v) for v in chunks @ base))
+            f"not a decision-task prompt ({reason}); expected <bos>, {config.max_decisions} "
+            f"slots of {config.item_length} tokens (<item> + {L} digits + <sep>, or all "
+            f"<none>), <go>: {tokens.tolist()}")
+
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+        reject(f"need a 1-D integer array, got shape {tokens.shape} of {tokens.dtype}")
+    if tokens.shape[0] != config.prompt_length:
+        reject(f"length {tokens.shape[0]}, not {config.prompt_length}")
+    if tokens[0] != BOS or tokens[-1] != GO:
+        reject("must start with <bos> and end with <go>")
+    slots = tokens[1:-1].astype(np.int64).reshape(config.max_decisions, config.item_length)
+    is_item = slots[:, 0] == ITEM
+    num_decisions = int(np.sum(is_item))
+    if num_decisions == 0 or not np.all(is_item[:num_decisions]):
+        reject("item slots must come first, at least one of them")
+    digits = slots[:num_decisions, 1 : L + 1] - vocab.first_digit
+    if not (np.all((digits >= 0) & (digits < config.num_symbols))
+            and np.all(slots[:num_decisions, L + 1] == SEP)):
+        reject("an item slot must hold <item>, digits, <sep>")
+    if not np.all(slots[num_decisions:] == NONE):
+        reject("a slot after the last item must be all <none>")
+    powers = config.num_symbols ** np.arange(L - 1, -1, -1, dtype=np.int64)
+    return DecisionProblem(config, tuple(int(v) for v in digits @ powers))
 
 
 def _digits(config: DecisionTaskConfig, items: np.ndarray) -> np.ndarray:
@@ -229,25 +240,31 @@ def _digits(config: DecisionTaskConfig, items: np.ndarray) -> np.ndarray:
     return (items[..., None] // powers) % config.num_symbols
 
 
-def _encode_prompt(config: DecisionTaskConfig, items: np.ndarray) -> np.ndarray:
-    """int32 `[S, P]` prompts of items `[S, K]`."""
+def _encode_prompt(config: DecisionTaskConfig, items: np.ndarray, num_decisions: np.ndarray):
+    """int32 `[S, P]` prompts of the first `num_decisions [S]` of items `[S, K]` (K ≤ K_max)."""
     rows, k = items.shape
-    c, m = config.chunk_length, config.num_symbols
-    digits = _digits(config, items).reshape(rows, k, config.chunks_per_item, c)
-    chunks = digits @ (m ** np.arange(c - 1, -1, -1, dtype=np.int64))
-    body = DecisionVocabulary(config).first_chunk + chunks.reshape(rows, -1)
+    real = np.concatenate(
+        [np.full((rows, k, 1), ITEM),
+         DecisionVocabulary(config).first_digit + _digits(config, items),
+         np.full((rows, k, 1), SEP)], axis=2)
+    slots = np.full((rows, config.max_decisions, config.item_length), NONE, np.int64)
+    slots[:, :k] = np.where((np.arange(k) < num_decisions[:, None])[..., None], real, NONE)
     return np.concatenate(
-        [np.full((rows, 1), BOS), body, np.full((rows, 1), GO)], axis=1).astype(np.int32)
+        [np.full((rows, 1), BOS), slots.reshape(rows, -1), np.full((rows, 1), GO)],
+        axis=1).astype(np.int32)
 
 
-def _encode_trace(config: DecisionTaskConfig, decisions: np.ndarray, stretches: np.ndarray):
-    """int32 `[S, K (L + 2)]` traces: option indices `[S, K]` (0 = right), digits `[S, K, L]`."""
+def _encode_trace(config: DecisionTaskConfig, decisions: np.ndarray, stretches: np.ndarray,
+                  num_decisions: np.ndarray) -> np.ndarray:
+    """int32 `[S, K (L + 2)]` traces of the first `num_decisions [S]` items, `<pad>` after:
+    option indices `[S, K]` (0 = right), digits `[S, K, L]`."""
     rows, k = decisions.shape
-    vocab = DecisionVocabulary(config)
-    separators = np.full((rows, k, 1), SEP)
-    separators[:, -1] = EOS
+    item = np.arange(k)
+    separators = np.where(item == num_decisions[:, None] - 1, EOS, SEP)[..., None]
     items = np.concatenate(
-        [(RIGHT + decisions)[..., None], vocab.first_digit + stretches, separators], axis=2)
+        [(RIGHT + decisions)[..., None], DecisionVocabulary(config).first_digit + stretches,
+         separators], axis=2)
+    items = np.where((item < num_decisions[:, None])[..., None], items, PAD)
     return items.reshape(rows, -1).astype(np.int32)
 
 
@@ -300,7 +317,8 @@ def sample_traces(
     probs = _tempered_decision_probs(cfg, temperature)
     decisions = rng.choice(len(probs), size=(num_samples, problem.num_decisions), p=probs)
     items = np.broadcast_to(np.asarray(problem.items, np.int64), decisions.shape)
-    return _encode_trace(cfg, decisions, _sample_stretches(rng, cfg, decisions, items))
+    stretches = _sample_stretches(rng, cfg, decisions, items)
+    return _encode_trace(cfg, decisions, stretches, np.full(num_samples, problem.num_decisions))
 
 
 def sample_batch(rng, config: DecisionTaskConfig, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -317,15 +335,11 @@ def sample_batch(rng, config: DecisionTaskConfig, batch_size: int) -> tuple[np.n
     items = rng.integers(0, cfg.num_symbols**cfg.stretch_length, (batch_size, cfg.max_decisions))
     decisions = rng.choice(1 + cfg.num_wrong, size=items.shape, p=cfg.decision_probs)
     stretches = _sample_stretches(rng, cfg, decisions, items)
-    tokens = np.full((batch_size, cfg.max_sequence_length), PAD, np.int32)
-    loss_mask = np.zeros(tokens.shape, bool)
-    for k in np.unique(num_decisions):
-        rows = num_decisions == k
-        prompt = _encode_prompt(cfg, items[rows, :k])
-        trace = _encode_trace(cfg, decisions[rows, :k], stretches[rows, :k])
-        start, end = prompt.shape[1], prompt.shape[1] + trace.shape[1]
-        tokens[rows, :end] = np.concatenate([prompt, trace], axis=1)
-        loss_mask[rows, start:end] = True
+    tokens = np.concatenate([_encode_prompt(cfg, items, num_decisions),
+                             _encode_trace(cfg, decisions, stretches, num_decisions)], axis=1)
+    trace_end = cfg.prompt_length + num_decisions * cfg.item_length
+    positions = np.arange(cfg.max_sequence_length)
+    loss_mask = (positions >= cfg.prompt_length) & (positions < trace_end[:, None])
     return tokens, loss_mask
 
 

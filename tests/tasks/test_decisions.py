@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import re
 
 import jax
 import numpy as np
@@ -27,11 +28,10 @@ from jaxsample.tasks import (
     sample_traces,
     write_tokenizer,
 )
-from jaxsample.tasks.decisions import EOS, PAD, RIGHT, SEP
+from jaxsample.tasks.decisions import BOS, EOS, GO, ITEM, NONE, PAD, RIGHT, SEP
 
 DEFAULT = DecisionTaskConfig()
-SECOND = DecisionTaskConfig(
-    right_prob=0.4, num_wrong=1, stretch_length=4, num_symbols=4, chunk_length=2)
+SECOND = DecisionTaskConfig(right_prob=0.4, num_wrong=1, stretch_length=4, num_symbols=4)
 
 
 def binomial_tolerance(p, n, sigmas=4.0):
@@ -79,7 +79,7 @@ def test_monte_carlo_accuracy_matches_closed_form(k, temperature):
 def test_power_accuracy_matches_self_normalised_importance_sampling():
     # A config where p^α accuracy is far from 1, so the estimate has something to match:
     # per item 0.09 / (0.09 + 2 · 0.35² · 2^-1) = 0.4235 at α = 2.
-    config = DecisionTaskConfig(stretch_length=1, chunk_length=1)
+    config = DecisionTaskConfig(stretch_length=1)
     alpha, n = 2.0, 20_000
     problem = sample_problem(3, config, 2)
     traces = sample_traces(np.random.default_rng(4), problem, n)
@@ -95,7 +95,7 @@ def test_power_accuracy_matches_self_normalised_importance_sampling():
 
 
 def test_data_log_prob_normalises_and_scores_traces():
-    config = DecisionTaskConfig(stretch_length=2, chunk_length=1, max_decisions=2)
+    config = DecisionTaskConfig(stretch_length=2, max_decisions=2)
     vocab = DecisionVocabulary(config)
     problem = DecisionProblem(config, (2, 1))  # digits 10 and 01
 
@@ -149,12 +149,13 @@ def test_grade():
 def test_sample_batch_is_p_star_training_data():
     tokens, loss_mask = sample_batch(np.random.default_rng(0), DEFAULT, 4096)
     assert tokens.dtype == np.int32
-    assert tokens.shape == (4096, DEFAULT.max_sequence_length) == (4096, 50)
+    assert tokens.shape == (4096, DEFAULT.max_sequence_length) == (4096, 82)
     again, _ = sample_batch(np.random.default_rng(0), DEFAULT, 4096)
     np.testing.assert_array_equal(tokens, again)
     rights = decisions = 0
     for row, mask in zip(tokens[:512], loss_mask[:512]):
         start, end = np.flatnonzero(mask)[[0, -1]]
+        assert start == DEFAULT.prompt_length
         problem = parse_prompt(DEFAULT, row[:start])
         trace = row[start : end + 1]
         assert np.isfinite(data_log_prob(problem, trace)) and trace[-1] == EOS
@@ -180,8 +181,8 @@ def test_randomness_sources_are_explicit_and_reproducible():
 
 @pytest.mark.parametrize("fields, message", [
     ({"right_prob": 1.0}, "right_prob"), ({"num_wrong": 0}, "num_wrong"),
-    ({"num_symbols": 1}, "num_symbols"), ({"chunk_length": 3}, "divide"),
-    ({"num_symbols": 4, "chunk_length": 8, "stretch_length": 8}, "256"),
+    ({"num_symbols": 1}, "num_symbols"), ({"stretch_length": 0}, "stretch_length"),
+    ({"max_decisions": 2.0}, "max_decisions"),
 ])
 def test_bad_configs_are_rejected(fields, message):
     with pytest.raises(ConfigError, match=message):
@@ -193,8 +194,68 @@ def test_bad_problems_are_rejected():
         sample_problem(0, DEFAULT, 5)
     with pytest.raises(ArgumentError, match="item value"):
         DecisionProblem(DEFAULT, (256,))
-    with pytest.raises(ArgumentError, match="prompt"):
-        parse_prompt(DEFAULT, [2, 20, 5])  # one chunk token; an item needs two
+
+
+def _prompt_edits():
+    """(name, edit of a valid 2-item prompt, reason) for each way a prompt can be malformed."""
+    L, n = DEFAULT.stretch_length, DEFAULT.item_length
+    second, third = 1 + n, 1 + 2 * n  # where slots 1 and 2 open
+
+    def put(position, token):
+        def edit(p):
+            p[position] = token
+            return p
+        return edit
+
+    return [
+        ("truncated", lambda p: p[:-1], "length 41, not 42"),
+        ("no <bos>", put(0, PAD), "must start with <bos>"),
+        ("no <go>", put(-1, EOS), "must start with <bos> and end with <go>"),
+        ("gap before the items", lambda p: np.concatenate(  # items shifted one slot on
+            [p[:1], np.full(n, NONE), p[1 : -1 - n], p[-1:]]), "item slots must come first"),
+        ("no items", lambda p: np.concatenate(
+            [p[:1], np.full(len(p) - 2, NONE), p[-1:]]), "item slots must come first"),
+        ("non-digit", put(second + 3, RIGHT), "an item slot must hold"),
+        ("no <sep>", put(second + L + 1, NONE), "an item slot must hold"),
+        ("junk after the items", put(third + 4, ITEM), "a slot after the last item"),
+        ("two-dimensional", lambda p: p[None], "need a 1-D integer array"),
+    ]
+
+
+@pytest.mark.parametrize("edit, reason", [e[1:] for e in _prompt_edits()],
+                         ids=[e[0] for e in _prompt_edits()])
+def test_malformed_prompts_are_rejected_with_the_reason(edit, reason):
+    prompt = DecisionProblem(DEFAULT, (180, 47)).prompt
+    assert parse_prompt(DEFAULT, prompt) == DecisionProblem(DEFAULT, (180, 47))
+    with pytest.raises(ArgumentError, match=re.escape(f"not a decision-task prompt ({reason}")):
+        parse_prompt(DEFAULT, edit(prompt.copy()))
+
+
+def test_prompt_layout_puts_every_copied_digit_at_one_offset():
+    # The copy step a small RoPE model must learn: trace position s of item k (absolute
+    # P + k(L+2) + s) has its prompt counterpart at 1 + k(L+2) + s, the same P − 1 back for
+    # every digit of every item of every K; the slot after item k says <sep> vs <eos>.
+    P, n, L = DEFAULT.prompt_length, DEFAULT.item_length, DEFAULT.stretch_length
+    assert P == 2 + DEFAULT.max_decisions * n == 42
+    problem = DecisionProblem(DEFAULT, (180, 47))
+    digit_ids = DecisionVocabulary(DEFAULT).digit_ids
+    expected = [BOS] + [ITEM, *digit_ids[[1, 0, 1, 1, 0, 1, 0, 0]], SEP] + [
+        ITEM, *digit_ids[[0, 0, 1, 0, 1, 1, 1, 1]], SEP] + [NONE] * 2 * n + [GO]
+    np.testing.assert_array_equal(problem.prompt, expected)
+    for k in range(1, DEFAULT.max_decisions + 1):
+        problem = sample_problem(k, DEFAULT, k)
+        assert len(problem.prompt) == P
+        sequence = np.concatenate([problem.prompt, problem.correct_trace])
+        trace_positions = P + np.arange(k * n)
+        slot = (trace_positions - P) % n
+        is_digit = (slot >= 1) & (slot <= L)
+        assert np.sum(is_digit) == k * L
+        np.testing.assert_array_equal(sequence[trace_positions[is_digit]],
+                                      sequence[trace_positions[is_digit] - (P - 1)])
+        separators = trace_positions[slot == L + 1]
+        next_slot_opens = sequence[separators - (P - 1) + 1]
+        np.testing.assert_array_equal(sequence[separators] == SEP, next_slot_opens == ITEM)
+        assert sequence[separators[-1]] == EOS
 
 
 def test_tokenizer_files_load_with_tokenizers_and_transformers(tmp_path):
@@ -217,6 +278,7 @@ def test_tokenizer_files_load_with_tokenizers_and_transformers(tmp_path):
 def test_task_config_file_errors_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match="decision_task.json"):
         read_task_config(tmp_path)
-    (tmp_path / "decision_task.json").write_text(json.dumps({"right_prob": 0.3, "colour": 1}))
-    with pytest.raises(ConfigError, match="colour"):
+    # A checkpoint of the old chunk-encoded layout is refused, not misread.
+    (tmp_path / "decision_task.json").write_text(json.dumps({"right_prob": 0.3, "chunk_length": 4}))
+    with pytest.raises(ConfigError, match="chunk_length"):
         read_task_config(tmp_path)
