@@ -98,5 +98,5 @@ def markdown_table(rows: Iterable[dict[str, Any]], columns: list[str]) -> str:
 
 def fail(message: str) -> "None":
     """One-line error and exit status 2 — the CLI's answer to bad input."""
-    print(f"error: {message}", file=sys.stderr)
+    print("error: " + " ".join(str(message).split()), file=sys.stderr)
     raise SystemExit(2)

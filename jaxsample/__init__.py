@@ -1,9 +1,18 @@
-"""jaxsample: inference-time reasoning methods for LLMs in JAX."""
+"""jaxsample: inference-time reasoning methods for LLMs in JAX.
 
-from jaxsample import errors
+Public API: model loading (`load`), the `LanguageModel` interface, token-level proposals and
+the batched decode loop, ancestral sampling (`generate`), power-distribution MH
+(`power_sample` and its baselines) and reward-guided SMC (`smc_decode`). Subpackages hold
+the building blocks: `models`, `sampling`, `mcmc`, `smc`, `tasks`.
+"""
+
+from jaxsample import errors, mcmc, models, smc, tasks
 from jaxsample.decoding import DecodeState, extend, init_decode, rewind, select_rows, take_rows
 from jaxsample.generate import GenerateResult, generate
 from jaxsample.lm import LanguageModel
+from jaxsample.mcmc import PowerSampleResult, base_sample, best_of_n, power_sample, temperature_sample
+from jaxsample.models import ModelConfig, Tokenizer, load, register_model, registered_models, save_pretrained
 from jaxsample.sampling import Proposal, proposal_log_probs, token_log_probs
+from jaxsample.smc import SMCResult, smc_decode
 
 __version__ = "0.1.0"

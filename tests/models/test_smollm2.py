@@ -78,3 +78,17 @@ def test_tokenizer_round_trips_and_saves(smollm2, tmp_path):
     reloaded = models.load(tmp_path).tokenizer
     assert reloaded.apply_chat_template(MESSAGES) == tokenizer.apply_chat_template(MESSAGES)
     assert reloaded.encode(text) == tokenizer.encode(text)
+
+
+def test_greedy_generate_matches_transformers_for_32_tokens(smollm2, reference):
+    import jaxsample as js
+
+    ids = smollm2.tokenizer.apply_chat_template([{"role": "user", "content": "Write a haiku about the sea."}])
+    ours = js.generate(jax.random.key(0), smollm2, jnp.asarray(ids), 32, top_k=1)
+    with torch.no_grad():
+        theirs = reference.generate(torch.as_tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                    do_sample=False, max_new_tokens=32, pad_token_id=smollm2.pad_token_id)
+    theirs = theirs[0, len(ids):].numpy()
+    n = int(ours.lengths[0])
+    assert n == len(theirs)
+    np.testing.assert_array_equal(np.asarray(ours.tokens[0, :n]), theirs)
