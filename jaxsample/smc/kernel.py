@@ -1,0 +1,221 @@
+"""Reward-guided SMC decoding, one block per step: `init` and `build_kernel`.
+
+One step appends a block of B tokens to every unfinished particle, adds the block's summed
+incremental log-weight
+
+    α Σ log p − Σ log q + λ (r_t − r_{t−1}) + log V_hat_t − log V_hat_{t−1}
+
+(the last two only with a lookahead; V_hat_{t−1} is the value stored with the particle),
+resamples when ESS < κ N (resetting every log-weight to LSE − log N, so that
+log Z_hat = LSE(lw) − log N at any time), and after a resampling runs K MH rejuvenation
+moves. Finished particles (stop token or `max_new_tokens`) are frozen: they decode nothing
+and their increments are exactly 0. Block k (0-based) caps every particle at
+L_k = min((k + 1) B, max_new_tokens) generated tokens, so all unfinished particles share
+one length.
+
+Memory: every particle owns a full decode state, including a copy of the prompt's KV cache.
+A resampling gathers all per-particle arrays inside one `lax.cond`, which is not in place:
+the peak then holds about twice the per-particle cache. A Monte Carlo lookahead holds M
+extra copies while its rollouts run, and a rejuvenation move one extra copy.
+
+    target = make_target(alpha, lam, reward_fn)
+    state = init(lm, prompt, num_particles=64, max_new_tokens=256)
+    step = jax.jit(build_kernel(lm, Proposal(1 / alpha), target, block_size=16))
+    state, info = step(key, state)
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsample.decoding import extend, init_decode
+from jaxsample.errors import ArgumentError
+from jaxsample.lm import LanguageModel
+from jaxsample.mcmc import CutLaw, uniform
+from jaxsample.sampling import Proposal
+from jaxsample.smc.lookahead import LookaheadSpec, check_lookahead, estimate_log_value, finished
+from jaxsample.smc.rejuvenation import build_move
+from jaxsample.smc.resampling import Resampler, get_resampler
+from jaxsample.smc.target import Particles, RewardTarget
+from jaxsample.smc.weights import log_evidence, resample_if_needed
+
+Array = jax.Array
+
+
+class SMCState(NamedTuple):
+    """N particles of reward-guided SMC decoding.
+
+    Attributes:
+      particles: per-particle decode state, reward and stored log value (`Particles`).
+      log_weights: f32 `[N]` unnormalised log-weights; log Z_hat = LSE − log N.
+      step: int32 `[]` blocks done.
+    """
+
+    particles: Particles
+    log_weights: Array
+    step: Array
+
+
+class SMCInfo(NamedTuple):
+    """What one SMC step did.
+
+    Attributes:
+      ancestors: int32 `[N]` (`arange(N)` when not resampled).
+      ess: f32 `[]` ESS of the reweighted particles, before any resampling.
+      resampled: bool `[]`.
+      num_unique: int32 `[]` distinct ancestors (N when not resampled).
+      log_z: f32 `[]` log Z_hat after the step.
+      log_z_increment: f32 `[]` change of log Z_hat over the step (0 when both are -inf).
+      acceptance_rate: f32 `[]` accepted fraction of the rejuvenation moves; NaN when none ran.
+      num_decoded: int32 `[]` tokens sampled in the step: block extension, lookahead rollouts
+        and rejuvenation proposals (accepted or not).
+      all_zero: bool `[]` every log-weight is -inf (log Z_hat = -inf; nothing resampled).
+      nan_or_inf: bool `[]` a log-weight is NaN or +inf (an error; `smc_decode` raises
+        NumericalError).
+    """
+
+    ancestors: Array
+    ess: Array
+    resampled: Array
+    num_unique: Array
+    log_z: Array
+    log_z_increment: Array
+    acceptance_rate: Array
+    num_decoded: Array
+    all_zero: Array
+    nan_or_inf: Array
+
+
+def check_int(name: str, value, minimum: int) -> None:
+    """Raises `ArgumentError` unless `value` is an int (not a bool) ≥ `minimum`."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise ArgumentError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def init(
+    lm: LanguageModel, prompt_tokens: Array, num_particles: int, max_new_tokens: int
+) -> SMCState:
+    """N empty particles of one prompt (prefilled once, cache broadcast to every particle).
+
+    Args:
+      lm: the model.
+      prompt_tokens: int32 `[T]`, T ≥ 1.
+      num_particles: N.
+      max_new_tokens: S, generation slots per particle.
+    """
+    decode = init_decode(lm, prompt_tokens, num_particles, max_new_tokens)
+    zeros = jnp.zeros((num_particles,), jnp.float32)
+    return SMCState(
+        particles=Particles(decode=decode, reward=zeros, log_value=zeros),
+        log_weights=zeros,
+        step=jnp.zeros((), jnp.int32),
+    )
+
+
+def build_kernel(
+    lm: LanguageModel,
+    proposal: Proposal,
+    target: RewardTarget,
+    *,
+    block_size: int,
+    ess_threshold: float | Array = 0.5,
+    resampler: str | Resampler = "systematic",
+    num_rejuvenation_steps: int = 0,
+    lookahead: LookaheadSpec = None,
+    cut_law: CutLaw = uniform,
+) -> Callable[[Array, SMCState], tuple[SMCState, SMCInfo]]:
+    """Returns the pure `step(key, state) -> (state, info)` of block-wise SMC.
+
+    Args:
+      lm: the model.
+      proposal: q, the token distribution sampled (its exact log q enters the weights).
+      target: π ∝ p^α exp(λ r) (`make_target`).
+      block_size: B, tokens per step (static).
+      ess_threshold: κ; resample when ESS < κ N (traced).
+      resampler: a `RESAMPLERS` name or a `(key, weights, N) -> ancestors` function (static).
+      num_rejuvenation_steps: K MH moves after each resampling (static; 0 = none).
+      lookahead: `None` (prefix-only), `Lookahead(M, h)` or a `log_value_fn` (static).
+      cut_law: where rejuvenation moves cut (`jaxsample.mcmc` cut laws; default uniform).
+
+    α, λ, κ, temperature and top-p are traced when `build_kernel` is called inside `jit`
+    with traced arguments, so changing them does not recompile.
+    """
+    check_int("block_size", block_size, 1)
+    check_int("num_rejuvenation_steps", num_rejuvenation_steps, 0)
+    check_lookahead(lookahead)
+    resampler = get_resampler(resampler)
+    move = build_move(lm, target, proposal, lookahead, cut_law)
+
+    def rejuvenate(key, particles, cap):
+        def one_move(carry, move_key):
+            particles, accepted, decoded = carry
+            particles, step_accepted, step_decoded = move(move_key, particles, cap)
+            accepted = accepted + jnp.sum(step_accepted)
+            return (particles, accepted, decoded + jnp.sum(step_decoded)), None
+
+        keys = jax.random.split(key, num_rejuvenation_steps)
+        zero = jnp.zeros((), jnp.int32)
+        (particles, accepted, decoded), _ = jax.lax.scan(one_move, (particles, zero, zero), keys)
+        total_moves = num_rejuvenation_steps * particles.reward.shape[0]
+        return particles, accepted / jnp.float32(total_moves), decoded
+
+    def skip_rejuvenation(key, particles, cap):
+        del key, cap
+        return particles, jnp.float32(jnp.nan), jnp.zeros((), jnp.int32)
+
+    def step(key: Array, state: SMCState) -> tuple[SMCState, SMCInfo]:
+        extend_key, value_key, resample_key, move_key = jax.random.split(key, 4)
+        old = state.particles
+        slots = old.decode.tokens.shape[1]
+        cap = jnp.minimum((state.step + 1) * block_size, slots).astype(jnp.int32)
+        frozen = finished(old.decode)
+
+        decode, decoded = extend(extend_key, lm, old.decode, cap, proposal)
+        reward = jnp.where(frozen, old.reward, target.reward(decode))
+        log_value, value_decoded = estimate_log_value(
+            value_key, lm, decode, reward, target, proposal, lookahead
+        )
+        log_value = jnp.where(frozen, old.log_value, log_value)
+        increment = (
+            target.log_weight(decode.log_p, decode.log_q, old.decode.length, decode.length)
+            + target.log_potential_change(old.reward, reward)
+            + (log_value - old.log_value)
+        )
+        increment = jnp.where(frozen, 0.0, increment)
+        # A dead particle stays dead: -inf + anything must not become NaN.
+        log_weights = jnp.where(
+            jnp.isneginf(state.log_weights), -jnp.inf, state.log_weights + increment
+        )
+
+        particles = Particles(decode, reward, log_value)
+        particles, log_weights, resampling = resample_if_needed(
+            resample_key, log_weights, particles, ess_threshold, resampler
+        )
+        if num_rejuvenation_steps:
+            particles, acceptance_rate, move_decoded = jax.lax.cond(
+                resampling.resampled, rejuvenate, skip_rejuvenation, move_key, particles, cap
+            )
+        else:
+            acceptance_rate, move_decoded = jnp.float32(jnp.nan), jnp.zeros((), jnp.int32)
+
+        log_z_before = log_evidence(state.log_weights)
+        log_z = log_evidence(log_weights)
+        info = SMCInfo(
+            ancestors=resampling.ancestors,
+            ess=resampling.ess,
+            resampled=resampling.resampled,
+            num_unique=resampling.num_unique,
+            log_z=log_z,
+            log_z_increment=jnp.where(log_z == log_z_before, 0.0, log_z - log_z_before),
+            acceptance_rate=acceptance_rate,
+            num_decoded=jnp.sum(decoded) + jnp.sum(value_decoded) + move_decoded,
+            all_zero=resampling.all_zero,
+            nan_or_inf=resampling.nan_or_inf,
+        )
+        return SMCState(particles, log_weights, state.step + 1), info
+
+    return step

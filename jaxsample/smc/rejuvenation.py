@@ -1,0 +1,100 @@
+"""Resample-move rejuvenation: MH suffix-resampling moves that keep π_t invariant.
+
+After a resampling, duplicated particles are diversified by K Metropolis–Hastings moves on
+the current intermediate target π_t ∝ p(y)^α exp(λ r(y)) · V_t(y) over the block's state
+space (sequences that stopped within the block cap L, or have exactly L tokens). A move is
+the power-sampling move of `jaxsample.mcmc`: cut at i ~ c(· | y), keep y_<i, regenerate
+from q until a stop token or the same cap L. Its exact ratio (`jaxsample.mcmc.acceptance`:
+power, proposal and cut terms over the full suffixes) gains the reward and value terms
+
+    log r = α Σ_{t≥i} (ℓp'_t − ℓp_t) + Σ_{t≥i} (ℓq_t − ℓq'_t)
+          + log c(i|y') − log c(i|y) + λ (r(y') − r(y)) + log V_hat(y') − log V_hat(y).
+
+The reward does not factor over tokens, so it enters as the difference of the two full
+prefixes' rewards. With a Monte Carlo lookahead V_hat(y') is a fresh estimate and V_hat(y)
+the particle's stored one: the pseudo-marginal rule, which leaves the extended target
+(sequence and its stored estimate) invariant. Finished particles move like the others (a
+stopped sequence may become an unfinished one of length L and vice versa).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxsample.decoding import extend, rewind, select_rows
+from jaxsample.lm import LanguageModel
+from jaxsample.mcmc import CutLaw, Trace, log_acceptance_ratio
+from jaxsample.sampling import Proposal
+from jaxsample.smc.lookahead import LookaheadSpec, estimate_log_value
+from jaxsample.smc.target import Particles, RewardTarget
+
+Array = jax.Array
+
+
+def move_log_ratio(
+    target: RewardTarget, cut: Array, current: Particles, proposed: Particles, cut_law: CutLaw
+) -> Array:
+    """log r `[N]` of moving each particle from `current` to `proposed` after cutting at `cut`.
+
+    `proposed` must share `current`'s tokens before `cut` (int32 `[N]`) and carry its own
+    reward and log value. NaN (e.g. two `-inf` rewards) gives `-inf`: reject.
+    """
+    base = jax.vmap(partial(log_acceptance_ratio, cut_law=cut_law), in_axes=(0, None, 0, 0))(
+        cut, target.alpha, Trace.of(current.decode), Trace.of(proposed.decode)
+    )
+    total = (
+        base.log_power
+        + base.log_proposal
+        + base.log_cut
+        + target.log_potential_change(current.reward, proposed.reward)
+        + (proposed.log_value - current.log_value)
+    )
+    return jnp.where(jnp.isnan(total), -jnp.inf, total)
+
+
+def build_move(
+    lm: LanguageModel,
+    target: RewardTarget,
+    proposal: Proposal,
+    lookahead: LookaheadSpec,
+    cut_law: CutLaw,
+) -> Callable[[Array, Particles, Array], tuple[Particles, Array, Array]]:
+    """Returns `move(key, particles, cap) -> (particles, accepted bool [N], num_decoded int32 [N])`.
+
+    `cap` (int32 scalar, traced) is the current block cap L; every particle must lie in its
+    state space. Memory: the proposal is a second copy of every particle's decode state
+    (cache included) until the accept/reject selects per row.
+    """
+
+    def move(key, particles: Particles, cap):
+        cut_key, regenerate_key, value_key, accept_key = jax.random.split(key, 4)
+        current = particles.decode
+        log_c = jax.vmap(lambda trace: trace.cut_log_probs(cut_law))(Trace.of(current))
+        cut = jax.random.categorical(cut_key, log_c, axis=-1).astype(jnp.int32)
+        movable = current.length > 0
+        # An empty particle (none exist after the first block) rewinds to itself: a no-op.
+        cut = jnp.where(movable, cut, current.length)
+        decode = rewind(lm, current, cut)
+        decode, decoded = extend(
+            regenerate_key, lm, decode, jnp.where(movable, cap, current.length), proposal
+        )
+        reward = target.reward(decode)
+        log_value, value_decoded = estimate_log_value(
+            value_key, lm, decode, reward, target, proposal, lookahead
+        )
+        proposed = Particles(decode, reward, log_value)
+        log_r = move_log_ratio(target, cut, particles, proposed, cut_law)
+        log_u = jnp.log(jax.random.uniform(accept_key, log_r.shape))
+        accepted = movable & (log_u < log_r)
+        moved = Particles(
+            decode=select_rows(accepted, decode, current),
+            reward=jnp.where(accepted, reward, particles.reward),
+            log_value=jnp.where(accepted, log_value, particles.log_value),
+        )
+        return moved, accepted, decoded + value_decoded
+
+    return move

@@ -1,0 +1,223 @@
+"""`smc_decode`: reward-guided SMC decoding of one prompt, end to end."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsample.decoding import check_lengths
+from jaxsample.errors import ArgumentError, NumericalError
+from jaxsample.lm import LanguageModel
+from jaxsample.mcmc import uniform
+from jaxsample.sampling import Proposal
+from jaxsample.smc.kernel import build_kernel, check_int, init
+from jaxsample.smc.lookahead import LookaheadSpec, check_lookahead, finished
+from jaxsample.smc.resampling import Resampler
+from jaxsample.smc.target import RewardFn, RewardTarget, make_target
+from jaxsample.smc.weights import log_evidence, normalize_log_weights
+
+Array = jax.Array
+
+
+class SMCResult(NamedTuple):
+    """The weighted particles of one SMC run (N particles, S = max_new_tokens, K steps run).
+
+    Attributes:
+      tokens: int32 `[N, S]`; the pad id after a particle's stop token.
+      lengths: int32 `[N]` generated tokens, a final stop token included.
+      done: bool `[N]` ended with a stop token (else truncated at S).
+      rewards: f32 `[N]` r of each final sequence (0 without a reward function).
+      log_weights: f32 `[N]` normalised log-weights (log W, LSE = 0); estimates under π are
+        Σ_i W_i f(y_i). All `-inf` when every weight is zero.
+      log_z: f32 `[]` log Z_hat, an unbiased estimate of Z = Σ_y p(y)^α exp(λ r(y)) on the
+        exponential scale (biased low in log space); `-inf` when every weight is zero.
+      sample_index: int32 `[]` one particle drawn ∝ W: the sampler's single output.
+      ess: f32 `[K]` ESS after each step's reweighting (before resampling).
+      num_unique: int32 `[K]` distinct ancestors at each step (N when not resampled).
+      resampled: bool `[K]`.
+      acceptance_rate: f32 `[K]` rejuvenation acceptance rate (NaN where no move ran).
+      log_z_history: f32 `[K]` log Z_hat after each step.
+      num_decoded: int `[]` tokens sampled: extension, lookahead rollouts and rejuvenation
+        proposals (the compute to match against best-of-n).
+      all_zero: bool, every weight became zero (a target with no mass on the particles).
+    """
+
+    tokens: Array
+    lengths: Array
+    done: Array
+    rewards: Array
+    log_weights: Array
+    log_z: Array
+    sample_index: Array
+    ess: Array
+    num_unique: Array
+    resampled: Array
+    acceptance_rate: Array
+    log_z_history: Array
+    num_decoded: Array
+    all_zero: Array
+
+    @property
+    def sample(self) -> Array:
+        """int32 `[S]` tokens of the particle drawn ∝ W."""
+        return self.tokens[self.sample_index]
+
+
+@partial(
+    jax.jit,
+    static_argnames=(
+        "num_particles", "max_new_tokens", "block_size", "resampler",
+        "num_rejuvenation_steps", "lookahead",
+    ),
+)
+def _run(
+    key, lm, prompt, target: RewardTarget, proposal: Proposal, ess_threshold, *,
+    num_particles, max_new_tokens, block_size, resampler, num_rejuvenation_steps, lookahead,
+):
+    run_key, sample_key = jax.random.split(key)
+    step = build_kernel(
+        lm, proposal, target, block_size=block_size, ess_threshold=ess_threshold,
+        resampler=resampler, num_rejuvenation_steps=num_rejuvenation_steps,
+        lookahead=lookahead, cut_law=uniform,
+    )
+    state = init(lm, prompt, num_particles, max_new_tokens)
+    num_blocks = -(-max_new_tokens // block_size)
+    info_shape = jax.eval_shape(step, run_key, state)[1]
+    history = jax.tree.map(lambda x: jnp.zeros((num_blocks,) + x.shape, x.dtype), info_shape)
+
+    def running(carry):
+        state, history = carry
+        last_invalid = history.nan_or_inf[jnp.maximum(state.step - 1, 0)]
+        all_finished = jnp.all(finished(state.particles.decode))
+        return (state.step < num_blocks) & ~all_finished & ~last_invalid
+
+    def body(carry):
+        state, history = carry
+        new_state, info = step(jax.random.fold_in(run_key, state.step), state)
+        history = jax.tree.map(lambda h, x: h.at[state.step].set(x), history, info)
+        return new_state, history
+
+    state, history = jax.lax.while_loop(running, body, (state, history))
+    log_weights, _ = normalize_log_weights(state.log_weights)
+    all_zero = jnp.all(jnp.isneginf(log_weights))
+    sample_index = jnp.where(
+        all_zero, 0, jax.random.categorical(sample_key, jnp.where(all_zero, 0.0, log_weights))
+    ).astype(jnp.int32)
+    decode = state.particles.decode
+    return state.step, history, SMCResult(
+        tokens=decode.tokens,
+        lengths=decode.length,
+        done=decode.done,
+        rewards=state.particles.reward,
+        log_weights=log_weights,
+        log_z=log_evidence(state.log_weights),
+        sample_index=sample_index,
+        ess=history.ess,
+        num_unique=history.num_unique,
+        resampled=history.resampled,
+        acceptance_rate=history.acceptance_rate,
+        log_z_history=history.log_z,
+        num_decoded=jnp.sum(history.num_decoded),
+        all_zero=all_zero,
+    )
+
+
+def smc_decode(
+    key: Array,
+    lm: LanguageModel,
+    prompt_tokens: Array,
+    reward_fn: Optional[RewardFn] = None,
+    *,
+    num_particles: int,
+    max_new_tokens: int,
+    alpha: float | Array = 1.0,
+    lam: float | Array = 0.0,
+    block_size: int = 1,
+    ess_threshold: float | Array = 0.5,
+    resampler: str | Resampler = "systematic",
+    num_rejuvenation_steps: int = 0,
+    lookahead: LookaheadSpec = None,
+    temperature: Optional[float | Array] = None,
+    top_k: int = 0,
+    top_p: float | Array = 1.0,
+) -> SMCResult:
+    """Samples π(y) ∝ p(y | prompt)^α exp(λ r(y)) with block-wise SMC in one jitted loop.
+
+    Special cases: λ = 0, α > 1 with the default τ = 1/α is Power-SMC (every increment is
+    then log Σ_v p(v|prefix)^α, independent of the sampled token); N = 1 and λ = 0 is plain
+    sampling from the proposal (the single weight never triggers a resampling).
+
+    Args:
+      key: PRNG key; the same key gives the same result.
+      lm: the model.
+      prompt_tokens: int32 `[T]`, T ≥ 1.
+      reward_fn: `(tokens int32 [S], length int32 []) -> f32 []`, pure, scoring any prefix
+        (pad after `length`); it is evaluated after every block, and its value on the final
+        sequence is the terminal reward (truncated sequences included). A new function
+        object recompiles. `None`: r = 0.
+      num_particles: N.
+      max_new_tokens: S.
+      alpha: α > 0 (traced).
+      lam: λ, finite (traced); must be 0 without `reward_fn`.
+      block_size: B ≤ S tokens between reweightings / resamplings.
+      ess_threshold: κ in [0, 1]: resample when ESS < κ N (traced).
+      resampler: "systematic", "stratified", "residual", "multinomial" or a resampler function.
+      num_rejuvenation_steps: K MH moves after each resampling (0 = none).
+      lookahead: `None` (prefix-only SMC), `Lookahead(num_rollouts, horizon)` (Monte Carlo
+        future value) or a `log_value_fn(tokens, length) -> log V`.
+      temperature: proposal τ > 0; default 1/α (the Power-SMC proposal).
+      top_k, top_p: proposal truncation. The weights keep the full p, so with truncation
+        SMC targets π restricted to the sequences the proposal can reach.
+
+    Returns:
+      `SMCResult`.
+
+    Raises:
+      ArgumentError: an argument out of range.
+      NumericalError: a log-weight became NaN or +inf (from the reward function or the model).
+    """
+    prompt = jnp.asarray(prompt_tokens, jnp.int32)
+    if prompt.ndim != 1:
+        raise ArgumentError(f"prompt_tokens must have shape [T], got {prompt.shape}")
+    check_int("num_particles", num_particles, 1)
+    check_int("max_new_tokens", max_new_tokens, 1)
+    check_int("block_size", block_size, 1)
+    if block_size > max_new_tokens:
+        raise ArgumentError(f"block_size={block_size} exceeds max_new_tokens={max_new_tokens}")
+    if not isinstance(ess_threshold, jax.core.Tracer) and not 0 <= float(ess_threshold) <= 1:
+        raise ArgumentError(f"ess_threshold must lie in [0, 1], got {float(ess_threshold)}")
+    check_lengths(lm, prompt.shape[0], max_new_tokens)
+    check_lookahead(lookahead)  # before jit hashes it as a static argument
+    target = make_target(alpha, lam, reward_fn)
+    proposal = Proposal(
+        temperature=1.0 / target.alpha if temperature is None else temperature,
+        top_k=top_k,
+        top_p=top_p,
+    ).validated()
+
+    num_steps, history, result = _run(
+        key, lm, prompt, target, proposal, jnp.asarray(ess_threshold, jnp.float32),
+        num_particles=num_particles, max_new_tokens=max_new_tokens, block_size=block_size,
+        resampler=resampler, num_rejuvenation_steps=num_rejuvenation_steps,
+        lookahead=lookahead,
+    )
+    num_steps = int(num_steps)
+    invalid_steps = np.flatnonzero(np.asarray(history.nan_or_inf[:num_steps]))
+    if invalid_steps.size:
+        raise NumericalError(
+            f"a log-weight became NaN or +inf at SMC step {int(invalid_steps[0])} (tokens up to "
+            f"{min((int(invalid_steps[0]) + 1) * block_size, max_new_tokens)}); check reward_fn "
+            "and the model's logits for NaN / inf"
+        )
+    trim = lambda x: x[:num_steps]  # noqa: E731
+    return result._replace(
+        ess=trim(result.ess),
+        num_unique=trim(result.num_unique),
+        resampled=trim(result.resampled),
+        acceptance_rate=trim(result.acceptance_rate),
+        log_z_history=trim(result.log_z_history),
+    )

@@ -1,0 +1,105 @@
+"""The reward-tilted power target and the per-particle state SMC carries for it.
+
+Target over complete sequences (ended by a stop token, or truncated at `max_new_tokens`):
+
+    π(y) ∝ p(y)^α · exp(λ r(y)),
+
+with intermediate (prefix-only) targets γ_t(y_{1:t}) = p(y_{1:t})^α · exp(λ r(y_{1:t})): the
+difference potential G_t = exp(λ (r_t − r_{t−1})) telescopes to exp(λ r(y)). `r` of the empty
+prefix is taken as 0, so γ_0 = 1 and log Z_hat estimates log Σ_y p(y)^α exp(λ r(y)) itself.
+A sequence truncated at `max_new_tokens` receives its terminal potential there, like one that
+stopped; under top-k / top-p proposals the weights keep the full p, so SMC targets π
+restricted to the sequences the proposal can reach.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxsample.decoding import DecodeState
+from jaxsample.errors import ArgumentError
+
+Array = jax.Array
+RewardFn = Callable[[Array, Array], Array]
+
+
+class Particles(NamedTuple):
+    """Everything SMC keeps per particle; resampling gathers all of it together.
+
+    Attributes:
+      decode: a `DecodeState` with one row per particle: tokens, per-token log p / log q /
+        entropy, length, done, KV cache and next-token logits.
+      reward: f32 `[N]`, r of each particle's current prefix (0 before the first token).
+      log_value: f32 `[N]`, the stored log V_hat of the lookahead target (0 without lookahead
+        and once a particle is finished: V = 1 at termination).
+    """
+
+    decode: DecodeState
+    reward: Array
+    log_value: Array
+
+
+@struct.dataclass
+class RewardTarget:
+    """π ∝ p^α exp(λ r): α and λ traced, `reward_fn` static.
+
+    Attributes:
+      alpha: α > 0, the exponent on the base model's probability.
+      lam: λ, the reward's inverse temperature (any sign).
+      reward_fn: `(tokens int32 [S], length int32 []) -> f32 []`, a pure function that scores
+        any prefix (tokens after `length` are pad); `None` means r = 0.
+    """
+
+    alpha: Array
+    lam: Array
+    reward_fn: Optional[RewardFn] = struct.field(pytree_node=False, default=None)
+
+    def reward(self, decode: DecodeState) -> Array:
+        """r of every row's current prefix, f32 `[B]` (0 without a reward function)."""
+        batch = decode.length.shape[0]
+        if self.reward_fn is None:
+            return jnp.zeros((batch,), jnp.float32)
+        reward = jax.vmap(self.reward_fn)(decode.tokens, decode.length)
+        if jnp.shape(reward) != (batch,):
+            raise ArgumentError(
+                "reward_fn(tokens [S], length []) must return one scalar per sequence; "
+                f"vmapped over {batch} rows it returned shape {jnp.shape(reward)}"
+            )
+        # At least float32 (a bf16 or integer reward is promoted); float64 stays float64.
+        return reward.astype(jnp.promote_types(reward.dtype, jnp.float32))
+
+    def log_potential_change(self, old_reward: Array, new_reward: Array) -> Array:
+        """λ (r_new − r_old); exactly 0 when λ = 0 (no 0 · inf = NaN for hard constraints)."""
+        return jnp.where(self.lam == 0, 0.0, self.lam * (new_reward - old_reward))
+
+    def log_weight(self, log_p: Array, log_q: Array, start: Array, stop: Array) -> Array:
+        """Σ_{start ≤ j < stop} (α log p_j − log q_j) per row, f32 `[B]`.
+
+        Args:
+          log_p, log_q: f32 `[B, S]` per-position log-probabilities.
+          start, stop: int32 `[B]` generated-position range.
+        """
+        position = jnp.arange(log_p.shape[-1])
+        inside = (position >= start[:, None]) & (position < stop[:, None])
+        return jnp.sum(jnp.where(inside, self.alpha * log_p - log_q, 0.0), axis=-1)
+
+
+def make_target(alpha, lam, reward_fn: Optional[RewardFn]) -> RewardTarget:
+    """Validates concrete α, λ and returns the target with float32 leaves."""
+    for name, value, ok, rule in (
+        ("alpha", alpha, lambda a: 0 < a < float("inf"), "must be finite and > 0"),
+        ("lam", lam, lambda l: abs(l) < float("inf"), "must be finite"),
+    ):
+        if not isinstance(value, jax.core.Tracer) and not ok(float(value)):
+            raise ArgumentError(f"{name} {rule}, got {float(value)}")
+    if reward_fn is not None and not callable(reward_fn):
+        raise ArgumentError(
+            f"reward_fn must be a function (tokens, length) -> float, got {reward_fn!r}"
+        )
+    if reward_fn is None and not isinstance(lam, jax.core.Tracer) and float(lam) != 0:
+        raise ArgumentError(f"lam={float(lam)} has no effect without a reward_fn")
+    return RewardTarget(jnp.asarray(alpha, jnp.float32), jnp.asarray(lam, jnp.float32), reward_fn)

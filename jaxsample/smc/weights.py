@@ -1,0 +1,165 @@
+"""Log-weight arithmetic and the ESS-conditional resampling step.
+
+Normaliser convention (LLaMPPL): log-weights start at 0 and, at every resampling, all are
+reset to `LSE(lw) - log N`. Then `log Z_hat = LSE(lw) - log N` at any time, with no separate
+running sum to keep in step with the weights.
+
+Degenerate weights: when every log-weight is `-inf` no particle is possible. `ess` is then 0,
+`log_evidence` is `-inf`, normalised log-weights stay `-inf` (never NaN) and
+`resample_if_needed` leaves the particles untouched. NaN or +inf log-weights are an error:
+they are never resampled over, and `resample_if_needed` reports them so the caller can raise
+`NumericalError` outside `jit`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxsample.smc.resampling import Resampler
+
+Array = jax.Array
+
+
+def _logsumexp(x: Array) -> Array:
+    # jax.nn.logsumexp is already -inf (not NaN) for an all -inf input.
+    return jax.nn.logsumexp(x, axis=-1)
+
+
+def _shift_by_max(log_weights: Array) -> tuple[Array, Array]:
+    """`(lw - max, max)`: both results below are shift invariant, and subtracting the max
+    first keeps the float32 rounding of large log-weights (ulp(1e4) ~ 1e-3) out of them."""
+    log_weights = jnp.asarray(log_weights, jnp.float32)
+    top = jnp.max(log_weights, axis=-1, keepdims=True)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    return log_weights - top, top
+
+
+@jax.jit
+def normalize_log_weights(log_weights: Array) -> tuple[Array, Array]:
+    """Self-normalised log-weights.
+
+    Args:
+      log_weights: f32 `[..., N]`; `-inf` entries are legal.
+    Returns:
+      `(log_W [..., N], log_total [...])` with `log_W = lw - LSE(lw)` and `log_total = LSE(lw)`.
+      All `-inf` when every weight is `-inf`.
+    """
+    shifted, top = _shift_by_max(log_weights)
+    log_shifted_total = _logsumexp(shifted)
+    safe_total = jnp.where(jnp.isneginf(log_shifted_total), 0.0, log_shifted_total)
+    return shifted - safe_total[..., None], log_shifted_total + top[..., 0]
+
+
+@jax.jit
+def ess(log_weights: Array) -> Array:
+    """Effective sample size `1 / sum W_i^2 = exp(2 LSE(lw) - LSE(2 lw))`, in `[1, N]`.
+
+    Computed in log space so it neither overflows for large log-weights nor loses the small
+    ones; 0 when every weight is `-inf`, NaN when any log-weight is NaN.
+
+    Args:
+      log_weights: f32 `[..., N]` unnormalised log-weights.
+    Returns:
+      f32 `[...]`.
+    """
+    shifted, _ = _shift_by_max(log_weights)
+    log_total = _logsumexp(shifted)
+    log_ess = 2.0 * log_total - _logsumexp(2.0 * shifted)
+    return jnp.where(jnp.isneginf(log_total), 0.0, jnp.exp(log_ess))
+
+
+@jax.jit
+def log_evidence(log_weights: Array) -> Array:
+    """`log Z_hat = LSE(lw) - log N` under the reset-at-resampling convention; f32 `[...]`."""
+    log_weights = jnp.asarray(log_weights, jnp.float32)
+    return _logsumexp(log_weights) - jnp.log(jnp.float32(log_weights.shape[-1]))
+
+
+class ResampleInfo(NamedTuple):
+    """What `resample_if_needed` did.
+
+    Attributes:
+      ancestors: int32 `[N]`; `arange(N)` when not resampled.
+      ess: f32 `[]`, the ESS of the incoming weights (the resampling criterion).
+      resampled: bool `[]`.
+      num_unique: int32 `[]`, distinct ancestors (N when not resampled). ESS resets to N
+        after resampling even if the ancestry collapsed; this does not.
+      all_zero: bool `[]`, every incoming log-weight was `-inf` (log Z_hat = -inf).
+      nan_or_inf: bool `[]`, some incoming log-weight was NaN or +inf (an error for the caller).
+    """
+
+    ancestors: Array
+    ess: Array
+    resampled: Array
+    num_unique: Array
+    all_zero: Array
+    nan_or_inf: Array
+
+
+def gather_particles(particles: Any, ancestors: Array) -> Any:
+    """Every leaf of a particle pytree indexed by `ancestors` along its leading axis."""
+    return jax.tree.map(lambda x: jnp.take(x, ancestors, axis=0), particles)
+
+
+@partial(jax.jit, static_argnames="resampler")
+def resample_if_needed(
+    key: Array,
+    log_weights: Array,
+    particles: Any,
+    ess_threshold: float | Array,
+    resampler: Resampler,
+) -> tuple[Any, Array, ResampleInfo]:
+    """Resamples when `ESS < ess_threshold * N`, then resets every log-weight to `LSE - log N`.
+
+    The resampler call and the gather of every per-particle leaf (KV cache, tokens, lengths,
+    cumulative scores, stored values...) sit in one `lax.cond`, so nothing is copied when the
+    ESS is high. Memory: a gather is not in place, so at a resampling the peak holds the
+    per-particle state twice (for an LM, about 2x the per-particle KV cache).
+
+    Args:
+      key: PRNG key for the resampler.
+      log_weights: f32 `[N]` unnormalised log-weights.
+      particles: pytree whose leaves all have leading axis N.
+      ess_threshold: kappa in [0, 1]; may be traced. 0 never resamples, 1 resamples whenever
+        the weights are not all equal.
+      resampler: `(key, weights [N], N) -> ancestors [N]`.
+    Returns:
+      `(particles, log_weights, ResampleInfo)`.
+    """
+    log_weights = jnp.asarray(log_weights, jnp.float32)
+    num_particles = log_weights.shape[0]
+    identity = jnp.arange(num_particles, dtype=jnp.int32)
+    log_total = _logsumexp(log_weights)
+    nan_or_inf = jnp.any(jnp.isnan(log_weights) | jnp.isposinf(log_weights))
+    all_zero = jnp.isneginf(log_total) & ~nan_or_inf
+    current_ess = ess(log_weights)
+    resample = (current_ess < ess_threshold * num_particles) & ~all_zero & ~nan_or_inf
+
+    def do_resample(operand):
+        particles, log_weights = operand
+        weights = jnp.exp(log_weights - log_total)
+        ancestors = resampler(key, weights, num_particles)
+        reset = jnp.full_like(log_weights, log_total - jnp.log(jnp.float32(num_particles)))
+        return gather_particles(particles, ancestors), reset, ancestors
+
+    def keep(operand):
+        particles, log_weights = operand
+        return particles, log_weights, identity
+
+    particles, log_weights, ancestors = jax.lax.cond(
+        resample, do_resample, keep, (particles, log_weights)
+    )
+    num_unique = jnp.sum(jnp.zeros(num_particles, jnp.int32).at[ancestors].set(1))
+    info = ResampleInfo(
+        ancestors=ancestors,
+        ess=current_ess,
+        resampled=resample,
+        num_unique=num_unique,
+        all_zero=all_zero,
+        nan_or_inf=nan_or_inf,
+    )
+    return particles, log_weights, info
