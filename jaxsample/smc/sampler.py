@@ -158,7 +158,8 @@ def smc_decode(
       reward_fn: `(tokens int32 [S], length int32 []) -> f32 []`, pure, scoring any prefix
         (pad after `length`); it is evaluated after every block, and its value on the final
         sequence is the terminal reward (truncated sequences included). A new function
-        object recompiles. `None`: r = 0.
+        object recompiles; `jax.tree_util.Partial(fn, *arrays)` passes the arrays as traced
+        arguments, so per-problem rewards of one shape share a compilation. `None`: r = 0.
       num_particles: N.
       max_new_tokens: S.
       alpha: α > 0 (traced).

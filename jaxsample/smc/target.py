@@ -19,6 +19,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.tree_util import Partial
 
 from jaxsample.decoding import DecodeState
 from jaxsample.errors import ArgumentError
@@ -45,7 +46,12 @@ class Particles(NamedTuple):
 
 @struct.dataclass
 class RewardTarget:
-    """π ∝ p^α exp(λ r): α and λ traced, `reward_fn` static.
+    """π ∝ p^α exp(λ r): α and λ traced; `reward_fn` a `jax.tree_util.Partial`.
+
+    A reward given as `Partial(fn, *arrays)` carries its arrays as traced leaves: a new
+    problem's reward (say, another reference answer of the same shape) reuses the compiled
+    sampler. A plain function is wrapped in an argument-free `Partial` (static: a new
+    function object recompiles).
 
     Attributes:
       alpha: α > 0, the exponent on the base model's probability.
@@ -56,7 +62,7 @@ class RewardTarget:
 
     alpha: Array
     lam: Array
-    reward_fn: Optional[RewardFn] = struct.field(pytree_node=False, default=None)
+    reward_fn: Optional[Partial] = None
 
     def reward(self, decode: DecodeState) -> Array:
         """r of every row's current prefix, f32 `[B]` (0 without a reward function)."""
@@ -102,4 +108,6 @@ def make_target(alpha, lam, reward_fn: Optional[RewardFn]) -> RewardTarget:
         )
     if reward_fn is None and not isinstance(lam, jax.core.Tracer) and float(lam) != 0:
         raise ArgumentError(f"lam={float(lam)} has no effect without a reward_fn")
+    if reward_fn is not None and not isinstance(reward_fn, Partial):
+        reward_fn = Partial(reward_fn)
     return RewardTarget(jnp.asarray(alpha, jnp.float32), jnp.asarray(lam, jnp.float32), reward_fn)

@@ -163,3 +163,23 @@ def test_rollout_value_estimate_is_unbiased(toy, reward):
         se = values[:, row].std(ddof=1) / np.sqrt(num_keys)
         mean = values[:, row].mean()
         assert abs(mean - exact_value) < 4 * se, (prefix, mean, exact_value)
+
+
+def test_partial_reward_arrays_are_traced_not_recompiled(lm):
+    from jax.tree_util import Partial
+
+    from jaxsample.smc.sampler import _run, smc_decode
+
+    def matches(tokens, length, reference):
+        return jnp.sum((tokens == reference) & (jnp.arange(tokens.shape[0]) < length)).astype(jnp.float32)
+
+    outputs = []
+    for reference in ([0, 1, 2, 3], [2, 2, 0, 3], [1, 0, 3, 3]):
+        reward = Partial(matches, jnp.asarray(reference, jnp.int32))
+        result = smc_decode(jax.random.key(0), lm, jnp.array([0]), reward, num_particles=8,
+                            max_new_tokens=S, lam=1.5)
+        if len(outputs) == 0:
+            compiled = _run._cache_size()
+        outputs.append(result.rewards)
+    assert _run._cache_size() == compiled
+    assert not all(np.array_equal(outputs[0], o) for o in outputs[1:])
