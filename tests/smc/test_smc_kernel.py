@@ -170,7 +170,7 @@ def test_partial_reward_arrays_are_traced_not_recompiled(lm):
 
     from jaxsample.smc.sampler import _run, smc_decode
 
-    def matches(tokens, length, reference):
+    def matches(reference, tokens, length):
         return jnp.sum((tokens == reference) & (jnp.arange(tokens.shape[0]) < length)).astype(jnp.float32)
 
     outputs = []

@@ -1,0 +1,204 @@
+"""Reward-guided SMC: accuracy vs decoded tokens of base, best-of-N, Power-SMC, reward SMC, reward SMC + rejuvenation and the MH samplers.
+
+Each SMC run returns N weighted particles; its accuracy is the probability that the one
+answer it outputs (a particle drawn ∝ W) is correct, Σ_i W_i·correct_i, averaged over
+`--runs` independent runs, and its cost is every token it decoded (extension, rejuvenation
+proposals, rejected ones included) per answer. MH chains count their whole trajectory per
+answer; best-of-N gets as many candidates as reward SMC's budget pays for and picks by mean
+log-likelihood (no verifier).
+
+Rewards (π ∝ p^α exp(λ r)): on the decision task a process verifier giving one point per
+completed item that matches the reference trace (it scores every prefix, so SMC reweights
+at item boundaries); on arithmetic an outcome check, 1 once the answer's tokens appear.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.tree_util import Partial
+from tqdm import tqdm
+
+import jaxsample as js
+from jaxsample import mcmc
+from jaxsample.errors import ArgumentError
+from power_experiment import _exact_record, _record, load_model_and_problems, run_mh, summarize
+from run_directory import RunDirectory
+
+METHODS = ("base", "power_smc", "reward_smc", "reward_smc_rejuv", "mh_uniform", "mh_entropy", "best_of_n")
+LABELS = {
+    "base": "base (τ=1)",
+    "power_smc": "Power-SMC (λ=0)",
+    "reward_smc": "reward SMC",
+    "reward_smc_rejuv": "reward SMC + rejuvenation",
+    "mh_uniform": "MH, uniform cuts",
+    "mh_entropy": "MH, entropy cuts",
+    "best_of_n": "best-of-N (mean log p)",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="toy-decisions", help="registered name, HF checkpoint directory, .gguf file, or 'exact' (the decision task's exact data distribution)")
+    parser.add_argument("--task", default="decisions", choices=["decisions", "arithmetic"], help="problem family")
+    parser.add_argument("--decisions", default="1,2,3,4", help="decision task: comma-separated numbers of decisions K per problem")
+    parser.add_argument("--problems-per-k", type=int, default=2, help="decision task: problems per value of K")
+    parser.add_argument("--stretch-length", type=int, default=8, help="decision task with --model exact: tokens L after each decision")
+    parser.add_argument("--num-problems", type=int, default=4, help="arithmetic: number of problems")
+    parser.add_argument("--num-digits", type=int, default=2, help="arithmetic: digits per operand")
+    parser.add_argument("--operation", default="+", choices=["+", "*"], help="arithmetic: operation")
+    parser.add_argument("--max-new-tokens", type=int, default=0, help="generation cap (0: the task's trace length for the decision task, 48 for arithmetic)")
+    parser.add_argument("--alpha", type=float, default=4.0, help="power α of the target p^α exp(λ r)")
+    parser.add_argument("--lam", type=float, default=3.0, help="reward inverse temperature λ of reward SMC")
+    parser.add_argument("--particles", type=int, default=16, help="SMC particles N")
+    parser.add_argument("--block-size", type=int, default=0, help="tokens between SMC reweightings (0: one decision-task item, 8 for arithmetic)")
+    parser.add_argument("--rejuvenation-steps", type=int, default=2, help="MH rejuvenation moves after each resampling (reward_smc_rejuv)")
+    parser.add_argument("--runs", type=int, default=4, help="independent SMC runs per problem")
+    parser.add_argument("--chains", type=int, default=16, help="chains (samples) per problem for base and MH")
+    parser.add_argument("--mcmc-steps", type=int, default=16, help="MH steps per chain")
+    parser.add_argument("--top-k", type=int, default=0, help="proposal top-k (0: full vocabulary)")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+
+
+def check_config(config: dict) -> None:
+    methods = _methods(config)
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ArgumentError(f"--methods: unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
+    if "best_of_n" in methods and "reward_smc" not in methods:
+        raise ArgumentError("--methods: best_of_n matches reward_smc's token budget; include reward_smc")
+    for name in ("particles", "runs", "chains", "problems_per_k", "num_problems"):
+        if config[name] < 1:
+            raise ArgumentError(f"--{name.replace('_', '-')} must be ≥ 1, got {config[name]}")
+    for name in ("mcmc_steps", "rejuvenation_steps", "block_size"):
+        if config[name] < 0:
+            raise ArgumentError(f"--{name.replace('_', '-')} must be ≥ 0, got {config[name]}")
+    if config["alpha"] <= 0:
+        raise ArgumentError(f"--alpha must be > 0, got {config['alpha']}")
+    if config["task"] == "arithmetic" and config["model"] in ("toy-decisions", "exact"):
+        raise ArgumentError("--task arithmetic needs a chat model, e.g. --model smollm2-135m-instruct")
+    if config["task"] == "decisions" and config["model"] not in ("toy-decisions", "exact"):
+        raise ArgumentError("--task decisions runs on --model toy-decisions or --model exact")
+
+
+def _methods(config):
+    chosen = {m.strip() for m in config["methods"].split(",") if m.strip()}
+    return [m for m in METHODS if m in chosen] + sorted(chosen - set(METHODS))
+
+
+# ---------------------------------------------------------------------------------------
+# Rewards: module-level functions, so a new problem changes only the Partial's arrays.
+
+
+@functools.lru_cache(maxsize=None)
+def item_verifier(item_length: int):
+    """r(prefix) = completed items equal to the reference trace's items."""
+
+    def credit(reference, tokens, length):
+        matches = (tokens == reference).reshape(-1, item_length).all(axis=1)
+        completed = (jnp.arange(matches.shape[0]) + 1) * item_length <= length
+        return jnp.sum(matches & completed).astype(jnp.float32)
+
+    return credit
+
+
+def contains_answer(answer, tokens, length):
+    """r = 1 once the answer's token sequence appears within the first `length` tokens."""
+    width = answer.shape[0]
+    starts = jnp.arange(tokens.shape[0] - width + 1)
+    windows = tokens[starts[:, None] + jnp.arange(width)[None, :]]
+    found = jnp.all(windows == answer, axis=1) & (starts + width <= length)
+    return jnp.any(found).astype(jnp.float32)
+
+
+def reward_for(problem, lm, task_item_length, max_new):
+    if problem.exact is not None:
+        reference = np.full(max_new, lm.pad_token_id, np.int32)
+        trace = np.asarray(problem.exact.correct_trace)
+        reference[: len(trace)] = trace
+        return Partial(item_verifier(task_item_length), jnp.asarray(reference))
+    answer = lm.tokenizer.encode(str(problem.answer))
+    return Partial(contains_answer, jnp.asarray(answer, jnp.int32))
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def run_smc(key, lm, problem, method, config, max_new, block_size, reward):
+    lam = 0.0 if method == "power_smc" else config["lam"]
+    steps = config["rejuvenation_steps"] if method == "reward_smc_rejuv" else 0
+    accuracies, tokens, ess = [], [], []
+    for run in range(config["runs"]):
+        result = js.smc_decode(
+            jax.random.fold_in(key, run), lm, jnp.asarray(problem.prompt, jnp.int32),
+            None if method == "power_smc" else reward,
+            num_particles=config["particles"], max_new_tokens=max_new, alpha=config["alpha"],
+            lam=lam, block_size=block_size, num_rejuvenation_steps=steps, top_k=config["top_k"],
+        )
+        weights = np.exp(np.asarray(result.log_weights, np.float64))
+        correct = np.array([problem.grade(row) for row in np.asarray(result.tokens)], np.float64)
+        accuracies.append(float(np.sum(weights * correct)) if not bool(result.all_zero) else 0.0)
+        tokens.append(float(result.num_decoded))
+        ess.append(float(np.mean(np.asarray(result.ess))))
+    accuracy, spent = float(np.mean(accuracies)), float(np.mean(tokens))
+    return {"accuracy": accuracy, "tokens": spent, "acceptance": float("nan"), "mean_ess": float(np.mean(ess)),
+            "curve": [[spent, accuracy]]}
+
+
+def run(run_dir: RunDirectory) -> str:
+    config = run_dir.config
+    lm, problems, max_new = load_model_and_problems(config)
+    item_length = config["stretch_length"] + 2 if config["model"] == "exact" else _task_item_length(config)
+    block_size = config["block_size"] or (item_length if config["task"] == "decisions" else 8)
+    if max_new % block_size and config["task"] == "decisions":
+        raise ArgumentError(f"--block-size {block_size} must divide the trace length {max_new}")
+    methods = _methods(config)
+    done = run_dir.done_keys()
+    todo = [(p, m) for p in problems for m in ["exact", *methods] if f"{p.key}/{m}" not in done]
+    key = jax.random.key(config["seed"])
+    budgets = {}
+    for record in run_dir.finished:
+        if record["method"] == "reward_smc":
+            budgets[record["problem"]] = record["tokens"]
+    with tqdm(todo, desc=f"smc [{lm.name}]", unit="run") as bar:
+        for problem, method in bar:
+            bar.set_postfix(problem=problem.key, method=method)
+            problem_key = jax.random.fold_in(jax.random.fold_in(key, zlib.crc32(problem.key.encode())), METHODS.index(method) if method in METHODS else 99)
+            if method == "exact":
+                record = _exact_record(lm, problem, config)
+            elif method in ("power_smc", "reward_smc", "reward_smc_rejuv"):
+                reward = reward_for(problem, lm, item_length, max_new)
+                record = run_smc(problem_key, lm, problem, method, config, max_new, block_size, reward)
+            elif method in ("mh_uniform", "mh_entropy"):
+                record = run_mh(problem_key, lm, problem, method, config, max_new)
+            elif method == "base":
+                result = mcmc.base_sample(problem_key, lm, jnp.asarray(problem.prompt, jnp.int32), num_chains=config["chains"], max_new_tokens=max_new, top_k=config["top_k"])
+                record = _record(problem, result)
+            else:
+                budget = budgets[problem.key]
+                base = [r for r in run_dir.finished if r["problem"] == problem.key and r["method"] == "base"]
+                mean_length = base[0]["tokens"] if base else float(max_new)
+                candidates = max(1, math.ceil(budget / mean_length))
+                result = mcmc.best_of_n(problem_key, lm, jnp.asarray(problem.prompt, jnp.int32), num_candidates=candidates, num_chains=config["chains"], max_new_tokens=max_new, token_budget=int(round(budget)), top_k=config["top_k"])
+                record = _record(problem, result)
+                record["candidates"] = candidates
+            record.update(key=f"{problem.key}/{method}", problem=problem.key, group=problem.group, method=method)
+            if method == "reward_smc":
+                budgets[problem.key] = record["tokens"]
+            run_dir.append(record)
+            run_dir.log.info("%s %s accuracy=%s tokens=%s", problem.key, method, record.get("accuracy"), record.get("tokens"))
+    return summarize(run_dir, methods, LABELS, "SMC decoding")
+
+
+def _task_item_length(config):
+    from jaxsample import tasks
+    from jaxsample.models.registry import resolve
+
+    if config["task"] != "decisions":
+        return 1
+    return tasks.read_task_config(resolve(config["model"])).item_length
