@@ -28,7 +28,17 @@ from tqdm import tqdm
 import jaxsample as js
 from jaxsample import mcmc
 from jaxsample.errors import ArgumentError
-from power_experiment import _exact_record, _record, load_model_and_problems, run_mh, summarize
+from power_experiment import run_mh
+from problems import (
+    add_problem_arguments,
+    check_problem_config,
+    exact_record,
+    item_length as task_item_length,
+    load_model_and_problems,
+    record_from_result,
+    selected_methods,
+)
+from report import summarize
 from run_directory import RunDirectory
 
 METHODS = ("base", "power_smc", "reward_smc", "reward_smc_rejuv", "mh_uniform", "mh_entropy", "best_of_n")
@@ -44,51 +54,21 @@ LABELS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="toy-decisions", help="registered name, HF checkpoint directory, .gguf file, or 'exact' (the decision task's exact data distribution)")
-    parser.add_argument("--task", default="decisions", choices=["decisions", "arithmetic"], help="problem family")
-    parser.add_argument("--decisions", default="1,2,3,4", help="decision task: comma-separated numbers of decisions K per problem")
-    parser.add_argument("--problems-per-k", type=int, default=2, help="decision task: problems per value of K")
-    parser.add_argument("--stretch-length", type=int, default=8, help="decision task with --model exact: tokens L after each decision")
-    parser.add_argument("--num-problems", type=int, default=4, help="arithmetic: number of problems")
-    parser.add_argument("--num-digits", type=int, default=2, help="arithmetic: digits per operand")
-    parser.add_argument("--operation", default="+", choices=["+", "*"], help="arithmetic: operation")
-    parser.add_argument("--max-new-tokens", type=int, default=0, help="generation cap (0: the task's trace length for the decision task, 48 for arithmetic)")
-    parser.add_argument("--alpha", type=float, default=4.0, help="power α of the target p^α exp(λ r)")
+    add_problem_arguments(parser, problems_per_k=2)
     parser.add_argument("--lam", type=float, default=3.0, help="reward inverse temperature λ of reward SMC")
     parser.add_argument("--particles", type=int, default=16, help="SMC particles N")
     parser.add_argument("--block-size", type=int, default=0, help="tokens between SMC reweightings (0: one decision-task item, 8 for arithmetic)")
     parser.add_argument("--rejuvenation-steps", type=int, default=2, help="MH rejuvenation moves after each resampling (reward_smc_rejuv)")
     parser.add_argument("--runs", type=int, default=4, help="independent SMC runs per problem")
-    parser.add_argument("--chains", type=int, default=16, help="chains (samples) per problem for base and MH")
-    parser.add_argument("--mcmc-steps", type=int, default=16, help="MH steps per chain")
-    parser.add_argument("--top-k", type=int, default=0, help="proposal top-k (0: full vocabulary)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
 
 
 def check_config(config: dict) -> None:
-    methods = _methods(config)
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise ArgumentError(f"--methods: unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
+    methods = selected_methods(config, METHODS)
+    check_problem_config(config, positive=("particles", "runs", "chains", "problems_per_k", "num_problems"),
+                         non_negative=("mcmc_steps", "rejuvenation_steps", "block_size"))
     if "best_of_n" in methods and "reward_smc" not in methods:
         raise ArgumentError("--methods: best_of_n matches reward_smc's token budget; include reward_smc")
-    for name in ("particles", "runs", "chains", "problems_per_k", "num_problems"):
-        if config[name] < 1:
-            raise ArgumentError(f"--{name.replace('_', '-')} must be ≥ 1, got {config[name]}")
-    for name in ("mcmc_steps", "rejuvenation_steps", "block_size"):
-        if config[name] < 0:
-            raise ArgumentError(f"--{name.replace('_', '-')} must be ≥ 0, got {config[name]}")
-    if config["alpha"] <= 0:
-        raise ArgumentError(f"--alpha must be > 0, got {config['alpha']}")
-    if config["task"] == "arithmetic" and config["model"] in ("toy-decisions", "exact"):
-        raise ArgumentError("--task arithmetic needs a chat model, e.g. --model smollm2-135m-instruct")
-    if config["task"] == "decisions" and config["model"] not in ("toy-decisions", "exact"):
-        raise ArgumentError("--task decisions runs on --model toy-decisions or --model exact")
-
-
-def _methods(config):
-    chosen = {m.strip() for m in config["methods"].split(",") if m.strip()}
-    return [m for m in METHODS if m in chosen] + sorted(chosen - set(METHODS))
 
 
 # ---------------------------------------------------------------------------------------
@@ -153,11 +133,11 @@ def run_smc(key, lm, problem, method, config, max_new, block_size, reward):
 def run(run_dir: RunDirectory) -> str:
     config = run_dir.config
     lm, problems, max_new = load_model_and_problems(config)
-    item_length = config["stretch_length"] + 2 if config["model"] == "exact" else _task_item_length(config)
+    item_length = task_item_length(config) if config["task"] == "decisions" else 1
     block_size = config["block_size"] or (item_length if config["task"] == "decisions" else 8)
     if max_new % block_size and config["task"] == "decisions":
         raise ArgumentError(f"--block-size {block_size} must divide the trace length {max_new}")
-    methods = _methods(config)
+    methods = selected_methods(config, METHODS)
     done = run_dir.done_keys()
     todo = [(p, m) for p in problems for m in ["exact", *methods] if f"{p.key}/{m}" not in done]
     key = jax.random.key(config["seed"])
@@ -170,7 +150,7 @@ def run(run_dir: RunDirectory) -> str:
             bar.set_postfix(problem=problem.key, method=method)
             problem_key = jax.random.fold_in(jax.random.fold_in(key, zlib.crc32(problem.key.encode())), METHODS.index(method) if method in METHODS else 99)
             if method == "exact":
-                record = _exact_record(lm, problem, config)
+                record = exact_record(lm, problem, config["alpha"])
             elif method in ("power_smc", "reward_smc", "reward_smc_rejuv"):
                 reward = reward_for(problem, lm, item_length, max_new)
                 record = run_smc(problem_key, lm, problem, method, config, max_new, block_size, reward)
@@ -178,14 +158,14 @@ def run(run_dir: RunDirectory) -> str:
                 record = run_mh(problem_key, lm, problem, method, config, max_new)
             elif method == "base":
                 result = mcmc.base_sample(problem_key, lm, jnp.asarray(problem.prompt, jnp.int32), num_chains=config["chains"], max_new_tokens=max_new, top_k=config["top_k"])
-                record = _record(problem, result)
+                record = record_from_result(problem, result)
             else:
                 budget = budgets[problem.key]
                 base = [r for r in run_dir.finished if r["problem"] == problem.key and r["method"] == "base"]
                 mean_length = base[0]["tokens"] if base else float(max_new)
                 candidates = max(1, math.ceil(budget / mean_length))
                 result = mcmc.best_of_n(problem_key, lm, jnp.asarray(problem.prompt, jnp.int32), num_candidates=candidates, num_chains=config["chains"], max_new_tokens=max_new, token_budget=int(round(budget)), top_k=config["top_k"])
-                record = _record(problem, result)
+                record = record_from_result(problem, result)
                 record["candidates"] = candidates
             record.update(key=f"{problem.key}/{method}", problem=problem.key, group=problem.group, method=method)
             if method == "reward_smc":
@@ -194,11 +174,3 @@ def run(run_dir: RunDirectory) -> str:
             run_dir.log.info("%s %s accuracy=%s tokens=%s", problem.key, method, record.get("accuracy"), record.get("tokens"))
     return summarize(run_dir, methods, LABELS, "SMC decoding")
 
-
-def _task_item_length(config):
-    from jaxsample import tasks
-    from jaxsample.models.registry import resolve
-
-    if config["task"] != "decisions":
-        return 1
-    return tasks.read_task_config(resolve(config["model"])).item_length

@@ -16,3 +16,36 @@ from jaxsample.sampling import Proposal, proposal_log_probs, token_log_probs
 from jaxsample.smc import SMCResult, smc_decode
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "DecodeState",
+    "GenerateResult",
+    "LanguageModel",
+    "ModelConfig",
+    "PowerSampleResult",
+    "Proposal",
+    "SMCResult",
+    "Tokenizer",
+    "base_sample",
+    "best_of_n",
+    "errors",
+    "extend",
+    "generate",
+    "init_decode",
+    "load",
+    "mcmc",
+    "models",
+    "power_sample",
+    "proposal_log_probs",
+    "register_model",
+    "registered_models",
+    "rewind",
+    "save_pretrained",
+    "select_rows",
+    "smc",
+    "smc_decode",
+    "take_rows",
+    "tasks",
+    "temperature_sample",
+    "token_log_probs",
+]

@@ -1,0 +1,132 @@
+"""Problems shared by the experiments: options, model + problem loading, grading, references."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+import jaxsample as js
+from jaxsample import tasks
+from jaxsample.errors import ArgumentError
+from jaxsample.models.registry import resolve
+
+
+def add_problem_arguments(parser: argparse.ArgumentParser, problems_per_k: int) -> None:
+    """Options every experiment shares: model, task, problem counts, α, chains, MH steps."""
+    parser.add_argument("--model", default="toy-decisions", help="registered name, HF checkpoint directory, .gguf file, or 'exact' (the decision task's exact data distribution)")
+    parser.add_argument("--task", default="decisions", choices=["decisions", "arithmetic"], help="problem family")
+    parser.add_argument("--decisions", default="1,2,3,4", help="decision task: comma-separated numbers of decisions K per problem")
+    parser.add_argument("--problems-per-k", type=int, default=problems_per_k, help="decision task: problems per value of K")
+    parser.add_argument("--stretch-length", type=int, default=8, help="decision task with --model exact: tokens L after each decision")
+    parser.add_argument("--num-problems", type=int, default=4, help="arithmetic: number of problems")
+    parser.add_argument("--num-digits", type=int, default=2, help="arithmetic: digits per operand")
+    parser.add_argument("--operation", default="+", choices=["+", "*"], help="arithmetic: operation")
+    parser.add_argument("--max-new-tokens", type=int, default=0, help="generation cap (0: the task's trace length for the decision task, 48 for arithmetic)")
+    parser.add_argument("--alpha", type=float, default=4.0, help="power α of the target")
+    parser.add_argument("--chains", type=int, default=32, help="chains (samples) per problem for the sampling and MH methods")
+    parser.add_argument("--mcmc-steps", type=int, default=24, help="MH steps per chain (one block)")
+    parser.add_argument("--top-k", type=int, default=0, help="proposal top-k (0: full vocabulary)")
+
+
+def selected_methods(config: dict, known: tuple[str, ...]) -> list[str]:
+    """`--methods` in run order; raises on unknown names."""
+    chosen = {m.strip() for m in config["methods"].split(",") if m.strip()}
+    unknown = chosen - set(known)
+    if unknown:
+        raise ArgumentError(f"--methods: unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(known)}")
+    return [m for m in known if m in chosen]
+
+
+def check_problem_config(config: dict, positive=("chains", "problems_per_k", "num_problems"), non_negative=("mcmc_steps",)) -> None:
+    for name in positive:
+        if config[name] < 1:
+            raise ArgumentError(f"--{name.replace('_', '-')} must be ≥ 1, got {config[name]}")
+    for name in non_negative:
+        if config[name] < 0:
+            raise ArgumentError(f"--{name.replace('_', '-')} must be ≥ 0, got {config[name]}")
+    if config["alpha"] <= 0:
+        raise ArgumentError(f"--alpha must be > 0, got {config['alpha']}")
+    if config["task"] == "arithmetic" and config["model"] in ("toy-decisions", "exact"):
+        raise ArgumentError("--task arithmetic needs a chat model, e.g. --model smollm2-135m-instruct")
+    if config["task"] == "decisions" and config["model"] not in ("toy-decisions", "exact"):
+        raise ArgumentError("--task decisions runs on --model toy-decisions or --model exact")
+
+
+class Problem:
+    """What the experiment needs of a problem: prompt, grader, reference accuracies."""
+
+    def __init__(self, key, prompt, grade, group, exact=None, answer=None):
+        self.key, self.prompt, self.grade, self.group = key, prompt, grade, group
+        self.exact, self.answer = exact, answer
+
+
+def _decision_problems(config, lm, task_config):
+    rng = np.random.default_rng(config["seed"])
+    problems = []
+    for k in [int(x) for x in config["decisions"].split(",")]:
+        for index in range(config["problems_per_k"]):
+            problem = tasks.sample_problem(rng, task_config, k)
+            problems.append((f"K{k}-{index}", problem))
+    return problems
+
+
+def load_model_and_problems(config):
+    if config["task"] == "decisions":
+        if config["model"] == "exact":
+            task_config = tasks.DecisionTaskConfig(stretch_length=config["stretch_length"])
+            lm = tasks.data_model(task_config)
+        else:
+            lm = js.load(config["model"])
+            task_config = tasks.read_task_config(resolve(config["model"]))
+        max_new = config["max_new_tokens"] or task_config.trace_length(task_config.max_decisions)
+
+        def make(name, problem):
+            return Problem(
+                key=name,
+                prompt=np.asarray(problem.prompt),
+                grade=lambda tokens, p=problem: bool(tasks.grade(p, tokens)),
+                group=f"K={problem.num_decisions}",
+                exact=problem,
+            )
+
+        return lm, [make(n, p) for n, p in _decision_problems(config, lm, task_config)], max_new
+    lm = js.load(config["model"])
+    rng = np.random.default_rng(config["seed"])
+    problems = tasks.sample_arithmetic(rng, config["num_problems"], config["num_digits"], config["operation"])
+
+    def make_arithmetic(index, problem):
+        def grade(tokens, p=problem):
+            return tasks.grade_arithmetic(p, lm.tokenizer.decode([int(t) for t in tokens if t != lm.pad_token_id]))
+
+        prompt = np.asarray(tasks.arithmetic_prompt(lm.tokenizer, problem))
+        return Problem(f"q{index}", prompt, grade, "arithmetic", answer=problem.answer)
+
+    return lm, [make_arithmetic(i, p) for i, p in enumerate(problems)], config["max_new_tokens"] or 48
+
+
+def item_length(config: dict) -> int:
+    """Tokens per decision-task item (decision, stretch, separator) of the configured model."""
+    if config["model"] == "exact":
+        return config["stretch_length"] + 2
+    return tasks.read_task_config(resolve(config["model"])).item_length
+
+
+def accuracy(problem: Problem, tokens) -> float:
+    """Fraction of rows of `tokens` `[C, N]` the problem's grader accepts."""
+    return float(np.mean([problem.grade(row) for row in np.asarray(tokens)]))
+
+
+def record_from_result(problem: Problem, result) -> dict:
+    """Accuracy and tokens per answer of a `PowerSampleResult`-like result."""
+    value = accuracy(problem, result.tokens)
+    tokens = float(np.mean(np.asarray(result.tokens_decoded)))
+    return {"accuracy": value, "tokens": tokens, "acceptance": float("nan"), "curve": [[tokens, value]]}
+
+
+def exact_record(lm, problem: Problem, alpha: float) -> dict:
+    """The model's own exact base / temperature-1/α / p^α accuracies (decision task only)."""
+    if problem.exact is None:
+        return {"exact": None}
+    acc = tasks.exact_accuracies(lm, problem.exact, alpha)
+    return {"exact": {"base": float(acc.base), "temperature": float(acc.temperature), "power": float(acc.power)}}

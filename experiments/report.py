@@ -1,0 +1,97 @@
+"""Experiment reports: the summary table (summary.md) and the accuracy-vs-tokens plot."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from run_directory import RunDirectory, markdown_table
+
+
+def summarize(run_dir: RunDirectory, methods, labels: dict, title: str) -> str:
+    """Table (summary.md) and accuracy-vs-tokens plot of every finished record."""
+    records = [r for r in run_dir.finished if r["method"] != "exact"]
+    exact = {r["problem"]: r["exact"] for r in run_dir.finished if r["method"] == "exact" and r["exact"]}
+    groups = sorted({r["group"] for r in records})
+    rows = []
+    for group in groups:
+        power_ref = [exact[r["problem"]]["power"] for r in records if r["group"] == group and r["problem"] in exact and r["method"] == methods[0]]
+        target = 0.9 * float(np.mean(power_ref)) if power_ref else None
+        for method in methods:
+            chosen = [r for r in records if r["group"] == group and r["method"] == method]
+            if not chosen:
+                continue
+            row = {
+                "group": group,
+                "method": labels[method],
+                "problems": len(chosen),
+                "accuracy": float(np.mean([r["accuracy"] for r in chosen])),
+                "tokens/answer": float(np.mean([r["tokens"] for r in chosen])),
+                "acceptance": _nanmean([r["acceptance"] for r in chosen]),
+            }
+            if target is not None:
+                row["tokens to 90% of p^α"] = _tokens_to_target(chosen, target)
+            rows.append(row)
+        if power_ref:
+            ref = [exact[p] for p in {r["problem"] for r in records if r["group"] == group} if p in exact]
+            rows.append({
+                "group": group, "method": "exact (model's own p)",
+                "problems": len(ref),
+                "accuracy": f"base {np.mean([e['base'] for e in ref]):.3f} / temp {np.mean([e['temperature'] for e in ref]):.3f} / p^α {np.mean([e['power'] for e in ref]):.3f}",
+            })
+    columns = ["group", "method", "problems", "accuracy", "tokens/answer", "acceptance"]
+    if exact:
+        columns.append("tokens to 90% of p^α")
+    table = markdown_table(rows, columns)
+    plot_path = _plot(run_dir, records, exact, methods, groups, labels, title)
+    text = f"{table}\n\nplot: {plot_path}\nresults: {run_dir.results_path}\n"
+    run_dir.write_text("summary.md", text)
+    return text
+
+
+def _nanmean(values):
+    values = [v for v in values if v == v]
+    return float(np.mean(values)) if values else "—"
+
+
+def _mean_curve(chosen):
+    curves = [np.asarray(r["curve"]) for r in chosen]
+    length = min(len(c) for c in curves)
+    return np.mean([c[:length] for c in curves], axis=0)
+
+
+def _tokens_to_target(chosen, target):
+    curve = _mean_curve(chosen)
+    reached = np.nonzero(curve[:, 1] >= target)[0]
+    return float(curve[reached[0], 0]) if len(reached) else f"> {curve[-1, 0]:.0f}"
+
+
+def _plot(run_dir, records, exact, methods, groups, labels, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False, sharey=True)
+    for ax, group in zip(axes[0], groups):
+        for method in methods:
+            chosen = [r for r in records if r["group"] == group and r["method"] == method]
+            if not chosen:
+                continue
+            curve = _mean_curve(chosen)
+            style = "-" if len(curve) > 1 else "o"
+            ax.plot(curve[:, 0], curve[:, 1], style, label=labels[method], markersize=6)
+        ref = [exact[p]["power"] for p in {r["problem"] for r in records if r["group"] == group} if p in exact]
+        if ref:
+            ax.axhline(np.mean(ref), color="k", linestyle="--", linewidth=1, label="exact p^α")
+        ax.set_title(group)
+        ax.set_xscale("log")
+        ax.set_xlabel("decoded tokens per answer")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{title}, α = {run_dir.config['alpha']}, model {run_dir.config['model']}")
+    fig.tight_layout()
+    path = run_dir.path / "accuracy_vs_tokens.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
