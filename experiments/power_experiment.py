@@ -51,7 +51,7 @@ LABELS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_problem_arguments(parser, problems_per_k=3)
+    add_problem_arguments(parser, problems_per_k=3, mcmc_steps=48)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
 
 

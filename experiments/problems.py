@@ -12,7 +12,7 @@ from jaxsample.errors import ArgumentError
 from jaxsample.models.registry import resolve
 
 
-def add_problem_arguments(parser: argparse.ArgumentParser, problems_per_k: int) -> None:
+def add_problem_arguments(parser: argparse.ArgumentParser, problems_per_k: int, mcmc_steps: int) -> None:
     """Options every experiment shares: model, task, problem counts, α, chains, MH steps."""
     parser.add_argument("--model", default="toy-decisions", help="registered name, HF checkpoint directory, .gguf file, or 'exact' (the decision task's exact data distribution)")
     parser.add_argument("--task", default="decisions", choices=["decisions", "arithmetic"], help="problem family")
@@ -25,7 +25,7 @@ def add_problem_arguments(parser: argparse.ArgumentParser, problems_per_k: int) 
     parser.add_argument("--max-new-tokens", type=int, default=0, help="generation cap (0: the task's trace length for the decision task, 48 for arithmetic)")
     parser.add_argument("--alpha", type=float, default=4.0, help="power α of the target")
     parser.add_argument("--chains", type=int, default=32, help="chains (samples) per problem for the sampling and MH methods")
-    parser.add_argument("--mcmc-steps", type=int, default=24, help="MH steps per chain (one block)")
+    parser.add_argument("--mcmc-steps", type=int, default=mcmc_steps, help="MH steps per chain (one block)")
     parser.add_argument("--top-k", type=int, default=0, help="proposal top-k (0: full vocabulary)")
 
 

@@ -70,8 +70,9 @@ def _plot(run_dir, records, exact, methods, groups, labels, title):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4.0), squeeze=False, sharey=True)
     for ax, group in zip(axes[0], groups):
         for method in methods:
             chosen = [r for r in records if r["group"] == group and r["method"] == method]
@@ -85,12 +86,14 @@ def _plot(run_dir, records, exact, methods, groups, labels, title):
             ax.axhline(np.mean(ref), color="k", linestyle="--", linewidth=1, label="exact p^α")
         ax.set_title(group)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("decoded tokens per answer")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy")
-    axes[0][-1].legend(fontsize=8, loc="lower right")
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 7), fontsize=8, frameon=False)
     fig.suptitle(f"{title}, α = {run_dir.config['alpha']}, model {run_dir.config['model']}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     path = run_dir.path / "accuracy_vs_tokens.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -54,7 +54,7 @@ LABELS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_problem_arguments(parser, problems_per_k=2)
+    add_problem_arguments(parser, problems_per_k=2, mcmc_steps=24)
     parser.add_argument("--lam", type=float, default=3.0, help="reward inverse temperature λ of reward SMC")
     parser.add_argument("--particles", type=int, default=16, help="SMC particles N")
     parser.add_argument("--block-size", type=int, default=0, help="tokens between SMC reweightings (0: one decision-task item, 8 for arithmetic)")
