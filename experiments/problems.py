@@ -15,11 +15,12 @@ from jaxsample.models.registry import resolve
 def add_problem_arguments(parser: argparse.ArgumentParser, problems_per_k: int, mcmc_steps: int) -> None:
     """Options every experiment shares: model, task, problem counts, α, chains, MH steps."""
     parser.add_argument("--model", default="toy-decisions", help="registered name, HF checkpoint directory, .gguf file, or 'exact' (the decision task's exact data distribution)")
-    parser.add_argument("--task", default="decisions", choices=["decisions", "arithmetic"], help="problem family")
+    parser.add_argument("--task", default="decisions", choices=["decisions", "arithmetic", "math500"], help="problem family")
+    parser.add_argument("--data", default=None, help="math500: a JSON or JSONL file of records with 'problem' and 'answer' (read locally, never downloaded)")
     parser.add_argument("--decisions", default="1,2,3,4", help="decision task: comma-separated numbers of decisions K per problem")
     parser.add_argument("--problems-per-k", type=int, default=problems_per_k, help="decision task: problems per value of K")
     parser.add_argument("--stretch-length", type=int, default=8, help="decision task with --model exact: tokens L after each decision")
-    parser.add_argument("--num-problems", type=int, default=4, help="arithmetic: number of problems")
+    parser.add_argument("--num-problems", type=int, default=4, help="arithmetic and math500: number of problems")
     parser.add_argument("--num-digits", type=int, default=2, help="arithmetic: digits per operand")
     parser.add_argument("--operation", default="+", choices=["+", "*"], help="arithmetic: operation")
     parser.add_argument("--max-new-tokens", type=int, default=0, help="generation cap (0: the task's trace length for the decision task, 48 for arithmetic)")
@@ -47,8 +48,10 @@ def check_problem_config(config: dict, positive=("chains", "problems_per_k", "nu
             raise ArgumentError(f"--{name.replace('_', '-')} must be ≥ 0, got {config[name]}")
     if config["alpha"] <= 0:
         raise ArgumentError(f"--alpha must be > 0, got {config['alpha']}")
-    if config["task"] == "arithmetic" and config["model"] in ("toy-decisions", "exact"):
-        raise ArgumentError("--task arithmetic needs a chat model, e.g. --model smollm2-135m-instruct")
+    if config["task"] in ("arithmetic", "math500") and config["model"] in ("toy-decisions", "exact"):
+        raise ArgumentError(f"--task {config['task']} needs a chat model, e.g. --model smollm2-135m-instruct")
+    if (config["task"] == "math500") != (config["data"] is not None):
+        raise ArgumentError("--data FILE goes with --task math500 (and only with it)")
     if config["task"] == "decisions" and config["model"] not in ("toy-decisions", "exact"):
         raise ArgumentError("--task decisions runs on --model toy-decisions or --model exact")
 
@@ -91,14 +94,24 @@ def load_model_and_problems(config):
             )
 
         return lm, [make(n, p) for n, p in _decision_problems(config, lm, task_config)], max_new
+    if config["task"] == "math500":
+        records = tasks.load_math500(config["data"])[: config["num_problems"]]
     lm = js.load(config["model"])
+
+    def text_of(tokens):
+        return lm.tokenizer.decode([int(t) for t in tokens if t != lm.pad_token_id])
+
+    if config["task"] == "math500":
+        def make_math(index, problem):
+            grade = lambda tokens, p=problem: tasks.grade_math(p.answer, text_of(tokens))  # noqa: E731
+            return Problem(f"m{index}", np.asarray(tasks.math_prompt(lm.tokenizer, problem)), grade, "math500")
+
+        return lm, [make_math(i, p) for i, p in enumerate(records)], config["max_new_tokens"] or 256
     rng = np.random.default_rng(config["seed"])
     problems = tasks.sample_arithmetic(rng, config["num_problems"], config["num_digits"], config["operation"])
 
     def make_arithmetic(index, problem):
-        def grade(tokens, p=problem):
-            return tasks.grade_arithmetic(p, lm.tokenizer.decode([int(t) for t in tokens if t != lm.pad_token_id]))
-
+        grade = lambda tokens, p=problem: tasks.grade_arithmetic(p, text_of(tokens))  # noqa: E731
         prompt = np.asarray(tasks.arithmetic_prompt(lm.tokenizer, problem))
         return Problem(f"q{index}", prompt, grade, "arithmetic", answer=problem.answer)
 

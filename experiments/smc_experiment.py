@@ -67,6 +67,8 @@ def check_config(config: dict) -> None:
     methods = selected_methods(config, METHODS)
     check_problem_config(config, positive=("particles", "runs", "chains", "problems_per_k", "num_problems"),
                          non_negative=("mcmc_steps", "rejuvenation_steps", "block_size"))
+    if config["task"] == "math500" and {"reward_smc", "reward_smc_rejuv"} & set(methods):
+        raise ArgumentError("--task math500 has no in-JAX verifier reward; choose --methods from base, power_smc, mh_uniform, mh_entropy")
     if "best_of_n" in methods and "reward_smc" not in methods:
         raise ArgumentError("--methods: best_of_n matches reward_smc's token budget; include reward_smc")
 

@@ -49,6 +49,9 @@ def test_help_documents_every_option():
         (["power", "--task", "arithmetic", "--model", "toy-decisions"], "--task arithmetic"),
         (["power", "--methods", "base,magic"], "magic"),
         (["power", "--chains", "0"], "--chains"),
+        (["power", "--task", "math500", "--data", "missing.jsonl", "--model", "smollm2-135m-instruct"], "missing.jsonl"),
+        (["power", "--data", "problems.jsonl"], "--data"),
+        (["smc", "--task", "math500", "--data", "x.jsonl", "--model", "smollm2-135m-instruct"], "verifier"),
     ],
 )
 def test_bad_input_is_one_line_error(args, message, tmp_path):
