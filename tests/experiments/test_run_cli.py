@@ -78,7 +78,9 @@ def test_config_file_replaces_flags_and_flags_win(tmp_path):
 
 def test_killed_run_resumes_without_losing_or_redoing_work(tmp_path):
     out = tmp_path / "run"
-    args = [*RUN, "power", *TINY, "--problems-per-k", "3", "--out", str(out)]
+    # Once compiled, a unit takes milliseconds: enough units that the kill lands midway.
+    problems, units_per_problem = 30, 4  # exact + 3 methods
+    args = [*RUN, "power", *TINY, "--problems-per-k", str(problems), "--out", str(out)]
     process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     results = out / "results.jsonl"
@@ -95,7 +97,7 @@ def test_killed_run_resumes_without_losing_or_redoing_work(tmp_path):
     with open(results, "a") as f:
         f.write('{"key": "torn')
     finished_before = [json.loads(line) for line in before.splitlines()]
-    assert 5 <= len(finished_before) < 3 * 4  # killed midway: 3 problems × (exact + 3 methods)
+    assert 5 <= len(finished_before) < problems * units_per_problem
 
     resumed = run_cli("power", "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -103,7 +105,7 @@ def test_killed_run_resumes_without_losing_or_redoing_work(tmp_path):
     after = read_results(out)
     assert after[: len(finished_before)] == finished_before
     keys = [r["key"] for r in after]
-    assert len(keys) == len(set(keys)) == 3 * 4
+    assert len(keys) == len(set(keys)) == problems * units_per_problem
     assert (out / "summary.md").exists() and (out / "accuracy_vs_tokens.png").exists()
     assert "MH, uniform cuts" in resumed.stdout
 
