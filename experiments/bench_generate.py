@@ -11,9 +11,6 @@ warm-up call each) and are the median of `--repeats` calls.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -21,24 +18,15 @@ import numpy as np
 
 import jaxsample as js
 from jaxsample.models.registry import resolve
-
-
-def time_calls(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
+from timing import median_seconds, report
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="registered name or .gguf file (transformers loads the same GGUF)")
+    parser.add_argument("--batch", type=int, default=8, help="sequences decoded together")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per sequence")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up; the median is reported")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
 
@@ -69,8 +57,8 @@ def main(argv=None):
             )
 
     tokens = args.batch * args.new_tokens
-    jax_seconds = time_calls(run_jax, args.repeats)
-    torch_seconds = time_calls(run_torch, args.repeats)
+    jax_seconds = median_seconds(run_jax, args.repeats)
+    torch_seconds = median_seconds(run_torch, args.repeats)
     result = {
         "device": str(jax.devices()[0]),
         "batch": args.batch,
@@ -80,12 +68,9 @@ def main(argv=None):
         "transformers_tokens_per_s": tokens / torch_seconds,
         "speedup": torch_seconds / jax_seconds,
     }
-    print(json.dumps(result, indent=2))
-    print(f"js.generate is {result['speedup']:.2f}x transformers' generate "
-          f"({result['jax_tokens_per_s']:.0f} vs {result['transformers_tokens_per_s']:.0f} tokens/s)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    summary = (f"js.generate is {result['speedup']:.2f}x transformers' generate "
+               f"({result['jax_tokens_per_s']:.0f} vs {result['transformers_tokens_per_s']:.0f} tokens/s)")
+    report(result, summary, args.json)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,6 @@ worst case: a gather of every particle's KV cache per block). Timings exclude co
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -22,25 +19,16 @@ import jax.numpy as jnp
 import jaxsample as js
 from jaxsample import tasks
 from jaxsample.models.registry import resolve
-
-
-def median_seconds(fn, repeats):
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
+from timing import median_seconds, report
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="toy-decisions", help="registered name, checkpoint directory or .gguf file")
-    parser.add_argument("--particles", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=40)
-    parser.add_argument("--block-size", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--particles", type=int, default=16, help="SMC particles = sequences sampled by the baseline")
+    parser.add_argument("--new-tokens", type=int, default=40, help="tokens decoded per sequence")
+    parser.add_argument("--block-size", type=int, default=10, help="SMC tokens between reweightings")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up; the median is reported")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
 
@@ -78,12 +66,9 @@ def main(argv=None):
         "cost_ratio_ess_half": adaptive_s / plain_s,
         "cost_ratio_always_resample": always_s / plain_s,
     }
-    print(json.dumps(result, indent=2))
-    print(f"SMC costs {result['cost_ratio_ess_half']:.2f}x plain sampling per token "
-          f"({result['cost_ratio_always_resample']:.2f}x resampling at every block)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    summary = (f"SMC costs {result['cost_ratio_ess_half']:.2f}x plain sampling per token "
+               f"({result['cost_ratio_always_resample']:.2f}x resampling at every block)")
+    report(result, summary, args.json)
 
 
 if __name__ == "__main__":
