@@ -11,6 +11,7 @@ warm-up call each) and are the median of `--repeats` calls.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ from timing import median_seconds, report
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="registered name or .gguf file (transformers loads the same GGUF)")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="registered name, HF checkpoint directory or .gguf file (transformers loads the same weights)")
     parser.add_argument("--batch", type=int, default=8, help="sequences decoded together")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per sequence")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up; the median is reported")
@@ -43,8 +44,11 @@ def main(argv=None):
         out = js.generate(jax.random.key(0), lm_no_stop, prompt, args.new_tokens, num_samples=args.batch)
         out.tokens.block_until_ready()
 
-    path = resolve(args.model)
-    torch_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    path = Path(args.model) if Path(args.model).exists() else resolve(args.model)
+    if path.is_dir():
+        torch_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    else:
+        torch_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     torch_model.eval()
     input_ids = torch.tensor(np.asarray(prompt))[None].repeat(args.batch, 1)
 
