@@ -1,0 +1,15 @@
+"""The README's quick start runs as written."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_quick_start_runs(capsys):
+    text = README.read_text()
+    section = text[text.index("## Quick start"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README.md quick start", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "MH accuracy" in printed and "SMC log Z" in printed
