@@ -7,9 +7,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsample.decoding import check_lengths, extend, init_decode
-from jaxsample.errors import ArgumentError
+from jaxsample.errors import ArgumentError, NumericalError
 from jaxsample.lm import LanguageModel
 from jaxsample.sampling import Proposal
 
@@ -62,7 +63,7 @@ def generate(
 ) -> GenerateResult:
     """Samples `num_samples` continuations of one prompt in a single jitted while-loop.
 
-    Greedy decoding is `top_k=1`. Temperature and top-p are traced: changing them does not
+    Greedy decoding is `top_k=1`. Raises `NumericalError` if the model's logits turn NaN. Temperature and top-p are traced: changing them does not
     recompile; the prompt length, `max_new_tokens`, `num_samples` and `top_k` are static.
 
     Args:
@@ -82,4 +83,13 @@ def generate(
         raise ArgumentError(f"num_samples must be a positive int, got {num_samples!r}")
     proposal = Proposal(temperature=temperature, top_k=top_k, top_p=top_p).validated()
     check_lengths(lm, prompt.shape[0], max_new_tokens)
-    return _generate(key, lm, prompt, proposal, max_new_tokens, num_samples)
+    result = _generate(key, lm, prompt, proposal, max_new_tokens, num_samples)
+    generated = jnp.arange(max_new_tokens)[None, :] < result.lengths[:, None]
+    bad = np.argwhere(np.asarray(generated & ~jnp.isfinite(result.log_p)))
+    if bad.size:
+        sample, position = (int(i) for i in bad[0])
+        raise NumericalError(
+            f"model {lm.name!r} produced a non-finite log-probability (NaN logits, or a sampled "
+            f"token the model gives probability 0) at sample {sample}, generated position {position}"
+        )
+    return result

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jaxsample as js
-from jaxsample.errors import ArgumentError
+from jaxsample.errors import ArgumentError, NumericalError
 
 VOCAB = 6
 EOS = 5
@@ -149,3 +149,13 @@ def test_bad_sampler_arguments_raise(lm, kwargs, message):
     args = dict(max_new_tokens=4, temperature=1.0, top_k=0, top_p=1.0, num_samples=1) | kwargs
     with pytest.raises(ArgumentError, match=message):
         js.generate(jax.random.key(0), lm, PROMPT, **args)
+
+
+def test_nan_logits_are_detected_and_reported():
+    def broken(tokens):
+        logits = _logits_fn(tokens)
+        return jnp.where(jnp.arange(tokens.shape[0])[:, None] >= 5, jnp.nan, logits)
+
+    lm = js.LanguageModel.from_logits_fn(broken, VOCAB, EOS, max_length=24, name="broken")
+    with pytest.raises(NumericalError, match="broken"):
+        js.generate(jax.random.key(0), lm, PROMPT, 8, num_samples=4)
