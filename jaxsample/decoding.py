@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsample.errors import ArgumentError
 from jaxsample.lm import LanguageModel
@@ -51,10 +52,17 @@ class DecodeState(NamedTuple):
     next_logits: Array
 
 
-def check_lengths(lm: LanguageModel, prompt_length: int, max_new_tokens: int) -> None:
-    """Raises `ArgumentError` unless the prompt and generation fit the model's positions."""
+def check_prompt(lm: LanguageModel, prompt: Array, max_new_tokens: int) -> None:
+    """Raises `ArgumentError` unless the prompt and generation fit the model.
+
+    Checks that `max_new_tokens` is a positive int, that the prompt (`[T]` or `[B, T]`) is
+    non-empty, fits with the generation in the model's positions, and, when its values are
+    concrete, holds only token ids in `[0, vocab_size)` (out-of-range ids would be clamped
+    silently by the embedding lookup).
+    """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ArgumentError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    prompt_length = prompt.shape[-1]
     if prompt_length < 1:
         raise ArgumentError("the prompt must hold at least one token (e.g. BOS)")
     if prompt_length + max_new_tokens > lm.max_length:
@@ -62,6 +70,14 @@ def check_lengths(lm: LanguageModel, prompt_length: int, max_new_tokens: int) ->
             f"prompt of {prompt_length} tokens + max_new_tokens={max_new_tokens} exceeds the "
             f"{lm.max_length} positions of model {lm.name!r}"
         )
+    if not isinstance(prompt, jax.core.Tracer):
+        values = np.asarray(prompt)
+        outside = (values < 0) | (values >= lm.vocab_size)
+        if outside.any():
+            raise ArgumentError(
+                f"prompt token id {int(values[outside][0])} is outside the vocabulary "
+                f"[0, {lm.vocab_size}) of model {lm.name!r}"
+            )
 
 
 def init_decode(
@@ -84,7 +100,7 @@ def init_decode(
     prompt = jnp.asarray(prompt_tokens, jnp.int32)
     if prompt.ndim not in (1, 2):
         raise ArgumentError(f"prompt_tokens must have shape [T] or [B, T], got {prompt.shape}")
-    check_lengths(lm, prompt.shape[-1], max_new_tokens)
+    check_prompt(lm, prompt, max_new_tokens)
     capacity = prompt.shape[-1] + max_new_tokens
     if prompt.ndim == 1:
         cache = lm.init_cache(1, capacity)

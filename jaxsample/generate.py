@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsample.decoding import check_lengths, extend, init_decode
+from jaxsample.decoding import check_prompt, extend, init_decode
 from jaxsample.errors import ArgumentError, NumericalError
 from jaxsample.lm import LanguageModel
 from jaxsample.sampling import Proposal
@@ -82,7 +82,7 @@ def generate(
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ArgumentError(f"num_samples must be a positive int, got {num_samples!r}")
     proposal = Proposal(temperature=temperature, top_k=top_k, top_p=top_p).validated()
-    check_lengths(lm, prompt.shape[0], max_new_tokens)
+    check_prompt(lm, prompt, max_new_tokens)
     result = _generate(key, lm, prompt, proposal, max_new_tokens, num_samples)
     generated = jnp.arange(max_new_tokens)[None, :] < result.lengths[:, None]
     bad = np.argwhere(np.asarray(generated & ~jnp.isfinite(result.log_p)))

@@ -159,3 +159,9 @@ def test_nan_logits_are_detected_and_reported():
     lm = js.LanguageModel.from_logits_fn(broken, VOCAB, EOS, max_length=24, name="broken")
     with pytest.raises(NumericalError, match="broken"):
         js.generate(jax.random.key(0), lm, PROMPT, 8, num_samples=4)
+
+
+@pytest.mark.parametrize("prompt", [[1, VOCAB], [-1, 2]])
+def test_out_of_vocabulary_prompt_raises(lm, prompt):
+    with pytest.raises(ArgumentError, match="outside the vocabulary"):
+        js.generate(jax.random.key(0), lm, jnp.array(prompt), 4)

@@ -14,7 +14,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from jaxsample.decoding import DecodeState, check_lengths, extend, init_decode
+from jaxsample.decoding import DecodeState, check_prompt, extend, init_decode
 from jaxsample.errors import ArgumentError
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc.blocks import check_alpha, check_count
@@ -50,7 +50,7 @@ def _checked(lm, prompt_tokens, max_new_tokens, temperature, top_k, top_p):
     prompt = jnp.asarray(prompt_tokens, jnp.int32)
     if prompt.ndim != 1:
         raise ArgumentError(f"prompt_tokens must have shape [T], got {prompt.shape}")
-    check_lengths(lm, prompt.shape[0], max_new_tokens)
+    check_prompt(lm, prompt, max_new_tokens)
     return prompt, Proposal(temperature=temperature, top_k=top_k, top_p=top_p).validated()
 
 

@@ -25,7 +25,7 @@ from typing import Union
 import jax
 import jax.numpy as jnp
 
-from jaxsample.decoding import check_lengths, extend, init_decode
+from jaxsample.decoding import check_prompt, extend, init_decode
 from jaxsample.errors import ArgumentError
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc.cuts import CutLaw, resolve_cut_law
@@ -151,7 +151,7 @@ def power_sample(
     check_count("num_chains", num_chains, 1)
     check_count("block_size", block_size, 1)
     check_count("num_mcmc_steps", num_mcmc_steps, 0)
-    check_lengths(lm, prompt.shape[0], max_new_tokens)
+    check_prompt(lm, prompt, max_new_tokens)
     if max_new_tokens % block_size:
         raise ArgumentError(
             f"block_size={block_size} must divide max_new_tokens={max_new_tokens} "

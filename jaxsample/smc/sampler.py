@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsample.decoding import check_lengths
+from jaxsample.decoding import check_prompt
 from jaxsample.errors import ArgumentError, NumericalError
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc import uniform
@@ -191,7 +191,7 @@ def smc_decode(
         raise ArgumentError(f"block_size={block_size} exceeds max_new_tokens={max_new_tokens}")
     if not isinstance(ess_threshold, jax.core.Tracer) and not 0 <= float(ess_threshold) <= 1:
         raise ArgumentError(f"ess_threshold must lie in [0, 1], got {float(ess_threshold)}")
-    check_lengths(lm, prompt.shape[0], max_new_tokens)
+    check_prompt(lm, prompt, max_new_tokens)
     check_lookahead(lookahead)  # before jit hashes it as a static argument
     target = make_target(alpha, lam, reward_fn)
     proposal = Proposal(
