@@ -80,6 +80,22 @@ def check_prompt(lm: LanguageModel, prompt: Array, max_new_tokens: int) -> None:
             )
 
 
+def pad_prompt(lm: LanguageModel, prompt: Array, max_new_tokens: int) -> tuple[Array, Array]:
+    """Right-pads a `[T]` prompt to a length bucket, so nearby lengths share one compilation.
+
+    Buckets are powers of two (at least 16), capped so that the bucket plus `max_new_tokens`
+    fits the model. Pass both results on: `init_decode(lm, tokens, ..., prompt_lengths=length)`.
+
+    Returns:
+      `(tokens int32 [T_bucket], length int32 [])`; padding holds the pad id and is never read.
+    """
+    length = prompt.shape[0]
+    bucket = max(16, 1 << max(length - 1, 0).bit_length())
+    bucket = max(length, min(bucket, lm.max_length - max_new_tokens))
+    padded = jnp.pad(jnp.asarray(prompt, jnp.int32), (0, bucket - length), constant_values=lm.pad_token_id)
+    return padded, jnp.asarray(length, jnp.int32)
+
+
 def init_decode(
     lm: LanguageModel,
     prompt_tokens: Array,
@@ -95,7 +111,8 @@ def init_decode(
         `[B, T]` right-padded prompts, one per row (B = num_rows).
       num_rows: B.
       max_new_tokens: N, the generation slots per row.
-      prompt_lengths: int32 `[B]` real lengths for `[B, T]` prompts (default T).
+      prompt_lengths: real lengths of right-padded prompts (default T): an int32 scalar for a
+        `[T]` prompt (see `pad_prompt`), `[B]` for `[B, T]` prompts. May be traced.
     """
     prompt = jnp.asarray(prompt_tokens, jnp.int32)
     if prompt.ndim not in (1, 2):
@@ -103,12 +120,13 @@ def init_decode(
     check_prompt(lm, prompt, max_new_tokens)
     capacity = prompt.shape[-1] + max_new_tokens
     if prompt.ndim == 1:
+        length = jnp.asarray(prompt.shape[0] if prompt_lengths is None else prompt_lengths, jnp.int32)
         cache = lm.init_cache(1, capacity)
-        logits, cache = lm.prefill(prompt[None], jnp.array([prompt.shape[0]], jnp.int32), cache)
+        logits, cache = lm.prefill(prompt[None], length[None], cache)
         cache = jax.tree.map(lambda x: jnp.repeat(x, num_rows, axis=0), cache)
         logits = jnp.repeat(logits, num_rows, axis=0)
-        prompt_length = jnp.full((num_rows,), prompt.shape[0], jnp.int32)
-        last = jnp.full((num_rows,), prompt[-1], jnp.int32)
+        prompt_length = jnp.full((num_rows,), length, jnp.int32)
+        last = jnp.full((num_rows,), prompt[length - 1], jnp.int32)
     else:
         if prompt.shape[0] != num_rows:
             raise ArgumentError(f"{prompt.shape[0]} prompts given for num_rows={num_rows}")

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsample.decoding import check_prompt, extend, init_decode
+from jaxsample.decoding import check_prompt, extend, init_decode, pad_prompt
 from jaxsample.errors import ArgumentError, NumericalError
 from jaxsample.lm import LanguageModel
 from jaxsample.sampling import Proposal
@@ -38,8 +38,8 @@ class GenerateResult(NamedTuple):
 
 
 @partial(jax.jit, static_argnames=("max_new_tokens", "num_samples"))
-def _generate(key, lm, prompt, proposal, max_new_tokens, num_samples):
-    state = init_decode(lm, prompt, num_samples, max_new_tokens)
+def _generate(key, lm, prompt, prompt_length, proposal, max_new_tokens, num_samples):
+    state = init_decode(lm, prompt, num_samples, max_new_tokens, prompt_lengths=prompt_length)
     state, _ = extend(key, lm, state, max_new_tokens, proposal)
     return GenerateResult(
         tokens=state.tokens,
@@ -64,7 +64,8 @@ def generate(
     """Samples `num_samples` continuations of one prompt in a single jitted while-loop.
 
     Greedy decoding is `top_k=1`. Raises `NumericalError` if the model's logits turn NaN. Temperature and top-p are traced: changing them does not
-    recompile; the prompt length, `max_new_tokens`, `num_samples` and `top_k` are static.
+    recompile; `max_new_tokens`, `num_samples`, `top_k` and the prompt's length bucket (see
+    `pad_prompt`: powers of two) are static.
 
     Args:
       key: PRNG key.
@@ -83,7 +84,7 @@ def generate(
         raise ArgumentError(f"num_samples must be a positive int, got {num_samples!r}")
     proposal = Proposal(temperature=temperature, top_k=top_k, top_p=top_p).validated()
     check_prompt(lm, prompt, max_new_tokens)
-    result = _generate(key, lm, prompt, proposal, max_new_tokens, num_samples)
+    result = _generate(key, lm, *pad_prompt(lm, prompt, max_new_tokens), proposal, max_new_tokens, num_samples)
     generated = jnp.arange(max_new_tokens)[None, :] < result.lengths[:, None]
     bad = np.argwhere(np.asarray(generated & ~jnp.isfinite(result.log_p)))
     if bad.size:

@@ -165,3 +165,32 @@ def test_nan_logits_are_detected_and_reported():
 def test_out_of_vocabulary_prompt_raises(lm, prompt):
     with pytest.raises(ArgumentError, match="outside the vocabulary"):
         js.generate(jax.random.key(0), lm, jnp.array(prompt), 4)
+
+
+def test_prompt_lengths_in_one_bucket_share_a_compilation_and_match_unpadded(lm):
+    from jaxsample.generate import _generate
+
+    proposal = js.Proposal(0.8).validated()
+    js.generate(jax.random.key(0), lm, jnp.array([1, 2]), 6, 0.8, num_samples=3)
+    compiled = _generate._cache_size()
+    for prompt in ([1, 2, 3], [4, 1, 2, 2, 3]):
+        padded = js.generate(jax.random.key(9), lm, jnp.array(prompt), 6, 0.8, num_samples=3)
+        state = js.init_decode(lm, jnp.array(prompt), 3, 6)
+        state, _ = js.extend(jax.random.key(9), lm, state, 6, proposal)
+        np.testing.assert_array_equal(padded.tokens, state.tokens)
+        np.testing.assert_allclose(padded.log_q, state.log_q, atol=1e-6)
+    assert _generate._cache_size() == compiled
+
+
+def test_samplers_share_compilations_across_prompt_lengths(lm):
+    from jaxsample.mcmc.blocks import _power_sample
+    from jaxsample.smc.sampler import _run
+
+    for prompt in ([1, 2], [3, 4, 1], [2, 2, 2, 1]):
+        js.power_sample(jax.random.key(0), lm, jnp.array(prompt), alpha=2.0, num_chains=2,
+                        block_size=4, num_mcmc_steps=2, max_new_tokens=4)
+        js.smc_decode(jax.random.key(0), lm, jnp.array(prompt), num_particles=4, max_new_tokens=4,
+                      alpha=2.0, block_size=2)
+        if prompt == [1, 2]:
+            compiled = (_power_sample._cache_size(), _run._cache_size())
+    assert (_power_sample._cache_size(), _run._cache_size()) == compiled

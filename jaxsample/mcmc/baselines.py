@@ -14,7 +14,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from jaxsample.decoding import DecodeState, check_prompt, extend, init_decode
+from jaxsample.decoding import DecodeState, check_prompt, extend, init_decode, pad_prompt
 from jaxsample.errors import ArgumentError
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc.blocks import check_alpha, check_count
@@ -27,7 +27,8 @@ Array = jax.Array
 
 @partial(jax.jit, static_argnames=("num_rows", "max_new_tokens"))
 def _decode(key, lm, prompt, proposal, num_rows, max_new_tokens) -> DecodeState:
-    state = init_decode(lm, prompt, num_rows, max_new_tokens)
+    tokens, length = prompt
+    state = init_decode(lm, tokens, num_rows, max_new_tokens, prompt_lengths=length)
     return extend(key, lm, state, max_new_tokens, proposal)[0]
 
 
@@ -51,7 +52,8 @@ def _checked(lm, prompt_tokens, max_new_tokens, temperature, top_k, top_p):
     if prompt.ndim != 1:
         raise ArgumentError(f"prompt_tokens must have shape [T], got {prompt.shape}")
     check_prompt(lm, prompt, max_new_tokens)
-    return prompt, Proposal(temperature=temperature, top_k=top_k, top_p=top_p).validated()
+    proposal = Proposal(temperature=temperature, top_k=top_k, top_p=top_p).validated()
+    return pad_prompt(lm, prompt, max_new_tokens), proposal
 
 
 def base_sample(

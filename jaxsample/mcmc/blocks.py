@@ -25,7 +25,7 @@ from typing import Union
 import jax
 import jax.numpy as jnp
 
-from jaxsample.decoding import check_prompt, extend, init_decode
+from jaxsample.decoding import check_prompt, extend, init_decode, pad_prompt
 from jaxsample.errors import ArgumentError
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc.cuts import CutLaw, resolve_cut_law
@@ -58,10 +58,10 @@ def _idle_info(num_steps: int, num_chains: int, dtype) -> PowerMHInfo:
     jax.jit,
     static_argnames=("cut_law", "num_chains", "block_size", "num_mcmc_steps", "max_new_tokens"),
 )
-def _power_sample(key, lm, prompt, alpha, proposal, cut_law, num_chains, block_size,
-                  num_mcmc_steps, max_new_tokens, freeze_finished):
+def _power_sample(key, lm, prompt, prompt_length, alpha, proposal, cut_law, num_chains,
+                  block_size, num_mcmc_steps, max_new_tokens, freeze_finished):
     step = build_kernel(lm, cut_law, proposal)
-    decode = init_decode(lm, prompt, num_chains, max_new_tokens)
+    decode = init_decode(lm, prompt, num_chains, max_new_tokens, prompt_lengths=prompt_length)
 
     def run_block(decode, block, active):
         cap = (block + 1) * block_size
@@ -162,5 +162,6 @@ def power_sample(
     proposal = Proposal(
         temperature=1.0 / alpha if temperature is None else temperature, top_k=top_k, top_p=top_p
     ).validated()
-    return _power_sample(key, lm, prompt, alpha, proposal, cut_law, num_chains, block_size,
-                         num_mcmc_steps, max_new_tokens, jnp.asarray(freeze_finished, bool))
+    return _power_sample(key, lm, *pad_prompt(lm, prompt, max_new_tokens), alpha, proposal,
+                         cut_law, num_chains, block_size, num_mcmc_steps, max_new_tokens,
+                         jnp.asarray(freeze_finished, bool))

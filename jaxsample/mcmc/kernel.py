@@ -74,6 +74,7 @@ def init(
     max_new_tokens: int,
     proposal: Proposal,
     cap: Array | int | None = None,
+    prompt_length: Array | int | None = None,
 ) -> PowerMHState:
     """Starts C chains from completions drawn from `proposal`.
 
@@ -85,10 +86,12 @@ def init(
       max_new_tokens: N, the slots per chain.
       proposal: the sampling distribution q.
       cap: the initial length cap (default N); chains stop at a stop token or `cap`.
+      prompt_length: the real length of a right-padded prompt (`jaxsample.decoding.pad_prompt`;
+        default T); may be traced.
 
     The tokens this decodes are `state.decode.length`.
     """
-    state = init_decode(lm, prompt_tokens, num_chains, max_new_tokens)
+    state = init_decode(lm, prompt_tokens, num_chains, max_new_tokens, prompt_lengths=prompt_length)
     state, _ = extend(key, lm, state, max_new_tokens if cap is None else cap, proposal)
     return PowerMHState(state)
 

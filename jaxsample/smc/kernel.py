@@ -97,17 +97,22 @@ def check_int(name: str, value, minimum: int) -> None:
 
 
 def init(
-    lm: LanguageModel, prompt_tokens: Array, num_particles: int, max_new_tokens: int
+    lm: LanguageModel,
+    prompt_tokens: Array,
+    num_particles: int,
+    max_new_tokens: int,
+    prompt_length: Array | int | None = None,
 ) -> SMCState:
     """N empty particles of one prompt (prefilled once, cache broadcast to every particle).
 
     Args:
       lm: the model.
-      prompt_tokens: int32 `[T]`, T ≥ 1.
+      prompt_tokens: int32 `[T]`, T ≥ 1, possibly right-padded (`jaxsample.decoding.pad_prompt`).
       num_particles: N.
       max_new_tokens: S, generation slots per particle.
+      prompt_length: the real prompt length of a padded prompt (default T); may be traced.
     """
-    decode = init_decode(lm, prompt_tokens, num_particles, max_new_tokens)
+    decode = init_decode(lm, prompt_tokens, num_particles, max_new_tokens, prompt_lengths=prompt_length)
     zeros = jnp.zeros((num_particles,), jnp.float32)
     return SMCState(
         particles=Particles(decode=decode, reward=zeros, log_value=zeros),

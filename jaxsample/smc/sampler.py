@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsample.decoding import check_prompt
+from jaxsample.decoding import check_prompt, pad_prompt
 from jaxsample.errors import ArgumentError, NumericalError
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc import uniform
@@ -75,7 +75,7 @@ class SMCResult(NamedTuple):
     ),
 )
 def _run(
-    key, lm, prompt, target: RewardTarget, proposal: Proposal, ess_threshold, *,
+    key, lm, prompt, prompt_length, target: RewardTarget, proposal: Proposal, ess_threshold, *,
     num_particles, max_new_tokens, block_size, resampler, num_rejuvenation_steps, lookahead,
 ):
     run_key, sample_key = jax.random.split(key)
@@ -84,7 +84,7 @@ def _run(
         resampler=resampler, num_rejuvenation_steps=num_rejuvenation_steps,
         lookahead=lookahead, cut_law=uniform,
     )
-    state = init(lm, prompt, num_particles, max_new_tokens)
+    state = init(lm, prompt, num_particles, max_new_tokens, prompt_length)
     num_blocks = -(-max_new_tokens // block_size)
     info_shape = jax.eval_shape(step, run_key, state)[1]
     history = jax.tree.map(lambda x: jnp.zeros((num_blocks,) + x.shape, x.dtype), info_shape)
@@ -201,7 +201,8 @@ def smc_decode(
     ).validated()
 
     num_steps, history, result = _run(
-        key, lm, prompt, target, proposal, jnp.asarray(ess_threshold, jnp.float32),
+        key, lm, *pad_prompt(lm, prompt, max_new_tokens), target, proposal,
+        jnp.asarray(ess_threshold, jnp.float32),
         num_particles=num_particles, max_new_tokens=max_new_tokens, block_size=block_size,
         resampler=resampler, num_rejuvenation_steps=num_rejuvenation_steps,
         lookahead=lookahead,
