@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 import jaxsample as js
 from jaxsample import mcmc
+from jaxsample.decoding import pad_prompt
 from jaxsample.errors import ArgumentError
 from problems import (
     accuracy,
@@ -67,11 +68,11 @@ def check_config(config: dict) -> None:
 
 
 @partial(jax.jit, static_argnames=("cut_law", "num_chains", "num_steps", "max_new_tokens", "top_k"))
-def mh_trajectory(key, lm, prompt, alpha, cut_law, num_chains, num_steps, max_new_tokens, top_k):
+def mh_trajectory(key, lm, prompt, prompt_length, alpha, cut_law, num_chains, num_steps, max_new_tokens, top_k):
     """C chains of single-block MH; the completion of every chain after every step."""
     proposal = js.Proposal(temperature=1.0 / alpha, top_k=top_k, top_p=jnp.float32(1.0))
     init_key, run_key = jax.random.split(key)
-    state = mcmc.init(init_key, lm, prompt, num_chains, max_new_tokens, proposal)
+    state = mcmc.init(init_key, lm, prompt, num_chains, max_new_tokens, proposal, prompt_length=prompt_length)
     step = mcmc.build_kernel(lm, cut_law, proposal)
 
     def body(state, index):
@@ -84,8 +85,9 @@ def mh_trajectory(key, lm, prompt, alpha, cut_law, num_chains, num_steps, max_ne
 
 def run_mh(key, lm, problem, cut, config, max_new):
     cut_law = mcmc.resolve_cut_law("uniform" if cut == "mh_uniform" else "entropy")
+    prompt, prompt_length = pad_prompt(lm, jnp.asarray(problem.prompt, jnp.int32), max_new)
     init_tokens, init_lengths, tokens, accepted, decoded = mh_trajectory(
-        key, lm, jnp.asarray(problem.prompt, jnp.int32), jnp.float32(config["alpha"]), cut_law,
+        key, lm, prompt, prompt_length, jnp.float32(config["alpha"]), cut_law,
         config["chains"], config["mcmc_steps"], max_new, config["top_k"])
     grades = [accuracy(problem, init_tokens)] + [accuracy(problem, t) for t in np.asarray(tokens)]
     spent = np.mean(np.asarray(init_lengths)) + np.concatenate([[0.0], np.cumsum(np.asarray(decoded).mean(axis=1))])
