@@ -209,25 +209,26 @@ class _HFConfigParser:
     def error(self, key: str, message: str) -> ConfigError:
         return ConfigError(f"{self.source}: {key!r} {message}")
 
-    def integer(self, key: str, default: int | None = None, *, container=None, label=None) -> int:
+    def _lookup(self, key, default, container, label):
+        """`(value, label)`; value None means "use the default"; raises if there is none."""
         container = self.d if container is None else container
         label = key if label is None else label
         value = container.get(key)
+        if value is None and default is None:
+            raise self.error(label, "is missing")
+        return value, label
+
+    def integer(self, key: str, default: int | None = None, *, container=None, label=None) -> int:
+        value, label = self._lookup(key, default, container, label)
         if value is None:
-            if default is None:
-                raise self.error(label, "is missing")
             return default
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.error(label, f"must be an integer, got {value!r}")
         return value
 
     def number(self, key: str, default: float | None = None, *, container=None, label=None) -> float:
-        container = self.d if container is None else container
-        label = key if label is None else label
-        value = container.get(key)
+        value, label = self._lookup(key, default, container, label)
         if value is None:
-            if default is None:
-                raise self.error(label, "is missing")
             return default
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise self.error(label, f"must be a finite number, got {value!r}")
