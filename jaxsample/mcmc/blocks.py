@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jaxsample.decoding import check_prompt, extend, init_decode, pad_prompt
 from jaxsample.errors import ArgumentError
 from jaxsample.lm import LanguageModel
+from jaxsample.progress import progress_bar, report
 from jaxsample.mcmc.cuts import CutLaw, resolve_cut_law
 from jaxsample.mcmc.kernel import PowerMHInfo, PowerMHState, build_kernel
 from jaxsample.mcmc.result import PowerSampleResult
@@ -56,10 +57,11 @@ def _idle_info(num_steps: int, num_chains: int, dtype) -> PowerMHInfo:
 
 @partial(
     jax.jit,
-    static_argnames=("cut_law", "num_chains", "block_size", "num_mcmc_steps", "max_new_tokens"),
+    static_argnames=("cut_law", "num_chains", "block_size", "num_mcmc_steps", "max_new_tokens",
+                     "progress"),
 )
 def _power_sample(key, lm, prompt, prompt_length, alpha, proposal, cut_law, num_chains,
-                  block_size, num_mcmc_steps, max_new_tokens, freeze_finished):
+                  block_size, num_mcmc_steps, max_new_tokens, freeze_finished, progress):
     step = build_kernel(lm, cut_law, proposal)
     decode = init_decode(lm, prompt, num_chains, max_new_tokens, prompt_lengths=prompt_length)
 
@@ -69,6 +71,8 @@ def _power_sample(key, lm, prompt, prompt_length, alpha, proposal, cut_law, num_
         decode, extended = extend(extend_key, lm, decode, cap, proposal)
 
         def mh_step(state, index):
+            if progress:
+                report(block * num_mcmc_steps + index)
             return step(jax.random.fold_in(mh_key, index), state, alpha, cap, active)
 
         state, info = jax.lax.scan(mh_step, PowerMHState(decode), jnp.arange(num_mcmc_steps))
@@ -84,6 +88,8 @@ def _power_sample(key, lm, prompt, prompt_length, alpha, proposal, cut_law, num_
         decode, info, extended = jax.lax.cond(
             jnp.any(active), run_block, skip_block, decode, block, active
         )
+        if progress:
+            report((block + 1) * num_mcmc_steps)
         return decode, (info, active, extended)
 
     num_blocks = max_new_tokens // block_size
@@ -113,6 +119,7 @@ def power_sample(
     top_k: int = 0,
     top_p: float | Array = 1.0,
     freeze_finished: bool = True,
+    progress: bool = False,
 ) -> PowerSampleResult:
     """Samples completions from π ∝ p(x | prompt)^α with block-wise Metropolis–Hastings.
 
@@ -139,6 +146,8 @@ def power_sample(
       freeze_finished: stop a chain once it holds a stop token after a block (Karan & Du);
         False keeps moving it in later blocks so that its output law tends to π (see the
         module docstring).
+      progress: show a tqdm bar of MH steps while the jitted program runs (static: the
+        callbacks are compiled in only when True).
 
     Returns:
       `PowerSampleResult` with each chain's final completion, per-step diagnostics
@@ -162,6 +171,10 @@ def power_sample(
     proposal = Proposal(
         temperature=1.0 / alpha if temperature is None else temperature, top_k=top_k, top_p=top_p
     ).validated()
-    return _power_sample(key, lm, *pad_prompt(lm, prompt, max_new_tokens), alpha, proposal,
-                         cut_law, num_chains, block_size, num_mcmc_steps, max_new_tokens,
-                         jnp.asarray(freeze_finished, bool))
+    args = (key, lm, *pad_prompt(lm, prompt, max_new_tokens), alpha, proposal, cut_law,
+            num_chains, block_size, num_mcmc_steps, max_new_tokens,
+            jnp.asarray(freeze_finished, bool), progress)
+    if not progress:
+        return _power_sample(*args)
+    with progress_bar((max_new_tokens // block_size) * num_mcmc_steps, "power_sample MH steps"):
+        return jax.block_until_ready(_power_sample(*args))

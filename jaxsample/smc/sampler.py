@@ -13,6 +13,7 @@ from jaxsample.decoding import check_prompt, pad_prompt
 from jaxsample.errors import ArgumentError, NumericalError
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc import uniform
+from jaxsample.progress import progress_bar, report
 from jaxsample.sampling import Proposal
 from jaxsample.smc.kernel import build_kernel, check_int, init
 from jaxsample.smc.lookahead import LookaheadSpec, check_lookahead, finished
@@ -71,12 +72,13 @@ class SMCResult(NamedTuple):
     jax.jit,
     static_argnames=(
         "num_particles", "max_new_tokens", "block_size", "resampler",
-        "num_rejuvenation_steps", "lookahead",
+        "num_rejuvenation_steps", "lookahead", "progress",
     ),
 )
 def _run(
     key, lm, prompt, prompt_length, target: RewardTarget, proposal: Proposal, ess_threshold, *,
     num_particles, max_new_tokens, block_size, resampler, num_rejuvenation_steps, lookahead,
+    progress,
 ):
     run_key, sample_key = jax.random.split(key)
     step = build_kernel(
@@ -99,6 +101,8 @@ def _run(
         state, history = carry
         new_state, info = step(jax.random.fold_in(run_key, state.step), state)
         history = jax.tree.map(lambda h, x: h.at[state.step].set(x), history, info)
+        if progress:
+            report(new_state.step)
         return new_state, history
 
     state, history = jax.lax.while_loop(running, body, (state, history))
@@ -144,6 +148,7 @@ def smc_decode(
     temperature: Optional[float | Array] = None,
     top_k: int = 0,
     top_p: float | Array = 1.0,
+    progress: bool = False,
 ) -> SMCResult:
     """Samples π(y) ∝ p(y | prompt)^α exp(λ r(y)) with block-wise SMC in one jitted loop.
 
@@ -173,6 +178,7 @@ def smc_decode(
       temperature: proposal τ > 0; default 1/α (the Power-SMC proposal).
       top_k, top_p: proposal truncation. The weights keep the full p, so with truncation
         SMC targets π restricted to the sequences the proposal can reach.
+      progress: show a tqdm bar of SMC blocks while the jitted loop runs (static).
 
     Returns:
       `SMCResult`.
@@ -200,13 +206,18 @@ def smc_decode(
         top_p=top_p,
     ).validated()
 
-    num_steps, history, result = _run(
-        key, lm, *pad_prompt(lm, prompt, max_new_tokens), target, proposal,
+    run = partial(
+        _run, key, lm, *pad_prompt(lm, prompt, max_new_tokens), target, proposal,
         jnp.asarray(ess_threshold, jnp.float32),
         num_particles=num_particles, max_new_tokens=max_new_tokens, block_size=block_size,
         resampler=resampler, num_rejuvenation_steps=num_rejuvenation_steps,
-        lookahead=lookahead,
+        lookahead=lookahead, progress=progress,
     )
+    if progress:
+        with progress_bar(-(-max_new_tokens // block_size), "smc_decode blocks"):
+            num_steps, history, result = jax.block_until_ready(run())
+    else:
+        num_steps, history, result = run()
     num_steps = int(num_steps)
     invalid_steps = np.flatnonzero(np.asarray(history.nan_or_inf[:num_steps]))
     if invalid_steps.size:
