@@ -42,13 +42,7 @@ from report import summarize
 from run_directory import RunDirectory
 
 METHODS = ("base", "temperature", "mh_uniform", "mh_entropy", "best_of_n")  # run order: best-of-N matches an MH budget
-LABELS = {
-    "base": "base (τ=1)",
-    "temperature": "temperature 1/α",
-    "best_of_n": "best-of-N (mean log p)",
-    "mh_uniform": "MH, uniform cuts",
-    "mh_entropy": "MH, entropy cuts",
-}
+MATCHED = ("mh_uniform", "mh_entropy")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,6 +94,8 @@ def run_mh(key, lm, problem, cut, config, max_new):
 
 
 def run_method(method, key, lm, problem, config, max_new, budget):
+    """One sampling, MH or best-of-N unit. `budget` holds the problem's `base_length` (mean
+    base-sample length, if base ran) and `matched_tokens` (best-of-N's token budget)."""
     prompt = jnp.asarray(problem.prompt, jnp.int32)
     common = dict(num_chains=config["chains"], max_new_tokens=max_new, top_k=config["top_k"])
     if method in ("mh_uniform", "mh_entropy"):
@@ -109,10 +105,10 @@ def run_method(method, key, lm, problem, config, max_new, budget):
     elif method == "temperature":
         result = mcmc.temperature_sample(key, lm, prompt, alpha=config["alpha"], **common)
     else:
-        # Compute-matched: as many candidates as the entropy-cut MH budget pays for.
-        mean_length = max(budget["base_length"], 1.0)
-        candidates = max(1, math.ceil(budget["mh_tokens"] / mean_length))
-        result = mcmc.best_of_n(key, lm, prompt, num_candidates=candidates, token_budget=int(round(budget["mh_tokens"])), **common)
+        # Compute-matched: as many candidates as the matched budget pays for.
+        mean_length = max(budget.get("base_length", float(max_new)), 1.0)
+        candidates = max(1, math.ceil(budget["matched_tokens"] / mean_length))
+        result = mcmc.best_of_n(key, lm, prompt, num_candidates=candidates, token_budget=int(round(budget["matched_tokens"])), **common)
         record = record_from_result(problem, result)
         record["candidates"] = candidates
         return record
@@ -133,7 +129,7 @@ def run(run_dir: RunDirectory) -> str:
     key = jax.random.key(config["seed"])
     budgets = {}
     for record in run_dir.finished:
-        budgets.setdefault(record["problem"], {}).update(_budget_fields(record))
+        budgets.setdefault(record["problem"], {}).update(budget_fields(record, MATCHED))
     with tqdm(todo, desc=f"power [{lm.name}]", unit="run") as bar:
         for problem, method in bar:
             bar.set_postfix(problem=problem.key, method=method)
@@ -144,17 +140,18 @@ def run(run_dir: RunDirectory) -> str:
                 problem_key = jax.random.fold_in(key, zlib.crc32(problem.key.encode()))
                 record = run_method(method, jax.random.fold_in(problem_key, METHODS.index(method)), lm, problem, config, max_new, budget)
             record.update(key=f"{problem.key}/{method}", problem=problem.key, group=problem.group, method=method)
-            budget.update(_budget_fields(record))
+            budget.update(budget_fields(record, MATCHED))
             run_dir.append(record)
             run_dir.log.info("%s %s accuracy=%.3f tokens=%.1f", problem.key, method, record.get("accuracy", float("nan")), record.get("tokens", float("nan")))
-    return summarize(run_dir, methods, LABELS, "power sampling")
+    return summarize(run_dir, methods, "power sampling")
 
 
-def _budget_fields(record):
+def budget_fields(record, matched_methods) -> dict:
+    """What a finished record contributes to its problem's best-of-N budget."""
     if record["method"] == "base":
         return {"base_length": record["tokens"]}
-    if record["method"] in ("mh_uniform", "mh_entropy"):  # entropy runs last, so it sets the budget
-        return {"mh_tokens": record["tokens"]}
+    if record["method"] in matched_methods:  # in run order: the last one sets the budget
+        return {"matched_tokens": record["tokens"]}
     return {}
 
 

@@ -6,8 +6,19 @@ import numpy as np
 
 from run_directory import RunDirectory, markdown_table
 
+METHOD_LABELS = {
+    "base": "base (τ=1)",
+    "temperature": "temperature 1/α",
+    "power_smc": "Power-SMC (λ=0)",
+    "reward_smc": "reward SMC",
+    "reward_smc_rejuv": "reward SMC + rejuvenation",
+    "mh_uniform": "MH, uniform cuts",
+    "mh_entropy": "MH, entropy cuts",
+    "best_of_n": "best-of-N (mean log p)",
+}
 
-def summarize(run_dir: RunDirectory, methods, labels: dict, title: str) -> str:
+
+def summarize(run_dir: RunDirectory, methods, title: str) -> str:
     """Table (summary.md) and accuracy-vs-tokens plot of every finished record."""
     records = [r for r in run_dir.finished if r["method"] != "exact"]
     exact = {r["problem"]: r["exact"] for r in run_dir.finished if r["method"] == "exact" and r["exact"]}
@@ -22,7 +33,7 @@ def summarize(run_dir: RunDirectory, methods, labels: dict, title: str) -> str:
                 continue
             row = {
                 "group": group,
-                "method": labels[method],
+                "method": METHOD_LABELS[method],
                 "problems": len(chosen),
                 "accuracy": float(np.mean([r["accuracy"] for r in chosen])),
                 "tokens/answer": float(np.mean([r["tokens"] for r in chosen])),
@@ -42,7 +53,7 @@ def summarize(run_dir: RunDirectory, methods, labels: dict, title: str) -> str:
     if exact:
         columns.append("tokens to 90% of p^α")
     table = markdown_table(rows, columns)
-    plot_path = _plot(run_dir, records, exact, methods, groups, labels, title)
+    plot_path = _plot(run_dir, records, exact, methods, groups, title)
     text = f"{table}\n\nplot: {plot_path}\nresults: {run_dir.results_path}\n"
     run_dir.write_text("summary.md", text)
     return text
@@ -65,7 +76,7 @@ def _tokens_to_target(chosen, target):
     return float(curve[reached[0], 0]) if len(reached) else f"> {curve[-1, 0]:.0f}"
 
 
-def _plot(run_dir, records, exact, methods, groups, labels, title):
+def _plot(run_dir, records, exact, methods, groups, title):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,7 +91,7 @@ def _plot(run_dir, records, exact, methods, groups, labels, title):
                 continue
             curve = _mean_curve(chosen)
             style = "-" if len(curve) > 1 else "o"
-            ax.plot(curve[:, 0], curve[:, 1], style, label=labels[method], markersize=6)
+            ax.plot(curve[:, 0], curve[:, 1], style, label=METHOD_LABELS[method], markersize=6)
         ref = [exact[p]["power"] for p in {r["problem"] for r in records if r["group"] == group} if p in exact]
         if ref:
             ax.axhline(np.mean(ref), color="k", linestyle="--", linewidth=1, label="exact p^α")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import zlib
 
 import jax
@@ -26,31 +25,21 @@ from jax.tree_util import Partial
 from tqdm import tqdm
 
 import jaxsample as js
-from jaxsample import mcmc
 from jaxsample.errors import ArgumentError
-from power_experiment import run_mh
+from power_experiment import budget_fields, run_method
 from problems import (
     add_problem_arguments,
     check_problem_config,
     exact_record,
     item_length as task_item_length,
     load_model_and_problems,
-    record_from_result,
     selected_methods,
 )
 from report import summarize
 from run_directory import RunDirectory
 
 METHODS = ("base", "power_smc", "reward_smc", "reward_smc_rejuv", "mh_uniform", "mh_entropy", "best_of_n")
-LABELS = {
-    "base": "base (τ=1)",
-    "power_smc": "Power-SMC (λ=0)",
-    "reward_smc": "reward SMC",
-    "reward_smc_rejuv": "reward SMC + rejuvenation",
-    "mh_uniform": "MH, uniform cuts",
-    "mh_entropy": "MH, entropy cuts",
-    "best_of_n": "best-of-N (mean log p)",
-}
+MATCHED = ("reward_smc",)  # best-of-N gets reward SMC's token budget
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -145,34 +134,22 @@ def run(run_dir: RunDirectory) -> str:
     key = jax.random.key(config["seed"])
     budgets = {}
     for record in run_dir.finished:
-        if record["method"] == "reward_smc":
-            budgets[record["problem"]] = record["tokens"]
+        budgets.setdefault(record["problem"], {}).update(budget_fields(record, MATCHED))
     with tqdm(todo, desc=f"smc [{lm.name}]", unit="run") as bar:
         for problem, method in bar:
             bar.set_postfix(problem=problem.key, method=method)
+            budget = budgets.setdefault(problem.key, {})
             problem_key = jax.random.fold_in(jax.random.fold_in(key, zlib.crc32(problem.key.encode())), METHODS.index(method) if method in METHODS else 99)
             if method == "exact":
                 record = exact_record(lm, problem, config["alpha"])
             elif method in ("power_smc", "reward_smc", "reward_smc_rejuv"):
                 reward = reward_for(problem, lm, item_length, max_new)
                 record = run_smc(problem_key, lm, problem, method, config, max_new, block_size, reward)
-            elif method in ("mh_uniform", "mh_entropy"):
-                record = run_mh(problem_key, lm, problem, method, config, max_new)
-            elif method == "base":
-                result = mcmc.base_sample(problem_key, lm, jnp.asarray(problem.prompt, jnp.int32), num_chains=config["chains"], max_new_tokens=max_new, top_k=config["top_k"])
-                record = record_from_result(problem, result)
             else:
-                budget = budgets[problem.key]
-                base = [r for r in run_dir.finished if r["problem"] == problem.key and r["method"] == "base"]
-                mean_length = base[0]["tokens"] if base else float(max_new)
-                candidates = max(1, math.ceil(budget / mean_length))
-                result = mcmc.best_of_n(problem_key, lm, jnp.asarray(problem.prompt, jnp.int32), num_candidates=candidates, num_chains=config["chains"], max_new_tokens=max_new, token_budget=int(round(budget)), top_k=config["top_k"])
-                record = record_from_result(problem, result)
-                record["candidates"] = candidates
+                record = run_method(method, problem_key, lm, problem, config, max_new, budget)
             record.update(key=f"{problem.key}/{method}", problem=problem.key, group=problem.group, method=method)
-            if method == "reward_smc":
-                budgets[problem.key] = record["tokens"]
+            budget.update(budget_fields(record, MATCHED))
             run_dir.append(record)
             run_dir.log.info("%s %s accuracy=%s tokens=%s", problem.key, method, record.get("accuracy"), record.get("tokens"))
-    return summarize(run_dir, methods, LABELS, "SMC decoding")
+    return summarize(run_dir, methods, "SMC decoding")
 
