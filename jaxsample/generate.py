@@ -8,7 +8,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from jaxsample import parallel
 from jaxsample.decoding import check_prompt, extend, init_decode, pad_prompt
 from jaxsample.errors import ArgumentError, NumericalError
 from jaxsample.lm import LanguageModel
@@ -37,18 +39,18 @@ class GenerateResult(NamedTuple):
     done: Array
 
 
-@partial(jax.jit, static_argnames=("max_new_tokens", "num_samples"))
-def _generate(key, lm, prompt, prompt_length, proposal, max_new_tokens, num_samples):
+@partial(jax.jit, static_argnames=("max_new_tokens", "num_samples", "mesh"))
+def _generate(key, lm, prompt, prompt_length, proposal, max_new_tokens, num_samples, mesh):
     state = init_decode(lm, prompt, num_samples, max_new_tokens, prompt_lengths=prompt_length)
-    state, _ = extend(key, lm, state, max_new_tokens, proposal)
-    return GenerateResult(
+    state, _ = extend(key, lm, parallel.constrain_rows(state, mesh), max_new_tokens, proposal)
+    return parallel.replicate(GenerateResult(
         tokens=state.tokens,
         lengths=state.length,
         log_p=state.log_p,
         log_q=state.log_q,
         entropy=state.entropy,
         done=state.done,
-    )
+    ), mesh)
 
 
 def generate(
@@ -60,6 +62,7 @@ def generate(
     top_k: int = 0,
     top_p: float | Array = 1.0,
     num_samples: int = 1,
+    mesh: Mesh | None = None,
 ) -> GenerateResult:
     """Samples `num_samples` continuations of one prompt in a single jitted while-loop.
 
@@ -76,6 +79,8 @@ def generate(
       top_k: keep the k most likely tokens (0 = all).
       top_p: nucleus mass in (0, 1].
       num_samples: S, rows decoded as one batch.
+      mesh: a `jaxsample.parallel` mesh: samples split over its data axis (S must be a
+        multiple of it), the model over its model axis; same key, same samples.
     """
     prompt = jnp.asarray(prompt_tokens, jnp.int32)
     if prompt.ndim != 1:
@@ -84,7 +89,9 @@ def generate(
         raise ArgumentError(f"num_samples must be a positive int, got {num_samples!r}")
     proposal = Proposal(temperature=temperature, top_k=top_k, top_p=top_p).validated()
     check_prompt(lm, prompt, max_new_tokens)
-    result = _generate(key, lm, *pad_prompt(lm, prompt, max_new_tokens), proposal, max_new_tokens, num_samples)
+    parallel.check_rows(mesh, num_samples, "num_samples")
+    result = _generate(key, parallel.shard_model(lm, mesh), *pad_prompt(lm, prompt, max_new_tokens),
+                       proposal, max_new_tokens, num_samples, mesh)
     generated = jnp.arange(max_new_tokens)[None, :] < result.lengths[:, None]
     bad = np.argwhere(np.asarray(generated & ~jnp.isfinite(result.log_p)))
     if bad.size:
