@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 
 import numpy as np
 
 import jaxsample as js
-from jaxsample import tasks
+from jaxsample import parallel, tasks
 from jaxsample.errors import ArgumentError
 from jaxsample.models.registry import resolve
 
@@ -28,6 +29,16 @@ def add_problem_arguments(parser: argparse.ArgumentParser, problems_per_k: int, 
     parser.add_argument("--chains", type=int, default=32, help="chains (samples) per problem for the sampling and MH methods")
     parser.add_argument("--mcmc-steps", type=int, default=mcmc_steps, help="MH steps per chain (one block)")
     parser.add_argument("--top-k", type=int, default=0, help="proposal top-k (0: full vocabulary)")
+
+
+@functools.lru_cache(maxsize=None)
+def _mesh(spec: str):
+    return parallel.make_mesh(*parallel.parse_mesh(spec)) if spec else None
+
+
+def experiment_mesh(config: dict):
+    """The `--mesh data=D,model=M` of the run (`None`: one device)."""
+    return _mesh(config.get("mesh") or "")
 
 
 def selected_methods(config: dict, known: tuple[str, ...]) -> list[str]:
@@ -54,6 +65,10 @@ def check_problem_config(config: dict, positive=("chains", "problems_per_k", "nu
         raise ArgumentError("--data FILE goes with --task math500 (and only with it)")
     if config["task"] == "decisions" and config["model"] not in ("toy-decisions", "exact"):
         raise ArgumentError("--task decisions runs on --model toy-decisions or --model exact")
+    mesh = experiment_mesh(config)
+    for name in ("chains", "particles"):
+        if mesh is not None and name in config:
+            parallel.check_rows(mesh, config[name], f"--{name}")
 
 
 class Problem:
@@ -75,6 +90,12 @@ def _decision_problems(config, lm, task_config):
 
 
 def load_model_and_problems(config):
+    """`(lm, problems, max_new_tokens)`; the model is placed on the run's mesh."""
+    lm, problems, max_new = _load_model_and_problems(config)
+    return parallel.shard_model(lm, experiment_mesh(config)), problems, max_new
+
+
+def _load_model_and_problems(config):
     if config["task"] == "decisions":
         if config["model"] == "exact":
             task_config = tasks.DecisionTaskConfig(stretch_length=config["stretch_length"])

@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--out", type=Path, help="run directory (default runs/COMMAND-TIMESTAMP)")
         sub.add_argument("--resume", action="store_true", help="continue the run in --out from its saved config, skipping finished work")
         sub.add_argument("--seed", type=int, default=0, help="PRNG seed of the whole run")
+        sub.add_argument("--mesh", default="", help="device mesh data=D,model=M: chains/particles split over D devices, the model tensor-parallel over M (default: one device; see README, multi-device)")
         module.add_arguments(sub)
     return parser
 

@@ -31,6 +31,7 @@ from problems import (
     add_problem_arguments,
     check_problem_config,
     exact_record,
+    experiment_mesh,
     item_length as task_item_length,
     load_model_and_problems,
     selected_methods,
@@ -110,6 +111,7 @@ def run_smc(key, lm, problem, method, config, max_new, block_size, reward):
             None if method == "power_smc" else reward,
             num_particles=config["particles"], max_new_tokens=max_new, alpha=config["alpha"],
             lam=lam, block_size=block_size, num_rejuvenation_steps=steps, top_k=config["top_k"],
+            mesh=experiment_mesh(config),
         )
         weights = np.exp(np.asarray(result.log_weights, np.float64))
         correct = np.array([problem.grade(row) for row in np.asarray(result.tokens)], np.float64)

@@ -6,7 +6,7 @@ the batched decode loop, ancestral sampling (`generate`), power-distribution MH
 the building blocks: `models`, `sampling`, `mcmc`, `smc`, `tasks`.
 """
 
-from jaxsample import errors, mcmc, models, smc, tasks
+from jaxsample import errors, mcmc, models, parallel, smc, tasks
 from jaxsample.decoding import DecodeState, extend, init_decode, rewind, select_rows, take_rows
 from jaxsample.generate import GenerateResult, generate
 from jaxsample.lm import LanguageModel
@@ -35,6 +35,7 @@ __all__ = [
     "load",
     "mcmc",
     "models",
+    "parallel",
     "power_sample",
     "proposal_log_probs",
     "register_model",
