@@ -2,8 +2,9 @@
 
 Both sample at temperature 1 with no truncation from the same weights (SmolLM2-135M-Instruct
 GGUF, dequantized to float32), the same chat prompt, batch and length; EOS is suppressed in
-both so every row decodes exactly `--new-tokens` tokens. Timings exclude compilation (one
-warm-up call each) and are the median of `--repeats` calls.
+both so every row decodes exactly `--new-tokens` tokens. The two are timed interleaved
+(`timing.interleaved_timings`: warm-up excluded, median over `--samples` samples of at least
+`--min-sample-s` seconds each, with the spread).
 
     python experiments/bench_generate.py --batch 8 --new-tokens 64
 """
@@ -19,7 +20,7 @@ import numpy as np
 
 import jaxsample as js
 from jaxsample.models.registry import resolve
-from timing import median_seconds, report
+from timing import interleaved_timings, machine, report
 
 
 def main(argv=None):
@@ -27,7 +28,8 @@ def main(argv=None):
     parser.add_argument("--model", default="smollm2-135m-instruct", help="registered name, HF checkpoint directory or .gguf file (transformers loads the same weights)")
     parser.add_argument("--batch", type=int, default=8, help="sequences decoded together")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per sequence")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up; the median is reported")
+    parser.add_argument("--samples", type=int, default=5, help="timed samples per contender (interleaved); the median is reported")
+    parser.add_argument("--min-sample-s", type=float, default=2.0, help="minimum seconds per sample (calls are repeated to fill it)")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
 
@@ -61,19 +63,23 @@ def main(argv=None):
             )
 
     tokens = args.batch * args.new_tokens
-    jax_seconds = median_seconds(run_jax, args.repeats)
-    torch_seconds = median_seconds(run_torch, args.repeats)
+    timings = interleaved_timings({"jax": run_jax, "transformers": run_torch}, args.samples, args.min_sample_s)
+    jax_seconds, torch_seconds = timings["jax"]["median_s"], timings["transformers"]["median_s"]
     result = {
-        "device": str(jax.devices()[0]),
+        **machine(),
+        "torch_threads": torch.get_num_threads(),
+        "model": args.model,
         "batch": args.batch,
         "new_tokens": args.new_tokens,
         "prompt_tokens": int(prompt.shape[0]),
         "jax_tokens_per_s": tokens / jax_seconds,
         "transformers_tokens_per_s": tokens / torch_seconds,
         "speedup": torch_seconds / jax_seconds,
+        "timings": timings,
     }
     summary = (f"js.generate is {result['speedup']:.2f}x transformers' generate "
-               f"({result['jax_tokens_per_s']:.0f} vs {result['transformers_tokens_per_s']:.0f} tokens/s)")
+               f"({result['jax_tokens_per_s']:.0f} vs {result['transformers_tokens_per_s']:.0f} tokens/s; "
+               f"spreads {timings['jax']['spread']:.0%} / {timings['transformers']['spread']:.0%})")
     report(result, summary, args.json)
 
 

@@ -19,6 +19,7 @@ import power_experiment  # noqa: E402
 import smc_experiment  # noqa: E402
 from run_directory import RunDirectory, default_run_dir, fail  # noqa: E402
 
+from jaxsample import parallel  # noqa: E402
 from jaxsample.errors import JaxsampleError  # noqa: E402
 
 COMMANDS = {"power": power_experiment, "smc": smc_experiment}
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--out", type=Path, help="run directory (default runs/COMMAND-TIMESTAMP)")
         sub.add_argument("--resume", action="store_true", help="continue the run in --out from its saved config, skipping finished work")
         sub.add_argument("--seed", type=int, default=0, help="PRNG seed of the whole run")
+        sub.add_argument("--distributed", action="store_true", help="join a multi-host run first (jax.distributed.initialize; coordinator from JAXSAMPLE_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID, or detected on TPU pods, SLURM and Open MPI)")
         sub.add_argument("--mesh", default="", help="device mesh data=D,model=M: chains/particles split over D devices, the model tensor-parallel over M (default: one device; see README, multi-device)")
         module.add_arguments(sub)
     return parser
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(config.pop("out") or default_run_dir(command))
     resume = config.pop("resume")
     config.pop("config")
+    if config.pop("distributed"):
+        parallel.initialize_distributed()
     try:
         run_dir = RunDirectory(out, config, resume)
         if resume:
