@@ -143,7 +143,8 @@ def check_humaneval(
 
     The candidate program runs in the sandbox and only answers calls; the tests run in a
     trusted judge process outside it (see the module docstring), so nothing the program
-    prints, patches or exits with can fake a pass.
+    prints, patches or exits with can fake a pass. The problem's `prompt` and `test` are
+    trusted code: they run in the judge, outside the sandbox, with this process's rights.
     """
     return run_judged(_worker_program(problem, completion), _judge_program(problem), limits)
 

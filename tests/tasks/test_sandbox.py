@@ -1,12 +1,13 @@
 """The sandbox against hostile programs: each must fail with a reason, never hang or leak."""
 
-import errno
 import os
 import platform
+import json
 import secrets
 import select
 import shutil
 import socket
+import subprocess
 import tempfile
 import textwrap
 import time
@@ -455,3 +456,44 @@ def test_a_mechanism_that_fails_to_apply_fails_the_run(monkeypatch):
     result = run("print('ran')")
     assert not result.passed and "ran" not in result.stdout_tail
     assert result.reason.startswith("sandbox setup failed") and "no tmpfs today" in result.reason
+
+
+SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin")
+
+
+@pytest.mark.skipif(not (AS_ROOT and shutil.which("setpriv") and SYSTEM_PYTHON
+                         and sandbox._world_usable(SYSTEM_PYTHON)),
+                    reason="needs root, setpriv and a python3 every user can run")
+def test_without_root_the_namespaces_come_from_a_user_namespace():
+    # The launcher as an unprivileged user (nobody): a user namespace gives it the network
+    # and mount namespaces; its capabilities there end at the exec of the program.
+    nobody = 65534
+    workdir = tempfile.mkdtemp(prefix="jaxsample-test-nobody-")
+    os.chown(workdir, nobody, nobody)
+    config = {"rlimits": [], "user": None, "network_namespace": True,
+              "disk": [1 << 20, 16, nobody, nobody], "socket_filter": sandbox._seccomp_syscalls(),
+              "landlock_abi": CAPABILITIES.landlock_abi, "channel": None, "error_tag": "E"}
+    program = textwrap.dedent("""
+        import os, socket
+        status = open("/proc/self/status").read()
+        print("caps", status.split("CapEff:")[1].split()[0])
+        for action in (lambda: open("fill", "wb").write(bytes(2 << 20)),
+                       lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM)):
+            try:
+                action()
+                print("allowed")
+            except OSError as e:
+                print("refused", e.errno)
+    """)
+    try:
+        done = subprocess.run(
+            ["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups",
+             SYSTEM_PYTHON, "-I", "-S", "-c", sandbox._LAUNCHER, json.dumps(config)],
+            input=program.encode(), cwd=workdir, capture_output=True, timeout=60, check=False)
+    finally:
+        shutil.rmtree(workdir)
+    if b"unshare(CLONE_NEWUSER) failed" in done.stderr:
+        pytest.skip("unprivileged user namespaces are disabled on this kernel")
+    assert done.returncode == 0, done.stderr.decode()
+    expected = ["caps 0000000000000000", "refused 28", "refused 1"]  # ENOSPC, EPERM
+    assert done.stdout.decode().split("\n")[:3] == expected
