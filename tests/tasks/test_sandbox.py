@@ -203,6 +203,10 @@ def test_limits_are_validated():
         SandboxLimits(timeout_s=0)
     with pytest.raises(ArgumentError, match="max_processes"):
         SandboxLimits(max_processes=0)
+    with pytest.raises(ArgumentError, match="disk_bytes"):
+        SandboxLimits(disk_bytes=0)
+    with pytest.raises(ArgumentError, match="hidden must name existing directories"):
+        run_python("pass", LIMITS, hidden=["/nonexistent-jaxsample-dir"])
 
 
 # --- A closed sandbox: network, AF_UNIX sockets, disk ----------------------------------------
@@ -471,7 +475,8 @@ def test_without_root_the_namespaces_come_from_a_user_namespace():
     workdir = tempfile.mkdtemp(prefix="jaxsample-test-nobody-")
     os.chown(workdir, nobody, nobody)
     config = {"rlimits": [], "user": None, "network_namespace": True,
-              "disk": [1 << 20, 16, nobody, nobody], "socket_filter": sandbox._seccomp_syscalls(),
+              "disk": [1 << 20, 16, nobody, nobody], "hidden": [],
+              "socket_filter": sandbox._seccomp_syscalls(),
               "landlock_abi": CAPABILITIES.landlock_abi, "channel": None, "error_tag": "E"}
     program = textwrap.dedent("""
         import os, socket
