@@ -69,6 +69,14 @@ class ExactKernel(NamedTuple):
         """bool `[S]`: the states the proposal can draw from the prompt."""
         return np.isfinite(self.start_log_probs)
 
+    def restricted(self, keep) -> "ExactKernel":
+        """The kernel on the states where `keep` (bool `[S]`) holds, e.g. the closed class a
+        truncated proposal reaches (`reachable()`); rows lose the mass leaving the class, so
+        `assert_stationary` flags a class that is not closed."""
+        keep = np.asarray(keep, bool)
+        states = tuple(x for x, k in zip(self.states, keep) if k)
+        return ExactKernel(states, self.matrix[keep][:, keep], self.start_log_probs[keep])
+
 
 @partial(jax.jit, static_argnames="cut_law")
 def _cut_log_probs(traces: Trace, cut_law: CutLaw):

@@ -153,7 +153,8 @@ def _prefix_lookup(values, offsets, vocab_size, tokens, length):
     position = jnp.arange(tokens.shape[0])
     inside = position < length
     digits = jnp.where(inside, tokens, 0) * vocab_size ** jnp.minimum(position, 30)
-    return values[offsets[length] + jnp.sum(jnp.where(inside, digits, 0))]
+    index = jnp.asarray(offsets)[length] + jnp.sum(jnp.where(inside, digits, 0))
+    return jnp.asarray(values)[index]
 
 
 PrefixFn = Callable[[jax.Array, jax.Array], jax.Array]
