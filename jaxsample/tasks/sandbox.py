@@ -429,8 +429,8 @@ def run_judged(
     Returns:
       `ExecutionResult` with the judge's verdict; failures of the program never raise.
     """
-    fds = (*os.pipe(), *os.pipe())  # requests (read, write), replies (read, write)
     with _Sandbox(limits, python, hidden) as box:
+        fds = (*os.pipe(), *os.pipe())  # requests (read, write), replies (read, write)
         try:
             process = box.start(program, channel=(fds[0], fds[3]))
             judge_fds = (fds[1], fds[2])
