@@ -2,6 +2,7 @@
 
 import os
 import platform
+import ctypes
 import json
 import secrets
 import select
@@ -505,3 +506,22 @@ def test_without_root_the_namespaces_come_from_a_user_namespace():
     assert done.returncode == 0, done.stderr.decode()
     expected = ["caps 0000000000000000", "refused 28", "refused 1"]  # ENOSPC, EPERM
     assert done.stdout.decode().split("\n")[:3] == expected
+
+
+@quiet
+@pytest.mark.parametrize("switched_off, reachable", [({}, False), (NOTHING, True)],
+                         ids=["sandbox", "control"])
+def test_system_v_shared_memory_outside_is_unreachable(monkeypatch, switched_off, reachable):
+    _confine_with(monkeypatch, switched_off)
+    libc = ctypes.CDLL(None, use_errno=True)
+    key = 0x6A780000 + os.getpid() % 0xFFFF
+    segment = libc.shmget(key, 4096, 0o1000 | 0o666)  # IPC_CREAT, readable by everyone
+    assert segment >= 0, os.strerror(ctypes.get_errno())
+    try:
+        result = run(f"""
+            import ctypes
+            print(ctypes.CDLL(None).shmget({key}, 0, 0) >= 0)
+        """)
+    finally:
+        libc.shmctl(segment, 0, None)  # IPC_RMID
+    assert result.passed and result.stdout_tail.strip() == str(reachable)
