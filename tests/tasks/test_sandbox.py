@@ -525,3 +525,15 @@ def test_system_v_shared_memory_outside_is_unreachable(monkeypatch, switched_off
     finally:
         libc.shmctl(segment, 0, None)  # IPC_RMID
     assert result.passed and result.stdout_tail.strip() == str(reachable)
+
+
+def test_io_uring_cannot_open_sockets_past_the_filter():
+    if not CAPABILITIES.socket_filter:
+        pytest.skip(f"socket_filter reported missing here: {CAPABILITIES.missing()}")
+    result = run("""
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        params = ctypes.create_string_buffer(120)  # struct io_uring_params
+        print(libc.syscall(425, 8, params), ctypes.get_errno())  # io_uring_setup
+    """)
+    assert result.passed and result.stdout_tail.split() == ["-1", "1"]  # EPERM
