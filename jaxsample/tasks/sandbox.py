@@ -10,7 +10,8 @@ Each run gets:
   `max_files` inodes, mounted in a new mount namespace (gone with the run), where
   directories the caller names (`hidden=`) are covered by an empty tmpfs nobody may enter;
 - no network: an empty network namespace (no interface but a down loopback; this also
-  separates abstract AF_UNIX sockets), and a seccomp filter that denies socket() for every
+  separates abstract AF_UNIX sockets) with a new IPC namespace (System V IPC, POSIX message
+  queues), and a seccomp filter that denies socket() for every
   address family, socketpair() except connected AF_UNIX stream pairs, and io_uring (which
   could open sockets past the filter), so no pathname AF_UNIX socket outside is reachable;
 - when the parent is root: a dedicated unprivileged uid/gid per run (no supplementary
@@ -132,7 +133,7 @@ class SandboxCapabilities(NamedTuple):
 
     Attributes:
       separate_uid: runs get a dedicated unprivileged uid (the parent is root).
-      network_namespace: runs get an empty network namespace.
+      network_namespace: runs get an empty network namespace and a new IPC namespace.
       socket_filter: a seccomp filter denies socket(), socketpair() other than AF_UNIX
         stream pairs, and io_uring.
       disk_quota: the working directory is a private size-limited tmpfs.
@@ -155,7 +156,8 @@ class SandboxCapabilities(NamedTuple):
                          "processes, /proc/<parent>/environ is readable, setsid() escapees survive")
         if not self.network_namespace:
             lines.append("no network namespace: the host's loopback and abstract AF_UNIX "
-                         "sockets are separated only by the other mechanisms")
+                         "sockets are separated only by the other mechanisms; System V IPC "
+                         "objects outside are reachable")
         if not self.socket_filter:
             lines.append("no seccomp socket filter: pathname AF_UNIX sockets outside the "
                          "sandbox are reachable"
@@ -213,7 +215,8 @@ def syscall(nr, *args):
     return ok(libc.syscall(ctypes.c_long(nr), *args), "syscall %d" % nr)
 
 def enter_namespaces(network, mount):
-    flags = (0x40000000 if network else 0) | (0x00020000 if mount else 0)
+    # CLONE_NEWNET with CLONE_NEWIPC (System V IPC and POSIX queues), CLONE_NEWNS.
+    flags = (0x40000000 | 0x08000000 if network else 0) | (0x00020000 if mount else 0)
     if os.geteuid() == 0:
         ok(libc.unshare(flags), "unshare")
         return
@@ -429,8 +432,8 @@ def run_judged(
     Returns:
       `ExecutionResult` with the judge's verdict; failures of the program never raise.
     """
-    fds = (*os.pipe(), *os.pipe())  # requests (read, write), replies (read, write)
     with _Sandbox(limits, python, hidden) as box:
+        fds = (*os.pipe(), *os.pipe())  # requests (read, write), replies (read, write)
         try:
             process = box.start(program, channel=(fds[0], fds[3]))
             judge_fds = (fds[1], fds[2])

@@ -2,6 +2,7 @@
 
 import os
 import platform
+import ctypes
 import json
 import secrets
 import select
@@ -435,7 +436,10 @@ def _has_cap_sys_admin() -> bool:
 def test_every_mechanism_is_present_where_the_kernel_allows_it():
     assert CAPABILITIES.separate_uid and CAPABILITIES.network_namespace
     assert CAPABILITIES.socket_filter and CAPABILITIES.disk_quota
-    assert CAPABILITIES.problems == () and CAPABILITIES.missing() == ()
+    assert CAPABILITIES.problems == ()
+    assert CAPABILITIES.landlock_abi == _landlock_abi()
+    # Only Landlock depends on the kernel version beyond these.
+    assert all("Landlock" in line for line in CAPABILITIES.missing())
 
 
 def test_missing_mechanisms_are_named_in_a_warning(monkeypatch):
@@ -502,3 +506,34 @@ def test_without_root_the_namespaces_come_from_a_user_namespace():
     assert done.returncode == 0, done.stderr.decode()
     expected = ["caps 0000000000000000", "refused 28", "refused 1"]  # ENOSPC, EPERM
     assert done.stdout.decode().split("\n")[:3] == expected
+
+
+@quiet
+@pytest.mark.parametrize("switched_off, reachable", [({}, False), (NOTHING, True)],
+                         ids=["sandbox", "control"])
+def test_system_v_shared_memory_outside_is_unreachable(monkeypatch, switched_off, reachable):
+    _confine_with(monkeypatch, switched_off)
+    libc = ctypes.CDLL(None, use_errno=True)
+    key = 0x6A780000 + os.getpid() % 0xFFFF
+    segment = libc.shmget(key, 4096, 0o1000 | 0o666)  # IPC_CREAT, readable by everyone
+    assert segment >= 0, os.strerror(ctypes.get_errno())
+    try:
+        result = run(f"""
+            import ctypes
+            print(ctypes.CDLL(None).shmget({key}, 0, 0) >= 0)
+        """)
+    finally:
+        libc.shmctl(segment, 0, None)  # IPC_RMID
+    assert result.passed and result.stdout_tail.strip() == str(reachable)
+
+
+def test_io_uring_cannot_open_sockets_past_the_filter():
+    if not CAPABILITIES.socket_filter:
+        pytest.skip(f"socket_filter reported missing here: {CAPABILITIES.missing()}")
+    result = run("""
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        params = ctypes.create_string_buffer(120)  # struct io_uring_params
+        print(libc.syscall(425, 8, params), ctypes.get_errno())  # io_uring_setup
+    """)
+    assert result.passed and result.stdout_tail.split() == ["-1", "1"]  # EPERM
