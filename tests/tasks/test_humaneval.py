@@ -15,6 +15,7 @@ from jaxsample.tasks import (
     humaneval_messages,
     humaneval_path,
     load_humaneval,
+    sandbox_capabilities,
 )
 
 LIMITS = SandboxLimits(timeout_s=5.0)
@@ -157,6 +158,33 @@ def test_forged_passes_fail(problems, forgery):
     problem = problems["HumanEval/0"]
     result = check_humaneval(problem, FORGERIES[forgery], SandboxLimits(timeout_s=5.0))
     assert not result.passed, result
+
+
+def test_the_program_cannot_read_the_tests(problems):
+    # Neither from the judge's command line nor from the installed package's data file.
+    problem = problems["HumanEval/0"]
+    spy = f"""
+import glob, gzip
+seen = []
+for path in glob.glob("/proc/[0-9]*/cmdline"):
+    try:
+        if b"def check(candidate)" in open(path, "rb").read():
+            seen.append(path)
+    except OSError:
+        pass
+try:
+    seen.append(len(gzip.open({str(humaneval_path())!r}).read()))
+except OSError as e:
+    print("data refused", type(e).__name__)
+print("seen", seen)
+def has_close_elements(numbers, threshold):
+    return False
+"""
+    result = check_humaneval(problem, spy, LIMITS)
+    assert not result.passed
+    if sandbox_capabilities().disk_quota:  # the mount namespace that hides the data
+        assert "data refused PermissionError" in result.stdout_tail
+    assert "seen []" in result.stdout_tail
 
 
 def test_exits_after_answering_every_call_correctly_still_pass(problems):

@@ -1,12 +1,14 @@
 """The sandbox against hostile programs: each must fail with a reason, never hang or leak."""
 
-import errno
 import os
 import platform
+import ctypes
+import json
 import secrets
 import select
 import shutil
 import socket
+import subprocess
 import tempfile
 import textwrap
 import time
@@ -202,6 +204,10 @@ def test_limits_are_validated():
         SandboxLimits(timeout_s=0)
     with pytest.raises(ArgumentError, match="max_processes"):
         SandboxLimits(max_processes=0)
+    with pytest.raises(ArgumentError, match="disk_bytes"):
+        SandboxLimits(disk_bytes=0)
+    with pytest.raises(ArgumentError, match="hidden must name existing directories"):
+        run_python("pass", LIMITS, hidden=["/nonexistent-jaxsample-dir"])
 
 
 # --- A closed sandbox: network, AF_UNIX sockets, disk ----------------------------------------
@@ -430,7 +436,10 @@ def _has_cap_sys_admin() -> bool:
 def test_every_mechanism_is_present_where_the_kernel_allows_it():
     assert CAPABILITIES.separate_uid and CAPABILITIES.network_namespace
     assert CAPABILITIES.socket_filter and CAPABILITIES.disk_quota
-    assert CAPABILITIES.problems == () and CAPABILITIES.missing() == ()
+    assert CAPABILITIES.problems == ()
+    assert CAPABILITIES.landlock_abi == _landlock_abi()
+    # Only Landlock depends on the kernel version beyond these.
+    assert all("Landlock" in line for line in CAPABILITIES.missing())
 
 
 def test_missing_mechanisms_are_named_in_a_warning(monkeypatch):
@@ -455,3 +464,76 @@ def test_a_mechanism_that_fails_to_apply_fails_the_run(monkeypatch):
     result = run("print('ran')")
     assert not result.passed and "ran" not in result.stdout_tail
     assert result.reason.startswith("sandbox setup failed") and "no tmpfs today" in result.reason
+
+
+SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin")
+
+
+@pytest.mark.skipif(not (AS_ROOT and shutil.which("setpriv") and SYSTEM_PYTHON
+                         and sandbox._world_usable(SYSTEM_PYTHON)),
+                    reason="needs root, setpriv and a python3 every user can run")
+def test_without_root_the_namespaces_come_from_a_user_namespace():
+    # The launcher as an unprivileged user (nobody): a user namespace gives it the network
+    # and mount namespaces; its capabilities there end at the exec of the program.
+    nobody = 65534
+    workdir = tempfile.mkdtemp(prefix="jaxsample-test-nobody-")
+    os.chown(workdir, nobody, nobody)
+    config = {"rlimits": [], "user": None, "network_namespace": True,
+              "disk": [1 << 20, 16, nobody, nobody], "hidden": [],
+              "socket_filter": sandbox._seccomp_syscalls(),
+              "landlock_abi": CAPABILITIES.landlock_abi, "channel": None, "error_tag": "E"}
+    program = textwrap.dedent("""
+        import os, socket
+        status = open("/proc/self/status").read()
+        print("caps", status.split("CapEff:")[1].split()[0])
+        for action in (lambda: open("fill", "wb").write(bytes(2 << 20)),
+                       lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM)):
+            try:
+                action()
+                print("allowed")
+            except OSError as e:
+                print("refused", e.errno)
+    """)
+    try:
+        done = subprocess.run(
+            ["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups",
+             SYSTEM_PYTHON, "-I", "-S", "-c", sandbox._LAUNCHER, json.dumps(config)],
+            input=program.encode(), cwd=workdir, capture_output=True, timeout=60, check=False)
+    finally:
+        shutil.rmtree(workdir)
+    if b"unshare(CLONE_NEWUSER) failed" in done.stderr:
+        pytest.skip("unprivileged user namespaces are disabled on this kernel")
+    assert done.returncode == 0, done.stderr.decode()
+    expected = ["caps 0000000000000000", "refused 28", "refused 1"]  # ENOSPC, EPERM
+    assert done.stdout.decode().split("\n")[:3] == expected
+
+
+@quiet
+@pytest.mark.parametrize("switched_off, reachable", [({}, False), (NOTHING, True)],
+                         ids=["sandbox", "control"])
+def test_system_v_shared_memory_outside_is_unreachable(monkeypatch, switched_off, reachable):
+    _confine_with(monkeypatch, switched_off)
+    libc = ctypes.CDLL(None, use_errno=True)
+    key = 0x6A780000 + os.getpid() % 0xFFFF
+    segment = libc.shmget(key, 4096, 0o1000 | 0o666)  # IPC_CREAT, readable by everyone
+    assert segment >= 0, os.strerror(ctypes.get_errno())
+    try:
+        result = run(f"""
+            import ctypes
+            print(ctypes.CDLL(None).shmget({key}, 0, 0) >= 0)
+        """)
+    finally:
+        libc.shmctl(segment, 0, None)  # IPC_RMID
+    assert result.passed and result.stdout_tail.strip() == str(reachable)
+
+
+def test_io_uring_cannot_open_sockets_past_the_filter():
+    if not CAPABILITIES.socket_filter:
+        pytest.skip(f"socket_filter reported missing here: {CAPABILITIES.missing()}")
+    result = run("""
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        params = ctypes.create_string_buffer(120)  # struct io_uring_params
+        print(libc.syscall(425, 8, params), ctypes.get_errno())  # io_uring_setup
+    """)
+    assert result.passed and result.stdout_tail.split() == ["-1", "1"]  # EPERM
