@@ -164,7 +164,8 @@ def check_humaneval_batch(
       problems: [N] problems (repeat a problem for several completions of it).
       completions: [N] completions, one per problem.
       limits: limits of each run.
-      workers: runs in parallel (each is a few processes); default: the CPU count.
+      workers: runs in parallel (each is a few processes, partly waiting on start-up and
+        pipes); default: twice the CPU count.
 
     Returns:
       [N] results, in the order of the inputs.
@@ -174,7 +175,7 @@ def check_humaneval_batch(
                             f"{len(problems)} problems and {len(completions)} completions")
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise ArgumentError(f"workers must be a positive int or None, got {workers!r}")
-    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(workers or 2 * (os.cpu_count() or 1)) as pool:
         return list(pool.map(lambda pair: check_humaneval(*pair, limits),
                              zip(problems, completions)))
 
