@@ -15,7 +15,7 @@ stop tokens suppressed. Reported per (shape, batch):
 
     python experiments/bench_decode.py --shapes smollm2-135m --batches 1,8 --dtype float32   # CPU
     python experiments/bench_decode.py --shapes qwen2.5-0.5b,qwen2.5-1.5b,qwen2.5-7b \\
-        --batches 1,8,32,64 --dtype bfloat16 --bandwidth-gbs 4300                        # H200
+        --batches 1,8,32,64 --dtype bfloat16 --bandwidth-gbs 4300 --transformers-batches 1,32  # H200
 """
 
 from __future__ import annotations
@@ -127,6 +127,16 @@ def torch_contender(shape: str, dtype_name: str, batch: int, prompt_tokens: int,
     return run, model
 
 
+def _free_torch_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="smollm2-135m", help=f"comma-separated model shapes: {', '.join(SHAPES)}")
@@ -134,7 +144,8 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations (logits and log-softmax stay float32)")
     parser.add_argument("--prompt-tokens", type=int, default=32, help="prompt length")
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps timed per call")
-    parser.add_argument("--transformers", default="all", choices=["all", "none", "batch1"], help="time transformers' generate at every batch, none, or batch 1 only")
+    parser.add_argument("--transformers-batches", default="all", help="batch sizes at which transformers' generate is timed too: 'all', 'none' or a comma-separated subset of --batches")
+    parser.add_argument("--transformers-shapes", default="all", help="shapes at which transformers' generate is timed: 'all' or a comma-separated subset of --shapes")
     parser.add_argument("--bandwidth-gbs", type=float, default=0.0, help="roofline bandwidth in GB/s (0: measure it in this run; an H200 copies at ~4300)")
     parser.add_argument("--samples", type=int, default=3, help="timed samples per contender (interleaved); the median is reported")
     parser.add_argument("--min-sample-s", type=float, default=1.0, help="minimum seconds per sample (calls are repeated to fill it)")
@@ -145,6 +156,8 @@ def main(argv=None):
     measured = measure_bandwidth_gbs()
     bandwidth = args.bandwidth_gbs or measured
     rows = []
+    header = {**machine(), "measured_bandwidth_gbs": measured, "roofline_bandwidth_gbs": bandwidth,
+              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}
     for shape in args.shapes.split(","):
         config = model_config(shape, args.prompt_tokens + args.new_tokens)
         params = random_params(config, dtype)
@@ -153,12 +166,16 @@ def main(argv=None):
         for batch in (int(b) for b in args.batches.split(",")):
             run_jax, prefill = jax_contender(lm, batch, args.prompt_tokens, args.new_tokens)
             contenders = {"jax": run_jax, "jax_prefill": prefill}
-            with_torch = args.transformers == "all" or (args.transformers == "batch1" and batch == 1)
+            with_torch = (args.transformers_batches == "all" or str(batch) in args.transformers_batches.split(",")) \
+                and (args.transformers_shapes == "all" or shape in args.transformers_shapes.split(","))
             if with_torch:
                 run_torch, torch_model = torch_contender(shape, args.dtype, batch, args.prompt_tokens, args.new_tokens)
                 contenders["transformers"] = run_torch
             began = time.perf_counter()
-            timings = interleaved_timings(contenders, args.samples, args.min_sample_s)
+            timings = interleaved_timings({k: v for k, v in contenders.items() if k != "transformers"},
+                                          args.samples, args.min_sample_s)
+            if with_torch:  # seconds per call: one call per sample, fewer samples
+                timings.update(interleaved_timings({"transformers": run_torch}, 2, 0.0))
             # The loop's steps alone: the prefill (timed separately) is subtracted.
             step_s = (timings["jax"]["median_s"] - timings["jax_prefill"]["median_s"]) / args.new_tokens
             nbytes = step_bytes(config, params, batch, args.prompt_tokens + args.new_tokens / 2, dtype)
@@ -176,16 +193,18 @@ def main(argv=None):
             if with_torch:
                 row["transformers_ms_per_step"] = 1e3 * timings["transformers"]["median_s"] / args.new_tokens
                 row["speedup_vs_transformers"] = row["transformers_ms_per_step"] / row["ms_per_step"]
-                del torch_model
+                del torch_model, run_torch, contenders["transformers"]
+                _free_torch_memory()
             print(f"{shape} B={batch}: {row['ms_per_step']:.2f} ms/step ({row['spread']:.0%} spread), "
                   f"{row['gb_per_s']:.1f} GB/s = {row['roofline_fraction']:.0%} of {bandwidth:.0f} GB/s, "
                   f"compile {row['compile_s']:.1f} s"
                   + (f"; transformers {row['transformers_ms_per_step']:.2f} ms/step" if with_torch else ""),
                   flush=True)
             rows.append(row)
+            if args.json:  # written after every row: a run cut short keeps what it measured
+                report({**header, "rows": rows}, "", args.json, quiet=True)
         del lm, params
-    result = {**machine(), "measured_bandwidth_gbs": measured, "roofline_bandwidth_gbs": bandwidth,
-              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rows": rows}
+    result = {**header, "rows": rows}
     table = ["| shape | batch | ms/step | GB/s | roofline | compile s | transformers ms/step |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

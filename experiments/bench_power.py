@@ -18,6 +18,7 @@ rejected. The contenders are timed interleaved (`timing.interleaved_timings`).
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import jax
@@ -66,9 +67,25 @@ def reference_power_mh(model, prompt_ids, alpha: float, block_size: int, max_new
     return decoded
 
 
+def random_checkpoint(shape: str, directory: Path) -> Path:
+    """A transformers checkpoint of a `bench_decode` shape with random weights, in `directory`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bench_decode import SHAPES
+
+    values = dict(SHAPES[shape])
+    model_type = values.pop("model_type")
+    values.pop("qkv_bias", None)
+    config = AutoConfig.for_model(model_type, max_position_embeddings=4096, eos_token_id=0, **values)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(directory)
+    return directory
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="registered name, HF checkpoint directory or .gguf file (transformers loads the same weights)")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="registered name, HF checkpoint directory, .gguf file, or random:SHAPE (random weights of a bench_decode shape, e.g. random:qwen2.5-0.5b, saved once and loaded by both); transformers loads the same weights")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations of both")
     parser.add_argument("--chains", type=int, default=8, help="MH chains (JAX: one batch; reference: one after another)")
     parser.add_argument("--alpha", type=float, default=4.0, help="power α (proposal temperature 1/α)")
@@ -83,12 +100,18 @@ def main(argv=None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    lm = js.load(args.model, dtype=args.dtype)
+    if args.model.startswith("random:"):
+        path = random_checkpoint(args.model.split(":", 1)[1], Path(tempfile.mkdtemp()))
+    else:
+        path = Path(args.model) if Path(args.model).exists() else resolve(args.model)
+    lm = js.load(path, dtype=args.dtype)
     lm = lm.replace(eos_token_ids=(lm.vocab_size,))  # no token stops: fixed lengths
-    prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": "What is 17 * 23? Think step by step."}])
+    if lm.tokenizer is None:
+        prompt = np.arange(1, 33) % lm.vocab_size
+    else:
+        prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": "What is 17 * 23? Think step by step."}])
     prompt = jnp.asarray(prompt, jnp.int32)
 
-    path = Path(args.model) if Path(args.model).exists() else resolve(args.model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     if path.is_dir():

@@ -30,7 +30,7 @@ from jaxsample import mcmc, parallel
 from jaxsample.decoding import pad_prompt
 from jaxsample.errors import ArgumentError
 from problems import (
-    accuracy,
+    accuracies,
     add_problem_arguments,
     check_problem_config,
     exact_record,
@@ -85,10 +85,10 @@ def run_mh(key, lm, problem, cut, config, max_new):
     init_tokens, init_lengths, tokens, accepted, decoded = mh_trajectory(
         key, lm, prompt, prompt_length, jnp.float32(config["alpha"]), cut_law,
         config["chains"], config["mcmc_steps"], max_new, config["top_k"], experiment_mesh(config))
-    grades = [accuracy(problem, init_tokens)] + [accuracy(problem, t) for t in np.asarray(tokens)]
+    grades = accuracies(problem, np.concatenate([np.asarray(init_tokens)[None], np.asarray(tokens)]))
     spent = np.mean(np.asarray(init_lengths)) + np.concatenate([[0.0], np.cumsum(np.asarray(decoded).mean(axis=1))])
     return {
-        "accuracy": grades[-1],
+        "accuracy": float(grades[-1]),
         "tokens": float(spent[-1]),
         "acceptance": float(np.asarray(accepted).mean()) if config["mcmc_steps"] else float("nan"),
         "curve": [[float(t), float(a)] for t, a in zip(spent, grades)],

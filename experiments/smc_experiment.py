@@ -59,8 +59,8 @@ def check_config(config: dict) -> None:
     check_problem_config(config, positive=("particles", "runs", "chains", "problems_per_k", "num_problems"),
                          non_negative=("mcmc_steps", "rejuvenation_steps", "block_size"))
     check_real("--lam", config["lam"], "(-inf, inf)")
-    if config["task"] == "math500" and {"reward_smc", "reward_smc_rejuv"} & set(methods):
-        raise ArgumentError("--task math500 has no in-JAX verifier reward; choose --methods from base, power_smc, mh_uniform, mh_entropy")
+    if config["task"] in ("math500", "humaneval") and {"reward_smc", "reward_smc_rejuv"} & set(methods):
+        raise ArgumentError(f"--task {config['task']} has no in-JAX verifier reward; choose --methods from base, power_smc, mh_uniform, mh_entropy")
     if "best_of_n" in methods and "reward_smc" not in methods:
         raise ArgumentError("--methods: best_of_n matches reward_smc's token budget; include reward_smc")
 
@@ -116,7 +116,7 @@ def run_smc(key, lm, problem, method, config, max_new, block_size, reward):
             mesh=experiment_mesh(config),
         )
         weights = np.exp(np.asarray(result.log_weights, np.float64))
-        correct = np.array([problem.grade(row) for row in np.asarray(result.tokens)], np.float64)
+        correct = np.array(problem.grade_many(list(np.asarray(result.tokens))), np.float64)
         accuracies.append(float(np.sum(weights * correct)) if not bool(result.all_zero) else 0.0)
         tokens.append(float(result.num_decoded))
         ess.append(float(np.mean(np.asarray(result.ess))))

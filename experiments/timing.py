@@ -35,7 +35,8 @@ def interleaved_timings(
       contenders: name -> zero-argument function; its result (JAX arrays or anything) is
         waited for with `block_until_ready`.
       samples: timed samples per contender (rounds).
-      min_sample_s: minimum duration of one sample; calls are repeated to reach it.
+      min_sample_s: minimum duration of one sample; calls are repeated to reach it (≤ 0: one
+        call per sample, without the calibration call; for contenders that take seconds).
 
     Returns:
       name -> {"median_s", "min_s", "max_s", "spread", "samples", "calls_per_sample",
@@ -46,9 +47,8 @@ def interleaved_timings(
         began = time.perf_counter()
         jax.block_until_ready(fn())
         first = time.perf_counter() - began
-        once = _timed(fn, 1)
-        stats[name] = {"first_call_s": first, "calls_per_sample": max(1, math.ceil(min_sample_s / once)),
-                       "times": []}
+        calls = max(1, math.ceil(min_sample_s / _timed(fn, 1))) if min_sample_s > 0 else 1
+        stats[name] = {"first_call_s": first, "calls_per_sample": calls, "times": []}
     names = list(contenders)
     for round_index in range(samples):
         offset = round_index % len(names)
@@ -69,10 +69,11 @@ def machine() -> dict:
             "cpu_count": os.cpu_count(), "load_average_1min": os.getloadavg()[0]}
 
 
-def report(result: dict, summary: str, json_path: str | None) -> None:
-    """Prints the numbers and a one-line summary; writes them to `json_path` if given."""
-    print(json.dumps(result, indent=2))
-    print(summary)
+def report(result: dict, summary: str, json_path: str | None, quiet: bool = False) -> None:
+    """Prints the numbers and a summary (unless `quiet`); writes them to `json_path` if given."""
+    if not quiet:
+        print(json.dumps(result, indent=2))
+        print(summary)
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, "w") as f:
