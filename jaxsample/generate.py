@@ -27,6 +27,8 @@ class GenerateResult(NamedTuple):
       log_q: float32 `[S, N]` log-probability under the distribution actually sampled.
       entropy: float32 `[S, N]` entropy of the base next-token distribution.
       done: bool `[S]` the sample ended with a stop token (else it hit max_new_tokens).
+      features: float32 `[S, N, D]` final-norm hidden state at each generated token (0 after
+        the length), or None unless `record_features=True`.
     """
 
     tokens: Array
@@ -35,11 +37,14 @@ class GenerateResult(NamedTuple):
     log_q: Array
     entropy: Array
     done: Array
+    features: Array | None = None
 
 
-@partial(jax.jit, static_argnames=("max_new_tokens", "num_samples"))
-def _generate(key, lm, prompt, prompt_length, proposal, max_new_tokens, num_samples):
-    state = init_decode(lm, prompt, num_samples, max_new_tokens, prompt_lengths=prompt_length)
+@partial(jax.jit, static_argnames=("max_new_tokens", "num_samples", "record_features"))
+def _generate(key, lm, prompt, prompt_length, proposal, max_new_tokens, num_samples, record_features):
+    state = init_decode(
+        lm, prompt, num_samples, max_new_tokens, prompt_lengths=prompt_length, record_features=record_features
+    )
     state, _ = extend(key, lm, state, max_new_tokens, proposal)
     return GenerateResult(
         tokens=state.tokens,
@@ -48,6 +53,7 @@ def _generate(key, lm, prompt, prompt_length, proposal, max_new_tokens, num_samp
         log_q=state.log_q,
         entropy=state.entropy,
         done=state.done,
+        features=state.features,
     )
 
 
@@ -60,6 +66,7 @@ def generate(
     top_k: int = 0,
     top_p: float | Array = 1.0,
     num_samples: int = 1,
+    record_features: bool = False,
 ) -> GenerateResult:
     """Samples `num_samples` continuations of one prompt in a single jitted while-loop.
 
@@ -76,6 +83,8 @@ def generate(
       top_k: keep the k most likely tokens (0 = all).
       top_p: nucleus mass in (0, 1].
       num_samples: S, rows decoded as one batch.
+      record_features: also return each generated token's final-norm hidden state
+        (`.features [S, N, D]`), from the same decode steps.
     """
     prompt = jnp.asarray(prompt_tokens, jnp.int32)
     if prompt.ndim != 1:
@@ -84,7 +93,9 @@ def generate(
         raise ArgumentError(f"num_samples must be a positive int, got {num_samples!r}")
     proposal = Proposal(temperature=temperature, top_k=top_k, top_p=top_p).validated()
     check_prompt(lm, prompt, max_new_tokens)
-    result = _generate(key, lm, *pad_prompt(lm, prompt, max_new_tokens), proposal, max_new_tokens, num_samples)
+    result = _generate(
+        key, lm, *pad_prompt(lm, prompt, max_new_tokens), proposal, max_new_tokens, num_samples, record_features
+    )
     generated = jnp.arange(max_new_tokens)[None, :] < result.lengths[:, None]
     bad = np.argwhere(np.asarray(generated & ~jnp.isfinite(result.log_p)))
     if bad.size:

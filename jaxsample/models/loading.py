@@ -14,7 +14,7 @@ from jaxsample.lm import LanguageModel
 from jaxsample.models import gguf_file
 from jaxsample.models.checkpoint import assemble_params, read_json, safetensors_entries
 from jaxsample.models.config import ModelConfig
-from jaxsample.models.decoder import decode_step, forward, init_cache, prefill
+from jaxsample.models.decoder import LayerFunctions, decode_step, forward, init_cache, prefill
 from jaxsample.models.registry import resolve
 from jaxsample.models.tokenizer import TOKENIZER_FILES, Tokenizer
 
@@ -27,8 +27,8 @@ class _WithConfig:
     fn: Callable
     config: ModelConfig
 
-    def __call__(self, params, *args):
-        return self.fn(params, self.config, *args)
+    def __call__(self, params, *args, **kwargs):
+        return self.fn(params, self.config, *args, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +78,8 @@ def make_language_model(
         max_length=config.max_position_embeddings,
         eos_token_ids=eos,
         pad_token_id=eos[0] if pad is None else int(pad),
+        feature_size=config.hidden_size,
+        layer_fns=LayerFunctions(config),
         tokenizer=tokenizer,
         config=config,
         name=name,
