@@ -25,7 +25,7 @@ from typing import Union
 import jax
 import jax.numpy as jnp
 
-from jaxsample.decoding import check_prompt, extend, init_decode, pad_prompt
+from jaxsample.decoding import check_finite_log_p, check_prompt, extend, init_decode, pad_prompt
 from jaxsample.errors import ArgumentError
 from jaxsample.lm import LanguageModel
 from jaxsample.progress import progress_bar, report
@@ -33,20 +33,9 @@ from jaxsample.mcmc.cuts import CutLaw, resolve_cut_law
 from jaxsample.mcmc.kernel import PowerMHInfo, PowerMHState, build_kernel
 from jaxsample.mcmc.result import PowerSampleResult
 from jaxsample.sampling import Proposal
+from jaxsample.validation import check_int, check_real
 
 Array = jax.Array
-
-
-def check_count(name: str, value, minimum: int) -> None:
-    """Raises `ArgumentError` unless `value` is an int ≥ `minimum`."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ArgumentError(f"{name} must be an int ≥ {minimum}, got {value!r}")
-
-
-def check_alpha(alpha) -> None:
-    """Raises `ArgumentError` unless a concrete α is > 0 (traced values are not checked)."""
-    if not isinstance(alpha, jax.core.Tracer) and not float(alpha) > 0:
-        raise ArgumentError(f"alpha must be > 0 (target p^alpha), got {float(alpha)}")
 
 
 def _idle_info(num_steps: int, num_chains: int, dtype) -> PowerMHInfo:
@@ -153,18 +142,15 @@ def power_sample(
       `PowerSampleResult` with each chain's final completion, per-step diagnostics
       (`info` `[K, S, C]`) and token counts.
     """
-    prompt = jnp.asarray(prompt_tokens, jnp.int32)
-    if prompt.ndim != 1:
-        raise ArgumentError(f"prompt_tokens must have shape [T], got {prompt.shape}")
-    check_alpha(alpha)
-    check_count("num_chains", num_chains, 1)
-    check_count("block_size", block_size, 1)
-    check_count("num_mcmc_steps", num_mcmc_steps, 0)
-    check_prompt(lm, prompt, max_new_tokens)
+    check_real("alpha", alpha, "(0, inf)")
+    num_chains = check_int("num_chains", num_chains, 1)
+    block_size = check_int("block_size", block_size, 1)
+    num_mcmc_steps = check_int("num_mcmc_steps", num_mcmc_steps, 0)
+    prompt, max_new_tokens = check_prompt(lm, prompt_tokens, max_new_tokens)
     if max_new_tokens % block_size:
         raise ArgumentError(
-            f"block_size={block_size} must divide max_new_tokens={max_new_tokens} "
-            "(blocks end at multiples of block_size)"
+            f"block_size must divide max_new_tokens={max_new_tokens} (blocks end at multiples "
+            f"of block_size), got {block_size}"
         )
     cut_law = resolve_cut_law(cut)
     alpha = jnp.asarray(alpha, jnp.float32)
@@ -174,7 +160,10 @@ def power_sample(
     args = (key, lm, *pad_prompt(lm, prompt, max_new_tokens), alpha, proposal, cut_law,
             num_chains, block_size, num_mcmc_steps, max_new_tokens,
             jnp.asarray(freeze_finished, bool), progress)
-    if not progress:
-        return _power_sample(*args)
-    with progress_bar((max_new_tokens // block_size) * num_mcmc_steps, "power_sample MH steps"):
-        return jax.block_until_ready(_power_sample(*args))
+    if progress:
+        with progress_bar((max_new_tokens // block_size) * num_mcmc_steps, "power_sample MH steps"):
+            result = jax.block_until_ready(_power_sample(*args))
+    else:
+        result = _power_sample(*args)
+    check_finite_log_p(lm, result.log_p, result.lengths, rows="chain")
+    return result

@@ -209,8 +209,10 @@ def test_result_token_accounting_and_frozen_chains(block_results):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(alpha=0.0), "alpha must be > 0"),
-        (dict(alpha=-2.0), "alpha must be > 0"),
+        (dict(alpha=0.0), r"alpha must be a number in \(0, inf\), got 0.0"),
+        (dict(alpha=-2.0), r"alpha must be a number in \(0, inf\)"),
+        (dict(alpha=float("inf")), r"alpha must be a number in \(0, inf\), got inf"),
+        (dict(max_new_tokens=np.int64(4), block_size=np.int64(3)), "must divide max_new_tokens=4"),
         (dict(block_size=0), "block_size"),
         (dict(block_size=3), "must divide max_new_tokens"),
         (dict(num_mcmc_steps=-1), "num_mcmc_steps"),
