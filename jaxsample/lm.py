@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxsample.errors import ArgumentError
+from jaxsample.validation import check_int, is_int
 
 Array = jax.Array
 
@@ -282,14 +283,14 @@ class LanguageModel:
         (causal too) when given. Such a model has no layers: adapters, interventions,
         `hidden_states` and the per-layer functions raise `ArgumentError`.
         """
-        eos = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
+        vocab_size = check_int("vocab_size", vocab_size, 1)
+        max_length = check_int("max_length", max_length, 2)
+        eos = (eos_token_id,) if is_int(eos_token_id) else tuple(eos_token_id)
         if not eos:
-            raise ArgumentError("eos_token_id must name at least one stop token")
-        for t in eos:
-            if not 0 <= t < vocab_size:
-                raise ArgumentError(f"eos_token_id {t} is outside the vocabulary [0, {vocab_size})")
-        if max_length < 2:
-            raise ArgumentError(f"max_length must be at least 2, got {max_length}")
+            raise ArgumentError("eos_token_id must name at least one stop token, got ()")
+        eos = tuple(check_int("eos_token_id", t, 0, vocab_size - 1) for t in eos)
+        if pad_token_id is not None:
+            pad_token_id = check_int("pad_token_id", pad_token_id, 0, vocab_size - 1)
 
         batched = jax.vmap(lambda tokens: logits_fn(tokens).astype(jnp.float32))
         batched_features = (

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsample.errors import ArgumentError
+from jaxsample.validation import check_int
 from jaxsample.models.config import ModelConfig
 from jaxsample.models.intervention import Intervention, forward_mask, prefill_mask
 from jaxsample.models.lora import LoraAdapters, check_adapters
@@ -263,13 +264,8 @@ def forward(
 
 def init_cache(config: ModelConfig, batch_size: int, capacity: int, dtype=jnp.float32) -> KVCache:
     """An empty cache of `batch_size` rows with `capacity` slots, k/v in `dtype`."""
-    if batch_size < 1:
-        raise ArgumentError(f"batch_size must be positive, got {batch_size}")
-    if not 1 <= capacity <= config.max_position_embeddings:
-        raise ArgumentError(
-            f"cache capacity must be in [1, {config.max_position_embeddings}] "
-            f"(max_position_embeddings), got {capacity}"
-        )
+    batch_size = check_int("batch_size", batch_size, 1)
+    capacity = check_int("capacity", capacity, 1, config.max_position_embeddings)
     shape = (
         batch_size,
         config.num_hidden_layers,
