@@ -2,11 +2,17 @@
 
 Both sample at temperature 1 with no truncation from the same weights (SmolLM2-135M-Instruct
 GGUF, dequantized to float32), the same chat prompt, batch and length; EOS is suppressed in
-both so every row decodes exactly `--new-tokens` tokens. The two are timed interleaved
-(`timing.interleaved_timings`: warm-up excluded, median over `--samples` samples of at least
-`--min-sample-s` seconds each, with the spread).
+both so every row decodes exactly `--new-tokens` tokens. All contenders are timed
+interleaved (`timing.interleaved_timings`: warm-up excluded, median over `--samples`
+samples of at least `--min-sample-s` seconds each, with the spread).
+
+`--features` adds a row for `js.generate(record_features=True)` and `--intervention` one for
+generation under an empty intervention (a zero vector added after every block), each timed
+against plain `js.generate` in the same run, the contenders interleaved round by round;
+the ratios (median time / plain median time) are the cost of the model-internals hooks.
 
     python experiments/bench_generate.py --batch 8 --new-tokens 64
+    python experiments/bench_generate.py --model toy-decisions --features --intervention --no-transformers
 """
 
 from __future__ import annotations
@@ -23,6 +29,11 @@ from jaxsample.models.registry import resolve
 from timing import interleaved_timings, machine, report
 
 
+def add_vector(layer, h, vectors):
+    """Adds the layer's vector (`vectors [L, D]`) to the residual stream."""
+    return h + vectors[layer].astype(h.dtype)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="registered name, HF checkpoint directory or .gguf file (transformers loads the same weights)")
@@ -30,11 +41,11 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per sequence")
     parser.add_argument("--samples", type=int, default=5, help="timed samples per contender (interleaved); the median is reported")
     parser.add_argument("--min-sample-s", type=float, default=2.0, help="minimum seconds per sample (calls are repeated to fill it)")
+    parser.add_argument("--features", action="store_true", help="also time generation that records features, against plain generation")
+    parser.add_argument("--intervention", action="store_true", help="also time generation under an empty (zero) intervention after every block, against plain generation")
+    parser.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison (e.g. for the hook rows alone)")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
-
-    import torch
-    from transformers import AutoModelForCausalLM
 
     lm = js.load(args.model)
     # EOS suppressed: an "eos" id outside the vocabulary never matches a sampled token.
@@ -42,9 +53,59 @@ def main(argv=None):
     prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a story about a dragon."}])
     prompt = jnp.asarray(prompt, jnp.int32)
 
-    def run_jax():
-        out = js.generate(jax.random.key(0), lm_no_stop, prompt, args.new_tokens, num_samples=args.batch)
-        out.tokens.block_until_ready()
+    def generator(model, record_features=False):
+        def run():
+            out = js.generate(
+                jax.random.key(0), model, prompt, args.new_tokens, num_samples=args.batch,
+                record_features=record_features,
+            )
+            return out.tokens
+        return run
+
+    contenders = {"plain": generator(lm_no_stop)}
+    if args.features:
+        contenders["features"] = generator(lm_no_stop, record_features=True)
+    if args.intervention:
+        empty = js.Intervention(
+            add_vector, jnp.zeros((lm.num_layers, lm.hidden_size), lm.params["norm"]["scale"].dtype),
+            tuple(range(lm.num_layers)),
+        )
+        contenders["intervention"] = generator(lm_no_stop.with_intervention(empty))
+    if not args.no_transformers:
+        contenders["transformers"] = torch_generator(args, lm, prompt)
+
+    timings = interleaved_timings(contenders, args.samples, args.min_sample_s)
+    tokens = args.batch * args.new_tokens
+    plain = timings["plain"]["median_s"]
+    result = {
+        **machine(),
+        "model": args.model,
+        "batch": args.batch,
+        "new_tokens": args.new_tokens,
+        "prompt_tokens": int(prompt.shape[0]),
+        "jax_tokens_per_s": tokens / plain,
+        "timings": timings,
+    }
+    summaries = []
+    if "transformers" in timings:
+        result.update(transformers_tokens_per_s=tokens / timings["transformers"]["median_s"],
+                      speedup=timings["transformers"]["median_s"] / plain)
+        summaries.append(f"js.generate is {result['speedup']:.2f}x transformers' generate "
+                         f"({result['jax_tokens_per_s']:.0f} vs {result['transformers_tokens_per_s']:.0f} tokens/s; "
+                         f"spreads {timings['plain']['spread']:.0%} / {timings['transformers']['spread']:.0%})")
+    for name in ("features", "intervention"):
+        if name in timings:
+            row = timings[name]
+            result[f"{name}_ratio_to_plain"] = row["median_s"] / plain
+            summaries.append(f"{name}: {row['median_s'] / plain:.3f}x plain ({row['median_s'] * 1e3:.1f} ms vs "
+                             f"{plain * 1e3:.1f} ms; spread {row['spread']:.0%})")
+    report(result, "\n".join(summaries), args.json)
+
+
+def torch_generator(args, lm, prompt):
+    """transformers' `generate` on the same weights, prompt, batch and length."""
+    import torch
+    from transformers import AutoModelForCausalLM
 
     path = Path(args.model) if Path(args.model).exists() else resolve(args.model)
     if path.is_dir():
@@ -54,7 +115,7 @@ def main(argv=None):
     torch_model.eval()
     input_ids = torch.tensor(np.asarray(prompt))[None].repeat(args.batch, 1)
 
-    def run_torch():
+    def run():
         with torch.no_grad():
             torch_model.generate(
                 input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True, top_k=0,
@@ -62,25 +123,7 @@ def main(argv=None):
                 min_new_tokens=args.new_tokens, pad_token_id=lm.pad_token_id,
             )
 
-    tokens = args.batch * args.new_tokens
-    timings = interleaved_timings({"jax": run_jax, "transformers": run_torch}, args.samples, args.min_sample_s)
-    jax_seconds, torch_seconds = timings["jax"]["median_s"], timings["transformers"]["median_s"]
-    result = {
-        **machine(),
-        "torch_threads": torch.get_num_threads(),
-        "model": args.model,
-        "batch": args.batch,
-        "new_tokens": args.new_tokens,
-        "prompt_tokens": int(prompt.shape[0]),
-        "jax_tokens_per_s": tokens / jax_seconds,
-        "transformers_tokens_per_s": tokens / torch_seconds,
-        "speedup": torch_seconds / jax_seconds,
-        "timings": timings,
-    }
-    summary = (f"js.generate is {result['speedup']:.2f}x transformers' generate "
-               f"({result['jax_tokens_per_s']:.0f} vs {result['transformers_tokens_per_s']:.0f} tokens/s; "
-               f"spreads {timings['jax']['spread']:.0%} / {timings['transformers']['spread']:.0%})")
-    report(result, summary, args.json)
+    return run
 
 
 if __name__ == "__main__":

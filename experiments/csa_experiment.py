@@ -203,7 +203,7 @@ def stream_metrics(config, action, losses, true_risk, threshold):
         "final_risk": [float(x) if n else None for x, n in zip(running[:, -1], acted[:, -1])],
         "release": (acted[:, -1] / action.shape[1]).tolist(),
         "refused": np.isnan(threshold).sum(axis=1).tolist(),
-        "risk_curve": np.nanmean(np.where(acted > 0, running, np.nan)[:, ::every], axis=0).tolist(),
+        "risk_curve": _mean_over_acting_streams(np.where(acted > 0, running, np.nan)[:, ::every]),
         "release_curve": (acted / (rounds + 1))[:, ::every].mean(axis=0).tolist(),
     }
     if true_risk is not None:
@@ -211,6 +211,12 @@ def stream_metrics(config, action, losses, true_risk, threshold):
         metrics["true_mean"] = [float(r[d].mean()) if d.any() else None for r, d in zip(true_risk, deployed)]
         metrics["true_max"] = [float(r[d].max()) if d.any() else None for r, d in zip(true_risk, deployed)]
     return metrics
+
+
+def _mean_over_acting_streams(values):
+    """Column means over the streams that have acted so far (NaN where none has)."""
+    counts = (~np.isnan(values)).sum(axis=0)
+    return np.where(counts > 0, np.nansum(values, axis=0) / np.maximum(counts, 1), np.nan).tolist()
 
 
 def oracle_release(config, p):
@@ -371,7 +377,8 @@ def _plot(run_dir: RunDirectory, records, methods):
             if not chosen:
                 continue
             rounds = np.arange(len(chosen[0]["risk_curve"])) * every
-            axes[0, column].plot(rounds, chosen[0]["risk_curve"], label=LABELS[method], lw=1)
+            risk = np.asarray(chosen[0]["risk_curve"], dtype=float)  # null (no stream acted yet) → NaN
+            axes[0, column].plot(rounds, risk, label=LABELS[method], lw=1)
             axes[1, column].plot(rounds, chosen[0]["release_curve"], label=LABELS[method], lw=1)
         axes[0, column].axhline(run_dir.config["alpha"], color="k", ls=":", lw=1)
         axes[0, column].set_title(scenario[:40], fontsize=9)

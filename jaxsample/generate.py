@@ -28,6 +28,8 @@ class GenerateResult(NamedTuple):
       log_q: float32 `[S, N]` log-probability under the distribution actually sampled.
       entropy: float32 `[S, N]` entropy of the base next-token distribution.
       done: bool `[S]` the sample ended with a stop token (else it hit max_new_tokens).
+      features: float32 `[S, N, D]` final-norm hidden state at each generated token (0 after
+        the length), or None unless `record_features=True`.
     """
 
     tokens: Array
@@ -36,11 +38,14 @@ class GenerateResult(NamedTuple):
     log_q: Array
     entropy: Array
     done: Array
+    features: Array | None = None
 
 
-@partial(jax.jit, static_argnames=("max_new_tokens", "num_samples", "mesh"))
-def _generate(key, lm, prompt, prompt_length, proposal, max_new_tokens, num_samples, mesh):
-    state = init_decode(lm, prompt, num_samples, max_new_tokens, prompt_lengths=prompt_length)
+@partial(jax.jit, static_argnames=("max_new_tokens", "num_samples", "record_features", "mesh"))
+def _generate(key, lm, prompt, prompt_length, proposal, max_new_tokens, num_samples, record_features, mesh):
+    state = init_decode(
+        lm, prompt, num_samples, max_new_tokens, prompt_lengths=prompt_length, record_features=record_features
+    )
     state, _ = extend(key, lm, parallel.constrain_rows(state, mesh), max_new_tokens, proposal)
     return parallel.replicate(GenerateResult(
         tokens=state.tokens,
@@ -49,6 +54,7 @@ def _generate(key, lm, prompt, prompt_length, proposal, max_new_tokens, num_samp
         log_q=state.log_q,
         entropy=state.entropy,
         done=state.done,
+        features=state.features,
     ), mesh)
 
 
@@ -61,6 +67,7 @@ def generate(
     top_k: int = 0,
     top_p: float | Array = 1.0,
     num_samples: int = 1,
+    record_features: bool = False,
     mesh: Mesh | None = None,
 ) -> GenerateResult:
     """Samples `num_samples` continuations of one prompt in a single jitted while-loop.
@@ -79,6 +86,8 @@ def generate(
       top_k: keep the k most likely tokens (0 = all).
       top_p: nucleus mass in (0, 1].
       num_samples: S, rows decoded as one batch.
+      record_features: also return each generated token's final-norm hidden state
+        (`.features [S, N, D]`), from the same decode steps.
       mesh: a `jaxsample.parallel` mesh: samples split over its data axis (S must be a
         multiple of it), the model over its model axis; same key, same samples.
     """
@@ -86,7 +95,9 @@ def generate(
     proposal = Proposal(temperature=temperature, top_k=top_k, top_p=top_p).validated()
     prompt, max_new_tokens = check_prompt(lm, prompt_tokens, max_new_tokens)
     parallel.check_rows(mesh, num_samples, "num_samples")
-    result = _generate(key, parallel.shard_model(lm, mesh), *pad_prompt(lm, prompt, max_new_tokens),
-                       proposal, max_new_tokens, num_samples, mesh)
+    result = _generate(
+        key, parallel.shard_model(lm, mesh), *pad_prompt(lm, prompt, max_new_tokens), proposal,
+        max_new_tokens, num_samples, record_features, mesh,
+    )
     check_finite_log_p(lm, result.log_p, result.lengths, rows="sample")
     return result
