@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxsample import parallel
 from jaxsample.errors import ArgumentError
@@ -100,3 +100,24 @@ def test_mesh_arguments_are_checked():
     two_rows = Mesh(np.asarray(jax.devices()[:1] * 2).reshape(2, 1), (parallel.DATA, parallel.MODEL))
     with pytest.raises(ArgumentError, match="num_samples=3 must be a multiple"):
         parallel.check_rows(two_rows, 3, "num_samples")
+
+
+def test_tensor_parallel_layout_splits_whole_heads():
+    config = parallel_worker.CONFIG  # 4 query heads, 2 kv heads, vocabulary 48
+    params = parallel_worker.tiny_lm().params
+    mesh = Mesh(np.asarray(jax.devices()[:1] * 2).reshape(1, 2), (parallel.DATA, parallel.MODEL))
+    specs = {jax.tree_util.keystr(path): sharding.spec for path, sharding in
+             jax.tree_util.tree_flatten_with_path(parallel.param_shardings(mesh, params, config))[0]}
+    model = parallel.MODEL
+    assert specs["['layers']['self_attn']['q_proj']['kernel']"] == P(None, None, model)
+    assert specs["['layers']['self_attn']['k_proj']['bias']"] == P(None, model)
+    assert specs["['layers']['self_attn']['o_proj']['kernel']"] == P(None, model, None)
+    assert specs["['layers']['mlp']['down_proj']['kernel']"] == P(None, model, None)
+    assert specs["['embed_tokens']['embedding']"] == P(model, None)
+    assert specs["['norm']['scale']"] == P()
+    four = Mesh(np.asarray(jax.devices()[:1] * 4).reshape(1, 4), (parallel.DATA, parallel.MODEL))
+    specs4 = {jax.tree_util.keystr(path): sharding.spec for path, sharding in
+              jax.tree_util.tree_flatten_with_path(parallel.param_shardings(four, params, config))[0]}
+    # 2 kv heads cannot split 4 ways: k/v stay whole (replicated); q (4 heads) splits.
+    assert specs4["['layers']['self_attn']['k_proj']['kernel']"] == P()
+    assert specs4["['layers']['self_attn']['q_proj']['kernel']"] == P(None, None, model)

@@ -66,6 +66,8 @@ def test_help_documents_every_option(capsys):
         (["power", "--task", "math500", "--data", "missing.jsonl", "--model", "smollm2-135m-instruct"], "missing.jsonl"),
         (["power", "--data", "problems.jsonl"], "--data"),
         (["smc", "--task", "math500", "--data", "x.jsonl", "--model", "smollm2-135m-instruct"], "verifier"),
+        (["smc", "--task", "humaneval", "--model", "smollm2-135m-instruct"], "--task humaneval has no in-JAX verifier"),
+        (["power", "--task", "humaneval", "--model", "toy-decisions"], "--task humaneval needs a chat model"),
         (["power", "--mesh", "data=0"], "data=0"),
         (["smc", "--mesh", "data=64"], "needs 64 devices"),
         (["power", "--decisions", "abc"], "--decisions must be comma-separated integers ≥ 1 (e.g. 1,2,3), got 'abc'"),
