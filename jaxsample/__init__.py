@@ -12,8 +12,8 @@ from jaxsample.generate import GenerateResult, generate
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc import PowerSampleResult, base_sample, best_of_n, power_sample, temperature_sample
 from jaxsample.models import ModelConfig, Tokenizer, load, register_model, registered_models, save_pretrained
-from jaxsample.sampling import Proposal, proposal_log_probs, token_log_probs
-from jaxsample.smc import SMCResult, smc_decode
+from jaxsample.sampling import Proposal, Twist, proposal_log_probs, token_log_probs
+from jaxsample.smc import SMCResult, smc_decode, twisted_smc
 
 __version__ = "0.1.0"
 
@@ -26,6 +26,7 @@ __all__ = [
     "Proposal",
     "SMCResult",
     "Tokenizer",
+    "Twist",
     "base_sample",
     "best_of_n",
     "errors",
@@ -48,4 +49,5 @@ __all__ = [
     "tasks",
     "temperature_sample",
     "token_log_probs",
+    "twisted_smc",
 ]

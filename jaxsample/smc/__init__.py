@@ -1,7 +1,8 @@
 """Sequential Monte Carlo: resampling, ESS and reward-guided SMC decoding.
 
 `smc_decode` samples π(y) ∝ p(y | prompt)^α exp(λ r(y)) with block-wise SMC (prefix-only or
-lookahead, optional resample-move rejuvenation); `init` / `build_kernel` expose one SMC step
+lookahead, optional resample-move rejuvenation); `twisted_smc` samples σ ∝ p φ with a
+twist-induced proposal on the same kernel; `solve_trust_region_beta` is TRI-TSMC's step; `init` / `build_kernel` expose one SMC step
 for custom loops; the resamplers and log-weight helpers work on any particle pytree.
 
     result = smc_decode(key, lm, prompt, reward_fn, num_particles=64, max_new_tokens=256,
@@ -13,6 +14,7 @@ for custom loops; the resamplers and log-weight helpers work on any particle pyt
 from jaxsample.smc.resampling import (
     RESAMPLERS,
     Resampler,
+    conditional_multinomial,
     get_resampler,
     multinomial,
     residual,
@@ -28,10 +30,11 @@ from jaxsample.smc.weights import (
     resample_if_needed,
 )
 from jaxsample.smc.target import Particles, RewardTarget, make_target
-from jaxsample.smc.lookahead import Lookahead, estimate_log_value
+from jaxsample.smc.lookahead import Lookahead, ProposalTwist, estimate_log_value
 from jaxsample.smc.rejuvenation import build_move, move_log_ratio
 from jaxsample.smc.kernel import SMCInfo, SMCState, build_kernel, init
 from jaxsample.smc.sampler import SMCResult, smc_decode
+from jaxsample.smc.twisted import terminal_potential, twisted_proposal, twisted_smc
 from jaxsample.smc.trust_region import (
     solve_trust_region_beta,
     tempered_log_weights,
@@ -41,6 +44,7 @@ from jaxsample.smc.trust_region import (
 __all__ = [
     "Lookahead",
     "Particles",
+    "ProposalTwist",
     "RESAMPLERS",
     "ResampleInfo",
     "Resampler",
@@ -50,6 +54,7 @@ __all__ = [
     "SMCState",
     "build_kernel",
     "build_move",
+    "conditional_multinomial",
     "ess",
     "estimate_log_value",
     "gather_particles",
@@ -67,5 +72,8 @@ __all__ = [
     "stratified",
     "systematic",
     "tempered_log_weights",
+    "terminal_potential",
     "trust_region_kl",
+    "twisted_proposal",
+    "twisted_smc",
 ]

@@ -76,7 +76,8 @@ class SMCResult(NamedTuple):
     ),
 )
 def _run(
-    key, lm, prompt, prompt_length, target: RewardTarget, proposal: Proposal, ess_threshold, *,
+    key, lm, prompt, prompt_length, target: RewardTarget, proposal: Proposal, ess_threshold,
+    conditional_sample=None, *,
     num_particles, max_new_tokens, block_size, resampler, num_rejuvenation_steps, lookahead,
     progress,
 ):
@@ -84,9 +85,12 @@ def _run(
     step = build_kernel(
         lm, proposal, target, block_size=block_size, ess_threshold=ess_threshold,
         resampler=resampler, num_rejuvenation_steps=num_rejuvenation_steps,
-        lookahead=lookahead, cut_law=uniform,
+        lookahead=lookahead, cut_law=uniform, conditional_sample=conditional_sample,
     )
-    state = init(lm, prompt, num_particles, max_new_tokens, prompt_length)
+    state = init(
+        lm, prompt, num_particles, max_new_tokens, prompt_length,
+        record_twist=proposal.twist is not None,
+    )
     num_blocks = -(-max_new_tokens // block_size)
     info_shape = jax.eval_shape(step, run_key, state)[1]
     history = jax.tree.map(lambda x: jnp.zeros((num_blocks,) + x.shape, x.dtype), info_shape)
@@ -187,17 +191,8 @@ def smc_decode(
       ArgumentError: an argument out of range.
       NumericalError: a log-weight became NaN or +inf (from the reward function or the model).
     """
-    prompt = jnp.asarray(prompt_tokens, jnp.int32)
-    if prompt.ndim != 1:
-        raise ArgumentError(f"prompt_tokens must have shape [T], got {prompt.shape}")
-    check_int("num_particles", num_particles, 1)
-    check_int("max_new_tokens", max_new_tokens, 1)
-    check_int("block_size", block_size, 1)
-    if block_size > max_new_tokens:
-        raise ArgumentError(f"block_size={block_size} exceeds max_new_tokens={max_new_tokens}")
-    if not isinstance(ess_threshold, jax.core.Tracer) and not 0 <= float(ess_threshold) <= 1:
-        raise ArgumentError(f"ess_threshold must lie in [0, 1], got {float(ess_threshold)}")
-    check_prompt(lm, prompt, max_new_tokens)
+    prompt = check_arguments(lm, prompt_tokens, num_particles, max_new_tokens, block_size,
+                             ess_threshold)
     check_lookahead(lookahead)  # before jit hashes it as a static argument
     target = make_target(alpha, lam, reward_fn)
     proposal = Proposal(
@@ -213,8 +208,30 @@ def smc_decode(
         resampler=resampler, num_rejuvenation_steps=num_rejuvenation_steps,
         lookahead=lookahead, progress=progress,
     )
+    return execute(run, max_new_tokens, block_size, progress, "smc_decode blocks")
+
+
+def check_arguments(lm, prompt_tokens, num_particles, max_new_tokens, block_size, ess_threshold):
+    """Validates the arguments every SMC entry point shares; returns the int32 `[T]` prompt."""
+    prompt = jnp.asarray(prompt_tokens, jnp.int32)
+    if prompt.ndim != 1:
+        raise ArgumentError(f"prompt_tokens must have shape [T], got {prompt.shape}")
+    check_int("num_particles", num_particles, 1)
+    check_int("max_new_tokens", max_new_tokens, 1)
+    check_int("block_size", block_size, 1)
+    if block_size > max_new_tokens:
+        raise ArgumentError(f"block_size={block_size} exceeds max_new_tokens={max_new_tokens}")
+    if not isinstance(ess_threshold, jax.core.Tracer) and not 0 <= float(ess_threshold) <= 1:
+        raise ArgumentError(f"ess_threshold must lie in [0, 1], got {float(ess_threshold)}")
+    check_prompt(lm, prompt, max_new_tokens)
+    return prompt
+
+
+def execute(run, max_new_tokens, block_size, progress, label) -> SMCResult:
+    """Runs a partially applied `_run`, raises `NumericalError` on a NaN / +inf log-weight
+    and trims the per-step histories to the steps that ran."""
     if progress:
-        with progress_bar(-(-max_new_tokens // block_size), "smc_decode blocks"):
+        with progress_bar(-(-max_new_tokens // block_size), label):
             num_steps, history, result = jax.block_until_ready(run())
     else:
         num_steps, history, result = run()
@@ -223,8 +240,8 @@ def smc_decode(
     if invalid_steps.size:
         raise NumericalError(
             f"a log-weight became NaN or +inf at SMC step {int(invalid_steps[0])} (tokens up to "
-            f"{min((int(invalid_steps[0]) + 1) * block_size, max_new_tokens)}); check reward_fn "
-            "and the model's logits for NaN / inf"
+            f"{min((int(invalid_steps[0]) + 1) * block_size, max_new_tokens)}); check the "
+            "reward / potential / twist functions and the model's logits for NaN / inf"
         )
     trim = lambda x: x[:num_steps]  # noqa: E731
     return result._replace(
