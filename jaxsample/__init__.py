@@ -13,7 +13,7 @@ from jaxsample.lm import LanguageModel
 from jaxsample.mcmc import PowerSampleResult, base_sample, best_of_n, power_sample, temperature_sample
 from jaxsample.models import ModelConfig, Tokenizer, load, register_model, registered_models, save_pretrained
 from jaxsample.sampling import Proposal, Twist, proposal_log_probs, token_log_probs
-from jaxsample.smc import SMCResult, smc_decode, twisted_smc
+from jaxsample.smc import SMCResult, learn_twist, smc_decode, twisted_smc
 
 __version__ = "0.1.0"
 
@@ -33,6 +33,7 @@ __all__ = [
     "extend",
     "generate",
     "init_decode",
+    "learn_twist",
     "load",
     "mcmc",
     "models",

@@ -68,7 +68,8 @@ def _check(log_weights, kl_budget) -> None:
 
 
 @jax.jit
-def _solve(log_weights: Array, kl_budget: Array) -> Array:
+def bisect_beta(log_weights: Array, kl_budget: Array) -> Array:
+    """`solve_trust_region_beta` without the host-side checks (jit / vmap friendly)."""
     kl = partial(trust_region_kl, log_weights)
 
     def unresolved(carry):
@@ -104,4 +105,4 @@ def solve_trust_region_beta(log_weights: Array, kl_budget: float | Array) -> Arr
       NumericalError: (concrete inputs) a NaN or +inf log-weight, or all `-inf`.
     """
     _check(log_weights, kl_budget)
-    return _solve(jnp.asarray(log_weights, jnp.float32), jnp.asarray(kl_budget, jnp.float32))
+    return bisect_beta(jnp.asarray(log_weights, jnp.float32), jnp.asarray(kl_budget, jnp.float32))

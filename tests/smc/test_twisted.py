@@ -1,8 +1,6 @@
 """Twisted SMC against exact enumeration on a tabular toy (3 tokens + stop, S = 4) with a
 terminal potential φ: the optimal twist, unbiasedness of Z_hat, SMC / conditional-SMC bounds."""
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,11 +8,11 @@ import pytest
 
 import jaxsample as js
 from jaxsample.errors import ArgumentError
-from jaxsample.smc import ProposalTwist, build_kernel, init, make_target, terminal_potential
 from jaxsample.smc import twisted_proposal
 from toy_models import TabularLM
 
 from . import twist_exact as tx
+from .runner import run_twisted
 
 S = 4
 
@@ -57,41 +55,18 @@ def test_optimal_twist_gives_zero_variance(toy, lm, log_phi, optimal, block_size
     assert np.var(estimates) < 1e-10
 
 
-@partial(jax.jit, static_argnames=("num_particles", "twist_fn", "potential", "resampler",
-                                   "conditional"))
-def _runs(keys, references, lm, params, ess_threshold, *, num_particles, twist_fn, potential,
-          resampler, conditional):
-    """Many independent twisted SMC runs through the public kernel, vmapped over keys."""
-    target = make_target(1.0, 1.0, terminal_potential(lm, potential))
-    proposal = twisted_proposal(twist_fn, params)
-    num_blocks = S
-
-    def one(key, reference):
-        step = build_kernel(lm, proposal, target, block_size=1, ess_threshold=ess_threshold,
-                            resampler=resampler,
-                            lookahead=None if twist_fn is None else ProposalTwist(),
-                            conditional_sample=reference if conditional else None)
-        state = init(lm, jnp.array([0], jnp.int32), num_particles, S,
-                     record_twist=twist_fn is not None)
-        state, _ = jax.lax.scan(lambda s, k: step(k, s), state, jax.random.split(key, num_blocks))
-        return js.smc.log_evidence(state.log_weights), state.particles.decode.tokens[0]
-
-    return jax.vmap(one)(keys, references)
-
-
 def _log_z_hats(toy, lm, log_phi, params, seeds, *, num_particles, twist=True,
                 conditional=False, ess_threshold=0.5):
-    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
-    states, probs = tx.sigma(toy, log_phi, S)
-    rng = np.random.default_rng(int(seeds[0]) + 7)
-    references = np.stack([tx.padded(tx.sample_sigma(rng, states, probs), S, lm.pad_token_id)
-                           for _ in seeds])
-    log_z, slot0 = _runs(keys, jnp.asarray(references), lm, params, jnp.float32(ess_threshold),
-                         num_particles=num_particles,
-                         twist_fn=tx.table_twist_fn(toy.vocab_size, S) if twist else None,
-                         potential=log_phi.jax_fn,
-                         resampler="multinomial" if conditional else "systematic",
-                         conditional=conditional)
+    references = None
+    if conditional:
+        states, probs = tx.sigma(toy, log_phi, S)
+        rng = np.random.default_rng(int(seeds[0]) + 7)
+        references = np.stack([tx.padded(tx.sample_sigma(rng, states, probs), S, lm.pad_token_id)
+                               for _ in seeds])
+    log_z, _, slot0 = run_twisted(seeds, lm, toy.prompt(), tx.table_twist_fn(toy.vocab_size, S)
+                                  if twist else None, params, log_phi.jax_fn,
+                                  num_particles=num_particles, max_new_tokens=S,
+                                  ess_threshold=ess_threshold, references=references)
     if conditional:  # particle 0 is the reference throughout
         np.testing.assert_array_equal(slot0, references)
     return np.asarray(log_z, np.float64)
