@@ -17,11 +17,12 @@ import yaml  # noqa: E402
 
 import power_experiment  # noqa: E402
 import smc_experiment  # noqa: E402
+import twisted_experiment  # noqa: E402
 from run_directory import RunDirectory, default_run_dir, fail  # noqa: E402
 
 from jaxsample.errors import JaxsampleError  # noqa: E402
 
-COMMANDS = {"power": power_experiment, "smc": smc_experiment}
+COMMANDS = {"power": power_experiment, "smc": smc_experiment, "twisted": twisted_experiment}
 DEFAULT_COMMAND = "power"
 
 

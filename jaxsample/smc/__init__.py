@@ -2,7 +2,8 @@
 
 `smc_decode` samples π(y) ∝ p(y | prompt)^α exp(λ r(y)) with block-wise SMC (prefix-only or
 lookahead, optional resample-move rejuvenation); `twisted_smc` samples σ ∝ p φ with a
-twist-induced proposal on the same kernel; `solve_trust_region_beta` is TRI-TSMC's step; `init` / `build_kernel` expose one SMC step
+twist-induced proposal on the same kernel and `learn_twist` learns its twist (CTL or TRI-TSMC,
+whose trust-region step is `solve_trust_region_beta`); `init` / `build_kernel` expose one SMC step
 for custom loops; the resamplers and log-weight helpers work on any particle pytree.
 
     result = smc_decode(key, lm, prompt, reward_fn, num_particles=64, max_new_tokens=256,
