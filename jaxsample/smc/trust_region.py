@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsample.errors import ArgumentError, NumericalError
+from jaxsample.validation import check_real
 
 Array = jax.Array
 
@@ -53,10 +54,7 @@ def trust_region_kl(log_weights: Array, beta: Array | float) -> Array:
 
 
 def _check(log_weights, kl_budget) -> None:
-    if not isinstance(kl_budget, jax.core.Tracer):
-        budget = float(kl_budget)
-        if not (0 < budget < float("inf")):
-            raise ArgumentError(f"kl_budget must be finite and > 0, got {budget}")
+    check_real("kl_budget", kl_budget, "(0, inf)")
     if jnp.ndim(log_weights) != 1 or jnp.shape(log_weights)[0] < 1:
         raise ArgumentError(f"log_weights must have shape [N], got {jnp.shape(log_weights)}")
     if not isinstance(log_weights, jax.core.Tracer):

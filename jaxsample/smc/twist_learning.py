@@ -39,10 +39,10 @@ from tqdm.auto import tqdm
 
 from jaxsample.errors import ArgumentError
 from jaxsample.lm import LanguageModel
-from jaxsample.smc.kernel import check_int
 from jaxsample.smc.trust_region import bisect_beta, trust_region_kl
 from jaxsample.smc.twisted import LogPotentialFn, LogTwistFn, twisted_smc
 from jaxsample.smc.weights import ess, log_evidence
+from jaxsample.validation import check_int, check_real
 
 Array = jax.Array
 METHODS = ("tri", "ctl")
@@ -332,12 +332,11 @@ def learn_twist(
     """
     if method not in METHODS:
         raise ArgumentError(f"method must be one of {METHODS}, got {method!r}")
-    check_int("num_iterations", num_iterations, 1)
-    check_int("num_particles", num_particles, 2)
-    check_int("num_fit_steps", num_fit_steps, 1)
-    for name, value in (("kl_budget", kl_budget), ("learning_rate", learning_rate)):
-        if not 0 < float(value) < float("inf"):
-            raise ArgumentError(f"{name} must be finite and > 0, got {value}")
+    num_iterations = check_int("num_iterations", num_iterations, 1)
+    num_particles = check_int("num_particles", num_particles, 2)
+    num_fit_steps = check_int("num_fit_steps", num_fit_steps, 1)
+    check_real("kl_budget", kl_budget, "(0, inf)")
+    check_real("learning_rate", learning_rate, "(0, inf)")
     prompts = [jnp.asarray(p, jnp.int32) for p in prompts]
     if not prompts:
         raise ArgumentError("prompts must hold at least one prompt")

@@ -136,8 +136,8 @@ def twisted_smc(
       `SMCResult`: `.tokens .lengths .log_weights` (normalised) `.log_z .ess` (per step) and
       `.rewards` = log φ of each final particle.
     """
-    prompt = check_arguments(lm, prompt_tokens, num_particles, max_new_tokens, block_size,
-                             ess_threshold)
+    prompt, num_particles, max_new_tokens, block_size = check_arguments(
+        lm, prompt_tokens, num_particles, max_new_tokens, block_size, ess_threshold)
     target = make_target(1.0, 1.0, terminal_potential(lm, log_potential_fn))
     proposal = twisted_proposal(log_twist_fn, twist_params)
     reference = None
@@ -151,4 +151,4 @@ def twisted_smc(
         resampler="systematic" if resampler is None else resampler, num_rejuvenation_steps=0,
         lookahead=None if log_twist_fn is None else ProposalTwist(), progress=progress,
     )
-    return execute(run, max_new_tokens, block_size, progress, "twisted_smc blocks")
+    return execute(lm, run, max_new_tokens, block_size, progress, "twisted_smc blocks")
