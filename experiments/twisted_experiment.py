@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 import jaxsample as js
 from jaxsample.errors import ArgumentError
+from jaxsample.validation import check_int, check_real
 from problems import add_problem_arguments, check_problem_config, load_model_and_problems, selected_methods
 from run_directory import RunDirectory, markdown_table
 
@@ -39,10 +40,10 @@ LABELS = {"untwisted": "untwisted SMC", "ctl": "CTL twist", "tri": "TRI-TSMC twi
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_problem_arguments(parser, problems_per_k=1, mcmc_steps=0)
-    parser.set_defaults(decisions="1,2")
+    parser.set_defaults(decisions="2")
     parser.add_argument("--lam", type=float, default=3.0, help="log φ = λ·correct: the verifier potential's strength")
     parser.add_argument("--particles", type=int, default=16, help="particles N, for learning (SIS paths per iteration) and evaluation")
-    parser.add_argument("--iterations", type=int, default=6, help="twist-learning iterations per problem and method")
+    parser.add_argument("--iterations", type=int, default=4, help="twist-learning iterations per problem and method")
     parser.add_argument("--eval-runs", type=int, default=4, help="independent twisted SMC runs per evaluation (variance of log Z_hat)")
     parser.add_argument("--kl-budget", type=float, default=0.5, help="TRI's trust-region budget ε per iteration")
     parser.add_argument("--learning-rates", default="0.03,0.3", help="comma-separated Adam learning rates (the stability comparison)")
@@ -64,14 +65,14 @@ def learning_rates(config: dict) -> list[float]:
 def check_config(config: dict) -> None:
     selected_methods(config, METHODS)
     learning_rates(config)
-    check_problem_config(config, positive=("particles", "iterations", "eval_runs", "fit_steps", "hidden_size", "problems_per_k"),
+    check_problem_config(config, positive=("iterations", "eval_runs", "fit_steps", "hidden_size", "problems_per_k"),
                          non_negative=())
     if config["task"] != "decisions" or config["model"] != "toy-decisions":
-        raise ArgumentError("twisted runs on --task decisions --model toy-decisions (the verifier needs the reference trace)")
-    if config["particles"] < 2:
-        raise ArgumentError(f"--particles must be ≥ 2, got {config['particles']}")
-    if not config["kl_budget"] > 0:
-        raise ArgumentError(f"--kl-budget must be > 0, got {config['kl_budget']}")
+        raise ArgumentError("twisted runs on --task decisions --model toy-decisions (the verifier needs the reference "
+                            "trace; the masked-diffusion model toy-diffusion is not built yet)")
+    check_int("--particles", config["particles"], 2)
+    check_real("--lam", config["lam"], "(-inf, inf)")
+    check_real("--kl-budget", config["kl_budget"], "(0, inf)")
 
 
 def trace_correct(lam, reference, tokens, length):
