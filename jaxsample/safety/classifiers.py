@@ -101,8 +101,9 @@ def fit_classifier(kind: str, key: Array, candidates: Array, safe: Array) -> Cal
     safe_column = list(model.classes_).index(True)
 
     def host_score(flat):
-        flat = np.asarray(flat, np.float32).reshape(-1, features.shape[1])
-        return model.predict_proba(flat)[:, safe_column].astype(np.float32).reshape(np.shape(flat)[:-1])
+        flat = np.asarray(flat, np.float32)
+        rows = flat.reshape(-1, features.shape[1])
+        return model.predict_proba(rows)[:, safe_column].astype(np.float32).reshape(flat.shape[:-1])
 
     def score_fn(flat):
         shape = jax.ShapeDtypeStruct(flat.shape[:-1], jnp.float32)
