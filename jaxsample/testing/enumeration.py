@@ -110,7 +110,8 @@ class Enumeration:
     def entropy(self, prefix: Prefix) -> float:
         """Entropy of p(· | prompt, prefix) in nats (0·log 0 = 0)."""
         log_p = self.next_log_probs(prefix)
-        return float(-np.sum(np.where(np.isfinite(log_p), np.exp(log_p) * log_p, 0.0)))
+        finite = np.isfinite(log_p)
+        return float(-np.sum(np.exp(log_p[finite]) * log_p[finite]))
 
     def proposal_log_probs(self, prefix: Prefix, proposal: Proposal) -> np.ndarray:
         """float64 `[V]` log q(· | prefix) of `proposal`: the support is the one
