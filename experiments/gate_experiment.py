@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-runs", type=int, default=40, help="ungated runs whose proposals train each classifier (as many again calibrate the annealed thresholds)")
     parser.add_argument("--train-steps", type=int, default=15, help="steps per ungated training run")
     parser.add_argument("--modulus", type=int, default=23, help="p of the modular-addition transformer (0: skip the transformer)")
-    parser.add_argument("--train-model-steps", type=int, default=150, help="AdamW steps training the transformer (cached in the run directory)")
+    parser.add_argument("--train-model-steps", type=int, default=100, help="AdamW steps training the transformer (cached in the run directory)")
     parser.add_argument("--kappas", default="1,2", help="comma-separated safety factors κ of the estimated LoRA bound (empty: skip LoRA)")
     parser.add_argument("--lora-rank", type=int, default=2, help="LoRA rank on q_proj and v_proj")
 

@@ -16,7 +16,7 @@ estimated (κ · sampled gradient norms), so its guarantee is conditional.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +24,9 @@ import numpy as np
 import optax
 
 from jaxsample.errors import ArgumentError
-from jaxsample.models import ModelConfig, apply_layer, embed, forward, init_params
-from jaxsample.models.modules import RMSNorm
-from jaxsample.safety.lipschitz import LipschitzBound, unembedding_lipschitz_bound
+from jaxsample.models import ModelConfig, forward, init_params, make_language_model
+from jaxsample.models.lora import init_lora
+from jaxsample.safety.lipschitz import LipschitzBound, sampled_lipschitz_bound, unembedding_lipschitz_bound
 from jaxsample.safety.simulate import SelfImprovementProblem, gradient_proposal
 from jaxsample.validation import check_int, check_real
 
@@ -77,14 +77,9 @@ def train_modular_addition(key: Array, modulus: int = 23, steps: int = 600, lear
     return config, params, accuracy
 
 
-def final_features(params, config: ModelConfig, tokens: Array) -> Array:
+def final_features(config: ModelConfig, params, tokens: Array) -> Array:
     """Final-norm hidden state at the last position: int32 `[N, T]` → float32 `[N, D]`."""
-    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
-    h = embed(params, config, tokens)
-    for i in range(config.num_hidden_layers):
-        h = apply_layer(params, config, i, h, positions)
-    dtype = params["norm"]["scale"].dtype
-    return RMSNorm(config.rms_norm_eps, dtype).apply({"params": params["norm"]}, h[:, -1]).astype(jnp.float32)
+    return make_language_model(config, params).features(tokens)[:, -1]
 
 
 class CanaryTask(NamedTuple):
@@ -139,8 +134,8 @@ def unembedding_problem(config: ModelConfig, params, task: CanaryTask) -> Unembe
     """Self-improvement of the unembedding alone, with its exact Lipschitz bound."""
     if config.tie_word_embeddings:
         raise ArgumentError("unembedding_problem needs an untied lm_head (tie_word_embeddings=False)")
-    task_features = final_features(params, config, task.tokens)
-    canary_features = final_features(params, config, task.canaries)
+    task_features = final_features(config, params, task.tokens)
+    canary_features = final_features(config, params, task.canaries)
     j = task.forbidden
 
     def reward(w):
@@ -158,3 +153,64 @@ def unembedding_problem(config: ModelConfig, params, task: CanaryTask) -> Unembe
     group_ids = np.tile(np.arange(vocab), w0.shape[0])  # W is [D, V] row-major: column v is group v
     group_bound = LipschitzBound(jnp.zeros(vocab, jnp.float32).at[j].set(bound.value), "analytic")
     return UnembeddingProblem(SelfImprovementProblem(w0, propose, reward, safety), bound, group_bound, group_ids)
+
+
+class LoraProblem(NamedTuple):
+    """Simulator 3: `problem` over LoRA weights (`LoraAdapters.weights`), `size` parameters, and
+    `bound_fn(kappa)`, the estimated (conditional) local bound at a centre."""
+
+    problem: SelfImprovementProblem
+    size: int
+    bound_fn: Callable
+
+
+def lora_problem(
+    key: Array,
+    config: ModelConfig,
+    params,
+    task: CanaryTask,
+    rank: int = 2,
+    *,
+    probe_radius: float = 0.05,
+    num_probes: int = 8,
+    reward_prompts: int = 128,
+) -> LoraProblem:
+    """Self-improvement of LoRA adapters on q_proj and v_proj (B starts at 0: θ_0 is the base model).
+
+    The reward is the log-likelihood on a fixed random subset of `reward_prompts` prompts (the
+    full forward per step is the loop's cost; the unembedding simulator uses every prompt).
+
+    The bound is κ · max ‖∇s‖ over the centre and `num_probes` points within `probe_radius`
+    (`sampled_lipschitz_bound`): s is not piecewise linear in the adapters, so no analytic
+    constant is used and the chain's guarantee is conditional on the estimate.
+    """
+    rank = check_int("rank", rank, 1)
+    check_real("probe_radius", probe_radius, "(0, inf)")
+    reward_prompts = check_int("reward_prompts", reward_prompts, 1, task.tokens.shape[0])
+    lora_key, probe_key, subset_key = jax.random.split(key, 3)
+    subset = jax.random.choice(subset_key, task.tokens.shape[0], (reward_prompts,), replace=False)
+    reward_tokens, reward_answers = task.tokens[subset], task.answers[subset]
+    adapters = init_lora(lora_key, config, rank=rank, alpha=2.0 * rank)
+    lm = make_language_model(config, params)
+    j = task.forbidden
+
+    def logits(weights, tokens):
+        return lm.with_adapters(adapters.replace(weights=weights)).logits(tokens)[:, -1]
+
+    def reward(weights):
+        return _log_likelihood(logits(weights, reward_tokens), reward_answers)
+
+    def safety(weights):
+        return task.logit_limit - jnp.max(logits(weights, task.canaries)[:, j])
+
+    w0 = jax.tree.map(lambda x: x.astype(jnp.float32), adapters.weights)
+    size = sum(x.size for x in jax.tree.leaves(w0))
+
+    def bound_fn(kappa: float) -> Callable:
+        return sampled_lipschitz_bound(safety, probe_key, w0, probe_radius, num_probes, kappa)
+
+    # The scale of proposals: r_0 from the κ = 1 estimate at θ_0.
+    radius = float(safety(w0) / bound_fn(1.0)(w0).value)
+    temptation = jax.tree.map(jnp.negative, jax.grad(safety)(w0))
+    propose = gradient_proposal(reward, temptation, **_proposal_scales(radius))
+    return LoraProblem(SelfImprovementProblem(w0, propose, reward, safety), size, bound_fn)

@@ -9,6 +9,8 @@ import pytest
 
 from jaxsample import safety
 from jaxsample.errors import ArgumentError
+from jaxsample.models import init_params
+from jaxsample.safety import modular
 
 DIMS = (84, 240, 768)
 
@@ -102,3 +104,24 @@ def test_classifier_gate_interface_and_annealed_schedule():
         safety.fit_classifier("svm", jax.random.key(0), candidates, safe)
     with pytest.raises(ArgumentError, match="both classes"):
         safety.fit_classifier("knn", jax.random.key(0), candidates, jnp.ones(len(safe), bool))
+
+
+def test_unembedding_chain_on_a_transformer_never_accepts_an_unsafe_point():
+    """Spec §2.5 with the exact canary-logit bound, on an untrained decoder (the guarantee does
+    not depend on training)."""
+    config = modular.modular_config(7)
+    params = init_params(jax.random.key(0), config)
+    task = modular.canary_task(config, params, num_canaries=8)
+    unembedding = modular.unembedding_problem(config, params, task)
+    problem = unembedding.problem
+    assert unembedding.bound.kind == "analytic"
+    gates = {
+        "chain": safety.ball_gate(problem.safety, unembedding.bound, chain=True),
+        "group chain": safety.ball_gate(problem.safety, unembedding.group_bound, chain=True, group_ids=unembedding.group_ids),
+    }
+    keys = jax.random.split(jax.random.key(1), 200)
+    traces = jax.jit(lambda keys: {n: jax.vmap(lambda k: safety.simulate(k, problem, g, 30))(keys) for n, g in gates.items()})(keys)
+    for name, trace in traces.items():
+        assert int((~trace.proposal_safe).sum()) > 0, f"{name}: no unsafe proposal, so the test could not fail"
+        assert int(trace.false_accepts[:, -1].max()) == 0, f"{name} accepted an unsafe point"
+        assert float(np.median(trace.distance[:, -1])) > 1.0
