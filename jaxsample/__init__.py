@@ -4,10 +4,11 @@ Public API: model loading (`load`), the `LanguageModel` interface, token-level p
 the batched decode loop, ancestral sampling (`generate`), teacher-forced scoring (`score`), model internals
 (features, hidden states, `Intervention`s, LoRA adapters in `models.lora`), power-distribution MH
 (`power_sample` and its baselines) and reward-guided SMC (`smc_decode`). Subpackages hold
-the building blocks: `models`, `sampling`, `mcmc`, `smc`, `calibration`, `tasks`.
+the building blocks: `models`, `sampling`, `mcmc`, `smc`, `calibration`, `safety` (Lipschitz-ball
+safety gates for self-improving updates), `tasks`.
 """
 
-from jaxsample import calibration, errors, mcmc, models, smc, tasks
+from jaxsample import calibration, errors, mcmc, models, safety, smc, tasks
 from jaxsample.decoding import DecodeState, extend, init_decode, rewind, select_rows, take_rows
 from jaxsample.generate import GenerateResult, generate
 from jaxsample.lm import LanguageModel
@@ -48,6 +49,7 @@ __all__ = [
     "score",
     "save_pretrained",
     "select_rows",
+    "safety",
     "smc",
     "smc_decode",
     "take_rows",

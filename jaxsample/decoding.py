@@ -99,29 +99,49 @@ def check_prompt(
     return jnp.asarray(prompt_tokens, jnp.int32), max_new_tokens
 
 
-def check_finite_log_p(lm: LanguageModel, log_p: Array, lengths: Array, rows: str = "row") -> None:
-    """Raises `NumericalError` if a generated position holds a non-finite log-probability.
+def first_non_finite(log_p: Array, lengths: Array) -> Array:
+    """int32 `[B]`: each row's first generated position whose log p is not finite, −1 if none.
 
-    The one NaN check of every sampler entry point, run on the concrete result. A NaN comes
-    from NaN logits; -inf from a sampled token the model gives probability 0 (also a model
-    fault, since tokens are drawn from a distribution that requires p > 0).
+    Works traced (inside samplers' jitted loops) and on concrete arrays.
+
+    Args:
+      log_p: float `[B, N]` per-token log p.
+      lengths: int `[B]` generated tokens per row; positions from `lengths` on are padding.
+    """
+    position = jnp.arange(log_p.shape[-1])
+    bad = (position[None, :] < jnp.asarray(lengths)[:, None]) & ~jnp.isfinite(log_p)
+    return jnp.where(jnp.any(bad, axis=-1), jnp.argmax(bad, axis=-1), -1).astype(jnp.int32)
+
+
+def raise_on_non_finite(lm: LanguageModel, first_bad: Array, rows: str = "row", steps: tuple[str, ...] = ()) -> None:
+    """The one NaN report of every sampler entry point: raises `NumericalError` naming the
+    first row (and step) whose `first_non_finite` position is ≥ 0.
+
+    A NaN log p comes from NaN logits; -inf from a sampled token the model gives probability
+    0, which a proposal derived from the same logits cannot draw unless they are broken.
 
     Args:
       lm: the model (named in the message).
-      log_p: float `[B, N]` per-token log p.
-      lengths: int `[B]` generated tokens per row; positions from `lengths` on are padding.
-      rows: what a row is, for the message ("sample", "chain", "particle", ...).
+      first_bad: int `[..., B]` from `first_non_finite`; leading axes are named by `steps`.
+      rows: what a row is ("sample", "chain", "particle", ...).
+      steps: names of the leading axes (e.g. `("block", "MH step")`).
     """
-    log_p = np.asarray(log_p)
-    generated = np.arange(log_p.shape[-1])[None, :] < np.asarray(lengths)[:, None]
-    bad = np.argwhere(generated & ~np.isfinite(log_p))
-    if bad.size:
-        row, position = (int(i) for i in bad[0])
+    first_bad = np.asarray(first_bad)
+    hits = np.argwhere(first_bad >= 0)
+    if hits.size:
+        index = tuple(int(i) for i in hits[0])
+        where = "".join(f", {name} {i}" for name, i in zip(steps, index[:-1]))
         raise NumericalError(
-            f"model {lm.name!r} produced a non-finite log-probability ({log_p[row, position]}: NaN "
-            f"logits, or a sampled token of probability 0) at {rows} {row}, generated position "
-            f"{position}"
+            f"model {lm.name!r} produced a non-finite log-probability (NaN logits, or a sampled "
+            f"token of probability 0) at {rows} {index[-1]}, generated position "
+            f"{int(first_bad[index])}{where}"
         )
+
+
+def check_finite_log_p(lm: LanguageModel, log_p: Array, lengths: Array, rows: str = "row") -> None:
+    """Raises `NumericalError` if a generated position of a concrete result has a non-finite
+    log p (`first_non_finite` + `raise_on_non_finite`)."""
+    raise_on_non_finite(lm, first_non_finite(jnp.asarray(log_p), jnp.asarray(lengths)), rows)
 
 
 def pad_prompt(lm: LanguageModel, prompt: Array, max_new_tokens: int) -> tuple[Array, Array]:
