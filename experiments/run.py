@@ -15,13 +15,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import yaml  # noqa: E402
 
+import codistill_experiment  # noqa: E402
+import grpo_experiment  # noqa: E402
 import power_experiment  # noqa: E402
 import smc_experiment  # noqa: E402
 from run_directory import RunDirectory, default_run_dir, fail  # noqa: E402
 
 from jaxsample.errors import JaxsampleError  # noqa: E402
 
-COMMANDS = {"power": power_experiment, "smc": smc_experiment}
+COMMANDS = {"power": power_experiment, "smc": smc_experiment, "grpo": grpo_experiment, "codistill": codistill_experiment}
 DEFAULT_COMMAND = "power"
 
 

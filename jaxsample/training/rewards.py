@@ -1,0 +1,58 @@
+"""Verifiable rewards for GRPO from the task graders (`jaxsample.tasks`), computed on the host.
+
+Every reward function has the signature `reward_fn(problems, tokens [S, N], lengths [S]) ->
+rewards float [B, G]` that `grpo_step_fn` expects: `problems` is the list of B problems of the
+step and rows `b·G .. b·G + G − 1` of `tokens` are the G completions of problem b.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from jaxsample import tasks
+from jaxsample.errors import ArgumentError
+
+
+def grade_groups(grade: Callable[[Any, np.ndarray], float], problems: Sequence, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Rewards `[B, G]` from `grade(problem, completion_tokens [length]) -> float`."""
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    if tokens.shape[0] % len(problems):
+        raise ArgumentError(f"{tokens.shape[0]} completions do not split into groups for {len(problems)} problems")
+    group_size = tokens.shape[0] // len(problems)
+    rewards = [float(grade(problems[row // group_size], tokens[row, : lengths[row]])) for row in range(tokens.shape[0])]
+    return np.asarray(rewards, np.float32).reshape(len(problems), group_size)
+
+
+def completion_text(tokenizer: Any, tokens: np.ndarray, stop_ids: Sequence[int]) -> str:
+    """The decoded completion without its stop token."""
+    return tokenizer.decode([int(t) for t in tokens if int(t) not in stop_ids])
+
+
+def arithmetic_reward(tokenizer: Any, stop_ids: Sequence[int]) -> Callable:
+    """1 when `tasks.grade_arithmetic` accepts the reply (problems: `ArithmeticProblem`s)."""
+
+    def reward_fn(problems, tokens, lengths):
+        return grade_groups(lambda p, c: tasks.grade_arithmetic(p, completion_text(tokenizer, c, stop_ids)), problems, tokens, lengths)
+
+    return reward_fn
+
+
+def decision_reward(problems, tokens, lengths) -> np.ndarray:
+    """1 when `tasks.grade` accepts the decision-task trace (problems: `DecisionProblem`s)."""
+    return grade_groups(lambda p, c: tasks.grade(p, c), problems, tokens, lengths)
+
+
+def humaneval_reward(tokenizer: Any, stop_ids: Sequence[int], limits: tasks.SandboxLimits | None = None) -> Callable:
+    """1 when the completion passes the problem's tests in the sandbox (`tasks.check_humaneval`)."""
+    limits = tasks.SandboxLimits() if limits is None else limits
+
+    def grade(problem, completion):
+        code = tasks.extract_code(completion_text(tokenizer, completion, stop_ids))
+        return tasks.check_humaneval(problem, code, limits).passed
+
+    def reward_fn(problems, tokens, lengths):
+        return grade_groups(grade, problems, tokens, lengths)
+
+    return reward_fn
