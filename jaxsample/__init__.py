@@ -3,10 +3,10 @@
 Public API: model loading (`load`), the `LanguageModel` interface, token-level proposals and
 the batched decode loop, ancestral sampling (`generate`), power-distribution MH
 (`power_sample` and its baselines) and reward-guided SMC (`smc_decode`). Subpackages hold
-the building blocks: `models`, `sampling`, `mcmc`, `smc`, `tasks`.
+the building blocks: `models`, `sampling`, `mcmc`, `smc`, `tasks`, `training` (GRPO, CoDistill-GRPO).
 """
 
-from jaxsample import errors, mcmc, models, smc, tasks
+from jaxsample import errors, mcmc, models, smc, tasks, training
 from jaxsample.decoding import DecodeState, extend, init_decode, rewind, select_rows, take_rows
 from jaxsample.generate import GenerateResult, generate
 from jaxsample.lm import LanguageModel
@@ -46,6 +46,7 @@ __all__ = [
     "smc_decode",
     "take_rows",
     "tasks",
+    "training",
     "temperature_sample",
     "token_log_probs",
 ]

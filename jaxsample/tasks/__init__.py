@@ -1,4 +1,5 @@
-"""Verifiable tasks and graders: the stylized decision task, arithmetic, HumanEval, MATH500."""
+"""Verifiable tasks and graders: the stylized decision task, arithmetic, HumanEval, MATH500,
+and digit sorting (a synthetic sparse-reward RL task)."""
 
 from jaxsample.tasks.arithmetic import (
     ArithmeticProblem,
@@ -43,6 +44,7 @@ from jaxsample.tasks.math500 import (
     math_prompt,
 )
 from jaxsample.tasks.sandbox import ExecutionResult, SandboxLimits, run_python
+from jaxsample.tasks.sorting import SortingProblem, grade_sorting, sample_sorting
 
 __all__ = [
     "Accuracies",
@@ -54,6 +56,7 @@ __all__ = [
     "HumanEvalProblem",
     "MathProblem",
     "SandboxLimits",
+    "SortingProblem",
     "arithmetic_messages",
     "arithmetic_prompt",
     "check_humaneval",
@@ -70,6 +73,7 @@ __all__ = [
     "grade",
     "grade_arithmetic",
     "grade_math",
+    "grade_sorting",
     "humaneval_messages",
     "humaneval_path",
     "humaneval_program",
@@ -83,6 +87,7 @@ __all__ = [
     "sample_arithmetic",
     "sample_batch",
     "sample_problem",
+    "sample_sorting",
     "sample_traces",
     "write_tokenizer",
 ]
