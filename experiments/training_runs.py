@@ -46,8 +46,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
     parser.add_argument("--eval-problems", type=int, default=64, help="held-out problems for the accuracy curve")
     parser.add_argument("--eval-samples", type=int, default=4, help="temperature-1 samples per held-out problem")
     parser.add_argument("--eval-every", type=int, default=10, help="RL steps between held-out evaluations")
-    parser.add_argument("--sft-steps-small", type=int, default=150, help="sorting: SFT warm-up steps of the small model")
-    parser.add_argument("--sft-steps-large", type=int, default=300, help="sorting: SFT warm-up steps of the large model")
+    parser.add_argument("--sft-steps-small", type=int, default=75, help="sorting: SFT warm-up steps of the small model")
+    parser.add_argument("--sft-steps-large", type=int, default=100, help="sorting: SFT warm-up steps of the large model")
 
 
 def check_training_config(config: dict) -> None:

@@ -15,14 +15,20 @@ from jaxsample import tasks
 from jaxsample.errors import ArgumentError
 
 
+def group_size(problems: Sequence, tokens: np.ndarray) -> int:
+    """G, the completions per problem, checking that the S rows split into B groups."""
+    rows = np.shape(tokens)[0]
+    if not problems or rows % len(problems):
+        raise ArgumentError(f"{rows} completions do not split into groups for {len(problems)} problems")
+    return rows // len(problems)
+
+
 def grade_groups(grade: Callable[[Any, np.ndarray], float], problems: Sequence, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Rewards `[B, G]` from `grade(problem, completion_tokens [length]) -> float`."""
     tokens, lengths = np.asarray(tokens), np.asarray(lengths)
-    if tokens.shape[0] % len(problems):
-        raise ArgumentError(f"{tokens.shape[0]} completions do not split into groups for {len(problems)} problems")
-    group_size = tokens.shape[0] // len(problems)
-    rewards = [float(grade(problems[row // group_size], tokens[row, : lengths[row]])) for row in range(tokens.shape[0])]
-    return np.asarray(rewards, np.float32).reshape(len(problems), group_size)
+    size = group_size(problems, tokens)
+    rewards = [float(grade(problems[row // size], tokens[row, : lengths[row]])) for row in range(tokens.shape[0])]
+    return np.asarray(rewards, np.float32).reshape(len(problems), size)
 
 
 def completion_text(tokenizer: Any, tokens: np.ndarray, stop_ids: Sequence[int]) -> str:
@@ -44,15 +50,17 @@ def decision_reward(problems, tokens, lengths) -> np.ndarray:
     return grade_groups(lambda p, c: tasks.grade(p, c), problems, tokens, lengths)
 
 
-def humaneval_reward(tokenizer: Any, stop_ids: Sequence[int], limits: tasks.SandboxLimits | None = None) -> Callable:
-    """1 when the completion passes the problem's tests in the sandbox (`tasks.check_humaneval`)."""
+def humaneval_reward(tokenizer: Any, stop_ids: Sequence[int], limits: tasks.SandboxLimits | None = None, workers: int | None = None) -> Callable:
+    """1 when the reply's code passes the problem's tests (`tasks.check_humaneval_batch`: the
+    candidate runs sandboxed, the tests in a separate judge, `workers` runs at a time)."""
     limits = tasks.SandboxLimits() if limits is None else limits
 
-    def grade(problem, completion):
-        code = tasks.extract_code(completion_text(tokenizer, completion, stop_ids))
-        return tasks.check_humaneval(problem, code, limits).passed
-
     def reward_fn(problems, tokens, lengths):
-        return grade_groups(grade, problems, tokens, lengths)
+        size = group_size(problems, tokens)
+        completions = [
+            tasks.extract_code(completion_text(tokenizer, row[:length], stop_ids)) for row, length in zip(np.asarray(tokens), np.asarray(lengths))
+        ]
+        results = tasks.check_humaneval_batch([problems[row // size] for row in range(len(completions))], completions, limits, workers)
+        return np.asarray([r.passed for r in results], np.float32).reshape(len(problems), size)
 
     return reward_fn
