@@ -41,7 +41,7 @@ from training_runs import (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_training_arguments(parser, steps=60)
+    add_training_arguments(parser, steps=40)
     parser.add_argument("--seeds", type=int, default=3, help="independent seeds (models, warm-up, data)")
     parser.add_argument("--lams", default="0.1,0.5", help="comma-separated KD weights λ of the CoDistill arms (cap --caps' first value)")
     parser.add_argument("--caps", default="2,5", help="comma-separated weight caps C of the CoDistill arms (λ = --lams' first value)")

@@ -39,7 +39,7 @@ TINY = ("sort-small", "sort-large")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_training_arguments(parser, steps=60)
+    add_training_arguments(parser, steps=40)
     parser.add_argument("--model", default="sort-small,sort-large", help="comma-separated: sort-small / sort-large (tiny decoders from scratch), or one registered name / checkpoint path")
     parser.add_argument("--task", default="sorting", choices=["sorting", "arithmetic"], help="sorting (tiny models) or arithmetic (a chat model)")
     parser.add_argument("--seeds", type=int, default=3, help="independent seeds (sorting)")

@@ -43,10 +43,10 @@ def add_training_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
     parser.add_argument("--beta", type=float, default=0.0, help="KL weight toward the reference (start) model")
     parser.add_argument("--kl-kind", default="none", choices=["none", "k1_reward", "k2_loss", "k3_loss", "k3_ratio_loss"], help="KL estimator")
     parser.add_argument("--eps-high", type=float, default=0.28, help="upper clip ε_high (DAPO clip-higher)")
-    parser.add_argument("--eval-problems", type=int, default=64, help="held-out problems for the accuracy curve")
+    parser.add_argument("--eval-problems", type=int, default=128, help="held-out problems for the accuracy curve")
     parser.add_argument("--eval-samples", type=int, default=4, help="temperature-1 samples per held-out problem")
     parser.add_argument("--eval-every", type=int, default=10, help="RL steps between held-out evaluations")
-    parser.add_argument("--sft-steps-small", type=int, default=75, help="sorting: SFT warm-up steps of the small model")
+    parser.add_argument("--sft-steps-small", type=int, default=50, help="sorting: SFT warm-up steps of the small model")
     parser.add_argument("--sft-steps-large", type=int, default=100, help="sorting: SFT warm-up steps of the large model")
 
 
@@ -137,7 +137,7 @@ def run_grpo(lm, state, config: dict, grpo: GRPOConfig, optimizer, prompt_fn, re
     step = grpo_step_fn(lm, grpo, optimizer, prompt_fn, reward_fn)
     key = jax.random.key(seed)
     eval_key = jax.random.fold_in(key, 10**6)
-    curve = [[0, evaluate(policy_model(lm, state.trainable, grpo.lora), eval_key), 0]]
+    curve = [[0, evaluate(policy_model(lm, state.trainable, grpo.lora), jax.random.fold_in(eval_key, 0)), 0]]
     tokens, history = 0, []
     for t in tqdm(range(config["steps"]), desc=desc, unit="step", leave=False):
         started = time.perf_counter()

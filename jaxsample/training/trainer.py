@@ -315,7 +315,8 @@ def fit(
     With `checkpoint_dir`, the state is saved every `save_every` steps and at the end, and a
     call finding a checkpoint there resumes after its step (drop the directory to restart).
     Each step's metrics (a dict of floats) are appended to `metrics_path` as one JSON line
-    with the step number. Because step t sees only `fold_in(key, t)` and its own index, a
+    with the step number (on resume, lines of steps after the checkpoint are dropped and
+    redone). Because step t sees only `fold_in(key, t)` and its own index, a
     resumed run reproduces an uninterrupted one bit for bit.
     """
     if not isinstance(num_steps, int) or num_steps < 0:
@@ -327,6 +328,10 @@ def fit(
     if checkpointer is not None and checkpointer.latest_step() is not None:
         start = checkpointer.latest_step()
         state = checkpointer.restore(state)
+        if metrics_path is not None and Path(metrics_path).exists():  # steps after the checkpoint are redone
+            lines = Path(metrics_path).read_text().splitlines()
+            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= start]
+            Path(metrics_path).write_text("".join(line + "\n" for line in kept))
     with tqdm(range(start, num_steps), desc=desc, disable=not progress, unit="step") as bar:
         for t in bar:
             state, metrics = step_fn(jax.random.fold_in(key, t), state, t)
