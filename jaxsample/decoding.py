@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsample.errors import ArgumentError
+from jaxsample.errors import ArgumentError, NumericalError
 from jaxsample.lm import LanguageModel
 from jaxsample.sampling import Proposal, proposal_log_probs, token_log_probs
+from jaxsample.validation import check_int
 
 Array = jax.Array
 
@@ -38,6 +39,11 @@ class DecodeState(NamedTuple):
       last_prompt_token: int32 `[B]` the prompt's last real token (fed again on a rewind to 0).
       cache: the model cache; holds prompt_length + length positions.
       next_logits: float32 `[B, V]` logits of generated position `length`.
+      features: float32 `[B, N, D]` final-norm hidden state at each generated token's
+        position (written when the token is fed; 0 after length), or None when the state
+        was built without `record_features`.
+      next_features: float32 `[B, D]` hidden state of the last fed token (the one whose
+        logits are `next_logits`; the prompt's last token at first), or None likewise.
     """
 
     tokens: Array
@@ -50,34 +56,72 @@ class DecodeState(NamedTuple):
     last_prompt_token: Array
     cache: Any
     next_logits: Array
+    features: Array | None = None
+    next_features: Array | None = None
 
 
-def check_prompt(lm: LanguageModel, prompt: Array, max_new_tokens: int) -> None:
-    """Raises `ArgumentError` unless the prompt and generation fit the model.
+def check_prompt(
+    lm: LanguageModel, prompt_tokens: Any, max_new_tokens: Any, shapes: tuple[int, ...] = (1,)
+) -> tuple[Array, int]:
+    """Validates a prompt and the generation length; returns `(prompt int32, max_new_tokens)`.
 
-    Checks that `max_new_tokens` is a positive int, that the prompt (`[T]` or `[B, T]`) is
-    non-empty, fits with the generation in the model's positions, and, when its values are
-    concrete, holds only token ids in `[0, vocab_size)` (out-of-range ids would be clamped
-    silently by the embedding lookup).
+    The one prompt check of every sampler entry point. Raises `ArgumentError` unless
+    `max_new_tokens` is a positive integer (numpy integers included), the prompt has
+    `ndim` in `shapes` (1: `[T]`, 2: `[B, T]`), an integer dtype (floats and bools are not
+    token ids), at least one token, fits with the generation in the model's positions and,
+    when its values are concrete, holds only ids in `[0, vocab_size)`. The range is checked
+    on the values as given, before the cast to int32, so an int64 id ≥ 2³¹ cannot wrap into
+    range.
     """
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ArgumentError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    prompt_length = prompt.shape[-1]
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+    traced = isinstance(prompt_tokens, jax.core.Tracer)
+    values = prompt_tokens if traced else np.asarray(prompt_tokens)
+    if values.ndim not in shapes:
+        expected = " or ".join({1: "[T]", 2: "[B, T]"}[n] for n in shapes)
+        raise ArgumentError(f"prompt_tokens must have shape {expected}, got {values.shape}")
+    if values.dtype == bool or not np.issubdtype(values.dtype, np.integer):
+        raise ArgumentError(f"prompt_tokens must hold integer token ids, got dtype {values.dtype}")
+    prompt_length = values.shape[-1]
     if prompt_length < 1:
-        raise ArgumentError("the prompt must hold at least one token (e.g. BOS)")
+        raise ArgumentError("prompt_tokens must hold at least one token (e.g. BOS), got an empty prompt")
     if prompt_length + max_new_tokens > lm.max_length:
         raise ArgumentError(
             f"prompt of {prompt_length} tokens + max_new_tokens={max_new_tokens} exceeds the "
             f"{lm.max_length} positions of model {lm.name!r}"
         )
-    if not isinstance(prompt, jax.core.Tracer):
-        values = np.asarray(prompt)
+    if not traced:
         outside = (values < 0) | (values >= lm.vocab_size)
         if outside.any():
             raise ArgumentError(
-                f"prompt token id {int(values[outside][0])} is outside the vocabulary "
+                f"prompt_tokens holds token id {int(values[outside][0])}, outside the vocabulary "
                 f"[0, {lm.vocab_size}) of model {lm.name!r}"
             )
+    return jnp.asarray(prompt_tokens, jnp.int32), max_new_tokens
+
+
+def check_finite_log_p(lm: LanguageModel, log_p: Array, lengths: Array, rows: str = "row") -> None:
+    """Raises `NumericalError` if a generated position holds a non-finite log-probability.
+
+    The one NaN check of every sampler entry point, run on the concrete result. A NaN comes
+    from NaN logits; -inf from a sampled token the model gives probability 0 (also a model
+    fault, since tokens are drawn from a distribution that requires p > 0).
+
+    Args:
+      lm: the model (named in the message).
+      log_p: float `[B, N]` per-token log p.
+      lengths: int `[B]` generated tokens per row; positions from `lengths` on are padding.
+      rows: what a row is, for the message ("sample", "chain", "particle", ...).
+    """
+    log_p = np.asarray(log_p)
+    generated = np.arange(log_p.shape[-1])[None, :] < np.asarray(lengths)[:, None]
+    bad = np.argwhere(generated & ~np.isfinite(log_p))
+    if bad.size:
+        row, position = (int(i) for i in bad[0])
+        raise NumericalError(
+            f"model {lm.name!r} produced a non-finite log-probability ({log_p[row, position]}: NaN "
+            f"logits, or a sampled token of probability 0) at {rows} {row}, generated position "
+            f"{position}"
+        )
 
 
 def pad_prompt(lm: LanguageModel, prompt: Array, max_new_tokens: int) -> tuple[Array, Array]:
@@ -102,6 +146,7 @@ def init_decode(
     num_rows: int,
     max_new_tokens: int,
     prompt_lengths: Array | None = None,
+    record_features: bool = False,
 ) -> DecodeState:
     """Prefills the prompt(s) and returns an empty generation of `num_rows` rows.
 
@@ -113,18 +158,17 @@ def init_decode(
       max_new_tokens: N, the generation slots per row.
       prompt_lengths: real lengths of right-padded prompts (default T): an int32 scalar for a
         `[T]` prompt (see `pad_prompt`), `[B]` for `[B, T]` prompts. May be traced.
+      record_features: static; the state then carries `features` / `next_features` and every
+        `extend` / `rewind` maintains them (from the same decode steps, no second forward).
     """
-    prompt = jnp.asarray(prompt_tokens, jnp.int32)
-    if prompt.ndim not in (1, 2):
-        raise ArgumentError(f"prompt_tokens must have shape [T] or [B, T], got {prompt.shape}")
-    check_prompt(lm, prompt, max_new_tokens)
+    num_rows = check_int("num_rows", num_rows, 1)
+    prompt, max_new_tokens = check_prompt(lm, prompt_tokens, max_new_tokens, shapes=(1, 2))
     capacity = prompt.shape[-1] + max_new_tokens
     if prompt.ndim == 1:
         length = jnp.asarray(prompt.shape[0] if prompt_lengths is None else prompt_lengths, jnp.int32)
         cache = lm.init_cache(1, capacity)
-        logits, cache = lm.prefill(prompt[None], length[None], cache)
-        cache = jax.tree.map(lambda x: jnp.repeat(x, num_rows, axis=0), cache)
-        logits = jnp.repeat(logits, num_rows, axis=0)
+        prefilled = lm.prefill(prompt[None], length[None], cache, with_features=record_features)
+        prefilled = jax.tree.map(lambda x: jnp.repeat(x, num_rows, axis=0), prefilled)
         prompt_length = jnp.full((num_rows,), length, jnp.int32)
         last = jnp.full((num_rows,), prompt[length - 1], jnp.int32)
     else:
@@ -135,9 +179,14 @@ def init_decode(
             if prompt_lengths is None
             else jnp.asarray(prompt_lengths, jnp.int32)
         )
-        logits, cache = lm.prefill(prompt, lengths, lm.init_cache(num_rows, capacity))
+        prefilled = lm.prefill(prompt, lengths, lm.init_cache(num_rows, capacity), with_features=record_features)
         prompt_length = lengths
         last = jnp.take_along_axis(prompt, (lengths - 1)[:, None], axis=1)[:, 0]
+    logits, cache = prefilled[0], prefilled[-1]
+    features = next_features = None
+    if record_features:
+        next_features = prefilled[1]
+        features = jnp.zeros((num_rows, max_new_tokens, lm.feature_size), jnp.float32)
     zeros = jnp.zeros((num_rows, max_new_tokens), jnp.float32)
     return DecodeState(
         tokens=jnp.full((num_rows, max_new_tokens), lm.pad_token_id, jnp.int32),
@@ -150,6 +199,8 @@ def init_decode(
         last_prompt_token=last,
         cache=cache,
         next_logits=logits.astype(jnp.float32),
+        features=features,
+        next_features=next_features,
     )
 
 
@@ -193,8 +244,15 @@ def extend(
         def at_token(values):
             return jnp.take_along_axis(values, token[:, None], axis=1)[:, 0]
 
-        logits, cache = lm.decode(jnp.where(is_active, token, lm.pad_token_id), s.cache)
+        recording = s.features is not None
+        decoded = lm.decode(jnp.where(is_active, token, lm.pad_token_id), s.cache, with_features=recording)
+        logits, cache = decoded[0], decoded[-1]
         cache = cache._replace(length=jnp.where(is_active, cache.length, s.cache.length))
+        if recording:
+            s = s._replace(
+                features=s.features.at[rows, slot].set(decoded[1], mode="drop"),
+                next_features=jnp.where(is_active[:, None], decoded[1], s.next_features),
+            )
         return s._replace(
             tokens=write(s.tokens, token),
             log_p=write(s.log_p, at_token(log_p)),
@@ -213,8 +271,9 @@ def extend(
 def rewind(lm: LanguageModel, state: DecodeState, new_length: Array) -> DecodeState:
     """Cuts each row back to its first `new_length` generated tokens (int32 `[B]`).
 
-    Positions from `new_length` on are cleared; the next-token logits are recomputed with one
-    decode step on the last kept token (the prompt's last token when `new_length` is 0).
+    Positions from `new_length` on are cleared; the next-token logits (and features, when
+    recorded) are recomputed with one decode step on the last kept token (the prompt's last
+    token when `new_length` is 0).
     """
     new_length = jnp.asarray(new_length, jnp.int32)
     keep = jnp.arange(state.tokens.shape[1])[None, :] < new_length[:, None]
@@ -223,7 +282,13 @@ def rewind(lm: LanguageModel, state: DecodeState, new_length: Array) -> DecodeSt
     )[:, 0]
     feed = jnp.where(new_length > 0, last_kept, state.last_prompt_token)
     cache = state.cache._replace(length=state.prompt_length + new_length - 1)
-    logits, cache = lm.decode(feed, cache)
+    recording = state.features is not None
+    decoded = lm.decode(feed, cache, with_features=recording)
+    logits, cache = decoded[0], decoded[-1]
+    if recording:
+        state = state._replace(
+            features=jnp.where(keep[:, :, None], state.features, 0.0), next_features=decoded[1]
+        )
     return state._replace(
         tokens=jnp.where(keep, state.tokens, lm.pad_token_id),
         log_p=jnp.where(keep, state.log_p, 0.0),

@@ -1,11 +1,12 @@
-"""Calibration: Conformal Selective Acting (anytime-valid selective risk) and its baselines.
+"""Calibration: Conformal Selective Acting (anytime-valid selective risk) and ORCA.
 
 `csa`: the CSA kernel (`init`, `build_kernel`, `deploy`, `run_stream`); `baselines`: A-RCPS,
 ACI, CRC, LTT on the same scale; `isotonic`: the PAV calibration map; `ltt`: binomial
-p-values and fixed-sequence testing.
+p-values and fixed-sequence testing; `orca`: the test-time-trained stopping probe, its
+meta-training and LTT calibration of the stopping threshold.
 """
 
-from jaxsample.calibration import baselines, csa
+from jaxsample.calibration import baselines, csa, orca
 from jaxsample.calibration.baselines import (
     ACIInfo,
     ACIState,
@@ -38,5 +39,6 @@ __all__ = [
     "isotonic_fit",
     "isotonic_predict",
     "ltt_fit",
+    "orca",
     "run_stream",
 ]

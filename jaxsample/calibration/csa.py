@@ -198,9 +198,10 @@ def check_stream(scores, losses) -> tuple[np.ndarray, np.ndarray]:
     return scores, losses
 
 
-def calibrated_risks(scores, losses, refit_every: int) -> np.ndarray:
-    """r_t = g_{t−1}(S_t) with g the isotonic fit of past losses on past scores, refitted
-    every `refit_every` rounds on rounds strictly before the block; g ≡ 1 before the first fit.
+def isotonic_refits(scores, losses, refit_every: int) -> list:
+    """The calibration map of every block of `refit_every` rounds: block j (rounds
+    [j m, (j+1) m)) uses the isotonic fit of losses on scores over rounds < j m; block 0 has
+    none (None: g ≡ 1, nothing acts).
 
     Args:
       scores: `[T]` raw risk scores (higher = riskier).
@@ -208,12 +209,19 @@ def calibrated_risks(scores, losses, refit_every: int) -> np.ndarray:
       refit_every: m ≥ 1.
 
     Returns:
-      float64 `[T]` calibrated risks.
+      list of ⌈T/m⌉ `IsotonicFit` (None first).
     """
+    starts = range(0, len(scores), refit_every)
+    return [isotonic_fit(scores[:start], losses[:start]) if start else None for start in starts]
+
+
+def calibrated_risks(scores, losses, refit_every: int) -> np.ndarray:
+    """r_t = g_{t−1}(S_t), g from `isotonic_refits` (fitted on past rounds only), float64 `[T]`."""
     risks = np.ones(len(scores))
-    for start in range(refit_every, len(scores), refit_every):
-        fit = isotonic_fit(scores[:start], losses[:start])
-        risks[start:start + refit_every] = isotonic_predict(fit, scores[start:start + refit_every])
+    for block, fit in enumerate(isotonic_refits(scores, losses, refit_every)):
+        if fit is not None:
+            rounds = slice(block * refit_every, (block + 1) * refit_every)
+            risks[rounds] = isotonic_predict(fit, scores[rounds])
     return risks
 
 
