@@ -15,9 +15,9 @@ from jaxsample.lm import LanguageModel
 from jaxsample.mcmc import PowerSampleResult, base_sample, best_of_n, power_sample, temperature_sample
 from jaxsample.models import ModelConfig, Tokenizer, load, register_model, registered_models, save_pretrained
 from jaxsample.models.intervention import Intervention
-from jaxsample.sampling import Proposal, proposal_log_probs, token_log_probs
+from jaxsample.sampling import Proposal, Twist, proposal_log_probs, token_log_probs
 from jaxsample.scoring import score
-from jaxsample.smc import SMCResult, smc_decode
+from jaxsample.smc import SMCResult, learn_twist, smc_decode, twisted_smc
 
 __version__ = "0.1.0"
 
@@ -31,6 +31,7 @@ __all__ = [
     "Proposal",
     "SMCResult",
     "Tokenizer",
+    "Twist",
     "base_sample",
     "calibration",
     "best_of_n",
@@ -38,6 +39,7 @@ __all__ = [
     "extend",
     "generate",
     "init_decode",
+    "learn_twist",
     "load",
     "mcmc",
     "models",
@@ -56,4 +58,5 @@ __all__ = [
     "tasks",
     "temperature_sample",
     "token_log_probs",
+    "twisted_smc",
 ]
