@@ -19,10 +19,12 @@ import yaml  # noqa: E402
 
 import codistill_experiment  # noqa: E402
 import csa_experiment  # noqa: E402
+import gate_experiment  # noqa: E402
 import grpo_experiment  # noqa: E402
 import orca_experiment  # noqa: E402
 import power_experiment  # noqa: E402
 import smc_experiment  # noqa: E402
+import twisted_experiment  # noqa: E402
 from run_directory import (  # noqa: E402
     Interrupted,
     RunDirectory,
@@ -40,6 +42,8 @@ COMMANDS = {
     "smc": smc_experiment,
     "csa": csa_experiment,
     "orca": orca_experiment,
+    "gate": gate_experiment,
+    "twisted": twisted_experiment,
     "grpo": grpo_experiment,
     "codistill": codistill_experiment,
 }
