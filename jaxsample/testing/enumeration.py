@@ -138,10 +138,6 @@ class Enumeration:
             total += row[sequence[t]]
         return float(total)
 
-    def index(self, states: Sequence[Prefix]) -> dict:
-        """`{state: position}` of `states`."""
-        return {state: s for s, state in enumerate(states)}
-
     def tokens(self, states: Sequence[Prefix]) -> tuple[np.ndarray, np.ndarray]:
         """`(tokens int32 [S, N] padded with the pad id, lengths int32 [S])` of `states`."""
         tokens = np.full((len(states), self.max_new_tokens), self.pad_token_id, np.int32)

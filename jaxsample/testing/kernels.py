@@ -15,7 +15,6 @@ from functools import partial
 from typing import Callable, NamedTuple, Optional, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxsample.errors import ArgumentError, VerificationError
