@@ -16,12 +16,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import yaml  # noqa: E402
 
 import power_experiment  # noqa: E402
+import route_experiment  # noqa: E402
 import smc_experiment  # noqa: E402
 from run_directory import RunDirectory, default_run_dir, fail  # noqa: E402
 
 from jaxsample.errors import JaxsampleError  # noqa: E402
 
-COMMANDS = {"power": power_experiment, "smc": smc_experiment}
+COMMANDS = {"power": power_experiment, "smc": smc_experiment, "route": route_experiment}
 DEFAULT_COMMAND = "power"
 
 
