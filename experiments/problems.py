@@ -10,6 +10,7 @@ import jaxsample as js
 from jaxsample import tasks
 from jaxsample.errors import ArgumentError
 from jaxsample.models.registry import resolve
+from jaxsample.validation import check_int, check_real
 
 
 def add_problem_arguments(parser: argparse.ArgumentParser, problems_per_k: int, mcmc_steps: int) -> None:
@@ -40,20 +41,36 @@ def selected_methods(config: dict, known: tuple[str, ...]) -> list[str]:
 
 
 def check_problem_config(config: dict, positive=("chains", "problems_per_k", "num_problems"), non_negative=("mcmc_steps",)) -> None:
+    """Checks the shared options, each error naming the flag, its value and the allowed range."""
     for name in positive:
-        if config[name] < 1:
-            raise ArgumentError(f"--{name.replace('_', '-')} must be ≥ 1, got {config[name]}")
-    for name in non_negative:
-        if config[name] < 0:
-            raise ArgumentError(f"--{name.replace('_', '-')} must be ≥ 0, got {config[name]}")
-    if config["alpha"] <= 0:
-        raise ArgumentError(f"--alpha must be > 0, got {config['alpha']}")
+        check_int(_flag(name), config[name], 1)
+    for name in (*non_negative, "max_new_tokens", "top_k", "seed"):
+        check_int(_flag(name), config[name], 0)
+    check_int("--stretch-length", config["stretch_length"], 1)
+    check_real("--alpha", config["alpha"], "(0, inf)")
+    decision_counts(config)
     if config["task"] in ("arithmetic", "math500") and config["model"] in ("toy-decisions", "exact"):
         raise ArgumentError(f"--task {config['task']} needs a chat model, e.g. --model smollm2-135m-instruct")
     if (config["task"] == "math500") != (config["data"] is not None):
         raise ArgumentError("--data FILE goes with --task math500 (and only with it)")
     if config["task"] == "decisions" and config["model"] not in ("toy-decisions", "exact"):
         raise ArgumentError("--task decisions runs on --model toy-decisions or --model exact")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def decision_counts(config: dict) -> list[int]:
+    """`--decisions` as a list of integers ≥ 1."""
+    text = config["decisions"]
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise ArgumentError(f"--decisions must be comma-separated integers ≥ 1 (e.g. 1,2,3), got {text!r}")
+    return counts
 
 
 class Problem:
@@ -67,7 +84,7 @@ class Problem:
 def _decision_problems(config, lm, task_config):
     rng = np.random.default_rng(config["seed"])
     problems = []
-    for k in [int(x) for x in config["decisions"].split(",")]:
+    for k in decision_counts(config):
         for index in range(config["problems_per_k"]):
             problem = tasks.sample_problem(rng, task_config, k)
             problems.append((f"K{k}-{index}", problem))
@@ -97,6 +114,8 @@ def load_model_and_problems(config):
     if config["task"] == "math500":
         records = tasks.load_math500(config["data"])[: config["num_problems"]]
     lm = js.load(config["model"])
+    if lm.tokenizer is None:
+        raise ArgumentError(f"--task {config['task']} needs a model with a tokenizer; --model {config['model']} has none")
 
     def text_of(tokens):
         return lm.tokenizer.decode([int(t) for t in tokens if t != lm.pad_token_id])

@@ -60,7 +60,7 @@ def summarize(run_dir: RunDirectory, methods, title: str) -> str:
 
 
 def _nanmean(values):
-    values = [v for v in values if v == v]
+    values = [v for v in values if v is not None and v == v]  # results.jsonl stores NaN as null
     return float(np.mean(values)) if values else "—"
 
 

@@ -8,26 +8,47 @@ and continues an interrupted run with `--out DIR --resume`.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import yaml  # noqa: E402
 
+import csa_experiment  # noqa: E402
+import orca_experiment  # noqa: E402
 import power_experiment  # noqa: E402
 import route_experiment  # noqa: E402
 import smc_experiment  # noqa: E402
-from run_directory import RunDirectory, default_run_dir, fail  # noqa: E402
+from run_directory import (  # noqa: E402
+    Interrupted,
+    RunDirectory,
+    check_interrupt,
+    default_run_dir,
+    fail,
+    install_interrupt_handler,
+    read_saved_config,
+)
 
 from jaxsample.errors import JaxsampleError  # noqa: E402
 
-COMMANDS = {"power": power_experiment, "smc": smc_experiment, "route": route_experiment}
+COMMANDS = {"power": power_experiment, "smc": smc_experiment, "csa": csa_experiment, "orca": orca_experiment, "route": route_experiment}
 DEFAULT_COMMAND = "power"
+# Options about this invocation, not the run: never saved in config.yaml.
+INVOCATION = ("config", "out", "resume")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors (no usage block)."""
+
+    def error(self, message):
+        fail(f"{self.prog}: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python experiments/run.py",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -42,53 +63,156 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.add_argument("--config", type=Path, help="YAML file of option values (keys as the long option names, dashes or underscores); flags given on the command line win")
         sub.add_argument("--out", type=Path, help="run directory (default runs/COMMAND-TIMESTAMP)")
-        sub.add_argument("--resume", action="store_true", help="continue the run in --out from its saved config, skipping finished work")
+        sub.add_argument("--resume", action="store_true", help="continue the run in --out from its saved config, skipping finished work; flags that differ from the saved config are refused")
         sub.add_argument("--seed", type=int, default=0, help="PRNG seed of the whole run")
         module.add_arguments(sub)
     return parser
 
 
-def parse(argv: list[str]) -> tuple[str, dict]:
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    return parser._subparsers._group_actions[0].choices[command]
+
+
+def _run_options(subparser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """The options saved in a run's config.yaml, by destination name."""
+    return {a.dest: a for a in subparser._actions if a.option_strings and a.dest not in INVOCATION and a.dest != "help"}
+
+
+def coerce_options(subparser: argparse.ArgumentParser, values: dict, source: str) -> dict[str, Any]:
+    """Checks YAML option values against the parser (names, types, choices); one-line errors.
+
+    Args:
+      subparser: the command's parser.
+      values: option name (dashes or underscores) → value, as read from YAML.
+      source: the file, named in errors.
+    """
+    options = _run_options(subparser)
+    coerced = {}
+    for key, value in values.items():
+        if not isinstance(key, str):
+            fail(f"{source}: option names must be strings, got {key!r}")
+        dest = key.replace("-", "_")
+        if dest not in options:
+            fail(f"{source}: unknown option {key!r}")
+        action = options[dest]
+        flag = action.option_strings[-1]
+        kind = action.type or str
+        if isinstance(action, argparse._StoreTrueAction):
+            ok = isinstance(value, bool)
+        elif value is None:
+            ok = action.default is None
+        elif kind in (int, float):
+            if isinstance(value, str):
+                try:
+                    value = kind(value)
+                except ValueError:
+                    pass
+            ok = not isinstance(value, bool) and isinstance(value, int if kind is int else (int, float))
+            value = kind(value) if ok else value
+        else:  # strings (and paths): YAML may read "1" or "1.5" as a number
+            ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
+            value = str(value) if ok else value
+        if not ok:
+            expected = {int: "an integer", float: "a number"}.get(kind, "a string")
+            fail(f"{source}: {flag} must be {expected}, got {value!r}")
+        if action.choices is not None and value not in action.choices:
+            fail(f"{source}: {flag} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+        coerced[dest] = value
+    return coerced
+
+
+def _read_config_file(path: Path) -> dict:
+    if not path.is_file():
+        fail(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        fail(f"config file {path} is not valid YAML: {e}")
+    values = {} if values is None else values
+    if not isinstance(values, dict):
+        fail(f"config file {path} must hold a mapping of option names to values, got {type(values).__name__}")
+    return values
+
+
+def parse(argv: list[str]) -> tuple[str, dict, dict]:
+    """`(command, config, given)`: every option resolved (defaults, then --config, then the
+    command line), and the options the user set explicitly (--config or command line)."""
     parser = build_parser()
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = [DEFAULT_COMMAND, *argv]
     args = parser.parse_args(argv)
+    subparser = _subparser(parser, args.command)
+    from_file = {}
     if args.config is not None:
-        if not args.config.is_file():
-            fail(f"config file {args.config} does not exist")
-        values = yaml.safe_load(args.config.read_text()) or {}
-        if not isinstance(values, dict):
-            fail(f"config file {args.config} must hold a mapping of option names to values")
-        values = {k.replace("-", "_"): v for k, v in values.items()}
-        defaults = vars(parser.parse_args([args.command]))
-        unknown = sorted(set(values) - set(defaults) - {"command"})
-        if unknown:
-            fail(f"config file {args.config}: unknown option(s) {', '.join(unknown)}")
+        from_file = coerce_options(subparser, _read_config_file(args.config), f"config file {args.config}")
         # Config values replace defaults; explicit command-line flags still win.
-        subparser = parser._subparsers._group_actions[0].choices[args.command]
-        subparser.set_defaults(**values)
+        subparser.set_defaults(**from_file)
         args = parser.parse_args(argv)
+    explicit = build_parser()
+    for action in _subparser(explicit, args.command)._actions:
+        action.default = argparse.SUPPRESS
+    given = from_file | {k: v for k, v in vars(explicit.parse_args(argv)).items() if k not in (*INVOCATION, "command")}
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    return args.command, config
+    return args.command, config, given
+
+
+def resumed_config(out: Path, command: str, given: dict) -> dict:
+    """The saved config of the run in `out`, checked, with no option changed by `given`."""
+    saved = read_saved_config(out)
+    source = f"{out / 'config.yaml'}"
+    saved_command = saved.pop("command", None)
+    if saved_command != command:
+        fail(
+            f"--resume: {out} holds a {saved_command!r} run, not {command!r}; continue it with "
+            f"python experiments/run.py {saved_command} --out {out} --resume"
+            if saved_command in COMMANDS else f"{source} is corrupted: 'command' is {saved_command!r}"
+        )
+    options = _run_options(_subparser(build_parser(), command))
+    missing = sorted(set(options) - set(saved))
+    if missing:
+        fail(f"{source} is corrupted or from another version: option(s) {', '.join(missing)} missing")
+    config = coerce_options(_subparser(build_parser(), command), saved, source)
+    changed = [
+        f"{options[k].option_strings[-1]} {given[k]} (saved: {config[k]})"
+        for k in sorted(given) if given[k] != config[k]
+    ]
+    if changed:
+        fail(
+            f"--resume continues {out} with its saved options; these differ: {', '.join(changed)}. "
+            "Drop them, or start a new run with another --out"
+        )
+    return {"command": command, **config}
 
 
 def main(argv: list[str] | None = None) -> int:
-    command, config = parse(sys.argv[1:] if argv is None else argv)
+    command, config, given = parse(sys.argv[1:] if argv is None else argv)
     module = COMMANDS[command]
-    out = Path(config.pop("out") or default_run_dir(command))
-    resume = config.pop("resume")
-    config.pop("config")
+    out = Path(config["out"] or default_run_dir(command))
+    resume = config["resume"]
+    config = {k: v for k, v in config.items() if k not in INVOCATION}
+    resume_command = f"python experiments/run.py {command} --out {out} --resume"
+    previous_handler = install_interrupt_handler(resume_command)
+    run_dir = None
     try:
+        if resume:
+            config = resumed_config(out, command, given)
+        module.check_config(config)  # before anything is written
         run_dir = RunDirectory(out, config, resume)
         if resume:
-            print(f"resuming {out}: {len(run_dir.finished)} finished result(s) kept")
-        module.check_config(run_dir.config)
+            dropped = f", {run_dir.dropped} repeated record(s) dropped" if run_dir.dropped else ""
+            print(f"resuming {out}: {len(run_dir.finished)} finished result(s) kept{dropped}")
+        check_interrupt()
         summary = module.run(run_dir)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with: python experiments/run.py {command} --out {out} --resume", file=sys.stderr)
+    except Interrupted:
+        finished = len(run_dir.finished) if run_dir is not None else 0
+        print(f"\ninterrupted; {finished} finished result(s) saved; continue with: {resume_command}", file=sys.stderr)
         return 130
-    except (JaxsampleError, FileNotFoundError) as error:
+    except (JaxsampleError, OSError) as error:
+        if run_dir is not None:
+            run_dir.remove_if_empty()
         fail(str(error))
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
     print(summary)
     return 0
 

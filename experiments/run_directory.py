@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -18,57 +20,163 @@ from typing import Any, Iterable
 
 import yaml
 
-from jaxsample.errors import ArgumentError
+from jaxsample.errors import ArgumentError, DataError
+
+
+class Interrupted(Exception):
+    """Ctrl-C was pressed: raised between units, after the last finished one was saved."""
+
+
+_interrupts = {"count": 0, "resume_command": ""}
+
+
+def install_interrupt_handler(resume_command: str):
+    """Handles SIGINT without raising inside running code (XLA compilation, callbacks).
+
+    The first Ctrl-C only sets a flag: the run stops at the next unit boundary
+    (`RunDirectory.append` or `check_interrupt`) by raising `Interrupted`. A second Ctrl-C
+    exits at once with status 130; the finished units are already on disk.
+
+    Returns:
+      the previous handler, for `signal.signal(signal.SIGINT, previous)` when the run ends.
+    """
+    _interrupts.update(count=0, resume_command=resume_command)
+
+    def handler(signum, frame):
+        del signum, frame
+        _interrupts["count"] += 1
+        if _interrupts["count"] == 1:
+            print("\ninterrupt: stopping after the current unit (Ctrl-C again to stop now)",
+                  file=sys.stderr, flush=True)
+        else:
+            print(f"\ninterrupted; continue with: {resume_command}", file=sys.stderr, flush=True)
+            os._exit(130)
+
+    return signal.signal(signal.SIGINT, handler)
+
+
+def check_interrupt() -> None:
+    """Raises `Interrupted` if Ctrl-C was pressed; call it between units of work."""
+    if _interrupts["count"]:
+        raise Interrupted
+
+
+def strict_json(value: Any) -> Any:
+    """`value` with NaN and ±inf floats replaced by None, so that it is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def read_saved_config(path: Path) -> dict[str, Any]:
+    """The `config.yaml` of a run directory to resume, as a mapping (values unchecked)."""
+    path = Path(path)
+    config_path = path / "config.yaml"
+    if path.exists() and not path.is_dir():
+        raise ArgumentError(f"--out {path} is a file, not a run directory")
+    if not config_path.is_file():
+        raise ArgumentError(f"--resume: {path} holds no config.yaml to resume from")
+    try:
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise DataError(f"{config_path} is corrupted (not valid YAML: {e}); start a new run with another --out") from None
+    if not isinstance(config, dict):
+        raise DataError(f"{config_path} is corrupted: expected a mapping of options, got {type(config).__name__}")
+    return config
 
 
 class RunDirectory:
-    """One experiment's output folder."""
+    """One experiment's output folder.
+
+    Attributes:
+      path: the folder.
+      config: the run's resolved options.
+      finished: every finished unit's record, each `key` exactly once.
+      created: this process created the folder (it is removed again if the run fails
+        before writing a result).
+    """
 
     def __init__(self, path: Path, config: dict[str, Any], resume: bool):
         self.path = Path(path)
         self.results_path = self.path / "results.jsonl"
-        config_path = self.path / "config.yaml"
-        if resume:
-            if not config_path.exists():
-                raise ArgumentError(f"--resume: {self.path} holds no config.yaml to resume from")
-            self.config = yaml.safe_load(config_path.read_text())
-        else:
+        if self.path.exists() and not self.path.is_dir():
+            raise ArgumentError(f"--out {self.path} is a file, not a run directory")
+        self.created = not self.path.exists()
+        if not resume:
             if self.results_path.exists() and self.results_path.stat().st_size > 0:
                 raise ArgumentError(
                     f"{self.path} already holds results; pass --resume to continue it or "
                     "choose another --out"
                 )
             self.path.mkdir(parents=True, exist_ok=True)
-            config_path.write_text(yaml.safe_dump(config, sort_keys=True))
-            self.config = config
-        self.finished = self._read_finished()
+            (self.path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
+        self.config = config
+        self.finished, self.dropped = self._read_finished()
         self.log = _file_logger(self.path / "log.txt")
 
-    def _read_finished(self) -> list[dict[str, Any]]:
+    def _read_finished(self) -> tuple[list[dict[str, Any]], int]:
+        """Whole records, each key once; a line a kill cut in half and repeated keys are
+        dropped from the file. Any other malformed line is a `DataError`."""
         if not self.results_path.exists():
-            return []
+            return [], 0
         raw = self.results_path.read_bytes()
         complete, _, partial = raw.rpartition(b"\n")
-        if partial:  # a kill mid-write: keep only whole lines
-            with open(self.results_path, "wb") as f:
-                f.write(complete + b"\n" if complete else b"")
-        return [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
+        records: dict[str, dict[str, Any]] = {}
+        lines = complete.split(b"\n") if complete else []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise DataError(
+                    f"{self.results_path} line {number} is corrupted ({e}); delete that line to "
+                    "redo its unit, then resume again"
+                ) from None
+            if not isinstance(record, dict) or not isinstance(record.get("key"), str):
+                raise DataError(f"{self.results_path} line {number} is not a result record (no 'key')")
+            records.setdefault(record["key"], record)
+        dropped = sum(1 for line in lines if line.strip()) - len(records)
+        if partial or dropped:  # rewrite whole, unique lines atomically
+            temporary = self.results_path.with_suffix(".jsonl.tmp")
+            temporary.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records.values()))
+            os.replace(temporary, self.results_path)
+        return list(records.values()), dropped
 
     def done_keys(self) -> set[str]:
         return {record["key"] for record in self.finished}
 
     def append(self, record: dict[str, Any]) -> None:
-        """Appends one finished unit (must carry a unique `key`) durably."""
+        """Appends one finished unit (must carry a new, unique `key`) durably as strict JSON
+        (NaN and ±inf become null), then stops the run here if Ctrl-C was pressed."""
+        if record["key"] in self.done_keys():
+            raise ValueError(f"unit {record['key']!r} is already in {self.results_path}")
+        record = strict_json(record)
         with open(self.results_path, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.write(json.dumps(record, sort_keys=True, allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.finished.append(record)
+        check_interrupt()
 
     def write_text(self, name: str, text: str) -> Path:
         path = self.path / name
         path.write_text(text)
         return path
+
+    def remove_if_empty(self) -> None:
+        """Deletes the folder if this process created it and no result was written."""
+        if self.created and not self.finished:
+            for name in ("config.yaml", "log.txt", "results.jsonl"):
+                (self.path / name).unlink(missing_ok=True)
+            try:
+                self.path.rmdir()
+            except OSError:  # something else was put there meanwhile: leave it
+                pass
 
 
 def _file_logger(path: Path) -> logging.Logger:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import jaxsample as js
 from jaxsample.errors import ArgumentError
+from jaxsample.validation import check_real
 from power_experiment import budget_fields, run_method
 from problems import (
     add_problem_arguments,
@@ -56,6 +57,7 @@ def check_config(config: dict) -> None:
     methods = selected_methods(config, METHODS)
     check_problem_config(config, positive=("particles", "runs", "chains", "problems_per_k", "num_problems"),
                          non_negative=("mcmc_steps", "rejuvenation_steps", "block_size"))
+    check_real("--lam", config["lam"], "(-inf, inf)")
     if config["task"] == "math500" and {"reward_smc", "reward_smc_rejuv"} & set(methods):
         raise ArgumentError("--task math500 has no in-JAX verifier reward; choose --methods from base, power_smc, mh_uniform, mh_entropy")
     if "best_of_n" in methods and "reward_smc" not in methods:

@@ -3,10 +3,10 @@
 Public API: model loading (`load`), the `LanguageModel` interface, token-level proposals and
 the batched decode loop, ancestral sampling (`generate`), power-distribution MH
 (`power_sample` and its baselines) and reward-guided SMC (`smc_decode`). Subpackages hold
-the building blocks: `models`, `sampling`, `mcmc`, `smc`, `tasks`.
+the building blocks: `models`, `sampling`, `mcmc`, `smc`, `calibration`, `tasks`.
 """
 
-from jaxsample import errors, mcmc, models, smc, tasks
+from jaxsample import calibration, errors, mcmc, models, smc, tasks
 from jaxsample.decoding import DecodeState, extend, init_decode, rewind, select_rows, take_rows
 from jaxsample.generate import GenerateResult, generate
 from jaxsample.lm import LanguageModel
@@ -27,6 +27,7 @@ __all__ = [
     "SMCResult",
     "Tokenizer",
     "base_sample",
+    "calibration",
     "best_of_n",
     "errors",
     "extend",

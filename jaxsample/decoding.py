@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsample.errors import ArgumentError
+from jaxsample.errors import ArgumentError, NumericalError
 from jaxsample.lm import LanguageModel
 from jaxsample.sampling import Proposal, proposal_log_probs, token_log_probs
+from jaxsample.validation import check_int
 
 Array = jax.Array
 
@@ -52,32 +53,68 @@ class DecodeState(NamedTuple):
     next_logits: Array
 
 
-def check_prompt(lm: LanguageModel, prompt: Array, max_new_tokens: int) -> None:
-    """Raises `ArgumentError` unless the prompt and generation fit the model.
+def check_prompt(
+    lm: LanguageModel, prompt_tokens: Any, max_new_tokens: Any, shapes: tuple[int, ...] = (1,)
+) -> tuple[Array, int]:
+    """Validates a prompt and the generation length; returns `(prompt int32, max_new_tokens)`.
 
-    Checks that `max_new_tokens` is a positive int, that the prompt (`[T]` or `[B, T]`) is
-    non-empty, fits with the generation in the model's positions, and, when its values are
-    concrete, holds only token ids in `[0, vocab_size)` (out-of-range ids would be clamped
-    silently by the embedding lookup).
+    The one prompt check of every sampler entry point. Raises `ArgumentError` unless
+    `max_new_tokens` is a positive integer (numpy integers included), the prompt has
+    `ndim` in `shapes` (1: `[T]`, 2: `[B, T]`), an integer dtype (floats and bools are not
+    token ids), at least one token, fits with the generation in the model's positions and,
+    when its values are concrete, holds only ids in `[0, vocab_size)`. The range is checked
+    on the values as given, before the cast to int32, so an int64 id ≥ 2³¹ cannot wrap into
+    range.
     """
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ArgumentError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    prompt_length = prompt.shape[-1]
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+    traced = isinstance(prompt_tokens, jax.core.Tracer)
+    values = prompt_tokens if traced else np.asarray(prompt_tokens)
+    if values.ndim not in shapes:
+        expected = " or ".join({1: "[T]", 2: "[B, T]"}[n] for n in shapes)
+        raise ArgumentError(f"prompt_tokens must have shape {expected}, got {values.shape}")
+    if values.dtype == bool or not np.issubdtype(values.dtype, np.integer):
+        raise ArgumentError(f"prompt_tokens must hold integer token ids, got dtype {values.dtype}")
+    prompt_length = values.shape[-1]
     if prompt_length < 1:
-        raise ArgumentError("the prompt must hold at least one token (e.g. BOS)")
+        raise ArgumentError("prompt_tokens must hold at least one token (e.g. BOS), got an empty prompt")
     if prompt_length + max_new_tokens > lm.max_length:
         raise ArgumentError(
             f"prompt of {prompt_length} tokens + max_new_tokens={max_new_tokens} exceeds the "
             f"{lm.max_length} positions of model {lm.name!r}"
         )
-    if not isinstance(prompt, jax.core.Tracer):
-        values = np.asarray(prompt)
+    if not traced:
         outside = (values < 0) | (values >= lm.vocab_size)
         if outside.any():
             raise ArgumentError(
-                f"prompt token id {int(values[outside][0])} is outside the vocabulary "
+                f"prompt_tokens holds token id {int(values[outside][0])}, outside the vocabulary "
                 f"[0, {lm.vocab_size}) of model {lm.name!r}"
             )
+    return jnp.asarray(prompt_tokens, jnp.int32), max_new_tokens
+
+
+def check_finite_log_p(lm: LanguageModel, log_p: Array, lengths: Array, rows: str = "row") -> None:
+    """Raises `NumericalError` if a generated position holds a non-finite log-probability.
+
+    The one NaN check of every sampler entry point, run on the concrete result. A NaN comes
+    from NaN logits; -inf from a sampled token the model gives probability 0 (also a model
+    fault, since tokens are drawn from a distribution that requires p > 0).
+
+    Args:
+      lm: the model (named in the message).
+      log_p: float `[B, N]` per-token log p.
+      lengths: int `[B]` generated tokens per row; positions from `lengths` on are padding.
+      rows: what a row is, for the message ("sample", "chain", "particle", ...).
+    """
+    log_p = np.asarray(log_p)
+    generated = np.arange(log_p.shape[-1])[None, :] < np.asarray(lengths)[:, None]
+    bad = np.argwhere(generated & ~np.isfinite(log_p))
+    if bad.size:
+        row, position = (int(i) for i in bad[0])
+        raise NumericalError(
+            f"model {lm.name!r} produced a non-finite log-probability ({log_p[row, position]}: NaN "
+            f"logits, or a sampled token of probability 0) at {rows} {row}, generated position "
+            f"{position}"
+        )
 
 
 def pad_prompt(lm: LanguageModel, prompt: Array, max_new_tokens: int) -> tuple[Array, Array]:
@@ -114,10 +151,8 @@ def init_decode(
       prompt_lengths: real lengths of right-padded prompts (default T): an int32 scalar for a
         `[T]` prompt (see `pad_prompt`), `[B]` for `[B, T]` prompts. May be traced.
     """
-    prompt = jnp.asarray(prompt_tokens, jnp.int32)
-    if prompt.ndim not in (1, 2):
-        raise ArgumentError(f"prompt_tokens must have shape [T] or [B, T], got {prompt.shape}")
-    check_prompt(lm, prompt, max_new_tokens)
+    num_rows = check_int("num_rows", num_rows, 1)
+    prompt, max_new_tokens = check_prompt(lm, prompt_tokens, max_new_tokens, shapes=(1, 2))
     capacity = prompt.shape[-1] + max_new_tokens
     if prompt.ndim == 1:
         length = jnp.asarray(prompt.shape[0] if prompt_lengths is None else prompt_lengths, jnp.int32)

@@ -31,3 +31,9 @@ class DataError(JaxsampleError, ValueError):
 
 class NumericalError(JaxsampleError, FloatingPointError):
     """A NaN (or another impossible value) appeared where the algorithm forbids it."""
+
+
+class VerificationError(JaxsampleError, AssertionError):
+    """A `jaxsample.testing` check failed: a kernel does not leave its target invariant,
+    samples lie too far from their law, an estimator is biased. The message names the worst
+    state or value and the bound it broke."""

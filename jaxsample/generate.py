@@ -7,12 +7,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxsample.decoding import check_prompt, extend, init_decode, pad_prompt
-from jaxsample.errors import ArgumentError, NumericalError
+from jaxsample.decoding import check_finite_log_p, check_prompt, extend, init_decode, pad_prompt
 from jaxsample.lm import LanguageModel
 from jaxsample.sampling import Proposal
+from jaxsample.validation import check_int
 
 Array = jax.Array
 
@@ -63,9 +62,10 @@ def generate(
 ) -> GenerateResult:
     """Samples `num_samples` continuations of one prompt in a single jitted while-loop.
 
-    Greedy decoding is `top_k=1`. Raises `NumericalError` if the model's logits turn NaN. Temperature and top-p are traced: changing them does not
-    recompile; `max_new_tokens`, `num_samples`, `top_k` and the prompt's length bucket (see
-    `pad_prompt`: powers of two) are static.
+    Greedy decoding is `top_k=1`. Raises `NumericalError` if a generated token's log p is not
+    finite (NaN logits). Temperature and top-p are traced: changing them does not recompile;
+    `max_new_tokens`, `num_samples`, `top_k` and the prompt's length bucket (see `pad_prompt`:
+    powers of two) are static.
 
     Args:
       key: PRNG key.
@@ -77,20 +77,9 @@ def generate(
       top_p: nucleus mass in (0, 1].
       num_samples: S, rows decoded as one batch.
     """
-    prompt = jnp.asarray(prompt_tokens, jnp.int32)
-    if prompt.ndim != 1:
-        raise ArgumentError(f"prompt_tokens must have shape [T], got {prompt.shape}")
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ArgumentError(f"num_samples must be a positive int, got {num_samples!r}")
+    num_samples = check_int("num_samples", num_samples, 1)
     proposal = Proposal(temperature=temperature, top_k=top_k, top_p=top_p).validated()
-    check_prompt(lm, prompt, max_new_tokens)
+    prompt, max_new_tokens = check_prompt(lm, prompt_tokens, max_new_tokens)
     result = _generate(key, lm, *pad_prompt(lm, prompt, max_new_tokens), proposal, max_new_tokens, num_samples)
-    generated = jnp.arange(max_new_tokens)[None, :] < result.lengths[:, None]
-    bad = np.argwhere(np.asarray(generated & ~jnp.isfinite(result.log_p)))
-    if bad.size:
-        sample, position = (int(i) for i in bad[0])
-        raise NumericalError(
-            f"model {lm.name!r} produced a non-finite log-probability (NaN logits, or a sampled "
-            f"token the model gives probability 0) at sample {sample}, generated position {position}"
-        )
+    check_finite_log_p(lm, result.log_p, result.lengths, rows="sample")
     return result

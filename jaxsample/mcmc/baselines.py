@@ -14,13 +14,12 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from jaxsample.decoding import DecodeState, check_prompt, extend, init_decode, pad_prompt
-from jaxsample.errors import ArgumentError
+from jaxsample.decoding import DecodeState, check_finite_log_p, check_prompt, extend, init_decode, pad_prompt
 from jaxsample.lm import LanguageModel
-from jaxsample.mcmc.blocks import check_alpha, check_count
 from jaxsample.mcmc.kernel import PowerMHInfo
 from jaxsample.mcmc.result import PowerSampleResult
 from jaxsample.sampling import Proposal
+from jaxsample.validation import check_int, check_real
 
 Array = jax.Array
 
@@ -48,12 +47,17 @@ def _without_mcmc(tokens, lengths, done, log_p, tokens_decoded) -> PowerSampleRe
 
 
 def _checked(lm, prompt_tokens, max_new_tokens, temperature, top_k, top_p):
-    prompt = jnp.asarray(prompt_tokens, jnp.int32)
-    if prompt.ndim != 1:
-        raise ArgumentError(f"prompt_tokens must have shape [T], got {prompt.shape}")
-    check_prompt(lm, prompt, max_new_tokens)
+    prompt, max_new_tokens = check_prompt(lm, prompt_tokens, max_new_tokens)
     proposal = Proposal(temperature=temperature, top_k=top_k, top_p=top_p).validated()
-    return pad_prompt(lm, prompt, max_new_tokens), proposal
+    return pad_prompt(lm, prompt, max_new_tokens), max_new_tokens, proposal
+
+
+def _sample(key, lm, prompt_tokens, num_rows, max_new_tokens, temperature, top_k, top_p, rows):
+    """Validates, decodes `num_rows` rows from the proposal and checks their log p."""
+    prompt, max_new_tokens, proposal = _checked(lm, prompt_tokens, max_new_tokens, temperature, top_k, top_p)
+    state = _decode(key, lm, prompt, proposal, num_rows, max_new_tokens)
+    check_finite_log_p(lm, state.log_p, state.length, rows=rows)
+    return state
 
 
 def base_sample(
@@ -67,9 +71,8 @@ def base_sample(
     top_p: float | Array = 1.0,
 ) -> PowerSampleResult:
     """C independent completions from the proposal (default: the base model p)."""
-    check_count("num_chains", num_chains, 1)
-    prompt, proposal = _checked(lm, prompt_tokens, max_new_tokens, temperature, top_k, top_p)
-    state = _decode(key, lm, prompt, proposal, num_chains, max_new_tokens)
+    num_chains = check_int("num_chains", num_chains, 1)
+    state = _sample(key, lm, prompt_tokens, num_chains, max_new_tokens, temperature, top_k, top_p, "chain")
     return _without_mcmc(state.tokens, state.length, state.done, state.log_p, state.length)
 
 
@@ -84,7 +87,7 @@ def temperature_sample(
     top_p: float | Array = 1.0,
 ) -> PowerSampleResult:
     """C independent completions at temperature τ = 1/α (power sampling's proposal)."""
-    check_alpha(alpha)
+    check_real("alpha", alpha, "(0, inf)")
     return base_sample(key, lm, prompt_tokens, num_chains, max_new_tokens,
                        1.0 / jnp.asarray(alpha, jnp.float32), top_k, top_p)
 
@@ -135,10 +138,13 @@ def best_of_n(
     an upper bound — make it large enough (budget / shortest plausible completion).
     `tokens_decoded` counts the candidates kept; all `num_candidates` are decoded.
     """
-    check_count("num_chains", num_chains, 1)
-    check_count("num_candidates", num_candidates, 1)
-    prompt, proposal = _checked(lm, prompt_tokens, max_new_tokens, temperature, top_k, top_p)
+    num_chains = check_int("num_chains", num_chains, 1)
+    num_candidates = check_int("num_candidates", num_candidates, 1)
+    if token_budget is not None:
+        check_real("token_budget", token_budget, "[0, inf)")
     budget = jnp.iinfo(jnp.int32).max if token_budget is None else token_budget
     budget = jnp.broadcast_to(jnp.asarray(budget, jnp.int32), (num_chains,))
-    state = _decode(key, lm, prompt, proposal, num_chains * num_candidates, max_new_tokens)
+    # Every candidate is checked, kept or not: a NaN model is an error, not a low score.
+    state = _sample(key, lm, prompt_tokens, num_chains * num_candidates, max_new_tokens,
+                    temperature, top_k, top_p, "candidate")
     return _select_best(state, budget)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsample.errors import ArgumentError
+from jaxsample.validation import check_real
 
 Array = jax.Array
 CutLaw = Callable[[Array, Array, Array, Array, Array], Array]
@@ -60,9 +61,7 @@ class EntropyJump:
 
 def entropy_jump(beta: float = 4.0) -> EntropyJump:
     """The entropy-jump cut law with exponent `beta` > 0 (default 4, as in Zhou's code)."""
-    if not float(beta) > 0:
-        raise ArgumentError(f"entropy_jump beta must be > 0, got {beta}")
-    return EntropyJump(float(beta))
+    return EntropyJump(float(check_real("beta", beta, "(0, inf)")))
 
 
 def resolve_cut_law(cut: Union[str, CutLaw]) -> CutLaw:

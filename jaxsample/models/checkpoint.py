@@ -20,7 +20,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from jaxsample.errors import CheckpointError, ConfigError
+from jaxsample.errors import ArgumentError, CheckpointError, ConfigError
 from jaxsample.models.config import ModelConfig
 from jaxsample.models.decoder import init_params
 
@@ -91,8 +91,36 @@ def _listing(names: Iterable[str], limit: int = 5) -> str:
     return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
 
 
+def check_dtype(dtype: Any) -> np.dtype | None:
+    """`None` or the parameter dtype as a numpy dtype; raises unless float32/float16/bfloat16."""
+    if dtype is None:
+        return None
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved not in SUPPORTED_DTYPES.values():
+        raise ArgumentError(f"dtype must be one of 'float32', 'float16', 'bfloat16', got {dtype!r}")
+    return resolved
+
+
+def _check_finite(array: np.ndarray, name: str, file: str) -> None:
+    bad = ~np.isfinite(array)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise CheckpointError(
+            f"{file}: tensor {name!r} holds {int(bad.sum())} non-finite value(s) (NaN or inf; "
+            f"first {array[first]} at index {first}) after the cast to {array.dtype}; the "
+            "checkpoint is corrupt (load(..., check_finite=False) skips this check)"
+        )
+
+
 def assemble_params(
-    config: ModelConfig, entries: Iterable[TensorEntry], dtype: Any = None, source: str = ""
+    config: ModelConfig,
+    entries: Iterable[TensorEntry],
+    dtype: Any = None,
+    source: str = "",
+    check_finite: bool = True,
 ) -> dict:
     """Builds the params pytree from Hugging Face-named tensors, strictly.
 
@@ -101,10 +129,14 @@ def assemble_params(
       entries: every tensor the checkpoint holds.
       dtype: target dtype; `None` keeps the checkpoint's (that of the token embedding).
       source: checkpoint path, named in errors about missing tensors.
+      check_finite: refuse a tensor holding NaN or inf after the cast to `dtype`.
 
     Raises:
-      CheckpointError: a missing, unexpected, mis-shaped or unsupported-dtype tensor.
+      ArgumentError: `dtype` is not float32, float16 or bfloat16.
+      CheckpointError: a missing, unexpected, mis-shaped, unsupported-dtype or (with
+        `check_finite`) non-finite tensor.
     """
+    dtype = check_dtype(dtype)
     layout = hf_layout(config)
     by_name: dict[str, TensorEntry] = {}
     for entry in entries:
@@ -132,9 +164,7 @@ def assemble_params(
                 f"{sorted(SUPPORTED_DTYPES)}"
             )
     embed_name = "model.embed_tokens.weight"
-    target = np.dtype(dtype) if dtype is not None else SUPPORTED_DTYPES[by_name[embed_name].dtype]
-    if target not in SUPPORTED_DTYPES.values():
-        raise CheckpointError(f"dtype {target} is not supported; use float32, float16 or bfloat16")
+    target = dtype if dtype is not None else SUPPORTED_DTYPES[by_name[embed_name].dtype]
 
     # Stacked leaves are filled in place to avoid holding every tensor twice.
     buffers: dict[tuple[str, ...], np.ndarray] = {}
@@ -143,12 +173,17 @@ def assemble_params(
         array = _read(entry)
         if slot.transpose:
             array = array.T
-        if slot.layer is None:
-            buffers[slot.path] = np.ascontiguousarray(array, dtype=target)
-        else:
-            if slot.path not in buffers:
-                buffers[slot.path] = np.empty((config.num_hidden_layers,) + array.shape, target)
-            buffers[slot.path][slot.layer] = array
+        with np.errstate(over="ignore"):  # overflow in the cast is reported by check_finite
+            if slot.layer is None:
+                buffers[slot.path] = np.ascontiguousarray(array, dtype=target)
+                written = buffers[slot.path]
+            else:
+                if slot.path not in buffers:
+                    buffers[slot.path] = np.empty((config.num_hidden_layers,) + array.shape, target)
+                buffers[slot.path][slot.layer] = array
+                written = buffers[slot.path][slot.layer]
+        if check_finite:
+            _check_finite(written, name, entry.file)
     params: dict = {}
     for path, array in buffers.items():
         node = params

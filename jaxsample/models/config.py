@@ -68,6 +68,9 @@ class ModelConfig:
       o_bias: the output projection has a bias (Llama `attention_bias`; never for Qwen2).
       mlp_bias: gate/up/down projections have biases (Llama `mlp_bias`; never for Qwen2).
       rope_scaling: `None` for plain RoPE, or the llama3 remap.
+      rope_freq_factors: `None`, or H/2 per-dimension divisors of the RoPE inverse
+        frequencies (the `rope_freqs` tensor of Llama-3.x GGUF files: llama.cpp's form of
+        the llama3 remap). Exclusive with `rope_scaling`.
       eos_token_ids: stop tokens from config.json (may be empty; generation_config.json can add).
     """
 
@@ -83,6 +86,7 @@ class ModelConfig:
     rms_norm_eps: float = _DEFAULT_RMS_NORM_EPS
     rope_theta: float = _DEFAULT_ROPE_THETA
     rope_scaling: Llama3RopeScaling | None = None
+    rope_freq_factors: tuple[float, ...] | None = None
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
@@ -120,6 +124,16 @@ class ModelConfig:
             raise ConfigError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
         if not self.rope_theta > 0:
             raise ConfigError(f"rope_theta must be positive, got {self.rope_theta}")
+        if self.rope_freq_factors is not None:
+            factors = tuple(float(f) for f in self.rope_freq_factors)
+            object.__setattr__(self, "rope_freq_factors", factors)
+            if len(factors) != self.head_dim // 2 or not all(0 < f < math.inf for f in factors):
+                raise ConfigError(
+                    f"rope_freq_factors must hold head_dim / 2 = {self.head_dim // 2} finite "
+                    f"positive numbers, got {len(factors)}: {factors[:8]}"
+                )
+            if self.rope_scaling is not None:
+                raise ConfigError("rope_freq_factors and rope_scaling both remap RoPE; give one")
         if self.model_type == "qwen2" and (not self.qkv_bias or self.o_bias or self.mlp_bias):
             raise ConfigError(
                 "qwen2 always has q/k/v biases and no o_proj or MLP biases; got "
@@ -186,6 +200,11 @@ class ModelConfig:
                 else list(self.eos_token_ids)
             ),
         }
+        if self.rope_freq_factors is not None:
+            raise ConfigError(
+                "per-dimension RoPE frequency factors (a GGUF rope_freqs tensor) have no "
+                "config.json equivalent"
+            )
         if self.rope_scaling is not None:
             d["rope_parameters"].update(
                 rope_type="llama3", **dataclasses.asdict(self.rope_scaling)

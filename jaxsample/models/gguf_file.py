@@ -4,6 +4,13 @@ Tensors are dequantized to float32 with the `gguf` package, reshaped to the reve
 dimensions (which is Hugging Face's `[out, in]`), renamed to Hugging Face names, and — for
 the `llama` architecture only — have llama.cpp's q/k row permutation undone (q grouped by
 N heads, k by K heads), so one rotate-half RoPE serves every source.
+
+Llama-3.x files carry `rope_freqs.weight`, the llama3 RoPE remap as H/2 per-dimension
+divisors of the inverse frequencies; it becomes `ModelConfig.rope_freq_factors`. GGUF
+metadata holds no llama3 low/high frequency factors, so the remap cannot always be recomputed:
+when `{arch}.rope.scaling.factor` and `.original_context_length` are present, the tensor is
+checked against the remap they give with Llama 3.1's low_freq_factor 1 and high_freq_factor 4
+(a reconstruction: llama.cpp's converter writes the tensor from those config.json values).
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ import numpy as np
 
 from jaxsample.errors import CheckpointError, ConfigError
 from jaxsample.models.checkpoint import TensorEntry
-from jaxsample.models.config import ModelConfig
+from jaxsample.models.config import Llama3RopeScaling, ModelConfig
+from jaxsample.models.modules import llama3_remap, rope_base_frequencies
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 
@@ -40,6 +48,8 @@ _LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _GLOBAL_PATTERN = re.compile(r"(\w+)\.(weight|bias)")
 # Stop tokens beyond eos that chat GGUFs declare (end of turn / end of message).
 _EXTRA_STOP_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+ROPE_FREQS = "rope_freqs.weight"
+_LLAMA3_LOW_FREQ_FACTOR, _LLAMA3_HIGH_FREQ_FACTOR = 1.0, 4.0
 
 
 def open_reader(path: Path) -> gguf.GGUFReader:
@@ -119,6 +129,8 @@ def _config_from_metadata(reader: gguf.GGUFReader) -> ModelConfig:
     else:
         qkv_bias = o_bias = "blk.0.attn_q.bias" in tensor_names
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    theta = float(_field(reader, f"{arch}.rope.freq_base", 10000.0))
+    rope_freq_factors = _rope_freq_factors(reader, arch, head_dim, theta)
     return ModelConfig(
         model_type=arch,
         vocab_size=int(vocab),
@@ -130,7 +142,8 @@ def _config_from_metadata(reader: gguf.GGUFReader) -> ModelConfig:
         head_dim=head_dim,
         max_position_embeddings=int(_field(reader, f"{arch}.context_length", required=True)),
         rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rope_theta=theta,
+        rope_freq_factors=rope_freq_factors,
         tie_word_embeddings="output.weight" not in tensor_names,
         qkv_bias=qkv_bias,
         o_bias=o_bias,
@@ -139,6 +152,32 @@ def _config_from_metadata(reader: gguf.GGUFReader) -> ModelConfig:
         bos_token_id=_optional_int(_field(reader, "tokenizer.ggml.bos_token_id")),
         pad_token_id=_optional_int(_field(reader, "tokenizer.ggml.padding_token_id")),
     )
+
+
+def _rope_freq_factors(reader: gguf.GGUFReader, arch: str, head_dim: int, theta: float) -> tuple[float, ...] | None:
+    """The `rope_freqs` tensor as H/2 floats, checked against the metadata's llama3 remap."""
+    tensor = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
+    if tensor is None:
+        return None
+    factors = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(-1)
+    if factors.shape != (head_dim // 2,) or not np.all(np.isfinite(factors) & (factors > 0)):
+        raise ConfigError(
+            f"{ROPE_FREQS} must hold head_dim / 2 = {head_dim // 2} finite positive factors, got "
+            f"shape {factors.shape}: {factors[:8]}"
+        )
+    factor = _field(reader, f"{arch}.rope.scaling.factor")
+    original = _field(reader, f"{arch}.rope.scaling.original_context_length")
+    if factor is not None and original is not None:
+        scaling = Llama3RopeScaling(float(factor), _LLAMA3_LOW_FREQ_FACTOR, _LLAMA3_HIGH_FREQ_FACTOR, int(original))
+        inv_freq = rope_base_frequencies(head_dim, theta)
+        expected = inv_freq / llama3_remap(inv_freq, scaling)
+        if not np.allclose(factors, expected, rtol=1e-4):
+            raise ConfigError(
+                f"{ROPE_FREQS} {np.round(factors, 4).tolist()} disagrees with the llama3 remap of "
+                f"{arch}.rope.scaling.factor={factor} and original_context_length={original} "
+                f"(low/high frequency factors 1 and 4): {np.round(expected, 4).tolist()}"
+            )
+    return tuple(float(f) for f in factors)
 
 
 def _optional_int(value) -> int | None:
@@ -169,6 +208,8 @@ def gguf_entries(reader: gguf.GGUFReader, config: ModelConfig) -> list[TensorEnt
 
     entries = []
     for tensor in reader.tensors:
+        if tensor.name == ROPE_FREQS:  # read into the config by `gguf_config`
+            continue
         name = hf_name(tensor.name)
         shape = tuple(int(d) for d in reversed(tensor.shape))
         entries.append(TensorEntry(name, shape, "F32", path, reader_for(tensor, name, shape)))

@@ -5,18 +5,18 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from jaxsample.errors import CheckpointError, ConfigError
+from jaxsample.errors import ArgumentError, CheckpointError, ConfigError
 from jaxsample.lm import LanguageModel
-from jaxsample.models import gguf_file
-from jaxsample.models.checkpoint import assemble_params, read_json, safetensors_entries
+from jaxsample.models.checkpoint import assemble_params, check_dtype, read_json, safetensors_entries
 from jaxsample.models.config import ModelConfig
 from jaxsample.models.decoder import decode_step, forward, init_cache, prefill
-from jaxsample.models.registry import resolve
+from jaxsample.models.registry import registered_models, resolve
 from jaxsample.models.tokenizer import TOKENIZER_FILES, Tokenizer
+from jaxsample.validation import check_int, is_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,9 @@ def make_language_model(
     eos = tuple(dict.fromkeys(config.eos_token_ids + tuple(int(t) for t in extra_eos_token_ids)))
     if not eos:
         raise ConfigError(
-            f"model {name!r}: no eos_token_id in its config or generation config; a stop token is required"
+            f"model {name!r}: no eos_token_id in its config or generation config; a stop token is "
+            "required: pass it as js.load(..., eos_token_ids=[...]) (and pad_token_id=... if the "
+            "pad token should differ from the first stop token)"
         )
     pad = config.pad_token_id
     if pad is None and tokenizer is not None:
@@ -91,7 +93,34 @@ def _token_ids(value: Any, source: Path, key: str) -> tuple[int, ...]:
     return tuple(values)
 
 
-def _load_directory(directory: Path, dtype) -> tuple[ModelConfig, Any, Tokenizer | None, tuple[int, ...]]:
+def _check_tokenizer_size(size: int, config: ModelConfig, source: str) -> None:
+    """A tokenizer larger than the model's vocabulary belongs to another model; a smaller one
+    is normal (vocabularies are padded to a multiple of 64 or 128)."""
+    if size > config.vocab_size:
+        raise CheckpointError(
+            f"{source}: the tokenizer has {size} tokens but the model's vocab_size is "
+            f"{config.vocab_size}: ids from {config.vocab_size} on have no embedding, so the "
+            "tokenizer does not belong to this checkpoint"
+        )
+
+
+def _directory_tokenizer(directory: Path, config: ModelConfig) -> Tokenizer | None:
+    present = [f for f in TOKENIZER_FILES if (directory / f).is_file()]
+    if not present:
+        return None
+    if "tokenizer.json" not in present:
+        # transformers would fall back to another tokenizer class with different ids.
+        raise CheckpointError(
+            f"{directory}: {', '.join(present)} is present but tokenizer.json is missing; the "
+            "tokenizer is read only from tokenizer.json. Add the checkpoint's tokenizer.json, or "
+            f"remove {', '.join(present)} to load the model without a tokenizer"
+        )
+    tokenizer = Tokenizer.from_directory(directory)
+    _check_tokenizer_size(len(tokenizer), config, str(directory / "tokenizer.json"))
+    return tokenizer
+
+
+def _load_directory(directory: Path, dtype, check_finite: bool):
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{directory}: no config.json (not a Hugging Face checkpoint directory)")
@@ -103,47 +132,82 @@ def _load_directory(directory: Path, dtype) -> tuple[ModelConfig, Any, Tokenizer
         if not isinstance(generation, dict):
             raise ConfigError(f"{generation_path}: expected a JSON object")
         extra_eos = _token_ids(generation.get("eos_token_id"), generation_path, "eos_token_id")
+    tokenizer = _directory_tokenizer(directory, config)
     entries, source = safetensors_entries(directory)
-    params = assemble_params(config, entries, dtype, source)
-    tokenizer = None
-    if any((directory / f).is_file() for f in TOKENIZER_FILES):
-        tokenizer = Tokenizer.from_directory(directory)
+    params = assemble_params(config, entries, dtype, source, check_finite=check_finite)
     return config, params, tokenizer, extra_eos
 
 
-def _load_gguf(path: Path, dtype) -> tuple[ModelConfig, Any, Tokenizer | None, tuple[int, ...]]:
+def _load_gguf(path: Path, dtype, check_finite: bool):
+    try:  # the `gguf` package is needed only here
+        from jaxsample.models import gguf_file
+    except ImportError as e:
+        raise CheckpointError(f"{path}: reading GGUF files needs the gguf package (pip install gguf): {e}") from e
+
     reader = gguf_file.open_reader(path)
     config, extra_eos = gguf_file.gguf_config(reader)
-    params = assemble_params(config, gguf_file.gguf_entries(reader, config), dtype, str(path))
-    tokenizer = Tokenizer.from_gguf(path) if "tokenizer.ggml.tokens" in reader.fields else None
+    tokenizer = None
+    if "tokenizer.ggml.tokens" in reader.fields:
+        _check_tokenizer_size(len(reader.fields["tokenizer.ggml.tokens"].data), config, f"{path} (tokenizer.ggml.tokens)")
+        tokenizer = Tokenizer.from_gguf(path)
+    entries = gguf_file.gguf_entries(reader, config)
+    params = assemble_params(config, entries, dtype, str(path), check_finite=check_finite)
     return config, params, tokenizer, extra_eos
 
 
-def load(path_or_name: str | os.PathLike, dtype=None) -> LanguageModel:
+def load(
+    path_or_name: str | os.PathLike,
+    dtype=None,
+    *,
+    eos_token_ids: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    check_finite: bool = True,
+) -> LanguageModel:
     """Loads a Qwen2 / Llama checkpoint as a `LanguageModel`.
 
     Args:
       path_or_name: a Hugging Face directory (config.json, optional generation_config.json,
-        model.safetensors or a sharded index, tokenizer files), a `.gguf` file, or a
+        model.safetensors or a sharded index, tokenizer.json), a `.gguf` file, or a
         registered name (`jaxsample.models.registered_models()`).
-      dtype: parameter/activation dtype; `None` keeps the checkpoint's (float32 for GGUF,
-        which is dequantized).
+      dtype: "float32", "float16" or "bfloat16" (or the numpy/JAX dtype); `None` keeps the
+        checkpoint's (float32 for GGUF, which is dequantized).
+      eos_token_ids: the stop tokens, replacing those of the checkpoint (for checkpoints that
+        declare none, or declare the wrong ones).
+      pad_token_id: the pad token, replacing the checkpoint's.
+      check_finite: scan every weight for NaN / inf (after the dtype cast) and refuse the
+        checkpoint naming the tensor; `False` skips the scan (faster on large models).
 
     Raises:
+      ArgumentError: an empty path, an unknown dtype, an override outside the vocabulary.
       ModelNotFoundError: neither an existing path nor a registered name, or a registered
         model whose files are absent (the message says how to install them).
       ConfigError, CheckpointError: a malformed or unsupported checkpoint, naming the file
-        and key or tensor.
+        and key or tensor; a tokenizer that does not fit the model; non-finite weights.
     """
+    if not isinstance(path_or_name, (str, os.PathLike)) or not os.fspath(path_or_name):
+        raise ArgumentError(
+            "path_or_name must be a checkpoint directory, a .gguf file or a registered model name "
+            f"({', '.join(registered_models())}), got {path_or_name!r}"
+        )
+    dtype = check_dtype(dtype)
     path = Path(path_or_name)
     name = path.name
     if not path.exists():
         name = str(path_or_name)
         path = resolve(name)
     if path.is_dir():
-        config, params, tokenizer, extra_eos = _load_directory(path, dtype)
+        config, params, tokenizer, extra_eos = _load_directory(path, dtype, check_finite)
     elif path.suffix == ".gguf":
-        config, params, tokenizer, extra_eos = _load_gguf(path, dtype)
+        config, params, tokenizer, extra_eos = _load_gguf(path, dtype, check_finite)
     else:
         raise CheckpointError(f"{path}: expected a checkpoint directory or a .gguf file")
+    if eos_token_ids is not None:
+        ids = [eos_token_ids] if is_int(eos_token_ids) else list(eos_token_ids)
+        if not ids:
+            raise ArgumentError("eos_token_ids must name at least one stop token, got []")
+        ids = tuple(check_int("eos_token_ids", t, 0, config.vocab_size - 1) for t in ids)
+        config, extra_eos = dataclasses.replace(config, eos_token_ids=ids), ()
+    if pad_token_id is not None:
+        pad = check_int("pad_token_id", pad_token_id, 0, config.vocab_size - 1)
+        config = dataclasses.replace(config, pad_token_id=pad)
     return make_language_model(config, params, tokenizer, name=name, extra_eos_token_ids=extra_eos)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsample.models.config import ModelConfig
+from jaxsample.models.config import Llama3RopeScaling, ModelConfig
 
 Array = jax.Array
 
@@ -25,14 +25,25 @@ _MASKED = float(np.finfo(np.float32).min)
 def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
     """`[H/2]` float32 inverse frequencies theta^(-2j/H), llama3-remapped when configured.
 
-    Computed in float32 exactly as transformers does, so angles match it bit for bit.
+    Computed in float32 exactly as transformers does, so angles match it bit for bit. Per-
+    dimension factors (GGUF `rope_freqs`) divide the frequencies, as llama.cpp applies them.
     """
-    dim = config.head_dim
-    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
-    inv_freq = np.float32(1.0) / (np.float32(config.rope_theta) ** exponents)
-    scaling = config.rope_scaling
-    if scaling is None:
+    inv_freq = rope_base_frequencies(config.head_dim, config.rope_theta)
+    if config.rope_freq_factors is not None:
+        return (inv_freq / np.asarray(config.rope_freq_factors, np.float32)).astype(np.float32)
+    if config.rope_scaling is None:
         return inv_freq
+    return llama3_remap(inv_freq, config.rope_scaling)
+
+
+def rope_base_frequencies(head_dim: int, theta: float) -> np.ndarray:
+    """`[H/2]` float32 theta^(-2j/H), before any remap."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    return np.float32(1.0) / (np.float32(theta) ** exponents)
+
+
+def llama3_remap(inv_freq: np.ndarray, scaling: Llama3RopeScaling) -> np.ndarray:
+    """The llama3 remap of `[H/2]` float32 inverse frequencies (transformers' formula)."""
     old_context = scaling.original_max_position_embeddings
     low_freq_wavelen = old_context / scaling.low_freq_factor
     high_freq_wavelen = old_context / scaling.high_freq_factor

@@ -17,6 +17,7 @@ array `[n]` of model indices; no query is ever dropped, and an infeasible instan
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -26,6 +27,10 @@ from scipy.sparse import csr_matrix, hstack
 from jaxsample.errors import ArgumentError
 
 _FEASIBILITY_TOL = 1e-7
+# HiGHS (1.x through scipy) sometimes ends in "Solve error" (status 4) on the knapsack-like
+# rows of the robust programs; each retry changes what failed: presolve, then the MIP
+# feasibility tolerance (a HiGHS option scipy passes through verbatim).
+_HIGHS_RETRIES = ({}, {"presolve": False}, {"mip_feasibility_tolerance": 1e-9}, {"presolve": False, "mip_feasibility_tolerance": 1e-8})
 
 
 class RoutingProblem(NamedTuple):
@@ -104,12 +109,18 @@ def _solve(problem: RoutingProblem, objective: np.ndarray, extra_constraints=(),
     integrality[: n * m] = 1
     if num_extra:
         lower[n * m :], upper[n * m :] = extra_bounds
-    result = milp(
-        -objective,
-        constraints=[*_assignment_constraints(problem, num_extra), *extra_constraints],
-        integrality=integrality,
-        bounds=Bounds(lower, upper),
-    )
+    for options in _HIGHS_RETRIES:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Unrecognized options", RuntimeWarning)
+            result = milp(
+                -objective,
+                constraints=[*_assignment_constraints(problem, num_extra), *extra_constraints],
+                integrality=integrality,
+                bounds=Bounds(lower, upper),
+                options=options,
+            )
+        if result.status != 4:
+            break
     if result.status == 2:
         raise ArgumentError(
             f"infeasible: no assignment meets budget {problem.budget:g} and capacity "
@@ -193,52 +204,116 @@ def route_budgeted(scores, sigma, costs, budget: float, capacity, gamma: float, 
 
 
 class EllipsoidalInfo(NamedTuple):
-    """Convergence of the Kelley cutting-plane loop.
+    """How the ellipsoidal router converged.
 
     Attributes:
-      num_cuts: cuts added before the incumbent's epigraph variable met its norm.
-      gap: s* − ‖σ ∘ x*‖ at the end (≥ −tol when converged).
-      converged: the loop met the tolerance within `max_cuts`.
+      num_solves: MILPs solved (Kelley: one per cut plus the first; levels: one per level).
+      gap: upper bound − value of the returned assignment (≤ tol when converged).
+      converged: the method proved its answer optimal within `tol`.
     """
 
-    num_cuts: int
+    num_solves: int
     gap: float
     converged: bool
 
 
 def route_ellipsoidal(
-    scores, sigma, costs, budget: float, capacity, rho: float, *, max_cuts: int = 200, tol: float = 1e-6
+    scores, sigma, costs, budget: float, capacity, rho: float, *, method: str = "levels",
+    max_solves: int = 200, tol: float = 1e-6,
 ) -> tuple[np.ndarray, EllipsoidalInfo]:
     """Ellipsoidal-robust router: max âᵀx − ρ‖σ ∘ x‖₂ (diagonal Σ = diag(σ²)).
 
-    HiGHS has no conic constraints, so s ≥ ‖σ ∘ x‖ is imposed by Kelley cuts: at the
-    incumbent x*, the tangent s ≥ Σ σ² x* x / ‖σ ∘ x*‖ (valid everywhere by convexity),
-    re-solved until s* ≥ ‖σ ∘ x*‖ − tol. Binary x makes ‖σ ∘ x‖ = sqrt(Σ σ² x), so every
-    assignment's norm is exact at its own cut and the loop ends at the robust optimum.
+    HiGHS has no conic constraints; two exact methods replace them:
+
+    - `"kelley"` (the spec's): an epigraph variable s ≥ ‖σ ∘ x‖ imposed by Kelley cuts. At
+      the incumbent x* the tangent s ≥ Σ σ² x* x / ‖σ ∘ x*‖ is valid everywhere (Cauchy–
+      Schwarz) and exact at x*, so the loop ends at the robust optimum once s* ≥ ‖σ ∘ x*‖ −
+      tol. Each cut only bounds assignments that overlap x*, so on tight capacities with
+      n = 100 it can need dozens of ever slower MILPs.
+    - `"levels"` (default): for binary x, ‖σ ∘ x‖ = √t with t = Σ σ² x linear, so the optimum
+      is max_τ F(τ) − ρ√τ with F(τ) = max {âᵀx : t(x) ≤ τ}. A best-first search over τ
+      intervals solves F exactly at an interval's top b (one linear MILP with the row
+      t(x) ≤ b); its solution settles [t(x), b], the rest [a, t(x)) is bounded by F(b) − ρ√a
+      (split in two to tighten it) and pruned against the incumbent. Every solve settles a
+      new t level, so the search is finite and proves global optimality within `tol`.
     """
     problem = check_problem(scores, costs, budget, capacity)
     sigma = _check_uncertainty(sigma, problem.scores.shape, "rho", rho)
-    if max_cuts < 1:
-        raise ArgumentError(f"max_cuts must be ≥ 1, got {max_cuts}")
+    if max_solves < 1:
+        raise ArgumentError(f"max_solves must be ≥ 1, got {max_solves}")
+    if method == "kelley":
+        return _ellipsoidal_kelley(problem, sigma.ravel() ** 2, rho, max_solves, tol)
+    if method == "levels":
+        return _ellipsoidal_levels(problem, sigma.ravel() ** 2, rho, max_solves, tol)
+    raise ArgumentError(f"method must be 'levels' or 'kelley', got {method!r}")
+
+
+def _ellipsoidal_kelley(problem, variance, rho, max_solves, tol):
     n, m = problem.scores.shape
-    variance = sigma.ravel() ** 2
     objective = np.concatenate([problem.scores.ravel(), [-rho]])
-    bound = float(np.sqrt(variance.sum()))
+    bounds = ([0.0], [float(np.sqrt(variance.sum()))])
     cuts: list[LinearConstraint] = []
-    incumbent = _solve(problem, objective, extra_bounds=([0.0], [bound]))
-    for num_cuts in range(max_cuts + 1):
+    for num_solves in range(1, max_solves + 1):
+        incumbent = _solve(problem, objective, cuts, extra_bounds=bounds)
         x = incumbent[: n * m]
         norm = float(np.sqrt(variance @ x))
-        gap = incumbent[-1] - norm
-        if rho == 0 or gap >= -tol:
-            return _to_assignment(incumbent, n, m), EllipsoidalInfo(num_cuts, float(gap), True)
-        if num_cuts == max_cuts:
+        gap = rho * (norm - incumbent[-1])
+        if gap <= tol:
             break
-        # s − Σ σ² x* x / ‖σ∘x*‖ ≥ 0 (at x* = 0 the norm is 0 and s ≥ 0 already holds)
-        gradient = variance * x / max(norm, 1e-12)
-        cuts.append(LinearConstraint(np.concatenate([-gradient, [1.0]])[None], 0, np.inf))
-        incumbent = _solve(problem, objective, cuts, extra_bounds=([0.0], [bound]))
-    return _to_assignment(incumbent, n, m), EllipsoidalInfo(max_cuts, float(gap), False)
+        # s − Σ σ² x* x / ‖σ∘x*‖ ≥ 0 (the incumbent has norm > s ≥ 0 here)
+        cuts.append(LinearConstraint(np.concatenate([-variance * x / norm, [1.0]])[None], 0, np.inf))
+    return _to_assignment(incumbent, n, m), EllipsoidalInfo(num_solves, max(float(gap), 0.0), gap <= tol)
+
+
+def _ellipsoidal_levels(problem, variance, rho, max_solves, tol):
+    n, m = problem.scores.shape
+    scores = problem.scores.ravel()
+
+    scale = max(float(variance.max()), 1e-300)
+
+    def best_within(level):
+        # on the scale where variances are ≤ 1, HiGHS's 1e-7 feasibility tolerance is below
+        # `resolution`, so a re-solve just under a level cannot return the same assignment
+        row = LinearConstraint((variance / scale)[None], -np.inf, level / scale)
+        try:
+            x = _solve(problem, scores, [row])
+        except ArgumentError:  # no feasible assignment this concentrated
+            return None
+        return x, float(scores @ x), min(float(variance @ x), level)
+
+    def robust_value(x):
+        return float(scores @ x) - rho * float(np.sqrt(variance @ x))
+
+    per_query = variance.reshape(n, m)
+    lowest = float(per_query.min(axis=1).sum())
+    resolution = 1e-6 * scale
+    best_x, best = None, -np.inf
+    # open τ intervals [low, high] as (−upper bound, low, high); F is solved exactly at `high`
+    pending = [(-np.inf, lowest, float(per_query.max(axis=1).sum()))]
+    solves = 0
+    while pending:
+        pending.sort()
+        if -pending[0][0] <= best + tol or solves >= max_solves:
+            break
+        _, low, high = pending.pop(0)
+        found = best_within(high)
+        solves += 1
+        if found is None:
+            continue
+        x, value, used = found
+        if robust_value(x) > best:
+            best_x, best = x, robust_value(x)
+        # x settles [used, high]; on [low, used) F ≤ value: split it to tighten the bound ρ√low
+        middle = 0.5 * (low + used)
+        for a, b in ((low, middle - resolution), (middle, used - resolution)):
+            if b >= a:
+                pending.append((-(value - rho * np.sqrt(a)), a, b))
+    # assignments with t in a skipped (τ − resolution, τ) gap beat the bound of the interval
+    # above the gap by at most ρ (√τ − √(τ − resolution))
+    slack = rho * (np.sqrt(resolution) if lowest <= resolution else resolution / (2 * np.sqrt(lowest)))
+    open_bound = max([best] + [-b for b, *_ in pending])
+    return _to_assignment(best_x, n, m), EllipsoidalInfo(
+        solves, float(open_bound - best + slack), bool(open_bound <= best + tol))
 
 
 def worst_case_value(assignment, scores, sigma, *, kind: str, radius: float, kappa: float = 1.0) -> float:

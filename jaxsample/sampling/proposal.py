@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxsample.errors import ArgumentError
+from jaxsample.validation import check_int, check_real
 
 Array = jax.Array
 
@@ -34,22 +34,11 @@ class Proposal:
 
     def validated(self) -> "Proposal":
         """Checks concrete values and returns the proposal with float32 array leaves."""
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ArgumentError(f"top_k must be a non-negative int (0 = off), got {self.top_k!r}")
-        _check_concrete("temperature", self.temperature, lambda t: t > 0, "must be > 0")
-        _check_concrete("top_p", self.top_p, lambda p: 0 < p <= 1, "must lie in (0, 1]")
         return self.replace(
-            temperature=jnp.asarray(self.temperature, jnp.float32),
-            top_p=jnp.asarray(self.top_p, jnp.float32),
+            temperature=jnp.asarray(check_real("temperature", self.temperature, "(0, inf)"), jnp.float32),
+            top_k=check_int("top_k", self.top_k, 0),
+            top_p=jnp.asarray(check_real("top_p", self.top_p, "(0, 1]"), jnp.float32),
         )
-
-
-def _check_concrete(name, value, ok, rule):
-    if isinstance(value, jax.core.Tracer):
-        return
-    value = float(value)
-    if not ok(value):
-        raise ArgumentError(f"{name} {rule}, got {value}")
 
 
 def token_log_probs(logits: Array) -> tuple[Array, Array]:

@@ -32,6 +32,11 @@ from jaxsample.smc.lookahead import Lookahead, estimate_log_value
 from jaxsample.smc.rejuvenation import build_move, move_log_ratio
 from jaxsample.smc.kernel import SMCInfo, SMCState, build_kernel, init
 from jaxsample.smc.sampler import SMCResult, smc_decode
+from jaxsample.smc.trust_region import (
+    solve_trust_region_beta,
+    tempered_log_weights,
+    trust_region_kl,
+)
 
 __all__ = [
     "Lookahead",
@@ -58,6 +63,9 @@ __all__ = [
     "resample_if_needed",
     "residual",
     "smc_decode",
+    "solve_trust_region_beta",
     "stratified",
     "systematic",
+    "tempered_log_weights",
+    "trust_region_kl",
 ]

@@ -30,13 +30,12 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxsample.decoding import extend, init_decode
-from jaxsample.errors import ArgumentError
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc import CutLaw, uniform
 from jaxsample.sampling import Proposal
+from jaxsample.validation import check_int, check_real
 from jaxsample.smc.lookahead import LookaheadSpec, check_lookahead, estimate_log_value, finished
 from jaxsample.smc.rejuvenation import build_move
 from jaxsample.smc.resampling import Resampler, get_resampler
@@ -88,12 +87,6 @@ class SMCInfo(NamedTuple):
     num_decoded: Array
     all_zero: Array
     nan_or_inf: Array
-
-
-def check_int(name: str, value, minimum: int) -> None:
-    """Raises `ArgumentError` unless `value` is an int (not a bool) ≥ `minimum`."""
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ArgumentError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def init(
@@ -149,8 +142,9 @@ def build_kernel(
     α, λ, κ, temperature and top-p are traced when `build_kernel` is called inside `jit`
     with traced arguments, so changing them does not recompile.
     """
-    check_int("block_size", block_size, 1)
-    check_int("num_rejuvenation_steps", num_rejuvenation_steps, 0)
+    block_size = check_int("block_size", block_size, 1)
+    num_rejuvenation_steps = check_int("num_rejuvenation_steps", num_rejuvenation_steps, 0)
+    check_real("ess_threshold", ess_threshold, "[0, 1]")
     check_lookahead(lookahead)
     resampler = get_resampler(resampler)
     move = build_move(lm, target, proposal, lookahead, cut_law)

@@ -32,6 +32,7 @@ from jaxsample.errors import ArgumentError
 from jaxsample.lm import LanguageModel
 from jaxsample.sampling import Proposal
 from jaxsample.smc.target import RewardTarget
+from jaxsample.validation import check_int
 
 Array = jax.Array
 LogValueFn = Callable[[Array, Array], Array]
@@ -62,9 +63,7 @@ def check_lookahead(lookahead: LookaheadSpec) -> None:
             f"got {lookahead!r}"
         )
     for name in ("num_rollouts", "horizon"):
-        value = getattr(lookahead, name)
-        if not isinstance(value, int) or value < 1:
-            raise ArgumentError(f"Lookahead.{name} must be a positive int, got {value!r}")
+        check_int(f"Lookahead.{name}", getattr(lookahead, name), 1)
 
 
 def finished(decode: DecodeState) -> Array:

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsample.errors import ArgumentError, NumericalError
+from jaxsample.validation import check_int
 
 Array = jax.Array
 Resampler = Callable[[Array, Array, int], Array]
@@ -38,8 +39,7 @@ _BELOW_ONE = float(np.nextafter(np.float32(1.0), np.float32(0.0)))
 
 
 def _check(weights: Array, num_samples: int) -> Array:
-    if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
-        raise ArgumentError(f"num_samples must be a positive Python int, got {num_samples!r}")
+    check_int("num_samples", num_samples, 1)
     weights = jnp.asarray(weights, jnp.float32)
     if weights.ndim != 1 or weights.shape[0] < 1:
         raise ArgumentError(f"weights must have shape [N] with N >= 1, got {weights.shape}")

@@ -9,17 +9,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsample.decoding import check_prompt, pad_prompt
-from jaxsample.errors import ArgumentError, NumericalError
+from jaxsample.decoding import check_finite_log_p, check_prompt, pad_prompt
+from jaxsample.errors import NumericalError
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc import uniform
 from jaxsample.progress import progress_bar, report
 from jaxsample.sampling import Proposal
-from jaxsample.smc.kernel import build_kernel, check_int, init
+from jaxsample.smc.kernel import build_kernel, init
 from jaxsample.smc.lookahead import LookaheadSpec, check_lookahead, finished
 from jaxsample.smc.resampling import Resampler
 from jaxsample.smc.target import RewardFn, RewardTarget, make_target
 from jaxsample.smc.weights import log_evidence, normalize_log_weights
+from jaxsample.validation import check_int, check_real
 
 Array = jax.Array
 
@@ -112,7 +113,7 @@ def _run(
         all_zero, 0, jax.random.categorical(sample_key, jnp.where(all_zero, 0.0, log_weights))
     ).astype(jnp.int32)
     decode = state.particles.decode
-    return state.step, history, SMCResult(
+    return state.step, history, decode.log_p, SMCResult(
         tokens=decode.tokens,
         lengths=decode.length,
         done=decode.done,
@@ -185,19 +186,14 @@ def smc_decode(
 
     Raises:
       ArgumentError: an argument out of range.
-      NumericalError: a log-weight became NaN or +inf (from the reward function or the model).
+      NumericalError: a particle's log p is not finite at a generated position (naming the
+        particle and position), or a log-weight became NaN or +inf (e.g. from the reward).
     """
-    prompt = jnp.asarray(prompt_tokens, jnp.int32)
-    if prompt.ndim != 1:
-        raise ArgumentError(f"prompt_tokens must have shape [T], got {prompt.shape}")
-    check_int("num_particles", num_particles, 1)
-    check_int("max_new_tokens", max_new_tokens, 1)
-    check_int("block_size", block_size, 1)
-    if block_size > max_new_tokens:
-        raise ArgumentError(f"block_size={block_size} exceeds max_new_tokens={max_new_tokens}")
-    if not isinstance(ess_threshold, jax.core.Tracer) and not 0 <= float(ess_threshold) <= 1:
-        raise ArgumentError(f"ess_threshold must lie in [0, 1], got {float(ess_threshold)}")
-    check_prompt(lm, prompt, max_new_tokens)
+    num_particles = check_int("num_particles", num_particles, 1)
+    prompt, max_new_tokens = check_prompt(lm, prompt_tokens, max_new_tokens)
+    block_size = check_int("block_size", block_size, 1, max_new_tokens)
+    num_rejuvenation_steps = check_int("num_rejuvenation_steps", num_rejuvenation_steps, 0)
+    check_real("ess_threshold", ess_threshold, "[0, 1]")
     check_lookahead(lookahead)  # before jit hashes it as a static argument
     target = make_target(alpha, lam, reward_fn)
     proposal = Proposal(
@@ -215,10 +211,11 @@ def smc_decode(
     )
     if progress:
         with progress_bar(-(-max_new_tokens // block_size), "smc_decode blocks"):
-            num_steps, history, result = jax.block_until_ready(run())
+            num_steps, history, log_p, result = jax.block_until_ready(run())
     else:
-        num_steps, history, result = run()
+        num_steps, history, log_p, result = run()
     num_steps = int(num_steps)
+    check_finite_log_p(lm, log_p, result.lengths, rows="particle")
     invalid_steps = np.flatnonzero(np.asarray(history.nan_or_inf[:num_steps]))
     if invalid_steps.size:
         raise NumericalError(

@@ -23,6 +23,7 @@ from jax.tree_util import Partial
 
 from jaxsample.decoding import DecodeState
 from jaxsample.errors import ArgumentError
+from jaxsample.validation import check_real
 
 Array = jax.Array
 RewardFn = Callable[[Array, Array], Array]
@@ -96,12 +97,8 @@ class RewardTarget:
 
 def make_target(alpha, lam, reward_fn: Optional[RewardFn]) -> RewardTarget:
     """Validates concrete α, λ and returns the target with float32 leaves."""
-    for name, value, ok, rule in (
-        ("alpha", alpha, lambda a: 0 < a < float("inf"), "must be finite and > 0"),
-        ("lam", lam, lambda l: abs(l) < float("inf"), "must be finite"),
-    ):
-        if not isinstance(value, jax.core.Tracer) and not ok(float(value)):
-            raise ArgumentError(f"{name} {rule}, got {float(value)}")
+    check_real("alpha", alpha, "(0, inf)")
+    check_real("lam", lam, "(-inf, inf)")
     if reward_fn is not None and not callable(reward_fn):
         raise ArgumentError(
             f"reward_fn must be a function (tokens, length) -> float, got {reward_fn!r}"

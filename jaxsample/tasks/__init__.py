@@ -28,6 +28,7 @@ from jaxsample.tasks.decisions import (
 from jaxsample.tasks.humaneval import (
     HumanEvalProblem,
     check_humaneval,
+    check_humaneval_batch,
     extract_code,
     humaneval_messages,
     humaneval_path,
@@ -42,7 +43,15 @@ from jaxsample.tasks.math500 import (
     math_messages,
     math_prompt,
 )
-from jaxsample.tasks.sandbox import ExecutionResult, SandboxLimits, run_python
+from jaxsample.tasks.sandbox import (
+    ExecutionResult,
+    SandboxCapabilities,
+    SandboxLimits,
+    SandboxWarning,
+    run_judged,
+    run_python,
+    sandbox_capabilities,
+)
 
 __all__ = [
     "Accuracies",
@@ -53,10 +62,13 @@ __all__ = [
     "ExecutionResult",
     "HumanEvalProblem",
     "MathProblem",
+    "SandboxCapabilities",
     "SandboxLimits",
+    "SandboxWarning",
     "arithmetic_messages",
     "arithmetic_prompt",
     "check_humaneval",
+    "check_humaneval_batch",
     "closed_form_accuracies",
     "data_log_prob",
     "data_model",
@@ -79,10 +91,12 @@ __all__ = [
     "math_prompt",
     "parse_prompt",
     "read_task_config",
+    "run_judged",
     "run_python",
     "sample_arithmetic",
     "sample_batch",
     "sample_problem",
     "sample_traces",
+    "sandbox_capabilities",
     "write_tokenizer",
 ]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,17 +23,30 @@ def run_cli(*args, timeout=300):
     return subprocess.run([*RUN, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
+sys.path.insert(0, str(ROOT / "experiments"))
+import run  # noqa: E402
+
+
+class Outcome:
+    """What `run.main(args)` did in this process: exit status, stdout, stderr."""
+
+    def __init__(self, capsys, *args):
+        try:
+            self.returncode = run.main([str(a) for a in args])
+        except SystemExit as e:  # any other exception escapes: a traceback fails the test
+            self.returncode = e.code
+        captured = capsys.readouterr()
+        self.stdout, self.stderr = captured.out, captured.err
+
+
 def read_results(path):
     return [json.loads(line) for line in (path / "results.jsonl").read_text().splitlines()]
 
 
-def test_help_documents_every_option():
-    sys.path.insert(0, str(ROOT / "experiments"))
-    import run
-
+def test_help_documents_every_option(capsys):
     parser = run.build_parser()
     for name in run.COMMANDS:
-        result = run_cli(name, "--help", timeout=120)
+        result = Outcome(capsys, name, "--help")
         assert result.returncode == 0, result.stderr
         sub = parser._subparsers._group_actions[0].choices[name]
         for action in sub._actions:
@@ -52,28 +66,163 @@ def test_help_documents_every_option():
         (["power", "--task", "math500", "--data", "missing.jsonl", "--model", "smollm2-135m-instruct"], "missing.jsonl"),
         (["power", "--data", "problems.jsonl"], "--data"),
         (["smc", "--task", "math500", "--data", "x.jsonl", "--model", "smollm2-135m-instruct"], "verifier"),
+        (["power", "--decisions", "abc"], "--decisions must be comma-separated integers ≥ 1 (e.g. 1,2,3), got 'abc'"),
+        (["power", "--alpha", "inf"], "--alpha must be a number in (0, inf), got inf"),
+        (["power", "--alpha", "nan"], "--alpha must be a number in (0, inf), got nan"),
+        (["smc", "--lam=-inf"], "--lam must be a number in (-inf, inf), got -inf"),
+        (["power", "--chains", "x"], "argument --chains: invalid int value: 'x'"),
+        (["power", "--top-k", "-1"], "--top-k must be an integer in [0, inf], got -1"),
     ],
 )
-def test_bad_input_is_one_line_error(args, message, tmp_path):
-    result = run_cli(*args, "--out", str(tmp_path / "run"), timeout=120)
-    assert result.returncode == 2
+def test_bad_input_is_one_line_error(args, message, tmp_path, capsys):
+    result = Outcome(capsys, *args, "--out", tmp_path / "run")
+    assert_one_line_error(result, message)
+    assert not (tmp_path / "run").exists(), "a run that failed validation left its folder behind"
+
+
+def assert_one_line_error(result, message):
+    assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
 
 
-def test_config_file_replaces_flags_and_flags_win(tmp_path):
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"chains: [1\n", "is not valid YAML"),
+        (b"\x00\xff\xfe\x01binary", "is not valid YAML"),
+        (b"1: 2\n", "option names must be strings, got 1"),
+        (b"chains: [1, 2]\n", "--chains must be an integer, got [1, 2]"),
+        (b"alpha: high\n", "--alpha must be a number, got 'high'"),
+        (b"task: chess\n", "--task must be one of decisions, arithmetic, math500, got 'chess'"),
+        (b"- chains\n", "must hold a mapping of option names to values, got list"),
+    ],
+    ids=["invalid-yaml", "binary", "int-key", "list-for-int", "string-for-float", "bad-choice", "list"],
+)
+def test_bad_config_file_is_one_line_error(content, message, tmp_path, capsys):
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"chains": 3, "mcmc-steps": 1, "alpha": 2.0}))
-    sys.path.insert(0, str(ROOT / "experiments"))
-    import run
+    config.write_bytes(content)
+    result = Outcome(capsys, "power", "--config", config, "--out", tmp_path / "run")
+    assert_one_line_error(result, message)
+    assert not (tmp_path / "run").exists()
 
-    command, resolved = run.parse(["power", "--config", str(config), "--alpha", "3.0"])
+
+def test_out_pointing_at_a_file_is_one_line_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert_one_line_error(Outcome(capsys, "power", "--out", tmp_path / "file"), "is a file, not a run directory")
+
+
+def test_model_without_tokenizer_on_arithmetic_is_one_line_error(tmp_path, capsys):
+    import jax
+
+    from jaxsample import models
+
+    config = models.ModelConfig(model_type="llama", vocab_size=32, hidden_size=8, intermediate_size=8,
+                                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                head_dim=4, max_position_embeddings=64, eos_token_ids=(1,))
+    models.save_pretrained(models.init_params(jax.random.key(0), config), config, tmp_path / "model")
+    result = Outcome(capsys, "power", "--task", "arithmetic", "--model", tmp_path / "model", "--out", tmp_path / "run")
+    assert_one_line_error(result, "--task arithmetic needs a model with a tokenizer")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished small power run (2 problems × 4 units) to copy and damage."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert run.main(["power", *TINY, "--problems-per-k", "2", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    return out
+
+
+def _edit_saved_config(out, edit):
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    edit(config)
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+@pytest.mark.parametrize(
+    "damage, args, message",
+    [
+        (lambda out: _replace_line(out, 3, '{"key": "K1-0/temp'), ["power"], "results.jsonl line 3 is corrupted"),
+        (lambda out: _replace_line(out, 2, '[1, 2]'), ["power"], "results.jsonl line 2 is not a result record"),
+        (lambda out: (out / "config.yaml").write_text("chains: [4\n"), ["power"], "config.yaml is corrupted (not valid YAML"),
+        (lambda out: (out / "config.yaml").write_bytes(b"\xff\x00"), ["power"], "config.yaml is corrupted (not valid YAML"),
+        (lambda out: _edit_saved_config(out, lambda c: c.pop("alpha")), ["power"], "option(s) alpha missing"),
+        (lambda out: _edit_saved_config(out, lambda c: c.update(chains=[4])), ["power"], "config.yaml: --chains must be an integer, got [4]"),
+        (lambda out: _edit_saved_config(out, lambda c: c.update(alpha=-1.0)), ["power"], "--alpha must be a number in (0, inf), got -1.0"),
+        (lambda out: None, ["smc"], "holds a 'power' run, not 'smc'; continue it with python experiments/run.py power --out"),
+        (lambda out: None, ["power", "--chains", "8", "--alpha", "4.0", "--top-k", "3"],
+         "these differ: --chains 8 (saved: 4), --top-k 3 (saved: 0)"),
+    ],
+    ids=["corrupt-line", "not-a-record", "config-yaml", "config-binary", "config-missing-key", "config-list",
+         "config-bad-value", "smc-as-power", "changed-flags"],
+)
+def test_bad_resume_is_one_line_error(run_copy, damage, args, message, capsys):
+    damage(run_copy)
+    results_before = (run_copy / "results.jsonl").read_bytes()
+    assert_one_line_error(Outcome(capsys, *args, "--out", run_copy, "--resume"), message)
+    assert (run_copy / "results.jsonl").read_bytes() == results_before
+
+
+def test_smc_folder_resumed_as_power_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text(yaml.safe_dump({"command": "smc", "alpha": 4.0}))
+    assert_one_line_error(Outcome(capsys, "power", "--out", out, "--resume"),
+                          "holds a 'smc' run, not 'power'; continue it with python experiments/run.py smc")
+
+
+def _replace_line(out, number, text):
+    lines = (out / "results.jsonl").read_text().splitlines()
+    lines[number - 1] = text
+    (out / "results.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_resume_keeps_each_unit_once_in_results_and_summary(run_copy, capsys):
+    lines = (run_copy / "results.jsonl").read_text().splitlines()
+    # A repeated record (of a unit that counts in the summary) and one unit left to redo.
+    (run_copy / "results.jsonl").write_text("\n".join(lines[:-1] + [lines[1]]) + "\n")
+    result = Outcome(capsys, "power", "--out", run_copy, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "7 finished result(s) kept, 1 repeated record(s) dropped" in result.stdout
+    assert len((run_copy / "results.jsonl").read_text().splitlines()) == 8
+    keys = [r["key"] for r in read_results(run_copy)]
+    assert len(keys) == len(set(keys)) == 8
+    rows = [line.split("|") for line in (run_copy / "summary.md").read_text().splitlines() if "(τ=1)" in line]
+    assert [int(row[3]) for row in rows] == [2]  # base: two problems, not three
+
+
+def strict_loads(line):
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_results_are_strict_json(finished_run):
+    records = [strict_loads(line) for line in (finished_run / "results.jsonl").read_text().splitlines()]
+    assert any(r.get("acceptance", 0) is None for r in records), "base/temperature acceptance is stored as null"
+
+
+def test_config_file_replaces_flags_and_flags_win(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"chains": 3, "mcmc-steps": 1, "alpha": 2.0, "decisions": 2}))
+    command, resolved, given = run.parse(["power", "--config", str(config), "--alpha", "3.0"])
     assert command == "power"
     assert resolved["chains"] == 3 and resolved["mcmc_steps"] == 1 and resolved["alpha"] == 3.0
+    assert resolved["decisions"] == "2"
+    assert given == {"chains": 3, "mcmc_steps": 1, "alpha": 3.0, "decisions": "2"}
     config.write_text(yaml.safe_dump({"chians": 3}))
-    result = run_cli("power", "--config", str(config), timeout=120)
-    assert result.returncode == 2 and "chians" in result.stderr
+    result = Outcome(capsys, "power", "--config", config)
+    assert_one_line_error(result, "unknown option 'chians'")
 
 
 def test_killed_run_resumes_without_losing_or_redoing_work(tmp_path):
@@ -110,9 +259,52 @@ def test_killed_run_resumes_without_losing_or_redoing_work(tmp_path):
     assert "MH, uniform cuts" in resumed.stdout
 
 
-def test_existing_run_directory_needs_resume(tmp_path):
+def test_existing_run_directory_needs_resume(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "results.jsonl").write_text('{"key": "x"}\n')
-    result = run_cli("power", *TINY, "--out", str(out), timeout=120)
-    assert result.returncode == 2 and "--resume" in result.stderr
+    assert_one_line_error(Outcome(capsys, "power", *TINY, "--out", out), "--resume")
+
+
+def _interrupt(args, ready, timeout=240):
+    """Starts run.py, sends SIGINT once `ready()` holds, returns (exit status, stderr)."""
+    process = subprocess.Popen([*RUN, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    deadline = time.time() + timeout
+    while not ready():
+        assert process.poll() is None, f"the run ended before the interrupt: {process.stderr.read()}"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=timeout)
+    return process.returncode, stderr
+
+
+def test_ctrl_c_stops_between_units_saves_everything_and_resumes_each_unit_once(tmp_path):
+    out = tmp_path / "run"
+    results = out / "results.jsonl"
+    problems = 30
+    resume_command = f"python experiments/run.py power --out {out} --resume"
+
+    def lines():
+        return results.read_text().splitlines() if results.exists() else []
+
+    # 1. During start-up and compilation: the folder exists, no unit has finished.
+    status, stderr = _interrupt(["power", *TINY, "--problems-per-k", str(problems), "--out", str(out)],
+                                ready=lambda: (out / "config.yaml").exists())
+    assert status == 130 and "Traceback" not in stderr, stderr
+    assert resume_command in stderr
+    first = lines()
+    # 2. Mid-run, on a resumed run.
+    status, stderr = _interrupt(["power", "--out", str(out), "--resume"], ready=lambda: len(lines()) >= len(first) + 5)
+    assert status == 130 and "Traceback" not in stderr and resume_command in stderr, stderr
+    second = lines()
+    assert second[: len(first)] == first and len(first) + 5 <= len(second) < problems * 4
+    assert f"{len(second)} finished result(s) saved" in stderr
+    # 3. Resume to the end: every unit exactly once, nothing redone.
+    result = run_cli("power", "--out", str(out), "--resume")
+    assert result.returncode == 0, result.stderr
+    after = lines()
+    assert after[: len(second)] == second
+    keys = [json.loads(line)["key"] for line in after]
+    assert len(keys) == len(set(keys)) == problems * 4

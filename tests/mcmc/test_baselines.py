@@ -5,18 +5,18 @@ import numpy as np
 import pytest
 
 from jaxsample.errors import ArgumentError
+from jaxsample import testing
 from jaxsample.mcmc import base_sample, best_of_n, temperature_sample
-from toy_models import TabularLM
 
-TOY = TabularLM.random(seed=2, vocab_size=4, cap=4, scale=1.5)
-LM = TOY.lm()
+LM = testing.random_tabular_lm(vocab_size=4, max_new_tokens=4, seed=2, temperature=1 / 1.5)
+PROMPT = jax.numpy.array([0])
 CHAINS, CANDIDATES = 4, 8
 
 
 @pytest.fixture(scope="module")
 def candidates():
     # best_of_n decodes its C·M candidates exactly as base_sample decodes C·M chains.
-    return base_sample(jax.random.key(0), LM, TOY.prompt(), CHAINS * CANDIDATES, 4)
+    return base_sample(jax.random.key(0), LM, PROMPT, CHAINS * CANDIDATES, 4)
 
 
 def _per_chain(x):
@@ -25,7 +25,7 @@ def _per_chain(x):
 
 @pytest.mark.parametrize("budget", [None, 1, [3, 6, 9, 1000]])
 def test_best_of_n_picks_highest_mean_log_likelihood_within_budget(candidates, budget):
-    result = best_of_n(jax.random.key(0), LM, TOY.prompt(), CANDIDATES, CHAINS, 4,
+    result = best_of_n(jax.random.key(0), LM, PROMPT, CANDIDATES, CHAINS, 4,
                        token_budget=budget)
     lengths = _per_chain(candidates.lengths)
     spent = np.cumsum(lengths, axis=1)
@@ -45,8 +45,8 @@ def test_best_of_n_picks_highest_mean_log_likelihood_within_budget(candidates, b
 
 
 def test_temperature_sample_is_base_sample_at_one_over_alpha():
-    low = temperature_sample(jax.random.key(1), LM, TOY.prompt(), 4.0, 16, 4)
-    base = base_sample(jax.random.key(1), LM, TOY.prompt(), 16, 4, temperature=0.25)
+    low = temperature_sample(jax.random.key(1), LM, PROMPT, 4.0, 16, 4)
+    base = base_sample(jax.random.key(1), LM, PROMPT, 16, 4, temperature=0.25)
     np.testing.assert_array_equal(low.tokens, base.tokens)
     np.testing.assert_array_equal(low.tokens_decoded, low.lengths)
     assert low.info.accepted.shape == (1, 0, 16)
@@ -54,8 +54,8 @@ def test_temperature_sample_is_base_sample_at_one_over_alpha():
 
 def test_baseline_arguments():
     with pytest.raises(ArgumentError, match="num_candidates"):
-        best_of_n(jax.random.key(0), LM, TOY.prompt(), 0, 1, 4)
+        best_of_n(jax.random.key(0), LM, PROMPT, 0, 1, 4)
     with pytest.raises(ArgumentError, match="alpha"):
-        temperature_sample(jax.random.key(0), LM, TOY.prompt(), 0.0, 1, 4)
+        temperature_sample(jax.random.key(0), LM, PROMPT, 0.0, 1, 4)
     with pytest.raises(ArgumentError, match="exceeds"):
-        base_sample(jax.random.key(0), LM, TOY.prompt(), 1, 5)
+        base_sample(jax.random.key(0), LM, PROMPT, 1, 5)

@@ -1,38 +1,43 @@
-"""Exact transition matrices of the power-MH move: invariance, and controls that break it.
+"""Exact transition matrices of the library's power-MH move (`jaxsample.testing`).
 
 Toy: 3 tokens + EOS, completions of up to 4 tokens (121 states), Gaussian logits (seed 2,
-std 1.5); every state, cut and proposal suffix enumerated in float64 (`exact.py`).
+std 1.5); every state, cut and proposal suffix enumerated in float64. The toolkit's own
+negative controls (the reference-code bugs) live in tests/testing/test_kernels.py.
 """
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 import pytest
 from scipy.special import logsumexp
 
-from jaxsample.mcmc import entropy_jump, uniform
-from toy_models import TabularLM, power_target, total_variation
+import jaxsample as js
+from jaxsample import testing
+from jaxsample.mcmc import entropy_jump, log_acceptance_ratio, uniform
 
-from .exact import enumerate_moves, exact_chain, move_log_ratios, ratio_components, stationary
-
-TOY = TabularLM.random(seed=2, vocab_size=4, cap=4, scale=1.5)
+LM = testing.random_tabular_lm(vocab_size=4, max_new_tokens=4, seed=2, temperature=1 / 1.5)
+SPACE = testing.enumerate_completions(LM, [0], 4)
 CUT_LAWS = {"uniform": uniform, "entropy": entropy_jump(4.0)}
 
 
-def _assert_invariant(transition, pi):
-    assert np.all(transition >= 0)
-    np.testing.assert_allclose(transition.sum(axis=1), 1.0, rtol=0, atol=1e-12)
-    assert np.max(np.abs(pi @ transition - pi)) < 1e-12
-    np.testing.assert_allclose(stationary(transition), pi, rtol=0, atol=1e-10)
+def _kernel(alpha, cut, temperature, top_k=0, cap=None):
+    cut_law = CUT_LAWS[cut]
+    return testing.mh_transition_matrix(SPACE, cut_law, js.Proposal(temperature, top_k),
+                                        testing.power_log_ratio(alpha, cut_law), cap)
+
+
+def _assert_invariant(kernel, target):
+    testing.assert_stationary(kernel, target, atol=1e-12)
+    np.testing.assert_allclose(testing.stationary_distribution(kernel.matrix), target.probs,
+                               rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("cut", ["uniform", "entropy"])
 @pytest.mark.parametrize("alpha", [2.0, 4.0])
 @pytest.mark.parametrize("low_temperature", [True, False])
 def test_kernel_leaves_power_target_invariant(cut, alpha, low_temperature):
-    temperature = 1.0 / alpha if low_temperature else 1.0
-    chain = exact_chain(TOY, alpha, CUT_LAWS[cut], temperature)
-    assert len(chain.states) == 121
-    _assert_invariant(chain.transition, power_target(chain.log_p, alpha))
+    kernel = _kernel(alpha, cut, 1.0 / alpha if low_temperature else 1.0)
+    assert len(kernel.states) == 121
+    _assert_invariant(kernel, testing.power_target(SPACE, alpha))
 
 
 @pytest.mark.parametrize("cut", ["uniform", "entropy"])
@@ -40,12 +45,12 @@ def test_top_k_kernel_leaves_restricted_target_invariant(cut):
     # Top-k makes the chain reducible: the completions a q-sampled start can reach form a
     # closed class, on which the target is π restricted (full p, not renormalised on top-k).
     alpha = 4.0
-    chain = exact_chain(TOY, alpha, CUT_LAWS[cut], 1.0 / alpha, top_k=3)
-    reachable = np.isfinite(chain.log_start)
-    assert 1 < reachable.sum() < len(chain.states)
-    inside = chain.transition[reachable][:, reachable]
-    assert np.all(chain.transition[reachable][:, ~reachable] == 0)
-    _assert_invariant(inside, power_target(chain.log_p[reachable], alpha))
+    kernel = _kernel(alpha, cut, 1.0 / alpha, top_k=3)
+    reachable = kernel.reachable()
+    assert 1 < reachable.sum() < len(kernel.states)
+    assert np.all(kernel.matrix[reachable][:, ~reachable] == 0)
+    _assert_invariant(kernel.restricted(reachable),
+                      testing.power_target(SPACE, alpha).restricted(reachable))
 
 
 @pytest.mark.parametrize("cut", ["uniform", "entropy"])
@@ -53,65 +58,38 @@ def test_block_kernel_leaves_prefix_target_invariant(cut):
     # Block cap 2 < 4: states are completions of ≤ 2 tokens or unterminated 2-token
     # prefixes, with the prefix marginal p(x_{≤2}) (no stop factor) as the base.
     alpha = 4.0
-    chain = exact_chain(TOY, alpha, CUT_LAWS[cut], 1.0 / alpha, cap=2)
-    assert len(chain.states) == 13
-    _assert_invariant(chain.transition, power_target(chain.log_p, alpha))
-
-
-def _without_cut_term(cut, alpha, current, proposed, cut_law):
-    parts = ratio_components(cut, alpha, current, proposed, cut_law)
-    return parts.log_power + parts.log_proposal
-
-
-def _truncated_current_suffix(cut, alpha, current, proposed, cut_law):
-    # Reference-code bug: the current suffix only counts up to the proposal's length.
-    truncated = current._replace(length=jnp.minimum(current.length, proposed.length))
-    wrong = ratio_components(cut, alpha, truncated, proposed, cut_law)
-    right = ratio_components(cut, alpha, current, proposed, cut_law)
-    return wrong.log_power + wrong.log_proposal + right.log_cut
-
-
-# Measured TV(stationary, π) on TOY: entropy cut without reverse term 0.039 (α=2), 0.042
-# (α=4); uniform without log n − log n' 0.112, 0.119; truncated suffix (uniform, τ=1/α)
-# 0.027, 0.092 and (τ=1) 0.100, 0.344. The correct kernel is at 1e-14.
-@pytest.mark.parametrize(
-    "cut, ratio, alpha, low_temperature",
-    [
-        ("entropy", _without_cut_term, 2.0, True),
-        ("entropy", _without_cut_term, 4.0, True),
-        ("uniform", _without_cut_term, 2.0, True),
-        ("uniform", _without_cut_term, 4.0, True),
-        ("uniform", _truncated_current_suffix, 2.0, True),
-        ("uniform", _truncated_current_suffix, 4.0, False),
-    ],
-)
-def test_broken_ratios_are_not_invariant(cut, ratio, alpha, low_temperature):
-    temperature = 1.0 / alpha if low_temperature else 1.0
-    chain = exact_chain(TOY, alpha, CUT_LAWS[cut], temperature, ratio=ratio)
-    pi = power_target(chain.log_p, alpha)
-    assert np.max(np.abs(pi @ chain.transition - pi)) > 1e-3
-    assert total_variation(stationary(chain.transition), pi) > 0.02
+    kernel = _kernel(alpha, cut, 1.0 / alpha, cap=2)
+    assert len(kernel.states) == 13
+    _assert_invariant(kernel, testing.power_target(SPACE, alpha, cap=2))
 
 
 @pytest.mark.parametrize("top_k", [0, 3])
 def test_power_and_proposal_terms_are_log_normaliser_differences(top_k):
     # With q ∝ p^α on a fixed support K_h, α ℓp − ℓq = log Z_α(h) per token, so
-    # log_power + log_proposal = Σ_{x'} log Z − Σ_x log Z over the suffixes.
+    # log_power + log_proposal = Σ_{x'} log Z − Σ_x log Z over the suffixes from the cut.
     alpha = 3.0
-    moves = enumerate_moves(TOY, uniform, 1.0 / alpha, top_k=top_k)
+    proposal = js.Proposal(1.0 / alpha, top_k)
+    states = [x for x in SPACE.sequences if np.isfinite(SPACE.log_prob(x, proposal=proposal))]
+    assert 20 < len(states) <= 121
+    traces = SPACE.traces(states, proposal)
 
     def log_normaliser(prefix):
-        log_p = TOY.log_p(prefix)
-        support = np.isfinite(TOY.log_q(prefix, 1.0 / alpha, top_k))
-        return logsumexp(alpha * log_p[support])
+        support = np.isfinite(SPACE.proposal_log_probs(prefix, proposal))
+        return logsumexp(alpha * SPACE.next_log_probs(prefix)[support])
 
-    log_z = np.zeros(moves.traces.log_p.shape)
-    for s, state in enumerate(moves.states):
+    log_z = np.zeros(traces.log_p.shape)
+    for s, state in enumerate(states):
         log_z[s, : len(state)] = [log_normaliser(state[:t]) for t in range(len(state))]
-    after_cut = np.arange(TOY.cap)[None, :] >= moves.cut[:, None]
-    expected = np.sum(np.where(after_cut, log_z[moves.proposed] - log_z[moves.current], 0.0), 1)
-    power_and_proposal = move_log_ratios(moves, alpha, uniform, ratio=_without_cut_term)
-    # Under top-k only current states the proposal can produce have finite ℓq.
-    sampled = np.isfinite(moves.traces.log_q.sum(axis=1))[moves.current]
-    assert sampled.sum() > 100
-    np.testing.assert_allclose(power_and_proposal[sampled], expected[sampled], rtol=0, atol=1e-12)
+    # Every pair (x, x') and cut i ≤ their common prefix, i < n, n'.
+    x, y, cut = zip(*[(a, b, i) for a in range(len(states)) for b in range(len(states))
+                      for i in range(min(len(states[a]), len(states[b])))
+                      if states[a][:i] == states[b][:i]])
+    x, y, cut = map(np.array, (x, y, cut))
+    with jax.enable_x64(True):
+        parts = jax.vmap(log_acceptance_ratio, in_axes=(0, None, 0, 0, None))(
+            cut, alpha, jax.tree.map(lambda a: a[x], traces), jax.tree.map(lambda a: a[y], traces),
+            uniform)
+        measured = np.asarray(parts.log_power + parts.log_proposal)
+    after_cut = np.arange(4)[None, :] >= cut[:, None]
+    expected = np.sum(np.where(after_cut, log_z[y] - log_z[x], 0.0), axis=1)
+    np.testing.assert_allclose(measured, expected, rtol=0, atol=1e-12)

@@ -1,7 +1,11 @@
 """Strict checkpoint loading: every malformed input raises the right error, naming file and tensor."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +14,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from jaxsample import models
-from jaxsample.errors import CheckpointError, ConfigError, ModelNotFoundError
+from jaxsample.errors import ArgumentError, CheckpointError, ConfigError, ModelNotFoundError
 
 CONFIG = models.ModelConfig(
     model_type="qwen2",
@@ -141,11 +145,24 @@ def test_bad_config(copy, edit, message):
         models.load(copy)
 
 
-def test_no_stop_token_anywhere(copy):
+def test_no_stop_token_anywhere_names_the_overrides(copy):
     _edit_config(copy, lambda c: c.update(eos_token_id=None))
     (copy / "generation_config.json").write_text("{}")
-    with pytest.raises(ConfigError, match="no eos_token_id"):
+    with pytest.raises(ConfigError, match=r"no eos_token_id.*eos_token_ids=\[\.\.\.\].*pad_token_id="):
         models.load(copy)
+    lm = models.load(copy, eos_token_ids=np.int64(2))
+    assert lm.eos_token_ids == (2,) and lm.pad_token_id == 2
+    lm = models.load(copy, eos_token_ids=[3, 2], pad_token_id=0)
+    assert lm.eos_token_ids == (3, 2) and lm.pad_token_id == 0
+    with pytest.raises(ArgumentError, match=r"eos_token_ids must be an integer in \[0, 39\], got 40"):
+        models.load(copy, eos_token_ids=[40])
+    with pytest.raises(ArgumentError, match=r"pad_token_id must be an integer in \[0, 39\], got -1"):
+        models.load(copy, eos_token_ids=[2], pad_token_id=-1)
+
+
+def test_overrides_replace_the_checkpoint_stop_tokens(copy):
+    (copy / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 1]}))
+    assert models.load(copy, eos_token_ids=[4]).eos_token_ids == (4,)
 
 
 def test_generation_config_adds_stop_tokens(copy):
@@ -156,8 +173,88 @@ def test_generation_config_adds_stop_tokens(copy):
 def test_dtype_cast_and_bad_dtype(saved):
     directory, _ = saved
     assert models.load(directory, dtype=jnp.bfloat16).params["embed_tokens"]["embedding"].dtype == jnp.bfloat16
-    with pytest.raises(CheckpointError, match="dtype int32 is not supported"):
+    with pytest.raises(ArgumentError, match=r"dtype must be one of 'float32', 'float16', 'bfloat16', got .*int32"):
         models.load(directory, dtype=jnp.int32)
+    with pytest.raises(ArgumentError, match=r"dtype must be one of .*, got 'float7'"):
+        models.load(directory, dtype="float7")
+
+
+@pytest.mark.parametrize("path", ["", b"", None])
+def test_empty_path_is_refused_not_the_current_directory(path):
+    with pytest.raises(ArgumentError, match=r"path_or_name must be a checkpoint directory"):
+        models.load(path)
+
+
+def test_non_finite_weights_name_the_tensor(copy):
+    def poison(tensors):
+        tensors[Q_PROJ] = tensors[Q_PROJ].copy()
+        tensors[Q_PROJ][3, 5] = np.nan
+
+    _edit_tensors(copy, poison)
+    with pytest.raises(CheckpointError, match=rf"tensor '{Q_PROJ}' holds 1 non-finite value\(s\).*check_finite=False"):
+        models.load(copy)
+    assert np.isnan(models.load(copy, check_finite=False).params["layers"]["self_attn"]["q_proj"]["kernel"][1]).any()
+
+
+def test_weights_that_overflow_the_requested_dtype_are_refused(copy):
+    _edit_tensors(copy, lambda t: t.update({K_PROJ: np.full_like(t[K_PROJ], 1e6)}))
+    models.load(copy)  # finite in float32
+    with pytest.raises(CheckpointError, match=rf"'{K_PROJ}' holds 128 non-finite .*after the cast to float16"):
+        models.load(copy, dtype="float16")
+
+
+@pytest.fixture(scope="module")
+def toy_tokenizer():
+    return models.load("toy-decisions").tokenizer
+
+
+def test_tokenizer_smaller_than_the_vocabulary_loads(copy, toy_tokenizer):
+    toy_tokenizer.save(copy)
+    lm = models.load(copy)
+    assert len(lm.tokenizer) == 13 < lm.vocab_size == 40
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(copy, toy_tokenizer):
+    toy_tokenizer.save(copy)
+    _edit_config(copy, lambda c: c.update(vocab_size=12))
+    with pytest.raises(CheckpointError, match=r"tokenizer has 13 tokens but the model's vocab_size is 12"):
+        models.load(copy)
+
+
+def test_tokenizer_config_without_tokenizer_json_is_refused(copy, toy_tokenizer):
+    toy_tokenizer.save(copy)
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match=r"tokenizer_config.json is present but tokenizer.json is missing"):
+        models.load(copy)
+    (copy / "tokenizer_config.json").unlink()
+    assert models.load(copy).tokenizer is None
+
+
+def test_import_and_safetensors_loading_work_without_the_gguf_package(saved, tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF")
+    script = f"""
+import sys
+
+class NoGGUF:
+    def find_spec(self, name, path=None, target=None):
+        if name == "gguf" or name.startswith("gguf."):
+            raise ImportError("No module named 'gguf' (blocked by the test)")
+
+sys.meta_path.insert(0, NoGGUF())
+import jaxsample
+from jaxsample.errors import CheckpointError
+assert "gguf" not in sys.modules
+assert jaxsample.load({str(saved[0])!r}).vocab_size == 40
+try:
+    jaxsample.load({str(fake)!r})
+except CheckpointError as e:
+    assert "needs the gguf package" in str(e), e
+    print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[2], env=os.environ | {"JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
 def test_unknown_path_or_name():

@@ -46,7 +46,7 @@ def gguf_name(hf_name):
     return f"blk.{layer}.{_TO_GGUF[module]}.{kind}"
 
 
-def write_gguf(path, arch, hf_config, seed, quantized, extra_tensors=()):
+def write_gguf(path, arch, hf_config, seed, quantized, extra_tensors=(), configure=None):
     """A GGUF file holding a random transformers model, laid out as llama.cpp writes it."""
     from transformers import AutoModelForCausalLM
 
@@ -64,6 +64,8 @@ def write_gguf(path, arch, hf_config, seed, quantized, extra_tensors=()):
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_vocab_size(c.vocab_size)
     writer.add_eos_token_id(3)
+    if configure is not None:
+        configure(writer)
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
@@ -140,9 +142,80 @@ def test_truncated_gguf(tmp_path):
 def test_unknown_tensor_in_gguf(tmp_path):
     path = write_gguf(
         tmp_path / "tiny.gguf", "llama", LLAMA, seed=0, quantized={},
-        extra_tensors=[("rope_freqs.weight", np.ones(8, np.float32))],
+        extra_tensors=[("cls.weight", np.ones(8, np.float32))],
     )
-    with pytest.raises(CheckpointError, match=r"tiny.gguf: unexpected tensor 'rope_freqs.weight'"):
+    with pytest.raises(CheckpointError, match=r"tiny.gguf: unexpected tensor 'cls.weight'"):
+        models.load(path)
+
+
+LLAMA3_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 100}
+# head_dim 8, θ = 10⁴: wavelengths 6.3, 63, 628, 6283 against the thresholds 100/4 and 100/1
+# put one frequency in each llama3 regime (kept, smoothed, divided by the factor).
+LLAMA3 = LlamaConfig(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=True,
+    rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, **LLAMA3_SCALING},
+)
+
+
+def llama_cpp_rope_freqs(head_dim, theta, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
+    """`rope_freqs` as llama.cpp's convert_hf_to_gguf.py computes it for llama3 rope scaling."""
+    import math
+
+    low_wavelen = original_max_position_embeddings / low_freq_factor
+    high_wavelen = original_max_position_embeddings / high_freq_factor
+    factors = []
+    for freq in 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)):
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, np.float32)
+
+
+ROPE_FREQS = llama_cpp_rope_freqs(8, 10000.0, **LLAMA3_SCALING)
+
+
+def test_llama3_rope_freqs_match_transformers_rope_scaling(tmp_path, hf_checkpoint, reference_logits):
+    assert 1.0 < ROPE_FREQS[1] < 8.0 and ROPE_FREQS[0] == 1.0 and ROPE_FREQS[3] == 8.0
+    hf_dir = hf_checkpoint("llama3-rope", LLAMA3, seed=5)
+    tokens = np.random.default_rng(1).integers(0, VOCAB, size=(2, 48))
+    expected = reference_logits(hf_dir, tokens)
+    with_freqs = write_gguf(tmp_path / "llama3.gguf", "llama", LLAMA3, seed=5, quantized={},
+                            extra_tensors=[("rope_freqs.weight", ROPE_FREQS)])
+    lm = models.load(with_freqs)
+    np.testing.assert_allclose(lm.config.rope_freq_factors, ROPE_FREQS)
+    delta = np.abs(np.asarray(lm.logits(jnp.asarray(tokens))) - expected).max()
+    assert expected.std() > 1.0 and delta <= ATOL, delta
+    # Control: the same weights without rope_freqs are plain RoPE, visibly different.
+    plain = models.load(write_gguf(tmp_path / "plain.gguf", "llama", LLAMA3, seed=5, quantized={}))
+    assert np.abs(np.asarray(plain.logits(jnp.asarray(tokens))) - expected).max() > 1e-2
+
+
+@pytest.mark.parametrize("factor, agrees", [(8.0, True), (4.0, False)])
+def test_rope_freqs_are_checked_against_the_metadata_remap(tmp_path, factor, agrees):
+    def scaling_metadata(writer):
+        writer.add_rope_scaling_factor(factor)
+        writer.add_rope_scaling_orig_ctx_len(100)
+
+    path = write_gguf(tmp_path / "llama3.gguf", "llama", LLAMA3, seed=5, quantized={},
+                      extra_tensors=[("rope_freqs.weight", ROPE_FREQS)], configure=scaling_metadata)
+    if agrees:
+        assert models.load(path).config.rope_freq_factors is not None
+    else:
+        with pytest.raises(ConfigError, match=r"rope_freqs.weight .* disagrees with the llama3 remap .*factor=4.0"):
+            models.load(path)
+
+
+def test_rope_freqs_of_the_wrong_size_are_refused(tmp_path):
+    path = write_gguf(tmp_path / "bad.gguf", "llama", LLAMA3, seed=5, quantized={},
+                      extra_tensors=[("rope_freqs.weight", np.ones(3, np.float32))])
+    with pytest.raises(ConfigError, match=r"rope_freqs.weight must hold head_dim / 2 = 4 finite positive factors"):
         models.load(path)
 
 

@@ -7,45 +7,48 @@ import pytest
 from scipy.special import logsumexp
 from scipy.stats import chi2
 
+from jaxsample import testing
 from jaxsample.errors import ArgumentError, NumericalError
+from jaxsample.sampling import Proposal
 from jaxsample.smc import Lookahead, smc_decode
 from jaxsample.smc.sampler import _run
-from toy_models import TabularLM
-
-from . import exact
 
 S = 4
+PROMPT = jnp.array([0], jnp.int32)
 
 
 @pytest.fixture(scope="module")
-def toy():
-    return TabularLM.random(2, scale=1.0)
+def lm():
+    return testing.random_tabular_lm(4, S, seed=2)
+
+
+@pytest.fixture(scope="module")
+def space(lm):
+    return testing.enumerate_completions(lm, PROMPT, S)
 
 
 @pytest.fixture(scope="module")
 def reward():
-    return exact.PrefixTable.random(3, 4, S)
+    return testing.random_reward(4, S, seed=3)
 
 
-def test_single_particle_is_plain_sampling_from_the_proposal(toy):
+def test_single_particle_is_plain_sampling_from_the_proposal(lm, space):
     # N = 1, λ = 0: the one weight never triggers a resampling and the output is a draw from
     # q (τ = 1/α = 2/3). Chi-square over the 121 sequences at level 1e-3 on 400 draws, with
     # the rarely-drawn sequences pooled so every expected count is ≥ 5.
     alpha, num = 1.5, 400
-    states = toy.completions(S)
-    log_q = np.array([toy.sequence_log_prob(x, next_log_probs=lambda h: toy.log_q(h, 1 / alpha))
-                      for x in states])
-    lm = toy.lm()
+    states = space.sequences
+    log_q = np.array([space.log_prob(x, proposal=Proposal(1 / alpha)) for x in states])
     counts = np.zeros(len(states))
     for seed in range(num):
-        result = smc_decode(jax.random.key(seed), lm, toy.prompt(), num_particles=1,
+        result = smc_decode(jax.random.key(seed), lm, PROMPT, num_particles=1,
                             max_new_tokens=S, alpha=alpha, block_size=2)
         seq = tuple(int(t) for t in result.sample[: result.lengths[0]])
         counts[states.index(seq)] += 1
         assert not result.resampled.any() and result.log_weights[0] == 0.0
         np.testing.assert_allclose(result.ess, 1.0)
         # log Z_hat of one particle is its importance weight α log p − log q.
-        log_w = alpha * toy.sequence_log_prob(seq) - log_q[states.index(seq)]
+        log_w = alpha * space.log_prob(seq) - log_q[states.index(seq)]
         np.testing.assert_allclose(result.log_z, log_w, rtol=1e-5, atol=1e-5)
     expected = num * np.exp(log_q)
     common = expected >= 5
@@ -55,26 +58,24 @@ def test_single_particle_is_plain_sampling_from_the_proposal(toy):
     assert statistic < chi2.ppf(1 - 1e-3, df=len(observed) - 1), statistic
 
 
-def test_power_smc_defaults_to_the_power_proposal(toy):
+def test_power_smc_defaults_to_the_power_proposal(lm, space):
     # λ = 0, α = 4, default τ = 1/α, κ = 0 (never resample): every particle's log-weight is
     # Σ_t log Σ_v p(v | y_<t)^α, independent of the tokens drawn.
     alpha, num = 4.0, 16
-    result = smc_decode(jax.random.key(0), toy.lm(), toy.prompt(), num_particles=num,
+    result = smc_decode(jax.random.key(0), lm, PROMPT, num_particles=num,
                         max_new_tokens=S, alpha=alpha, block_size=2, ess_threshold=0.0)
     log_weights = np.asarray(result.log_weights) + float(result.log_z) + np.log(num)
     for i in range(num):
         seq = tuple(int(t) for t in result.tokens[i, : result.lengths[i]])
-        expected = sum(logsumexp(alpha * toy.log_p(seq[:t])) for t in range(len(seq)))
+        expected = sum(logsumexp(alpha * space.next_log_probs(seq[:t])) for t in range(len(seq)))
         np.testing.assert_allclose(log_weights[i], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_result_fields_determinism_and_no_recompilation(toy, reward):
-    lm = toy.lm()
+def test_result_fields_determinism_and_no_recompilation(lm, space, reward):
     kwargs = dict(num_particles=8, max_new_tokens=S, block_size=1, num_rejuvenation_steps=1,
                   lookahead=Lookahead(num_rollouts=2, horizon=1))
-    reward_fn = reward.jax_fn
-    first = smc_decode(jax.random.key(0), lm, toy.prompt(), reward_fn, alpha=2.0, lam=1.0, **kwargs)
-    again = smc_decode(jax.random.key(0), lm, toy.prompt(), reward_fn, alpha=2.0, lam=1.0, **kwargs)
+    first = smc_decode(jax.random.key(0), lm, PROMPT, reward, alpha=2.0, lam=1.0, **kwargs)
+    again = smc_decode(jax.random.key(0), lm, PROMPT, reward, alpha=2.0, lam=1.0, **kwargs)
     jax.tree.map(np.testing.assert_array_equal, first, again)
 
     assert first.tokens.shape == (8, S) and first.log_weights.shape == (8,)
@@ -84,63 +85,63 @@ def test_result_fields_determinism_and_no_recompilation(toy, reward):
     assert 1 <= steps <= S and all(h.shape == (steps,) for h in histories)
     assert first.log_z == first.log_z_history[-1]
     assert (first.done | (first.lengths == S)).all()
-    for i in range(8):  # pad after the stop token; rewards are those of the final sequences
-        n = int(first.lengths[i])
-        assert (first.tokens[i, n:] == lm.pad_token_id).all()
-        seq = tuple(int(t) for t in first.tokens[i, :n])
-        assert first.rewards[i] == pytest.approx(reward[seq], rel=1e-6)
+    # Pad after the stop token; rewards are those of the final sequences.
+    after = np.arange(S)[None, :] >= np.asarray(first.lengths)[:, None]
+    assert (np.asarray(first.tokens)[after] == lm.pad_token_id).all()
+    finals = [tuple(int(t) for t in row[:n]) for row, n in zip(first.tokens, first.lengths)]
+    np.testing.assert_allclose(first.rewards, space.evaluate(reward, finals), rtol=1e-6)
     assert np.isnan(first.acceptance_rate[~first.resampled]).all()
     # Extension, rollouts (2 per particle and step) and rejuvenation all count.
     assert first.num_decoded > int(first.lengths.sum())
 
     cache_size = _run._cache_size()
-    other = smc_decode(jax.random.key(0), lm, toy.prompt(), reward_fn, alpha=3.0, lam=-0.5,
+    other = smc_decode(jax.random.key(0), lm, PROMPT, reward, alpha=3.0, lam=-0.5,
                        temperature=0.9, top_p=0.95, ess_threshold=0.8, **kwargs)
     assert _run._cache_size() == cache_size  # α, λ, τ, top-p, κ are traced
     assert other.log_z != first.log_z
 
 
-def test_all_zero_weights_give_minus_inf_log_z_not_an_error(toy):
+def test_all_zero_weights_give_minus_inf_log_z_not_an_error(lm):
     def impossible(tokens, length):
         return jnp.where(length > 0, -jnp.inf, 0.0)
 
-    result = smc_decode(jax.random.key(0), toy.lm(), toy.prompt(), impossible, num_particles=4,
+    result = smc_decode(jax.random.key(0), lm, PROMPT, impossible, num_particles=4,
                         max_new_tokens=S, lam=1.0)
     assert result.all_zero and result.log_z == -np.inf
     assert np.isneginf(result.log_weights).all() and not result.resampled.any()
 
 
-def test_nan_reward_raises_numerical_error(toy):
+def test_nan_reward_raises_numerical_error(lm):
     def broken(tokens, length):
         return jnp.where(length >= 2, jnp.nan, 0.0)
 
     with pytest.raises(NumericalError, match="NaN or \\+inf at SMC step 1"):
-        smc_decode(jax.random.key(0), toy.lm(), toy.prompt(), broken, num_particles=4,
+        smc_decode(jax.random.key(0), lm, PROMPT, broken, num_particles=4,
                    max_new_tokens=S, lam=1.0, ess_threshold=0.0)
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(alpha=0.0), "alpha must be finite and > 0"),
-    (dict(alpha=float("inf")), "alpha must be finite"),
+    (dict(alpha=0.0), r"alpha must be a number in \(0, inf\), got 0.0"),
+    (dict(alpha=float("inf")), r"alpha must be a number in \(0, inf\), got inf"),
     (dict(lam=1.0), "lam=1.0 has no effect without a reward_fn"),
-    (dict(num_particles=0), "num_particles must be an int >= 1"),
-    (dict(block_size=5), "block_size=5 exceeds max_new_tokens=4"),
+    (dict(num_particles=0), r"num_particles must be an integer in \[1, inf\], got 0"),
+    (dict(block_size=5), r"block_size must be an integer in \[1, 4\], got 5"),
     (dict(max_new_tokens=9), "exceeds the 5 positions"),
-    (dict(ess_threshold=1.5), r"ess_threshold must lie in \[0, 1\]"),
+    (dict(ess_threshold=1.5), r"ess_threshold must be a number in \[0, 1\], got 1.5"),
     (dict(resampler="fancy"), "unknown resampler"),
-    (dict(num_rejuvenation_steps=-1), "num_rejuvenation_steps must be an int >= 0"),
-    (dict(lookahead=Lookahead(num_rollouts=0)), "Lookahead.num_rollouts must be a positive int"),
+    (dict(num_rejuvenation_steps=-1), r"num_rejuvenation_steps must be an integer in \[0, inf\]"),
+    (dict(lookahead=Lookahead(num_rollouts=0)), r"Lookahead.num_rollouts must be an integer in \[1, inf\], got 0"),
     (dict(lookahead=3), "lookahead must be None"),
-    (dict(temperature=0.0), "temperature must be > 0"),
+    (dict(temperature=0.0), r"temperature must be a number in \(0, inf\), got 0.0"),
     (dict(reward_fn=lambda t, n: jnp.zeros(2), lam=1.0), "one scalar per sequence"),
 ])
-def test_argument_errors(toy, kwargs, message):
+def test_argument_errors(lm, kwargs, message):
     args = dict(num_particles=4, max_new_tokens=S) | kwargs
     with pytest.raises(ArgumentError, match=message):
-        smc_decode(jax.random.key(0), toy.lm(), toy.prompt(), **args)
+        smc_decode(jax.random.key(0), lm, PROMPT, **args)
 
 
-def test_prompt_must_be_one_sequence(toy):
+def test_prompt_must_be_one_sequence(lm):
     with pytest.raises(ArgumentError, match=r"shape \[T\]"):
-        smc_decode(jax.random.key(0), toy.lm(), jnp.zeros((2, 1), jnp.int32), num_particles=2,
+        smc_decode(jax.random.key(0), lm, jnp.zeros((2, 1), jnp.int32), num_particles=2,
                    max_new_tokens=S)

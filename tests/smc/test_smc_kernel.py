@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxsample import testing
 from jaxsample.sampling import Proposal
 from jaxsample.smc import (
     Lookahead,
@@ -17,36 +18,37 @@ from jaxsample.smc import (
     normalize_log_weights,
     stratified,
 )
-from toy_models import TabularLM
-
-from . import exact
 from .runner import run_smc
 
 S = 4  # max_new_tokens = the toy's cap
 ALPHA, LAM = 2.0, 1.0
 
 
-@pytest.fixture(scope="module")
-def toy():
-    return TabularLM.random(0)
+PROMPT = jnp.array([0], jnp.int32)
 
 
 @pytest.fixture(scope="module")
-def lm(toy):
-    return toy.lm()  # one wrapper object: runs sharing it share compiled programs
+def lm():
+    # One model object: runs sharing it share compiled programs.
+    return testing.random_tabular_lm(4, S, seed=0, temperature=1 / 1.5)
+
+
+@pytest.fixture(scope="module")
+def space(lm):
+    return testing.enumerate_completions(lm, PROMPT, S)
 
 
 @pytest.fixture(scope="module")
 def reward():
-    return exact.PrefixTable.random(1, 4, S)
+    return testing.random_reward(4, S, seed=1)
 
 
 def _weighted_histograms(states, state):
     decode = state.particles.decode
     log_w = np.asarray(normalize_log_weights(state.log_weights)[0], np.float64)
     return np.stack([
-        exact.histogram(states, np.asarray(decode.tokens[i]), np.asarray(decode.length[i]),
-                        np.exp(log_w[i]))
+        testing.empirical_distribution((decode.tokens[i], decode.length[i]), states,
+                                       np.exp(log_w[i])).probs
         for i in range(log_w.shape[0])
     ])
 
@@ -54,12 +56,13 @@ def _weighted_histograms(states, state):
 NUM_RUNS = 400
 
 
-def test_weighted_particles_converge_at_the_monte_carlo_rate(toy, lm, reward):
-    states, pi = exact.target(toy, S, ALPHA, LAM, reward)
+def test_weighted_particles_converge_at_the_monte_carlo_rate(lm, space, reward):
+    target = testing.tilted_target(space, reward, ALPHA, LAM)
+    states, pi = target.states, target.probs
     errors = {}
     for num_particles in (8, 128):  # N = 8 with 400 runs is also the prefix-only run below
-        state, info = run_smc(np.arange(NUM_RUNS), lm, toy.prompt(), alpha=ALPHA, lam=LAM,
-                              reward_fn=reward.jax_fn, num_particles=num_particles,
+        state, info = run_smc(np.arange(NUM_RUNS), lm, PROMPT, alpha=ALPHA, lam=LAM,
+                              reward_fn=reward, num_particles=num_particles,
                               max_new_tokens=S, block_size=1)
         assert np.asarray(info.resampled).any()
         histograms = _weighted_histograms(states, state)
@@ -90,43 +93,43 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))
-def test_log_z_is_unbiased_and_biased_low_in_log_space(toy, lm, reward, config):
-    num_runs = NUM_RUNS
-    state, info = run_smc(np.arange(num_runs), lm, toy.prompt(), alpha=ALPHA, lam=LAM,
-                          reward_fn=reward.jax_fn, num_particles=8, max_new_tokens=S,
+def test_log_z_is_unbiased_and_biased_low_in_log_space(lm, space, reward, config):
+    state, info = run_smc(np.arange(NUM_RUNS), lm, PROMPT, alpha=ALPHA, lam=LAM,
+                          reward_fn=reward, num_particles=8, max_new_tokens=S,
                           **CONFIGS[config])
     assert np.asarray(info.resampled).any()
     if CONFIGS[config].get("num_rejuvenation_steps"):
         rate = np.nanmean(np.asarray(info.acceptance_rate))
         assert 0.1 < rate < 1.0, rate
-    log_z = exact.log_z(toy, ALPHA, LAM, reward, S)
+    log_z = testing.tilted_target(space, reward, ALPHA, LAM).log_z
     log_z_hat = np.asarray(info.log_z[:, -1], np.float64)
-    ratio = np.exp(log_z_hat - log_z)
     # Unbiased: mean of Z_hat / Z over 400 independent runs within 3 standard errors of 1.
-    assert abs(ratio.mean() - 1.0) < 3 * ratio.std(ddof=1) / np.sqrt(num_runs)
+    testing.assert_unbiased(np.exp(log_z_hat - log_z), 1.0, num_se=3)
     # Jensen: E log Z_hat < log Z. With 8 particles the gap is about 3 standard errors.
     assert log_z_hat.mean() < log_z
 
 
-def test_exact_value_lookahead_makes_every_increment_zero(toy):
+def test_exact_value_lookahead_makes_every_increment_zero(lm, space):
     # Outcome reward r(y) = (log q(y) − α log p(y)) / λ on complete sequences, 0 on prefixes:
     # then π = q, the optimal proposal is q itself, and with the exact V every lookahead
     # increment γ_t V_t / (γ_{t−1} V_{t−1} q) is exactly 1. Prefix-only SMC on the same target
     # is not: the reward arrives at termination.
     alpha, lam, tau = 2.0, 0.7, 0.8
 
-    def outcome(prefix):
-        complete = (prefix and prefix[-1] == toy.eos) or len(prefix) == S
-        if not prefix or not complete:
-            return 0.0
-        log_q = toy.sequence_log_prob(prefix, next_log_probs=lambda h: toy.log_q(h, tau))
-        return (log_q - alpha * toy.sequence_log_prob(prefix)) / lam
+    proposal = Proposal(temperature=tau)
 
-    reward = exact.PrefixTable.from_function(outcome, toy.vocab_size, S)
-    value = exact.value_table(toy, alpha, lam, reward, S)
-    assert abs(exact.log_z(toy, alpha, lam, reward, S)) < 1e-12  # Σ q = 1
-    state, info = run_smc([0, 1], toy.lm(), toy.prompt(), alpha=alpha, lam=lam, temperature=tau,
-                          reward_fn=reward.jax_fn, lookahead=value.jax_fn, num_particles=16,
+    completions = set(space.sequences)
+
+    def outcome(prefix):
+        if prefix not in completions or not prefix:
+            return 0.0  # prefixes and strings past a stop token
+        return (space.log_prob(prefix, proposal=proposal) - alpha * space.log_prob(prefix)) / lam
+
+    reward = testing.prefix_table_fn(outcome, 4, S)
+    value = testing.value_function(space, reward, alpha, lam)
+    assert abs(value.log_z) < 1e-12  # Σ q = 1
+    state, info = run_smc([0, 1], lm, PROMPT, alpha=alpha, lam=lam, temperature=tau,
+                          reward_fn=reward, lookahead=value.log_value_fn(), num_particles=16,
                           max_new_tokens=S, block_size=1, ess_threshold=1.0)
     # ESS = N at every step (all weights equal) and log Z_hat unchanged: every particle's
     # increment is 0 at every step.
@@ -135,19 +138,18 @@ def test_exact_value_lookahead_makes_every_increment_zero(toy):
     np.testing.assert_allclose(state.log_weights, 0.0, atol=2e-5)
     assert not np.asarray(info.resampled).any()
     # The control: the prefix-only increment α log p − log q of the first token varies.
-    first = alpha * toy.log_p(()) - toy.log_q((), tau)
+    first = alpha * space.next_log_probs(()) - space.proposal_log_probs((), proposal)
     assert np.ptp(first) > 0.1
 
 
-def test_rollout_value_estimate_is_unbiased(toy, reward):
+def test_rollout_value_estimate_is_unbiased(lm, space, reward):
     # With a horizon covering the rest of the generation, V_hat = mean of M importance
     # ratios of full rollouts is unbiased for the exact V of every prefix.
     prefixes = [(), (0,), (1, 2)]
-    lm = toy.lm()
-    target = make_target(ALPHA, LAM, reward.jax_fn)
+    target = make_target(ALPHA, LAM, reward)
     proposal = Proposal(temperature=0.9)
-    decode = exact.decode_state(toy, lm, prefixes, S, temperature=0.9)
-    start_reward = jnp.asarray([reward[p] if p else 0.0 for p in prefixes], jnp.float32)
+    decode = testing.decode_state(lm, space, prefixes, proposal)
+    start_reward = jax.vmap(reward)(decode.tokens, decode.length).at[0].set(0.0)
 
     @jax.jit
     def estimates(keys):
@@ -158,11 +160,8 @@ def test_rollout_value_estimate_is_unbiased(toy, reward):
     num_keys = 2000
     keys = jax.random.split(jax.random.key(1), num_keys)
     values = np.exp(np.asarray(estimates(keys), np.float64))
-    for row, prefix in enumerate(prefixes):
-        exact_value = np.exp(exact.log_value(toy, prefix, ALPHA, LAM, reward, S))
-        se = values[:, row].std(ddof=1) / np.sqrt(num_keys)
-        mean = values[:, row].mean()
-        assert abs(mean - exact_value) < 4 * se, (prefix, mean, exact_value)
+    exact_value = testing.value_function(space, reward, ALPHA, LAM).log_value
+    testing.assert_unbiased(values, np.exp([exact_value[p] for p in prefixes]), num_se=4)
 
 
 def test_partial_reward_arrays_are_traced_not_recompiled(lm):
@@ -176,7 +175,7 @@ def test_partial_reward_arrays_are_traced_not_recompiled(lm):
     outputs = []
     for reference in ([0, 1, 2, 3], [2, 2, 0, 3], [1, 0, 3, 3]):
         reward = Partial(matches, jnp.asarray(reference, jnp.int32))
-        result = smc_decode(jax.random.key(0), lm, jnp.array([0]), reward, num_particles=8,
+        result = smc_decode(jax.random.key(0), lm, PROMPT, reward, num_particles=8,
                             max_new_tokens=S, lam=1.5)
         if len(outputs) == 0:
             compiled = _run._cache_size()

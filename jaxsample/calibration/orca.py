@@ -1,0 +1,335 @@
+"""ORCA: a test-time-trained probe that stops a reasoning chain early, calibrated by LTT.
+
+Zhou et al., "Online Reasoning Calibration: Test-Time Training Enables Generalizable
+Conformal LLM Reasoning" (arXiv 2604.01170); public code wzekai99/ORCA @2b8160f. The probe,
+its label-free inner update, the meta-training and the LTT rule follow that code (spec
+calibration.md §2.2-2.5, anchors-2026-12.md); two parts are **reconstructions**: the static
+baseline here fits its logistic regression on every step embedding (the code uses one
+embedding per 10-step block) with an optax loop instead of scikit-learn, and the label
+expansion (one label per step) is left to the caller.
+
+Per problem the fast weights (W, b) restart from the meta-learned (W_0, b_0); at step t the
+probe scores first, s_t = σ(⟨W, θ_Q φ_t⟩ + b), then takes one SGD step on the label-free
+loss (σ(⟨W, θ_K φ_t⟩ + b) − 0)² with step size η = exp(log η). The pseudo-target 0 pushes the
+score of what this problem has looked like so far down, so a change of direction (the
+problem getting solved) stands out against the problem's own offset. Meta-training
+backpropagates the outer loss mean_t (s_t − C_t)² through every inner step into θ_K, θ_Q,
+W_0, b_0 and log η. Generation stops at the first step whose trailing mean score (window
+w) reaches λ; LTT picks λ so that P(the answer at the stop is wrong) ≤ δ with probability
+≥ 1 − ε over exchangeable calibration and test problems (strict rule: the last λ rejected in
+fixed sequence, not the first non-rejected one as the released code does).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxsample.calibration.ltt import binomial_p_value, fixed_sequence
+from jaxsample.errors import ArgumentError
+
+Array = jax.Array
+
+
+class ProbeParams(NamedTuple):
+    """Slow weights of the TTT probe.
+
+    Attributes:
+      theta_k: float32 `[d_h, d]` key projection, or None (`no_kq`: u = φ, d_h = d).
+      theta_q: float32 `[d_h, d]` query projection, or None.
+      w0: float32 `[d_h]` initial fast weight.
+      b0: float32 `[]` initial fast bias.
+      log_eta: float32 `[]` log of the inner step size.
+    """
+
+    theta_k: Array | None
+    theta_q: Array | None
+    w0: Array
+    b0: Array
+    log_eta: Array
+
+
+def init_probe(key, feature_size: int, hidden_size: int | None = None, eta: float = 0.01) -> ProbeParams:
+    """Probe as the code initialises it: W_0 ~ N(0, 0.02²), b_0 = 0, η = `eta`.
+
+    Args:
+      key: PRNG key.
+      feature_size: d, the width of a step embedding.
+      hidden_size: d_h of the K/Q projections (θ ~ N(0, 1/d)); None for `no_kq`.
+      eta: initial inner step size η ≥ 0 (0 makes a static linear probe).
+    """
+    if not isinstance(feature_size, int) or feature_size < 1:
+        raise ArgumentError(f"feature_size must be an int ≥ 1, got {feature_size!r}")
+    if hidden_size is not None and (not isinstance(hidden_size, int) or hidden_size < 1):
+        raise ArgumentError(f"hidden_size must be None or an int ≥ 1, got {hidden_size!r}")
+    if not eta >= 0:
+        raise ArgumentError(f"eta must be ≥ 0, got {eta!r}")
+    key_w, key_k, key_q = jax.random.split(key, 3)
+    width = feature_size if hidden_size is None else hidden_size
+    theta = None if hidden_size is None else (
+        jax.random.normal(key_k, (hidden_size, feature_size)) / np.sqrt(feature_size),
+        jax.random.normal(key_q, (hidden_size, feature_size)) / np.sqrt(feature_size))
+    return ProbeParams(
+        theta_k=None if theta is None else theta[0],
+        theta_q=None if theta is None else theta[1],
+        w0=0.02 * jax.random.normal(key_w, (width,)),
+        b0=jnp.float32(0.0),
+        log_eta=jnp.float32(np.log(eta)) if eta > 0 else jnp.float32(-jnp.inf),
+    )
+
+
+@jax.jit
+def probe_scan(params: ProbeParams, phi, mask) -> Array:
+    """Scores of one problem's steps, each taken before that step's label-free update.
+
+    Args:
+      params: slow weights.
+      phi: float32 `[n, d]` step embeddings (padded).
+      mask: bool `[n]` real steps; padded steps leave the fast weights unchanged.
+
+    Returns:
+      float32 `[n]` scores s_t ∈ (0, 1) (padded steps score too, from the carried weights).
+    """
+    keys = phi if params.theta_k is None else phi @ params.theta_k.T
+    queries = phi if params.theta_q is None else phi @ params.theta_q.T
+    eta = jnp.exp(params.log_eta)
+
+    def body(carry, x):
+        w, b = carry
+        key, query, real = x
+        score = jax.nn.sigmoid(query @ w + b)
+        p = jax.nn.sigmoid(key @ w + b)
+        grad = 2.0 * p * p * (1.0 - p)  # d/dz (σ(z) − 0)², the pseudo-target is always 0
+        w = jnp.where(real, w - eta * grad * key, w)
+        b = jnp.where(real, b - eta * grad, b)
+        return (w, b), score
+
+    _, scores = jax.lax.scan(body, (params.w0, params.b0), (keys, queries, mask))
+    return scores
+
+
+def meta_loss(params: ProbeParams, phi, labels, mask) -> Array:
+    """Masked mean of (s_t − C_t)² over a batch of problems (mean over problems).
+
+    Args:
+      params: slow weights.
+      phi: float32 `[P, n, d]` step embeddings.
+      labels: `[P, n]` step labels C_t ∈ {0, 1} (1: the answer at this step is correct).
+      mask: bool `[P, n]`.
+    """
+    scores = jax.vmap(probe_scan, in_axes=(None, 0, 0))(params, phi, mask)
+    per_problem = jnp.sum(mask * (scores - labels) ** 2, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1)
+    return jnp.mean(per_problem)
+
+
+def meta_train(key, params: ProbeParams, phi, labels, mask, epochs: int = 20, batch_size: int = 1,
+               learning_rate: float = 1e-3, learn_eta: bool = True):
+    """Meta-trains the slow weights through the unrolled inner updates (Adam, clip 1.0).
+
+    Args:
+      key: PRNG key for the problem order.
+      params: initial slow weights (`init_probe`).
+      phi: float32 `[P, n, d]` training problems' step embeddings.
+      labels: `[P, n]` step labels.
+      mask: bool `[P, n]`.
+      epochs: passes over the problems.
+      batch_size: problems per Adam step (1 as in the released code).
+      learning_rate: Adam learning rate.
+      learn_eta: False freezes log η (e.g. η = 0 for the static ablation).
+
+    Returns:
+      `(params, losses)` with `losses` float32 `[epochs]` the mean batch loss of each epoch.
+    """
+    phi, labels, mask = _check_problems(phi, labels, mask)
+    if not isinstance(batch_size, int) or not 1 <= batch_size <= phi.shape[0]:
+        raise ArgumentError(f"batch_size must be an int in [1, {phi.shape[0]}], got {batch_size!r}")
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ArgumentError(f"epochs must be an int ≥ 1, got {epochs!r}")
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(learning_rate))
+    frozen = jax.tree.map(lambda _: False, params)._replace(log_eta=not learn_eta)
+    optimizer = optax.multi_transform({False: optimizer, True: optax.set_to_zero()}, frozen)
+    opt_state = optimizer.init(params)
+    losses = []
+    for epoch_key in jax.random.split(key, epochs):
+        params, opt_state, loss = _train_epoch(optimizer, params, opt_state, epoch_key, phi, labels, mask, batch_size)
+        losses.append(loss)
+    return params, jnp.stack(losses)
+
+
+@partial(jax.jit, static_argnames=("optimizer", "batch_size"))
+def _train_epoch(optimizer, params, opt_state, key, phi, labels, mask, batch_size):
+    order = jax.random.permutation(key, phi.shape[0])
+    batches = order[: phi.shape[0] // batch_size * batch_size].reshape(-1, batch_size)
+
+    def body(carry, batch):
+        params, opt_state = carry
+        loss, grads = jax.value_and_grad(meta_loss)(params, phi[batch], labels[batch], mask[batch])
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), batches)
+    return params, opt_state, losses.mean()
+
+
+@partial(jax.jit, static_argnames="window")
+def smooth(scores, mask, window: int = 10) -> Array:
+    """Trailing mean of the last `window` real scores (fewer at the start), `[..., n]`."""
+    scores = jnp.where(mask, scores, 0.0)
+    total = jnp.cumsum(scores, axis=-1)
+    shifted = jnp.pad(total, [(0, 0)] * (total.ndim - 1) + [(window, 0)])[..., : total.shape[-1]]
+    steps = jnp.minimum(jnp.arange(total.shape[-1]) + 1, window)
+    return (total - shifted) / steps
+
+
+@jax.jit
+def stop_indices(smoothed, mask, lambdas) -> Array:
+    """First step whose smoothed score is ≥ λ, else the last real step: int32 `[..., J]`.
+
+    Monotone in λ: a searchsorted on the running maximum, not a rescan per λ.
+
+    Args:
+      smoothed: `[..., n]` smoothed scores.
+      mask: bool `[..., n]` real steps (a prefix of each row, at least one).
+      lambdas: `[J]` thresholds.
+    """
+    running = jax.lax.cummax(jnp.where(mask, smoothed, -jnp.inf), axis=smoothed.ndim - 1)
+    last = jnp.sum(mask, axis=-1) - 1
+    flat_running = running.reshape(-1, running.shape[-1])
+    first = jax.vmap(lambda r: jnp.searchsorted(r, lambdas, side="left"))(flat_running)
+    first = first.reshape(*running.shape[:-1], -1)
+    return jnp.minimum(first, last[..., None]).astype(jnp.int32)
+
+
+def lambda_grid(size: int = 10000) -> Array:
+    """λ_j = 1 − j/size, j = 0..size−1: from conservative (stop late) to aggressive."""
+    return 1.0 - jnp.arange(size, dtype=jnp.float32) / size
+
+
+def ltt_calibrate(smoothed, labels, mask, delta: float, epsilon: float = 0.05, lambdas=None):
+    """Strict LTT over λ: P(error at the stop ≤ δ) ≥ 1 − ε for exchangeable problems.
+
+    H_j: risk of λ_j > δ with p_j = BinomCDF(Σ_i L_i(λ_j); n, δ), L_i = 1 − C_{i, T_i(λ_j)};
+    fixed-sequence testing at level ε from the conservative end.
+
+    Args:
+      smoothed: `[P, n]` calibration problems' smoothed scores.
+      labels: `[P, n]` step labels.
+      mask: bool `[P, n]`.
+      delta: target risk δ ∈ (0, 1).
+      epsilon: error probability ε ∈ (0, 1).
+      lambdas: `[J]` decreasing grid (default `lambda_grid()`).
+
+    Returns:
+      λ̂ (float32 `[]`), +inf when even the first λ is not certified (never stop early).
+    """
+    for name, value in (("delta", delta), ("epsilon", epsilon)):
+        if not 0.0 < value < 1.0:
+            raise ArgumentError(f"{name} must lie in (0, 1), got {value!r}")
+    lambdas = lambda_grid() if lambdas is None else jnp.asarray(lambdas, jnp.float32)
+    losses = stop_losses(smoothed, labels, mask, lambdas)
+    p_values = binomial_p_value(losses.sum(axis=0), losses.shape[0], delta)
+    index = fixed_sequence(p_values, epsilon)
+    return jnp.where(index >= 0, lambdas[jnp.maximum(index, 0)], jnp.inf)
+
+
+@jax.jit
+def stop_losses(smoothed, labels, mask, lambdas) -> Array:
+    """L_i(λ_j) = 1 − C_{i, T_i(λ_j)}, float32 `[P, J]`."""
+    stops = stop_indices(smoothed, mask, lambdas)
+    return 1.0 - jnp.take_along_axis(jnp.asarray(labels, jnp.float32), stops, axis=-1)
+
+
+class Evaluation(NamedTuple):
+    """Attributes: error_rate (fraction wrong at the stop), savings (mean 1 − (T+1)/n),
+    stops int32 `[P]`."""
+
+    error_rate: Array
+    savings: Array
+    stops: Array
+
+
+@jax.jit
+def evaluate(smoothed, labels, mask, lam) -> Evaluation:
+    """Error rate and step savings of stopping at λ on problems `[P, n]`."""
+    stops = stop_indices(smoothed, mask, jnp.reshape(jnp.asarray(lam, jnp.float32), (1,)))[..., 0]
+    correct = jnp.take_along_axis(jnp.asarray(labels, jnp.float32), stops[:, None], axis=-1)[:, 0]
+    lengths = jnp.sum(mask, axis=-1)
+    return Evaluation(error_rate=1.0 - correct.mean(), savings=jnp.mean(1.0 - (stops + 1) / lengths), stops=stops)
+
+
+@jax.jit
+def ttt_scores(params: ProbeParams, phi, mask) -> Array:
+    """`probe_scan` over a batch `[P, n, d]` → `[P, n]`; reads no label."""
+    return jax.vmap(probe_scan, in_axes=(None, 0, 0))(params, phi, mask)
+
+
+class StaticProbe(NamedTuple):
+    """Standardise → PCA → logistic regression (the non-TTT baseline).
+
+    Attributes: mean, scale `[d]`; components `[d, r]`; weights `[r]`; bias `[]`.
+    """
+
+    mean: Array
+    scale: Array
+    components: Array
+    weights: Array
+    bias: Array
+
+
+def static_probe_fit(phi, labels, mask, components: int = 256, steps: int = 500, learning_rate: float = 0.05,
+                     l2: float = 1e-4) -> StaticProbe:
+    """Fits the static baseline on every real step embedding (full-batch Adam on the
+    L2-regularised logistic loss).
+
+    Args:
+      phi: `[P, n, d]`; labels: `[P, n]`; mask: bool `[P, n]`.
+      components: PCA dimension r (capped at d).
+      steps: optimisation steps.
+      learning_rate: Adam learning rate.
+      l2: weight penalty.
+    """
+    phi, labels, mask = _check_problems(phi, labels, mask)
+    x, y = phi[mask], labels[mask].astype(jnp.float32)
+    mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
+    z = (x - mean) / scale
+    _, _, vt = jnp.linalg.svd(z, full_matrices=False)
+    basis = vt[: min(components, vt.shape[0])].T
+    features = z @ basis
+
+    def loss(theta):
+        logits = features @ theta[0] + theta[1]
+        return optax.sigmoid_binary_cross_entropy(logits, y).mean() + l2 * jnp.sum(theta[0] ** 2)
+
+    optimizer = optax.adam(learning_rate)
+
+    def body(carry, _):
+        theta, state = carry
+        grads = jax.grad(loss)(theta)
+        updates, state = optimizer.update(grads, state)
+        return (optax.apply_updates(theta, updates), state), None
+
+    theta = (jnp.zeros(basis.shape[1]), jnp.float32(0.0))
+    (theta, _), _ = jax.lax.scan(body, (theta, optimizer.init(theta)), None, length=steps)
+    return StaticProbe(mean, scale, basis, theta[0], theta[1])
+
+
+@jax.jit
+def static_probe_scores(probe: StaticProbe, phi) -> Array:
+    """σ(logistic regression) of every step embedding, `[..., n]`."""
+    return jax.nn.sigmoid(((phi - probe.mean) / probe.scale) @ probe.components @ probe.weights + probe.bias)
+
+
+def _check_problems(phi, labels, mask):
+    phi = jnp.asarray(phi, jnp.float32)
+    labels = jnp.asarray(labels)
+    mask = jnp.asarray(mask, bool)
+    if phi.ndim != 3 or labels.shape != phi.shape[:2] or mask.shape != phi.shape[:2]:
+        raise ArgumentError(f"phi must be [P, n, d] with labels and mask [P, n]; got {phi.shape}, {labels.shape}, {mask.shape}")
+    if not bool(jnp.all(jnp.isfinite(phi))):
+        raise ArgumentError("phi holds NaN or inf")
+    return phi, labels, mask

@@ -1,0 +1,68 @@
+"""Argument checks shared by every public function.
+
+Each check raises `jaxsample.errors.ArgumentError` with one message shape: the argument's
+name, the value it got and the allowed range, e.g.
+`alpha must be a number in (0, inf), got inf`. Values that are traced inside `jit` cannot be
+inspected and pass unchecked; numpy integers count as integers everywhere.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxsample.errors import ArgumentError
+
+
+def is_int(value: Any) -> bool:
+    """True for Python and numpy integers (bools excluded)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
+    """Returns `value` as a Python int; raises unless it is an integer in `[minimum, maximum]`."""
+    if not is_int(value) or (minimum is not None and value < minimum) or (
+        maximum is not None and value > maximum
+    ):
+        low = "-inf" if minimum is None else minimum
+        high = "inf" if maximum is None else maximum
+        raise ArgumentError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    return int(value)
+
+
+_OPEN = {"(": operator.gt, "[": operator.ge}
+_CLOSE = {")": operator.lt, "]": operator.le}
+
+
+def check_real(name: str, value: Any, interval: str) -> Any:
+    """Raises unless every element of a concrete `value` lies in `interval` (NaN never does).
+
+    Args:
+      name: the argument's name, as the caller's signature spells it.
+      value: a number or array; traced values are returned unchecked.
+      interval: the allowed range in interval notation, e.g. `"(0, inf)"`, `"(0, 1]"`,
+        `"[-inf, inf]"` (any number but NaN), `"(-inf, inf)"` (finite).
+
+    Returns:
+      `value`, unchanged.
+    """
+    if isinstance(value, jax.core.Tracer):
+        return value
+    low_ok, high_ok = _OPEN[interval[0]], _CLOSE[interval[-1]]
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    try:
+        values = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        values = None
+    if values is None or isinstance(value, (str, bytes)) or np.asarray(value).dtype == bool:
+        raise ArgumentError(f"{name} must be a number in {interval}, got {value!r}")
+    inside = low_ok(values, low) & high_ok(values, high)
+    if not np.all(inside):
+        bad = values[~inside] if values.ndim else values
+        shown = float(np.ravel(bad)[0])
+        where = "" if values.ndim == 0 else f" (element {tuple(int(i) for i in np.argwhere(~inside)[0])})"
+        raise ArgumentError(f"{name} must be a number in {interval}, got {shown!r}{where}")
+    return value

@@ -1,0 +1,188 @@
+"""ORCA: the TTT probe against a float64 reference, label-freeness, meta-gradients, LTT validity."""
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsample.calibration import orca
+from jaxsample.errors import ArgumentError
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def reference_scores(params, phi, mask):
+    """Step-by-step float64 loop: score with (W, b), then one SGD step on (σ(⟨W, θ_K φ⟩ + b) − 0)²."""
+    to64 = lambda x: None if x is None else np.asarray(x, np.float64)  # noqa: E731
+    theta_k, theta_q, w, b = to64(params.theta_k), to64(params.theta_q), to64(params.w0), float(params.b0)
+    eta = float(np.exp(params.log_eta))
+    scores = []
+    for x, real in zip(np.asarray(phi, np.float64), np.asarray(mask)):
+        k = x if theta_k is None else theta_k @ x
+        q = x if theta_q is None else theta_q @ x
+        scores.append(sigmoid(w @ q + b))
+        if real:
+            p = sigmoid(w @ k + b)
+            g = 2 * p * p * (1 - p)
+            w, b = w - eta * g * k, b - eta * g
+    return np.asarray(scores)
+
+
+def tiny_problem(key, n=12, d=4, real=9):
+    phi = jax.random.normal(key, (n, d))
+    return phi, jnp.arange(n) < real
+
+
+@pytest.mark.parametrize("hidden_size", [None, 3])
+def test_probe_scan_matches_float64_reference(hidden_size):
+    params = orca.init_probe(jax.random.key(0), 4, hidden_size=hidden_size, eta=0.5)
+    params = params._replace(w0=params.w0 * 50.0)  # scores far from 1/2, so the updates matter
+    phi, mask = tiny_problem(jax.random.key(1))
+    scores = np.asarray(orca.probe_scan(params, phi, mask))
+    expected = reference_scores(params, phi, mask)
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
+    frozen = reference_scores(params._replace(log_eta=jnp.float32(-jnp.inf)), phi, mask)
+    assert np.abs(expected - frozen).max() > 1e-2  # the inner steps changed the scores
+
+
+def test_eta_zero_is_a_static_linear_probe():
+    params = orca.init_probe(jax.random.key(2), 4, hidden_size=3, eta=0.0)
+    phi, mask = tiny_problem(jax.random.key(3))
+    expected = jax.nn.sigmoid(phi @ params.theta_q.T @ params.w0 + params.b0)
+    np.testing.assert_allclose(np.asarray(orca.probe_scan(params, phi, mask)), np.asarray(expected), rtol=1e-6)
+
+
+def test_inner_update_is_sgd_on_the_label_free_loss():
+    """The fast-weight change equals −η ∇(σ(⟨W, θ_K φ⟩ + b) − 0)²: the target is 0, never a label."""
+    params = orca.init_probe(jax.random.key(4), 4, hidden_size=3, eta=0.3)
+    params = params._replace(w0=params.w0 * 50.0)
+    phi, _ = tiny_problem(jax.random.key(5), n=2)
+    eta = float(jnp.exp(params.log_eta))
+
+    def inner_loss(wb):
+        return jax.nn.sigmoid(wb[0] @ (params.theta_k @ phi[0]) + wb[1]) ** 2
+
+    grad_w, grad_b = jax.grad(inner_loss)((params.w0, params.b0))
+    stepped = params._replace(w0=params.w0 - eta * grad_w, b0=params.b0 - eta * grad_b)
+    # The second score of the scan is the first score of a scan started from the stepped weights.
+    second = orca.probe_scan(params, phi, jnp.array([True, True]))[1]
+    np.testing.assert_allclose(float(second), float(orca.probe_scan(stepped, phi[1:], jnp.array([True]))[0]), rtol=1e-5)
+    assert "labels" not in inspect.signature(orca.probe_scan).parameters
+    assert "labels" not in inspect.signature(orca.ttt_scores).parameters
+
+
+def test_stop_decisions_ignore_permuted_labels():
+    params = orca.init_probe(jax.random.key(6), 4, eta=0.01)
+    params = params._replace(w0=params.w0 * 50.0)
+    phi = jax.random.normal(jax.random.key(7), (20, 15, 4))
+    mask = jnp.ones((20, 15), bool)
+    labels = (jnp.arange(15)[None, :] >= jax.random.randint(jax.random.key(8), (20, 1), 2, 14)).astype(jnp.float32)
+    permuted = labels[jax.random.permutation(jax.random.key(9), 20)]
+    smoothed = orca.smooth(orca.ttt_scores(params, phi, mask), mask)
+    lam = jnp.median(smoothed.max(axis=1))  # about half the problems stop early
+    first, second = orca.evaluate(smoothed, labels, mask, lam), orca.evaluate(smoothed, permuted, mask, lam)
+    np.testing.assert_array_equal(np.asarray(first.stops), np.asarray(second.stops))
+    assert len(set(np.asarray(first.stops).tolist())) > 1
+    # Labels reach only the outer (meta-training) loss.
+    assert float(orca.meta_loss(params, phi, labels, mask)) != float(orca.meta_loss(params, phi, permuted, mask))
+
+
+def test_meta_gradient_matches_finite_differences():
+    params = orca.init_probe(jax.random.key(10), 3, hidden_size=2, eta=0.5)
+    params = params._replace(w0=params.w0 * 40.0)
+    phi = jax.random.normal(jax.random.key(11), (2, 6, 3))
+    mask = jnp.arange(6)[None, :] < jnp.array([[6], [4]])
+    labels = (jnp.arange(6)[None, :] >= jnp.array([[3], [2]])).astype(jnp.float32)
+    grads = jax.grad(orca.meta_loss)(params, phi, labels, mask)
+    leaves, treedef = jax.tree.flatten(params)
+    for seed in range(3):
+        keys = jax.random.split(jax.random.key(100 + seed), len(leaves))
+        direction = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+        eps = 1e-2
+        plus = jax.tree.map(lambda p, u: p + eps * u, params, direction)
+        minus = jax.tree.map(lambda p, u: p - eps * u, params, direction)
+        numeric = (orca.meta_loss(plus, phi, labels, mask) - orca.meta_loss(minus, phi, labels, mask)) / (2 * eps)
+        analytic = sum(jnp.vdot(g, u) for g, u in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+        assert abs(float(analytic)) > 1e-3
+        np.testing.assert_allclose(float(analytic), float(numeric), rtol=2e-2, atol=2e-4)
+    assert abs(float(grads.log_eta)) > 0  # the gradient reaches η through the inner steps
+
+
+def test_meta_training_lowers_the_loss_and_can_freeze_eta():
+    phi = jax.random.normal(jax.random.key(12), (16, 20, 4))
+    labels = (jnp.arange(20)[None, :] >= 10).astype(jnp.float32) * jnp.ones((16, 1))
+    phi = phi + 2.0 * labels[..., None] * jnp.array([1.0, 0, 0, 0])
+    mask = jnp.ones((16, 20), bool)
+    start = orca.init_probe(jax.random.key(13), 4)
+    trained, losses = orca.meta_train(jax.random.key(14), start, phi, labels, mask, epochs=10, batch_size=4, learning_rate=0.05)
+    assert float(orca.meta_loss(trained, phi, labels, mask)) < 0.6 * float(orca.meta_loss(start, phi, labels, mask))
+    frozen, _ = orca.meta_train(jax.random.key(14), start, phi, labels, mask, epochs=1, learn_eta=False)
+    assert float(frozen.log_eta) == float(start.log_eta)
+
+
+def test_smooth_and_stop_indices_match_loops():
+    rng = np.random.default_rng(0)
+    scores = rng.random((3, 12))
+    mask = np.arange(12)[None, :] < np.array([[12], [7], [1]])
+    smoothed = np.asarray(orca.smooth(jnp.asarray(scores), jnp.asarray(mask), window=4))
+    lambdas = jnp.array([0.9, 0.6, 0.3])
+    stops = np.asarray(orca.stop_indices(jnp.asarray(smoothed), jnp.asarray(mask), lambdas))
+    for i in range(3):
+        n = mask[i].sum()
+        for t in range(n):
+            np.testing.assert_allclose(smoothed[i, t], scores[i, max(0, t - 3):t + 1].mean(), rtol=1e-6)
+        for j, lam in enumerate(np.asarray(lambdas)):
+            hits = [t for t in range(n) if smoothed[i, t] >= lam]
+            assert stops[i, j] == (hits[0] if hits else n - 1)
+
+
+def simulated_scores(key, problems, steps=30):
+    """Smoothed-score paths whose jump follows the solve step t* with noise; labels 1{t ≥ t*}."""
+    key_solve, key_noise = jax.random.split(key)
+    solve = jax.random.randint(key_solve, (problems, 1), 5, 26)
+    t = jnp.arange(steps)[None, :]
+    noise = jax.random.normal(key_noise, (problems, steps))
+    scores = jax.nn.sigmoid((t - solve) / 3.0 + noise)
+    mask = jnp.ones((problems, steps), bool)
+    return orca.smooth(scores, mask, window=3), (t >= solve).astype(jnp.float32), mask
+
+
+def test_ltt_bounds_the_stopping_risk_over_resplits():
+    """P(true error of the calibrated λ > δ) ≤ ε over independent calibration sets."""
+    delta, epsilon, seeds, n = 0.2, 0.1, 300, 100
+    lambdas = orca.lambda_grid(200)
+    pool = simulated_scores(jax.random.key(20), 20000)
+    true_risk = orca.stop_losses(*pool, lambdas).mean(axis=0)  # [J]; pool SE ≤ 0.003
+    calibrate = jax.jit(jax.vmap(lambda s, l, m: orca.ltt_calibrate(s, l, m, delta, epsilon, lambdas)))
+    smoothed, labels, mask = jax.vmap(lambda k: simulated_scores(k, n))(jax.random.split(jax.random.key(21), seeds))
+    chosen = np.asarray(calibrate(smoothed, labels, mask))
+    index = np.searchsorted(-np.asarray(lambdas), -chosen)  # grid position of each λ̂ (inf: none)
+    risk = np.where(np.isfinite(chosen), np.asarray(true_risk)[np.minimum(index, len(lambdas) - 1)], 0.0)
+    assert np.isfinite(chosen).mean() > 0.9 and float(true_risk[-1]) > delta  # a real trade-off
+    tolerance = 3.0 * np.sqrt(epsilon * (1 - epsilon) / seeds)
+    assert (risk > delta).mean() <= epsilon + tolerance
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: orca.init_probe(jax.random.key(0), 0), "feature_size must be an int ≥ 1, got 0"),
+        (lambda: orca.init_probe(jax.random.key(0), 4, hidden_size=0), "hidden_size must be None or an int ≥ 1"),
+        (lambda: orca.init_probe(jax.random.key(0), 4, eta=-1.0), "eta must be ≥ 0, got -1.0"),
+        (lambda: orca.ltt_calibrate(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones((2, 3), bool), 1.5), "delta must lie in (0, 1), got 1.5"),
+        (lambda: orca.ltt_calibrate(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones((2, 3), bool), 0.1, 0.0), "epsilon must lie in (0, 1), got 0.0"),
+        (lambda: orca.static_probe_fit(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones((2, 3), bool)), "phi must be [P, n, d]"),
+        (lambda: orca.meta_train(jax.random.key(0), orca.init_probe(jax.random.key(0), 2), jnp.full((2, 3, 2), jnp.nan),
+                                 jnp.zeros((2, 3)), jnp.ones((2, 3), bool)), "phi holds NaN or inf"),
+        (lambda: orca.meta_train(jax.random.key(0), orca.init_probe(jax.random.key(0), 2), jnp.zeros((2, 3, 2)),
+                                 jnp.zeros((2, 3)), jnp.ones((2, 3), bool), batch_size=3), "batch_size must be an int in [1, 2], got 3"),
+    ],
+)
+def test_argument_errors_are_clear(call, message):
+    with pytest.raises(ArgumentError) as error:
+        call()
+    assert message in str(error.value)

@@ -1,0 +1,104 @@
+"""The checks every sampler entry point shares: prompts (`check_prompt`) and NaN log p
+(`check_finite_log_p`), exercised through each public sampler."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxsample as js
+from jaxsample.errors import ArgumentError, NumericalError
+
+VOCAB = 6
+EOS = 5
+KEY = jax.random.key(0)
+PROMPT = np.array([1, 2, 3], np.int32)
+NAN_FROM = 5  # absolute position whose logits turn NaN: generated position 5 - 3 + 1 = 3
+
+
+def _logits_fn(tokens):
+    table = jax.random.normal(jax.random.key(7), (VOCAB, 11, VOCAB)) * 2.0
+    return table[tokens, jnp.cumsum(tokens) % 11]
+
+
+def _nan_logits_fn(tokens):
+    return jnp.where(jnp.arange(tokens.shape[0])[:, None] >= NAN_FROM, jnp.nan, _logits_fn(tokens))
+
+
+SAMPLERS = {
+    "generate": lambda lm, prompt, n: js.generate(KEY, lm, prompt, n, num_samples=8),
+    "power_sample": lambda lm, prompt, n: js.power_sample(
+        KEY, lm, prompt, alpha=2.0, num_chains=8, block_size=n, num_mcmc_steps=2, max_new_tokens=n),
+    "base_sample": lambda lm, prompt, n: js.base_sample(KEY, lm, prompt, num_chains=8, max_new_tokens=n),
+    "temperature_sample": lambda lm, prompt, n: js.temperature_sample(
+        KEY, lm, prompt, alpha=2.0, num_chains=8, max_new_tokens=n),
+    "best_of_n": lambda lm, prompt, n: js.best_of_n(
+        KEY, lm, prompt, num_candidates=2, num_chains=4, max_new_tokens=n),
+    "smc_decode": lambda lm, prompt, n: js.smc_decode(KEY, lm, prompt, num_particles=8, max_new_tokens=n),
+}
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return js.LanguageModel.from_logits_fn(_logits_fn, VOCAB, EOS, max_length=24)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_reports_nan_logits_with_row_and_position(sampler):
+    broken = js.LanguageModel.from_logits_fn(_nan_logits_fn, VOCAB, EOS, max_length=24, name="broken")
+    with pytest.raises(NumericalError, match=r"model 'broken' .* at \w+ \d+, generated position 3$"):
+        SAMPLERS[sampler](broken, PROMPT, 4)
+
+
+def test_finite_check_names_the_first_bad_row_and_position(lm):
+    log_p = np.zeros((3, 4), np.float32)
+    log_p[1, 2] = np.nan
+    log_p[2, 3] = -np.inf  # past row 2's length: padding, not checked
+    js.decoding.check_finite_log_p(lm, log_p, np.array([4, 2, 3]))  # NaN and -inf in padding
+    with pytest.raises(NumericalError, match="chain 1, generated position 2"):
+        js.decoding.check_finite_log_p(lm, log_p, np.array([4, 3, 4]), rows="chain")
+    log_p[1, 2] = -np.inf
+    with pytest.raises(NumericalError, match="-inf.* chain 1, generated position 2"):
+        js.decoding.check_finite_log_p(lm, log_p, np.array([4, 3, 4]), rows="chain")
+
+
+BAD_PROMPTS = {
+    "float ids": (np.array([1.0, 2.7]), "integer token ids, got dtype float64"),
+    "bool ids": (np.array([True, False]), "integer token ids, got dtype bool"),
+    "int64 id that wraps to 5 in int32": (np.array([1, 2**32 + 5], np.int64), f"{2**32 + 5}, outside"),
+    "int64 id 2^31": (np.array([2**31], np.int64), f"{2**31}, outside"),
+    "negative id": (np.array([-1, 2]), "-1, outside"),
+    "python floats": ([1.0, 2.0], "dtype float64"),
+    "empty": (np.zeros((0,), np.int32), "at least one token"),
+    "matrix": (np.zeros((2, 2), np.int32), r"shape \[T\], got \(2, 2\)"),
+}
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("case", BAD_PROMPTS)
+def test_every_sampler_rejects_non_integer_and_out_of_range_prompts(lm, sampler, case):
+    prompt, message = BAD_PROMPTS[case]
+    with pytest.raises(ArgumentError, match=message):
+        SAMPLERS[sampler](lm, prompt, 4)
+
+
+def test_init_decode_checks_prompts_before_the_cast(lm):
+    with pytest.raises(ArgumentError, match="outside the vocabulary"):
+        js.init_decode(lm, np.array([2**32 + 5]), 2, 4)
+    with pytest.raises(ArgumentError, match="dtype float32"):
+        js.init_decode(lm, np.ones((2, 3), np.float32), 2, 4)
+
+
+def test_numpy_integers_are_accepted_as_counts(lm):
+    prompt = np.array([1, 2, 3], np.int64)
+    result = js.generate(KEY, lm, prompt, np.int64(6), top_k=np.int32(3), num_samples=np.int64(2))
+    assert result.tokens.shape == (2, 6)
+    result = js.power_sample(KEY, lm, prompt, alpha=np.float32(2.0), num_chains=np.int64(2),
+                             block_size=np.int64(3), num_mcmc_steps=np.int64(1), max_new_tokens=np.int64(6))
+    assert result.tokens.shape == (2, 6)
+
+
+@pytest.mark.parametrize("value", [True, 2.0, "4", None])
+def test_non_integer_counts_are_rejected_with_value_and_range(lm, value):
+    with pytest.raises(ArgumentError, match=rf"max_new_tokens must be an integer in \[1, inf\], got {value!r}"):
+        js.generate(KEY, lm, PROMPT, value)
