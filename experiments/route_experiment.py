@@ -33,7 +33,7 @@ METHODS = ("milp", "box", "budgeted", "ellipsoidal", "per_query_raw", "per_query
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", type=int, default=10, help="test batches per condition (the spec's full size is 100-200)")
-    parser.add_argument("--validation-batches", type=int, default=4, help="batches used to tune λ and the robust radii")
+    parser.add_argument("--validation-batches", type=int, default=3, help="batches used to tune λ and the robust radii")
     parser.add_argument("--batch-size", type=int, default=100, help="queries per batch n")
     parser.add_argument("--nu", type=float, default=0.15, help="estimate noise scale ν")
     parser.add_argument("--conditions", default="random,sorted", help="batch kinds: comma-separated subset of random, sorted")

@@ -67,7 +67,7 @@ def test_ips_recovers_the_full_data_risk_exactly(a, b):
 
 def test_ips_matches_the_clean_loss_by_monte_carlo_within_three_standard_errors():
     rng = np.random.default_rng(1)
-    n, draws, a, b = 200, 2000, 0.1, 0.2
+    n, draws, a, b = 100, 2000, 0.1, 0.2
     logits = jnp.asarray(rng.normal(0, 2, n), jnp.float32)
     clean = jnp.asarray(rng.integers(0, 2, n))
     propensity = jnp.asarray(rng.uniform(0.1, 1.0, n), jnp.float32)
@@ -141,7 +141,7 @@ def test_evaluation_matches_brute_force_auroc_and_ece():
     assert result.auroc == pytest.approx(brute, abs=1e-12)
     bins = np.minimum((p * 10).astype(int), 9)
     ece = sum(abs(p[bins == k].mean() - y[bins == k].mean()) * np.mean(bins == k) for k in range(10) if np.any(bins == k))
-    assert result.ece == pytest.approx(ece, abs=1e-12)
+    assert result.ece == pytest.approx(ece, abs=1e-6)  # evaluate_reward clips p to [1e-7, 1 - 1e-7]
     assert result.bias == pytest.approx(p.mean() - y.mean())
 
 
