@@ -203,7 +203,7 @@ def fit_head(
     train_index,
     validation_index,
     hidden: Sequence[int] = (256, 64),
-    learning_rate: float = 3e-4,
+    learning_rate: float = 1e-3,
     weight_decay: float = 1e-6,
     steps: int = 600,
     check_every: int = 25,
