@@ -5,7 +5,14 @@ GGUF, dequantized to float32), the same chat prompt, batch and length; EOS is su
 both so every row decodes exactly `--new-tokens` tokens. Timings exclude compilation (one
 warm-up call each) and are the median of `--repeats` calls.
 
+`--features` adds a row for `js.generate(record_features=True)` and `--intervention` one for
+generation under an empty intervention (a zero vector added after every block), each timed
+against plain `js.generate` in the same run, the contenders interleaved round by round;
+the ratios (median time / plain median time, quartiles alongside) are the cost of the
+model-internals hooks.
+
     python experiments/bench_generate.py --batch 8 --new-tokens 64
+    python experiments/bench_generate.py --model toy-decisions --features --intervention --no-transformers
 """
 
 from __future__ import annotations
@@ -19,7 +26,12 @@ import numpy as np
 
 import jaxsample as js
 from jaxsample.models.registry import resolve
-from timing import median_seconds, report
+from timing import interleaved_seconds, median_seconds, report, spread
+
+
+def add_vector(layer, h, vectors):
+    """Adds the layer's vector (`vectors [L, D]`) to the residual stream."""
+    return h + vectors[layer].astype(h.dtype)
 
 
 def main(argv=None):
@@ -28,11 +40,11 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=8, help="sequences decoded together")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per sequence")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up; the median is reported")
+    parser.add_argument("--features", action="store_true", help="also time generation that records features, against plain generation")
+    parser.add_argument("--intervention", action="store_true", help="also time generation under an empty (zero) intervention after every block, against plain generation")
+    parser.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison (e.g. for the hook rows alone)")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
-
-    import torch
-    from transformers import AutoModelForCausalLM
 
     lm = js.load(args.model)
     # EOS suppressed: an "eos" id outside the vocabulary never matches a sampled token.
@@ -40,9 +52,52 @@ def main(argv=None):
     prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a story about a dragon."}])
     prompt = jnp.asarray(prompt, jnp.int32)
 
-    def run_jax():
-        out = js.generate(jax.random.key(0), lm_no_stop, prompt, args.new_tokens, num_samples=args.batch)
-        out.tokens.block_until_ready()
+    def generator(model, record_features=False):
+        def run():
+            out = js.generate(
+                jax.random.key(0), model, prompt, args.new_tokens, num_samples=args.batch,
+                record_features=record_features,
+            )
+            return out.tokens
+        return run
+
+    run_jax = generator(lm_no_stop)
+    result = {
+        "device": str(jax.devices()[0]),
+        "model": args.model,
+        "batch": args.batch,
+        "new_tokens": args.new_tokens,
+        "prompt_tokens": int(prompt.shape[0]),
+    }
+    summaries = []
+    if args.features or args.intervention:
+        contenders = {"plain": run_jax}
+        if args.features:
+            contenders["features"] = generator(lm_no_stop, record_features=True)
+        if args.intervention:
+            empty = js.Intervention(
+                add_vector, jnp.zeros((lm.num_layers, lm.hidden_size), lm.params["norm"]["scale"].dtype),
+                tuple(range(lm.num_layers)),
+            )
+            contenders["intervention"] = generator(lm_no_stop.with_intervention(empty))
+        times = interleaved_seconds(contenders, args.repeats)
+        plain = spread(times["plain"])
+        for name, values in times.items():
+            row = spread(values)
+            row["ratio_to_plain"] = row["median_s"] / plain["median_s"]
+            row["tokens_per_s"] = args.batch * args.new_tokens / row["median_s"]
+            result[name] = row
+            if name != "plain":
+                summaries.append(
+                    f"{name}: {row['ratio_to_plain']:.3f}x plain ({row['median_s'] * 1e3:.1f} ms vs "
+                    f"{plain['median_s'] * 1e3:.1f} ms; quartiles {row['q1_s'] * 1e3:.1f}-{row['q3_s'] * 1e3:.1f} ms)"
+                )
+    if args.no_transformers:
+        report(result, "\n".join(summaries), args.json)
+        return
+
+    import torch
+    from transformers import AutoModelForCausalLM
 
     path = Path(args.model) if Path(args.model).exists() else resolve(args.model)
     if path.is_dir():
@@ -63,18 +118,14 @@ def main(argv=None):
     tokens = args.batch * args.new_tokens
     jax_seconds = median_seconds(run_jax, args.repeats)
     torch_seconds = median_seconds(run_torch, args.repeats)
-    result = {
-        "device": str(jax.devices()[0]),
-        "batch": args.batch,
-        "new_tokens": args.new_tokens,
-        "prompt_tokens": int(prompt.shape[0]),
-        "jax_tokens_per_s": tokens / jax_seconds,
-        "transformers_tokens_per_s": tokens / torch_seconds,
-        "speedup": torch_seconds / jax_seconds,
-    }
-    summary = (f"js.generate is {result['speedup']:.2f}x transformers' generate "
-               f"({result['jax_tokens_per_s']:.0f} vs {result['transformers_tokens_per_s']:.0f} tokens/s)")
-    report(result, summary, args.json)
+    result.update(
+        jax_tokens_per_s=tokens / jax_seconds,
+        transformers_tokens_per_s=tokens / torch_seconds,
+        speedup=torch_seconds / jax_seconds,
+    )
+    summaries.insert(0, f"js.generate is {result['speedup']:.2f}x transformers' generate "
+                        f"({result['jax_tokens_per_s']:.0f} vs {result['transformers_tokens_per_s']:.0f} tokens/s)")
+    report(result, "\n".join(summaries), args.json)
 
 
 if __name__ == "__main__":

@@ -134,6 +134,7 @@ def run(run_dir: RunDirectory) -> str:
         score = fit_scorer(method, config, train, run_dir.log)
         smoothed_pool = orca.smooth(score(pool[0], pool[2]), jnp.asarray(pool[2]), config["window"])
         smoothed_ood = orca.smooth(score(shifted[0], shifted[2]), jnp.asarray(shifted[2]), config["window"])
+        # λ̂ = inf (never stop early) is stored as null: results are strict JSON.
         record = {"key": method, "method": method, "lambda": [], "in_error": [], "in_savings": [], "ood_error": [], "ood_savings": []}
         for order in splits:
             cal, test = order[:half], order[half:]
@@ -161,7 +162,7 @@ def summarize(run_dir: RunDirectory) -> str:
                 "test set": name, "method": LABELS[record["method"]], "resplits": len(errors),
                 "error rate": float(errors.mean()), f"P(error > δ={delta})": float((errors > delta).mean()),
                 "step savings": float(np.mean(record[f"{where}_savings"])),
-                "λ̂ (median)": float(np.median(record["lambda"])),
+                "λ̂ (median)": float(np.median([np.inf if lam is None else lam for lam in record["lambda"]])),
             })
     rows.sort(key=lambda r: r["test set"])
     columns = ["test set", "method", "resplits", "error rate", f"P(error > δ={delta})", "step savings", "λ̂ (median)"]

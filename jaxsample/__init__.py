@@ -1,18 +1,22 @@
 """jaxsample: inference-time reasoning methods for LLMs in JAX.
 
 Public API: model loading (`load`), the `LanguageModel` interface, token-level proposals and
-the batched decode loop, ancestral sampling (`generate`), power-distribution MH
+the batched decode loop, ancestral sampling (`generate`), teacher-forced scoring (`score`), model internals
+(features, hidden states, `Intervention`s, LoRA adapters in `models.lora`), power-distribution MH
 (`power_sample` and its baselines) and reward-guided SMC (`smc_decode`). Subpackages hold
-the building blocks: `models`, `sampling`, `mcmc`, `smc`, `calibration`, `tasks`.
+the building blocks: `models`, `sampling`, `mcmc`, `smc`, `calibration`, `safety` (Lipschitz-ball
+safety gates for self-improving updates), `tasks`.
 """
 
-from jaxsample import calibration, errors, mcmc, models, smc, tasks
+from jaxsample import calibration, errors, mcmc, models, safety, smc, tasks
 from jaxsample.decoding import DecodeState, extend, init_decode, rewind, select_rows, take_rows
 from jaxsample.generate import GenerateResult, generate
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc import PowerSampleResult, base_sample, best_of_n, power_sample, temperature_sample
 from jaxsample.models import ModelConfig, Tokenizer, load, register_model, registered_models, save_pretrained
+from jaxsample.models.intervention import Intervention
 from jaxsample.sampling import Proposal, proposal_log_probs, token_log_probs
+from jaxsample.scoring import score
 from jaxsample.smc import SMCResult, smc_decode
 
 __version__ = "0.1.0"
@@ -20,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DecodeState",
     "GenerateResult",
+    "Intervention",
     "LanguageModel",
     "ModelConfig",
     "PowerSampleResult",
@@ -41,8 +46,10 @@ __all__ = [
     "register_model",
     "registered_models",
     "rewind",
+    "score",
     "save_pretrained",
     "select_rows",
+    "safety",
     "smc",
     "smc_decode",
     "take_rows",

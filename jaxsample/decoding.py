@@ -39,6 +39,11 @@ class DecodeState(NamedTuple):
       last_prompt_token: int32 `[B]` the prompt's last real token (fed again on a rewind to 0).
       cache: the model cache; holds prompt_length + length positions.
       next_logits: float32 `[B, V]` logits of generated position `length`.
+      features: float32 `[B, N, D]` final-norm hidden state at each generated token's
+        position (written when the token is fed; 0 after length), or None when the state
+        was built without `record_features`.
+      next_features: float32 `[B, D]` hidden state of the last fed token (the one whose
+        logits are `next_logits`; the prompt's last token at first), or None likewise.
     """
 
     tokens: Array
@@ -51,6 +56,8 @@ class DecodeState(NamedTuple):
     last_prompt_token: Array
     cache: Any
     next_logits: Array
+    features: Array | None = None
+    next_features: Array | None = None
 
 
 def check_prompt(
@@ -92,29 +99,49 @@ def check_prompt(
     return jnp.asarray(prompt_tokens, jnp.int32), max_new_tokens
 
 
-def check_finite_log_p(lm: LanguageModel, log_p: Array, lengths: Array, rows: str = "row") -> None:
-    """Raises `NumericalError` if a generated position holds a non-finite log-probability.
+def first_non_finite(log_p: Array, lengths: Array) -> Array:
+    """int32 `[B]`: each row's first generated position whose log p is not finite, −1 if none.
 
-    The one NaN check of every sampler entry point, run on the concrete result. A NaN comes
-    from NaN logits; -inf from a sampled token the model gives probability 0 (also a model
-    fault, since tokens are drawn from a distribution that requires p > 0).
+    Works traced (inside samplers' jitted loops) and on concrete arrays.
+
+    Args:
+      log_p: float `[B, N]` per-token log p.
+      lengths: int `[B]` generated tokens per row; positions from `lengths` on are padding.
+    """
+    position = jnp.arange(log_p.shape[-1])
+    bad = (position[None, :] < jnp.asarray(lengths)[:, None]) & ~jnp.isfinite(log_p)
+    return jnp.where(jnp.any(bad, axis=-1), jnp.argmax(bad, axis=-1), -1).astype(jnp.int32)
+
+
+def raise_on_non_finite(lm: LanguageModel, first_bad: Array, rows: str = "row", steps: tuple[str, ...] = ()) -> None:
+    """The one NaN report of every sampler entry point: raises `NumericalError` naming the
+    first row (and step) whose `first_non_finite` position is ≥ 0.
+
+    A NaN log p comes from NaN logits; -inf from a sampled token the model gives probability
+    0, which a proposal derived from the same logits cannot draw unless they are broken.
 
     Args:
       lm: the model (named in the message).
-      log_p: float `[B, N]` per-token log p.
-      lengths: int `[B]` generated tokens per row; positions from `lengths` on are padding.
-      rows: what a row is, for the message ("sample", "chain", "particle", ...).
+      first_bad: int `[..., B]` from `first_non_finite`; leading axes are named by `steps`.
+      rows: what a row is ("sample", "chain", "particle", ...).
+      steps: names of the leading axes (e.g. `("block", "MH step")`).
     """
-    log_p = np.asarray(log_p)
-    generated = np.arange(log_p.shape[-1])[None, :] < np.asarray(lengths)[:, None]
-    bad = np.argwhere(generated & ~np.isfinite(log_p))
-    if bad.size:
-        row, position = (int(i) for i in bad[0])
+    first_bad = np.asarray(first_bad)
+    hits = np.argwhere(first_bad >= 0)
+    if hits.size:
+        index = tuple(int(i) for i in hits[0])
+        where = "".join(f", {name} {i}" for name, i in zip(steps, index[:-1]))
         raise NumericalError(
-            f"model {lm.name!r} produced a non-finite log-probability ({log_p[row, position]}: NaN "
-            f"logits, or a sampled token of probability 0) at {rows} {row}, generated position "
-            f"{position}"
+            f"model {lm.name!r} produced a non-finite log-probability (NaN logits, or a sampled "
+            f"token of probability 0) at {rows} {index[-1]}, generated position "
+            f"{int(first_bad[index])}{where}"
         )
+
+
+def check_finite_log_p(lm: LanguageModel, log_p: Array, lengths: Array, rows: str = "row") -> None:
+    """Raises `NumericalError` if a generated position of a concrete result has a non-finite
+    log p (`first_non_finite` + `raise_on_non_finite`)."""
+    raise_on_non_finite(lm, first_non_finite(jnp.asarray(log_p), jnp.asarray(lengths)), rows)
 
 
 def pad_prompt(lm: LanguageModel, prompt: Array, max_new_tokens: int) -> tuple[Array, Array]:
@@ -139,6 +166,7 @@ def init_decode(
     num_rows: int,
     max_new_tokens: int,
     prompt_lengths: Array | None = None,
+    record_features: bool = False,
 ) -> DecodeState:
     """Prefills the prompt(s) and returns an empty generation of `num_rows` rows.
 
@@ -150,6 +178,8 @@ def init_decode(
       max_new_tokens: N, the generation slots per row.
       prompt_lengths: real lengths of right-padded prompts (default T): an int32 scalar for a
         `[T]` prompt (see `pad_prompt`), `[B]` for `[B, T]` prompts. May be traced.
+      record_features: static; the state then carries `features` / `next_features` and every
+        `extend` / `rewind` maintains them (from the same decode steps, no second forward).
     """
     num_rows = check_int("num_rows", num_rows, 1)
     prompt, max_new_tokens = check_prompt(lm, prompt_tokens, max_new_tokens, shapes=(1, 2))
@@ -157,9 +187,8 @@ def init_decode(
     if prompt.ndim == 1:
         length = jnp.asarray(prompt.shape[0] if prompt_lengths is None else prompt_lengths, jnp.int32)
         cache = lm.init_cache(1, capacity)
-        logits, cache = lm.prefill(prompt[None], length[None], cache)
-        cache = jax.tree.map(lambda x: jnp.repeat(x, num_rows, axis=0), cache)
-        logits = jnp.repeat(logits, num_rows, axis=0)
+        prefilled = lm.prefill(prompt[None], length[None], cache, with_features=record_features)
+        prefilled = jax.tree.map(lambda x: jnp.repeat(x, num_rows, axis=0), prefilled)
         prompt_length = jnp.full((num_rows,), length, jnp.int32)
         last = jnp.full((num_rows,), prompt[length - 1], jnp.int32)
     else:
@@ -170,9 +199,14 @@ def init_decode(
             if prompt_lengths is None
             else jnp.asarray(prompt_lengths, jnp.int32)
         )
-        logits, cache = lm.prefill(prompt, lengths, lm.init_cache(num_rows, capacity))
+        prefilled = lm.prefill(prompt, lengths, lm.init_cache(num_rows, capacity), with_features=record_features)
         prompt_length = lengths
         last = jnp.take_along_axis(prompt, (lengths - 1)[:, None], axis=1)[:, 0]
+    logits, cache = prefilled[0], prefilled[-1]
+    features = next_features = None
+    if record_features:
+        next_features = prefilled[1]
+        features = jnp.zeros((num_rows, max_new_tokens, lm.feature_size), jnp.float32)
     zeros = jnp.zeros((num_rows, max_new_tokens), jnp.float32)
     return DecodeState(
         tokens=jnp.full((num_rows, max_new_tokens), lm.pad_token_id, jnp.int32),
@@ -185,6 +219,8 @@ def init_decode(
         last_prompt_token=last,
         cache=cache,
         next_logits=logits.astype(jnp.float32),
+        features=features,
+        next_features=next_features,
     )
 
 
@@ -228,8 +264,15 @@ def extend(
         def at_token(values):
             return jnp.take_along_axis(values, token[:, None], axis=1)[:, 0]
 
-        logits, cache = lm.decode(jnp.where(is_active, token, lm.pad_token_id), s.cache)
+        recording = s.features is not None
+        decoded = lm.decode(jnp.where(is_active, token, lm.pad_token_id), s.cache, with_features=recording)
+        logits, cache = decoded[0], decoded[-1]
         cache = cache._replace(length=jnp.where(is_active, cache.length, s.cache.length))
+        if recording:
+            s = s._replace(
+                features=s.features.at[rows, slot].set(decoded[1], mode="drop"),
+                next_features=jnp.where(is_active[:, None], decoded[1], s.next_features),
+            )
         return s._replace(
             tokens=write(s.tokens, token),
             log_p=write(s.log_p, at_token(log_p)),
@@ -248,8 +291,9 @@ def extend(
 def rewind(lm: LanguageModel, state: DecodeState, new_length: Array) -> DecodeState:
     """Cuts each row back to its first `new_length` generated tokens (int32 `[B]`).
 
-    Positions from `new_length` on are cleared; the next-token logits are recomputed with one
-    decode step on the last kept token (the prompt's last token when `new_length` is 0).
+    Positions from `new_length` on are cleared; the next-token logits (and features, when
+    recorded) are recomputed with one decode step on the last kept token (the prompt's last
+    token when `new_length` is 0).
     """
     new_length = jnp.asarray(new_length, jnp.int32)
     keep = jnp.arange(state.tokens.shape[1])[None, :] < new_length[:, None]
@@ -258,7 +302,13 @@ def rewind(lm: LanguageModel, state: DecodeState, new_length: Array) -> DecodeSt
     )[:, 0]
     feed = jnp.where(new_length > 0, last_kept, state.last_prompt_token)
     cache = state.cache._replace(length=state.prompt_length + new_length - 1)
-    logits, cache = lm.decode(feed, cache)
+    recording = state.features is not None
+    decoded = lm.decode(feed, cache, with_features=recording)
+    logits, cache = decoded[0], decoded[-1]
+    if recording:
+        state = state._replace(
+            features=jnp.where(keep[:, :, None], state.features, 0.0), next_features=decoded[1]
+        )
     return state._replace(
         tokens=jnp.where(keep, state.tokens, lm.pad_token_id),
         log_p=jnp.where(keep, state.log_p, 0.0),

@@ -26,6 +26,8 @@ class GenerateResult(NamedTuple):
       log_q: float32 `[S, N]` log-probability under the distribution actually sampled.
       entropy: float32 `[S, N]` entropy of the base next-token distribution.
       done: bool `[S]` the sample ended with a stop token (else it hit max_new_tokens).
+      features: float32 `[S, N, D]` final-norm hidden state at each generated token (0 after
+        the length), or None unless `record_features=True`.
     """
 
     tokens: Array
@@ -34,11 +36,14 @@ class GenerateResult(NamedTuple):
     log_q: Array
     entropy: Array
     done: Array
+    features: Array | None = None
 
 
-@partial(jax.jit, static_argnames=("max_new_tokens", "num_samples"))
-def _generate(key, lm, prompt, prompt_length, proposal, max_new_tokens, num_samples):
-    state = init_decode(lm, prompt, num_samples, max_new_tokens, prompt_lengths=prompt_length)
+@partial(jax.jit, static_argnames=("max_new_tokens", "num_samples", "record_features"))
+def _generate(key, lm, prompt, prompt_length, proposal, max_new_tokens, num_samples, record_features):
+    state = init_decode(
+        lm, prompt, num_samples, max_new_tokens, prompt_lengths=prompt_length, record_features=record_features
+    )
     state, _ = extend(key, lm, state, max_new_tokens, proposal)
     return GenerateResult(
         tokens=state.tokens,
@@ -47,6 +52,7 @@ def _generate(key, lm, prompt, prompt_length, proposal, max_new_tokens, num_samp
         log_q=state.log_q,
         entropy=state.entropy,
         done=state.done,
+        features=state.features,
     )
 
 
@@ -59,6 +65,7 @@ def generate(
     top_k: int = 0,
     top_p: float | Array = 1.0,
     num_samples: int = 1,
+    record_features: bool = False,
 ) -> GenerateResult:
     """Samples `num_samples` continuations of one prompt in a single jitted while-loop.
 
@@ -76,10 +83,14 @@ def generate(
       top_k: keep the k most likely tokens (0 = all).
       top_p: nucleus mass in (0, 1].
       num_samples: S, rows decoded as one batch.
+      record_features: also return each generated token's final-norm hidden state
+        (`.features [S, N, D]`), from the same decode steps.
     """
     num_samples = check_int("num_samples", num_samples, 1)
     proposal = Proposal(temperature=temperature, top_k=top_k, top_p=top_p).validated()
     prompt, max_new_tokens = check_prompt(lm, prompt_tokens, max_new_tokens)
-    result = _generate(key, lm, *pad_prompt(lm, prompt, max_new_tokens), proposal, max_new_tokens, num_samples)
+    result = _generate(
+        key, lm, *pad_prompt(lm, prompt, max_new_tokens), proposal, max_new_tokens, num_samples, record_features
+    )
     check_finite_log_p(lm, result.log_p, result.lengths, rows="sample")
     return result

@@ -16,6 +16,25 @@ masked, never read. Resampling particles is `jax.tree.map(lambda x: x[idx], cach
   `[B, V]` float32.
 - `decode(tokens [B], cache)` writes each row's token at slot `length`, increments it and
   returns the next-token logits `[B, V]` float32.
+
+Model internals (one forward, behind static switches; nothing changes for callers that do
+not ask, so samplers without them compile to the same programs):
+
+- Features: `lm.features(tokens)` is the final-norm hidden state at every position `[.., T, D]`
+  float32 (D = `lm.feature_size`; for `from_logits_fn` models the logits themselves unless a
+  `features_fn` is given); `lm.logits_and_features(tokens)` returns both from one forward.
+  `prefill` / `decode` return `(logits, features [B, D], cache)` with `with_features=True`,
+  which the decode loop records (`init_decode(..., record_features=True)`).
+- Per-layer access (Flax ports): `lm.hidden_states(tokens) -> [L+1, B, T, D]`, and for
+  Jacobians `lm.embed(tokens)`, `lm.apply_layer(i, h, positions)`, `lm.final_logits(h)`;
+  `lm.num_layers`, `lm.hidden_size`. `logits == final_logits(apply_layer(L-1, ...
+  apply_layer(0, embed(tokens))))` up to float rounding.
+- `adapters` (`jaxsample.models.lora.LoraAdapters`) and `intervention`
+  (`jaxsample.Intervention`) are traced pytree fields: `lm.with_adapters(a)`,
+  `lm.with_intervention(iv)` return a model that every sampler, `score` and forward runs
+  with them; `lm.replace(adapters=None)` drops them. Gradients flow through `params`,
+  `adapters` and the intervention's params (`jax.grad` of a function of `lm`).
+  `apply_layer` applies the adapters but never the intervention (it is the raw block).
 """
 
 from __future__ import annotations
@@ -27,6 +46,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxsample.errors import ArgumentError
+from jaxsample.validation import check_int, is_int
 
 Array = jax.Array
 
@@ -48,15 +68,24 @@ class LanguageModel:
     """A causal language model as pure functions over an explicit params pytree.
 
     Attributes:
-      params: parameter pytree (the only traced leaves); `None` for wrapped logits functions.
-      forward_fn: `(params, tokens [B, T]) -> logits [B, T, V]` float32, full causal forward.
+      params: parameter pytree (traced); `None` for wrapped logits functions.
+      forward_fn: `(params, tokens [B, T], *, intervene_from=None, select=None,
+        output="logits", **hooks)`, the full causal forward (see `forward`).
       init_cache_fn: `(batch_size, capacity) -> cache` (see module docstring).
-      prefill_fn: `(params, tokens [B, T], lengths [B], cache) -> (logits [B, V], cache)`.
-      decode_fn: `(params, tokens [B], cache) -> (logits [B, V], cache)`.
+      prefill_fn: `(params, tokens [B, T], lengths [B], cache, *, with_features=False,
+        **hooks) -> (logits [B, V], [features [B, D],] cache)`.
+      decode_fn: `(params, tokens [B], cache, *, with_features=False, **hooks) ->
+        (logits [B, V], [features [B, D],] cache)`.
       vocab_size: V, the width of the logits.
       max_length: positions the model supports (prompt + generation).
       eos_token_ids: the stop set: the union of the config's and generation config's ids.
       pad_token_id: written after a sequence's stop token.
+      feature_size: D, the width of `features` (static).
+      adapters: LoRA adapters (traced) or None; passed to the fns as `hooks` when set.
+      intervention: a `jaxsample.Intervention` (traced params) or None; likewise.
+      layer_fns: the per-layer functions (`jaxsample.models.decoder.LayerFunctions`) of a
+        decoder with layers, or None (then adapters, interventions and per-layer access
+        raise `ArgumentError`).
       tokenizer: a `jaxsample.models.Tokenizer`, or `None`.
       config: the model's `ModelConfig` (Flax ports) or `None`.
       name: a human-readable name for logs and results.
@@ -71,18 +100,142 @@ class LanguageModel:
     max_length: int = struct.field(pytree_node=False)
     eos_token_ids: tuple[int, ...] = struct.field(pytree_node=False)
     pad_token_id: int = struct.field(pytree_node=False)
+    feature_size: int = struct.field(pytree_node=False)
+    adapters: Any = None
+    intervention: Any = None
+    layer_fns: Any = struct.field(pytree_node=False, default=None)
     tokenizer: Any = struct.field(pytree_node=False, default=None)
     config: Any = struct.field(pytree_node=False, default=None)
     name: str = struct.field(pytree_node=False, default="model")
 
+    def _hooks(self) -> dict:
+        """The adapters / intervention to pass to the fns (only those that are set)."""
+        hooks = {k: v for k, v in (("adapters", self.adapters), ("intervention", self.intervention)) if v is not None}
+        if hooks and self.layer_fns is None:
+            raise ArgumentError(
+                f"model {self.name!r} has no decoder layers (a wrapped logits function): "
+                f"{' and '.join(hooks)} need a Flax decoder port"
+            )
+        return hooks
+
+    def _layers(self, what: str):
+        if self.layer_fns is None:
+            raise ArgumentError(
+                f"{what} needs a decoder with layers; model {self.name!r} is a wrapped logits function"
+            )
+        return self.layer_fns
+
+    def forward(
+        self,
+        tokens: Array,
+        *,
+        output: str = "logits",
+        select: Array | None = None,
+        intervene_from: Array | None = None,
+    ):
+        """The one full causal forward; `logits`, `features`, `logits_and_features` and
+        `hidden_states` are shorthands for it.
+
+        Args:
+          tokens: int32 `[T]` or `[B, T]`.
+          output: `"logits"` (float32 `[.., T, V]`), `"features"` (float32 `[.., T, D]`),
+            `"logits_and_features"` (both) or `"hidden_states"` (float32 `[L+1, .., T, D]`,
+            Flax ports only).
+          select: int32 `[M]` / `[B, M]` positions to return instead of all T (not with
+            `"hidden_states"`): only they go through the final norm and head.
+          intervene_from: int32 `[]` / `[B]`, the first position a `positions="last"`
+            intervention edits (default T − 1); see `jaxsample.models.intervention`.
+        """
+        tokens = jnp.asarray(tokens, jnp.int32)
+        if tokens.ndim not in (1, 2):
+            raise ArgumentError(f"tokens must have shape [T] or [B, T], got {tokens.shape}")
+        if output == "hidden_states":
+            self._layers("hidden_states")
+            if select is not None:
+                raise ArgumentError("select is not supported with output='hidden_states'")
+        single = tokens.ndim == 1
+        if single:
+            tokens = tokens[None]
+            select = None if select is None else jnp.asarray(select, jnp.int32)[None]
+            intervene_from = None if intervene_from is None else jnp.reshape(jnp.asarray(intervene_from, jnp.int32), (1,))
+        if intervene_from is not None:
+            intervene_from = jnp.broadcast_to(jnp.asarray(intervene_from, jnp.int32), tokens.shape[:1])
+        out = self.forward_fn(
+            self.params, tokens, intervene_from=intervene_from, select=select, output=output, **self._hooks()
+        )
+        if not single:
+            return out
+        if output == "hidden_states":
+            return out[:, 0]
+        return jax.tree.map(lambda x: x[0], out)
+
     def logits(self, tokens: Array) -> Array:
         """Full causal forward. `tokens` int32 `[T]` or `[B, T]` → float32 `[T, V]` / `[B, T, V]`."""
+        return self.forward(tokens)
+
+    def features(self, tokens: Array) -> Array:
+        """Final-norm hidden states: int32 `[T]` / `[B, T]` → float32 `[.., T, D]`."""
+        return self.forward(tokens, output="features")
+
+    def logits_and_features(self, tokens: Array) -> tuple[Array, Array]:
+        """`(logits [.., T, V], features [.., T, D])` from one forward."""
+        return self.forward(tokens, output="logits_and_features")
+
+    def hidden_states(self, tokens: Array) -> Array:
+        """The residual stream: int32 `[B, T]` → float32 `[L+1, B, T, D]` (`[L+1, T, D]` for
+        `[T]`): the embedding output, then each block's output (with the intervention's edit,
+        `"last"` meaning the final position)."""
+        return self.forward(tokens, output="hidden_states")
+
+    @property
+    def num_layers(self) -> int:
+        """L, the decoder blocks (Flax ports)."""
+        return self._layers("num_layers").num_layers
+
+    @property
+    def hidden_size(self) -> int:
+        """D, the residual-stream width (Flax ports)."""
+        return self._layers("hidden_size").hidden_size
+
+    def embed(self, tokens: Array) -> Array:
+        """Token embeddings, the residual stream entering block 0: `[B, T]` → `[B, T, D]`
+        in the params' dtype."""
         tokens = jnp.asarray(tokens, jnp.int32)
-        if tokens.ndim == 1:
-            return self.forward_fn(self.params, tokens[None])[0]
-        if tokens.ndim != 2:
-            raise ArgumentError(f"tokens must have shape [T] or [B, T], got {tokens.shape}")
-        return self.forward_fn(self.params, tokens)
+        return self._layers("embed").embed(self.params, tokens)
+
+    def apply_layer(self, i: int | Array, h: Array, positions: Array | None = None) -> Array:
+        """Block `i` (may be traced) with causal attention among the T positions, adapters
+        applied, no intervention: `h [B, T, D]` → `[B, T, D]`. `positions`: int32 `[T]` or
+        `[B, T]` RoPE positions, default `0..T-1`."""
+        layers = self._layers("apply_layer")
+        if positions is None:
+            positions = jnp.arange(h.shape[-2], dtype=jnp.int32)
+        return layers.apply_layer(self.params, self.adapters, i, h, positions)
+
+    def final_logits(self, h: Array) -> Array:
+        """Final norm and LM head on the last block's output: `[..., D]` → float32 `[..., V]`."""
+        return self._layers("final_logits").final_logits(self.params, h)
+
+    def with_adapters(self, adapters) -> "LanguageModel":
+        """This model with LoRA `adapters` applied unmerged everywhere (None removes them).
+
+        Raises:
+          ArgumentError: adapters built for another config, or a model without layers.
+        """
+        if adapters is not None:
+            self._layers("LoRA adapters").check_adapters(adapters)
+        return self.replace(adapters=adapters)
+
+    def with_intervention(self, intervention) -> "LanguageModel":
+        """This model with a residual-stream `jaxsample.Intervention` in every forward,
+        prefill and decode step (None removes it).
+
+        Raises:
+          ArgumentError: layers outside `[0, L)`, bad positions, or a model without layers.
+        """
+        if intervention is not None:
+            intervention.check(self._layers("an intervention").num_layers)
+        return self.replace(intervention=intervention)
 
     def init_cache(self, batch_size: int, capacity: int):
         """An empty cache of `batch_size` rows holding up to `capacity` positions."""
@@ -93,13 +246,16 @@ class LanguageModel:
             )
         return self.init_cache_fn(batch_size, capacity)
 
-    def prefill(self, tokens: Array, lengths: Array, cache) -> tuple[Array, Any]:
-        """Writes right-padded prompts `[B, T]` (real lengths `[B]`) into `cache`."""
-        return self.prefill_fn(self.params, tokens, lengths, cache)
+    def prefill(self, tokens: Array, lengths: Array, cache, *, with_features: bool = False):
+        """Writes right-padded prompts `[B, T]` (real lengths `[B]`) into `cache`; returns
+        `(logits [B, V], cache)`, or `(logits, features [B, D], cache)` with `with_features`
+        (at each row's last real token)."""
+        return self.prefill_fn(self.params, tokens, lengths, cache, with_features=with_features, **self._hooks())
 
-    def decode(self, tokens: Array, cache) -> tuple[Array, Any]:
-        """Appends one token per row `[B]`; returns next-token logits `[B, V]`."""
-        return self.decode_fn(self.params, tokens, cache)
+    def decode(self, tokens: Array, cache, *, with_features: bool = False):
+        """Appends one token per row `[B]`; returns `(next-token logits [B, V], cache)`, or
+        `(logits, features [B, D], cache)` with `with_features` (at the fed token)."""
+        return self.decode_fn(self.params, tokens, cache, with_features=with_features, **self._hooks())
 
     def is_stop(self, tokens: Array) -> Array:
         """Boolean mask of stop tokens, same shape as `tokens`."""
@@ -115,6 +271,7 @@ class LanguageModel:
         pad_token_id: int | None = None,
         tokenizer: Any = None,
         name: str = "logits_fn",
+        features_fn: Callable[[Array], Array] | None = None,
     ) -> "LanguageModel":
         """Wraps any pure `logits_fn(tokens [T]) -> logits [T, V]` (a full causal forward).
 
@@ -122,21 +279,45 @@ class LanguageModel:
         on the row's whole token buffer (capacity-length, stale slots after `length`), which
         is exact for a causal function and cheap for the toy models this is meant for.
         `logits_fn` must be causal: the logits at position t may depend only on tokens ≤ t.
+        Its features are the logits themselves, or `features_fn(tokens [T]) -> [T, D]`
+        (causal too) when given. Such a model has no layers: adapters, interventions,
+        `hidden_states` and the per-layer functions raise `ArgumentError`.
         """
-        eos = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
+        vocab_size = check_int("vocab_size", vocab_size, 1)
+        max_length = check_int("max_length", max_length, 2)
+        eos = (eos_token_id,) if is_int(eos_token_id) else tuple(eos_token_id)
         if not eos:
-            raise ArgumentError("eos_token_id must name at least one stop token")
-        for t in eos:
-            if not 0 <= t < vocab_size:
-                raise ArgumentError(f"eos_token_id {t} is outside the vocabulary [0, {vocab_size})")
-        if max_length < 2:
-            raise ArgumentError(f"max_length must be at least 2, got {max_length}")
+            raise ArgumentError("eos_token_id must name at least one stop token, got ()")
+        eos = tuple(check_int("eos_token_id", t, 0, vocab_size - 1) for t in eos)
+        if pad_token_id is not None:
+            pad_token_id = check_int("pad_token_id", pad_token_id, 0, vocab_size - 1)
 
         batched = jax.vmap(lambda tokens: logits_fn(tokens).astype(jnp.float32))
+        batched_features = (
+            batched if features_fn is None else jax.vmap(lambda tokens: features_fn(tokens).astype(jnp.float32))
+        )
+        if features_fn is None:
+            feature_size = vocab_size
+        else:
+            shape = jax.eval_shape(features_fn, jax.ShapeDtypeStruct((max_length,), jnp.int32)).shape
+            if len(shape) != 2 or shape[0] != max_length:
+                raise ArgumentError(f"features_fn must map tokens [T] to features [T, D], got shape {shape}")
+            feature_size = shape[1]
 
-        def forward_fn(params, tokens):
-            del params
-            return batched(tokens)
+        def pick(values, select):
+            if select is None:
+                return values
+            return jnp.take_along_axis(values, select[:, :, None], axis=1)
+
+        def forward_fn(params, tokens, intervene_from=None, select=None, output="logits"):
+            del params, intervene_from  # no layers, hence no interventions
+            if output not in ("logits", "features", "logits_and_features"):
+                raise ArgumentError(f"output {output!r} needs a decoder with layers; model {name!r} has none")
+            logits = None if output == "features" else pick(batched(tokens), select)
+            if output == "logits":
+                return logits
+            features = logits if features_fn is None and logits is not None else pick(batched_features(tokens), select)
+            return features if output == "features" else (logits, features)
 
         def init_cache_fn(batch_size, capacity):
             return TokenCache(
@@ -144,22 +325,26 @@ class LanguageModel:
                 length=jnp.zeros((batch_size,), jnp.int32),
             )
 
-        def next_logits(cache):
-            logits = batched(cache.tokens)
-            return jnp.take_along_axis(logits, (cache.length - 1)[:, None, None], axis=1)[:, 0]
+        def at_last(values, cache):
+            return jnp.take_along_axis(values, (cache.length - 1)[:, None, None], axis=1)[:, 0]
 
-        def prefill_fn(params, tokens, lengths, cache):
+        def outputs(cache, with_features):
+            logits = at_last(batched(cache.tokens), cache)
+            if not with_features:
+                return logits, cache
+            features = logits if features_fn is None else at_last(batched_features(cache.tokens), cache)
+            return logits, features, cache
+
+        def prefill_fn(params, tokens, lengths, cache, with_features=False):
             del params
             buffer = jax.lax.dynamic_update_slice(cache.tokens, tokens.astype(jnp.int32), (0, 0))
-            cache = TokenCache(tokens=buffer, length=jnp.asarray(lengths, jnp.int32))
-            return next_logits(cache), cache
+            return outputs(TokenCache(tokens=buffer, length=jnp.asarray(lengths, jnp.int32)), with_features)
 
-        def decode_fn(params, tokens, cache):
+        def decode_fn(params, tokens, cache, with_features=False):
             del params
             rows = jnp.arange(cache.tokens.shape[0])
             buffer = cache.tokens.at[rows, cache.length].set(tokens, mode="drop")
-            cache = TokenCache(tokens=buffer, length=cache.length + 1)
-            return next_logits(cache), cache
+            return outputs(TokenCache(tokens=buffer, length=cache.length + 1), with_features)
 
         return cls(
             params=None,
@@ -171,6 +356,7 @@ class LanguageModel:
             max_length=max_length,
             eos_token_ids=eos,
             pad_token_id=eos[0] if pad_token_id is None else pad_token_id,
+            feature_size=feature_size,
             tokenizer=tokenizer,
             name=name,
         )

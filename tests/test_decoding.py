@@ -58,8 +58,26 @@ def test_finite_check_names_the_first_bad_row_and_position(lm):
     with pytest.raises(NumericalError, match="chain 1, generated position 2"):
         js.decoding.check_finite_log_p(lm, log_p, np.array([4, 3, 4]), rows="chain")
     log_p[1, 2] = -np.inf
-    with pytest.raises(NumericalError, match="-inf.* chain 1, generated position 2"):
+    with pytest.raises(NumericalError, match="chain 1, generated position 2$"):
         js.decoding.check_finite_log_p(lm, log_p, np.array([4, 3, 4]), rows="chain")
+
+
+def test_rejected_mh_proposals_with_nan_are_reported_not_hidden(lm):
+    """A proposal decoded by a NaN model is rejected by the MH step; its info records the
+    first non-finite position, which power_sample turns into a NumericalError."""
+    broken = js.LanguageModel.from_logits_fn(_nan_logits_fn, VOCAB, EOS, max_length=24, name="broken")
+    proposal = js.Proposal(temperature=1.0).validated()
+    state = js.mcmc.init(jax.random.key(1), lm, PROMPT, 16, 6, proposal)  # finite chains
+    assert np.all(np.asarray(js.decoding.first_non_finite(state.decode.log_p, state.decode.length)) == -1)
+    _, info = js.mcmc.build_kernel(broken, js.mcmc.uniform, proposal)(jax.random.key(2), state, 2.0, 6)
+    cut, decoded = np.asarray(info.cut), np.asarray(info.tokens_decoded)
+    first_nan = np.maximum(NAN_FROM - len(PROMPT) + 1, cut)  # the suffix comes from the NaN model
+    expected = np.where(cut + decoded > first_nan, first_nan, -1)
+    np.testing.assert_array_equal(info.non_finite, expected)
+    assert (expected >= 0).any() and not np.asarray(info.accepted)[expected >= 0].any()
+    row = int(np.flatnonzero(expected >= 0)[0])
+    with pytest.raises(NumericalError, match=rf"chain {row}, generated position {expected[row]}, block 0, MH step 0$"):
+        js.decoding.raise_on_non_finite(broken, np.asarray(info.non_finite)[None, None], "chain", ("block", "MH step"))
 
 
 BAD_PROMPTS = {

@@ -10,7 +10,8 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 
 def test_notebooks_exist():
-    assert {p.name for p in NOTEBOOKS} >= {"01_power_sampling.ipynb", "02_smc_decoding.ipynb"}
+    assert {p.name for p in NOTEBOOKS} >= {"01_power_sampling.ipynb", "02_smc_decoding.ipynb",
+                                           "03_testing_toolkit.ipynb"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])

@@ -13,3 +13,11 @@ def test_quick_start_runs(capsys):
     exec(compile(code, "README.md quick start", "exec"), {})
     printed = capsys.readouterr().out
     assert "MH accuracy" in printed and "SMC log Z" in printed
+
+
+def test_prove_your_own_kernel_runs_and_prints_the_shown_message(capsys):
+    text = README.read_text()
+    section = text[text.index("## Prove your own kernel"):]
+    code, printed = re.findall(r"```(?:python)?\n(.*?)```", section, re.S)[:2]
+    exec(compile(code, "README.md prove your own kernel", "exec"), {})
+    assert capsys.readouterr().out.strip() == printed.strip()

@@ -12,11 +12,12 @@ is one `lax.scan` and compiles once whatever the depth):
      "lm_head": {"kernel": [D, V]}}          # absent when embeddings are tied
 
 Activations run in the params' dtype; RMSNorm, RoPE angles, attention scores/softmax and
-the returned logits are float32. All public functions are jitted with `config` static.
+the returned logits are float32 (float64 for float64 params). All public functions are jitted with `config` static.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -25,8 +26,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxsample.errors import ArgumentError
+from jaxsample.validation import check_int
 from jaxsample.models.config import ModelConfig
-from jaxsample.models.modules import DecoderLayer, RMSNorm, grouped_attention
+from jaxsample.models.intervention import Intervention, forward_mask, prefill_mask
+from jaxsample.models.lora import LoraAdapters, check_adapters
+from jaxsample.models.modules import DecoderLayer, RMSNorm, at_least_float32, grouped_attention
 
 Array = jax.Array
 Params = Any
@@ -122,66 +126,146 @@ def embed(params: Params, config: ModelConfig, tokens: Array) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames="config")
-def apply_layer(params: Params, config: ModelConfig, i: Array, h: Array, positions: Array) -> Array:
+def apply_layer(
+    params: Params, config: ModelConfig, i: Array, h: Array, positions: Array, adapters: LoraAdapters | None = None
+) -> Array:
     """Decoder layer `i` (int, may be traced) with causal attention among the T positions.
 
     Args:
       h: `[B, T, D]` residual stream entering the layer.
       positions: int32 `[B, T]` or `[T]` RoPE positions (causal order must follow them).
+      adapters: LoRA adapters applied unmerged, or None. Interventions are not applied here.
 
     Returns:
       `[B, T, D]`, the residual stream leaving the layer.
     """
     positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), h.shape[:2])
     layer_params = jax.tree.map(lambda x: x[i], params["layers"])
-    out, _ = _layer(config, params).apply({"params": layer_params}, h, positions)
+    lora = None if adapters is None else adapters.layer(i)
+    out, _ = _layer(config, params).apply({"params": layer_params}, h, positions, lora=lora)
     return out
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def final_norm(params: Params, config: ModelConfig, h: Array) -> Array:
+    """The final RMSNorm: `[..., D]` → the features `[..., D]` in the params' dtype."""
+    return RMSNorm(config.rms_norm_eps, _dtype(params)).apply({"params": params["norm"]}, h)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def unembed(params: Params, config: ModelConfig, features: Array) -> Array:
+    """The LM head on final-norm features: `[..., D]` → float32 logits `[..., V]`."""
+    dtype = _dtype(params)
+    if config.tie_word_embeddings:
+        logits = _embedder(config, dtype).apply(
+            {"params": params["embed_tokens"]}, features, method=nn.Embed.attend
+        )
+    else:
+        logits = _lm_head(config, dtype).apply({"params": params["lm_head"]}, features)
+    return logits.astype(at_least_float32(dtype))
 
 
 @functools.partial(jax.jit, static_argnames="config")
 def final_logits(params: Params, config: ModelConfig, h: Array) -> Array:
     """Final RMSNorm and LM head: `[..., D]` → float32 logits `[..., V]`."""
-    dtype = _dtype(params)
-    h = RMSNorm(config.rms_norm_eps, dtype).apply({"params": params["norm"]}, h)
-    if config.tie_word_embeddings:
-        logits = _embedder(config, dtype).apply(
-            {"params": params["embed_tokens"]}, h, method=nn.Embed.attend
-        )
-    else:
-        logits = _lm_head(config, dtype).apply({"params": params["lm_head"]}, h)
-    return logits.astype(jnp.float32)
+    return unembed(params, config, final_norm(params, config, h))
 
 
-def _causal_layers(params: Params, config: ModelConfig, h: Array, positions: Array, keep_kv: bool):
-    """All layers with causal attention among the T tokens; optionally stacks their k/v."""
+def _check_hooks(config: ModelConfig, adapters, intervention) -> None:
+    if adapters is not None:
+        check_adapters(adapters, config)
+    if intervention is not None:
+        intervention.check(config.num_hidden_layers)
+
+
+def _causal_layers(
+    params: Params,
+    config: ModelConfig,
+    h: Array,
+    positions: Array,
+    keep_kv: bool,
+    adapters: LoraAdapters | None = None,
+    intervention: Intervention | None = None,
+    edit_mask: Array | None = None,
+    keep_outputs: bool = False,
+):
+    """All layers with causal attention among the T tokens.
+
+    Returns `(h, (kv, outputs))`: kv stacks the layers' k/v when `keep_kv`, outputs stacks
+    every block's (edited) output `[L, B, T, D]` when `keep_outputs`; otherwise None.
+    """
+    _check_hooks(config, adapters, intervention)
     layer = _layer(config, params)
+    xs = {"params": params["layers"]}
+    if adapters is not None:
+        xs["lora"] = adapters.weights
+    if intervention is not None:
+        xs["index"] = jnp.arange(config.num_hidden_layers, dtype=jnp.int32)
 
-    def body(h, layer_params):
-        h, kv = layer.apply({"params": layer_params}, h, positions)
-        return h, kv if keep_kv else None
+    def body(h, x):
+        lora = None if adapters is None else {"weights": x["lora"], "scaling": adapters.scaling}
+        out, kv = layer.apply({"params": x["params"]}, h, positions, lora=lora)
+        if intervention is not None:
+            out = intervention.apply(x["index"], h, out, edit_mask)
+        return out, (kv if keep_kv else None, out if keep_outputs else None)
 
-    return jax.lax.scan(body, h, params["layers"])
+    return jax.lax.scan(body, h, xs)
 
 
-@functools.partial(jax.jit, static_argnames="config")
-def forward(params: Params, config: ModelConfig, tokens: Array) -> Array:
-    """Full causal forward: int `[B, T]` → float32 logits `[B, T, V]`."""
+FORWARD_OUTPUTS = ("logits", "features", "logits_and_features", "hidden_states")
+
+
+@functools.partial(jax.jit, static_argnames=("config", "output"))
+def forward(
+    params: Params,
+    config: ModelConfig,
+    tokens: Array,
+    adapters: LoraAdapters | None = None,
+    intervention: Intervention | None = None,
+    intervene_from: Array | None = None,
+    select: Array | None = None,
+    output: str = "logits",
+):
+    """Full causal forward of int `[B, T]` tokens.
+
+    Args:
+      adapters: LoRA adapters applied unmerged, or None.
+      intervention: residual-stream edit, or None; with `positions="last"` it applies from
+        position `intervene_from` (int32 `[B]`, default T − 1) on.
+      select: int32 `[B, M]` positions whose logits / features are returned (default all T).
+      output: `"logits"` → float32 `[B, T, V]`; `"features"` → float32 `[B, T, D]`, the
+        final-norm hidden states; `"logits_and_features"` → both from the one forward;
+        `"hidden_states"` → float32 `[L+1, B, T, D]`, the embedding output and every block's
+        output (after the intervention's edit, if any).
+    """
     _check_tokens(config, tokens, 2, "tokens")
+    if output not in FORWARD_OUTPUTS:
+        raise ArgumentError(f"output must be one of {FORWARD_OUTPUTS}, got {output!r}")
     batch, length = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    h, _ = _causal_layers(params, config, embed(params, config, tokens), positions, keep_kv=False)
-    return final_logits(params, config, h)
+    edit_mask = None if intervention is None else forward_mask(intervention, positions, intervene_from)
+    h0 = embed(params, config, tokens)
+    keep_outputs = output == "hidden_states"
+    h, (_, outputs) = _causal_layers(
+        params, config, h0, positions, False, adapters, intervention, edit_mask, keep_outputs
+    )
+    if keep_outputs:
+        return jnp.concatenate([h0[None], outputs]).astype(at_least_float32(h0.dtype))
+    if select is not None:
+        h = jnp.take_along_axis(h, jnp.asarray(select, jnp.int32)[:, :, None], axis=1)
+    features = final_norm(params, config, h)
+    if output == "features":
+        return features.astype(at_least_float32(features.dtype))
+    logits = unembed(params, config, features)
+    if output == "logits":
+        return logits
+    return logits, features.astype(at_least_float32(features.dtype))
 
 
 def init_cache(config: ModelConfig, batch_size: int, capacity: int, dtype=jnp.float32) -> KVCache:
     """An empty cache of `batch_size` rows with `capacity` slots, k/v in `dtype`."""
-    if batch_size < 1:
-        raise ArgumentError(f"batch_size must be positive, got {batch_size}")
-    if not 1 <= capacity <= config.max_position_embeddings:
-        raise ArgumentError(
-            f"cache capacity must be in [1, {config.max_position_embeddings}] "
-            f"(max_position_embeddings), got {capacity}"
-        )
+    batch_size = check_int("batch_size", batch_size, 1)
+    capacity = check_int("capacity", capacity, 1, config.max_position_embeddings)
     shape = (
         batch_size,
         config.num_hidden_layers,
@@ -199,20 +283,30 @@ def _check_cache(cache: KVCache, batch: int, what: str) -> None:
         raise ArgumentError(f"{what} has {batch} rows but the cache has {cache.k.shape[0]}")
 
 
-@functools.partial(jax.jit, static_argnames="config")
+@functools.partial(jax.jit, static_argnames=("config", "with_features"))
 def prefill(
-    params: Params, config: ModelConfig, tokens: Array, lengths: Array, cache: KVCache
-) -> tuple[Array, KVCache]:
+    params: Params,
+    config: ModelConfig,
+    tokens: Array,
+    lengths: Array,
+    cache: KVCache,
+    adapters: LoraAdapters | None = None,
+    intervention: Intervention | None = None,
+    with_features: bool = False,
+):
     """Writes right-padded prompts into slots `0..T-1` of every row.
 
     Args:
       tokens: int `[B, T]` prompts, right-padded (pad values are irrelevant).
       lengths: int `[B]` real prompt lengths, each in `[1, T]`.
       cache: a cache from `init_cache` with capacity ≥ T (its previous content is replaced).
+      adapters, intervention: as in `forward` (`"last"` edits each row's last real token).
+      with_features: also return the final-norm hidden state of each row's last real token.
 
     Returns:
       (float32 `[B, V]` logits of the token after each row's last real token — NaN for rows
-      whose length is outside `[1, T]` —, the cache with `length = lengths`).
+      whose length is outside `[1, T]` —, [float32 `[B, D]` features,] the cache with
+      `length = lengths`).
     """
     _check_tokens(config, tokens, 2, "prompt tokens")
     batch, length = tokens.shape
@@ -221,19 +315,32 @@ def prefill(
         raise ArgumentError(f"prompt length {length} exceeds the cache capacity {cache.k.shape[2]}")
     lengths = jnp.asarray(lengths, jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    h, (k, v) = _causal_layers(params, config, embed(params, config, tokens), positions, keep_kv=True)
+    edit_mask = None if intervention is None else prefill_mask(intervention, positions, lengths)
+    h, ((k, v), _) = _causal_layers(
+        params, config, embed(params, config, tokens), positions, True, adapters, intervention, edit_mask
+    )
     # Scan stacks per-layer k/v as [L, B, T, K, H]; the cache is batch-leading.
     k_cache = jax.lax.dynamic_update_slice(cache.k, k.swapaxes(0, 1).astype(cache.k.dtype), (0,) * 5)
     v_cache = jax.lax.dynamic_update_slice(cache.v, v.swapaxes(0, 1).astype(cache.v.dtype), (0,) * 5)
     valid = (lengths >= 1) & (lengths <= length)
     last = jnp.take_along_axis(h, jnp.clip(lengths - 1, 0, length - 1)[:, None, None], axis=1)
-    logits = final_logits(params, config, last[:, 0])
-    logits = jnp.where(valid[:, None], logits, jnp.nan)
+    features = final_norm(params, config, last[:, 0])
+    logits = jnp.where(valid[:, None], unembed(params, config, features), jnp.nan)
+    if with_features:
+        return logits, features.astype(at_least_float32(features.dtype)), KVCache(k_cache, v_cache, lengths)
     return logits, KVCache(k_cache, v_cache, lengths)
 
 
-@functools.partial(jax.jit, static_argnames="config")
-def decode_step(params: Params, config: ModelConfig, tokens: Array, cache: KVCache) -> tuple[Array, KVCache]:
+@functools.partial(jax.jit, static_argnames=("config", "with_features"))
+def decode_step(
+    params: Params,
+    config: ModelConfig,
+    tokens: Array,
+    cache: KVCache,
+    adapters: LoraAdapters | None = None,
+    intervention: Intervention | None = None,
+    with_features: bool = False,
+):
     """Appends one token per row at slot `cache.length` and returns the next-token logits.
 
     Rows write at their own slot (a per-row scatter), so rows may have any lengths, e.g.
@@ -242,22 +349,27 @@ def decode_step(params: Params, config: ModelConfig, tokens: Array, cache: KVCac
     Args:
       tokens: int `[B]`.
       cache: `KVCache` with B rows.
+      adapters, intervention: as in `forward` (the fed token is edited for either positions).
+      with_features: also return the final-norm hidden state at the fed token.
 
     Returns:
-      (float32 `[B, V]` logits, the cache with `length + 1`). A row already at capacity has
-      its write dropped and gets NaN logits: callers must bound lengths by the capacity.
+      (float32 `[B, V]` logits, [float32 `[B, D]` features,] the cache with `length + 1`).
+      A row already at capacity has its write dropped and gets NaN logits: callers must bound
+      lengths by the capacity.
     """
     _check_tokens(config, tokens, 1, "decode tokens")
     batch = tokens.shape[0]
     _check_cache(cache, batch, "decode tokens")
+    _check_hooks(config, adapters, intervention)
     capacity = cache.k.shape[2]
     slots = cache.length
     rows = jnp.arange(batch)
     visible = (jnp.arange(capacity)[None, :] <= slots[:, None])[:, None, :]  # [B, 1, S]
     layer = _layer(config, params)
 
-    def body(carry, layer_params):
+    def body(carry, x):
         h, k_all, v_all, i = carry
+        lora = None if adapters is None else {"weights": x["lora"], "scaling": adapters.scaling}
 
         def attend(q, k, v):
             k_new = k_all.at[rows, i, slots].set(k[:, 0].astype(k_all.dtype), mode="drop")
@@ -266,11 +378,45 @@ def decode_step(params: Params, config: ModelConfig, tokens: Array, cache: KVCac
             values = jax.lax.dynamic_index_in_dim(v_new, i, axis=1, keepdims=False)
             return grouped_attention(q, keys.astype(q.dtype), values.astype(q.dtype), visible), (k_new, v_new)
 
-        h, (k_all, v_all) = layer.apply({"params": layer_params}, h, slots[:, None], attend)
-        return (h, k_all, v_all, i + 1), None
+        out, (k_all, v_all) = layer.apply({"params": x["params"]}, h, slots[:, None], attend, lora=lora)
+        if intervention is not None:
+            out = intervention.apply(i, h, out, jnp.ones((batch, 1), bool))
+        return (out, k_all, v_all, i + 1), None
 
+    xs = {"params": params["layers"]} if adapters is None else {"params": params["layers"], "lora": adapters.weights}
     h = embed(params, config, tokens[:, None])
-    (h, k_all, v_all, _), _ = jax.lax.scan(body, (h, cache.k, cache.v, jnp.int32(0)), params["layers"])
-    logits = final_logits(params, config, h[:, 0])
-    logits = jnp.where((slots < capacity)[:, None], logits, jnp.nan)
+    (h, k_all, v_all, _), _ = jax.lax.scan(body, (h, cache.k, cache.v, jnp.int32(0)), xs)
+    features = final_norm(params, config, h[:, 0])
+    logits = jnp.where((slots < capacity)[:, None], unembed(params, config, features), jnp.nan)
+    if with_features:
+        return logits, features.astype(at_least_float32(features.dtype)), KVCache(k_all, v_all, slots + 1)
     return logits, KVCache(k_all, v_all, slots + 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerFunctions:
+    """The decoder's per-layer functions with the config bound, for `LanguageModel`
+    (`lm.embed`, `lm.apply_layer`, `lm.final_logits`, `lm.num_layers`, `lm.hidden_size`).
+    Equal for equal configs, so models of one architecture share compiled programs."""
+
+    config: ModelConfig
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    def embed(self, params: Params, tokens: Array) -> Array:
+        return embed(params, self.config, tokens)
+
+    def apply_layer(self, params: Params, adapters, i: Array, h: Array, positions: Array) -> Array:
+        return apply_layer(params, self.config, i, h, positions, adapters)
+
+    def final_logits(self, params: Params, h: Array) -> Array:
+        return final_logits(params, self.config, h)
+
+    def check_adapters(self, adapters) -> None:
+        check_adapters(adapters, self.config)

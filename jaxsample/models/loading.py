@@ -13,7 +13,7 @@ from jaxsample.errors import ArgumentError, CheckpointError, ConfigError
 from jaxsample.lm import LanguageModel
 from jaxsample.models.checkpoint import assemble_params, check_dtype, read_json, safetensors_entries
 from jaxsample.models.config import ModelConfig
-from jaxsample.models.decoder import decode_step, forward, init_cache, prefill
+from jaxsample.models.decoder import LayerFunctions, decode_step, forward, init_cache, prefill
 from jaxsample.models.registry import registered_models, resolve
 from jaxsample.models.tokenizer import TOKENIZER_FILES, Tokenizer
 from jaxsample.validation import check_int, is_int
@@ -27,8 +27,8 @@ class _WithConfig:
     fn: Callable
     config: ModelConfig
 
-    def __call__(self, params, *args):
-        return self.fn(params, self.config, *args)
+    def __call__(self, params, *args, **kwargs):
+        return self.fn(params, self.config, *args, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +80,8 @@ def make_language_model(
         max_length=config.max_position_embeddings,
         eos_token_ids=eos,
         pad_token_id=eos[0] if pad is None else int(pad),
+        feature_size=config.hidden_size,
+        layer_fns=LayerFunctions(config),
         tokenizer=tokenizer,
         config=config,
         name=name,

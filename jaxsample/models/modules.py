@@ -22,6 +22,12 @@ Array = jax.Array
 _MASKED = float(np.finfo(np.float32).min)
 
 
+def at_least_float32(dtype) -> np.dtype:
+    """The dtype of the numerically sensitive parts (norms, attention scores, logits):
+    float32 for float32 / bf16 / f16 models, float64 for float64 ones (gradient checks)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
     """`[H/2]` float32 inverse frequencies theta^(-2j/H), llama3-remapped when configured.
 
@@ -91,7 +97,7 @@ def grouped_attention(q: Array, keys: Array, values: Array, mask: Array) -> Arra
     num_kv = keys.shape[2]
     # Query head n reads kv head n // G, matching transformers' repeat_kv order.
     q = q.reshape(batch, length, num_kv, num_heads // num_kv, head_dim)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, keys, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, keys, preferred_element_type=at_least_float32(q.dtype))
     scores = scores * np.float32(head_dim**-0.5)
     scores = jnp.where(mask[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
@@ -108,13 +114,24 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(at_least_float32(x.dtype))
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return scale * normed.astype(x.dtype)
 
 
 def _dense(features: int, use_bias: bool, dtype: Any, name: str) -> nn.Dense:
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=dtype, name=name)
+
+
+def _project(dense: nn.Dense, x: Array, lora: dict | None) -> Array:
+    """`dense(x)`, plus the unmerged low-rank update `scaling · (x A) B` when `lora` holds
+    this projection (see `jaxsample.models.lora`)."""
+    y = dense(x)
+    if lora is None or dense.name not in lora["weights"]:
+        return y
+    weights = lora["weights"][dense.name]
+    update = (x @ weights["lora_A"].astype(x.dtype)) @ weights["lora_B"].astype(x.dtype)
+    return y + (lora["scaling"] * update).astype(y.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -130,20 +147,20 @@ class SelfAttention(nn.Module):
         self.v_proj = _dense(c.num_key_value_heads * c.head_dim, c.qkv_bias, self.param_dtype, "v_proj")
         self.o_proj = _dense(c.hidden_size, c.o_bias, self.param_dtype, "o_proj")
 
-    def project(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
+    def project(self, x: Array, positions: Array, lora: dict | None = None) -> tuple[Array, Array, Array]:
         """`x [B, T, D]` → rotated q `[B, T, N, H]`, rotated k and v `[B, T, K, H]`."""
         c = self.config
         batch, length, _ = x.shape
-        q = self.q_proj(x).reshape(batch, length, c.num_attention_heads, c.head_dim)
-        k = self.k_proj(x).reshape(batch, length, c.num_key_value_heads, c.head_dim)
-        v = self.v_proj(x).reshape(batch, length, c.num_key_value_heads, c.head_dim)
+        q = _project(self.q_proj, x, lora).reshape(batch, length, c.num_attention_heads, c.head_dim)
+        k = _project(self.k_proj, x, lora).reshape(batch, length, c.num_key_value_heads, c.head_dim)
+        v = _project(self.v_proj, x, lora).reshape(batch, length, c.num_key_value_heads, c.head_dim)
         inv_freq = rope_inverse_frequencies(c)
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
-    def output(self, attended: Array) -> Array:
+    def output(self, attended: Array, lora: dict | None = None) -> Array:
         """`[B, T, N, H]` → `[B, T, D]`."""
         batch, length = attended.shape[:2]
-        return self.o_proj(attended.reshape(batch, length, -1))
+        return _project(self.o_proj, attended.reshape(batch, length, -1), lora)
 
 
 class GatedMLP(nn.Module):
@@ -153,11 +170,11 @@ class GatedMLP(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, lora: dict | None = None) -> Array:
         c = self.config
-        gate = _dense(c.intermediate_size, c.mlp_bias, self.param_dtype, "gate_proj")(x)
-        up = _dense(c.intermediate_size, c.mlp_bias, self.param_dtype, "up_proj")(x)
-        return _dense(c.hidden_size, c.mlp_bias, self.param_dtype, "down_proj")(nn.silu(gate) * up)
+        gate = _project(_dense(c.intermediate_size, c.mlp_bias, self.param_dtype, "gate_proj"), x, lora)
+        up = _project(_dense(c.intermediate_size, c.mlp_bias, self.param_dtype, "up_proj"), x, lora)
+        return _project(_dense(c.hidden_size, c.mlp_bias, self.param_dtype, "down_proj"), nn.silu(gate) * up, lora)
 
 
 class DecoderLayer(nn.Module):
@@ -179,18 +196,20 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.rms_norm_eps, self.param_dtype)
         self.mlp = GatedMLP(c, self.param_dtype)
 
-    def __call__(self, h: Array, positions: Array, attend=None) -> tuple[Array, Any]:
-        """Args: h `[B, T, D]`; positions int32 `[B, T]`; attend (default: causal).
+    def __call__(self, h: Array, positions: Array, attend=None, lora: dict | None = None) -> tuple[Array, Any]:
+        """Args: h `[B, T, D]`; positions int32 `[B, T]`; attend (default: causal); lora:
+        this layer's LoRA weights `{"weights": {proj_name: {"lora_A": [in, r], "lora_B":
+        [r, out]}}, "scaling": α/r}` or None.
 
         Returns:
           (h `[B, T, D]`, aux from `attend`).
         """
-        q, k, v = self.self_attn.project(self.input_layernorm(h), positions)
+        q, k, v = self.self_attn.project(self.input_layernorm(h), positions, lora)
         if attend is None:
             causal = positions[:, :, None] >= positions[:, None, :]
             attended, aux = grouped_attention(q, k, v, causal), (k, v)
         else:
             attended, aux = attend(q, k, v)
-        h = h + self.self_attn.output(attended)
-        h = h + self.mlp(self.post_attention_layernorm(h))
+        h = h + self.self_attn.output(attended, lora)
+        h = h + self.mlp(self.post_attention_layernorm(h), lora)
         return h, aux

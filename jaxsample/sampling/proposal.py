@@ -48,9 +48,10 @@ def token_log_probs(logits: Array) -> tuple[Array, Array]:
       logits: `[..., V]`, any float dtype.
 
     Returns:
-      `(log_p [..., V], entropy [...])` in float32; entropy uses 0·log 0 = 0.
+      `(log_p [..., V], entropy [...])` in float32 (float64 for float64 logits); entropy
+      uses 0·log 0 = 0.
     """
-    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    log_p = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
     entropy = -jnp.sum(jnp.where(jnp.isneginf(log_p), 0.0, jnp.exp(log_p) * log_p), axis=-1)
     return log_p, entropy
 

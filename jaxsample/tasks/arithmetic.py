@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from jaxsample.errors import ArgumentError
+from jaxsample.validation import check_int
 from jaxsample.tasks.math500 import extract_boxed
 from jaxsample.tasks.rng import numpy_rng
 
@@ -54,8 +55,8 @@ def sample_arithmetic(
       num_digits: 2 or 3.
       operation: "+" or "*".
     """
-    if num_digits not in (2, 3):
-        raise ArgumentError(f"num_digits must be 2 or 3, got {num_digits!r}")
+    num_problems = check_int("num_problems", num_problems, 1)
+    num_digits = check_int("num_digits", num_digits, 2, 3)
     if operation not in OPERATIONS:
         raise ArgumentError(f"operation must be one of {sorted(OPERATIONS)}, got {operation!r}")
     low, high = 10 ** (num_digits - 1), 10**num_digits

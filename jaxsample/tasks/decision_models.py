@@ -22,6 +22,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from jaxsample.errors import ArgumentError
+from jaxsample.validation import check_real
 from jaxsample.lm import LanguageModel
 from jaxsample.tasks.decisions import (
     EOS,
@@ -133,11 +134,8 @@ def exact_accuracies(
     """
     cfg = problem.config
     vocab = DecisionVocabulary(cfg)
-    if not alpha >= 1.0:
-        raise ArgumentError(f"alpha must be ≥ 1, got {alpha}")
-    temperature = 1.0 / alpha if temperature is None else temperature
-    if not temperature > 0:
-        raise ArgumentError(f"temperature must be > 0, got {temperature}")
+    check_real("alpha", alpha, "[1, inf)")
+    temperature = 1.0 / alpha if temperature is None else check_real("temperature", temperature, "(0, inf)")
     if lm.vocab_size < vocab.size:
         raise ArgumentError(
             f"model {lm.name!r} has {lm.vocab_size} tokens; the task needs {vocab.size}")

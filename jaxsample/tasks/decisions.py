@@ -38,6 +38,7 @@ from scipy.special import entr
 
 from jaxsample.errors import ArgumentError, ConfigError
 from jaxsample.tasks.rng import numpy_rng
+from jaxsample.validation import check_int, check_real, is_int
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>", "<sep>", "<go>", "<item>", "<none>")
 PAD, UNK, BOS, EOS, SEP, GO, ITEM, NONE = range(len(SPECIAL_TOKENS))
@@ -73,8 +74,8 @@ class DecisionTaskConfig:
         for name, low in (("num_wrong", 1), ("stretch_length", 1), ("num_symbols", 2),
                           ("max_decisions", 1)):
             value = getattr(self, name)
-            check(isinstance(value, int) and value >= low,
-                  f"{name} must be an int ≥ {low}, got {value!r}")
+            check(is_int(value) and value >= low,
+                  f"{name} must be an integer in [{low}, inf], got {value!r}")
 
     @property
     def wrong_prob(self) -> float:
@@ -269,16 +270,11 @@ def _encode_trace(config: DecisionTaskConfig, decisions: np.ndarray, stretches: 
 
 
 def _check_num_decisions(config: DecisionTaskConfig, num_decisions: int) -> None:
-    is_int = isinstance(num_decisions, (int, np.integer))
-    if not (is_int and 1 <= num_decisions <= config.max_decisions):
-        raise ArgumentError(
-            f"num_decisions must be an int in 1..{config.max_decisions} (max_decisions), "
-            f"got {num_decisions!r}")
+    check_int("num_decisions", num_decisions, 1, config.max_decisions)
 
 
 def _tempered_decision_probs(config: DecisionTaskConfig, temperature: float) -> np.ndarray:
-    if not temperature > 0:
-        raise ArgumentError(f"temperature must be > 0, got {temperature}")
+    check_real("temperature", temperature, "(0, inf)")
     scores = np.log(config.decision_probs) / temperature
     return np.exp(scores - np.logaddexp.reduce(scores))
 
@@ -459,8 +455,7 @@ def closed_form_accuracies(
     m^L · m^{−αL}.
     """
     _check_num_decisions(config, num_decisions)
-    if not alpha >= 1.0:
-        raise ArgumentError(f"alpha must be ≥ 1, got {alpha}")
+    check_real("alpha", alpha, "[1, inf)")
     temperature = 1.0 / alpha if temperature is None else temperature
     r, w, k = config.right_prob, config.wrong_prob, num_decisions
     log_wrong = math.log(config.num_wrong) + alpha * math.log(w) - (

@@ -172,8 +172,10 @@ def test_bad_shapes_raise_argument_errors(params, lm):
         lm.prefill(jnp.ones((1, 9), jnp.int32), jnp.asarray([9]), lm.init_cache(1, 8))
     with pytest.raises(ArgumentError, match="max_position_embeddings"):
         models.forward(params, CONFIG, jnp.ones((1, 65), jnp.int32))
-    with pytest.raises(ArgumentError, match="max_position_embeddings"):
+    with pytest.raises(ArgumentError, match=r"capacity must be an integer in \[1, 64\], got 65"):
         models.init_cache(CONFIG, 1, 65)
+    with pytest.raises(ArgumentError, match=r"batch_size must be an integer in \[1, inf\], got 0"):
+        models.init_cache(CONFIG, 0, 8)
     with pytest.raises(ArgumentError, match="rows"):
         lm.decode(jnp.ones((3,), jnp.int32), lm.init_cache(2, 8))
     with pytest.raises(ArgumentError, match="dimensions"):

@@ -1,0 +1,144 @@
+"""Model internals on `LanguageModel`: features, hidden states, per-layer functions and
+feature recording in the decode loop (Flax port and wrapped logits functions)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxsample as js
+from jaxsample import models
+from jaxsample.decoding import extend, init_decode, rewind
+from jaxsample.errors import ArgumentError
+from tests.models.test_kv_cache import CONFIG, random_params
+
+# Prefill/decode vs full forward differ by summation order only (see test_kv_cache): ≤ 1e-6.
+ATOL = 1e-5
+VOCAB = 6
+EOS = 5
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return models.make_language_model(CONFIG, random_params(CONFIG, 0), name="tiny")
+
+
+def _toy_logits(tokens):
+    table = jax.random.normal(jax.random.key(7), (VOCAB, 11, VOCAB)) * 2.0
+    return table[tokens, jnp.cumsum(tokens) % 11]
+
+
+def _toy_features(tokens):
+    return jnp.stack([jnp.cumsum(tokens), tokens * 2], axis=-1).astype(jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return js.LanguageModel.from_logits_fn(_toy_logits, VOCAB, EOS, max_length=24)
+
+
+def _tokens(seed, shape, vocab=CONFIG.vocab_size):
+    return jnp.asarray(np.random.default_rng(seed).integers(1, vocab, size=shape), jnp.int32)
+
+
+def test_features_hidden_states_and_layer_functions_agree(lm):
+    tokens = _tokens(0, (2, 7))
+    logits, features = lm.logits_and_features(tokens)
+    hidden = lm.hidden_states(tokens)
+    assert features.shape == (2, 7, lm.feature_size) and lm.feature_size == CONFIG.hidden_size
+    assert hidden.shape == (CONFIG.num_hidden_layers + 1, 2, 7, CONFIG.hidden_size)
+    np.testing.assert_array_equal(logits, lm.logits(tokens))
+    np.testing.assert_array_equal(features, lm.features(tokens))
+    h = lm.embed(tokens)
+    np.testing.assert_array_equal(hidden[0], h)
+    for i in range(lm.num_layers):
+        h = lm.apply_layer(i, h)
+        np.testing.assert_allclose(hidden[i + 1], h, atol=ATOL)
+    np.testing.assert_allclose(lm.final_logits(h), logits, atol=ATOL)
+    # features are the final norm of the last block's output; the head maps them to logits
+    np.testing.assert_allclose(models.unembed(lm.params, CONFIG, features), logits, atol=ATOL)
+    # unbatched input drops the batch axis everywhere
+    np.testing.assert_array_equal(lm.features(tokens[1]), features[1])
+    np.testing.assert_array_equal(lm.hidden_states(tokens[1]), hidden[:, 1])
+
+
+def test_prefill_and_decode_return_features_of_the_fed_token(lm):
+    tokens = _tokens(1, (3, 9))
+    lengths = jnp.asarray([4, 9, 6])
+    logits, features, cache = lm.prefill(tokens, lengths, lm.init_cache(3, 12), with_features=True)
+    plain_logits, _ = lm.prefill(tokens, lengths, lm.init_cache(3, 12))
+    np.testing.assert_array_equal(logits, plain_logits)
+    full = lm.features(tokens)
+    np.testing.assert_allclose(features, full[jnp.arange(3), lengths - 1], atol=ATOL)
+    fed = _tokens(2, (3,))
+    _, step_features, _ = lm.decode(fed, cache, with_features=True)
+    for row in range(3):
+        sequence = jnp.concatenate([tokens[row, : lengths[row]], fed[row : row + 1]])
+        np.testing.assert_allclose(step_features[row], lm.features(sequence)[-1], atol=ATOL)
+
+
+@pytest.mark.parametrize("model", ["lm", "toy"])
+def test_generate_records_the_features_of_each_generated_token(model, request):
+    lm = request.getfixturevalue(model)
+    lm = lm.replace(eos_token_ids=(lm.vocab_size,))  # no stops: one sequence shape to compile
+    prompt = jnp.asarray([1, 2, 3], jnp.int32)
+    key = jax.random.key(3)
+    plain = js.generate(key, lm, prompt, 10, num_samples=3)
+    recorded = js.generate(key, lm, prompt, 10, num_samples=3, record_features=True)
+    assert plain.features is None
+    np.testing.assert_array_equal(recorded.tokens, plain.tokens)
+    np.testing.assert_array_equal(recorded.log_p, plain.log_p)
+    assert recorded.features.shape == (3, 10, lm.feature_size)
+    for row in range(3):
+        n = int(recorded.lengths[row])
+        expected = lm.features(jnp.concatenate([prompt, recorded.tokens[row, :n]]))[len(prompt) :]
+        np.testing.assert_allclose(recorded.features[row, :n], expected, atol=ATOL)
+
+
+def test_rewind_and_extend_keep_features_consistent(lm):
+    prompt = jnp.asarray([4, 8, 15, 16], jnp.int32)
+    proposal = js.Proposal().validated()
+    plain = init_decode(lm, prompt, 3, 8)
+    assert plain.features is None and plain.next_features is None
+    state = init_decode(lm, prompt, 3, 8, record_features=True)
+    np.testing.assert_allclose(state.next_features, jnp.repeat(lm.features(prompt)[-1:], 3, 0), atol=ATOL)
+    state, _ = extend(jax.random.key(0), lm.replace(eos_token_ids=(CONFIG.vocab_size,)), state, 8, proposal)
+    state = rewind(lm, state, jnp.asarray([0, 3, 5]))
+    for row, kept in enumerate([0, 3, 5]):
+        np.testing.assert_array_equal(state.features[row, kept:], 0.0)
+    state, _ = extend(jax.random.key(1), lm.replace(eos_token_ids=(CONFIG.vocab_size,)), state, 8, proposal)
+    for row in range(3):
+        full = lm.features(jnp.concatenate([prompt, state.tokens[row]]))
+        np.testing.assert_allclose(state.features[row], full[4:], atol=ATOL)
+        np.testing.assert_allclose(state.next_features[row], full[-1], atol=ATOL)
+
+
+def test_wrapped_logits_function_features(toy):
+    tokens = jnp.asarray([[1, 2, 3, 4]], jnp.int32)
+    logits, features = toy.logits_and_features(tokens)
+    assert toy.feature_size == VOCAB
+    np.testing.assert_array_equal(features, logits)
+    custom = js.LanguageModel.from_logits_fn(_toy_logits, VOCAB, EOS, max_length=24, features_fn=_toy_features)
+    assert custom.feature_size == 2
+    np.testing.assert_array_equal(custom.features(tokens)[0], _toy_features(tokens[0]))
+    result = js.generate(jax.random.key(0), custom, tokens[0], 6, num_samples=2, record_features=True)
+    n = int(result.lengths[0])
+    expected = _toy_features(jnp.concatenate([tokens[0], result.tokens[0, :n]]))[4:]
+    np.testing.assert_array_equal(result.features[0, :n], expected)
+
+
+def test_wrapped_logits_function_rejects_layer_access(toy):
+    tokens = jnp.asarray([1, 2, 3], jnp.int32)
+    for call in (
+        lambda: toy.hidden_states(tokens),
+        lambda: toy.embed(tokens),
+        lambda: toy.num_layers,
+        lambda: toy.apply_layer(0, jnp.zeros((1, 3, 4))),
+        lambda: toy.with_intervention(js.Intervention(lambda i, h, p: h, None, (0,))),
+    ):
+        with pytest.raises(ArgumentError, match="wrapped logits function"):
+            call()
+    with pytest.raises(ArgumentError, match="wrapped logits function"):
+        toy.replace(intervention=js.Intervention(lambda i, h, p: h, None, (0,))).logits(tokens)
+    with pytest.raises(ArgumentError, match="features_fn"):
+        js.LanguageModel.from_logits_fn(_toy_logits, VOCAB, EOS, max_length=24, features_fn=lambda t: t)
