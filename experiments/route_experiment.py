@@ -27,13 +27,13 @@ COSTS = np.array([1.0, 3.0, 8.0, 20.0])
 ALPHA = np.array([-1.0, 0.3, 1.3, 2.3])
 CATEGORY_FREQUENCIES = np.array([0.4, 0.3, 0.15, 0.1, 0.05])
 CAPACITIES = {"tight": np.array([60, 40, 25, 10]), "loose": np.array([100, 100, 100, 100])}
-GRIDS = {"box": (0.0, 0.5, 1.0, 2.0), "budgeted": (0.0, 5.0, 10.0, 25.0), "ellipsoidal": (0.0, 1.0, 2.0)}
+GRIDS = {"box": (0.0, 0.5, 1.0, 2.0), "budgeted": (0.0, 2.0, 5.0), "ellipsoidal": (0.0, 1.0, 2.0)}
 METHODS = ("milp", "box", "budgeted", "ellipsoidal", "per_query_raw", "per_query_repaired")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batches", type=int, default=10, help="test batches per condition (the spec's full size is 100-200)")
-    parser.add_argument("--validation-batches", type=int, default=3, help="batches used to tune λ and the robust radii")
+    parser.add_argument("--batches", type=int, default=6, help="test batches per condition (the spec's full size is 100-200)")
+    parser.add_argument("--validation-batches", type=int, default=2, help="batches used to tune λ and the robust radii")
     parser.add_argument("--batch-size", type=int, default=100, help="queries per batch n")
     parser.add_argument("--nu", type=float, default=0.15, help="estimate noise scale ν")
     parser.add_argument("--conditions", default="random,sorted", help="batch kinds: comma-separated subset of random, sorted")
