@@ -32,13 +32,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxsample.decoding import extend, first_non_finite, init_decode
+from jaxsample.errors import ArgumentError
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc import CutLaw, uniform
 from jaxsample.sampling import Proposal
 from jaxsample.validation import check_int, check_real
 from jaxsample.smc.lookahead import LookaheadSpec, check_lookahead, estimate_log_value, finished
 from jaxsample.smc.rejuvenation import build_move
-from jaxsample.smc.resampling import Resampler, get_resampler
+from jaxsample.smc.resampling import Resampler, conditional_multinomial, get_resampler, multinomial
 from jaxsample.smc.target import Particles, RewardTarget
 from jaxsample.smc.weights import log_evidence, resample_if_needed
 
@@ -99,6 +100,7 @@ def init(
     num_particles: int,
     max_new_tokens: int,
     prompt_length: Array | int | None = None,
+    record_twist: bool = False,
 ) -> SMCState:
     """N empty particles of one prompt (prefilled once, cache broadcast to every particle).
 
@@ -108,8 +110,12 @@ def init(
       num_particles: N.
       max_new_tokens: S, generation slots per particle.
       prompt_length: the real prompt length of a padded prompt (default T); may be traced.
+      record_twist: keep per-token log ψ (needed with a twisted proposal).
     """
-    decode = init_decode(lm, prompt_tokens, num_particles, max_new_tokens, prompt_lengths=prompt_length)
+    decode = init_decode(
+        lm, prompt_tokens, num_particles, max_new_tokens, prompt_lengths=prompt_length,
+        record_twist=record_twist,
+    )
     zeros = jnp.zeros((num_particles,), jnp.float32)
     return SMCState(
         particles=Particles(decode=decode, reward=zeros, log_value=zeros),
@@ -129,6 +135,7 @@ def build_kernel(
     num_rejuvenation_steps: int = 0,
     lookahead: LookaheadSpec = None,
     cut_law: CutLaw = uniform,
+    conditional_sample: Array | None = None,
 ) -> Callable[[Array, SMCState], tuple[SMCState, SMCInfo]]:
     """Returns the pure `step(key, state) -> (state, info)` of block-wise SMC.
 
@@ -142,6 +149,12 @@ def build_kernel(
       num_rejuvenation_steps: K MH moves after each resampling (static; 0 = none).
       lookahead: `None` (prefix-only), `Lookahead(M, h)` or a `log_value_fn` (static).
       cut_law: where rejuvenation moves cut (`jaxsample.mcmc` cut laws; default uniform).
+      conditional_sample: `None`, or int32 `[S]` a reference sequence (pad after its stop
+        token): conditional SMC. Particle 0 is clamped to it and keeps its own ancestry at
+        every resampling; the other N − 1 ancestors are drawn i.i.d. from W (multinomial,
+        the scheme whose conditional version is this simple; `resampler` must be
+        "multinomial"). With an exact draw from π, E[log Z_hat] ≥ log Z. Not combinable with
+        rejuvenation, which would move the reference.
 
     α, λ, κ, temperature and top-p are traced when `build_kernel` is called inside `jit`
     with traced arguments, so changing them does not recompile.
@@ -150,6 +163,14 @@ def build_kernel(
     num_rejuvenation_steps = check_int("num_rejuvenation_steps", num_rejuvenation_steps, 0)
     check_real("ess_threshold", ess_threshold, "[0, 1]")
     check_lookahead(lookahead)
+    if conditional_sample is not None:
+        if num_rejuvenation_steps:
+            raise ArgumentError("conditional_sample cannot be combined with rejuvenation moves")
+        if get_resampler(resampler) is not multinomial:
+            raise ArgumentError(
+                f"conditional SMC resamples multinomially; got resampler={resampler!r}"
+            )
+        resampler = conditional_multinomial
     resampler = get_resampler(resampler)
     move = build_move(lm, target, proposal, lookahead, cut_law)
 
@@ -181,8 +202,11 @@ def build_kernel(
         slots = old.decode.tokens.shape[1]
         cap = jnp.minimum((state.step + 1) * block_size, slots).astype(jnp.int32)
         frozen = finished(old.decode)
+        forced = None
+        if conditional_sample is not None:
+            forced = jnp.full_like(old.decode.tokens, -1).at[0].set(conditional_sample)
 
-        decode, decoded = extend(extend_key, lm, old.decode, cap, proposal)
+        decode, decoded = extend(extend_key, lm, old.decode, cap, proposal, forced)
         reward = jnp.where(frozen, old.reward, target.reward(decode))
         log_value, value_decoded = estimate_log_value(
             value_key, lm, decode, reward, target, proposal, lookahead
