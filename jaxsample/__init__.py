@@ -5,10 +5,10 @@ the batched decode loop, ancestral sampling (`generate`), teacher-forced scoring
 (features, hidden states, `Intervention`s, LoRA adapters in `models.lora`), power-distribution MH
 (`power_sample` and its baselines) and reward-guided SMC (`smc_decode`). Subpackages hold
 the building blocks: `models`, `sampling`, `mcmc`, `smc`, `calibration`, `safety` (Lipschitz-ball
-safety gates for self-improving updates), `tasks`.
+safety gates for self-improving updates), `tasks`, `training` (GRPO, CoDistill-GRPO).
 """
 
-from jaxsample import calibration, errors, mcmc, models, safety, smc, tasks
+from jaxsample import calibration, errors, mcmc, models, safety, smc, tasks, training
 from jaxsample.decoding import DecodeState, extend, init_decode, rewind, select_rows, take_rows
 from jaxsample.generate import GenerateResult, generate
 from jaxsample.lm import LanguageModel
@@ -56,6 +56,7 @@ __all__ = [
     "smc_decode",
     "take_rows",
     "tasks",
+    "training",
     "temperature_sample",
     "token_log_probs",
     "twisted_smc",

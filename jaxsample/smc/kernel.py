@@ -101,6 +101,7 @@ def init(
     max_new_tokens: int,
     prompt_length: Array | int | None = None,
     record_twist: bool = False,
+    record_features: bool = False,
 ) -> SMCState:
     """N empty particles of one prompt (prefilled once, cache broadcast to every particle).
 
@@ -111,10 +112,11 @@ def init(
       max_new_tokens: S, generation slots per particle.
       prompt_length: the real prompt length of a padded prompt (default T); may be traced.
       record_twist: keep per-token log ψ (needed with a twisted proposal).
+      record_features: carry the model's hidden features (a twist head reads them).
     """
     decode = init_decode(
         lm, prompt_tokens, num_particles, max_new_tokens, prompt_lengths=prompt_length,
-        record_twist=record_twist,
+        record_twist=record_twist, record_features=record_features,
     )
     zeros = jnp.zeros((num_particles,), jnp.float32)
     return SMCState(

@@ -88,9 +88,10 @@ def _run(
         resampler=resampler, num_rejuvenation_steps=num_rejuvenation_steps,
         lookahead=lookahead, cut_law=uniform, conditional_sample=conditional_sample,
     )
+    # A twist reads the model's features; they are recorded only when it needs them.
     state = init(
         lm, prompt, num_particles, max_new_tokens, prompt_length,
-        record_twist=proposal.twist is not None,
+        record_twist=proposal.twist is not None, record_features=proposal.twist is not None,
     )
     num_blocks = -(-max_new_tokens // block_size)
     info_shape = jax.eval_shape(step, run_key, state)[1]
