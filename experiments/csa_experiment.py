@@ -377,7 +377,8 @@ def _plot(run_dir: RunDirectory, records, methods):
             if not chosen:
                 continue
             rounds = np.arange(len(chosen[0]["risk_curve"])) * every
-            axes[0, column].plot(rounds, chosen[0]["risk_curve"], label=LABELS[method], lw=1)
+            risk = np.asarray(chosen[0]["risk_curve"], dtype=float)  # null (no stream acted yet) → NaN
+            axes[0, column].plot(rounds, risk, label=LABELS[method], lw=1)
             axes[1, column].plot(rounds, chosen[0]["release_curve"], label=LABELS[method], lw=1)
         axes[0, column].axhline(run_dir.config["alpha"], color="k", ls=":", lw=1)
         axes[0, column].set_title(scenario[:40], fontsize=9)

@@ -58,8 +58,26 @@ def test_finite_check_names_the_first_bad_row_and_position(lm):
     with pytest.raises(NumericalError, match="chain 1, generated position 2"):
         js.decoding.check_finite_log_p(lm, log_p, np.array([4, 3, 4]), rows="chain")
     log_p[1, 2] = -np.inf
-    with pytest.raises(NumericalError, match="-inf.* chain 1, generated position 2"):
+    with pytest.raises(NumericalError, match="chain 1, generated position 2$"):
         js.decoding.check_finite_log_p(lm, log_p, np.array([4, 3, 4]), rows="chain")
+
+
+def test_rejected_mh_proposals_with_nan_are_reported_not_hidden(lm):
+    """A proposal decoded by a NaN model is rejected by the MH step; its info records the
+    first non-finite position, which power_sample turns into a NumericalError."""
+    broken = js.LanguageModel.from_logits_fn(_nan_logits_fn, VOCAB, EOS, max_length=24, name="broken")
+    proposal = js.Proposal(temperature=1.0).validated()
+    state = js.mcmc.init(jax.random.key(1), lm, PROMPT, 16, 6, proposal)  # finite chains
+    assert np.all(np.asarray(js.decoding.first_non_finite(state.decode.log_p, state.decode.length)) == -1)
+    _, info = js.mcmc.build_kernel(broken, js.mcmc.uniform, proposal)(jax.random.key(2), state, 2.0, 6)
+    cut, decoded = np.asarray(info.cut), np.asarray(info.tokens_decoded)
+    first_nan = np.maximum(NAN_FROM - len(PROMPT) + 1, cut)  # the suffix comes from the NaN model
+    expected = np.where(cut + decoded > first_nan, first_nan, -1)
+    np.testing.assert_array_equal(info.non_finite, expected)
+    assert (expected >= 0).any() and not np.asarray(info.accepted)[expected >= 0].any()
+    row = int(np.flatnonzero(expected >= 0)[0])
+    with pytest.raises(NumericalError, match=rf"chain {row}, generated position {expected[row]}, block 0, MH step 0$"):
+        js.decoding.raise_on_non_finite(broken, np.asarray(info.non_finite)[None, None], "chain", ("block", "MH step"))
 
 
 BAD_PROMPTS = {
@@ -102,3 +120,17 @@ def test_numpy_integers_are_accepted_as_counts(lm):
 def test_non_integer_counts_are_rejected_with_value_and_range(lm, value):
     with pytest.raises(ArgumentError, match=rf"max_new_tokens must be an integer in \[1, inf\], got {value!r}"):
         js.generate(KEY, lm, PROMPT, value)
+
+
+def test_rejected_smc_rejuvenation_proposals_with_nan_are_reported(lm):
+    broken = js.LanguageModel.from_logits_fn(_nan_logits_fn, VOCAB, EOS, max_length=24, name="broken")
+    proposal = js.Proposal(temperature=1.0).validated()
+    state = js.smc.init(lm, PROMPT, 16, 6)
+    decode, _ = js.extend(jax.random.key(1), lm, state.particles.decode, 6, proposal)
+    particles = state.particles._replace(decode=decode)
+    move = js.smc.build_move(broken, js.smc.make_target(2.0, 0.0, None), proposal, None, js.mcmc.uniform)
+    moved, accepted, _, non_finite = move(jax.random.key(2), particles, 6)
+    flagged = np.asarray(non_finite) >= 0
+    assert flagged.any() and np.all(np.asarray(non_finite)[flagged] >= NAN_FROM - len(PROMPT) + 1)
+    assert not np.asarray(accepted)[flagged].any()
+    assert np.all(np.asarray(js.decoding.first_non_finite(moved.decode.log_p, moved.decode.length)) == -1)

@@ -40,7 +40,7 @@ def _without_mcmc(tokens, lengths, done, log_p, tokens_decoded) -> PowerSampleRe
         lengths=lengths,
         done=done,
         log_p=log_p,
-        info=PowerMHInfo(never, zeros, zeros, zeros, zeros, never.astype(bool), never),
+        info=PowerMHInfo(never, zeros, zeros, zeros, zeros, never.astype(bool), never, never - 1),
         active=jnp.ones((1, num_chains), bool),
         tokens_decoded=tokens_decoded,
     )

@@ -28,7 +28,14 @@ from typing import Union
 import jax
 import jax.numpy as jnp
 
-from jaxsample.decoding import check_finite_log_p, check_prompt, extend, init_decode, pad_prompt
+from jaxsample.decoding import (
+    check_finite_log_p,
+    check_prompt,
+    extend,
+    init_decode,
+    pad_prompt,
+    raise_on_non_finite,
+)
 from jaxsample.errors import ArgumentError
 from jaxsample.lm import LanguageModel
 from jaxsample.progress import progress_bar, report
@@ -44,7 +51,7 @@ Array = jax.Array
 def _idle_info(num_steps: int, num_chains: int, dtype) -> PowerMHInfo:
     zeros = jnp.zeros((num_steps, num_chains), dtype)
     never = jnp.zeros((num_steps, num_chains), jnp.int32)
-    return PowerMHInfo(never, zeros, zeros, zeros, zeros, never.astype(bool), never)
+    return PowerMHInfo(never, zeros, zeros, zeros, zeros, never.astype(bool), never, never - 1)
 
 
 @partial(
@@ -170,4 +177,5 @@ def power_sample(
     else:
         result = _power_sample(*args)
     check_finite_log_p(lm, result.log_p, result.lengths, rows="chain")
+    raise_on_non_finite(lm, result.info.non_finite, rows="chain", steps=("block", "MH step"))
     return result

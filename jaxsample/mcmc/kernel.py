@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxsample.decoding import DecodeState, extend, init_decode, rewind, select_rows
+from jaxsample.decoding import DecodeState, extend, first_non_finite, init_decode, rewind, select_rows
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc.acceptance import Trace, log_acceptance_ratio
 from jaxsample.mcmc.cuts import CutLaw
@@ -52,6 +52,8 @@ class PowerMHInfo(NamedTuple):
       log_cut: log c(i | x') − log c(i | x).
       accepted: bool, the chain moved.
       tokens_decoded: int32 tokens decoded for the proposal (accepted or not).
+      non_finite: int32 first generated position whose log p in the proposal is not finite
+        (NaN logits), −1 if none; such a proposal is rejected, and `power_sample` raises.
 
     For chains masked out by `active`, `accepted` is False and `tokens_decoded` 0; their
     other fields describe a move that was never made.
@@ -64,6 +66,7 @@ class PowerMHInfo(NamedTuple):
     log_cut: Array
     accepted: Array
     tokens_decoded: Array
+    non_finite: Array
 
 
 def init(
@@ -144,6 +147,7 @@ def build_kernel(
             log_cut=log_r.log_cut,
             accepted=accepted,
             tokens_decoded=tokens_decoded,
+            non_finite=jnp.where(active, first_non_finite(proposed.log_p, proposed.length), -1),
         )
         return PowerMHState(select_rows(accepted, proposed, current)), info
 

@@ -1,0 +1,127 @@
+"""The verifier's guarantees: soundness of the ball with an exact bound, chaining without
+false accepts, chains travelling beyond one ball. Classifier gates are only checked for their
+interface here; their failure is measured by the `gate` experiment."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsample import safety
+from jaxsample.errors import ArgumentError
+from jaxsample.models import init_params
+from jaxsample.safety import modular
+
+DIMS = (84, 240, 768)
+
+
+def linear_safety(dim, margin=0.5):
+    a = jax.random.normal(jax.random.key(dim), (dim,))
+    return a, margin, (lambda theta: a @ theta + margin)
+
+
+def test_ball_accepts_only_safe_points_for_a_linear_safety_function():
+    dim, num_points = 84, 100_000
+    a, margin, s = linear_safety(dim)
+    bound = safety.LipschitzBound(jnp.linalg.norm(a), "analytic")
+    gate = safety.ball_gate(s, bound)
+    state = gate.init(jnp.zeros(dim))
+    radius = float(state.radius)
+    direction_key, length_key = jax.random.split(jax.random.key(0))
+    directions = jax.random.normal(direction_key, (num_points, dim))
+    directions /= jnp.linalg.norm(directions, axis=1, keepdims=True)
+    points = directions * radius * jax.random.uniform(length_key, (num_points, 1)) ** (1 / dim)
+    accepted, _ = jax.jit(jax.vmap(gate.accept, in_axes=(None, 0)))(state, points)
+    accepted = np.asarray(accepted)
+    exact_s = np.asarray(points, np.float64) @ np.asarray(a, np.float64) + margin
+    inside = np.linalg.norm(np.asarray(points, np.float64), axis=1) <= radius * (1 - 1e-6)
+    assert accepted[inside].all(), "the ball rejected a point inside its radius"
+    assert (exact_s[accepted] >= 0).all(), f"accepted an unsafe point: min s = {exact_s[accepted].min()}"
+    # The ball is tight: just outside it along -a the linear s is below τ, and the gate rejects.
+    outside = -(1 + 1e-3) * radius * a / jnp.linalg.norm(a)
+    assert float(s(outside)) < 0
+    assert not bool(gate.accept(state, outside)[0])
+
+
+@pytest.mark.parametrize("dim", DIMS)
+def test_chaining_with_exact_bound_never_accepts_an_unsafe_point(dim):
+    runs, steps = 1000, 40
+    controller = safety.controller_problem(jax.random.key(dim), dim)
+    problem = controller.problem
+    gates = {
+        "chain": safety.ball_gate(problem.safety, controller.bound, chain=True),
+        "group chain": safety.ball_gate(problem.safety, controller.group_bound, chain=True, group_ids=controller.group_ids),
+        "ball": safety.ball_gate(problem.safety, controller.bound),
+    }
+    keys = jax.random.split(jax.random.key(1), runs)
+    run_all = jax.jit(lambda keys: {name: jax.vmap(lambda k: safety.simulate(k, problem, g, steps))(keys) for name, g in gates.items()})
+    traces = run_all(keys)
+    for name, trace in traces.items():
+        assert int(trace.false_accepts[:, -1].max()) == 0, f"{name} accepted an unsafe point"
+        assert int(trace.true_accepts[:, -1].sum()) > 0
+    for name in ("chain", "group chain"):  # chains reach the boundary, where proposals can be unsafe
+        assert int((~traces[name].proposal_safe).sum()) > 0, f"{name}: no unsafe proposal, so the test could not fail"
+    # One ball never leaves its radius; chains do (every link certified).
+    assert float(traces["ball"].distance.max()) <= 1 + 1e-5
+    chain_distance = np.asarray(traces["chain"].distance[:, -1])
+    assert np.median(chain_distance) > 1.5, f"chains stayed within one ball: median {np.median(chain_distance):.2f} r0"
+    assert int(traces["chain"].transitions[:, -1].min()) > 0
+
+
+def test_gate_state_counts_and_chain_transitions_agree():
+    controller = safety.controller_problem(jax.random.key(3), 84)
+    gate = safety.ball_gate(controller.problem.safety, controller.bound, chain=True)
+    trace = jax.jit(lambda k: safety.simulate(k, controller.problem, gate, 60))(jax.random.key(4))
+    accepted = int(trace.accepted.sum())
+    assert accepted == int(trace.true_accepts[-1] + trace.false_accepts[-1])
+    assert accepted == int(trace.transitions[-1])  # exact bound: every accepted point is safe and re-centred
+
+
+def test_ball_gate_rejects_mismatched_bound_and_groups():
+    a, _, s = linear_safety(8)
+    with pytest.raises(ArgumentError, match="group"):
+        safety.ball_gate(s, safety.LipschitzBound(jnp.ones(2), "analytic")).init(jnp.zeros(8))
+    with pytest.raises(ArgumentError, match="group_ids"):
+        safety.ball_gate(s, safety.LipschitzBound(jnp.ones(2), "analytic"), group_ids=np.zeros(5, int)).init(jnp.zeros(8))
+    with pytest.raises(ArgumentError, match="kind"):
+        safety.LipschitzBound(jnp.float32(1), "guessed")
+
+
+def test_classifier_gate_interface_and_annealed_schedule():
+    controller = safety.controller_problem(jax.random.key(5), 84)
+    problem = controller.problem
+    candidates, safe = safety.proposal_dataset(jax.random.key(6), problem, 20, 10)
+    score = safety.fit_classifier("logistic", jax.random.key(7), candidates, safe)
+    unsafe_scores = jax.vmap(score)(candidates[~safe])
+    thresholds = safety.annealed_thresholds(unsafe_scores, 200, scale=0.5, power=1.5)
+    assert (np.diff(np.asarray(thresholds)) >= 0).all()
+    admitted = (np.asarray(unsafe_scores)[None, :] >= np.asarray(thresholds)[:, None]).mean(axis=1)
+    assert (admitted <= 0.5 * np.arange(1, 201) ** -1.5 + 1e-12).all()
+    gate = safety.classifier_gate(score, thresholds, problem.safety)
+    trace = jax.jit(lambda k: safety.simulate(k, problem, gate, 30))(jax.random.key(8))
+    assert int(trace.accepted.sum()) == int(trace.true_accepts[-1] + trace.false_accepts[-1])
+    with pytest.raises(ArgumentError, match="kind"):
+        safety.fit_classifier("svm", jax.random.key(0), candidates, safe)
+    with pytest.raises(ArgumentError, match="both classes"):
+        safety.fit_classifier("knn", jax.random.key(0), candidates, jnp.ones(len(safe), bool))
+
+
+def test_unembedding_chain_on_a_transformer_never_accepts_an_unsafe_point():
+    """Spec §2.5 with the exact canary-logit bound, on an untrained decoder (the guarantee does
+    not depend on training)."""
+    config = modular.modular_config(7)
+    params = init_params(jax.random.key(0), config)
+    task = modular.canary_task(config, params, num_canaries=8)
+    unembedding = modular.unembedding_problem(config, params, task)
+    problem = unembedding.problem
+    assert unembedding.bound.kind == "analytic"
+    gates = {
+        "chain": safety.ball_gate(problem.safety, unembedding.bound, chain=True),
+        "group chain": safety.ball_gate(problem.safety, unembedding.group_bound, chain=True, group_ids=unembedding.group_ids),
+    }
+    keys = jax.random.split(jax.random.key(1), 200)
+    traces = jax.jit(lambda keys: {n: jax.vmap(lambda k: safety.simulate(k, problem, g, 30))(keys) for n, g in gates.items()})(keys)
+    for name, trace in traces.items():
+        assert int((~trace.proposal_safe).sum()) > 0, f"{name}: no unsafe proposal, so the test could not fail"
+        assert int(trace.false_accepts[:, -1].max()) == 0, f"{name} accepted an unsafe point"
+        assert float(np.median(trace.distance[:, -1])) > 1.0
