@@ -250,9 +250,9 @@ def extend(
       state: rows to extend.
       limit: int32 scalar or `[B]`, the length cap (≤ N); traced.
       proposal: the sampling distribution (log q is taken from it exactly). A twisted
-        proposal reads the next-token logits as its features and records log ψ of each
-        sampled token in `log_twist` (the state must come from `init_decode(...,
-        record_twist=True)`).
+        proposal reads `next_features` (the next-token logits when the state records no
+        features) and records log ψ of each sampled token in `log_twist` (the state must
+        come from `init_decode(..., record_twist=True)`).
       forced: optional int32 `[B, N]`: where `forced[r, j] >= 0`, row r takes that token at
         generated position j instead of sampling (its log q, log p and log ψ are recorded as
         for a sampled token); -1 elsewhere. Conditional SMC clamps its reference row this way.
@@ -278,7 +278,8 @@ def extend(
         log_p, entropy = token_log_probs(s.next_logits)
         log_q = proposal_log_probs(s.next_logits, proposal)
         if proposal.twist is not None:
-            log_twist = proposal.twist.log_values(s.tokens, s.length, s.next_logits)
+            features = s.next_logits if s.next_features is None else s.next_features
+            log_twist = proposal.twist.log_values(s.tokens, s.length, features)
             log_q = twisted_log_probs(log_q, log_twist)
         keys = jax.vmap(jax.random.fold_in)(row_keys, s.length)
         token = jax.vmap(jax.random.categorical)(keys, log_q).astype(jnp.int32)

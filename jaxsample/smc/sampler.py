@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsample.decoding import check_finite_log_p, check_prompt, pad_prompt
+from jaxsample.decoding import check_finite_log_p, check_prompt, pad_prompt, raise_on_non_finite
 from jaxsample.errors import NumericalError
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc import uniform
@@ -88,9 +88,10 @@ def _run(
         resampler=resampler, num_rejuvenation_steps=num_rejuvenation_steps,
         lookahead=lookahead, cut_law=uniform, conditional_sample=conditional_sample,
     )
+    # A twist reads the model's features; they are recorded only when it needs them.
     state = init(
         lm, prompt, num_particles, max_new_tokens, prompt_length,
-        record_twist=proposal.twist is not None,
+        record_twist=proposal.twist is not None, record_features=proposal.twist is not None,
     )
     num_blocks = -(-max_new_tokens // block_size)
     info_shape = jax.eval_shape(step, run_key, state)[1]
@@ -234,6 +235,7 @@ def execute(lm, run, max_new_tokens, block_size, progress, label) -> SMCResult:
         num_steps, history, log_p, result = run()
     num_steps = int(num_steps)
     check_finite_log_p(lm, log_p, result.lengths, rows="particle")
+    raise_on_non_finite(lm, history.non_finite[:num_steps], rows="particle", steps=("SMC step",))
     invalid_steps = np.flatnonzero(np.asarray(history.nan_or_inf[:num_steps]))
     if invalid_steps.size:
         raise NumericalError(

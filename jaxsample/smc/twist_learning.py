@@ -21,8 +21,9 @@ The projection fits the proposal q_θ only: log ψ_θ(x_<t, ·) + c(x_<t) gives 
 any c, so the twist's level (which sets intermediate resampling weights, not the final ones)
 is not identified by TRI's objective; the final weights p φ / q_θ are.
 
-Features: today the model's next-token logits (D = V); the twist head reads whatever
-`features` the decode loop passes.
+Features: the frozen model's final-norm hidden state at the prefix's last position
+(`lm.feature_size`; for `from_logits_fn` toys the logits), the same in the decode loop
+(`record_features`) and in the teacher-forced pass of the learning step.
 """
 
 from __future__ import annotations
@@ -88,9 +89,10 @@ def twist_head_fn(vocab_size: int, max_new_tokens: int, hidden_size: int = 64) -
 def init_twist_head(
     key: Array, lm: LanguageModel, max_new_tokens: int, hidden_size: int = 64
 ) -> tuple[LogTwistFn, Any]:
-    """`(log_twist_fn, params)` of a twist head on `lm`'s features; log ψ = 0 at init."""
+    """`(log_twist_fn, params)` of a twist head on `lm`'s features ([`lm.feature_size`]);
+    log ψ = 0 at init."""
     head = TwistHead(lm.vocab_size, max_new_tokens, hidden_size)
-    params = head.init(key, jnp.zeros((lm.vocab_size,), jnp.float32), jnp.int32(0))
+    params = head.init(key, jnp.zeros((lm.feature_size,), jnp.float32), jnp.int32(0))
     return twist_head_fn(lm.vocab_size, max_new_tokens, hidden_size), params
 
 
@@ -116,8 +118,9 @@ class Paths(NamedTuple):
 def _teacher_forced(lm: LanguageModel, prompt: Array, tokens: Array) -> tuple[Array, Array]:
     num, slots = tokens.shape
     sequences = jnp.concatenate([jnp.broadcast_to(prompt, (num, prompt.shape[0])), tokens], 1)
-    logits = lm.logits(sequences)[:, prompt.shape[0] - 1 : prompt.shape[0] - 1 + slots]
-    return logits, jax.nn.log_softmax(logits, axis=-1)
+    logits, features = lm.logits_and_features(sequences)
+    window = slice(prompt.shape[0] - 1, prompt.shape[0] - 1 + slots)
+    return features[:, window], jax.nn.log_softmax(logits[:, window], axis=-1)
 
 
 def _twist_values(log_twist_fn, params, paths: Paths) -> Array:

@@ -116,8 +116,9 @@ def twisted_smc(
       prompt_tokens: int32 `[T]`.
       log_twist_fn: `(twist_params, tokens [S], length [], features [D]) -> log ψ [V]`, the
         twist of every candidate next token after `tokens[:length]` (pure; a new function
-        object recompiles). `features` are the model's features at the prefix's last
-        position (today the next-token logits, D = V). `None`: no twist (ψ = 1, q = p).
+        object recompiles). `features` f32 `[lm.feature_size]` are the model's hidden
+        features at the prefix's last position (the logits for `from_logits_fn` toys).
+        `None`: no twist (ψ = 1, q = p).
       twist_params: the twist's parameters (traced; e.g. `jaxsample.smc.TwistHead` params).
       log_potential_fn: `(tokens [S], length []) -> f32 []`, log φ of a finished sequence
         (`-inf` allowed); a `jax.tree_util.Partial` keeps its arrays traced.
