@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxsample as js
+from jaxsample.errors import ArgumentError
 from jaxsample.models.registry import resolve
 from timing import interleaved_seconds, median_seconds, report, spread
 
@@ -49,7 +50,10 @@ def main(argv=None):
     lm = js.load(args.model)
     # EOS suppressed: an "eos" id outside the vocabulary never matches a sampled token.
     lm_no_stop = lm.replace(eos_token_ids=(lm.vocab_size,))
-    prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a story about a dragon."}])
+    try:
+        prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a story about a dragon."}])
+    except ArgumentError:  # e.g. the embedded toy model: decode speed does not depend on the ids
+        prompt = np.random.default_rng(0).integers(0, lm.vocab_size, 16)
     prompt = jnp.asarray(prompt, jnp.int32)
 
     def generator(model, record_features=False):
@@ -85,12 +89,14 @@ def main(argv=None):
         for name, values in times.items():
             row = spread(values)
             row["ratio_to_plain"] = row["median_s"] / plain["median_s"]
+            row["min_ratio_to_plain"] = row["min_s"] / plain["min_s"]
             row["tokens_per_s"] = args.batch * args.new_tokens / row["median_s"]
             result[name] = row
             if name != "plain":
                 summaries.append(
-                    f"{name}: {row['ratio_to_plain']:.3f}x plain ({row['median_s'] * 1e3:.1f} ms vs "
-                    f"{plain['median_s'] * 1e3:.1f} ms; quartiles {row['q1_s'] * 1e3:.1f}-{row['q3_s'] * 1e3:.1f} ms)"
+                    f"{name}: {row['ratio_to_plain']:.3f}x plain by medians ({row['median_s'] * 1e3:.1f} ms vs "
+                    f"{plain['median_s'] * 1e3:.1f} ms; quartiles {row['q1_s'] * 1e3:.1f}-{row['q3_s'] * 1e3:.1f} ms), "
+                    f"{row['min_ratio_to_plain']:.3f}x by minima ({row['min_s'] * 1e3:.1f} vs {plain['min_s'] * 1e3:.1f} ms)"
                 )
     if args.no_transformers:
         report(result, "\n".join(summaries), args.json)

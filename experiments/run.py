@@ -17,11 +17,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import yaml  # noqa: E402
 
+import causalrm_experiment  # noqa: E402
+import codistill_experiment  # noqa: E402
 import csa_experiment  # noqa: E402
 import gate_experiment  # noqa: E402
+import grpo_experiment  # noqa: E402
 import orca_experiment  # noqa: E402
 import power_experiment  # noqa: E402
+import route_experiment  # noqa: E402
 import smc_experiment  # noqa: E402
+import twisted_experiment  # noqa: E402
 from run_directory import (  # noqa: E402
     Interrupted,
     RunDirectory,
@@ -34,7 +39,18 @@ from run_directory import (  # noqa: E402
 
 from jaxsample.errors import JaxsampleError  # noqa: E402
 
-COMMANDS = {"power": power_experiment, "smc": smc_experiment, "csa": csa_experiment, "orca": orca_experiment, "gate": gate_experiment}
+COMMANDS = {
+    "power": power_experiment,
+    "smc": smc_experiment,
+    "csa": csa_experiment,
+    "orca": orca_experiment,
+    "gate": gate_experiment,
+    "route": route_experiment,
+    "causalrm": causalrm_experiment,
+    "twisted": twisted_experiment,
+    "grpo": grpo_experiment,
+    "codistill": codistill_experiment,
+}
 DEFAULT_COMMAND = "power"
 # Options about this invocation, not the run: never saved in config.yaml.
 INVOCATION = ("config", "out", "resume")

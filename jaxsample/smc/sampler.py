@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsample.decoding import check_finite_log_p, check_prompt, pad_prompt
+from jaxsample.decoding import check_finite_log_p, check_prompt, pad_prompt, raise_on_non_finite
 from jaxsample.errors import NumericalError
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc import uniform
@@ -77,7 +77,8 @@ class SMCResult(NamedTuple):
     ),
 )
 def _run(
-    key, lm, prompt, prompt_length, target: RewardTarget, proposal: Proposal, ess_threshold, *,
+    key, lm, prompt, prompt_length, target: RewardTarget, proposal: Proposal, ess_threshold,
+    conditional_sample=None, *,
     num_particles, max_new_tokens, block_size, resampler, num_rejuvenation_steps, lookahead,
     progress,
 ):
@@ -85,9 +86,13 @@ def _run(
     step = build_kernel(
         lm, proposal, target, block_size=block_size, ess_threshold=ess_threshold,
         resampler=resampler, num_rejuvenation_steps=num_rejuvenation_steps,
-        lookahead=lookahead, cut_law=uniform,
+        lookahead=lookahead, cut_law=uniform, conditional_sample=conditional_sample,
     )
-    state = init(lm, prompt, num_particles, max_new_tokens, prompt_length)
+    # A twist reads the model's features; they are recorded only when it needs them.
+    state = init(
+        lm, prompt, num_particles, max_new_tokens, prompt_length,
+        record_twist=proposal.twist is not None, record_features=proposal.twist is not None,
+    )
     num_blocks = -(-max_new_tokens // block_size)
     info_shape = jax.eval_shape(step, run_key, state)[1]
     history = jax.tree.map(lambda x: jnp.zeros((num_blocks,) + x.shape, x.dtype), info_shape)
@@ -189,11 +194,9 @@ def smc_decode(
       NumericalError: a particle's log p is not finite at a generated position (naming the
         particle and position), or a log-weight became NaN or +inf (e.g. from the reward).
     """
-    num_particles = check_int("num_particles", num_particles, 1)
-    prompt, max_new_tokens = check_prompt(lm, prompt_tokens, max_new_tokens)
-    block_size = check_int("block_size", block_size, 1, max_new_tokens)
+    prompt, num_particles, max_new_tokens, block_size = check_arguments(
+        lm, prompt_tokens, num_particles, max_new_tokens, block_size, ess_threshold)
     num_rejuvenation_steps = check_int("num_rejuvenation_steps", num_rejuvenation_steps, 0)
-    check_real("ess_threshold", ess_threshold, "[0, 1]")
     check_lookahead(lookahead)  # before jit hashes it as a static argument
     target = make_target(alpha, lam, reward_fn)
     proposal = Proposal(
@@ -209,19 +212,36 @@ def smc_decode(
         resampler=resampler, num_rejuvenation_steps=num_rejuvenation_steps,
         lookahead=lookahead, progress=progress,
     )
+    return execute(lm, run, max_new_tokens, block_size, progress, "smc_decode blocks")
+
+
+def check_arguments(lm, prompt_tokens, num_particles, max_new_tokens, block_size, ess_threshold):
+    """Validates the arguments every SMC entry point shares; returns them normalised:
+    `(prompt int32 [T], num_particles, max_new_tokens, block_size)`."""
+    num_particles = check_int("num_particles", num_particles, 1)
+    prompt, max_new_tokens = check_prompt(lm, prompt_tokens, max_new_tokens)
+    block_size = check_int("block_size", block_size, 1, max_new_tokens)
+    check_real("ess_threshold", ess_threshold, "[0, 1]")
+    return prompt, num_particles, max_new_tokens, block_size
+
+
+def execute(lm, run, max_new_tokens, block_size, progress, label) -> SMCResult:
+    """Runs a partially applied `_run`, raises `NumericalError` on a non-finite log p or a
+    NaN / +inf log-weight and trims the per-step histories to the steps that ran."""
     if progress:
-        with progress_bar(-(-max_new_tokens // block_size), "smc_decode blocks"):
+        with progress_bar(-(-max_new_tokens // block_size), label):
             num_steps, history, log_p, result = jax.block_until_ready(run())
     else:
         num_steps, history, log_p, result = run()
     num_steps = int(num_steps)
     check_finite_log_p(lm, log_p, result.lengths, rows="particle")
+    raise_on_non_finite(lm, history.non_finite[:num_steps], rows="particle", steps=("SMC step",))
     invalid_steps = np.flatnonzero(np.asarray(history.nan_or_inf[:num_steps]))
     if invalid_steps.size:
         raise NumericalError(
             f"a log-weight became NaN or +inf at SMC step {int(invalid_steps[0])} (tokens up to "
-            f"{min((int(invalid_steps[0]) + 1) * block_size, max_new_tokens)}); check reward_fn "
-            "and the model's logits for NaN / inf"
+            f"{min((int(invalid_steps[0]) + 1) * block_size, max_new_tokens)}); check the "
+            "reward / potential / twist functions and the model's logits for NaN / inf"
         )
     trim = lambda x: x[:num_steps]  # noqa: E731
     return result._replace(
