@@ -33,7 +33,7 @@ def _num_prefixes(vocab_size: int, max_length: int) -> int:
     return sum(vocab_size**m for m in range(max_length + 1))
 
 
-def _prefix_index(prefix: Prefix, vocab_size: int) -> int:
+def prefix_index(prefix: Prefix, vocab_size: int) -> int:
     """Row of `prefix` in a prefix table: by length, then as a base-V number (first token
     least significant)."""
     offset = sum(vocab_size**m for m in range(len(prefix)))
@@ -56,7 +56,7 @@ def _check_size(vocab_size: int, max_new_tokens: int) -> None:
 
 def _from_table(table: np.ndarray, vocab_size: int, eos_token_id: int, max_new_tokens: int,
                 name: str) -> LanguageModel:
-    """The model reading row `_prefix_index(generated prefix)` of `table` `[P, V]`
+    """The model reading row `prefix_index(generated prefix)` of `table` `[P, V]`
     (P = rows of prefixes shorter than max_new_tokens, plus a last all-zero row)."""
     vocab, cap = vocab_size, max_new_tokens
     table = jnp.asarray(table, jnp.float32)
@@ -119,7 +119,7 @@ def tabular_lm(
         if row.shape != (vocab_size,) or np.isnan(row).any() or not np.isfinite(row).any():
             raise ArgumentError(f"logits[{prefix}] must be {vocab_size} numbers, not NaN, at least "
                                 f"one finite; got {row.tolist()}")
-        table[_prefix_index(prefix, vocab_size)] = row
+        table[prefix_index(prefix, vocab_size)] = row
     return _from_table(table, vocab_size, eos_token_id, max_new_tokens, name)
 
 
@@ -180,7 +180,7 @@ def prefix_table_fn(values: Union[Mapping[Prefix, float], Callable[[Prefix], obj
     lookup = values if callable(values) else (lambda p: values.get(p, 0.0))
     prefixes = [p for m in range(max_length + 1)
                 for p in itertools.product(range(vocab_size), repeat=m)]
-    prefixes.sort(key=lambda p: _prefix_index(p, vocab_size))
+    prefixes.sort(key=lambda p: prefix_index(p, vocab_size))
     rows = np.stack([np.asarray(lookup(p), np.float64) for p in prefixes])
     offsets = np.cumsum([0] + [vocab_size**m for m in range(max_length + 1)])
     return Partial(_prefix_lookup, rows, offsets, np.int32(vocab_size))
