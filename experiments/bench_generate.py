@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxsample as js
+from jaxsample.errors import ArgumentError
 from jaxsample.models.registry import resolve
 from timing import interleaved_timings, machine, report
 
@@ -50,7 +51,10 @@ def main(argv=None):
     lm = js.load(args.model)
     # EOS suppressed: an "eos" id outside the vocabulary never matches a sampled token.
     lm_no_stop = lm.replace(eos_token_ids=(lm.vocab_size,))
-    prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a story about a dragon."}])
+    try:
+        prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a story about a dragon."}])
+    except ArgumentError:  # e.g. the embedded toy model: decode speed does not depend on the ids
+        prompt = np.random.default_rng(0).integers(0, lm.vocab_size, 16)
     prompt = jnp.asarray(prompt, jnp.int32)
 
     def generator(model, record_features=False):
@@ -97,8 +101,11 @@ def main(argv=None):
         if name in timings:
             row = timings[name]
             result[f"{name}_ratio_to_plain"] = row["median_s"] / plain
-            summaries.append(f"{name}: {row['median_s'] / plain:.3f}x plain ({row['median_s'] * 1e3:.1f} ms vs "
-                             f"{plain * 1e3:.1f} ms; spread {row['spread']:.0%})")
+            # On a shared machine the minimum is the least disturbed sample.
+            result[f"{name}_min_ratio_to_plain"] = row["min_s"] / timings["plain"]["min_s"]
+            summaries.append(f"{name}: {row['median_s'] / plain:.3f}x plain by medians ({row['median_s'] * 1e3:.1f} ms vs "
+                             f"{plain * 1e3:.1f} ms; spread {row['spread']:.0%}), "
+                             f"{result[f'{name}_min_ratio_to_plain']:.3f}x by minima")
     report(result, "\n".join(summaries), args.json)
 
 

@@ -17,12 +17,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import yaml  # noqa: E402
 
+import causalrm_experiment  # noqa: E402
 import codistill_experiment  # noqa: E402
 import csa_experiment  # noqa: E402
 import gate_experiment  # noqa: E402
 import grpo_experiment  # noqa: E402
 import orca_experiment  # noqa: E402
 import power_experiment  # noqa: E402
+import route_experiment  # noqa: E402
 import smc_experiment  # noqa: E402
 import twisted_experiment  # noqa: E402
 from run_directory import (  # noqa: E402
@@ -44,6 +46,8 @@ COMMANDS = {
     "csa": csa_experiment,
     "orca": orca_experiment,
     "gate": gate_experiment,
+    "route": route_experiment,
+    "causalrm": causalrm_experiment,
     "twisted": twisted_experiment,
     "grpo": grpo_experiment,
     "codistill": codistill_experiment,

@@ -31,7 +31,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxsample.decoding import extend, init_decode
+from jaxsample.decoding import extend, first_non_finite, init_decode
 from jaxsample.errors import ArgumentError
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc import CutLaw, uniform
@@ -76,6 +76,9 @@ class SMCInfo(NamedTuple):
       all_zero: bool `[]` every log-weight is -inf (log Z_hat = -inf; nothing resampled).
       nan_or_inf: bool `[]` a log-weight is NaN or +inf (an error; `smc_decode` raises
         NumericalError).
+      non_finite: int32 `[N]` per particle, the first generated position whose log p is not
+        finite (NaN logits) in its extension or in a rejuvenation proposal, −1 if none (an
+        error; `smc_decode` raises NumericalError).
     """
 
     ancestors: Array
@@ -88,6 +91,7 @@ class SMCInfo(NamedTuple):
     num_decoded: Array
     all_zero: Array
     nan_or_inf: Array
+    non_finite: Array
 
 
 def init(
@@ -174,20 +178,25 @@ def build_kernel(
 
     def rejuvenate(key, particles, cap):
         def one_move(carry, move_key):
-            particles, accepted, decoded = carry
-            particles, step_accepted, step_decoded = move(move_key, particles, cap)
+            particles, accepted, decoded, non_finite = carry
+            particles, step_accepted, step_decoded, step_non_finite = move(move_key, particles, cap)
             accepted = accepted + jnp.sum(step_accepted)
-            return (particles, accepted, decoded + jnp.sum(step_decoded)), None
+            non_finite = jnp.where(non_finite >= 0, non_finite, step_non_finite)
+            return (particles, accepted, decoded + jnp.sum(step_decoded), non_finite), None
 
         keys = jax.random.split(key, num_rejuvenation_steps)
         zero = jnp.zeros((), jnp.int32)
-        (particles, accepted, decoded), _ = jax.lax.scan(one_move, (particles, zero, zero), keys)
+        none = jnp.full(particles.reward.shape, -1, jnp.int32)
+        (particles, accepted, decoded, non_finite), _ = jax.lax.scan(
+            one_move, (particles, zero, zero, none), keys
+        )
         total_moves = num_rejuvenation_steps * particles.reward.shape[0]
-        return particles, accepted / jnp.float32(total_moves), decoded
+        return particles, accepted / jnp.float32(total_moves), decoded, non_finite
 
     def skip_rejuvenation(key, particles, cap):
         del key, cap
-        return particles, jnp.float32(jnp.nan), jnp.zeros((), jnp.int32)
+        none = jnp.full(particles.reward.shape, -1, jnp.int32)
+        return particles, jnp.float32(jnp.nan), jnp.zeros((), jnp.int32), none
 
     def step(key: Array, state: SMCState) -> tuple[SMCState, SMCInfo]:
         extend_key, value_key, resample_key, move_key = jax.random.split(key, 4)
@@ -220,12 +229,14 @@ def build_kernel(
         particles, log_weights, resampling = resample_if_needed(
             resample_key, log_weights, particles, ess_threshold, resampler
         )
+        extended_non_finite = first_non_finite(decode.log_p, decode.length)
         if num_rejuvenation_steps:
-            particles, acceptance_rate, move_decoded = jax.lax.cond(
+            particles, acceptance_rate, move_decoded, moved_non_finite = jax.lax.cond(
                 resampling.resampled, rejuvenate, skip_rejuvenation, move_key, particles, cap
             )
         else:
             acceptance_rate, move_decoded = jnp.float32(jnp.nan), jnp.zeros((), jnp.int32)
+            moved_non_finite = jnp.full_like(extended_non_finite, -1)
 
         log_z_before = log_evidence(state.log_weights)
         log_z = log_evidence(log_weights)
@@ -240,6 +251,7 @@ def build_kernel(
             num_decoded=jnp.sum(decoded) + jnp.sum(value_decoded) + move_decoded,
             all_zero=resampling.all_zero,
             nan_or_inf=resampling.nan_or_inf,
+            non_finite=jnp.where(extended_non_finite >= 0, extended_non_finite, moved_non_finite),
         )
         return SMCState(particles, log_weights, state.step + 1), info
 

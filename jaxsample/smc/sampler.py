@@ -11,7 +11,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxsample import parallel
-from jaxsample.decoding import check_finite_log_p, check_prompt, pad_prompt
+from jaxsample.decoding import check_finite_log_p, check_prompt, pad_prompt, raise_on_non_finite
 from jaxsample.errors import NumericalError
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc import uniform
@@ -242,6 +242,7 @@ def execute(lm, run, max_new_tokens, block_size, progress, label) -> SMCResult:
         num_steps, history, log_p, result = run()
     num_steps = int(num_steps)
     check_finite_log_p(lm, log_p, result.lengths, rows="particle")
+    raise_on_non_finite(lm, history.non_finite[:num_steps], rows="particle", steps=("SMC step",))
     invalid_steps = np.flatnonzero(np.asarray(history.nan_or_inf[:num_steps]))
     if invalid_steps.size:
         raise NumericalError(

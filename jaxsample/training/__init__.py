@@ -1,15 +1,17 @@
-"""Reinforcement learning on verifiable rewards: GRPO and CoDistill-GRPO.
+"""Reward learning and reinforcement learning on verifiable rewards: GRPO, CoDistill-GRPO, CausalRM.
 
 `grpo` holds the pure GRPO losses (group advantages, KL estimators, the clipped loss and its
 aggregation modes); `codistill` the CoDistill-GRPO reconstruction (KD reward, truncated
 importance weights, the small- and large-model losses); `trainer` and `codistill_trainer`
 the training loops (rollout from the decode loop, host grading, one jitted μ-epoch update,
-orbax checkpoints); `rewards` the task graders as reward functions; `sft` a warm-up.
+orbax checkpoints); `rewards` the task graders as reward functions; `sft` a warm-up;
+`causalrm` reward models from selection-biased, label-flipped observational feedback.
 
     step = grpo_step_fn(lm, GRPOConfig(group_size=8), optax.adam(1e-5), prompt_fn, reward_fn)
     state = fit(step, init(lm, optax.adam(1e-5)), key, num_steps=100, checkpoint_dir="ckpt")
 """
 
+from jaxsample.training import causalrm
 from jaxsample.training.codistill import (
     KD_COMBINES,
     WEIGHT_LEVELS,
@@ -62,6 +64,7 @@ from jaxsample.training.trainer import (
 )
 
 __all__ = [
+    "causalrm",
     "Checkpointer",
     "CoDistillConfig",
     "CoDistillInfo",
