@@ -5,19 +5,21 @@ GGUF, dequantized to float32), the same chat prompt, batch and length; EOS is su
 both so every row decodes exactly `--new-tokens` tokens. Timings exclude compilation (one
 warm-up call each) and are the median of `--repeats` calls.
 
-`--features` adds a row for `js.generate(record_features=True)` and `--intervention` one for
-generation under an empty intervention (a zero vector added after every block), each timed
+`--features` adds a row for `js.generate(record_features=True)`, `--intervention` one for
+generation under an empty intervention (a zero vector added after every block) and `--alqr`
+one under an A-LQR rank-one feedback controller at every block, each timed
 against plain `js.generate` in the same run, the contenders interleaved round by round;
 the ratios (median time / plain median time, quartiles alongside) are the cost of the
 model-internals hooks.
 
     python experiments/bench_generate.py --batch 8 --new-tokens 64
-    python experiments/bench_generate.py --model toy-decisions --features --intervention --no-transformers
+    python experiments/bench_generate.py --model toy-decisions --features --intervention --alqr --no-transformers
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import jax
@@ -25,9 +27,19 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxsample as js
+from jaxsample import steering
 from jaxsample.errors import ArgumentError
 from jaxsample.models.registry import resolve
 from timing import interleaved_seconds, median_seconds, report, spread
+
+
+def random_controller(lm) -> steering.Controller:
+    """A rank-one A-LQR controller with random unit directions and small gains."""
+    keys = jax.random.split(jax.random.key(0), 2)
+    shape = (lm.num_layers, lm.hidden_size)
+    v = jax.random.normal(keys[0], shape)
+    v = v / jnp.linalg.norm(v, axis=-1, keepdims=True)
+    return steering.Controller(d=1e-3 * jax.random.normal(keys[1], shape), v=v, beta=jnp.zeros(shape[:1]))
 
 
 def add_vector(layer, h, vectors):
@@ -43,6 +55,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up; the median is reported")
     parser.add_argument("--features", action="store_true", help="also time generation that records features, against plain generation")
     parser.add_argument("--intervention", action="store_true", help="also time generation under an empty (zero) intervention after every block, against plain generation")
+    parser.add_argument("--alqr", action="store_true", help="also time generation under an A-LQR rank-one feedback controller at every block (random directions: the cost does not depend on them), against plain generation")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="what the hook rows time: wall seconds, or CPU seconds of this process (steadier on a shared machine)")
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison (e.g. for the hook rows alone)")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
@@ -74,7 +88,7 @@ def main(argv=None):
         "prompt_tokens": int(prompt.shape[0]),
     }
     summaries = []
-    if args.features or args.intervention:
+    if args.features or args.intervention or args.alqr:
         contenders = {"plain": run_jax}
         if args.features:
             contenders["features"] = generator(lm_no_stop, record_features=True)
@@ -84,7 +98,10 @@ def main(argv=None):
                 tuple(range(lm.num_layers)),
             )
             contenders["intervention"] = generator(lm_no_stop.with_intervention(empty))
-        times = interleaved_seconds(contenders, args.repeats)
+        if args.alqr:
+            contenders["alqr"] = generator(lm_no_stop.with_intervention(steering.alqr_intervention(random_controller(lm))))
+        times = interleaved_seconds(contenders, args.repeats, time.perf_counter if args.clock == "wall" else time.process_time)
+        result["clock"] = args.clock
         plain = spread(times["plain"])
         for name, values in times.items():
             row = spread(values)

@@ -32,23 +32,24 @@ def report(result: dict, summary: str, json_path: str | None) -> None:
             json.dump(result, f, indent=2)
 
 
-def interleaved_seconds(fns: dict, repeats: int) -> dict[str, list[float]]:
-    """Wall times of each `fns[name]()` over `repeats` rounds, the contenders interleaved
-    within each round (so a load change on the machine hits them alike), after one warm-up
-    (compilation) call each. Returns `{name: [seconds per round]}`."""
+def interleaved_seconds(fns: dict, repeats: int, clock=time.perf_counter) -> dict[str, list[float]]:
+    """Times of each `fns[name]()` over `repeats` rounds, the contenders interleaved within
+    each round (so a load change on the machine hits them alike), after one warm-up
+    (compilation) call each. `clock` is wall time by default; `time.process_time` (CPU
+    seconds of this process, all threads) is steadier on a machine shared with other jobs.
+    Returns `{name: [seconds per round]}`."""
     for fn in fns.values():
         jax.block_until_ready(fn())
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            began = time.perf_counter()
+            began = clock()
             jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - began)
+            times[name].append(clock() - began)
     return times
 
 
 def spread(times: list[float]) -> dict:
-    """Median, quartiles and minimum of a list of timings (seconds); on a shared machine the
-    minimum is the least disturbed run."""
+    """Median, quartiles and minimum of a list of timings (seconds)."""
     q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else times * 3
     return {"median_s": median, "q1_s": q1, "q3_s": q3, "min_s": min(times)}
