@@ -107,7 +107,7 @@ def main(argv=None):
             row = spread(values)
             row["ratio_to_plain"] = row["median_s"] / plain["median_s"]
             row["min_ratio_to_plain"] = row["min_s"] / plain["min_s"]
-            row["tokens_per_s"] = args.batch * args.new_tokens / row["median_s"]
+            row["tokens_per_s" if args.clock == "wall" else "tokens_per_cpu_s"] = args.batch * args.new_tokens / row["median_s"]
             result[name] = row
             if name != "plain":
                 summaries.append(
