@@ -8,7 +8,7 @@ the building blocks: `models`, `sampling`, `mcmc`, `smc`, `calibration`, `safety
 safety gates for self-improving updates), `tasks`, `training` (GRPO, CoDistill-GRPO).
 """
 
-from jaxsample import calibration, errors, mcmc, models, safety, smc, tasks, training
+from jaxsample import calibration, errors, mcmc, models, parallel, safety, smc, tasks, training
 from jaxsample.decoding import DecodeState, extend, init_decode, rewind, select_rows, take_rows
 from jaxsample.generate import GenerateResult, generate
 from jaxsample.lm import LanguageModel
@@ -43,6 +43,7 @@ __all__ = [
     "load",
     "mcmc",
     "models",
+    "parallel",
     "power_sample",
     "proposal_log_probs",
     "register_model",

@@ -8,7 +8,9 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from jaxsample import parallel
 from jaxsample.decoding import check_finite_log_p, check_prompt, pad_prompt, raise_on_non_finite
 from jaxsample.errors import NumericalError
 from jaxsample.lm import LanguageModel
@@ -73,14 +75,14 @@ class SMCResult(NamedTuple):
     jax.jit,
     static_argnames=(
         "num_particles", "max_new_tokens", "block_size", "resampler",
-        "num_rejuvenation_steps", "lookahead", "progress",
+        "num_rejuvenation_steps", "lookahead", "progress", "mesh",
     ),
 )
 def _run(
     key, lm, prompt, prompt_length, target: RewardTarget, proposal: Proposal, ess_threshold,
     conditional_sample=None, *,
     num_particles, max_new_tokens, block_size, resampler, num_rejuvenation_steps, lookahead,
-    progress,
+    progress, mesh=None,
 ):
     run_key, sample_key = jax.random.split(key)
     step = build_kernel(
@@ -93,6 +95,7 @@ def _run(
         lm, prompt, num_particles, max_new_tokens, prompt_length,
         record_twist=proposal.twist is not None, record_features=proposal.twist is not None,
     )
+    state = state._replace(particles=parallel.constrain_rows(state.particles, mesh))
     num_blocks = -(-max_new_tokens // block_size)
     info_shape = jax.eval_shape(step, run_key, state)[1]
     history = jax.tree.map(lambda x: jnp.zeros((num_blocks,) + x.shape, x.dtype), info_shape)
@@ -118,7 +121,7 @@ def _run(
         all_zero, 0, jax.random.categorical(sample_key, jnp.where(all_zero, 0.0, log_weights))
     ).astype(jnp.int32)
     decode = state.particles.decode
-    return state.step, history, decode.log_p, SMCResult(
+    return parallel.replicate((state.step, history, decode.log_p, SMCResult(
         tokens=decode.tokens,
         lengths=decode.length,
         done=decode.done,
@@ -133,7 +136,7 @@ def _run(
         log_z_history=history.log_z,
         num_decoded=jnp.sum(history.num_decoded),
         all_zero=all_zero,
-    )
+    )), mesh)
 
 
 def smc_decode(
@@ -155,6 +158,7 @@ def smc_decode(
     top_k: int = 0,
     top_p: float | Array = 1.0,
     progress: bool = False,
+    mesh: Mesh | None = None,
 ) -> SMCResult:
     """Samples π(y) ∝ p(y | prompt)^α exp(λ r(y)) with block-wise SMC in one jitted loop.
 
@@ -185,6 +189,8 @@ def smc_decode(
       top_k, top_p: proposal truncation. The weights keep the full p, so with truncation
         SMC targets π restricted to the sequences the proposal can reach.
       progress: show a tqdm bar of SMC blocks while the jitted loop runs (static).
+      mesh: a `jaxsample.parallel` mesh: particles split over its data axis (N must be a
+        multiple of it), the model over its model axis; same key, same particles.
 
     Returns:
       `SMCResult`.
@@ -205,12 +211,13 @@ def smc_decode(
         top_p=top_p,
     ).validated()
 
+    parallel.check_rows(mesh, num_particles, "num_particles")
     run = partial(
-        _run, key, lm, *pad_prompt(lm, prompt, max_new_tokens), target, proposal,
+        _run, key, parallel.shard_model(lm, mesh), *pad_prompt(lm, prompt, max_new_tokens), target, proposal,
         jnp.asarray(ess_threshold, jnp.float32),
         num_particles=num_particles, max_new_tokens=max_new_tokens, block_size=block_size,
         resampler=resampler, num_rejuvenation_steps=num_rejuvenation_steps,
-        lookahead=lookahead, progress=progress,
+        lookahead=lookahead, progress=progress, mesh=mesh,
     )
     return execute(lm, run, max_new_tokens, block_size, progress, "smc_decode blocks")
 
