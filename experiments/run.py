@@ -17,11 +17,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import yaml  # noqa: E402
 
+import causalrm_experiment  # noqa: E402
+import codistill_experiment  # noqa: E402
 import csa_experiment  # noqa: E402
 import gate_experiment  # noqa: E402
+import grpo_experiment  # noqa: E402
 import orca_experiment  # noqa: E402
 import power_experiment  # noqa: E402
+import route_experiment  # noqa: E402
 import smc_experiment  # noqa: E402
+import twisted_experiment  # noqa: E402
 from run_directory import (  # noqa: E402
     Interrupted,
     RunDirectory,
@@ -32,12 +37,24 @@ from run_directory import (  # noqa: E402
     read_saved_config,
 )
 
+from jaxsample import parallel  # noqa: E402
 from jaxsample.errors import JaxsampleError  # noqa: E402
 
-COMMANDS = {"power": power_experiment, "smc": smc_experiment, "csa": csa_experiment, "orca": orca_experiment, "gate": gate_experiment}
+COMMANDS = {
+    "power": power_experiment,
+    "smc": smc_experiment,
+    "csa": csa_experiment,
+    "orca": orca_experiment,
+    "gate": gate_experiment,
+    "route": route_experiment,
+    "causalrm": causalrm_experiment,
+    "twisted": twisted_experiment,
+    "grpo": grpo_experiment,
+    "codistill": codistill_experiment,
+}
 DEFAULT_COMMAND = "power"
 # Options about this invocation, not the run: never saved in config.yaml.
-INVOCATION = ("config", "out", "resume")
+INVOCATION = ("config", "out", "resume", "distributed")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--out", type=Path, help="run directory (default runs/COMMAND-TIMESTAMP)")
         sub.add_argument("--resume", action="store_true", help="continue the run in --out from its saved config, skipping finished work; flags that differ from the saved config are refused")
         sub.add_argument("--seed", type=int, default=0, help="PRNG seed of the whole run")
+        sub.add_argument("--distributed", action="store_true", help="join a multi-host run first (jax.distributed.initialize; coordinator from JAXSAMPLE_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID, or detected on TPU pods, SLURM and Open MPI)")
+        sub.add_argument("--mesh", default="", help="device mesh data=D,model=M: chains/particles split over D devices, the model tensor-parallel over M (default: one device; see README, multi-device)")
         module.add_arguments(sub)
     return parser
 
@@ -189,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     module = COMMANDS[command]
     out = Path(config["out"] or default_run_dir(command))
     resume = config["resume"]
+    if config["distributed"]:
+        parallel.initialize_distributed()
     config = {k: v for k, v in config.items() if k not in INVOCATION}
     resume_command = f"python experiments/run.py {command} --out {out} --resume"
     previous_handler = install_interrupt_handler(resume_command)

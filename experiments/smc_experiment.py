@@ -32,6 +32,7 @@ from problems import (
     add_problem_arguments,
     check_problem_config,
     exact_record,
+    experiment_mesh,
     item_length as task_item_length,
     load_model_and_problems,
     selected_methods,
@@ -58,8 +59,8 @@ def check_config(config: dict) -> None:
     check_problem_config(config, positive=("particles", "runs", "chains", "problems_per_k", "num_problems"),
                          non_negative=("mcmc_steps", "rejuvenation_steps", "block_size"))
     check_real("--lam", config["lam"], "(-inf, inf)")
-    if config["task"] == "math500" and {"reward_smc", "reward_smc_rejuv"} & set(methods):
-        raise ArgumentError("--task math500 has no in-JAX verifier reward; choose --methods from base, power_smc, mh_uniform, mh_entropy")
+    if config["task"] in ("math500", "humaneval") and {"reward_smc", "reward_smc_rejuv"} & set(methods):
+        raise ArgumentError(f"--task {config['task']} has no in-JAX verifier reward; choose --methods from base, power_smc, mh_uniform, mh_entropy")
     if "best_of_n" in methods and "reward_smc" not in methods:
         raise ArgumentError("--methods: best_of_n matches reward_smc's token budget; include reward_smc")
 
@@ -112,9 +113,10 @@ def run_smc(key, lm, problem, method, config, max_new, block_size, reward):
             None if method == "power_smc" else reward,
             num_particles=config["particles"], max_new_tokens=max_new, alpha=config["alpha"],
             lam=lam, block_size=block_size, num_rejuvenation_steps=steps, top_k=config["top_k"],
+            mesh=experiment_mesh(config),
         )
         weights = np.exp(np.asarray(result.log_weights, np.float64))
-        correct = np.array([problem.grade(row) for row in np.asarray(result.tokens)], np.float64)
+        correct = np.array(problem.grade_many(list(np.asarray(result.tokens))), np.float64)
         accuracies.append(float(np.sum(weights * correct)) if not bool(result.all_zero) else 0.0)
         tokens.append(float(result.num_decoded))
         ess.append(float(np.mean(np.asarray(result.ess))))

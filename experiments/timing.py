@@ -1,53 +1,80 @@
-"""Shared benchmark helpers: warm-up-excluded median timings and result reporting."""
+"""Shared benchmark helpers: interleaved, warm-up-excluded timings with their spread.
+
+Contenders are timed in rounds: each round runs every contender once, in an order rotated
+per round, so a slow phase of a shared machine hits all of them alike. One sample is
+`calls` back-to-back calls, with `calls` chosen so that a sample lasts at least
+`min_sample_s` (short calls are dominated by timer and dispatch noise). Reported: the
+median seconds per call over the samples and the spread (max − min) / median.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import statistics
 import time
+from typing import Callable
 
 import jax
 
 
-def median_seconds(fn, repeats: int) -> float:
-    """Median wall time of `fn()` over `repeats` calls after one warm-up (compilation) call.
+def _timed(fn: Callable, calls: int) -> float:
+    began = time.perf_counter()
+    for _ in range(calls):
+        jax.block_until_ready(fn())
+    return (time.perf_counter() - began) / calls
 
-    `fn` may return JAX arrays (waited for with `block_until_ready`) or anything else.
+
+def interleaved_timings(
+    contenders: dict[str, Callable], samples: int = 5, min_sample_s: float = 1.0
+) -> dict[str, dict]:
+    """Seconds per call of each contender.
+
+    Args:
+      contenders: name -> zero-argument function; its result (JAX arrays or anything) is
+        waited for with `block_until_ready`.
+      samples: timed samples per contender (rounds).
+      min_sample_s: minimum duration of one sample; calls are repeated to reach it (≤ 0: one
+        call per sample, without the calibration call; for contenders that take seconds).
+
+    Returns:
+      name -> {"median_s", "min_s", "max_s", "spread", "samples", "calls_per_sample",
+      "first_call_s"} where `first_call_s` is the warm-up call (compilation included).
     """
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
+    stats = {}
+    for name, fn in contenders.items():
         began = time.perf_counter()
         jax.block_until_ready(fn())
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
+        first = time.perf_counter() - began
+        calls = max(1, math.ceil(min_sample_s / _timed(fn, 1))) if min_sample_s > 0 else 1
+        stats[name] = {"first_call_s": first, "calls_per_sample": calls, "times": []}
+    names = list(contenders)
+    for round_index in range(samples):
+        offset = round_index % len(names)
+        for name in names[offset:] + names[:offset]:
+            stats[name]["times"].append(_timed(contenders[name], stats[name]["calls_per_sample"]))
+    result = {}
+    for name, s in stats.items():
+        times = s.pop("times")
+        median = statistics.median(times)
+        result[name] = {**s, "median_s": median, "min_s": min(times), "max_s": max(times),
+                        "spread": (max(times) - min(times)) / median, "samples": len(times)}
+    return result
 
 
-def report(result: dict, summary: str, json_path: str | None) -> None:
-    """Prints the numbers and a one-line summary; writes them to `json_path` if given."""
-    print(json.dumps(result, indent=2))
-    print(summary)
+def machine() -> dict:
+    """What the numbers were measured on: JAX device, CPU count, load average at the start."""
+    return {"device": str(jax.devices()[0]), "device_count": jax.device_count(),
+            "cpu_count": os.cpu_count(), "load_average_1min": os.getloadavg()[0]}
+
+
+def report(result: dict, summary: str, json_path: str | None, quiet: bool = False) -> None:
+    """Prints the numbers and a summary (unless `quiet`); writes them to `json_path` if given."""
+    if not quiet:
+        print(json.dumps(result, indent=2))
+        print(summary)
     if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, "w") as f:
             json.dump(result, f, indent=2)
-
-
-def interleaved_seconds(fns: dict, repeats: int) -> dict[str, list[float]]:
-    """Wall times of each `fns[name]()` over `repeats` rounds, the contenders interleaved
-    within each round (so a load change on the machine hits them alike), after one warm-up
-    (compilation) call each. Returns `{name: [seconds per round]}`."""
-    for fn in fns.values():
-        jax.block_until_ready(fn())
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            began = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - began)
-    return times
-
-
-def spread(times: list[float]) -> dict:
-    """Median and the quartiles of a list of timings (seconds)."""
-    q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else times * 3
-    return {"median_s": median, "q1_s": q1, "q3_s": q3}

@@ -5,19 +5,19 @@ the batched decode loop, ancestral sampling (`generate`), teacher-forced scoring
 (features, hidden states, `Intervention`s, LoRA adapters in `models.lora`), power-distribution MH
 (`power_sample` and its baselines) and reward-guided SMC (`smc_decode`). Subpackages hold
 the building blocks: `models`, `sampling`, `mcmc`, `smc`, `calibration`, `safety` (Lipschitz-ball
-safety gates for self-improving updates), `tasks`.
+safety gates for self-improving updates), `tasks`, `training` (GRPO, CoDistill-GRPO).
 """
 
-from jaxsample import calibration, errors, mcmc, models, safety, smc, tasks
+from jaxsample import calibration, errors, mcmc, models, parallel, safety, smc, tasks, training
 from jaxsample.decoding import DecodeState, extend, init_decode, rewind, select_rows, take_rows
 from jaxsample.generate import GenerateResult, generate
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc import PowerSampleResult, base_sample, best_of_n, power_sample, temperature_sample
 from jaxsample.models import ModelConfig, Tokenizer, load, register_model, registered_models, save_pretrained
 from jaxsample.models.intervention import Intervention
-from jaxsample.sampling import Proposal, proposal_log_probs, token_log_probs
+from jaxsample.sampling import Proposal, Twist, proposal_log_probs, token_log_probs
 from jaxsample.scoring import score
-from jaxsample.smc import SMCResult, smc_decode
+from jaxsample.smc import SMCResult, learn_twist, smc_decode, twisted_smc
 
 __version__ = "0.1.0"
 
@@ -31,6 +31,7 @@ __all__ = [
     "Proposal",
     "SMCResult",
     "Tokenizer",
+    "Twist",
     "base_sample",
     "calibration",
     "best_of_n",
@@ -38,9 +39,11 @@ __all__ = [
     "extend",
     "generate",
     "init_decode",
+    "learn_twist",
     "load",
     "mcmc",
     "models",
+    "parallel",
     "power_sample",
     "proposal_log_probs",
     "register_model",
@@ -54,6 +57,8 @@ __all__ = [
     "smc_decode",
     "take_rows",
     "tasks",
+    "training",
     "temperature_sample",
     "token_log_probs",
+    "twisted_smc",
 ]

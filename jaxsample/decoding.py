@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxsample.errors import ArgumentError, NumericalError
 from jaxsample.lm import LanguageModel
-from jaxsample.sampling import Proposal, proposal_log_probs, token_log_probs
+from jaxsample.sampling import Proposal, proposal_log_probs, token_log_probs, twisted_log_probs
 from jaxsample.validation import check_int
 
 Array = jax.Array
@@ -44,6 +44,9 @@ class DecodeState(NamedTuple):
         was built without `record_features`.
       next_features: float32 `[B, D]` hidden state of the last fed token (the one whose
         logits are `next_logits`; the prompt's last token at first), or None likewise.
+      log_twist: float32 `[B, N]` log ψ(x_<j, x_j) of each generated token under the
+        proposal's twist, recorded when it was sampled (0 after length); `None` unless
+        `init_decode(..., record_twist=True)`.
     """
 
     tokens: Array
@@ -58,6 +61,7 @@ class DecodeState(NamedTuple):
     next_logits: Array
     features: Array | None = None
     next_features: Array | None = None
+    log_twist: Array | None = None
 
 
 def check_prompt(
@@ -167,6 +171,7 @@ def init_decode(
     max_new_tokens: int,
     prompt_lengths: Array | None = None,
     record_features: bool = False,
+    record_twist: bool = False,
 ) -> DecodeState:
     """Prefills the prompt(s) and returns an empty generation of `num_rows` rows.
 
@@ -180,6 +185,7 @@ def init_decode(
         `[T]` prompt (see `pad_prompt`), `[B]` for `[B, T]` prompts. May be traced.
       record_features: static; the state then carries `features` / `next_features` and every
         `extend` / `rewind` maintains them (from the same decode steps, no second forward).
+      record_twist: keep `log_twist` (needed to extend with a twisted proposal).
     """
     num_rows = check_int("num_rows", num_rows, 1)
     prompt, max_new_tokens = check_prompt(lm, prompt_tokens, max_new_tokens, shapes=(1, 2))
@@ -221,11 +227,17 @@ def init_decode(
         next_logits=logits.astype(jnp.float32),
         features=features,
         next_features=next_features,
+        log_twist=zeros if record_twist else None,
     )
 
 
 def extend(
-    key: Array, lm: LanguageModel, state: DecodeState, limit: Array | int, proposal: Proposal
+    key: Array,
+    lm: LanguageModel,
+    state: DecodeState,
+    limit: Array | int,
+    proposal: Proposal,
+    forced: Array | None = None,
 ) -> tuple[DecodeState, Array]:
     """Samples every unfinished row forward until a stop token or `length == limit`.
 
@@ -237,12 +249,23 @@ def extend(
       lm: the model.
       state: rows to extend.
       limit: int32 scalar or `[B]`, the length cap (≤ N); traced.
-      proposal: the sampling distribution (log q is taken from it exactly).
+      proposal: the sampling distribution (log q is taken from it exactly). A twisted
+        proposal reads `next_features` (the next-token logits when the state records no
+        features) and records log ψ of each sampled token in `log_twist` (the state must
+        come from `init_decode(..., record_twist=True)`).
+      forced: optional int32 `[B, N]`: where `forced[r, j] >= 0`, row r takes that token at
+        generated position j instead of sampling (its log q, log p and log ψ are recorded as
+        for a sampled token); -1 elsewhere. Conditional SMC clamps its reference row this way.
 
     Returns:
       `(state, num_decoded int32[B])`, the tokens each row decoded.
     """
     batch, slots = state.tokens.shape
+    if proposal.twist is not None and state.log_twist is None:
+        raise ArgumentError(
+            "a twisted proposal records log ψ per token: build the state with "
+            "init_decode(..., record_twist=True)"
+        )
     limit = jnp.broadcast_to(jnp.minimum(jnp.asarray(limit, jnp.int32), slots), (batch,))
     rows = jnp.arange(batch)
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, rows)
@@ -254,8 +277,15 @@ def extend(
         is_active = active(s)
         log_p, entropy = token_log_probs(s.next_logits)
         log_q = proposal_log_probs(s.next_logits, proposal)
+        if proposal.twist is not None:
+            features = s.next_logits if s.next_features is None else s.next_features
+            log_twist = proposal.twist.log_values(s.tokens, s.length, features)
+            log_q = twisted_log_probs(log_q, log_twist)
         keys = jax.vmap(jax.random.fold_in)(row_keys, s.length)
         token = jax.vmap(jax.random.categorical)(keys, log_q).astype(jnp.int32)
+        if forced is not None:
+            clamp = jnp.take_along_axis(forced, jnp.minimum(s.length, slots - 1)[:, None], axis=1)[:, 0]
+            token = jnp.where(clamp >= 0, clamp, token)
         slot = jnp.where(is_active, s.length, slots)  # out of range: dropped
 
         def write(buffer, value):
@@ -282,6 +312,7 @@ def extend(
             done=s.done | (is_active & lm.is_stop(token)),
             cache=cache,
             next_logits=jnp.where(is_active[:, None], logits, s.next_logits),
+            log_twist=s.log_twist if proposal.twist is None else write(s.log_twist, at_token(log_twist)),
         )
 
     final = jax.lax.while_loop(lambda s: jnp.any(active(s)), body, state)
@@ -318,6 +349,7 @@ def rewind(lm: LanguageModel, state: DecodeState, new_length: Array) -> DecodeSt
         done=(new_length > 0) & lm.is_stop(last_kept),
         cache=cache,
         next_logits=logits.astype(jnp.float32),
+        log_twist=None if state.log_twist is None else jnp.where(keep, state.log_twist, 0.0),
     )
 
 

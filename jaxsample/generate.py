@@ -7,7 +7,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
+from jaxsample import parallel
 from jaxsample.decoding import check_finite_log_p, check_prompt, extend, init_decode, pad_prompt
 from jaxsample.lm import LanguageModel
 from jaxsample.sampling import Proposal
@@ -39,13 +41,13 @@ class GenerateResult(NamedTuple):
     features: Array | None = None
 
 
-@partial(jax.jit, static_argnames=("max_new_tokens", "num_samples", "record_features"))
-def _generate(key, lm, prompt, prompt_length, proposal, max_new_tokens, num_samples, record_features):
+@partial(jax.jit, static_argnames=("max_new_tokens", "num_samples", "record_features", "mesh"))
+def _generate(key, lm, prompt, prompt_length, proposal, max_new_tokens, num_samples, record_features, mesh):
     state = init_decode(
         lm, prompt, num_samples, max_new_tokens, prompt_lengths=prompt_length, record_features=record_features
     )
-    state, _ = extend(key, lm, state, max_new_tokens, proposal)
-    return GenerateResult(
+    state, _ = extend(key, lm, parallel.constrain_rows(state, mesh), max_new_tokens, proposal)
+    return parallel.replicate(GenerateResult(
         tokens=state.tokens,
         lengths=state.length,
         log_p=state.log_p,
@@ -53,7 +55,7 @@ def _generate(key, lm, prompt, prompt_length, proposal, max_new_tokens, num_samp
         entropy=state.entropy,
         done=state.done,
         features=state.features,
-    )
+    ), mesh)
 
 
 def generate(
@@ -66,6 +68,7 @@ def generate(
     top_p: float | Array = 1.0,
     num_samples: int = 1,
     record_features: bool = False,
+    mesh: Mesh | None = None,
 ) -> GenerateResult:
     """Samples `num_samples` continuations of one prompt in a single jitted while-loop.
 
@@ -85,12 +88,16 @@ def generate(
       num_samples: S, rows decoded as one batch.
       record_features: also return each generated token's final-norm hidden state
         (`.features [S, N, D]`), from the same decode steps.
+      mesh: a `jaxsample.parallel` mesh: samples split over its data axis (S must be a
+        multiple of it), the model over its model axis; same key, same samples.
     """
     num_samples = check_int("num_samples", num_samples, 1)
     proposal = Proposal(temperature=temperature, top_k=top_k, top_p=top_p).validated()
     prompt, max_new_tokens = check_prompt(lm, prompt_tokens, max_new_tokens)
+    parallel.check_rows(mesh, num_samples, "num_samples")
     result = _generate(
-        key, lm, *pad_prompt(lm, prompt, max_new_tokens), proposal, max_new_tokens, num_samples, record_features
+        key, parallel.shard_model(lm, mesh), *pad_prompt(lm, prompt, max_new_tokens), proposal,
+        max_new_tokens, num_samples, record_features, mesh,
     )
     check_finite_log_p(lm, result.log_p, result.lengths, rows="sample")
     return result

@@ -120,3 +120,17 @@ def test_numpy_integers_are_accepted_as_counts(lm):
 def test_non_integer_counts_are_rejected_with_value_and_range(lm, value):
     with pytest.raises(ArgumentError, match=rf"max_new_tokens must be an integer in \[1, inf\], got {value!r}"):
         js.generate(KEY, lm, PROMPT, value)
+
+
+def test_rejected_smc_rejuvenation_proposals_with_nan_are_reported(lm):
+    broken = js.LanguageModel.from_logits_fn(_nan_logits_fn, VOCAB, EOS, max_length=24, name="broken")
+    proposal = js.Proposal(temperature=1.0).validated()
+    state = js.smc.init(lm, PROMPT, 16, 6)
+    decode, _ = js.extend(jax.random.key(1), lm, state.particles.decode, 6, proposal)
+    particles = state.particles._replace(decode=decode)
+    move = js.smc.build_move(broken, js.smc.make_target(2.0, 0.0, None), proposal, None, js.mcmc.uniform)
+    moved, accepted, _, non_finite = move(jax.random.key(2), particles, 6)
+    flagged = np.asarray(non_finite) >= 0
+    assert flagged.any() and np.all(np.asarray(non_finite)[flagged] >= NAN_FROM - len(PROMPT) + 1)
+    assert not np.asarray(accepted)[flagged].any()
+    assert np.all(np.asarray(js.decoding.first_non_finite(moved.decode.log_p, moved.decode.length)) == -1)

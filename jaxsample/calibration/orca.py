@@ -259,7 +259,7 @@ def evaluate(smoothed, labels, mask, lam) -> Evaluation:
     stops = stop_indices(smoothed, mask, jnp.reshape(jnp.asarray(lam, jnp.float32), (1,)))[..., 0]
     correct = jnp.take_along_axis(jnp.asarray(labels, jnp.float32), stops[:, None], axis=-1)[:, 0]
     lengths = jnp.sum(mask, axis=-1)
-    return Evaluation(error_rate=1.0 - correct.mean(), savings=jnp.mean(1.0 - (stops + 1) / lengths), stops=stops)
+    return Evaluation(error_rate=jnp.mean(1.0 - correct), savings=jnp.mean(1.0 - (stops + 1) / lengths), stops=stops)
 
 
 @jax.jit

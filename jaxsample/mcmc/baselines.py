@@ -13,7 +13,9 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
+from jaxsample import parallel
 from jaxsample.decoding import DecodeState, check_finite_log_p, check_prompt, extend, init_decode, pad_prompt
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc.kernel import PowerMHInfo
@@ -24,11 +26,13 @@ from jaxsample.validation import check_int, check_real
 Array = jax.Array
 
 
-@partial(jax.jit, static_argnames=("num_rows", "max_new_tokens"))
-def _decode(key, lm, prompt, proposal, num_rows, max_new_tokens) -> DecodeState:
+@partial(jax.jit, static_argnames=("num_rows", "max_new_tokens", "mesh"))
+def _decode(key, lm, prompt, proposal, num_rows, max_new_tokens, mesh) -> DecodeState:
+    """The decoded rows, without their cache and next logits (replicated over `mesh`)."""
     tokens, length = prompt
     state = init_decode(lm, tokens, num_rows, max_new_tokens, prompt_lengths=length)
-    return extend(key, lm, state, max_new_tokens, proposal)[0]
+    state = extend(key, lm, parallel.constrain_rows(state, mesh), max_new_tokens, proposal)[0]
+    return parallel.replicate(state._replace(cache=None, next_logits=None), mesh)
 
 
 def _without_mcmc(tokens, lengths, done, log_p, tokens_decoded) -> PowerSampleResult:
@@ -52,10 +56,11 @@ def _checked(lm, prompt_tokens, max_new_tokens, temperature, top_k, top_p):
     return pad_prompt(lm, prompt, max_new_tokens), max_new_tokens, proposal
 
 
-def _sample(key, lm, prompt_tokens, num_rows, max_new_tokens, temperature, top_k, top_p, rows):
+def _sample(key, lm, prompt_tokens, num_rows, max_new_tokens, temperature, top_k, top_p, rows, mesh):
     """Validates, decodes `num_rows` rows from the proposal and checks their log p."""
     prompt, max_new_tokens, proposal = _checked(lm, prompt_tokens, max_new_tokens, temperature, top_k, top_p)
-    state = _decode(key, lm, prompt, proposal, num_rows, max_new_tokens)
+    parallel.check_rows(mesh, num_rows, f"the {rows} count")
+    state = _decode(key, parallel.shard_model(lm, mesh), prompt, proposal, num_rows, max_new_tokens, mesh)
     check_finite_log_p(lm, state.log_p, state.length, rows=rows)
     return state
 
@@ -69,10 +74,15 @@ def base_sample(
     temperature: float | Array = 1.0,
     top_k: int = 0,
     top_p: float | Array = 1.0,
+    mesh: Mesh | None = None,
 ) -> PowerSampleResult:
-    """C independent completions from the proposal (default: the base model p)."""
+    """C independent completions from the proposal (default: the base model p).
+
+    `mesh`: a `jaxsample.parallel` mesh (chains over its data axis, the model over its
+    model axis), as in `power_sample`.
+    """
     num_chains = check_int("num_chains", num_chains, 1)
-    state = _sample(key, lm, prompt_tokens, num_chains, max_new_tokens, temperature, top_k, top_p, "chain")
+    state = _sample(key, lm, prompt_tokens, num_chains, max_new_tokens, temperature, top_k, top_p, "chain", mesh)
     return _without_mcmc(state.tokens, state.length, state.done, state.log_p, state.length)
 
 
@@ -85,11 +95,12 @@ def temperature_sample(
     max_new_tokens: int = 3072,
     top_k: int = 0,
     top_p: float | Array = 1.0,
+    mesh: Mesh | None = None,
 ) -> PowerSampleResult:
     """C independent completions at temperature τ = 1/α (power sampling's proposal)."""
     check_real("alpha", alpha, "(0, inf)")
     return base_sample(key, lm, prompt_tokens, num_chains, max_new_tokens,
-                       1.0 / jnp.asarray(alpha, jnp.float32), top_k, top_p)
+                       1.0 / jnp.asarray(alpha, jnp.float32), top_k, top_p, mesh)
 
 
 @jax.jit
@@ -128,6 +139,7 @@ def best_of_n(
     top_k: int = 0,
     top_p: float | Array = 1.0,
     token_budget: Array | int | None = None,
+    mesh: Mesh | None = None,
 ) -> PowerSampleResult:
     """Per chain, the best of `num_candidates` samples by mean log-likelihood per token.
 
@@ -137,6 +149,7 @@ def best_of_n(
     cumulative tokens fit the budget (at least one per chain), so `num_candidates` is only
     an upper bound — make it large enough (budget / shortest plausible completion).
     `tokens_decoded` counts the candidates kept; all `num_candidates` are decoded.
+    `mesh`: candidates over the data axis (C x num_candidates must be a multiple of it).
     """
     num_chains = check_int("num_chains", num_chains, 1)
     num_candidates = check_int("num_candidates", num_candidates, 1)
@@ -146,5 +159,5 @@ def best_of_n(
     budget = jnp.broadcast_to(jnp.asarray(budget, jnp.int32), (num_chains,))
     # Every candidate is checked, kept or not: a NaN model is an error, not a low score.
     state = _sample(key, lm, prompt_tokens, num_chains * num_candidates, max_new_tokens,
-                    temperature, top_k, top_p, "candidate")
+                    temperature, top_k, top_p, "candidate", mesh)
     return _select_best(state, budget)

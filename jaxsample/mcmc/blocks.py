@@ -27,7 +27,9 @@ from typing import Union
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
+from jaxsample import parallel
 from jaxsample.decoding import (
     check_finite_log_p,
     check_prompt,
@@ -57,12 +59,13 @@ def _idle_info(num_steps: int, num_chains: int, dtype) -> PowerMHInfo:
 @partial(
     jax.jit,
     static_argnames=("cut_law", "num_chains", "block_size", "num_mcmc_steps", "max_new_tokens",
-                     "progress"),
+                     "progress", "mesh"),
 )
 def _power_sample(key, lm, prompt, prompt_length, alpha, proposal, cut_law, num_chains,
-                  block_size, num_mcmc_steps, max_new_tokens, freeze_finished, progress):
+                  block_size, num_mcmc_steps, max_new_tokens, freeze_finished, progress, mesh):
     step = build_kernel(lm, cut_law, proposal)
     decode = init_decode(lm, prompt, num_chains, max_new_tokens, prompt_lengths=prompt_length)
+    decode = parallel.constrain_rows(decode, mesh)
 
     def run_block(decode, block, active):
         cap = (block + 1) * block_size
@@ -93,7 +96,7 @@ def _power_sample(key, lm, prompt, prompt_length, alpha, proposal, cut_law, num_
 
     num_blocks = max_new_tokens // block_size
     decode, (info, active, extended) = jax.lax.scan(one_block, decode, jnp.arange(num_blocks))
-    return PowerSampleResult(
+    return parallel.replicate(PowerSampleResult(
         tokens=decode.tokens,
         lengths=decode.length,
         done=decode.done,
@@ -101,7 +104,7 @@ def _power_sample(key, lm, prompt, prompt_length, alpha, proposal, cut_law, num_
         info=info,
         active=active,
         tokens_decoded=jnp.sum(extended, axis=0) + jnp.sum(info.tokens_decoded, axis=(0, 1)),
-    )
+    ), mesh)
 
 
 def power_sample(
@@ -119,6 +122,7 @@ def power_sample(
     top_p: float | Array = 1.0,
     freeze_finished: bool = False,
     progress: bool = False,
+    mesh: Mesh | None = None,
 ) -> PowerSampleResult:
     """Samples completions from π ∝ p(x | prompt)^α with block-wise Metropolis–Hastings.
 
@@ -148,6 +152,8 @@ def power_sample(
         the module docstring). The early stop saves the finished chains' decoding.
       progress: show a tqdm bar of MH steps while the jitted program runs (static: the
         callbacks are compiled in only when True).
+      mesh: a `jaxsample.parallel` mesh: chains split over its data axis (C must be a
+        multiple of it), the model over its model axis; same key, same chains.
 
     Returns:
       `PowerSampleResult` with each chain's final completion, per-step diagnostics
@@ -163,14 +169,15 @@ def power_sample(
             f"block_size must divide max_new_tokens={max_new_tokens} (blocks end at multiples "
             f"of block_size), got {block_size}"
         )
+    parallel.check_rows(mesh, num_chains, "num_chains")
     cut_law = resolve_cut_law(cut)
     alpha = jnp.asarray(alpha, jnp.float32)
     proposal = Proposal(
         temperature=1.0 / alpha if temperature is None else temperature, top_k=top_k, top_p=top_p
     ).validated()
-    args = (key, lm, *pad_prompt(lm, prompt, max_new_tokens), alpha, proposal, cut_law,
+    args = (key, parallel.shard_model(lm, mesh), *pad_prompt(lm, prompt, max_new_tokens), alpha, proposal, cut_law,
             num_chains, block_size, num_mcmc_steps, max_new_tokens,
-            jnp.asarray(freeze_finished, bool), progress)
+            jnp.asarray(freeze_finished, bool), progress, mesh)
     if progress:
         with progress_bar((max_new_tokens // block_size) * num_mcmc_steps, "power_sample MH steps"):
             result = jax.block_until_ready(_power_sample(*args))

@@ -1,5 +1,11 @@
-"""Token-level sampling: temperature, top-k, top-p with exact proposal log-probabilities."""
+"""Token-level sampling: temperature / top-k / top-p / twisted proposals with exact log-probabilities."""
 
-from jaxsample.sampling.proposal import Proposal, proposal_log_probs, token_log_probs
+from jaxsample.sampling.proposal import (
+    Proposal,
+    Twist,
+    proposal_log_probs,
+    token_log_probs,
+    twisted_log_probs,
+)
 
-__all__ = ["Proposal", "proposal_log_probs", "token_log_probs"]
+__all__ = ["Proposal", "Twist", "proposal_log_probs", "token_log_probs", "twisted_log_probs"]

@@ -8,6 +8,8 @@ from the processed distribution is what keeps Metropolis–Hastings and SMC weig
 
 from __future__ import annotations
 
+from typing import Any, Callable, Optional
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -18,22 +20,50 @@ Array = jax.Array
 
 
 @struct.dataclass
+class Twist:
+    """A twist ψ over the next token: log ψ(prefix, v) for every candidate token v.
+
+    Attributes:
+      log_twist_fn: `(params, tokens int32 [S], length int32 [], features f32 [D]) -> f32 [V]`,
+        pure; `tokens[:length]` is the generated prefix (pad after), `features` the model's
+        features at the prefix's last position (those that produced the next-token logits).
+        `-inf` entries are legal (ψ = 0). Static: a new function object recompiles.
+      params: the twist's parameters (traced).
+    """
+
+    log_twist_fn: Callable = struct.field(pytree_node=False)
+    params: Any = None
+
+    def log_values(self, tokens: Array, length: Array, features: Array) -> Array:
+        """log ψ of every candidate next token of B rows: `[B, S]`, `[B]`, `[B, D]` → f32 `[B, V]`."""
+        values = jax.vmap(self.log_twist_fn, in_axes=(None, 0, 0, 0))(
+            self.params, tokens, length, features
+        )
+        return jnp.asarray(values, jnp.float32)
+
+
+@struct.dataclass
 class Proposal:
-    """Tempered, truncated sampling distribution over the next token.
+    """Tempered, truncated, optionally twisted sampling distribution over the next token.
 
     Attributes:
       temperature: τ > 0, a traced float (changing it does not recompile).
       top_k: static int; keep the k most likely tokens (0 keeps all).
       top_p: traced float in (0, 1]; keep the smallest set of most likely tokens whose
         tempered probability reaches top_p (1 keeps all). Ties at the threshold are kept.
+      twist: `None`, or a `Twist` ψ: the proposal is then q ∝ q_τ,k,p · ψ (`twisted_log_probs`),
+        the twist-induced proposal of twisted SMC when τ = 1 and nothing is truncated.
     """
 
     temperature: Array | float = 1.0
     top_k: int = struct.field(pytree_node=False, default=0)
     top_p: Array | float = 1.0
+    twist: Optional[Twist] = None
 
     def validated(self) -> "Proposal":
         """Checks concrete values and returns the proposal with float32 array leaves."""
+        if self.twist is not None and not isinstance(self.twist, Twist):
+            raise ArgumentError(f"twist must be None or a Twist, got {self.twist!r}")
         return self.replace(
             temperature=jnp.asarray(check_real("temperature", self.temperature, "(0, inf)"), jnp.float32),
             top_k=check_int("top_k", self.top_k, 0),
@@ -82,3 +112,16 @@ def _truncate_top_p(log_q: Array, top_p: Array) -> Array:
     kept = (mass_before < top_p) | (jnp.arange(log_q.shape[-1]) == 0)
     threshold = jnp.min(jnp.where(kept, sorted_log_q, jnp.inf), axis=-1, keepdims=True)
     return jax.nn.log_softmax(jnp.where(log_q < threshold, -jnp.inf, log_q), axis=-1)
+
+
+def twisted_log_probs(log_q: Array, log_twist: Array) -> Array:
+    """log of q ∝ exp(log_q) · ψ, normalised over the last axis (f32 `[..., V]`).
+
+    Where ψ vanishes on the whole support of q (N_ψ = Σ_v q(v) ψ(v) = 0) the row keeps q
+    unchanged: every token then has ψ = 0, so a twisted-SMC weight, which carries log ψ of
+    the sampled token, becomes `-inf` instead of NaN.
+    """
+    scores = log_q + log_twist
+    log_norm = jax.nn.logsumexp(scores, axis=-1, keepdims=True)
+    dead = jnp.isneginf(log_norm)
+    return jnp.where(dead, log_q, scores - jnp.where(dead, 0.0, log_norm))

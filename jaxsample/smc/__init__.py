@@ -1,7 +1,9 @@
 """Sequential Monte Carlo: resampling, ESS and reward-guided SMC decoding.
 
 `smc_decode` samples π(y) ∝ p(y | prompt)^α exp(λ r(y)) with block-wise SMC (prefix-only or
-lookahead, optional resample-move rejuvenation); `init` / `build_kernel` expose one SMC step
+lookahead, optional resample-move rejuvenation); `twisted_smc` samples σ ∝ p φ with a
+twist-induced proposal on the same kernel and `learn_twist` learns its twist (CTL or TRI-TSMC,
+whose trust-region step is `solve_trust_region_beta`); `init` / `build_kernel` expose one SMC step
 for custom loops; the resamplers and log-weight helpers work on any particle pytree.
 
     result = smc_decode(key, lm, prompt, reward_fn, num_particles=64, max_new_tokens=256,
@@ -13,6 +15,7 @@ for custom loops; the resamplers and log-weight helpers work on any particle pyt
 from jaxsample.smc.resampling import (
     RESAMPLERS,
     Resampler,
+    conditional_multinomial,
     get_resampler,
     multinomial,
     residual,
@@ -28,10 +31,25 @@ from jaxsample.smc.weights import (
     resample_if_needed,
 )
 from jaxsample.smc.target import Particles, RewardTarget, make_target
-from jaxsample.smc.lookahead import Lookahead, estimate_log_value
+from jaxsample.smc.lookahead import Lookahead, ProposalTwist, estimate_log_value
 from jaxsample.smc.rejuvenation import build_move, move_log_ratio
 from jaxsample.smc.kernel import SMCInfo, SMCState, build_kernel, init
 from jaxsample.smc.sampler import SMCResult, smc_decode
+from jaxsample.smc.twisted import terminal_potential, twisted_proposal, twisted_smc
+from jaxsample.smc.twist_learning import (
+    Paths,
+    TwistHead,
+    TwistInfo,
+    ctl_loss,
+    init_twist_head,
+    learn_twist,
+    path_log_q,
+    path_log_weights,
+    sample_paths,
+    teacher_forced_paths,
+    tri_loss,
+    twist_head_fn,
+)
 from jaxsample.smc.trust_region import (
     solve_trust_region_beta,
     tempered_log_weights,
@@ -41,6 +59,8 @@ from jaxsample.smc.trust_region import (
 __all__ = [
     "Lookahead",
     "Particles",
+    "Paths",
+    "ProposalTwist",
     "RESAMPLERS",
     "ResampleInfo",
     "Resampler",
@@ -48,24 +68,39 @@ __all__ = [
     "SMCInfo",
     "SMCResult",
     "SMCState",
+    "TwistHead",
+    "TwistInfo",
     "build_kernel",
     "build_move",
+    "ctl_loss",
+    "conditional_multinomial",
     "ess",
     "estimate_log_value",
     "gather_particles",
     "get_resampler",
     "init",
+    "init_twist_head",
+    "learn_twist",
     "log_evidence",
     "make_target",
     "move_log_ratio",
     "multinomial",
     "normalize_log_weights",
+    "path_log_q",
+    "path_log_weights",
     "resample_if_needed",
     "residual",
+    "sample_paths",
     "smc_decode",
     "solve_trust_region_beta",
     "stratified",
     "systematic",
+    "teacher_forced_paths",
     "tempered_log_weights",
+    "tri_loss",
+    "twist_head_fn",
+    "terminal_potential",
     "trust_region_kl",
+    "twisted_proposal",
+    "twisted_smc",
 ]

@@ -31,14 +31,15 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxsample.decoding import extend, init_decode
+from jaxsample.decoding import extend, first_non_finite, init_decode
+from jaxsample.errors import ArgumentError
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc import CutLaw, uniform
 from jaxsample.sampling import Proposal
 from jaxsample.validation import check_int, check_real
 from jaxsample.smc.lookahead import LookaheadSpec, check_lookahead, estimate_log_value, finished
 from jaxsample.smc.rejuvenation import build_move
-from jaxsample.smc.resampling import Resampler, get_resampler
+from jaxsample.smc.resampling import Resampler, conditional_multinomial, get_resampler, multinomial
 from jaxsample.smc.target import Particles, RewardTarget
 from jaxsample.smc.weights import log_evidence, resample_if_needed
 
@@ -75,6 +76,9 @@ class SMCInfo(NamedTuple):
       all_zero: bool `[]` every log-weight is -inf (log Z_hat = -inf; nothing resampled).
       nan_or_inf: bool `[]` a log-weight is NaN or +inf (an error; `smc_decode` raises
         NumericalError).
+      non_finite: int32 `[N]` per particle, the first generated position whose log p is not
+        finite (NaN logits) in its extension or in a rejuvenation proposal, −1 if none (an
+        error; `smc_decode` raises NumericalError).
     """
 
     ancestors: Array
@@ -87,6 +91,7 @@ class SMCInfo(NamedTuple):
     num_decoded: Array
     all_zero: Array
     nan_or_inf: Array
+    non_finite: Array
 
 
 def init(
@@ -95,6 +100,8 @@ def init(
     num_particles: int,
     max_new_tokens: int,
     prompt_length: Array | int | None = None,
+    record_twist: bool = False,
+    record_features: bool = False,
 ) -> SMCState:
     """N empty particles of one prompt (prefilled once, cache broadcast to every particle).
 
@@ -104,8 +111,13 @@ def init(
       num_particles: N.
       max_new_tokens: S, generation slots per particle.
       prompt_length: the real prompt length of a padded prompt (default T); may be traced.
+      record_twist: keep per-token log ψ (needed with a twisted proposal).
+      record_features: carry the model's hidden features (a twist head reads them).
     """
-    decode = init_decode(lm, prompt_tokens, num_particles, max_new_tokens, prompt_lengths=prompt_length)
+    decode = init_decode(
+        lm, prompt_tokens, num_particles, max_new_tokens, prompt_lengths=prompt_length,
+        record_twist=record_twist, record_features=record_features,
+    )
     zeros = jnp.zeros((num_particles,), jnp.float32)
     return SMCState(
         particles=Particles(decode=decode, reward=zeros, log_value=zeros),
@@ -125,6 +137,7 @@ def build_kernel(
     num_rejuvenation_steps: int = 0,
     lookahead: LookaheadSpec = None,
     cut_law: CutLaw = uniform,
+    conditional_sample: Array | None = None,
 ) -> Callable[[Array, SMCState], tuple[SMCState, SMCInfo]]:
     """Returns the pure `step(key, state) -> (state, info)` of block-wise SMC.
 
@@ -138,6 +151,12 @@ def build_kernel(
       num_rejuvenation_steps: K MH moves after each resampling (static; 0 = none).
       lookahead: `None` (prefix-only), `Lookahead(M, h)` or a `log_value_fn` (static).
       cut_law: where rejuvenation moves cut (`jaxsample.mcmc` cut laws; default uniform).
+      conditional_sample: `None`, or int32 `[S]` a reference sequence (pad after its stop
+        token): conditional SMC. Particle 0 is clamped to it and keeps its own ancestry at
+        every resampling; the other N − 1 ancestors are drawn i.i.d. from W (multinomial,
+        the scheme whose conditional version is this simple; `resampler` must be
+        "multinomial"). With an exact draw from π, E[log Z_hat] ≥ log Z. Not combinable with
+        rejuvenation, which would move the reference.
 
     α, λ, κ, temperature and top-p are traced when `build_kernel` is called inside `jit`
     with traced arguments, so changing them does not recompile.
@@ -146,25 +165,38 @@ def build_kernel(
     num_rejuvenation_steps = check_int("num_rejuvenation_steps", num_rejuvenation_steps, 0)
     check_real("ess_threshold", ess_threshold, "[0, 1]")
     check_lookahead(lookahead)
+    if conditional_sample is not None:
+        if num_rejuvenation_steps:
+            raise ArgumentError("conditional_sample cannot be combined with rejuvenation moves")
+        if get_resampler(resampler) is not multinomial:
+            raise ArgumentError(
+                f"conditional SMC resamples multinomially; got resampler={resampler!r}"
+            )
+        resampler = conditional_multinomial
     resampler = get_resampler(resampler)
     move = build_move(lm, target, proposal, lookahead, cut_law)
 
     def rejuvenate(key, particles, cap):
         def one_move(carry, move_key):
-            particles, accepted, decoded = carry
-            particles, step_accepted, step_decoded = move(move_key, particles, cap)
+            particles, accepted, decoded, non_finite = carry
+            particles, step_accepted, step_decoded, step_non_finite = move(move_key, particles, cap)
             accepted = accepted + jnp.sum(step_accepted)
-            return (particles, accepted, decoded + jnp.sum(step_decoded)), None
+            non_finite = jnp.where(non_finite >= 0, non_finite, step_non_finite)
+            return (particles, accepted, decoded + jnp.sum(step_decoded), non_finite), None
 
         keys = jax.random.split(key, num_rejuvenation_steps)
         zero = jnp.zeros((), jnp.int32)
-        (particles, accepted, decoded), _ = jax.lax.scan(one_move, (particles, zero, zero), keys)
+        none = jnp.full(particles.reward.shape, -1, jnp.int32)
+        (particles, accepted, decoded, non_finite), _ = jax.lax.scan(
+            one_move, (particles, zero, zero, none), keys
+        )
         total_moves = num_rejuvenation_steps * particles.reward.shape[0]
-        return particles, accepted / jnp.float32(total_moves), decoded
+        return particles, accepted / jnp.float32(total_moves), decoded, non_finite
 
     def skip_rejuvenation(key, particles, cap):
         del key, cap
-        return particles, jnp.float32(jnp.nan), jnp.zeros((), jnp.int32)
+        none = jnp.full(particles.reward.shape, -1, jnp.int32)
+        return particles, jnp.float32(jnp.nan), jnp.zeros((), jnp.int32), none
 
     def step(key: Array, state: SMCState) -> tuple[SMCState, SMCInfo]:
         extend_key, value_key, resample_key, move_key = jax.random.split(key, 4)
@@ -172,8 +204,11 @@ def build_kernel(
         slots = old.decode.tokens.shape[1]
         cap = jnp.minimum((state.step + 1) * block_size, slots).astype(jnp.int32)
         frozen = finished(old.decode)
+        forced = None
+        if conditional_sample is not None:
+            forced = jnp.full_like(old.decode.tokens, -1).at[0].set(conditional_sample)
 
-        decode, decoded = extend(extend_key, lm, old.decode, cap, proposal)
+        decode, decoded = extend(extend_key, lm, old.decode, cap, proposal, forced)
         reward = jnp.where(frozen, old.reward, target.reward(decode))
         log_value, value_decoded = estimate_log_value(
             value_key, lm, decode, reward, target, proposal, lookahead
@@ -194,12 +229,14 @@ def build_kernel(
         particles, log_weights, resampling = resample_if_needed(
             resample_key, log_weights, particles, ess_threshold, resampler
         )
+        extended_non_finite = first_non_finite(decode.log_p, decode.length)
         if num_rejuvenation_steps:
-            particles, acceptance_rate, move_decoded = jax.lax.cond(
+            particles, acceptance_rate, move_decoded, moved_non_finite = jax.lax.cond(
                 resampling.resampled, rejuvenate, skip_rejuvenation, move_key, particles, cap
             )
         else:
             acceptance_rate, move_decoded = jnp.float32(jnp.nan), jnp.zeros((), jnp.int32)
+            moved_non_finite = jnp.full_like(extended_non_finite, -1)
 
         log_z_before = log_evidence(state.log_weights)
         log_z = log_evidence(log_weights)
@@ -214,6 +251,7 @@ def build_kernel(
             num_decoded=jnp.sum(decoded) + jnp.sum(value_decoded) + move_decoded,
             all_zero=resampling.all_zero,
             nan_or_inf=resampling.nan_or_inf,
+            non_finite=jnp.where(extended_non_finite >= 0, extended_non_finite, moved_non_finite),
         )
         return SMCState(particles, log_weights, state.step + 1), info
 

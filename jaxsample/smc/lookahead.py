@@ -18,6 +18,10 @@ A lookahead is either
   copies of every particle's cache.
 - a function `log_value_fn(tokens int32 [S], length int32 []) -> f32 []`: a deterministic
   log V (an exact value in tests, or a learned value model).
+- `ProposalTwist()`: twisted SMC (Zhao et al. 2024). V_hat(y_{1:t}) = ψ_t(y_{1:t}), the twist
+  of the proposal's `Twist` at the last token, recorded when that token was sampled
+  (`DecodeState.log_twist`). With the twist-induced proposal q ∝ p ψ the increment of a token
+  is then log N_ψ(y_<t) − log ψ_{t−1}(y_<t), which does not depend on the token drawn.
 """
 
 from __future__ import annotations
@@ -50,16 +54,23 @@ class Lookahead(NamedTuple):
     horizon: int = 8
 
 
-LookaheadSpec = Union[Lookahead, LogValueFn, None]
+class ProposalTwist(NamedTuple):
+    """The intermediate value is the proposal's own twist ψ (twisted SMC); no configuration."""
+
+
+LookaheadSpec = Union[Lookahead, ProposalTwist, LogValueFn, None]
 
 
 def check_lookahead(lookahead: LookaheadSpec) -> None:
     """Raises `ArgumentError` unless `lookahead` is None, a valid `Lookahead` or a function."""
-    if lookahead is None or (callable(lookahead) and not isinstance(lookahead, tuple)):
+    if lookahead is None or isinstance(lookahead, ProposalTwist):
+        return
+    if callable(lookahead) and not isinstance(lookahead, tuple):
         return
     if not isinstance(lookahead, Lookahead):
         raise ArgumentError(
-            "lookahead must be None, a Lookahead(num_rollouts, horizon) or a log_value_fn, "
+            "lookahead must be None, a Lookahead(num_rollouts, horizon), ProposalTwist() or a "
+            "log_value_fn, "
             f"got {lookahead!r}"
         )
     for name in ("num_rollouts", "horizon"):
@@ -97,6 +108,12 @@ def estimate_log_value(
     done = finished(decode)
     if lookahead is None:
         return jnp.zeros((batch,), jnp.float32), jnp.zeros((batch,), jnp.int32)
+    if isinstance(lookahead, ProposalTwist):
+        if decode.log_twist is None or proposal.twist is None:
+            raise ArgumentError("ProposalTwist() needs a twisted proposal and record_twist=True")
+        last = jnp.take_along_axis(decode.log_twist, jnp.maximum(decode.length - 1, 0)[:, None], 1)
+        log_value = jnp.where(decode.length > 0, last[:, 0], 0.0)
+        return jnp.where(done, 0.0, log_value), jnp.zeros((batch,), jnp.int32)
     if not isinstance(lookahead, Lookahead):
         log_value = jnp.asarray(jax.vmap(lookahead)(decode.tokens, decode.length), jnp.float32)
         if log_value.shape != (batch,):

@@ -25,7 +25,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxsample.decoding import extend, rewind, select_rows
+from jaxsample.decoding import extend, first_non_finite, rewind, select_rows
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc import CutLaw, Trace, log_acceptance_ratio
 from jaxsample.sampling import Proposal
@@ -63,7 +63,11 @@ def build_move(
     lookahead: LookaheadSpec,
     cut_law: CutLaw,
 ) -> Callable[[Array, Particles, Array], tuple[Particles, Array, Array]]:
-    """Returns `move(key, particles, cap) -> (particles, accepted bool [N], num_decoded int32 [N])`.
+    """Returns `move(key, particles, cap) -> (particles, accepted, num_decoded, non_finite)`.
+
+    Per particle: `accepted` bool `[N]`, `num_decoded` int32 `[N]` tokens of the proposal,
+    `non_finite` int32 `[N]` the proposal's first generated position whose log p is not
+    finite (NaN logits; such a move is rejected), −1 if none.
 
     `cap` (int32 scalar, traced) is the current block cap L; every particle must lie in its
     state space. Memory: the proposal is a second copy of every particle's decode state
@@ -95,6 +99,7 @@ def build_move(
             reward=jnp.where(accepted, reward, particles.reward),
             log_value=jnp.where(accepted, log_value, particles.log_value),
         )
-        return moved, accepted, decoded + value_decoded
+        non_finite = jnp.where(movable, first_non_finite(decode.log_p, decode.length), -1)
+        return moved, accepted, decoded + value_decoded, non_finite
 
     return move

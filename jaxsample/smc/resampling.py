@@ -156,6 +156,12 @@ def residual(key: Array, weights: Array, num_samples: int) -> Array:
     return jnp.where(valid, ancestors, slot.astype(jnp.int32) % num_particles)
 
 
+def conditional_multinomial(key: Array, weights: Array, num_samples: int) -> Array:
+    """Conditional resampling of conditional SMC: slot 0 (the reference) keeps ancestor 0,
+    slots 1..M−1 are i.i.d. draws from `W`. Args/Returns: as `multinomial`."""
+    return multinomial(key, weights, num_samples).at[0].set(0)
+
+
 RESAMPLERS: dict[str, Resampler] = {
     "multinomial": multinomial,
     "stratified": stratified,

@@ -8,8 +8,10 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from jaxsample.decoding import check_finite_log_p, check_prompt, pad_prompt
+from jaxsample import parallel
+from jaxsample.decoding import check_finite_log_p, check_prompt, pad_prompt, raise_on_non_finite
 from jaxsample.errors import NumericalError
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc import uniform
@@ -73,21 +75,27 @@ class SMCResult(NamedTuple):
     jax.jit,
     static_argnames=(
         "num_particles", "max_new_tokens", "block_size", "resampler",
-        "num_rejuvenation_steps", "lookahead", "progress",
+        "num_rejuvenation_steps", "lookahead", "progress", "mesh",
     ),
 )
 def _run(
-    key, lm, prompt, prompt_length, target: RewardTarget, proposal: Proposal, ess_threshold, *,
+    key, lm, prompt, prompt_length, target: RewardTarget, proposal: Proposal, ess_threshold,
+    conditional_sample=None, *,
     num_particles, max_new_tokens, block_size, resampler, num_rejuvenation_steps, lookahead,
-    progress,
+    progress, mesh=None,
 ):
     run_key, sample_key = jax.random.split(key)
     step = build_kernel(
         lm, proposal, target, block_size=block_size, ess_threshold=ess_threshold,
         resampler=resampler, num_rejuvenation_steps=num_rejuvenation_steps,
-        lookahead=lookahead, cut_law=uniform,
+        lookahead=lookahead, cut_law=uniform, conditional_sample=conditional_sample,
     )
-    state = init(lm, prompt, num_particles, max_new_tokens, prompt_length)
+    # A twist reads the model's features; they are recorded only when it needs them.
+    state = init(
+        lm, prompt, num_particles, max_new_tokens, prompt_length,
+        record_twist=proposal.twist is not None, record_features=proposal.twist is not None,
+    )
+    state = state._replace(particles=parallel.constrain_rows(state.particles, mesh))
     num_blocks = -(-max_new_tokens // block_size)
     info_shape = jax.eval_shape(step, run_key, state)[1]
     history = jax.tree.map(lambda x: jnp.zeros((num_blocks,) + x.shape, x.dtype), info_shape)
@@ -113,7 +121,7 @@ def _run(
         all_zero, 0, jax.random.categorical(sample_key, jnp.where(all_zero, 0.0, log_weights))
     ).astype(jnp.int32)
     decode = state.particles.decode
-    return state.step, history, decode.log_p, SMCResult(
+    return parallel.replicate((state.step, history, decode.log_p, SMCResult(
         tokens=decode.tokens,
         lengths=decode.length,
         done=decode.done,
@@ -128,7 +136,7 @@ def _run(
         log_z_history=history.log_z,
         num_decoded=jnp.sum(history.num_decoded),
         all_zero=all_zero,
-    )
+    )), mesh)
 
 
 def smc_decode(
@@ -150,6 +158,7 @@ def smc_decode(
     top_k: int = 0,
     top_p: float | Array = 1.0,
     progress: bool = False,
+    mesh: Mesh | None = None,
 ) -> SMCResult:
     """Samples π(y) ∝ p(y | prompt)^α exp(λ r(y)) with block-wise SMC in one jitted loop.
 
@@ -180,6 +189,8 @@ def smc_decode(
       top_k, top_p: proposal truncation. The weights keep the full p, so with truncation
         SMC targets π restricted to the sequences the proposal can reach.
       progress: show a tqdm bar of SMC blocks while the jitted loop runs (static).
+      mesh: a `jaxsample.parallel` mesh: particles split over its data axis (N must be a
+        multiple of it), the model over its model axis; same key, same particles.
 
     Returns:
       `SMCResult`.
@@ -189,11 +200,9 @@ def smc_decode(
       NumericalError: a particle's log p is not finite at a generated position (naming the
         particle and position), or a log-weight became NaN or +inf (e.g. from the reward).
     """
-    num_particles = check_int("num_particles", num_particles, 1)
-    prompt, max_new_tokens = check_prompt(lm, prompt_tokens, max_new_tokens)
-    block_size = check_int("block_size", block_size, 1, max_new_tokens)
+    prompt, num_particles, max_new_tokens, block_size = check_arguments(
+        lm, prompt_tokens, num_particles, max_new_tokens, block_size, ess_threshold)
     num_rejuvenation_steps = check_int("num_rejuvenation_steps", num_rejuvenation_steps, 0)
-    check_real("ess_threshold", ess_threshold, "[0, 1]")
     check_lookahead(lookahead)  # before jit hashes it as a static argument
     target = make_target(alpha, lam, reward_fn)
     proposal = Proposal(
@@ -202,26 +211,44 @@ def smc_decode(
         top_p=top_p,
     ).validated()
 
+    parallel.check_rows(mesh, num_particles, "num_particles")
     run = partial(
-        _run, key, lm, *pad_prompt(lm, prompt, max_new_tokens), target, proposal,
+        _run, key, parallel.shard_model(lm, mesh), *pad_prompt(lm, prompt, max_new_tokens), target, proposal,
         jnp.asarray(ess_threshold, jnp.float32),
         num_particles=num_particles, max_new_tokens=max_new_tokens, block_size=block_size,
         resampler=resampler, num_rejuvenation_steps=num_rejuvenation_steps,
-        lookahead=lookahead, progress=progress,
+        lookahead=lookahead, progress=progress, mesh=mesh,
     )
+    return execute(lm, run, max_new_tokens, block_size, progress, "smc_decode blocks")
+
+
+def check_arguments(lm, prompt_tokens, num_particles, max_new_tokens, block_size, ess_threshold):
+    """Validates the arguments every SMC entry point shares; returns them normalised:
+    `(prompt int32 [T], num_particles, max_new_tokens, block_size)`."""
+    num_particles = check_int("num_particles", num_particles, 1)
+    prompt, max_new_tokens = check_prompt(lm, prompt_tokens, max_new_tokens)
+    block_size = check_int("block_size", block_size, 1, max_new_tokens)
+    check_real("ess_threshold", ess_threshold, "[0, 1]")
+    return prompt, num_particles, max_new_tokens, block_size
+
+
+def execute(lm, run, max_new_tokens, block_size, progress, label) -> SMCResult:
+    """Runs a partially applied `_run`, raises `NumericalError` on a non-finite log p or a
+    NaN / +inf log-weight and trims the per-step histories to the steps that ran."""
     if progress:
-        with progress_bar(-(-max_new_tokens // block_size), "smc_decode blocks"):
+        with progress_bar(-(-max_new_tokens // block_size), label):
             num_steps, history, log_p, result = jax.block_until_ready(run())
     else:
         num_steps, history, log_p, result = run()
     num_steps = int(num_steps)
     check_finite_log_p(lm, log_p, result.lengths, rows="particle")
+    raise_on_non_finite(lm, history.non_finite[:num_steps], rows="particle", steps=("SMC step",))
     invalid_steps = np.flatnonzero(np.asarray(history.nan_or_inf[:num_steps]))
     if invalid_steps.size:
         raise NumericalError(
             f"a log-weight became NaN or +inf at SMC step {int(invalid_steps[0])} (tokens up to "
-            f"{min((int(invalid_steps[0]) + 1) * block_size, max_new_tokens)}); check reward_fn "
-            "and the model's logits for NaN / inf"
+            f"{min((int(invalid_steps[0]) + 1) * block_size, max_new_tokens)}); check the "
+            "reward / potential / twist functions and the model's logits for NaN / inf"
         )
     trim = lambda x: x[:num_steps]  # noqa: E731
     return result._replace(

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsample.errors import ArgumentError, NumericalError
+from jaxsample.validation import check_real
 
 Array = jax.Array
 
@@ -53,10 +54,7 @@ def trust_region_kl(log_weights: Array, beta: Array | float) -> Array:
 
 
 def _check(log_weights, kl_budget) -> None:
-    if not isinstance(kl_budget, jax.core.Tracer):
-        budget = float(kl_budget)
-        if not (0 < budget < float("inf")):
-            raise ArgumentError(f"kl_budget must be finite and > 0, got {budget}")
+    check_real("kl_budget", kl_budget, "(0, inf)")
     if jnp.ndim(log_weights) != 1 or jnp.shape(log_weights)[0] < 1:
         raise ArgumentError(f"log_weights must have shape [N], got {jnp.shape(log_weights)}")
     if not isinstance(log_weights, jax.core.Tracer):
@@ -68,7 +66,8 @@ def _check(log_weights, kl_budget) -> None:
 
 
 @jax.jit
-def _solve(log_weights: Array, kl_budget: Array) -> Array:
+def bisect_beta(log_weights: Array, kl_budget: Array) -> Array:
+    """`solve_trust_region_beta` without the host-side checks (jit / vmap friendly)."""
     kl = partial(trust_region_kl, log_weights)
 
     def unresolved(carry):
@@ -104,4 +103,4 @@ def solve_trust_region_beta(log_weights: Array, kl_budget: float | Array) -> Arr
       NumericalError: (concrete inputs) a NaN or +inf log-weight, or all `-inf`.
     """
     _check(log_weights, kl_budget)
-    return _solve(jnp.asarray(log_weights, jnp.float32), jnp.asarray(kl_budget, jnp.float32))
+    return bisect_beta(jnp.asarray(log_weights, jnp.float32), jnp.asarray(kl_budget, jnp.float32))

@@ -1,4 +1,5 @@
-"""Verifiable tasks and graders: the stylized decision task, arithmetic, HumanEval, MATH500."""
+"""Verifiable tasks and graders: the stylized decision task, arithmetic, HumanEval, MATH500,
+and digit sorting (a synthetic sparse-reward RL task)."""
 
 from jaxsample.tasks.arithmetic import (
     ArithmeticProblem,
@@ -52,6 +53,7 @@ from jaxsample.tasks.sandbox import (
     run_python,
     sandbox_capabilities,
 )
+from jaxsample.tasks.sorting import SortingProblem, grade_sorting, sample_sorting
 
 __all__ = [
     "Accuracies",
@@ -64,6 +66,7 @@ __all__ = [
     "MathProblem",
     "SandboxCapabilities",
     "SandboxLimits",
+    "SortingProblem",
     "SandboxWarning",
     "arithmetic_messages",
     "arithmetic_prompt",
@@ -82,6 +85,7 @@ __all__ = [
     "grade",
     "grade_arithmetic",
     "grade_math",
+    "grade_sorting",
     "humaneval_messages",
     "humaneval_path",
     "humaneval_program",
@@ -96,6 +100,7 @@ __all__ = [
     "sample_arithmetic",
     "sample_batch",
     "sample_problem",
+    "sample_sorting",
     "sample_traces",
     "sandbox_capabilities",
     "write_tokenizer",

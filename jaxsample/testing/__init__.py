@@ -13,7 +13,8 @@ ratio or SMC variant can be checked in a few lines:
     testing.assert_stationary(kernel, testing.power_target(space, alpha=2.0))
 
 - Toy models: `tabular_lm`, `random_tabular_lm`, `karan_du_example` (`LanguageModel`s), and
-  prefix tables usable as rewards or values in JAX (`prefix_table_fn`, `random_reward`).
+  prefix tables usable as rewards or values in JAX (`prefix_table_fn`, `random_reward`;
+  `prefix_index` gives a prefix's row in such a table).
 - Enumeration: `enumerate_completions` -> `Enumeration` (float64, any small model);
   `decode_state` starts a kernel from chosen completions.
 - Exact targets: `power_target`, `tilted_target` (-> `Distribution` with log Z) and
@@ -47,7 +48,14 @@ from jaxsample.testing.statistics import (
     total_variation,
 )
 from jaxsample.testing.targets import Distribution, ValueFunction, power_target, tilted_target, value_function
-from jaxsample.testing.toy import karan_du_example, prefix_table_fn, random_reward, random_tabular_lm, tabular_lm
+from jaxsample.testing.toy import (
+    karan_du_example,
+    prefix_index,
+    prefix_table_fn,
+    random_reward,
+    random_tabular_lm,
+    tabular_lm,
+)
 
 __all__ = [
     "Distribution",
@@ -68,6 +76,7 @@ __all__ = [
     "mh_transition_matrix",
     "power_log_ratio",
     "power_target",
+    "prefix_index",
     "prefix_table_fn",
     "random_reward",
     "random_tabular_lm",

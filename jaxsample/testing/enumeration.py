@@ -42,8 +42,9 @@ def _log_softmax(scores: np.ndarray) -> np.ndarray:
 
 
 @jax.jit
-def _last_logits(lm: LanguageModel, tokens: jax.Array) -> jax.Array:
-    return lm.logits(tokens)[:, -1]
+def _logits_at(lm: LanguageModel, tokens: jax.Array, position: jax.Array) -> jax.Array:
+    """`[B, V]` logits at `position [B]` of each row of `tokens [B, T]`."""
+    return jnp.take_along_axis(lm.logits(tokens), position[:, None, None], axis=1)[:, 0]
 
 
 def _proposal_key(proposal: Proposal) -> tuple:
@@ -138,10 +139,6 @@ class Enumeration:
             total += row[sequence[t]]
         return float(total)
 
-    def index(self, states: Sequence[Prefix]) -> dict:
-        """`{state: position}` of `states`."""
-        return {state: s for s, state in enumerate(states)}
-
     def tokens(self, states: Sequence[Prefix]) -> tuple[np.ndarray, np.ndarray]:
         """`(tokens int32 [S, N] padded with the pad id, lengths int32 [S])` of `states`."""
         tokens = np.full((len(states), self.max_new_tokens), self.pad_token_id, np.int32)
@@ -214,17 +211,26 @@ def enumerate_completions(lm: LanguageModel, prompt, max_new_tokens: int,
             f"{lm.name!r} has {count} completions of up to {max_new_tokens} tokens "
             f"(vocabulary {lm.vocab_size}), more than max_completions={max_completions}"
         )
-    logits = {}
-    for depth in range(max_new_tokens):
-        level = list(itertools.product(kept, repeat=depth))
-        for start in range(0, len(level), _BATCH):
-            chunk = level[start:start + _BATCH]
-            batch = jnp.asarray([prompt + p for p in chunk], jnp.int32)
-            rows = np.asarray(_last_logits(lm, batch), np.float64)
-            if np.isnan(rows).any():
-                bad = chunk[int(np.argwhere(np.isnan(rows))[0][0])]
-                raise ArgumentError(f"{lm.name!r} returned NaN logits after the prefix {bad}")
-            logits.update(zip(chunk, rows))
+    # Every open prefix, right-padded to one width (the model is causal, so the padding
+    # never reaches the logits read at the prefix's last position): one compiled forward.
+    open_prefixes = [p for depth in range(max_new_tokens) for p in itertools.product(kept, repeat=depth)]
+    width = len(prompt) + max_new_tokens - 1
+    rows = np.zeros((len(open_prefixes), width), np.int32)
+    for r, p in enumerate(open_prefixes):
+        rows[r, :len(prompt) + len(p)] = prompt + p
+    last = np.array([len(prompt) + len(p) - 1 for p in open_prefixes], np.int32)
+    batch = min(_BATCH, len(open_prefixes))
+    padded = -(-len(open_prefixes) // batch) * batch  # whole chunks: one shape, one compile
+    rows = np.concatenate([rows, np.zeros((padded - len(rows), width), np.int32)])
+    last = np.concatenate([last, np.zeros(padded - len(last), np.int32)])
+    values = np.concatenate([
+        np.asarray(_logits_at(lm, jnp.asarray(rows[i:i + batch]), jnp.asarray(last[i:i + batch])))
+        for i in range(0, padded, batch)
+    ])[:len(open_prefixes)].astype(np.float64)
+    if np.isnan(values).any():
+        bad = open_prefixes[int(np.argwhere(np.isnan(values))[0][0])]
+        raise ArgumentError(f"{lm.name!r} returned NaN logits after the prefix {bad}")
+    logits = dict(zip(open_prefixes, values))
     return Enumeration(prompt, max_new_tokens, lm.vocab_size, stops, lm.pad_token_id, logits)
 
 

@@ -15,7 +15,6 @@ from functools import partial
 from typing import Callable, NamedTuple, Optional, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxsample.errors import ArgumentError, VerificationError
@@ -149,11 +148,18 @@ def mh_transition_matrix(completions: Enumeration, cut_law: CutLaw, proposal: Pr
     states = completions.states(cap)
     traces = completions.traces(states, proposal)
     moves = _moves(states, traces, cut_law)
-    current = jax.tree.map(lambda a: a[moves.current], traces)
-    proposed = jax.tree.map(lambda a: a[moves.proposed], traces)
+    # Moves padded to a power of two (repeats of move 0): kernels of nearby sizes share one
+    # compiled ratio.
+    size = len(moves.cut)
+    if not size:
+        raise ArgumentError("the cut law gives no move of positive probability on any state")
+    pad = np.zeros(1 << max(size - 1, 1).bit_length(), np.int64)
+    pad[:size] = np.arange(size)
+    current = jax.tree.map(lambda a: a[moves.current[pad]], traces)
+    proposed = jax.tree.map(lambda a: a[moves.proposed[pad]], traces)
     with jax.enable_x64(True):  # numpy float64 leaves stay float64 when traced
-        log_r = _log_ratios(moves.cut, current, proposed, _static(log_ratio_fn, "log_ratio_fn"))
-        log_r = np.asarray(log_r, np.float64)
+        log_r = _log_ratios(moves.cut[pad], current, proposed, _static(log_ratio_fn, "log_ratio_fn"))
+        log_r = np.asarray(log_r, np.float64)[:size]
     if log_r.shape != moves.cut.shape:
         raise ArgumentError(f"log_ratio_fn must return a scalar per move, got shape {log_r.shape[1:]}")
     accept = np.exp(np.minimum(np.where(np.isnan(log_r), -np.inf, log_r), 0.0))

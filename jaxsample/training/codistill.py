@@ -32,6 +32,7 @@ from jaxsample.training.grpo import (
     PolicyLossMetrics,
     _check_choice,
     _check_concrete,
+    as_float,
     group_advantages,
     masked_mean,
     policy_loss,
@@ -68,8 +69,8 @@ def kd_reward(logp_large: Array, logp_small: Array, mask: Array) -> Array:
     Returns:
       float32 `[S, N]`, stop-gradiented, 0 on padding.
     """
-    difference = jnp.asarray(logp_large, jnp.float32) - jnp.asarray(logp_small, jnp.float32)
-    return jax.lax.stop_gradient(difference) * jnp.asarray(mask, jnp.float32)
+    difference = as_float(logp_large) - as_float(logp_small)
+    return jax.lax.stop_gradient(difference) * as_float(mask)
 
 
 def small_model_advantages(
@@ -96,8 +97,8 @@ def small_model_advantages(
     """
     _check_choice("combine", combine, KD_COMBINES)
     _check_concrete("lam", lam, lambda x: x >= 0, "must be >= 0")
-    rewards = jnp.asarray(rewards, jnp.float32)
-    mask = jnp.asarray(mask, jnp.float32)
+    rewards = as_float(rewards)
+    mask = as_float(mask)
     if kd.shape[0] != rewards.size:
         raise ArgumentError(f"kd has {kd.shape[0]} rows but rewards hold {rewards.size} completions {rewards.shape}")
     if combine == "token":
@@ -130,10 +131,10 @@ def importance_weights(
     """
     _check_choice("level", level, WEIGHT_LEVELS)
     _check_concrete("cap", cap, lambda c: c > 0, "must be > 0")
-    mask = jnp.asarray(mask, jnp.float32)
+    mask = as_float(mask)
     if level == "none":
         return mask
-    log_ratio = jnp.asarray(logp_large_old, jnp.float32) - jnp.asarray(logp_small_old, jnp.float32)
+    log_ratio = as_float(logp_large_old) - as_float(logp_small_old)
     log_ratio = jnp.clip(log_ratio * mask, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     if level == "sequence":
         log_ratio = jnp.broadcast_to(log_ratio.sum(axis=1, keepdims=True) / jnp.maximum(mask.sum(axis=1, keepdims=True), 1.0), mask.shape)
@@ -142,8 +143,8 @@ def importance_weights(
 
 def importance_weight_stats(weights: Array, mask: Array, cap: float | Array) -> ImportanceWeightStats:
     """ESS fraction, fraction at the cap and mean of `weights [S, N]` over the real tokens."""
-    mask = jnp.asarray(mask, jnp.float32)
-    weights = jnp.asarray(weights, jnp.float32) * mask
+    mask = as_float(mask)
+    weights = as_float(weights) * mask
     count = jnp.maximum(mask.sum(), 1.0)
     ess = weights.sum() ** 2 / jnp.maximum(jnp.sum(weights**2), jnp.finfo(jnp.float32).tiny)
     return ImportanceWeightStats(
@@ -221,7 +222,7 @@ def large_loss(
     """
     behaviour = jax.lax.stop_gradient(logp if logp_old is None else logp_old)
     weights = importance_weights(behaviour, logp_small_old, mask, cap, level)
-    advantages = jnp.asarray(advantages, jnp.float32)
+    advantages = as_float(advantages)
     if advantages.ndim == 1:
         advantages = advantages[:, None]
     logp_ref = loss_kwargs.pop("logp_ref", None)

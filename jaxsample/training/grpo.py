@@ -5,7 +5,7 @@ Standard GRPO (DeepSeekMath, arXiv 2402.03300) with the DAPO (arXiv 2503.14476) 
 completions (rows), N generated-token slots per completion; `mask [S, N]` is 1 on the
 generated tokens a completion really holds (its stop token included) and 0 on padding.
 Prompt tokens never appear: every per-token array is generation-relative, as the decode loop
-records it. Log-probabilities are float32.
+records it. Log-probabilities are float32 (float64 inputs stay float64, for gradient checks).
 
     A = group_advantages(rewards.reshape(B, G)).reshape(S)
     loss, metrics = policy_loss(logp, logp_old, logp_ref, A, mask, beta=0.04, kl_kind="k3_ratio_loss")
@@ -49,6 +49,12 @@ class PolicyLossMetrics(NamedTuple):
     entropy: Array
 
 
+def as_float(x) -> Array:
+    """`x` as a float array of at least float32 precision (float64 stays float64)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ArgumentError(f"{name} must be one of {allowed}, got {value!r}")
@@ -77,7 +83,7 @@ def group_advantages(rewards: Array, mode: str = "grpo", eps: float = 1e-6) -> A
       float32 `[B, G]`; a group of identical rewards gets A = 0 (see `zero_variance_fraction`).
     """
     _check_choice("mode", mode, ADVANTAGE_MODES)
-    rewards = jnp.asarray(rewards, jnp.float32)
+    rewards = as_float(rewards)
     if rewards.ndim != 2 or rewards.shape[1] < 2:
         raise ArgumentError(f"rewards must have shape [B, G] with G >= 2 completions per prompt, got {rewards.shape}")
     _check_concrete("eps", eps, lambda e: e >= 0, "must be >= 0")
@@ -90,7 +96,7 @@ def group_advantages(rewards: Array, mode: str = "grpo", eps: float = 1e-6) -> A
 
 def zero_variance_fraction(rewards: Array) -> Array:
     """Fraction of the B groups (rows of `rewards [B, G]`) whose G rewards are all equal."""
-    rewards = jnp.asarray(rewards, jnp.float32)
+    rewards = as_float(rewards)
     return jnp.mean(jnp.all(rewards == rewards[:, :1], axis=1).astype(jnp.float32))
 
 
@@ -124,10 +130,10 @@ def kl_term(logp: Array, logp_ref: Array, logp_old: Array | None = None, kind: s
       caller masks it; `policy_loss` does).
     """
     _check_choice("kl_kind", kind, KL_KINDS)
-    logp = jnp.asarray(logp, jnp.float32)
+    logp = as_float(logp)
     if kind == "none":
         return jnp.zeros_like(logp)
-    d = jnp.clip(jax.lax.stop_gradient(jnp.asarray(logp_ref, jnp.float32)) - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    d = jnp.clip(jax.lax.stop_gradient(as_float(logp_ref)) - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     if kind == "k1_reward":
         return -d
     if kind == "k2_loss":
@@ -137,7 +143,7 @@ def kl_term(logp: Array, logp_ref: Array, logp_old: Array | None = None, kind: s
         return k3
     if logp_old is None:
         raise ArgumentError("kl_kind 'k3_ratio_loss' needs logp_old (the sampling policy's log-probs)")
-    log_w = jnp.clip(logp - jax.lax.stop_gradient(jnp.asarray(logp_old, jnp.float32)), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    log_w = jnp.clip(logp - jax.lax.stop_gradient(as_float(logp_old)), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return jnp.exp(log_w) * k3
 
 
@@ -181,7 +187,7 @@ def token_weights(mask: Array, aggregation: str = "seq_mean_token_mean") -> Arra
       float32 `[S, N]`, 0 where the mask is 0.
     """
     _check_choice("aggregation", aggregation, AGGREGATIONS)
-    mask = jnp.asarray(mask, jnp.float32)
+    mask = as_float(mask)
     if mask.ndim != 2:
         raise ArgumentError(f"mask must have shape [S, N], got {mask.shape}")
     rows, slots = mask.shape
@@ -195,7 +201,7 @@ def token_weights(mask: Array, aggregation: str = "seq_mean_token_mean") -> Arra
 
 def masked_mean(values: Array, mask: Array) -> Array:
     """Mean of `values` over the tokens where `mask` is 1 (0 when the mask is empty)."""
-    mask = jnp.asarray(mask, jnp.float32)
+    mask = as_float(mask)
     return jnp.sum(values * mask) / jnp.maximum(mask.sum(), 1.0)
 
 
@@ -242,18 +248,18 @@ def policy_loss(
     _check_concrete("eps_low", eps_low, lambda e: 0 <= e < 1, "must lie in [0, 1)")
     _check_concrete("eps_high", eps_high, lambda e: e >= 0, "must be >= 0")
     _check_concrete("beta", beta, lambda b: b >= 0, "must be >= 0")
-    logp = jnp.asarray(logp, jnp.float32)
+    logp = as_float(logp)
     if logp.ndim != 2 or jnp.shape(mask) != logp.shape:
         raise ArgumentError(f"logp and mask must both have shape [S, N], got {logp.shape} and {jnp.shape(mask)}")
     if kl_kind != "none" and logp_ref is None:
         raise ArgumentError(f"kl_kind {kl_kind!r} needs logp_ref")
-    mask = jnp.asarray(mask, jnp.float32)
-    advantages = jnp.asarray(advantages, jnp.float32)
+    mask = as_float(mask)
+    advantages = as_float(advantages)
     if advantages.shape == logp.shape[:1]:
         advantages = advantages[:, None]
     elif advantages.shape != logp.shape:
         raise ArgumentError(f"advantages must have shape [S] or [S, N] = {logp.shape}, got {advantages.shape}")
-    old = jax.lax.stop_gradient(logp if logp_old is None else jnp.asarray(logp_old, jnp.float32))
+    old = jax.lax.stop_gradient(logp if logp_old is None else as_float(logp_old))
     log_ratio = jnp.clip(logp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = jnp.exp(log_ratio)
     if kl_kind == "k1_reward":
@@ -272,6 +278,6 @@ def policy_loss(
         mean_ratio=masked_mean(jnp.exp(stopped_log_ratio), mask),
         approx_kl=masked_mean(jnp.exp(-stopped_log_ratio) + stopped_log_ratio - 1.0, mask),
         kl=masked_mean(jax.lax.stop_gradient(kl), mask),
-        entropy=masked_mean(jax.lax.stop_gradient(-logp if entropy is None else jnp.asarray(entropy, jnp.float32)), mask),
+        entropy=masked_mean(jax.lax.stop_gradient(-logp if entropy is None else as_float(entropy)), mask),
     )
     return loss, metrics

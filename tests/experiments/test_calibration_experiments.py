@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "experiments"))
 
@@ -25,13 +27,14 @@ def test_csa_command_writes_metrics_table_and_plot(tmp_path):
     assert (out / "csa.png").stat().st_size > 0
 
 
-def test_orca_command_reports_every_method_in_and_out_of_distribution(tmp_path):
+@pytest.mark.parametrize("model, methods", [("synthetic", "static,ttt,ttt_eta0"), ("toy-decisions", "ttt")])
+def test_orca_command_reports_every_method_in_and_out_of_distribution(model, methods, tmp_path):
     out = tmp_path / "orca"
-    argv = ["orca", "--feature-size", "4", "--train-problems", "8", "--pool-problems", "20", "--ood-problems", "6",
-            "--resplits", "3", "--epochs", "1", "--out", str(out)]
+    argv = ["orca", "--model", model, "--methods", methods, "--feature-size", "4", "--train-problems", "8", "--pool-problems", "20",
+            "--ood-problems", "10", "--resplits", "3", "--epochs", "1", "--window", "3", "--out", str(out)]
     assert run.main(argv) == 0
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["method"] for r in records] == ["static", "ttt", "ttt_eta0"]
+    assert [r["method"] for r in records] == methods.split(",")
     for record in records:
         assert len(record["in_error"]) == 3 and all(0 <= s <= 1 for s in record["ood_savings"])
     assert "ORCA TTT probe" in (out / "summary.md").read_text()

@@ -66,6 +66,10 @@ def test_help_documents_every_option(capsys):
         (["power", "--task", "math500", "--data", "missing.jsonl", "--model", "smollm2-135m-instruct"], "missing.jsonl"),
         (["power", "--data", "problems.jsonl"], "--data"),
         (["smc", "--task", "math500", "--data", "x.jsonl", "--model", "smollm2-135m-instruct"], "verifier"),
+        (["smc", "--task", "humaneval", "--model", "smollm2-135m-instruct"], "--task humaneval has no in-JAX verifier"),
+        (["power", "--task", "humaneval", "--model", "toy-decisions"], "--task humaneval needs a chat model"),
+        (["power", "--mesh", "data=0"], "data=0"),
+        (["smc", "--mesh", "data=64"], "needs 64 devices"),
         (["power", "--decisions", "abc"], "--decisions must be comma-separated integers ≥ 1 (e.g. 1,2,3), got 'abc'"),
         (["power", "--alpha", "inf"], "--alpha must be a number in (0, inf), got inf"),
         (["power", "--alpha", "nan"], "--alpha must be a number in (0, inf), got nan"),
@@ -257,6 +261,18 @@ def test_killed_run_resumes_without_losing_or_redoing_work(tmp_path):
     assert len(keys) == len(set(keys)) == problems * units_per_problem
     assert (out / "summary.md").exists() and (out / "accuracy_vs_tokens.png").exists()
     assert "MH, uniform cuts" in resumed.stdout
+
+
+def test_mesh_option_splits_chains_over_devices(tmp_path):
+    """`--mesh data=2` on two simulated CPU devices gives the one-device results."""
+    args = ["power", *TINY, "--methods", "base,mh_uniform"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    for name, mesh in (("one", []), ("two", ["--mesh", "data=2"])):
+        subprocess.run([*RUN, *args, *mesh, "--out", str(tmp_path / name)], env=env, check=True,
+                       capture_output=True, timeout=600, cwd=ROOT)
+    fields = ("key", "accuracy", "tokens", "curve")
+    one, two = ([{f: r.get(f) for f in fields} for r in read_results(tmp_path / n)] for n in ("one", "two"))
+    assert one == two
 
 
 def test_existing_run_directory_needs_resume(tmp_path, capsys):

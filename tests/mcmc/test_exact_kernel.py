@@ -5,6 +5,8 @@ std 1.5); every state, cut and proposal suffix enumerated in float64. The toolki
 negative controls (the reference-code bugs) live in tests/testing/test_kernels.py.
 """
 
+from functools import partial
+
 import jax
 import numpy as np
 import pytest
@@ -85,10 +87,10 @@ def test_power_and_proposal_terms_are_log_normaliser_differences(top_k):
                       for i in range(min(len(states[a]), len(states[b])))
                       if states[a][:i] == states[b][:i]])
     x, y, cut = map(np.array, (x, y, cut))
+    ratio = jax.jit(jax.vmap(partial(log_acceptance_ratio, cut_law=uniform), in_axes=(0, None, 0, 0)))
     with jax.enable_x64(True):
-        parts = jax.vmap(log_acceptance_ratio, in_axes=(0, None, 0, 0, None))(
-            cut, alpha, jax.tree.map(lambda a: a[x], traces), jax.tree.map(lambda a: a[y], traces),
-            uniform)
+        parts = ratio(cut, alpha, jax.tree.map(lambda a: a[x], traces),
+                      jax.tree.map(lambda a: a[y], traces))
         measured = np.asarray(parts.log_power + parts.log_proposal)
     after_cut = np.arange(4)[None, :] >= cut[:, None]
     expected = np.sum(np.where(after_cut, log_z[y] - log_z[x], 0.0), axis=1)

@@ -109,7 +109,7 @@ def test_jitted_moves_keep_exact_samples_exact():
         target = make_target(alpha, lam, reward_fn)
         move = build_move(lm, target, PROPOSAL, None, uniform)
         def one(particles, key):
-            particles, accepted, _ = move(key, particles, cap)
+            particles, accepted, _, _ = move(key, particles, cap)
             return particles, jnp.mean(accepted)
 
         particles, acceptance = jax.lax.scan(one, particles, jax.random.split(key, 3))

@@ -50,9 +50,9 @@ def test_minus_inf_weights_and_no_recompilation():
     lw = jnp.array([0.0, 1.0, -jnp.inf, 3.0, -2.0])
     beta = solve_trust_region_beta(lw, 0.5)
     assert abs(_kl64(np.where(np.isinf(lw), -1e30, lw), float(beta)) - 0.5) < 1e-4
-    from jaxsample.smc.trust_region import _solve
+    from jaxsample.smc.trust_region import bisect_beta
 
-    counted = chex.assert_max_traces(_solve.__wrapped__, n=1)
+    counted = chex.assert_max_traces(bisect_beta.__wrapped__, n=1)
     jitted = jax.jit(counted)
     for budget in (0.1, 0.2, 0.3):
         jitted(lw, jnp.float32(budget))

@@ -1,0 +1,218 @@
+"""Decode speed against the memory roofline, with transformers' `generate` on the same shapes.
+
+For each model shape (random weights built from the published config values; nothing is
+downloaded) and batch size, the jitted decode loop (`jaxsample.decoding.extend`, the loop
+every sampler runs) decodes `--new-tokens` tokens per row after a `--prompt-tokens` prompt,
+stop tokens suppressed. Reported per (shape, batch):
+
+- ms per decode step (median over interleaved samples, with the spread);
+- bytes a step must read: every weight once, plus the KV cache of the filled slots
+  (prompt + half the generation on average, all layers, K and V);
+- achieved GB/s = bytes / step time, and the fraction of the roofline bandwidth
+  (`--bandwidth-gbs`, default: measured in this run by a jitted reduction over a large array);
+- compile time (first call minus a timed call);
+- transformers' `generate` (same shape, dtype and batch; sampling, EOS suppressed) ms per step.
+
+    python experiments/bench_decode.py --shapes smollm2-135m --batches 1,8 --dtype float32   # CPU
+    python experiments/bench_decode.py --shapes qwen2.5-0.5b,qwen2.5-1.5b,qwen2.5-7b \\
+        --batches 1,8,32,64 --dtype bfloat16 --bandwidth-gbs 4300 --transformers-batches 1,32  # H200
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsample import Proposal
+from jaxsample.decoding import extend, init_decode
+from jaxsample.models import ModelConfig, init_params, make_language_model
+from timing import interleaved_timings, machine, report
+
+# Published config.json values (hf.co/Qwen/Qwen2.5-*, hf.co/HuggingFaceTB/SmolLM2-135M-Instruct).
+SHAPES = {
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                         rope_theta=100000.0, tie_word_embeddings=True, rms_norm_eps=1e-5),
+    "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
+                         rope_theta=1000000.0, tie_word_embeddings=True, qkv_bias=True, rms_norm_eps=1e-6),
+    "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, head_dim=128,
+                         rope_theta=1000000.0, tie_word_embeddings=True, qkv_bias=True, rms_norm_eps=1e-6),
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, head_dim=128,
+                       rope_theta=1000000.0, tie_word_embeddings=False, qkv_bias=True, rms_norm_eps=1e-6),
+    # CI-sized: runs in seconds on a laptop CPU.
+    "tiny": dict(model_type="qwen2", vocab_size=4096, hidden_size=256, intermediate_size=768,
+                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                 rope_theta=1000000.0, tie_word_embeddings=True, qkv_bias=True, rms_norm_eps=1e-6),
+}
+
+
+def model_config(shape: str, max_positions: int) -> ModelConfig:
+    return ModelConfig(max_position_embeddings=max_positions, eos_token_ids=(0,), **SHAPES[shape])
+
+
+def random_params(config: ModelConfig, dtype) -> dict:
+    """`init_params` layout, N(0, 0.02²) leaf by leaf (one draw per leaf: a single draw over
+    7B elements would overflow threefry's 32-bit counter)."""
+    shapes = jax.eval_shape(functools.partial(init_params, config=config, dtype=dtype), jax.random.key(0))
+    leaves, treedef = jax.tree.flatten(shapes)
+    draw = jax.jit(lambda key, shape: 0.02 * jax.random.normal(key, shape, dtype), static_argnums=1)
+    return jax.tree.unflatten(treedef, [draw(jax.random.key(i), leaf.shape) for i, leaf in enumerate(leaves)])
+
+
+def measure_bandwidth_gbs(megabytes: int = 512) -> float:
+    """Read bandwidth of this device: a jitted sum over a `megabytes` float32 array."""
+    x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    timings = interleaved_timings({"sum": lambda: total(x)}, samples=5, min_sample_s=0.5)
+    return x.nbytes / timings["sum"]["median_s"] / 1e9
+
+
+def step_bytes(config: ModelConfig, params, batch: int, filled: float, dtype) -> float:
+    """Bytes one decode step must read: all weights + K and V of `filled` slots per row."""
+    weights = sum(x.nbytes for x in jax.tree.leaves(params))
+    kv = 2 * batch * config.num_hidden_layers * filled * config.num_key_value_heads * config.head_dim
+    return weights + kv * jnp.dtype(dtype).itemsize
+
+
+def jax_contender(lm, batch: int, prompt_tokens: int, new_tokens: int):
+    proposal = Proposal(temperature=1.0).validated()
+    prompt = jnp.arange(1, prompt_tokens + 1, dtype=jnp.int32) % lm.vocab_size
+
+    @functools.partial(jax.jit, donate_argnums=2)
+    def decode(key, lm, state):
+        return extend(key, lm, state, new_tokens, proposal)[0]
+
+    start = jax.jit(init_decode, static_argnums=(2, 3))
+
+    def run():
+        state = start(lm, prompt, batch, new_tokens)
+        return decode(jax.random.key(0), lm, state).tokens
+
+    prefill_only = lambda: start(lm, prompt, batch, new_tokens).next_logits  # noqa: E731
+    return run, prefill_only
+
+
+def torch_contender(shape: str, dtype_name: str, batch: int, prompt_tokens: int, new_tokens: int):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = dict(SHAPES[shape])
+    model_type = values.pop("model_type")
+    values.pop("qkv_bias", None)
+    hf_config = AutoConfig.for_model(model_type, max_position_embeddings=prompt_tokens + new_tokens,
+                                     **values)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype).eval()
+    ids = (torch.arange(1, prompt_tokens + 1, device=device) % values["vocab_size"])[None].repeat(batch, 1)
+
+    def run():
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
+                                 top_p=1.0, temperature=1.0, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    return run, model
+
+
+def _free_torch_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="smollm2-135m", help=f"comma-separated model shapes: {', '.join(SHAPES)}")
+    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes (rows decoded together)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations (logits and log-softmax stay float32)")
+    parser.add_argument("--prompt-tokens", type=int, default=32, help="prompt length")
+    parser.add_argument("--new-tokens", type=int, default=64, help="decode steps timed per call")
+    parser.add_argument("--transformers-batches", default="all", help="batch sizes at which transformers' generate is timed too: 'all', 'none' or a comma-separated subset of --batches")
+    parser.add_argument("--transformers-shapes", default="all", help="shapes at which transformers' generate is timed: 'all' or a comma-separated subset of --shapes")
+    parser.add_argument("--bandwidth-gbs", type=float, default=0.0, help="roofline bandwidth in GB/s (0: measure it in this run; an H200 copies at ~4300)")
+    parser.add_argument("--samples", type=int, default=3, help="timed samples per contender (interleaved); the median is reported")
+    parser.add_argument("--min-sample-s", type=float, default=1.0, help="minimum seconds per sample (calls are repeated to fill it)")
+    parser.add_argument("--json", help="also write the numbers to this file")
+    args = parser.parse_args(argv)
+
+    dtype = jnp.dtype(args.dtype)
+    measured = measure_bandwidth_gbs()
+    bandwidth = args.bandwidth_gbs or measured
+    rows = []
+    header = {**machine(), "measured_bandwidth_gbs": measured, "roofline_bandwidth_gbs": bandwidth,
+              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}
+    for shape in args.shapes.split(","):
+        config = model_config(shape, args.prompt_tokens + args.new_tokens)
+        params = random_params(config, dtype)
+        lm = make_language_model(config, params, name=shape)
+        lm = lm.replace(eos_token_ids=(lm.vocab_size,))  # no token stops: fixed lengths
+        for batch in (int(b) for b in args.batches.split(",")):
+            run_jax, prefill = jax_contender(lm, batch, args.prompt_tokens, args.new_tokens)
+            contenders = {"jax": run_jax, "jax_prefill": prefill}
+            with_torch = (args.transformers_batches == "all" or str(batch) in args.transformers_batches.split(",")) \
+                and (args.transformers_shapes == "all" or shape in args.transformers_shapes.split(","))
+            if with_torch:
+                run_torch, torch_model = torch_contender(shape, args.dtype, batch, args.prompt_tokens, args.new_tokens)
+                contenders["transformers"] = run_torch
+            began = time.perf_counter()
+            timings = interleaved_timings({k: v for k, v in contenders.items() if k != "transformers"},
+                                          args.samples, args.min_sample_s)
+            if with_torch:  # seconds per call: one call per sample, fewer samples
+                timings.update(interleaved_timings({"transformers": run_torch}, 2, 0.0))
+            # The loop's steps alone: the prefill (timed separately) is subtracted.
+            step_s = (timings["jax"]["median_s"] - timings["jax_prefill"]["median_s"]) / args.new_tokens
+            nbytes = step_bytes(config, params, batch, args.prompt_tokens + args.new_tokens / 2, dtype)
+            row = {
+                "shape": shape, "batch": batch, "dtype": args.dtype,
+                "ms_per_step": 1e3 * step_s,
+                "spread": timings["jax"]["spread"],
+                "bytes_per_step": nbytes,
+                "gb_per_s": nbytes / step_s / 1e9,
+                "roofline_fraction": nbytes / step_s / 1e9 / bandwidth,
+                "compile_s": sum(timings[k]["first_call_s"] - timings[k]["median_s"] for k in ("jax", "jax_prefill")),
+                "timings": timings,
+                "wall_s": time.perf_counter() - began,
+            }
+            if with_torch:
+                row["transformers_ms_per_step"] = 1e3 * timings["transformers"]["median_s"] / args.new_tokens
+                row["speedup_vs_transformers"] = row["transformers_ms_per_step"] / row["ms_per_step"]
+                del torch_model, run_torch, contenders["transformers"]
+                _free_torch_memory()
+            print(f"{shape} B={batch}: {row['ms_per_step']:.2f} ms/step ({row['spread']:.0%} spread), "
+                  f"{row['gb_per_s']:.1f} GB/s = {row['roofline_fraction']:.0%} of {bandwidth:.0f} GB/s, "
+                  f"compile {row['compile_s']:.1f} s"
+                  + (f"; transformers {row['transformers_ms_per_step']:.2f} ms/step" if with_torch else ""),
+                  flush=True)
+            rows.append(row)
+            if args.json:  # written after every row: a run cut short keeps what it measured
+                report({**header, "rows": rows}, "", args.json, quiet=True)
+        del lm, params
+    result = {**header, "rows": rows}
+    table = ["| shape | batch | ms/step | GB/s | roofline | compile s | transformers ms/step |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        hf = f"{r['transformers_ms_per_step']:.2f}" if "transformers_ms_per_step" in r else "—"
+        table.append(f"| {r['shape']} | {r['batch']} | {r['ms_per_step']:.2f} | {r['gb_per_s']:.1f} | "
+                     f"{r['roofline_fraction']:.0%} | {r['compile_s']:.1f} | {hf} |")
+    report(result, "\n".join(table), args.json)
+
+
+if __name__ == "__main__":
+    main()

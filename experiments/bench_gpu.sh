@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Every GPU benchmark in one run (< 8 minutes on one H200), JSON into experiments/results/gpu/.
+# Needs jax[cuda], flax, transformers and torch; runs from the repository root without
+# installing it (PYTHONPATH=.) and without network: models are random weights built from
+# published config values (Qwen2.5-0.5B/1.5B/7B shapes) or the embedded toy model.
+#
+#   bash experiments/bench_gpu.sh [OUT_DIR]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-experiments/results/gpu}
+mkdir -p "$OUT"
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+# JAX would otherwise reserve 75% of the GPU and leave transformers too little.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+export TOKENIZERS_PARALLELISM=false
+B=experiments
+
+step() {  # step NAME SECONDS CMD...: runs CMD with a time limit; a failure does not stop the rest
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s) $(date -u +%T)"
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v '^ ' | tail -n 25
+  echo "=== $name exit ${PIPESTATUS[0]}"
+}
+
+{
+  python -c "import jax, flax, torch, transformers, sys; print(sys.version); print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__); print(jax.devices())"
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv || true
+} > "$OUT/environment.txt" 2>&1
+cat "$OUT/environment.txt"
+
+# 1. Decode speed vs roofline (0.5B/1.5B/7B x batch 1/8/32/64), transformers at batch 1 and 32.
+step bench_decode 250 python $B/bench_decode.py --shapes qwen2.5-0.5b,qwen2.5-1.5b,qwen2.5-7b \
+  --batches 1,8,32,64 --dtype bfloat16 --prompt-tokens 64 --new-tokens 128 --bandwidth-gbs 4300 \
+  --transformers-batches 1,32 --samples 3 --min-sample-s 0.5 --json "$OUT/bench_decode.json"
+# 2. Power MH end to end vs the transformers reference loop (random Qwen2.5-0.5B weights).
+step bench_power 110 python $B/bench_power.py --model random:qwen2.5-0.5b --dtype bfloat16 \
+  --chains 8 --block-size 16 --max-new-tokens 32 --mcmc-steps 2 --samples 2 --min-sample-s 0 \
+  --json "$OUT/bench_power.json"
+# 3. Peak memory of SMC / power sampling (compiled, not run): 64 rows, 1024-token prompt, 512 new.
+step bench_memory 40 python $B/bench_memory.py --dtype bfloat16 --json "$OUT/bench_memory.json"
+# 4. SMC cost per token vs plain sampling (embedded toy model).
+step bench_smc 40 python $B/bench_smc.py --particles 64 --new-tokens 40 --samples 3 --min-sample-s 0.5 \
+  --json "$OUT/bench_smc.json"
+echo "done $(date -u +%T); JSON in $OUT"

@@ -1,0 +1,165 @@
+"""End-to-end power-sampling MH: `js.power_sample` against the reference loop in PyTorch.
+
+The reference (Karan & Du's `mcmc_power_samp`, re-implemented faithfully on transformers):
+one chain at a time; for each block, extend the chain with one `generate` call at
+temperature 1/α; then for each MH step draw a cut uniformly in the generated part, propose a
+new suffix with one `generate` call from the prefix up to the cut, score log q (tempered
+softmax of the scores) and α log p (untempered logits) of the suffix, and accept with
+probability min(1, r). `js.power_sample` runs the same algorithm for all chains as one
+jitted program. Same weights, prompt, α, block size, step count and chain count; stop
+tokens suppressed in both so every proposal decodes up to the block cap.
+
+Tokens/s counts every token decoded: block extensions and all proposals, accepted or
+rejected. The contenders are timed interleaved (`timing.interleaved_timings`).
+
+    python experiments/bench_power.py --chains 8 --block-size 16 --max-new-tokens 32 --mcmc-steps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxsample as js
+from jaxsample.models.registry import resolve
+from timing import interleaved_timings, machine, report
+
+
+def reference_power_mh(model, prompt_ids, alpha: float, block_size: int, max_new_tokens: int,
+                       mcmc_steps: int, generator):
+    """One chain of Karan & Du's block-wise power MH with `generate`; returns tokens decoded."""
+    import torch
+
+    def propose(prefix, length):
+        out = model.generate(prefix, attention_mask=torch.ones_like(prefix), do_sample=True, top_k=0,
+                             top_p=1.0, temperature=1.0 / alpha, max_new_tokens=length,
+                             min_new_tokens=length, output_logits=True, return_dict_in_generate=True,
+                             pad_token_id=0)
+        suffix = out.sequences[0, prefix.shape[1]:]
+        logits = torch.stack(out.logits, dim=1)[0].float()  # [length, V], untempered
+        log_p = torch.log_softmax(logits, -1).gather(1, suffix[:, None])[:, 0]
+        log_q = torch.log_softmax(logits * alpha, -1).gather(1, suffix[:, None])[:, 0]
+        return suffix, alpha * log_p, log_q
+
+    context = prompt_ids.shape[1]
+    sequence, target, proposal = prompt_ids, torch.zeros(0), torch.zeros(0)
+    decoded = 0
+    for _ in range(max_new_tokens // block_size):
+        suffix, t, q = propose(sequence, block_size)
+        sequence = torch.cat([sequence, suffix[None]], dim=1)
+        target, proposal = torch.cat([target, t]), torch.cat([proposal, q])
+        decoded += block_size
+        for _ in range(mcmc_steps):
+            generated = sequence.shape[1] - context
+            cut = int(torch.randint(0, generated, (1,), generator=generator))
+            new_suffix, new_t, new_q = propose(sequence[:, : context + cut], generated - cut)
+            decoded += generated - cut
+            log_r = new_t.sum() + proposal[cut:].sum() - target[cut:].sum() - new_q.sum()
+            if torch.log(torch.rand(1, generator=generator)) < log_r:
+                sequence = torch.cat([sequence[:, : context + cut], new_suffix[None]], dim=1)
+                target = torch.cat([target[:cut], new_t])
+                proposal = torch.cat([proposal[:cut], new_q])
+    return decoded
+
+
+def random_checkpoint(shape: str, directory: Path) -> Path:
+    """A transformers checkpoint of a `bench_decode` shape with random weights, in `directory`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bench_decode import SHAPES
+
+    values = dict(SHAPES[shape])
+    model_type = values.pop("model_type")
+    values.pop("qkv_bias", None)
+    config = AutoConfig.for_model(model_type, max_position_embeddings=4096, eos_token_id=0, **values)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(directory)
+    return directory
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="registered name, HF checkpoint directory, .gguf file, or random:SHAPE (random weights of a bench_decode shape, e.g. random:qwen2.5-0.5b, saved once and loaded by both); transformers loads the same weights")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations of both")
+    parser.add_argument("--chains", type=int, default=8, help="MH chains (JAX: one batch; reference: one after another)")
+    parser.add_argument("--alpha", type=float, default=4.0, help="power α (proposal temperature 1/α)")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per block")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="generation length (a multiple of the block size)")
+    parser.add_argument("--mcmc-steps", type=int, default=2, help="MH steps per block")
+    parser.add_argument("--samples", type=int, default=3, help="timed samples per contender (interleaved); the median is reported")
+    parser.add_argument("--min-sample-s", type=float, default=1.0, help="minimum seconds per sample (calls are repeated to fill it)")
+    parser.add_argument("--json", help="also write the numbers to this file")
+    args = parser.parse_args(argv)
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if args.model.startswith("random:"):
+        path = random_checkpoint(args.model.split(":", 1)[1], Path(tempfile.mkdtemp()))
+    else:
+        path = Path(args.model) if Path(args.model).exists() else resolve(args.model)
+    lm = js.load(path, dtype=args.dtype)
+    lm = lm.replace(eos_token_ids=(lm.vocab_size,))  # no token stops: fixed lengths
+    if lm.tokenizer is None:
+        prompt = np.arange(1, 33) % lm.vocab_size
+    else:
+        prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": "What is 17 * 23? Think step by step."}])
+    prompt = jnp.asarray(prompt, jnp.int32)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    if path.is_dir():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch_dtype)
+    model = model.to(device).eval()
+    model.generation_config.eos_token_id = None
+    prompt_ids = torch.tensor(np.asarray(prompt), device=device)[None]
+    generator = torch.Generator()
+    decoded = {}
+
+    def run_jax():
+        result = js.power_sample(jax.random.key(0), lm, prompt, alpha=args.alpha, num_chains=args.chains,
+                                 block_size=args.block_size, num_mcmc_steps=args.mcmc_steps,
+                                 max_new_tokens=args.max_new_tokens)
+        decoded["jax"] = result.tokens_decoded
+        return result.tokens
+
+    def run_torch():
+        # Reseeded per call, so that every call makes the same cuts and decodes as many tokens.
+        generator.manual_seed(0)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            decoded["transformers"] = sum(
+                reference_power_mh(model, prompt_ids, args.alpha, args.block_size, args.max_new_tokens,
+                                   args.mcmc_steps, generator)
+                for _ in range(args.chains))
+
+    timings = interleaved_timings({"jax": run_jax, "transformers": run_torch}, args.samples, args.min_sample_s)
+    jax_tokens = int(np.sum(np.asarray(decoded["jax"])))
+    jax_rate = jax_tokens / timings["jax"]["median_s"]
+    torch_rate = decoded["transformers"] / timings["transformers"]["median_s"]
+    result = {
+        **machine(),
+        "torch_threads": torch.get_num_threads(),
+        "model": args.model, "dtype": args.dtype, "chains": args.chains, "alpha": args.alpha,
+        "block_size": args.block_size, "max_new_tokens": args.max_new_tokens, "mcmc_steps": args.mcmc_steps,
+        "jax_tokens_per_call": jax_tokens, "transformers_tokens_per_call": decoded["transformers"],
+        "jax_tokens_per_s": jax_rate, "transformers_tokens_per_s": torch_rate,
+        "speedup": jax_rate / torch_rate,
+        "timings": timings,
+    }
+    summary = (f"js.power_sample decodes {result['speedup']:.1f}x the tokens/s of the transformers reference loop "
+               f"({jax_rate:.0f} vs {torch_rate:.0f} tokens/s; spreads {timings['jax']['spread']:.0%} / "
+               f"{timings['transformers']['spread']:.0%})")
+    report(result, summary, args.json)
+
+
+if __name__ == "__main__":
+    main()

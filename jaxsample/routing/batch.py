@@ -1,0 +1,379 @@
+"""Batch-level query routing as an exact MILP, with robust counterparts.
+
+Markovic-Voronov et al., "Robust Batch-Level Query Routing for Large Language Models under
+Cost and Capacity Constraints" (arXiv 2603.26796). No code is public: the nominal program
+follows the paper's abstract; the robust counterparts (box, budgeted, ellipsoidal) are a
+**reconstruction** with standard robust optimisation (Ben-Tal & Nemirovski; Bertsimas & Sim
+2004), as in ../shared/specs/steering_safety_routing.md §3.
+
+Every router assigns each of n queries exactly one of M models:
+
+    max Σ_ij a_ij x_ij   s.t.  Σ_j x_ij = 1 ∀i,  Σ_ij c_ij x_ij ≤ budget,  Σ_i x_ij ≤ capacity_j ∀j,
+
+with x binary, solved by HiGHS through `scipy.optimize.milp`. An assignment is an int
+array `[n]` of model indices; no query is ever dropped, and an infeasible instance raises
+`ArgumentError` naming the constraint that fails.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import csr_matrix, hstack
+
+from jaxsample.errors import ArgumentError
+
+_FEASIBILITY_TOL = 1e-7
+# HiGHS (1.x through scipy) sometimes ends in "Solve error" (status 4) on the knapsack-like
+# rows of the robust programs; each retry changes what failed: presolve, then the MIP
+# feasibility tolerance (a HiGHS option scipy passes through verbatim).
+_HIGHS_RETRIES = ({}, {"presolve": False}, {"mip_feasibility_tolerance": 1e-9}, {"presolve": False, "mip_feasibility_tolerance": 1e-8})
+
+
+class RoutingProblem(NamedTuple):
+    """A validated batch: predicted quality, costs `[n, M]`, budget, capacity `[M]`."""
+
+    scores: np.ndarray
+    costs: np.ndarray
+    budget: float
+    capacity: np.ndarray
+
+
+def check_problem(scores, costs, budget, capacity) -> RoutingProblem:
+    """Validates a routing instance; raises `ArgumentError` naming what is wrong.
+
+    Infeasibility that can be read off the data is reported here: total capacity below the
+    number of queries, or a budget below the cheapest assignment that ignores capacities.
+    """
+    scores = np.asarray(scores, np.float64)
+    costs = np.asarray(costs, np.float64)
+    capacity = np.asarray(capacity)
+    if scores.ndim != 2 or scores.shape[0] < 1 or scores.shape[1] < 1:
+        raise ArgumentError(f"scores must have shape [n, M] with n, M ≥ 1, got {scores.shape}")
+    if costs.shape != scores.shape:
+        raise ArgumentError(f"costs must have the shape of scores {scores.shape}, got {costs.shape}")
+    if capacity.shape != (scores.shape[1],):
+        raise ArgumentError(f"capacity must have shape [M] = ({scores.shape[1]},), got {capacity.shape}")
+    if not np.issubdtype(capacity.dtype, np.integer) and not np.all(capacity == np.round(capacity)):
+        raise ArgumentError(f"capacity must hold whole numbers of queries, got {capacity.tolist()}")
+    for name, values in (("scores", scores), ("costs", costs)):
+        if not np.all(np.isfinite(values)):
+            raise ArgumentError(f"{name} must be finite; found {values[~np.isfinite(values)][0]}")
+    if np.any(costs < 0):
+        raise ArgumentError(f"costs must be ≥ 0; found {costs.min()}")
+    if np.any(capacity < 0):
+        raise ArgumentError(f"capacity must be ≥ 0 per model, got {capacity.tolist()}")
+    if not np.isfinite(budget):
+        raise ArgumentError(f"budget must be a finite number, got {budget}")
+    n = scores.shape[0]
+    if capacity.sum() < n:
+        raise ArgumentError(
+            f"infeasible: total capacity {int(capacity.sum())} (capacity={capacity.tolist()}) is below "
+            f"the {n} queries of the batch; no query is dropped"
+        )
+    cheapest = costs.min(axis=1).sum()
+    if budget < cheapest - _FEASIBILITY_TOL:
+        raise ArgumentError(
+            f"infeasible: budget {budget:g} is below {cheapest:g}, the cost of sending every query "
+            "to its cheapest model"
+        )
+    return RoutingProblem(scores, costs, float(budget), capacity.astype(np.int64))
+
+
+def _assignment_constraints(problem: RoutingProblem, num_extra: int) -> list[LinearConstraint]:
+    """One model per query, the budget row and the capacity rows over x (row-major [n, M])."""
+    n, m = problem.scores.shape
+    rows = np.repeat(np.arange(n), m)
+    cols = np.arange(n * m)
+    one_per_query = csr_matrix((np.ones(n * m), (rows, cols)), shape=(n, n * m))
+    budget_row = csr_matrix(problem.costs.reshape(1, -1))
+    per_model = csr_matrix((np.ones(n * m), (np.tile(np.arange(m), n), cols)), shape=(m, n * m))
+    pad = lambda a: hstack([a, csr_matrix((a.shape[0], num_extra))]) if num_extra else a  # noqa: E731
+    return [
+        LinearConstraint(pad(one_per_query), 1, 1),
+        LinearConstraint(pad(budget_row), -np.inf, problem.budget),
+        LinearConstraint(pad(per_model), 0, problem.capacity),
+    ]
+
+
+def _solve(problem: RoutingProblem, objective: np.ndarray, extra_constraints=(), extra_bounds=None):
+    """Maximises `objective · [x, extra]` under the assignment constraints; returns the solution."""
+    n, m = problem.scores.shape
+    num_extra = objective.size - n * m
+    lower = np.zeros(objective.size)
+    upper = np.ones(objective.size)
+    integrality = np.zeros(objective.size)
+    integrality[: n * m] = 1
+    if num_extra:
+        lower[n * m :], upper[n * m :] = extra_bounds
+    for options in _HIGHS_RETRIES:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Unrecognized options", RuntimeWarning)
+            result = milp(
+                -objective,
+                constraints=[*_assignment_constraints(problem, num_extra), *extra_constraints],
+                integrality=integrality,
+                bounds=Bounds(lower, upper),
+                options=options,
+            )
+        if result.status != 4:
+            break
+    if result.status == 2:
+        raise ArgumentError(
+            f"infeasible: no assignment meets budget {problem.budget:g} and capacity "
+            f"{problem.capacity.tolist()} together (each is satisfiable on its own)"
+        )
+    if not result.success:
+        raise RuntimeError(f"HiGHS failed on the routing MILP: {result.message}")
+    return result.x
+
+
+def _to_assignment(solution: np.ndarray, n: int, m: int) -> np.ndarray:
+    return np.argmax(solution[: n * m].reshape(n, m), axis=1)
+
+
+def route_batch(scores, costs, budget: float, capacity) -> np.ndarray:
+    """The nominal batch router: the exact MILP of the module docstring.
+
+    Args:
+      scores: `[n, M]` predicted quality â_ij.
+      costs: `[n, M]` cost c_ij ≥ 0.
+      budget: the batch budget C_B.
+      capacity: `[M]` queries each model may take.
+
+    Returns:
+      int `[n]`, the model of each query.
+    """
+    problem = check_problem(scores, costs, budget, capacity)
+    n, m = problem.scores.shape
+    return _to_assignment(_solve(problem, problem.scores.ravel()), n, m)
+
+
+def _check_uncertainty(sigma, shape, name: str, radius: float) -> np.ndarray:
+    sigma = np.asarray(sigma, np.float64)
+    if sigma.shape != shape:
+        raise ArgumentError(f"sigma must have the shape of scores {shape}, got {sigma.shape}")
+    if not np.all(np.isfinite(sigma)) or np.any(sigma < 0):
+        raise ArgumentError("sigma must be finite and ≥ 0")
+    if not np.isfinite(radius) or radius < 0:
+        raise ArgumentError(f"{name} must be a finite number ≥ 0, got {radius}")
+    return sigma
+
+
+def route_box(scores, sigma, costs, budget: float, capacity, kappa: float) -> np.ndarray:
+    """Box-robust router (|ξ_ij| ≤ κσ_ij): the nominal MILP on the lower bounds â − κσ.
+
+    A per-query-constant σ shifts every feasible objective by the same constant (each query
+    takes exactly one model), so then the box solution is the nominal one.
+    """
+    scores = np.asarray(scores, np.float64)
+    sigma = _check_uncertainty(sigma, scores.shape, "kappa", kappa)
+    return route_batch(scores - kappa * sigma, costs, budget, capacity)
+
+
+def route_budgeted(scores, sigma, costs, budget: float, capacity, gamma: float, kappa: float = 1.0) -> np.ndarray:
+    """Budgeted-uncertainty router (Bertsimas–Sim): at most Γ coefficients fall by κσ_ij.
+
+    max Σ â x − Γ z − Σ p  s.t.  p_ij + z ≥ κ σ_ij x_ij,  z, p ≥ 0 — the dual of the inner
+    worst case, so the whole problem stays one MILP.
+    """
+    problem = check_problem(scores, costs, budget, capacity)
+    sigma = _check_uncertainty(sigma, problem.scores.shape, "kappa", kappa)
+    if not np.isfinite(gamma) or gamma < 0:
+        raise ArgumentError(f"gamma must be a finite number ≥ 0, got {gamma}")
+    n, m = problem.scores.shape
+    k = n * m
+    # variables: x [k], p [k], z [1]
+    objective = np.concatenate([problem.scores.ravel(), -np.ones(k), [-gamma]])
+    deviation = np.asarray(kappa * sigma.ravel())
+    # p_ij + z − κσ_ij x_ij ≥ 0
+    diagonal = (np.arange(k), np.arange(k))
+    rows = hstack([
+        csr_matrix((-deviation, diagonal), shape=(k, k)),
+        csr_matrix((np.ones(k), diagonal), shape=(k, k)),
+        csr_matrix(np.ones((k, 1))),
+    ])
+    solution = _solve(
+        problem, objective, [LinearConstraint(rows, 0, np.inf)],
+        extra_bounds=(np.zeros(k + 1), np.full(k + 1, np.inf)),
+    )
+    return _to_assignment(solution, n, m)
+
+
+class EllipsoidalInfo(NamedTuple):
+    """How the ellipsoidal router converged.
+
+    Attributes:
+      num_solves: MILPs solved (Kelley: one per cut plus the first; levels: one per level).
+      gap: upper bound − value of the returned assignment (≤ tol when converged).
+      converged: the method proved its answer optimal within `tol`.
+    """
+
+    num_solves: int
+    gap: float
+    converged: bool
+
+
+def route_ellipsoidal(
+    scores, sigma, costs, budget: float, capacity, rho: float, *, method: str = "levels",
+    max_solves: int = 200, tol: float = 1e-6,
+) -> tuple[np.ndarray, EllipsoidalInfo]:
+    """Ellipsoidal-robust router: max âᵀx − ρ‖σ ∘ x‖₂ (diagonal Σ = diag(σ²)).
+
+    HiGHS has no conic constraints; two exact methods replace them:
+
+    - `"kelley"` (the spec's): an epigraph variable s ≥ ‖σ ∘ x‖ imposed by Kelley cuts. At
+      the incumbent x* the tangent s ≥ Σ σ² x* x / ‖σ ∘ x*‖ is valid everywhere (Cauchy–
+      Schwarz) and exact at x*, so the loop ends at the robust optimum once s* ≥ ‖σ ∘ x*‖ −
+      tol. Each cut only bounds assignments that overlap x*, so on tight capacities with
+      n = 100 it can need dozens of ever slower MILPs.
+    - `"levels"` (default): for binary x, ‖σ ∘ x‖ = √t with t = Σ σ² x linear, so the optimum
+      is max_τ F(τ) − ρ√τ with F(τ) = max {âᵀx : t(x) ≤ τ}. A best-first search over τ
+      intervals solves F exactly at an interval's top b (one linear MILP with the row
+      t(x) ≤ b); its solution settles [t(x), b], the rest [a, t(x)) is bounded by F(b) − ρ√a
+      (split in two to tighten it) and pruned against the incumbent. Every solve settles a
+      new t level, so the search is finite and proves global optimality within `tol`.
+    """
+    problem = check_problem(scores, costs, budget, capacity)
+    sigma = _check_uncertainty(sigma, problem.scores.shape, "rho", rho)
+    if max_solves < 1:
+        raise ArgumentError(f"max_solves must be ≥ 1, got {max_solves}")
+    if method == "kelley":
+        return _ellipsoidal_kelley(problem, sigma.ravel() ** 2, rho, max_solves, tol)
+    if method == "levels":
+        return _ellipsoidal_levels(problem, sigma.ravel() ** 2, rho, max_solves, tol)
+    raise ArgumentError(f"method must be 'levels' or 'kelley', got {method!r}")
+
+
+def _ellipsoidal_kelley(problem, variance, rho, max_solves, tol):
+    n, m = problem.scores.shape
+    objective = np.concatenate([problem.scores.ravel(), [-rho]])
+    bounds = ([0.0], [float(np.sqrt(variance.sum()))])
+    cuts: list[LinearConstraint] = []
+    for num_solves in range(1, max_solves + 1):
+        incumbent = _solve(problem, objective, cuts, extra_bounds=bounds)
+        x = incumbent[: n * m]
+        norm = float(np.sqrt(variance @ x))
+        gap = rho * (norm - incumbent[-1])
+        if gap <= tol:
+            break
+        # s − Σ σ² x* x / ‖σ∘x*‖ ≥ 0 (the incumbent has norm > s ≥ 0 here)
+        cuts.append(LinearConstraint(np.concatenate([-variance * x / norm, [1.0]])[None], 0, np.inf))
+    return _to_assignment(incumbent, n, m), EllipsoidalInfo(num_solves, max(float(gap), 0.0), gap <= tol)
+
+
+def _ellipsoidal_levels(problem, variance, rho, max_solves, tol):
+    n, m = problem.scores.shape
+    scores = problem.scores.ravel()
+
+    scale = max(float(variance.max()), 1e-300)
+
+    def best_within(level):
+        # on the scale where variances are ≤ 1, HiGHS's 1e-7 feasibility tolerance is below
+        # `resolution`, so a re-solve just under a level cannot return the same assignment
+        row = LinearConstraint((variance / scale)[None], -np.inf, level / scale)
+        try:
+            x = _solve(problem, scores, [row])
+        except ArgumentError:  # no feasible assignment this concentrated
+            return None
+        return x, float(scores @ x), min(float(variance @ x), level)
+
+    def robust_value(x):
+        return float(scores @ x) - rho * float(np.sqrt(variance @ x))
+
+    per_query = variance.reshape(n, m)
+    lowest = float(per_query.min(axis=1).sum())
+    resolution = 1e-6 * scale
+    best_x, best = None, -np.inf
+    # open τ intervals [low, high] as (−upper bound, low, high); F is solved exactly at `high`
+    pending = [(-np.inf, lowest, float(per_query.max(axis=1).sum()))]
+    solves = 0
+    while pending:
+        pending.sort()
+        if -pending[0][0] <= best + tol or solves >= max_solves:
+            break
+        _, low, high = pending.pop(0)
+        found = best_within(high)
+        solves += 1
+        if found is None:
+            continue
+        x, value, used = found
+        if robust_value(x) > best:
+            best_x, best = x, robust_value(x)
+        # x settles [used, high]; on [low, used) F ≤ value: split it to tighten the bound ρ√low
+        middle = 0.5 * (low + used)
+        for a, b in ((low, middle - resolution), (middle, used - resolution)):
+            if b >= a:
+                pending.append((-(value - rho * np.sqrt(a)), a, b))
+    # assignments with t in a skipped (τ − resolution, τ) gap beat the bound of the interval
+    # above the gap by at most ρ (√τ − √(τ − resolution))
+    slack = rho * (np.sqrt(resolution) if lowest <= resolution else resolution / (2 * np.sqrt(lowest)))
+    open_bound = max([best] + [-b for b, *_ in pending])
+    return _to_assignment(best_x, n, m), EllipsoidalInfo(
+        solves, float(open_bound - best + slack), bool(open_bound <= best + tol))
+
+
+def worst_case_value(assignment, scores, sigma, *, kind: str, radius: float, kappa: float = 1.0) -> float:
+    """The assignment's quality under the worst perturbation of the named uncertainty set.
+
+    kind: "box" (|ξ| ≤ radius·σ), "budgeted" (at most Γ = radius coefficients fall by κσ,
+    a fractional last one allowed) or "ellipsoidal" (‖ξ / σ‖₂ ≤ radius).
+    """
+    scores = np.asarray(scores, np.float64)
+    sigma = np.asarray(sigma, np.float64)
+    chosen = np.arange(scores.shape[0]), np.asarray(assignment)
+    nominal = float(scores[chosen].sum())
+    deviations = sigma[chosen]
+    if kind == "box":
+        return nominal - radius * float(deviations.sum())
+    if kind == "budgeted":
+        ordered = np.sort(kappa * deviations)[::-1]
+        whole = int(np.floor(radius))
+        loss = ordered[:whole].sum() + (radius - whole) * (ordered[whole] if whole < ordered.size else 0.0)
+        return nominal - float(loss)
+    if kind == "ellipsoidal":
+        return nominal - radius * float(np.sqrt((deviations**2).sum()))
+    raise ArgumentError(f"kind must be 'box', 'budgeted' or 'ellipsoidal', got {kind!r}")
+
+
+class Evaluation(NamedTuple):
+    """Realised outcome of an assignment.
+
+    Attributes:
+      quality: mean true quality of the chosen models.
+      cost: total cost of the batch.
+      budget_violation: cost above the budget (0 when within).
+      capacity_violation: queries above capacity, summed over models.
+      feasible: both violations are 0.
+    """
+
+    quality: float
+    cost: float
+    budget_violation: float
+    capacity_violation: int
+    feasible: bool
+
+
+def evaluate(assignment, true_quality, costs, budget: float | None = None, capacity=None) -> Evaluation:
+    """Realised mean quality and cost of `assignment`, with its budget and capacity overflow."""
+    assignment = np.asarray(assignment)
+    true_quality = np.asarray(true_quality, np.float64)
+    costs = np.asarray(costs, np.float64)
+    n, m = true_quality.shape
+    if assignment.shape != (n,) or assignment.min() < 0 or assignment.max() >= m:
+        raise ArgumentError(f"assignment must be [n] = ({n},) model indices in [0, {m}), got {assignment!r}")
+    rows = np.arange(n)
+    cost = float(costs[rows, assignment].sum())
+    over_budget = 0.0 if budget is None else max(0.0, cost - budget)
+    load = np.bincount(assignment, minlength=m)
+    over_capacity = 0 if capacity is None else int(np.maximum(load - np.asarray(capacity), 0).sum())
+    return Evaluation(
+        quality=float(true_quality[rows, assignment].mean()),
+        cost=cost,
+        budget_violation=over_budget,
+        capacity_violation=over_capacity,
+        feasible=over_budget <= _FEASIBILITY_TOL * max(1.0, abs(budget or 0)) and over_capacity == 0,
+    )

@@ -1,0 +1,37 @@
+"""Activation steering: A-LQR feedback control of the residual stream, and open-loop
+baselines, all run inside the samplers as `jaxsample.Intervention`s."""
+
+from jaxsample.steering.alqr import (
+    Controller,
+    alqr_feedback,
+    alqr_intervention,
+    contrastive_directions,
+    controller,
+    full_gain_intervention,
+    last_token_jacobian,
+    last_token_states,
+    layer_jacobians,
+    linearisation_error,
+    riccati_gains,
+)
+from jaxsample.steering.baselines import actadd_intervention, add_vector, mean_difference_intervention
+from jaxsample.steering.io import load_controller, save_controller
+
+__all__ = [
+    "Controller",
+    "actadd_intervention",
+    "add_vector",
+    "alqr_feedback",
+    "alqr_intervention",
+    "contrastive_directions",
+    "controller",
+    "full_gain_intervention",
+    "last_token_jacobian",
+    "last_token_states",
+    "layer_jacobians",
+    "linearisation_error",
+    "load_controller",
+    "mean_difference_intervention",
+    "riccati_gains",
+    "save_controller",
+]

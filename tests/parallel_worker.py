@@ -1,0 +1,82 @@
+"""Runs generate, power_sample and smc_decode on a tiny random Qwen2 under several meshes and
+saves every result leaf to an .npz (`tests/test_parallel.py` starts it in subprocesses with
+simulated CPU devices, and as the processes of a localhost multi-host run).
+
+    python tests/parallel_worker.py OUT.npz generate,power,smc none data=4,model=2 ...
+    JAXSAMPLE_COORDINATOR=127.0.0.1:PORT JAXSAMPLE_NUM_PROCESSES=2 JAXSAMPLE_PROCESS_ID=0 \
+        python tests/parallel_worker.py --distributed OUT.npz generate,smc data=4,model=2
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+
+if "--distributed" in sys.argv:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    from jaxsample import parallel
+
+    parallel.initialize_distributed()
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jaxsample as js  # noqa: E402
+from jaxsample import parallel  # noqa: E402
+from jaxsample.models import ModelConfig, init_params, make_language_model  # noqa: E402
+
+ROWS = 8
+CONFIG = ModelConfig(model_type="qwen2", vocab_size=48, hidden_size=32, intermediate_size=64,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                     max_position_embeddings=64, qkv_bias=True, eos_token_ids=(47,))
+
+
+def tiny_lm() -> js.LanguageModel:
+    # 0.02-scale init gives near-uniform logits; scaled up, the samples depend on the model.
+    params = jax.tree.map(lambda x: 20.0 * x, init_params(jax.random.key(0), CONFIG))
+    return make_language_model(CONFIG, params, name="tiny-qwen2")
+
+
+def reward(tokens, length):
+    inside = jnp.arange(tokens.shape[0]) < length
+    return jnp.sum(jnp.where(inside, jnp.cos(tokens.astype(jnp.float32)), 0.0))
+
+
+SAMPLERS = {
+    "generate": lambda key, lm, prompt, mesh: js.generate(
+        key, lm, prompt, 12, num_samples=ROWS, mesh=mesh),
+    "power": lambda key, lm, prompt, mesh: js.power_sample(
+        key, lm, prompt, alpha=2.0, num_chains=ROWS, block_size=6, num_mcmc_steps=3,
+        max_new_tokens=12, mesh=mesh),
+    "smc": lambda key, lm, prompt, mesh: js.smc_decode(
+        key, lm, prompt, jax.tree_util.Partial(reward), num_particles=ROWS, max_new_tokens=12,
+        alpha=2.0, lam=0.5, block_size=4, num_rejuvenation_steps=1, mesh=mesh),
+}
+
+
+def run_all(lm, mesh, samplers=tuple(SAMPLERS)) -> dict[str, np.ndarray]:
+    """`{"sampler.leaf": array}` for every result leaf of each sampler in `samplers`."""
+    prompt = jnp.asarray([1, 5, 9, 2], jnp.int32)
+    flat = {}
+    for name in samplers:
+        result = SAMPLERS[name](jax.random.key(3), lm, prompt, mesh)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(result)[0]:
+            flat[name + jax.tree_util.keystr(path)] = np.asarray(leaf)
+    return flat
+
+
+def main(argv: list[str]) -> None:
+    argv = [a for a in argv if a != "--distributed"]
+    out, samplers, specs = argv[0], argv[1].split(","), argv[2:]
+    lm = tiny_lm()
+    saved = {}
+    for spec in specs:
+        mesh = None if spec == "none" else parallel.make_mesh(*parallel.parse_mesh(spec))
+        saved.update({f"{spec}/{k}": v for k, v in run_all(lm, mesh, samplers).items()})
+    if jax.process_index() == 0:
+        np.savez(out, **saved)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

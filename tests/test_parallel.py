@@ -1,0 +1,123 @@
+"""Meshes: the same keys give the same samples on one device, on 8 simulated CPU devices
+(data x model mesh) and on 2 localhost processes x 4 devices (JAX's distributed runtime with
+gloo CPU collectives).
+
+Integer results (tokens, lengths, cuts, acceptances, ancestors) must match exactly. Float
+results may differ by float32 reassociation only: a different per-device batch picks a
+different matmul blocking, and the model axis splits the attention-output and down-projection
+sums. The tiny model's logits reach O(100), so per-token log-probs carry rounding of about
+1e-7 x 100 = 1e-5, and the MH log ratios sum 12 of them: atol 2e-4, rtol 1e-5.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec as P
+
+from jaxsample import parallel
+from jaxsample.errors import ArgumentError
+
+sys.path.insert(0, str(Path(__file__).parent))
+import parallel_worker  # noqa: E402
+
+WORKER = Path(__file__).parent / "parallel_worker.py"
+ROOT = Path(__file__).parent.parent
+TIMEOUT_S = 600
+
+
+def _env(devices: int, **extra) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env.update(extra)
+    return env
+
+
+def _assert_same(reference: dict, results: dict, prefix: str) -> None:
+    for name, expected in reference.items():
+        got = results[f"{prefix}/{name}"]
+        if expected.dtype.kind == "f":
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-4, err_msg=name)
+        else:
+            np.testing.assert_array_equal(got, expected, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Single-device results of every sampler (this process has one CPU device)."""
+    return parallel_worker.run_all(parallel_worker.tiny_lm(), None)
+
+
+def test_mesh_of_8_simulated_devices_matches_one_device(reference, tmp_path):
+    out = tmp_path / "mesh.npz"
+    subprocess.run([sys.executable, str(WORKER), str(out), "generate,power,smc", "data=4,model=2"],
+                   env=_env(8), check=True, timeout=TIMEOUT_S, cwd=ROOT)
+    _assert_same(reference, dict(np.load(out)), "data=4,model=2")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_of_four_devices_match_one_process(reference, tmp_path):
+    out = tmp_path / "hosts.npz"
+    port = _free_port()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), "--distributed", str(out), "generate,smc", "data=4,model=2"],
+            env=_env(4, JAXSAMPLE_COORDINATOR=f"127.0.0.1:{port}", JAXSAMPLE_NUM_PROCESSES="2",
+                     JAXSAMPLE_PROCESS_ID=str(rank)),
+            cwd=ROOT,
+        )
+        for rank in range(2)
+    ]
+    try:
+        codes = [p.wait(timeout=TIMEOUT_S) for p in processes]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0, 0]
+    results = dict(np.load(out))
+    _assert_same({k: v for k, v in reference.items() if not k.startswith("power")}, results,
+                 "data=4,model=2")
+
+
+def test_mesh_arguments_are_checked():
+    assert parallel.parse_mesh("data=4,model=2") == (4, 2)
+    assert parallel.parse_mesh("model=2") == (1, 2)
+    with pytest.raises(ArgumentError, match="data=D or model=M"):
+        parallel.parse_mesh("data=0")
+    with pytest.raises(ArgumentError, match="needs 2 devices"):
+        parallel.make_mesh(data=2, model=1, devices=jax.devices()[:1])
+    two_rows = Mesh(np.asarray(jax.devices()[:1] * 2).reshape(2, 1), (parallel.DATA, parallel.MODEL))
+    with pytest.raises(ArgumentError, match="num_samples=3 must be a multiple"):
+        parallel.check_rows(two_rows, 3, "num_samples")
+
+
+def test_tensor_parallel_layout_splits_whole_heads():
+    config = parallel_worker.CONFIG  # 4 query heads, 2 kv heads, vocabulary 48
+    params = parallel_worker.tiny_lm().params
+    mesh = Mesh(np.asarray(jax.devices()[:1] * 2).reshape(1, 2), (parallel.DATA, parallel.MODEL))
+    specs = {jax.tree_util.keystr(path): sharding.spec for path, sharding in
+             jax.tree_util.tree_flatten_with_path(parallel.param_shardings(mesh, params, config))[0]}
+    model = parallel.MODEL
+    assert specs["['layers']['self_attn']['q_proj']['kernel']"] == P(None, None, model)
+    assert specs["['layers']['self_attn']['k_proj']['bias']"] == P(None, model)
+    assert specs["['layers']['self_attn']['o_proj']['kernel']"] == P(None, model, None)
+    assert specs["['layers']['mlp']['down_proj']['kernel']"] == P(None, model, None)
+    assert specs["['embed_tokens']['embedding']"] == P(model, None)
+    assert specs["['norm']['scale']"] == P()
+    four = Mesh(np.asarray(jax.devices()[:1] * 4).reshape(1, 4), (parallel.DATA, parallel.MODEL))
+    specs4 = {jax.tree_util.keystr(path): sharding.spec for path, sharding in
+              jax.tree_util.tree_flatten_with_path(parallel.param_shardings(four, params, config))[0]}
+    # 2 kv heads cannot split 4 ways: k/v stay whole (replicated); q (4 heads) splits.
+    assert specs4["['layers']['self_attn']['k_proj']['kernel']"] == P()
+    assert specs4["['layers']['self_attn']['q_proj']['kernel']"] == P(None, None, model)

@@ -1,0 +1,157 @@
+"""CausalRM losses: unbiasedness by exact enumeration over observation and label noise."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsample.errors import ArgumentError
+from jaxsample.training import causalrm
+
+FLIP_RATES = [(0.1, 0.2), (0.2, 0.1)]  # the reference code names these both ways round
+
+
+def flip_probability(clean, noisy, a, b):
+    """P(ỹ = noisy | y = clean)."""
+    flip = b if clean == 1 else a
+    return flip if noisy != clean else 1 - flip
+
+
+@pytest.mark.parametrize("a, b", FLIP_RATES)
+def test_corrected_loss_is_unbiased_for_the_clean_loss(a, b):
+    logits = jnp.linspace(-6, 6, 25)
+    for clean in (0, 1):
+        expected = sum(
+            flip_probability(clean, noisy, a, b) * causalrm.corrected_bce(logits, jnp.full(25, noisy), a, b)
+            for noisy in (0, 1)
+        )
+        np.testing.assert_allclose(expected, causalrm.bce(logits, float(clean)), atol=2e-6)
+
+
+def exact_expectation(per_item_loss, clean_prob, propensity, a, b):
+    """E over y ~ Bern(η), o ~ Bern(p), ỹ ~ flip(y) of the mean of per-item losses.
+
+    `per_item_loss(observed, noisy)` returns the `[N]` per-item values for configuration
+    arrays; the expectation of a mean of independent items is the mean of their expectations.
+    """
+    total = 0.0
+    n = len(clean_prob)
+    for y, o, noisy in itertools.product((0, 1), (0, 1), (0, 1)):
+        if o == 0 and noisy != y:
+            continue  # unobserved labels are never flipped (and never read)
+        weight = np.where(y == 1, clean_prob, 1 - clean_prob) * np.where(o == 1, propensity, 1 - propensity)
+        if o == 1:
+            weight = weight * flip_probability(y, noisy, a, b)
+        total = total + weight * np.asarray(per_item_loss(np.full(n, o), np.full(n, noisy)))
+    return float(np.mean(total))
+
+
+def per_item(loss_fn):
+    """Turns a mean-over-items loss into per-item values (N = 1 per call)."""
+    return jax.vmap(lambda *args: loss_fn(*(x[None] for x in args)))
+
+
+@pytest.mark.parametrize("a, b", FLIP_RATES)
+def test_ips_recovers_the_full_data_risk_exactly(a, b):
+    rng = np.random.default_rng(0)
+    n = 40
+    logits = jnp.asarray(rng.normal(0, 2, n), jnp.float32)
+    clean = rng.integers(0, 2, n).astype(np.float64)
+    propensity = jnp.asarray(rng.uniform(0.1, 1.0, n), jnp.float32)  # clip 0.1 inactive
+    ips = per_item(lambda f, o, y, p: causalrm.ips_loss(f, o, y, p, a, b))
+    value = exact_expectation(lambda o, y: ips(logits, o, y, propensity), clean, np.asarray(propensity), a, b)
+    assert value == pytest.approx(float(jnp.mean(causalrm.bce(logits, clean))), abs=2e-5)
+
+
+def test_ips_matches_the_clean_loss_by_monte_carlo_within_three_standard_errors():
+    rng = np.random.default_rng(1)
+    n, draws, a, b = 100, 2000, 0.1, 0.2
+    logits = jnp.asarray(rng.normal(0, 2, n), jnp.float32)
+    clean = jnp.asarray(rng.integers(0, 2, n))
+    propensity = jnp.asarray(rng.uniform(0.1, 1.0, n), jnp.float32)
+
+    def one(key):
+        s = causalrm.simulate(key, clean, propensity, a, b)
+        return causalrm.ips_loss(logits, s.observed, s.noisy, propensity, a, b)
+
+    values = np.asarray(jax.vmap(one)(jax.random.split(jax.random.key(0), draws)))
+    target = float(jnp.mean(causalrm.bce(logits, clean)))
+    assert abs(values.mean() - target) <= 3 * values.std(ddof=1) / np.sqrt(draws)
+
+
+@pytest.mark.parametrize("a, b", FLIP_RATES)
+def test_doubly_robust_is_unbiased_if_either_nuisance_is_right(a, b):
+    rng = np.random.default_rng(2)
+    n = 40
+    logits = jnp.asarray(rng.normal(0, 2, n), jnp.float32)
+    clean_prob = rng.uniform(0, 1, n)
+    true_p = rng.uniform(0.15, 1.0, n)
+    right_q = a + (1 - a - b) * clean_prob  # P(ỹ = 1 | x)
+    wrong_p = np.clip(true_p * rng.uniform(0.5, 1.5, n), 0.1, 1.0)
+    wrong_q = rng.uniform(0, 1, n)
+    target = float(np.mean(clean_prob * causalrm.bce(logits, 1.0) + (1 - clean_prob) * causalrm.bce(logits, 0.0)))
+    dr = per_item(lambda f, o, y, p, q: causalrm.dr_loss(f, o, y, p, q, a, b))
+
+    def expectation(p_hat, q_hat):
+        p_hat, q_hat = jnp.asarray(p_hat, jnp.float32), jnp.asarray(q_hat, jnp.float32)
+        return exact_expectation(lambda o, y: dr(logits, o, y, p_hat, q_hat), clean_prob, true_p, a, b)
+
+    assert expectation(wrong_p, right_q) == pytest.approx(target, abs=2e-5)
+    assert expectation(true_p, wrong_q) == pytest.approx(target, abs=2e-5)
+    assert abs(expectation(wrong_p, wrong_q) - target) > 1e-2  # the guarantee needs one of them
+
+
+@pytest.mark.parametrize("a, b", [(0.5, 0.5), (0.7, 0.4), (-0.1, 0.2), (0.2, 1.0)])
+def test_bad_flip_rates_raise(a, b):
+    with pytest.raises(ArgumentError, match="flip rate"):
+        causalrm.corrected_bce(jnp.zeros(3), jnp.zeros(3), a, b)
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.5, -0.2, float("nan")])
+def test_propensities_outside_unit_interval_raise(bad):
+    p = jnp.asarray([0.5, bad, 0.3])
+    with pytest.raises(ArgumentError, match="propensities must lie in \\(0, 1\\]"):
+        causalrm.ips_loss(jnp.zeros(3), jnp.ones(3), jnp.ones(3), p, 0.1, 0.2)
+
+
+def test_anchor_quantile_flip_rates_recover_the_true_rates():
+    a, b = 0.1, 0.2
+    eta = np.concatenate([np.zeros(200), np.linspace(0, 1, 600), np.ones(200)])
+    noisy_prob = a + (1 - a - b) * eta
+    a_hat, b_hat = causalrm.estimate_flip_rates(np.log(noisy_prob / (1 - noisy_prob)))
+    assert a_hat == pytest.approx(a, abs=1e-6) and b_hat == pytest.approx(b, abs=1e-6)
+
+
+def test_selection_propensity_meets_the_observation_rate_and_favours_high_ratings():
+    rating = np.linspace(1, 5, 1001)
+    p = causalrm.selection_propensity(rating, selection_strength=0.1, observation_rate=0.2)
+    assert p.mean() == pytest.approx(0.2, abs=1e-4)
+    assert np.all(np.diff(p) >= 0) and p.max() <= 1
+
+
+def test_evaluation_matches_brute_force_auroc_and_ece():
+    rng = np.random.default_rng(3)
+    p = rng.uniform(0, 1, 300).round(2)  # ties on purpose
+    y = (rng.uniform(0, 1, 300) < p).astype(int)
+    pairs = [(i, j) for i in np.flatnonzero(y == 1) for j in np.flatnonzero(y == 0)]
+    brute = np.mean([1.0 if p[i] > p[j] else 0.5 if p[i] == p[j] else 0.0 for i, j in pairs])
+    result = causalrm.evaluate_reward(p, y)
+    assert result.auroc == pytest.approx(brute, abs=1e-12)
+    bins = np.minimum((p * 10).astype(int), 9)
+    ece = sum(abs(p[bins == k].mean() - y[bins == k].mean()) * np.mean(bins == k) for k in range(10) if np.any(bins == k))
+    assert result.ece == pytest.approx(ece, abs=1e-6)  # evaluate_reward clips p to [1e-7, 1 - 1e-7]
+    assert result.bias == pytest.approx(p.mean() - y.mean())
+
+
+def test_fit_head_learns_a_linear_rule_and_stops_early():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(400, 5)).astype(np.float32)
+    y = (x[:, 0] - x[:, 1] > 0).astype(np.float32)
+    head = causalrm.fit_head(
+        jax.random.key(0), x, lambda logits, index: jnp.mean(causalrm.bce(logits, y[index])),
+        train_index=np.arange(300), validation_index=np.arange(300, 400), hidden=(), learning_rate=0.05, steps=400,
+    )
+    accuracy = np.mean((np.asarray(head.logits(x[300:])) > 0) == (y[300:] > 0.5))
+    assert accuracy > 0.9
