@@ -181,9 +181,17 @@ def allocation_rows(seed: int, config):
     rows = []
     for label, instances in (("optimised", chosen.instances), ("uniform", routing.uniform_allocation(g, config["gpus"]))):
         capacity = slots * instances
-        quality = [routing.evaluate(routing.route_batch(b["estimate"], costs, budget, capacity), b["true"], costs).quality for b in test]
+        quality, infeasible = [], 0
+        for b in test:
+            try:
+                assignment = routing.route_batch(b["estimate"], costs, budget, capacity)
+            except ArgumentError:  # this allocation cannot serve the batch within budget
+                infeasible += 1
+                continue
+            quality.append(routing.evaluate(assignment, b["true"], costs).quality)
         rows.append({"condition": "allocation", "method": label, "instances": "/".join(map(str, instances)),
-                     "quality": float(np.mean(quality)), "search_s": seconds if label == "optimised" else 0.0})
+                     "quality": float(np.mean(quality)) if quality else None,
+                     "infeasible_batches": infeasible, "search_s": seconds if label == "optimised" else 0.0})
     return rows
 
 
@@ -216,7 +224,7 @@ def summarize(run_dir: RunDirectory) -> str:
     rows = [row for record in run_dir.finished if record["key"] != "allocation" for row in record["rows"]]
     allocation = [row for record in run_dir.finished if record["key"] == "allocation" for row in record["rows"]]
     table = markdown_table(rows, ["condition", "method", "quality", "cost", "violation_rate", "max_overspend", "solve_ms", "radius"])
-    allocation_table = markdown_table(allocation, ["method", "instances", "quality", "search_s"])
+    allocation_table = markdown_table(allocation, ["method", "instances", "quality", "infeasible_batches", "search_s"])
     plot = _plot(run_dir, rows)
     text = f"{table}\n\nInstance allocation (g = 1/1/2/4 GPUs per instance):\n\n{allocation_table}\n\nplot: {plot}\nresults: {run_dir.results_path}\n"
     run_dir.write_text("summary.md", text)
