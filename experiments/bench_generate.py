@@ -6,13 +6,14 @@ both so every row decodes exactly `--new-tokens` tokens. All contenders are time
 interleaved (`timing.interleaved_timings`: warm-up excluded, median over `--samples`
 samples of at least `--min-sample-s` seconds each, with the spread).
 
-`--features` adds a row for `js.generate(record_features=True)` and `--intervention` one for
-generation under an empty intervention (a zero vector added after every block), each timed
+`--features` adds a row for `js.generate(record_features=True)`, `--intervention` one for
+generation under an empty intervention (a zero vector added after every block) and `--alqr`
+one under an A-LQR rank-one feedback controller at every block, each timed
 against plain `js.generate` in the same run, the contenders interleaved round by round;
 the ratios (median time / plain median time) are the cost of the model-internals hooks.
 
     python experiments/bench_generate.py --batch 8 --new-tokens 64
-    python experiments/bench_generate.py --model toy-decisions --features --intervention --no-transformers
+    python experiments/bench_generate.py --model toy-decisions --features --intervention --alqr --no-transformers
 """
 
 from __future__ import annotations
@@ -25,9 +26,19 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxsample as js
+from jaxsample import steering
 from jaxsample.errors import ArgumentError
 from jaxsample.models.registry import resolve
 from timing import interleaved_timings, machine, report
+
+
+def random_controller(lm) -> steering.Controller:
+    """A rank-one A-LQR controller with random unit directions and small gains."""
+    keys = jax.random.split(jax.random.key(0), 2)
+    shape = (lm.num_layers, lm.hidden_size)
+    v = jax.random.normal(keys[0], shape)
+    v = v / jnp.linalg.norm(v, axis=-1, keepdims=True)
+    return steering.Controller(d=1e-3 * jax.random.normal(keys[1], shape), v=v, beta=jnp.zeros(shape[:1]))
 
 
 def add_vector(layer, h, vectors):
@@ -44,6 +55,7 @@ def main(argv=None):
     parser.add_argument("--min-sample-s", type=float, default=2.0, help="minimum seconds per sample (calls are repeated to fill it)")
     parser.add_argument("--features", action="store_true", help="also time generation that records features, against plain generation")
     parser.add_argument("--intervention", action="store_true", help="also time generation under an empty (zero) intervention after every block, against plain generation")
+    parser.add_argument("--alqr", action="store_true", help="also time generation under an A-LQR rank-one feedback controller at every block (random directions: the cost does not depend on them), against plain generation")
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison (e.g. for the hook rows alone)")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
@@ -75,6 +87,8 @@ def main(argv=None):
             tuple(range(lm.num_layers)),
         )
         contenders["intervention"] = generator(lm_no_stop.with_intervention(empty))
+    if args.alqr:
+        contenders["alqr"] = generator(lm_no_stop.with_intervention(steering.alqr_intervention(random_controller(lm))))
     if not args.no_transformers:
         contenders["transformers"] = torch_generator(args, lm, prompt)
 
@@ -97,7 +111,7 @@ def main(argv=None):
         summaries.append(f"js.generate is {result['speedup']:.2f}x transformers' generate "
                          f"({result['jax_tokens_per_s']:.0f} vs {result['transformers_tokens_per_s']:.0f} tokens/s; "
                          f"spreads {timings['plain']['spread']:.0%} / {timings['transformers']['spread']:.0%})")
-    for name in ("features", "intervention"):
+    for name in ("features", "intervention", "alqr"):
         if name in timings:
             row = timings[name]
             result[f"{name}_ratio_to_plain"] = row["median_s"] / plain

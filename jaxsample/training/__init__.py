@@ -12,6 +12,7 @@ orbax checkpoints); `rewards` the task graders as reward functions; `sft` a warm
 """
 
 from jaxsample.training import causalrm
+from jaxsample.training import rewards
 from jaxsample.training.codistill import (
     KD_COMBINES,
     WEIGHT_LEVELS,
@@ -82,6 +83,7 @@ __all__ = [
     "optimize",
     "pad_prompts",
     "policy_model",
+    "rewards",
     "rollout",
     "sample_and_grade",
     "score_large",
