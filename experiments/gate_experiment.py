@@ -5,8 +5,8 @@ Reconstruction of Scrivens, arXiv 2604.00072 (spec §2). For each controller dim
 the single Lipschitz ball, ball chaining and per-group chaining (analytic bounds, δ = 0
 unconditionally), and classifier gates (logistic regression, k-NN, random forest, MLP) trained
 on labelled ungated proposals, with a fixed threshold 0.5 or thresholds annealed so that
-held-out unsafe proposals pass at rate ≈ 0.5 · n^−1.5. Then the modular-addition transformer
-(spec §2.5): unembedding-only adaptation with the exact canary-logit bound (logistic gates,
+held-out unsafe proposals pass at rate ≈ δ_1 · n^−1.5 (δ_1: the fixed threshold's rate).
+Then the modular-addition transformer (spec §2.5): unembedding-only adaptation with the exact canary-logit bound (logistic gates,
 ball, chain, group chain), and LoRA adaptation with chaining on an estimated bound κ · max‖∇s‖
 (`--kappas`; conditional). Logged: cumulative false accepts, true accepts, reward improvement,
 distance from θ_0 in single-ball radii r_0, chain transitions.
@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-runs", type=int, default=40, help="ungated runs whose proposals train each classifier (as many again calibrate the annealed thresholds)")
     parser.add_argument("--train-steps", type=int, default=15, help="steps per ungated training run")
     parser.add_argument("--modulus", type=int, default=23, help="p of the modular-addition transformer (0: skip the transformer)")
-    parser.add_argument("--train-model-steps", type=int, default=100, help="AdamW steps training the transformer (cached in the run directory)")
+    parser.add_argument("--train-model-steps", type=int, default=40, help="AdamW steps training the transformer (cached in the run directory)")
     parser.add_argument("--kappas", default="1,2", help="comma-separated safety factors κ of the estimated LoRA bound (empty: skip LoRA)")
     parser.add_argument("--lora-rank", type=int, default=2, help="LoRA rank on q_proj and v_proj")
 
@@ -83,7 +83,11 @@ def classifier_gates(key, problem, names, config, unit_radius):
     for kind in sorted({name.rsplit("_", 1)[0] for name in names}):
         score = safety.fit_classifier(kind, jax.random.fold_in(fit_key, safety.CLASSIFIERS.index(kind)), candidates, safe)
         unsafe_scores = jax.vmap(score)(held_out[~held_out_safe])
-        schedules = {"fixed": jnp.float32(0.5), "annealed": safety.annealed_thresholds(unsafe_scores, config["iterations"])}
+        # Annealing starts where the fixed threshold is (its held-out unsafe accept rate) and
+        # tightens as n^-1.5; it is never laxer than the fixed gate.
+        fixed_rate = max(float(np.mean(np.asarray(unsafe_scores) >= 0.5)), 1.0 / len(unsafe_scores))
+        annealed = jnp.maximum(0.5, safety.annealed_thresholds(unsafe_scores, config["iterations"], scale=fixed_rate))
+        schedules = {"fixed": jnp.float32(0.5), "annealed": annealed}
         for schedule, thresholds in schedules.items():
             if f"{kind}_{schedule}" in names:
                 gates[f"{kind}_{schedule}"] = safety.classifier_gate(score, thresholds, problem.safety, unit_radius=unit_radius)

@@ -21,7 +21,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from jaxsample.errors import ArgumentError
-from jaxsample.safety.gate import Gate, GateState, _count, initial_state
+from jaxsample.safety.gate import Gate, GateState, initial_state, record_decision
 from jaxsample.validation import check_int, check_real
 
 Array = jax.Array
@@ -165,7 +165,7 @@ def classifier_gate(
         cut = thresholds[jnp.minimum(state.step, thresholds.shape[0] - 1)]
         accepted = score_fn(flat) >= cut
         candidate_margin = jnp.asarray(safety_fn(candidate), jnp.float32) - threshold
-        state = _count(state, flat, accepted, candidate_margin)
+        state = record_decision(state, flat, accepted, candidate_margin)
         return accepted, state._replace(centre=jnp.where(accepted, flat, state.centre))
 
     return Gate(init, accept)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from jaxsample.errors import ArgumentError
-from jaxsample.safety.lipschitz import LipschitzBound, _check_group_ids
+from jaxsample.safety.lipschitz import LipschitzBound, check_group_ids
 
 Array = jax.Array
 
@@ -75,7 +75,7 @@ def _safe_ratio(numerator: Array, denominator: Array) -> Array:
     return jnp.where(denominator > 0, numerator / jnp.where(denominator > 0, denominator, 1.0), jnp.inf)
 
 
-def _count(state: GateState, flat: Array, accepted: Array, candidate_margin: Array) -> GateState:
+def record_decision(state: GateState, flat: Array, accepted: Array, candidate_margin: Array) -> GateState:
     """Bookkeeping shared by every gate. A NaN margin counts as unsafe."""
     unsafe = ~(candidate_margin >= 0)
     distance = jnp.linalg.norm(flat - state.origin) / state.initial_radius
@@ -151,7 +151,7 @@ def ball_gate(
 
     def init(params) -> GateState:
         if group_ids is not None:
-            _check_group_ids(group_ids, ravel_pytree(params)[0].shape[0])
+            check_group_ids(group_ids, ravel_pytree(params)[0].shape[0])
         flat, margin, value = measure(params)
         return initial_state(flat, margin, value, _safe_ratio(margin, jnp.linalg.norm(value)))
 
@@ -167,7 +167,7 @@ def ball_gate(
         flat = flat.astype(jnp.float32)
         accepted = cost(state, flat) <= state.margin
         candidate_margin = jnp.asarray(safety_fn(candidate), jnp.float32) - threshold
-        new_state = _count(state, flat, accepted, candidate_margin)
+        new_state = record_decision(state, flat, accepted, candidate_margin)
         if not chain:
             return accepted, new_state
 

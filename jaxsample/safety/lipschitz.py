@@ -42,7 +42,7 @@ class LipschitzBound:
             raise ArgumentError(f"kind must be one of {KINDS}, got {self.kind!r}")
 
 
-def _check_group_ids(group_ids, size: int) -> np.ndarray:
+def check_group_ids(group_ids, size: int) -> np.ndarray:
     ids = np.asarray(group_ids)
     if ids.shape != (size,) or not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0:
         raise ArgumentError(
@@ -81,7 +81,7 @@ def mlp_lipschitz_bound(
     if group_ids is None:
         return LipschitzBound(jnp.float32(spectral[0] * rest), "analytic")
     first = jnp.asarray(weights[0], jnp.float32)
-    ids = _check_group_ids(group_ids, first.shape[1])
+    ids = check_group_ids(group_ids, first.shape[1])
     per_group = jnp.stack([jnp.linalg.norm(first[:, ids == g], ord=2) if (ids == g).any() else jnp.float32(0)
                            for g in range(ids.max() + 1)])
     return LipschitzBound((per_group * rest).astype(jnp.float32), "analytic")
@@ -134,7 +134,7 @@ def sampled_lipschitz_bound(
     directions /= jnp.linalg.norm(directions, axis=-1, keepdims=True)
     lengths = radius * jax.random.uniform(length_key, (num_samples, 1)) ** (1.0 / size)
     offsets = jnp.concatenate([jnp.zeros((1, size), jnp.float32), directions * lengths])
-    ids = None if group_ids is None else jnp.asarray(_check_group_ids(group_ids, size))
+    ids = None if group_ids is None else jnp.asarray(check_group_ids(group_ids, size))
     num_groups = None if ids is None else int(ids.max()) + 1
     gradient = jax.grad(lambda x: safety_fn(unravel(x)))
 

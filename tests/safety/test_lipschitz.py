@@ -23,7 +23,7 @@ def random_mlp(key, sizes):
     return weights, s
 
 
-def largest_gradient_norms(s, masks, key, starts=128, steps=150):
+def largest_gradient_norms(s, masks, key, starts=64, steps=120):
     """Gradient ascent on ‖∇s ⊙ mask‖² from many starts, for each mask `[M, dim]`: `[M]` maxima."""
 
     def norm_sq(x, mask):
