@@ -19,6 +19,7 @@ the ratios (median time / plain median time) are the cost of the model-internals
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import jax
@@ -56,6 +57,7 @@ def main(argv=None):
     parser.add_argument("--features", action="store_true", help="also time generation that records features, against plain generation")
     parser.add_argument("--intervention", action="store_true", help="also time generation under an empty (zero) intervention after every block, against plain generation")
     parser.add_argument("--alqr", action="store_true", help="also time generation under an A-LQR rank-one feedback controller at every block (random directions: the cost does not depend on them), against plain generation")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="time in wall seconds, or in CPU seconds of this process (steadier on a shared machine; not comparable with the transformers row, whose threads differ)")
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison (e.g. for the hook rows alone)")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
@@ -92,7 +94,8 @@ def main(argv=None):
     if not args.no_transformers:
         contenders["transformers"] = torch_generator(args, lm, prompt)
 
-    timings = interleaved_timings(contenders, args.samples, args.min_sample_s)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    timings = interleaved_timings(contenders, args.samples, args.min_sample_s, clock)
     tokens = args.batch * args.new_tokens
     plain = timings["plain"]["median_s"]
     result = {
@@ -101,6 +104,7 @@ def main(argv=None):
         "batch": args.batch,
         "new_tokens": args.new_tokens,
         "prompt_tokens": int(prompt.shape[0]),
+        "clock": args.clock,
         "jax_tokens_per_s": tokens / plain,
         "timings": timings,
     }

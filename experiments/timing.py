@@ -19,15 +19,15 @@ from typing import Callable
 import jax
 
 
-def _timed(fn: Callable, calls: int) -> float:
-    began = time.perf_counter()
+def _timed(fn: Callable, calls: int, clock: Callable = time.perf_counter) -> float:
+    began = clock()
     for _ in range(calls):
         jax.block_until_ready(fn())
-    return (time.perf_counter() - began) / calls
+    return (clock() - began) / calls
 
 
 def interleaved_timings(
-    contenders: dict[str, Callable], samples: int = 5, min_sample_s: float = 1.0
+    contenders: dict[str, Callable], samples: int = 5, min_sample_s: float = 1.0, clock: Callable = time.perf_counter
 ) -> dict[str, dict]:
     """Seconds per call of each contender.
 
@@ -37,6 +37,8 @@ def interleaved_timings(
       samples: timed samples per contender (rounds).
       min_sample_s: minimum duration of one sample; calls are repeated to reach it (≤ 0: one
         call per sample, without the calibration call; for contenders that take seconds).
+      clock: wall time by default; `time.process_time` (CPU seconds of this process, all
+        threads) is steadier on a machine shared with other jobs.
 
     Returns:
       name -> {"median_s", "min_s", "max_s", "spread", "samples", "calls_per_sample",
@@ -53,7 +55,7 @@ def interleaved_timings(
     for round_index in range(samples):
         offset = round_index % len(names)
         for name in names[offset:] + names[:offset]:
-            stats[name]["times"].append(_timed(contenders[name], stats[name]["calls_per_sample"]))
+            stats[name]["times"].append(_timed(contenders[name], stats[name]["calls_per_sample"], clock))
     result = {}
     for name, s in stats.items():
         times = s.pop("times")

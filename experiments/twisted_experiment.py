@@ -15,6 +15,9 @@ comparison repeats CTL and TRI at every `--learning-rates` value.
 
 The twist head reads the frozen model's hidden state and the position; twists are learned per
 problem (one head per problem and method), not amortised across problems.
+
+`--model toy-diffusion` runs the same comparison (untwisted and TRI) over the unmasking path of
+the masked-diffusion model (experiments/twisted_diffusion.py).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from jaxsample.errors import ArgumentError
 from jaxsample.validation import check_int, check_real
 from problems import add_problem_arguments, check_problem_config, load_model_and_problems, selected_methods
 from run_directory import RunDirectory, markdown_table
+from twisted_diffusion import DIFFUSION_METHODS, run_diffusion
 
 METHODS = ("untwisted", "ctl", "tri")
 LABELS = {"untwisted": "untwisted SMC", "ctl": "CTL twist", "tri": "TRI-TSMC twist"}
@@ -66,11 +70,13 @@ def learning_rates(config: dict) -> list[float]:
 def check_config(config: dict) -> None:
     selected_methods(config, METHODS)
     learning_rates(config)
-    check_problem_config(config, positive=("iterations", "eval_runs", "fit_steps", "hidden_size", "problems_per_k"),
+    # toy-diffusion carries its own fixed problem; the shared problem options are checked as for toy-decisions.
+    shared = dict(config, model="toy-decisions") if config["model"] == "toy-diffusion" else config
+    check_problem_config(shared, positive=("iterations", "eval_runs", "fit_steps", "hidden_size", "problems_per_k"),
                          non_negative=())
-    if config["task"] != "decisions" or config["model"] != "toy-decisions":
-        raise ArgumentError("twisted runs on --task decisions --model toy-decisions (the verifier needs the reference "
-                            "trace; the masked-diffusion model toy-diffusion is not built yet)")
+    if config["task"] != "decisions" or config["model"] not in ("toy-decisions", "toy-diffusion"):
+        raise ArgumentError("twisted runs on --task decisions with --model toy-decisions or --model toy-diffusion "
+                            "(the verifier needs the reference trace)")
     check_int("--particles", config["particles"], 2)
     check_real("--lam", config["lam"], "(-inf, inf)")
     check_real("--kl-budget", config["kl_budget"], "(0, inf)")
@@ -113,10 +119,16 @@ def exact_target(lm, problem, lam: float) -> dict:
     return {"exact_accuracy": base * np.exp(lam) / z, "exact_log_z": float(np.log(z))}
 
 
+def methods_run(config) -> list[str]:
+    """The selected methods this model has: CTL is not built for the diffusion path."""
+    methods = selected_methods(config, METHODS)
+    return [m for m in methods if m in DIFFUSION_METHODS] if config["model"] == "toy-diffusion" else methods
+
+
 def learning_units(config, problems):
     units = []
     for problem in problems:
-        for method in selected_methods(config, METHODS):
+        for method in methods_run(config):
             rates = [None] if method == "untwisted" else learning_rates(config)
             iterations = [0] if method == "untwisted" else range(config["iterations"] + 1)
             units += [(problem, method, lr, it) for lr in rates for it in iterations]
@@ -129,6 +141,8 @@ def unit_key(problem, method, lr, iteration) -> str:
 
 def run(run_dir: RunDirectory) -> str:
     config = run_dir.config
+    if config["model"] == "toy-diffusion":
+        return run_diffusion(run_dir, learning_rates, unit_key, summarize)
     lm, problems, max_new = load_model_and_problems(config)
     done = run_dir.done_keys()
     todo = [u for u in learning_units(config, problems) if unit_key(*u) not in done]
@@ -173,7 +187,7 @@ def summarize(run_dir: RunDirectory) -> str:
     records = run_dir.finished
     final = config["iterations"]
     rows = []
-    for method in selected_methods(config, METHODS):
+    for method in methods_run(config):
         rates = [None] if method == "untwisted" else learning_rates(config)
         for lr in rates:
             curve = [[r for r in records if r["method"] == method and r["learning_rate"] == lr and r["iteration"] == it]
@@ -198,6 +212,10 @@ def summarize(run_dir: RunDirectory) -> str:
             f"{config['eval_runs']} twisted SMC runs per problem; 'largest accuracy drop' is the largest decrease of the "
             f"mean accuracy between consecutive iterations (oscillation). Accuracy above σ's together with var log Z_hat ≈ 0 and a "
             f"negative log Z_hat − log Z means the proposal collapsed onto one trace (SMC no longer represents σ).\n\nplot: {plot_path}\nresults: {run_dir.results_path}\n")
+    if config["model"] == "toy-diffusion":
+        b, se = records[0]["b_hat"], records[0]["b_hat_se"]
+        text += (f"\ntoy-diffusion: the 'exact σ' row uses b̂ = {b:.4f} ± {se:.1e}, a Monte Carlo estimate of the model's "
+                 "probability of the right trace (mean over random unmasking orders); CTL is not built for the diffusion path.\n")
     run_dir.write_text("summary.md", text)
     return text
 
@@ -212,7 +230,7 @@ def _plot(run_dir, records):
     fields = [("accuracy", "accuracy"), ("ess_fraction", "ESS / N"), ("log_z_var", "var log Z_hat"), ("beta", "β (TRI)")]
     fig, axes = plt.subplots(1, len(fields), figsize=(4.0 * len(fields), 3.6))
     iterations = np.arange(config["iterations"] + 1)
-    for method in selected_methods(config, METHODS):
+    for method in methods_run(config):
         for lr in ([None] if method == "untwisted" else learning_rates(config)):
             label = LABELS[method] + ("" if lr is None else f", lr {lr:g}")
             for ax, (field, _) in zip(axes, fields):

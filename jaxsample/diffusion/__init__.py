@@ -9,6 +9,8 @@
 - Sampling: `unmask` (ancestral unmasking, K fixed steps, `lax.scan`), `unmask_step`.
 - Twisted SMC: `twisted_diffusion_smc`, `init`, `build_kernel` (reuses `jaxsample.smc`'s resamplers
   and log-weight helpers).
+- TRI-TSMC over the unmasking path: `learn_diffusion_twist` (linear head on denoiser features,
+  the landed `solve_trust_region_beta`).
 - Exact enumeration for tiny configs: `model_law`, `optimal_log_twist`, `tabular_log_twist_fn`.
 """
 
@@ -22,6 +24,17 @@ from jaxsample.diffusion.twisted import (
     init,
     twisted_diffusion_smc,
 )
+from jaxsample.diffusion import checkpoint
+from jaxsample.diffusion.checkpoint import load, load_problem, save
+from jaxsample.diffusion.twist_learning import (
+    TRIInfo,
+    UnmaskingPaths,
+    init_linear_twist,
+    learn_diffusion_twist,
+    linear_log_twist,
+    reconstruct_paths,
+    tri_iteration,
+)
 from jaxsample.diffusion.enumeration import model_law, optimal_log_twist, tabular_log_twist_fn
 
 __all__ = [
@@ -30,14 +43,24 @@ __all__ = [
     "DiffusionSMCResult",
     "DiffusionSMCState",
     "MaskedDiffusionLM",
+    "TRIInfo",
     "UnmaskResult",
+    "UnmaskingPaths",
     "build_kernel",
     "init",
+    "init_linear_twist",
     "init_model",
+    "learn_diffusion_twist",
+    "linear_log_twist",
+    "load",
+    "load_problem",
     "mdlm_loss",
     "model_law",
     "optimal_log_twist",
+    "reconstruct_paths",
+    "save",
     "tabular_log_twist_fn",
+    "tri_iteration",
     "twisted_diffusion_smc",
     "unmask",
     "unmask_step",

@@ -53,12 +53,14 @@ class DiffusionSMCState(NamedTuple):
 
 class DiffusionSMCInfo(NamedTuple):
     """ess f32 `[]` after the reweighting (before resampling); resampled bool `[]`;
-    ancestors int32 `[N]`; nan_or_inf bool `[]` (a NaN/+inf weight: the caller raises)."""
+    ancestors int32 `[N]`; nan_or_inf bool `[]` (a NaN/+inf weight: the caller raises);
+    position int32 `[N]`, the position each (post-resampling) particle unmasked."""
 
     ess: Array
     resampled: Array
     ancestors: Array
     nan_or_inf: Array
+    position: Array
 
 
 class DiffusionSMCResult(NamedTuple):
@@ -127,7 +129,8 @@ def build_kernel(model: MaskedDiffusionLM, log_twist_fn: LogTwistFn | None, log_
         tokens = tokens.at[jnp.arange(tokens.shape[0]), position].set(value)
         log_twist = jnp.take_along_axis(log_twist_next, choice[:, None], axis=-1)[:, 0]
         new_state = DiffusionSMCState(tokens, log_weights, log_twist, state.step + 1)
-        return new_state, DiffusionSMCInfo(info.ess, info.resampled, info.ancestors, info.nan_or_inf)
+        return new_state, DiffusionSMCInfo(info.ess, info.resampled, info.ancestors, info.nan_or_inf,
+                                           position.astype(jnp.int32))
 
     return step
 
@@ -142,8 +145,8 @@ def _run(key, model, twist_params, ess_threshold, *, log_twist_fn, log_potential
 
 def twisted_diffusion_smc(key: Array, model: MaskedDiffusionLM, log_potential_fn, *, num_particles: int,
                           log_twist_fn: LogTwistFn | None = None, twist_params: Any = None,
-                          ess_threshold: float = 0.5, resampler: str | Resampler = "systematic"
-                          ) -> DiffusionSMCResult:
+                          ess_threshold: float = 0.5, resampler: str | Resampler = "systematic",
+                          return_infos: bool = False):
     """Twisted SMC for σ(x_0) ∝ p_θ(x_0) φ(x_0) over the unmasking trajectory (module docstring).
 
     Args:
@@ -156,8 +159,9 @@ def twisted_diffusion_smc(key: Array, model: MaskedDiffusionLM, log_potential_fn
       twist_params: its (traced) parameters.
       ess_threshold: κ in [0, 1]: resample when ESS < κ N (traced).
       resampler: a name of `jaxsample.smc.RESAMPLERS` or a resampler.
+      return_infos: also return the per-step `DiffusionSMCInfo` (leaves `[T, ...]`).
     Returns:
-      `DiffusionSMCResult`; log Ẑ is unbiased for log Z on the exponential scale.
+      `DiffusionSMCResult` (Ẑ = exp(log_z) is unbiased for Z), or `(result, infos)`.
     Raises:
       ConfigError: num_steps != seq_len. ArgumentError: bad N or κ.
       NumericalError: a NaN or +inf log-weight appeared.
@@ -174,5 +178,6 @@ def twisted_diffusion_smc(key: Array, model: MaskedDiffusionLM, log_potential_fn
     if bool(np.any(np.asarray(infos.nan_or_inf))) or bool(np.isnan(np.asarray(state.log_weights)).any()):
         raise NumericalError("twisted diffusion SMC produced a NaN or +inf log-weight (check log_potential_fn "
                              "and log_twist_fn)")
-    return DiffusionSMCResult(state.tokens, state.log_weights, log_evidence(state.log_weights),
-                              infos.ess, infos.resampled)
+    result = DiffusionSMCResult(state.tokens, state.log_weights, log_evidence(state.log_weights),
+                                infos.ess, infos.resampled)
+    return (result, infos) if return_infos else result
