@@ -99,7 +99,7 @@ def assert_one_line_error(result, message):
         (b"1: 2\n", "option names must be strings, got 1"),
         (b"chains: [1, 2]\n", "--chains must be an integer, got [1, 2]"),
         (b"alpha: high\n", "--alpha must be a number, got 'high'"),
-        (b"task: chess\n", "--task must be one of decisions, arithmetic, math500, got 'chess'"),
+        (b"task: chess\n", "--task must be one of decisions, arithmetic, math500, humaneval, got 'chess'"),
         (b"- chains\n", "must hold a mapping of option names to values, got list"),
     ],
     ids=["invalid-yaml", "binary", "int-key", "list-for-int", "string-for-float", "bad-choice", "list"],
