@@ -25,6 +25,7 @@ import optax
 from jaxsample.diffusion.model import MaskedDiffusionLM
 from jaxsample.diffusion.twisted import LogTwistFn, twisted_diffusion_smc
 from jaxsample.smc.trust_region import solve_trust_region_beta, tempered_log_weights, trust_region_kl
+from jaxsample.smc.twist_learning import fit_steps
 from jaxsample.smc.weights import ess, log_evidence
 from jaxsample.validation import check_int, check_real
 
@@ -97,13 +98,7 @@ def _fit(model, params, opt_state, paths, weights, *, log_twist_fn, optimizer, n
     def loss_fn(p):
         return -jnp.sum(weights * path_log_q(model, log_twist_fn, p, paths))
 
-    def fit_step(carry, _):
-        p, state = carry
-        loss, grads = jax.value_and_grad(loss_fn)(p)
-        updates, state = optimizer.update(grads, state, p)
-        return (optax.apply_updates(p, updates), state), loss
-
-    (params, opt_state), losses = jax.lax.scan(fit_step, (params, opt_state), None, num_fit_steps)
+    params, opt_state, losses = fit_steps(loss_fn, optimizer, params, opt_state, num_fit_steps)
     return params, opt_state, losses[-1]
 
 

@@ -226,19 +226,30 @@ def _update(params, opt_state, paths: Paths, kl_budget, *, log_twist_fn, method,
             return tri_loss(p, log_twist_fn, paths, weights)
         return ctl_loss(p, log_twist_fn, paths, frozen)
 
-    def fit_step(carry, _):
-        p, state = carry
-        loss, grads = jax.value_and_grad(loss_fn)(p)
-        updates, state = _ADAM.update(grads, state, p)
-        return (optax.apply_updates(p, updates), state), loss
-
-    (params, opt_state), losses = jax.lax.scan(fit_step, (params, opt_state), None, num_fit_steps)
+    params, opt_state, losses = fit_steps(loss_fn, _ADAM, params, opt_state, num_fit_steps)
     info = TwistInfo(
         beta=jnp.mean(beta), kl=jnp.mean(kl), ess=jnp.mean(jax.vmap(ess)(log_w)),
         log_z=jnp.mean(jax.vmap(log_evidence)(log_w)),
         mean_log_potential=jnp.mean(paths.log_potential), loss=losses[-1],
     )
     return params, opt_state, info
+
+
+def fit_steps(loss_fn, optimizer: optax.GradientTransformation, params, opt_state, num_steps: int):
+    """`num_steps` optimiser steps on `loss_fn(params)` in one `lax.scan`.
+
+    Returns `(params, opt_state, losses [num_steps])`; the twist fits of the autoregressive
+    and the diffusion paths share it.
+    """
+
+    def fit_step(carry, _):
+        p, state = carry
+        loss, grads = jax.value_and_grad(loss_fn)(p)
+        updates, state = optimizer.update(grads, state, p)
+        return (optax.apply_updates(p, updates), state), loss
+
+    (params, opt_state), losses = jax.lax.scan(fit_step, (params, opt_state), None, num_steps)
+    return params, opt_state, losses
 
 
 def teacher_forced_paths(
