@@ -9,3 +9,20 @@ def smollm2():
     from jaxsample import models
 
     return models.load("smollm2-135m-instruct")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops every module's compiled XLA programs when the module ends.
+
+    The suite compiles thousands of programs in one process; XLA:CPU maps each one's code in
+    several memory mappings, and kept alive they approach the kernel's 65,530-mapping limit
+    (vm.max_map_count), where the next compilation segfaults.
+    """
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
