@@ -1,5 +1,6 @@
 """Activation steering: A-LQR feedback control of the residual stream, and open-loop
-baselines, all run inside the samplers as `jaxsample.Intervention`s."""
+baselines, all run inside the samplers as `jaxsample.Intervention`s; a bag-of-words attribute scorer
+measures what they change."""
 
 from jaxsample.steering.alqr import (
     Controller,
@@ -16,8 +17,10 @@ from jaxsample.steering.alqr import (
 )
 from jaxsample.steering.baselines import actadd_intervention, add_vector, mean_difference_intervention
 from jaxsample.steering.io import load_controller, save_controller
+from jaxsample.steering.scorer import BagOfWordsScorer, fit_bag_of_words, words
 
 __all__ = [
+    "BagOfWordsScorer",
     "Controller",
     "actadd_intervention",
     "add_vector",
@@ -25,6 +28,7 @@ __all__ = [
     "alqr_intervention",
     "contrastive_directions",
     "controller",
+    "fit_bag_of_words",
     "full_gain_intervention",
     "last_token_jacobian",
     "last_token_states",
@@ -34,4 +38,5 @@ __all__ = [
     "mean_difference_intervention",
     "riccati_gains",
     "save_controller",
+    "words",
 ]
