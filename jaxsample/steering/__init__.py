@@ -14,11 +14,20 @@ from jaxsample.steering.alqr import (
     linearisation_error,
     riccati_gains,
 )
-from jaxsample.steering.baselines import actadd_intervention, add_vector, mean_difference_intervention
+from jaxsample.steering.baselines import (
+    PIDGains,
+    actadd_intervention,
+    add_vector,
+    mean_difference_intervention,
+    pid_carry,
+    pid_feedback,
+    pid_intervention,
+)
 from jaxsample.steering.io import load_controller, save_controller
 
 __all__ = [
     "Controller",
+    "PIDGains",
     "actadd_intervention",
     "add_vector",
     "alqr_feedback",
@@ -32,6 +41,9 @@ __all__ = [
     "linearisation_error",
     "load_controller",
     "mean_difference_intervention",
+    "pid_carry",
+    "pid_feedback",
+    "pid_intervention",
     "riccati_gains",
     "save_controller",
 ]
