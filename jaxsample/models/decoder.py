@@ -147,6 +147,50 @@ def apply_layer(
 
 
 @functools.partial(jax.jit, static_argnames="config")
+def apply_layer_at_last(
+    params: Params,
+    config: ModelConfig,
+    i: Array,
+    context: Array,
+    last: Array,
+    positions: Array,
+    adapters: LoraAdapters | None = None,
+) -> Array:
+    """Decoder layer `i`'s output at the last of T positions, computing only that position.
+
+    Equals `apply_layer(..., concat(context, last))[:, -1]`. The T − 1 earlier positions
+    enter only through their keys and values, so a change of `last` (a Jacobian column)
+    costs one position's work, not T.
+
+    Args:
+      context: `[B, T-1, D]` residual stream of the earlier positions (T − 1 may be 0).
+      last: `[B, D]` residual stream at the last position.
+      positions: int32 `[B, T]` or `[T]` RoPE positions, the last one the query's.
+
+    Returns:
+      `[B, D]`, the residual stream leaving the layer at the last position.
+    """
+    batch, length = last.shape[0], context.shape[1] + 1
+    positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (batch, length))
+    layer = _layer(config, params)
+    layer_params = {"params": jax.tree.map(lambda x: x[i], params["layers"])}
+    lora = None if adapters is None else adapters.layer(i)
+
+    def project(module, h):
+        return module.self_attn.project(module.input_layernorm(h), positions[:, :-1], lora)
+
+    _, context_k, context_v = layer.apply(layer_params, context, method=project)
+
+    def attend(q, k, v):
+        keys = jnp.concatenate([context_k, k], axis=1)
+        values = jnp.concatenate([context_v, v], axis=1)
+        return grouped_attention(q, keys, values, jnp.ones((batch, 1, length), bool)), None
+
+    out, _ = layer.apply(layer_params, last[:, None], positions[:, -1:], attend, lora=lora)
+    return out[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames="config")
 def final_norm(params: Params, config: ModelConfig, h: Array) -> Array:
     """The final RMSNorm: `[..., D]` → the features `[..., D]` in the params' dtype."""
     return RMSNorm(config.rms_norm_eps, _dtype(params)).apply({"params": params["norm"]}, h)
@@ -418,6 +462,9 @@ class LayerFunctions:
 
     def apply_layer(self, params: Params, adapters, i: Array, h: Array, positions: Array) -> Array:
         return apply_layer(params, self.config, i, h, positions, adapters)
+
+    def apply_layer_at_last(self, params: Params, adapters, i: Array, context: Array, last: Array, positions: Array) -> Array:
+        return apply_layer_at_last(params, self.config, i, context, last, positions, adapters)
 
     def final_logits(self, params: Params, h: Array) -> Array:
         return final_logits(params, self.config, h)
