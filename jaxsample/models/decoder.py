@@ -246,14 +246,17 @@ def _causal_layers(
     if intervention is not None:
         xs["index"] = jnp.arange(config.num_hidden_layers, dtype=jnp.int32)
 
-    def body(h, x):
+    def body(state, x):
+        h, carry = state
         lora = None if adapters is None else {"weights": x["lora"], "scaling": adapters.scaling}
         out, kv = layer.apply({"params": x["params"]}, h, positions, lora=lora)
         if intervention is not None:
-            out = intervention.apply(x["index"], h, out, edit_mask)
-        return out, (kv if keep_kv else None, out if keep_outputs else None)
+            out, carry = intervention.apply(x["index"], h, out, edit_mask, carry)
+        return (out, carry), (kv if keep_kv else None, out if keep_outputs else None)
 
-    return jax.lax.scan(body, h, xs)
+    carry = None if intervention is None else intervention.init_carry(h)
+    (h, _), stacked = jax.lax.scan(body, (h, carry), xs)
+    return h, stacked
 
 
 FORWARD_OUTPUTS = ("logits", "features", "logits_and_features", "hidden_states")
@@ -411,8 +414,8 @@ def decode_step(
     visible = (jnp.arange(capacity)[None, :] <= slots[:, None])[:, None, :]  # [B, 1, S]
     layer = _layer(config, params)
 
-    def body(carry, x):
-        h, k_all, v_all, i = carry
+    def body(state, x):
+        h, k_all, v_all, i, carry = state
         lora = None if adapters is None else {"weights": x["lora"], "scaling": adapters.scaling}
 
         def attend(q, k, v):
@@ -424,12 +427,13 @@ def decode_step(
 
         out, (k_all, v_all) = layer.apply({"params": x["params"]}, h, slots[:, None], attend, lora=lora)
         if intervention is not None:
-            out = intervention.apply(i, h, out, jnp.ones((batch, 1), bool))
-        return (out, k_all, v_all, i + 1), None
+            out, carry = intervention.apply(i, h, out, jnp.ones((batch, 1), bool), carry)
+        return (out, k_all, v_all, i + 1, carry), None
 
     xs = {"params": params["layers"]} if adapters is None else {"params": params["layers"], "lora": adapters.weights}
     h = embed(params, config, tokens[:, None])
-    (h, k_all, v_all, _), _ = jax.lax.scan(body, (h, cache.k, cache.v, jnp.int32(0)), xs)
+    carry = None if intervention is None else intervention.init_carry(h)
+    (h, k_all, v_all, _, _), _ = jax.lax.scan(body, (h, cache.k, cache.v, jnp.int32(0), carry), xs)
     features = final_norm(params, config, h[:, 0])
     logits = jnp.where((slots < capacity)[:, None], unembed(params, config, features), jnp.nan)
     if with_features:

@@ -15,13 +15,22 @@ from jaxsample.steering.alqr import (
     linearisation_error,
     riccati_gains,
 )
-from jaxsample.steering.baselines import actadd_intervention, add_vector, mean_difference_intervention
+from jaxsample.steering.baselines import (
+    PIDGains,
+    actadd_intervention,
+    add_vector,
+    mean_difference_intervention,
+    pid_carry,
+    pid_feedback,
+    pid_intervention,
+)
 from jaxsample.steering.io import load_controller, save_controller
 from jaxsample.steering.scorer import BagOfWordsScorer, fit_bag_of_words, words
 
 __all__ = [
     "BagOfWordsScorer",
     "Controller",
+    "PIDGains",
     "actadd_intervention",
     "add_vector",
     "alqr_feedback",
@@ -36,6 +45,9 @@ __all__ = [
     "linearisation_error",
     "load_controller",
     "mean_difference_intervention",
+    "pid_carry",
+    "pid_feedback",
+    "pid_intervention",
     "riccati_gains",
     "save_controller",
     "words",
