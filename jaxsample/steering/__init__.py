@@ -1,5 +1,6 @@
 """Activation steering: A-LQR feedback control of the residual stream, and open-loop
-baselines, all run inside the samplers as `jaxsample.Intervention`s."""
+baselines, all run inside the samplers as `jaxsample.Intervention`s; a bag-of-words attribute scorer
+measures what they change."""
 
 from jaxsample.steering.alqr import (
     Controller,
@@ -24,8 +25,10 @@ from jaxsample.steering.baselines import (
     pid_intervention,
 )
 from jaxsample.steering.io import load_controller, save_controller
+from jaxsample.steering.scorer import BagOfWordsScorer, fit_bag_of_words, words
 
 __all__ = [
+    "BagOfWordsScorer",
     "Controller",
     "PIDGains",
     "actadd_intervention",
@@ -34,6 +37,7 @@ __all__ = [
     "alqr_intervention",
     "contrastive_directions",
     "controller",
+    "fit_bag_of_words",
     "full_gain_intervention",
     "last_token_jacobian",
     "last_token_states",
@@ -46,4 +50,5 @@ __all__ = [
     "pid_intervention",
     "riccati_gains",
     "save_controller",
+    "words",
 ]
