@@ -480,6 +480,7 @@ def _plot(run_dir: RunDirectory, sweeps):
             axes[0].plot(layers, mean, style, color=COLORS[row["method"]], label=f"{row['method']} z={c}")
             axes[0].fill_between(layers, mean - sd, mean + sd, color=COLORS[row["method"]], alpha=0.1)
     axes[0].axhline(0, color="k", lw=0.5)
+    axes[0].set_xticks(np.arange(len(middle["rows"][0]["tracking0_mean"])))
     axes[0].set(xlabel="layer k (block input; L = output)", ylabel="v_kᵀx_k − β*_k", title=f"tracking error, λ = {middle['lam']:g}")
     axes[0].legend(fontsize=6, ncol=2)
     lams = [s["lam"] for s in sweeps]
