@@ -82,16 +82,6 @@ def check_config(config: dict) -> None:
         raise ArgumentError(f"--setpoint must be one of {SETPOINTS}, got {config['setpoint']!r}")
 
 
-def lams(config: dict) -> list[float]:
-    try:
-        values = [float(x) for x in str(config["lams"]).split(",") if x.strip()]
-    except ValueError:
-        raise ArgumentError(f"--lams must be comma-separated numbers, got {config['lams']!r}") from None
-    if not values or not all(np.isfinite(values)):
-        raise ArgumentError(f"--lams must hold at least one finite number, got {config['lams']!r}")
-    return values
-
-
 # ---------------------------------------------------------------------------------------
 # Text and metrics
 
@@ -305,9 +295,9 @@ def measure_cost(lm, setup: dict, lam: float, config: dict) -> dict:
 # Run and report
 
 
-def run(run_dir: RunDirectory) -> str:
+def run(run_dir: RunDirectory, sweep: list[float]) -> str:
+    """The smollm2 setting over the setpoint scales `sweep` (λ)."""
     config = run_dir.config
-    check_config(config)
     began = time.perf_counter()
     lm = js.load(config["model"])
     if lm.tokenizer is None:
@@ -322,7 +312,6 @@ def run(run_dir: RunDirectory) -> str:
     if "setup" not in done:
         run_dir.append({"key": "setup", "model": config["model"], "scorer_accuracy": scorer_accuracy, "scorer_held_out": len(labels), **info})
     key = jax.random.key(config["seed"])
-    sweep = lams(config)
     todo = (["none"] if "none" not in done else []) + [lam for lam in sweep if f"lam{lam:g}" not in done]
     for item in tqdm(todo, desc="steer smollm2", unit="setting"):
         if item == "none":

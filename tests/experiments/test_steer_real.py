@@ -1,4 +1,4 @@
-"""The real-model steering experiment (experiments/steer_real.py) end to end on a tiny random
+"""`run.py steer --setting smollm2` (experiments/steer_real.py) end to end on a tiny random
 decoder with SmolLM2's tokenizer, and its repetition metric."""
 
 import json
@@ -12,8 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "experiments"))
 
+import run  # noqa: E402
 import steer_real  # noqa: E402
-from run_directory import RunDirectory  # noqa: E402
 
 from jaxsample import models  # noqa: E402
 from jaxsample.models.registry import resolve  # noqa: E402
@@ -40,15 +40,13 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
-def test_steer_real_runs_every_method_at_matched_control_size(tmp_path, tiny_checkpoint):
-    config = {
-        "model": str(tiny_checkpoint), "setpoint": "centred", "jacobian_tokens": 24, "samples": 2,
-        "temperature": 1.0, "top_p": 0.9, "timing_samples": 0, "lams": "3", "q": 1.0, "r": 1.0,
-        "q_final": 1.0, "actadd_layer": 1, "pid_ki": 0.25, "pid_kd": 0.1, "setpoint_prompts": 6,
-        "jacobian_prompts": 2, "test_prompts": 3, "new_tokens": 4, "seed": 0,
-    }
-    summary = steer_real.run(RunDirectory(tmp_path / "run", config, resume=False))
-    records = {r["key"]: r for r in map(json.loads, (tmp_path / "run" / "results.jsonl").read_text().splitlines())}
+def test_steer_smollm2_setting_runs_every_method_at_matched_control_size(tmp_path, tiny_checkpoint):
+    out = tmp_path / "run"
+    argv = ["steer", "--setting", "smollm2", "--model", str(tiny_checkpoint), "--lams", "3", "--timing-samples", "0",
+            "--setpoint-prompts", "6", "--jacobian-prompts", "2", "--test-prompts", "3", "--samples", "2",
+            "--new-tokens", "4", "--actadd-layer", "1", "--out", str(out)]
+    assert run.main(argv) == 0
+    records = {r["key"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     assert set(records) == {"setup", "none", "lam3"}
     assert records["setup"]["test_prompts"] == 3 and records["setup"]["scorer_accuracy"] > 0.5
     # the centred setpoint puts the two classes at λ = ±1/2 along every block's direction
@@ -62,4 +60,8 @@ def test_steer_real_runs_every_method_at_matched_control_size(tmp_path, tiny_che
         assert rows[method]["u"] == pytest.approx(target, rel=1e-4)
     for row in [*rows.values(), records["none"]["rows"][0]]:
         assert len(row["texts"]) == 6 and 0 <= row["positive"] <= 1 and row["perplexity"] > 1
-    assert "| λ | method |" in summary and (tmp_path / "run" / "steer_smollm2.png").stat().st_size > 0
+    assert "| λ | method |" in (out / "summary.md").read_text() and (out / "steer_smollm2.png").stat().st_size > 0
+    with pytest.raises(SystemExit):  # the tiny model has 3 blocks
+        run.main([*argv[:-1], str(tmp_path / "bad"), "--actadd-layer", "3"])
+    with pytest.raises(SystemExit):
+        run.main(["steer", "--setting", "smollm2", "--top-p", "0", "--out", str(tmp_path / "bad2")])
