@@ -135,18 +135,10 @@ def sorting_evaluator(lm, config: dict, seed: int) -> Evaluator:
 def run_grpo(lm, state, config: dict, grpo: GRPOConfig, optimizer, prompt_fn, reward_fn, evaluate, seed: int, desc: str) -> dict:
     """GRPO from `state`; the held-out curve is [(step, accuracy, tokens generated so far)]."""
     step = grpo_step_fn(lm, grpo, optimizer, prompt_fn, reward_fn)
-    key = jax.random.key(seed)
-    eval_key = jax.random.fold_in(key, 10**6)
-    curve = [[0, evaluate(policy_model(lm, state.trainable, grpo.lora), jax.random.fold_in(eval_key, 0)), 0]]
-    tokens, history = 0, []
-    for t in tqdm(range(config["steps"]), desc=desc, unit="step", leave=False):
-        started = time.perf_counter()
-        state, metrics = step(jax.random.fold_in(key, t), state, t)
-        metrics["seconds_per_step"] = time.perf_counter() - started
-        tokens += metrics["tokens_generated"]
-        history.append(metrics)
-        if (t + 1) % config["eval_every"] == 0 or t + 1 == config["steps"]:
-            curve.append([t + 1, evaluate(policy_model(lm, state.trainable, grpo.lora), jax.random.fold_in(eval_key, t + 1)), tokens])
+    state, curve, tokens, history = _train(
+        step, state, config, seed, desc, "tokens_generated",
+        lambda state, key: [evaluate(policy_model(lm, state.trainable, grpo.lora), key)],
+    )
     return {
         "curve": curve,
         "initial_accuracy": curve[0][1],
@@ -167,24 +159,11 @@ def run_codistill(small_lm, large_lm, config: dict, cd: CoDistillConfig, prompt_
     optimizer = optax.adam(config["learning_rate"])
     step = codistill_step_fn(small_lm, large_lm, cd, optimizer, optimizer, prompt_fn, reward_fn)
     state = CoDistillState(init(small_lm, optimizer), init(large_lm, optimizer))
-    key = jax.random.key(seed)
-    eval_key = jax.random.fold_in(key, 10**6)
-
-    def point(t, tokens):
-        small = evaluate(small_lm.replace(params=state.small.trainable), jax.random.fold_in(eval_key, t))
-        large = evaluate(large_lm.replace(params=state.large.trainable), jax.random.fold_in(eval_key, t))
-        return [t, small, large, tokens]
-
-    curve = [point(0, 0)]
-    tokens, history = 0, []
-    for t in tqdm(range(config["steps"]), desc=desc, unit="step", leave=False):
-        started = time.perf_counter()
-        state, metrics = step(jax.random.fold_in(key, t), state, t)
-        metrics["seconds_per_step"] = time.perf_counter() - started
-        tokens += metrics["tokens_generated_small"]
-        history.append(metrics)
-        if (t + 1) % config["eval_every"] == 0 or t + 1 == config["steps"]:
-            curve.append(point(t + 1, tokens))
+    _, curve, tokens, history = _train(
+        step, state, config, seed, desc, "tokens_generated_small",
+        lambda state, key: [evaluate(small_lm.replace(params=state.small.trainable), key),
+                            evaluate(large_lm.replace(params=state.large.trainable), key)],
+    )
     mean = lambda k: float(np.mean([m[k] for m in history]))  # noqa: E731
     return {
         "curve": curve,
@@ -197,6 +176,27 @@ def run_codistill(small_lm, large_lm, config: dict, cd: CoDistillConfig, prompt_
         "iw_capped_fraction": mean("iw_capped_fraction"),
         **_median_phases(history, ("seconds_rollout", "seconds_reward", "seconds_score_large", "seconds_update", "seconds_per_step")),
     }
+
+
+def _train(step, state, config: dict, seed: int, desc: str, tokens_metric: str, evaluate_at):
+    """`config["steps"]` calls of `step(key, state, t)`, timed, with a held-out point before the
+    first and every `config["eval_every"]` steps. `evaluate_at(state, key)` gives a point's
+    accuracies; a curve row is [step, *accuracies, `tokens_metric` summed so far].
+
+    Returns `(state, curve, tokens, per-step metrics)`."""
+    key = jax.random.key(seed)
+    eval_key = jax.random.fold_in(key, 10**6)
+    curve = [[0, *evaluate_at(state, jax.random.fold_in(eval_key, 0)), 0]]
+    tokens, history = 0, []
+    for t in tqdm(range(config["steps"]), desc=desc, unit="step", leave=False):
+        started = time.perf_counter()
+        state, metrics = step(jax.random.fold_in(key, t), state, t)
+        metrics["seconds_per_step"] = time.perf_counter() - started
+        tokens += metrics[tokens_metric]
+        history.append(metrics)
+        if (t + 1) % config["eval_every"] == 0 or t + 1 == config["steps"]:
+            curve.append([t + 1, *evaluate_at(state, jax.random.fold_in(eval_key, t + 1)), tokens])
+    return state, curve, tokens, history
 
 
 def _median_phases(history: list[dict], keys) -> dict:
