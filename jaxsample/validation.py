@@ -9,6 +9,7 @@ inspected and pass unchecked; numpy integers count as integers everywhere.
 from __future__ import annotations
 
 import operator
+from collections.abc import Collection
 from typing import Any
 
 import jax
@@ -31,6 +32,13 @@ def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | 
         high = "inf" if maximum is None else maximum
         raise ArgumentError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
     return int(value)
+
+
+def check_choice(name: str, value: Any, allowed: Collection) -> Any:
+    """Returns `value`; raises unless it is one of `allowed`."""
+    if value not in allowed:
+        raise ArgumentError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+    return value
 
 
 _OPEN = {"(": operator.gt, "[": operator.ge}

@@ -26,6 +26,7 @@ from jaxsample.errors import ArgumentError
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc.acceptance import Trace
 from jaxsample.sampling import Proposal, proposal_log_probs
+from jaxsample.validation import check_int
 
 Prefix = tuple[int, ...]
 
@@ -198,8 +199,7 @@ def enumerate_completions(lm: LanguageModel, prompt, max_new_tokens: int,
         raise ArgumentError("prompt must hold at least one token")
     if any(not 0 <= t < lm.vocab_size for t in prompt):
         raise ArgumentError(f"prompt {prompt} has tokens outside the vocabulary [0, {lm.vocab_size})")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ArgumentError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    check_int("max_new_tokens", max_new_tokens, 1)
     if len(prompt) + max_new_tokens > lm.max_length:
         raise ArgumentError(f"prompt ({len(prompt)} tokens) + max_new_tokens={max_new_tokens} "
                             f"exceeds the {lm.max_length} positions of model {lm.name!r}")

@@ -23,6 +23,7 @@ from jaxsample.mcmc.cuts import CutLaw
 from jaxsample.sampling import Proposal
 from jaxsample.testing.enumeration import Enumeration, Prefix
 from jaxsample.testing.targets import Distribution
+from jaxsample.validation import check_int
 
 # (cut int [], current Trace [N], proposed Trace [N]) -> log r []  (one move; vmapped here)
 LogRatioFn = Callable[[jax.Array, Trace, Trace], jax.Array]
@@ -255,11 +256,10 @@ def sampler_law(completions: Enumeration, cut_law: CutLaw, proposal: Proposal,
       The output law over `completions.states()`.
     """
     N = completions.max_new_tokens
-    if not isinstance(block_size, int) or block_size < 1 or N % block_size:
-        raise ArgumentError(f"block_size must be an int >= 1 dividing max_new_tokens={N}, "
-                            f"got {block_size!r}")
-    if not isinstance(num_mcmc_steps, int) or num_mcmc_steps < 0:
-        raise ArgumentError(f"num_mcmc_steps must be an int >= 0, got {num_mcmc_steps!r}")
+    check_int("block_size", block_size, 1, N)
+    if N % block_size:
+        raise ArgumentError(f"block_size must divide max_new_tokens={N}, got {block_size}")
+    check_int("num_mcmc_steps", num_mcmc_steps, 0)
     proposal = proposal.validated()
     frozen: dict = {}
     active = {(): 1.0}

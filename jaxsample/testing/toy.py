@@ -24,6 +24,7 @@ from jax.tree_util import Partial
 
 from jaxsample.errors import ArgumentError
 from jaxsample.lm import LanguageModel
+from jaxsample.validation import check_int, check_real
 
 Prefix = tuple[int, ...]
 
@@ -41,11 +42,8 @@ def prefix_index(prefix: Prefix, vocab_size: int) -> int:
 
 
 def _check_size(vocab_size: int, max_new_tokens: int) -> None:
-    if not isinstance(vocab_size, int) or vocab_size < 2:
-        raise ArgumentError(f"vocab_size must be an int >= 2 (a stop token and one more), "
-                            f"got {vocab_size!r}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ArgumentError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    check_int("vocab_size", vocab_size, 2)  # a stop token and one more
+    check_int("max_new_tokens", max_new_tokens, 1)
     if _num_prefixes(vocab_size, max_new_tokens) > 1_000_000:
         raise ArgumentError(
             f"a tabular model with vocab_size={vocab_size} and max_new_tokens={max_new_tokens} "
@@ -128,8 +126,7 @@ def random_tabular_lm(vocab_size: int, max_new_tokens: int, seed: int = 0,
     """A tabular model with i.i.d. Gaussian logits N(0, 1) / `temperature` for every prefix;
     the stop token is the last id (V − 1). Low temperatures give peaked next-token laws."""
     _check_size(vocab_size, max_new_tokens)
-    if not float(temperature) > 0:
-        raise ArgumentError(f"temperature must be > 0, got {temperature}")
+    check_real("temperature", temperature, "(0, inf]")
     rows = _num_prefixes(vocab_size, max_new_tokens - 1) + 1
     table = np.random.default_rng(seed).normal(scale=1.0 / temperature, size=(rows, vocab_size))
     table[-1] = 0.0

@@ -30,13 +30,12 @@ from jaxsample.errors import ArgumentError
 from jaxsample.training.grpo import (
     LOG_RATIO_CLAMP,
     PolicyLossMetrics,
-    _check_choice,
-    _check_concrete,
     as_float,
     group_advantages,
     masked_mean,
     policy_loss,
 )
+from jaxsample.validation import check_choice, check_real
 
 Array = jax.Array
 
@@ -95,8 +94,8 @@ def small_model_advantages(
     Returns:
       float32 `[S, N]` per-token advantages (0 on padding).
     """
-    _check_choice("combine", combine, KD_COMBINES)
-    _check_concrete("lam", lam, lambda x: x >= 0, "must be >= 0")
+    check_choice("combine", combine, KD_COMBINES)
+    check_real("lam", lam, "[0, inf]")
     rewards = as_float(rewards)
     mask = as_float(mask)
     if kd.shape[0] != rewards.size:
@@ -129,8 +128,8 @@ def importance_weights(
     Returns:
       float32 `[S, N]`, stop-gradiented, 0 on padding.
     """
-    _check_choice("level", level, WEIGHT_LEVELS)
-    _check_concrete("cap", cap, lambda c: c > 0, "must be > 0")
+    check_choice("level", level, WEIGHT_LEVELS)
+    check_real("cap", cap, "(0, inf]")
     mask = as_float(mask)
     if level == "none":
         return mask

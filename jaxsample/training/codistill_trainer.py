@@ -28,7 +28,7 @@ from flax import struct
 
 from jaxsample.lm import LanguageModel
 from jaxsample.training.codistill import KD_COMBINES, WEIGHT_LEVELS, ImportanceWeightStats, large_loss, small_loss
-from jaxsample.training.grpo import _check_choice, _check_concrete, group_advantages
+from jaxsample.training.grpo import group_advantages
 from jaxsample.training.trainer import (
     GRPOConfig,
     Rollout,
@@ -42,6 +42,7 @@ from jaxsample.training.trainer import (
     score_rollout,
     update_info,
 )
+from jaxsample.validation import check_choice, check_real
 
 Array = jax.Array
 
@@ -66,10 +67,10 @@ class CoDistillConfig:
 
     def validated(self) -> "CoDistillConfig":
         self.grpo.validated()
-        _check_concrete("lam", self.lam, lambda x: x >= 0, "must be >= 0")
-        _check_concrete("cap", self.cap, lambda c: c > 0, "must be > 0")
-        _check_choice("combine", self.combine, KD_COMBINES)
-        _check_choice("weight_level", self.weight_level, WEIGHT_LEVELS)
+        check_real("lam", self.lam, "[0, inf]")
+        check_real("cap", self.cap, "(0, inf]")
+        check_choice("combine", self.combine, KD_COMBINES)
+        check_choice("weight_level", self.weight_level, WEIGHT_LEVELS)
         return self
 
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsample.errors import ArgumentError
+from jaxsample.validation import check_choice, check_real
 
 Array = jax.Array
 
@@ -55,20 +56,6 @@ def as_float(x) -> Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ArgumentError(f"{name} must be one of {allowed}, got {value!r}")
-
-
-def _check_concrete(name: str, value, ok, rule: str) -> None:
-    """Range check on a concrete float; traced values are the caller's responsibility."""
-    if isinstance(value, jax.core.Tracer):
-        return
-    value = float(value)
-    if value != value or not ok(value):
-        raise ArgumentError(f"{name} {rule}, got {value}")
-
-
 def group_advantages(rewards: Array, mode: str = "grpo", eps: float = 1e-6) -> Array:
     """Group-relative advantages A_i shared by every token of completion i.
 
@@ -82,11 +69,11 @@ def group_advantages(rewards: Array, mode: str = "grpo", eps: float = 1e-6) -> A
     Returns:
       float32 `[B, G]`; a group of identical rewards gets A = 0 (see `zero_variance_fraction`).
     """
-    _check_choice("mode", mode, ADVANTAGE_MODES)
+    check_choice("mode", mode, ADVANTAGE_MODES)
     rewards = as_float(rewards)
     if rewards.ndim != 2 or rewards.shape[1] < 2:
         raise ArgumentError(f"rewards must have shape [B, G] with G >= 2 completions per prompt, got {rewards.shape}")
-    _check_concrete("eps", eps, lambda e: e >= 0, "must be >= 0")
+    check_real("eps", eps, "[0, inf]")
     centred = rewards - rewards.mean(axis=1, keepdims=True)
     if mode == "dr_grpo":
         return centred
@@ -129,7 +116,7 @@ def kl_term(logp: Array, logp_ref: Array, logp_old: Array | None = None, kind: s
       float32 `[...]`, the per-token penalty (0 where the inputs are padding zeros only if the
       caller masks it; `policy_loss` does).
     """
-    _check_choice("kl_kind", kind, KL_KINDS)
+    check_choice("kl_kind", kind, KL_KINDS)
     logp = as_float(logp)
     if kind == "none":
         return jnp.zeros_like(logp)
@@ -186,7 +173,7 @@ def token_weights(mask: Array, aggregation: str = "seq_mean_token_mean") -> Arra
     Returns:
       float32 `[S, N]`, 0 where the mask is 0.
     """
-    _check_choice("aggregation", aggregation, AGGREGATIONS)
+    check_choice("aggregation", aggregation, AGGREGATIONS)
     mask = as_float(mask)
     if mask.ndim != 2:
         raise ArgumentError(f"mask must have shape [S, N], got {mask.shape}")
@@ -244,10 +231,10 @@ def policy_loss(
     Returns:
       `(loss float32 [], PolicyLossMetrics)`.
     """
-    _check_choice("kl_kind", kl_kind, KL_KINDS)
-    _check_concrete("eps_low", eps_low, lambda e: 0 <= e < 1, "must lie in [0, 1)")
-    _check_concrete("eps_high", eps_high, lambda e: e >= 0, "must be >= 0")
-    _check_concrete("beta", beta, lambda b: b >= 0, "must be >= 0")
+    check_choice("kl_kind", kl_kind, KL_KINDS)
+    check_real("eps_low", eps_low, "[0, 1)")
+    check_real("eps_high", eps_high, "[0, inf]")
+    check_real("beta", beta, "[0, inf]")
     logp = as_float(logp)
     if logp.ndim != 2 or jnp.shape(mask) != logp.shape:
         raise ArgumentError(f"logp and mask must both have shape [S, N], got {logp.shape} and {jnp.shape(mask)}")

@@ -44,12 +44,11 @@ from jaxsample.training.grpo import (
     ADVANTAGE_MODES,
     AGGREGATIONS,
     KL_KINDS,
-    _check_choice,
-    _check_concrete,
     group_advantages,
     policy_loss,
     zero_variance_fraction,
 )
+from jaxsample.validation import check_choice, check_real
 
 Array = jax.Array
 
@@ -116,13 +115,13 @@ class GRPOConfig:
             low = 2 if name == "group_size" else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ArgumentError(f"{name} must be an int >= {low}, got {value!r}")
-        _check_concrete("eps_low", self.eps_low, lambda e: 0 <= e < 1, "must lie in [0, 1)")
-        _check_concrete("eps_high", self.eps_high, lambda e: e >= 0, "must be >= 0")
-        _check_concrete("beta", self.beta, lambda b: b >= 0, "must be >= 0")
-        _check_concrete("eps_std", self.eps_std, lambda e: e >= 0, "must be >= 0")
-        _check_choice("kl_kind", self.kl_kind, KL_KINDS)
-        _check_choice("advantage_mode", self.advantage_mode, ADVANTAGE_MODES)
-        _check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        check_real("eps_low", self.eps_low, "[0, 1)")
+        check_real("eps_high", self.eps_high, "[0, inf]")
+        check_real("beta", self.beta, "[0, inf]")
+        check_real("eps_std", self.eps_std, "[0, inf]")
+        check_choice("kl_kind", self.kl_kind, KL_KINDS)
+        check_choice("advantage_mode", self.advantage_mode, ADVANTAGE_MODES)
+        check_choice("aggregation", self.aggregation, AGGREGATIONS)
         return self
 
 

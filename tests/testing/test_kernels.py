@@ -110,6 +110,6 @@ def test_sampler_law_without_steps_is_the_proposal_law():
                               block_size=2, num_mcmc_steps=0)
     expected = np.exp([SPACE.log_prob(x, proposal=proposal) for x in SPACE.sequences])
     np.testing.assert_allclose(law.probs, expected, rtol=0, atol=1e-14)
-    with pytest.raises(ArgumentError, match="block_size must be an int >= 1 dividing"):
+    with pytest.raises(ArgumentError, match="block_size must divide max_new_tokens=4, got 3"):
         testing.sampler_law(SPACE, uniform, proposal, testing.power_log_ratio(2.0, uniform),
                             block_size=3, num_mcmc_steps=1)
