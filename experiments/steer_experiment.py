@@ -82,6 +82,8 @@ def check_config(config: dict) -> None:
     for name in ("vocab", "layers", "width", "train_steps", "train_batch"):
         if not isinstance(config[name], int) or config[name] < 1:
             raise ArgumentError(f"--{name.replace('_', '-')} must be a positive integer, got {config[name]!r}")
+    if config["test_prompts"] < 2:
+        raise ArgumentError(f"--test-prompts must be at least 2 (standard errors per class), got {config['test_prompts']}")
     if config["prompt_length"] < 2:
         raise ArgumentError(f"--prompt-length must be at least 2 (BOS and one token), got {config['prompt_length']}")
     if config["vocab"] < 2 or config["vocab"] % 2:
