@@ -344,6 +344,7 @@ def summarize(run_dir: RunDirectory) -> str:
     text = [markdown_table(rows, list(rows[0]) if rows else ["λ"]), ""]
     setup, cost = records.get("setup"), records.get("cost")
     if setup:
+        shown = sorted({*range(0, len(setup["E_norm"]), 5), 1, 2, len(setup["E_norm"]) - 1})
         text += [
             f"Model {setup['model']}; {setup['test_prompts']} neutral test prompts × {run_dir.config['samples']} continuations of "
             f"{run_dir.config['new_tokens']} tokens (temperature {run_dir.config['temperature']:g}, top-p {run_dir.config['top_p']:g}), "
@@ -355,9 +356,10 @@ def summarize(run_dir: RunDirectory) -> str:
             f"Setpoint: {run_dir.config['setpoint']}; q = {run_dir.config['q']:g}, r = {run_dir.config['r']:g}, q_f = {run_dir.config['q_final']:g}. "
             f"E_k from {setup['setpoint_prompts']} prompts a side ({setup['states_s']:.0f} s); A_k over {setup['jacobian_prompts']} prompts × "
             f"{run_dir.config['jacobian_tokens']} tokens ({setup['jacobian_s']:.0f} s).",
-            "Position along v_k in units of ‖E_k‖ from the setpoint origin (the λ that targets it), block inputs k = 0, 5, ..., and the output: "
+            f"Mean position along v_k in units of ‖E_k‖ from the setpoint origin (the λ that targets it) at k = {shown} "
+            f"(block inputs; {len(setup['E_norm']) - 1} is the output): "
             + "; ".join(
-                f"{name} {[round(x, 2) for x in setup[field][::5] + setup[field][-1:]]}"
+                f"{name} {[round(setup[field][k], 2) for k in shown]}"
                 for name, field in (("desired", "desired_lam"), ("undesired", "undesired_lam"), ("test prompts", "test_lam"))
             ),
             f"Linearisation error ‖f(x+δ) − f(x) − Aδ‖/‖δ‖ of one Jacobian prompt at ‖δ‖/‖x‖ = {list(LINEARISATION_SCALES)}, with its own "
