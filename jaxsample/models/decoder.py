@@ -30,7 +30,7 @@ from jaxsample.validation import check_int
 from jaxsample.models.config import ModelConfig
 from jaxsample.models.intervention import Intervention, forward_mask, prefill_mask
 from jaxsample.models.lora import LoraAdapters, check_adapters
-from jaxsample.models.modules import DecoderLayer, RMSNorm, at_least_float32, grouped_attention
+from jaxsample.models.modules import DecoderLayer, RMSNorm, at_least_float32, decode_attention
 
 Array = jax.Array
 Params = Any
@@ -340,17 +340,22 @@ def decode_step(
     adapters: LoraAdapters | None = None,
     intervention: Intervention | None = None,
     with_features: bool = False,
+    prefix: KVCache | None = None,
 ):
     """Appends one token per row at slot `cache.length` and returns the next-token logits.
 
-    Rows write at their own slot (a per-row scatter), so rows may have any lengths, e.g.
-    after rewinding some of them with `cache._replace(length=shorter)`.
+    Rows write at their own slot (a per-row scatter into the cache carried through the
+    layer scan, which XLA updates in place), so rows may have any lengths, e.g. after
+    rewinding some of them with `cache._replace(length=shorter)`.
 
     Args:
       tokens: int `[B]`.
       cache: `KVCache` with B rows.
       adapters, intervention: as in `forward` (the fed token is edited for either positions).
       with_features: also return the final-norm hidden state at the fed token.
+      prefix: a one-row `KVCache` shared by every row (a prompt prefilled once), or None.
+        Its `length` `[1]` slots come before each row's own: row slot s holds position
+        `prefix.length + s`, and every row attends to the prefix without a copy of it.
 
     Returns:
       (float32 `[B, V]` logits, [float32 `[B, D]` features,] the cache with `length + 1`).
@@ -361,10 +366,14 @@ def decode_step(
     batch = tokens.shape[0]
     _check_cache(cache, batch, "decode tokens")
     _check_hooks(config, adapters, intervention)
+    if prefix is not None and prefix.k.shape[0] != 1:
+        raise ArgumentError(f"a shared prefix cache has one row, got {prefix.k.shape[0]}")
     capacity = cache.k.shape[2]
     slots = cache.length
     rows = jnp.arange(batch)
-    visible = (jnp.arange(capacity)[None, :] <= slots[:, None])[:, None, :]  # [B, 1, S]
+    visible = jnp.arange(capacity)[None, :] <= slots[:, None]  # [B, S]
+    offset = jnp.int32(0) if prefix is None else prefix.length[0]
+    prefix_visible = None if prefix is None else jnp.arange(prefix.k.shape[2]) < offset  # [P]
     layer = _layer(config, params)
 
     def body(carry, x):
@@ -376,14 +385,19 @@ def decode_step(
             v_new = v_all.at[rows, i, slots].set(v[:, 0].astype(v_all.dtype), mode="drop")
             keys = jax.lax.dynamic_index_in_dim(k_new, i, axis=1, keepdims=False)
             values = jax.lax.dynamic_index_in_dim(v_new, i, axis=1, keepdims=False)
-            return grouped_attention(q, keys.astype(q.dtype), values.astype(q.dtype), visible), (k_new, v_new)
+            shared = None if prefix is None else (x["prefix_k"], x["prefix_v"], prefix_visible)
+            return decode_attention(q, keys, values, visible, shared), (k_new, v_new)
 
-        out, (k_all, v_all) = layer.apply({"params": x["params"]}, h, slots[:, None], attend, lora=lora)
+        out, (k_all, v_all) = layer.apply({"params": x["params"]}, h, (offset + slots)[:, None], attend, lora=lora)
         if intervention is not None:
             out = intervention.apply(i, h, out, jnp.ones((batch, 1), bool))
         return (out, k_all, v_all, i + 1), None
 
-    xs = {"params": params["layers"]} if adapters is None else {"params": params["layers"], "lora": adapters.weights}
+    xs = {"params": params["layers"]}
+    if adapters is not None:
+        xs["lora"] = adapters.weights
+    if prefix is not None:
+        xs["prefix_k"], xs["prefix_v"] = prefix.k[0], prefix.v[0]
     h = embed(params, config, tokens[:, None])
     (h, k_all, v_all, _), _ = jax.lax.scan(body, (h, cache.k, cache.v, jnp.int32(0)), xs)
     features = final_norm(params, config, h[:, 0])

@@ -109,6 +109,32 @@ def test_rewound_rows_continue_from_their_new_length(params, lm):
     )
 
 
+def test_rows_decoding_on_a_shared_prefix_match_forward(params, lm):
+    """Rows continue one prefilled prefix (no copy of it per row), rewind and diverge."""
+    rng = np.random.default_rng(3)
+    prompt = rng.integers(0, CONFIG.vocab_size, size=9)
+    _, prefix = lm.prefill(jnp.asarray(prompt)[None], jnp.asarray([9]), lm.init_cache(1, 12))
+    prefix = prefix._replace(length=jnp.asarray([6], jnp.int32))  # rows continue prompt[:6]
+    continuations = rng.integers(0, CONFIG.vocab_size, size=(3, 7))
+    cache = lm.init_cache(3, 8)
+    deltas = []
+    for step in range(7):
+        logits, cache = lm.decode(jnp.asarray(continuations[:, step]), cache, prefix=prefix)
+        for row in range(3):
+            reference = _forward(params, np.concatenate([prompt[:6], continuations[row, : step + 1]]))[-1]
+            deltas.append(np.abs(logits[row] - reference).max())
+    cache = cache._replace(length=jnp.asarray([7, 2, 0], jnp.int32))
+    fed = rng.integers(0, CONFIG.vocab_size, size=3)
+    logits, _ = lm.decode(jnp.asarray(fed), cache, prefix=prefix)
+    for row, kept in enumerate([7, 2, 0]):
+        reference = _forward(params, np.concatenate([prompt[:6], continuations[row, :kept], fed[row : row + 1]]))
+        deltas.append(np.abs(logits[row] - reference[-1]).max())
+    print(f"\nshared-prefix decode vs forward: max|Δlogit| = {max(deltas):.2e}")
+    assert max(deltas) <= ATOL
+    with pytest.raises(ArgumentError, match="one row"):
+        lm.decode(jnp.asarray(fed), cache, prefix=lm.init_cache(2, 12))
+
+
 def test_out_of_range_lengths_give_nan_logits_not_clamped_values(lm):
     tokens = jnp.ones((2, 4), jnp.int32)
     logits, _ = lm.prefill(tokens, jnp.asarray([0, 4]), lm.init_cache(2, 4))
