@@ -26,6 +26,7 @@ import orca_experiment  # noqa: E402
 import power_experiment  # noqa: E402
 import route_experiment  # noqa: E402
 import smc_experiment  # noqa: E402
+import steer_experiment  # noqa: E402
 import twisted_experiment  # noqa: E402
 from run_directory import (  # noqa: E402
     Interrupted,
@@ -48,6 +49,7 @@ COMMANDS = {
     "gate": gate_experiment,
     "route": route_experiment,
     "causalrm": causalrm_experiment,
+    "steer": steer_experiment,
     "twisted": twisted_experiment,
     "grpo": grpo_experiment,
     "codistill": codistill_experiment,

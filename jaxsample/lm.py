@@ -216,6 +216,16 @@ class LanguageModel:
             positions = jnp.arange(h.shape[-2], dtype=jnp.int32)
         return layers.apply_layer(self.params, self.adapters, i, h, positions)
 
+    def apply_layer_at_last(self, i: int | Array, context: Array, last: Array, positions: Array | None = None) -> Array:
+        """Block `i`'s output at the last position only (equal to `apply_layer` on the
+        concatenation, at the last position): context `[B, T-1, D]`, last `[B, D]` → `[B, D]`.
+        The earlier positions enter through their keys and values alone, so differentiating
+        in `last` costs one position's work."""
+        layers = self._layers("apply_layer_at_last")
+        if positions is None:
+            positions = jnp.arange(context.shape[-2] + 1, dtype=jnp.int32)
+        return layers.apply_layer_at_last(self.params, self.adapters, i, context, last, positions)
+
     def final_logits(self, h: Array) -> Array:
         """Final norm and LM head on the last block's output: `[..., D]` → float32 `[..., V]`."""
         return self._layers("final_logits").final_logits(self.params, h)

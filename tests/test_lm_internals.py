@@ -62,6 +62,16 @@ def test_features_hidden_states_and_layer_functions_agree(lm):
     np.testing.assert_array_equal(lm.hidden_states(tokens[1]), hidden[:, 1])
 
 
+def test_apply_layer_at_last_equals_the_full_layer_at_the_last_position(lm):
+    h = lm.embed(_tokens(2, (2, 6)))
+    for i in range(lm.num_layers):
+        full = lm.apply_layer(i, h)
+        np.testing.assert_allclose(lm.apply_layer_at_last(i, h[:, :-1], h[:, -1]), full[:, -1], atol=ATOL)
+        h = full
+    # a one-token sequence has no context
+    np.testing.assert_allclose(lm.apply_layer_at_last(0, h[:, :0], h[:, 0]), lm.apply_layer(0, h[:, :1])[:, 0], atol=ATOL)
+
+
 def test_prefill_and_decode_return_features_of_the_fed_token(lm):
     tokens = _tokens(1, (3, 9))
     lengths = jnp.asarray([4, 9, 6])

@@ -147,6 +147,50 @@ def apply_layer(
 
 
 @functools.partial(jax.jit, static_argnames="config")
+def apply_layer_at_last(
+    params: Params,
+    config: ModelConfig,
+    i: Array,
+    context: Array,
+    last: Array,
+    positions: Array,
+    adapters: LoraAdapters | None = None,
+) -> Array:
+    """Decoder layer `i`'s output at the last of T positions, computing only that position.
+
+    Equals `apply_layer(..., concat(context, last))[:, -1]`. The T − 1 earlier positions
+    enter only through their keys and values, so a change of `last` (a Jacobian column)
+    costs one position's work, not T.
+
+    Args:
+      context: `[B, T-1, D]` residual stream of the earlier positions (T − 1 may be 0).
+      last: `[B, D]` residual stream at the last position.
+      positions: int32 `[B, T]` or `[T]` RoPE positions, the last one the query's.
+
+    Returns:
+      `[B, D]`, the residual stream leaving the layer at the last position.
+    """
+    batch, length = last.shape[0], context.shape[1] + 1
+    positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (batch, length))
+    layer = _layer(config, params)
+    layer_params = {"params": jax.tree.map(lambda x: x[i], params["layers"])}
+    lora = None if adapters is None else adapters.layer(i)
+
+    def project(module, h):
+        return module.self_attn.project(module.input_layernorm(h), positions[:, :-1], lora)
+
+    _, context_k, context_v = layer.apply(layer_params, context, method=project)
+
+    def attend(q, k, v):
+        keys = jnp.concatenate([context_k, k], axis=1)
+        values = jnp.concatenate([context_v, v], axis=1)
+        return grouped_attention(q, keys, values, jnp.ones((batch, 1, length), bool)), None
+
+    out, _ = layer.apply(layer_params, last[:, None], positions[:, -1:], attend, lora=lora)
+    return out[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames="config")
 def final_norm(params: Params, config: ModelConfig, h: Array) -> Array:
     """The final RMSNorm: `[..., D]` → the features `[..., D]` in the params' dtype."""
     return RMSNorm(config.rms_norm_eps, _dtype(params)).apply({"params": params["norm"]}, h)
@@ -202,14 +246,17 @@ def _causal_layers(
     if intervention is not None:
         xs["index"] = jnp.arange(config.num_hidden_layers, dtype=jnp.int32)
 
-    def body(h, x):
+    def body(state, x):
+        h, carry = state
         lora = None if adapters is None else {"weights": x["lora"], "scaling": adapters.scaling}
         out, kv = layer.apply({"params": x["params"]}, h, positions, lora=lora)
         if intervention is not None:
-            out = intervention.apply(x["index"], h, out, edit_mask)
-        return out, (kv if keep_kv else None, out if keep_outputs else None)
+            out, carry = intervention.apply(x["index"], h, out, edit_mask, carry)
+        return (out, carry), (kv if keep_kv else None, out if keep_outputs else None)
 
-    return jax.lax.scan(body, h, xs)
+    carry = None if intervention is None else intervention.init_carry(h)
+    (h, _), stacked = jax.lax.scan(body, (h, carry), xs)
+    return h, stacked
 
 
 FORWARD_OUTPUTS = ("logits", "features", "logits_and_features", "hidden_states")
@@ -376,8 +423,8 @@ def decode_step(
     prefix_visible = None if prefix is None else jnp.arange(prefix.k.shape[2]) < offset  # [P]
     layer = _layer(config, params)
 
-    def body(carry, x):
-        h, k_all, v_all, i = carry
+    def body(state, x):
+        h, k_all, v_all, i, carry = state
         lora = None if adapters is None else {"weights": x["lora"], "scaling": adapters.scaling}
 
         def attend(q, k, v):
@@ -390,8 +437,8 @@ def decode_step(
 
         out, (k_all, v_all) = layer.apply({"params": x["params"]}, h, (offset + slots)[:, None], attend, lora=lora)
         if intervention is not None:
-            out = intervention.apply(i, h, out, jnp.ones((batch, 1), bool))
-        return (out, k_all, v_all, i + 1), None
+            out, carry = intervention.apply(i, h, out, jnp.ones((batch, 1), bool), carry)
+        return (out, k_all, v_all, i + 1, carry), None
 
     xs = {"params": params["layers"]}
     if adapters is not None:
@@ -399,7 +446,8 @@ def decode_step(
     if prefix is not None:
         xs["prefix_k"], xs["prefix_v"] = prefix.k[0], prefix.v[0]
     h = embed(params, config, tokens[:, None])
-    (h, k_all, v_all, _), _ = jax.lax.scan(body, (h, cache.k, cache.v, jnp.int32(0)), xs)
+    carry = None if intervention is None else intervention.init_carry(h)
+    (h, k_all, v_all, _, _), _ = jax.lax.scan(body, (h, cache.k, cache.v, jnp.int32(0), carry), xs)
     features = final_norm(params, config, h[:, 0])
     logits = jnp.where((slots < capacity)[:, None], unembed(params, config, features), jnp.nan)
     if with_features:
@@ -428,6 +476,9 @@ class LayerFunctions:
 
     def apply_layer(self, params: Params, adapters, i: Array, h: Array, positions: Array) -> Array:
         return apply_layer(params, self.config, i, h, positions, adapters)
+
+    def apply_layer_at_last(self, params: Params, adapters, i: Array, context: Array, last: Array, positions: Array) -> Array:
+        return apply_layer_at_last(params, self.config, i, context, last, positions, adapters)
 
     def final_logits(self, params: Params, h: Array) -> Array:
         return final_logits(params, self.config, h)

@@ -12,6 +12,11 @@ Which positions are edited (`positions`):
   In a full forward, every position from `intervene_from` on (int32 `[B]`, default T − 1,
   the final position): passing the prompt length − 1 there (as `js.score` does) reproduces
   exactly the edits a steered generation saw.
+
+A carried intervention (`carry_init` set) also threads a per-position state through the
+layers of one forward or decode step, e.g. the running error sum of S-PID: it starts fresh
+at the first block of every forward, prefill and decode step, and is updated only where the
+edit applies. Without `carry_init` the decoder's program is the same as with no carry.
 """
 
 from __future__ import annotations
@@ -45,6 +50,11 @@ class Intervention:
       layers: block indices in `[0, L)` after which `fn` is applied.
       positions: `"last"` or `"all"` (module docstring).
       reads_block_input: pass the block input `x` to `fn` as a fourth argument.
+      carry_init: None, or `carry_init(h [B, T, D], params) -> carry`, a pytree of arrays
+        with leading dims `[B, T]` (one state per position), made from the first block's
+        input. Then `fn` takes the carry as its last argument and returns
+        `(h, carry)`; the carry passes from block to block within one forward / step.
+        Static, like `fn`.
     """
 
     fn: Callable = struct.field(pytree_node=False)
@@ -52,12 +62,15 @@ class Intervention:
     layers: tuple[int, ...] = struct.field(pytree_node=False)
     positions: str = struct.field(pytree_node=False, default="last")
     reads_block_input: bool = struct.field(pytree_node=False, default=False)
+    carry_init: Callable | None = struct.field(pytree_node=False, default=None)
 
     def check(self, num_layers: int) -> None:
         """Raises `ArgumentError` unless `layers` lie in `[0, num_layers)` and `positions`
         is `"last"` or `"all"`."""
         if not callable(self.fn):
             raise ArgumentError(f"Intervention fn must be callable, got {self.fn!r}")
+        if self.carry_init is not None and not callable(self.carry_init):
+            raise ArgumentError(f"Intervention carry_init must be callable or None, got {self.carry_init!r}")
         if self.positions not in POSITIONS:
             raise ArgumentError(f"Intervention positions must be one of {POSITIONS}, got {self.positions!r}")
         if not isinstance(self.layers, tuple) or not self.layers:
@@ -68,15 +81,39 @@ class Intervention:
                     f"Intervention layer {layer!r} is outside [0, {num_layers}) (the model's layers)"
                 )
 
-    def apply(self, layer: Array, block_input: Array, h: Array, mask: Array) -> Array:
+    def init_carry(self, h: Array):
+        """The carry entering the first block, whose input is `h [B, T, D]` (None if the
+        intervention carries nothing)."""
+        return None if self.carry_init is None else self.carry_init(h, self.params)
+
+    def apply(self, layer: Array, block_input: Array, h: Array, mask: Array, carry=None):
         """Block `layer`'s output `h [B, T, D]` (input `block_input`), edited where `mask`
-        (bool `[B, T]`) and `layer` is one of `layers`."""
+        (bool `[B, T]`) and `layer` is one of `layers`; returns `(h, carry)`, the carry
+        updated where the edit applies (None stays None)."""
         args = (layer, h, self.params) + ((block_input,) if self.reads_block_input else ())
-        edited = self.fn(*args)
+        if self.carry_init is None:
+            edited, new_carry = self.fn(*args), None
+        else:
+            edited, new_carry = self.fn(*args, carry)
         if edited.shape != h.shape:
             raise ArgumentError(f"Intervention fn returned shape {edited.shape} for h of shape {h.shape}")
         on = jnp.isin(layer, jnp.asarray(self.layers, jnp.int32)) & mask
-        return jnp.where(on[..., None], edited.astype(h.dtype), h)
+        if self.carry_init is not None:
+            new_carry = self._keep_where_off(on, new_carry, carry)
+        return jnp.where(on[..., None], edited.astype(h.dtype), h), new_carry
+
+    @staticmethod
+    def _keep_where_off(on: Array, new_carry, carry):
+        if jax.tree.structure(new_carry) != jax.tree.structure(carry):
+            raise ArgumentError(
+                f"Intervention fn returned a carry of structure {jax.tree.structure(new_carry)}, "
+                f"expected {jax.tree.structure(carry)} (that of carry_init)"
+            )
+        return jax.tree.map(
+            lambda new, old: jnp.where(on.reshape(on.shape + (1,) * (old.ndim - 2)), new.astype(old.dtype), old),
+            new_carry,
+            carry,
+        )
 
 
 def forward_mask(intervention: Intervention, positions: Array, intervene_from: Array | None) -> Array:

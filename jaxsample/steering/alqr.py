@@ -67,10 +67,12 @@ def contrastive_directions(desired: Array, undesired: Array) -> Array:
 
 def _block_output_at_last(lm: LanguageModel, layer, block_input: Array):
     """x ↦ block `layer`'s output at the last position of `block_input [1, T, D]` when the
-    state there is x (other positions held at their values)."""
+    state there is x (other positions held at their values; only the last position is
+    computed, so each Jacobian column costs one position's work)."""
+    context = block_input[:, :-1]
 
     def f(x):
-        return lm.apply_layer(layer, block_input.at[:, -1].set(x.astype(block_input.dtype)))[0, -1]
+        return lm.apply_layer_at_last(layer, context, x.astype(block_input.dtype)[None])[0]
 
     return f
 
