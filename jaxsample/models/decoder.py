@@ -378,6 +378,20 @@ def prefill(
     return logits, KVCache(k_cache, v_cache, lengths)
 
 
+_NARROWEST_WIDTH = 64
+
+
+def filled_widths(capacity: int) -> tuple[int, ...]:
+    """The attention widths a decode step picks from, widest first: the capacity, then the
+    powers of two below it down to 64. Each is one compiled branch; a step attends over the
+    narrowest that holds every row's filled slots, so early steps of a long generation do
+    not read the empty end of the cache."""
+    widths = [capacity]
+    while (narrower := 1 << (widths[-1] - 1).bit_length() - 1) >= _NARROWEST_WIDTH:
+        widths.append(narrower)
+    return tuple(widths)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "with_features"))
 def decode_step(
     params: Params,
@@ -393,7 +407,8 @@ def decode_step(
 
     Rows write at their own slot (a per-row scatter into the cache carried through the
     layer scan, which XLA updates in place), so rows may have any lengths, e.g. after
-    rewinding some of them with `cache._replace(length=shorter)`.
+    rewinding some of them with `cache._replace(length=shorter)`. Attention reads only the
+    first `filled_widths` slots that hold every row's filled ones.
 
     Args:
       tokens: int `[B]`.
@@ -423,17 +438,30 @@ def decode_step(
     prefix_visible = None if prefix is None else jnp.arange(prefix.k.shape[2]) < offset  # [P]
     layer = _layer(config, params)
 
+    widths = filled_widths(capacity)
+    # Attend over the narrowest width that holds every row's slots: the rest are empty.
+    width_index = jnp.sum(jnp.asarray(widths) > jnp.max(slots)) - 1
+
     def body(state, x):
         h, k_all, v_all, i, carry = state
         lora = None if adapters is None else {"weights": x["lora"], "scaling": adapters.scaling}
+        shared = None if prefix is None else (x["prefix_k"], x["prefix_v"], prefix_visible)
+
+        def attend_within(width):
+            def attend_slots(q, k_new, v_new):
+                window = (batch, 1, width) + k_new.shape[3:]
+                keys = jax.lax.dynamic_slice(k_new, (0, i, 0, 0, 0), window)[:, 0]
+                values = jax.lax.dynamic_slice(v_new, (0, i, 0, 0, 0), window)[:, 0]
+                return decode_attention(q, keys, values, visible[:, :width], shared)
+
+            return attend_slots
 
         def attend(q, k, v):
+            # The write stays outside the width branches, so the cache is updated in place.
             k_new = k_all.at[rows, i, slots].set(k[:, 0].astype(k_all.dtype), mode="drop")
             v_new = v_all.at[rows, i, slots].set(v[:, 0].astype(v_all.dtype), mode="drop")
-            keys = jax.lax.dynamic_index_in_dim(k_new, i, axis=1, keepdims=False)
-            values = jax.lax.dynamic_index_in_dim(v_new, i, axis=1, keepdims=False)
-            shared = None if prefix is None else (x["prefix_k"], x["prefix_v"], prefix_visible)
-            return decode_attention(q, keys, values, visible, shared), (k_new, v_new)
+            attended = jax.lax.switch(width_index, [attend_within(w) for w in widths], q, k_new, v_new)
+            return attended, (k_new, v_new)
 
         out, (k_all, v_all) = layer.apply({"params": x["params"]}, h, (offset + slots)[:, None], attend, lora=lora)
         if intervention is not None:
