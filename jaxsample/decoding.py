@@ -189,7 +189,7 @@ def init_decode(
 
     Args:
       lm: the model.
-      prompt_tokens: int32 `[T]` shared by every row (prefilled once, then broadcast), or
+      prompt_tokens: int32 `[T]` shared by every row (prefilled once into `prompt_cache`), or
         `[B, T]` right-padded prompts, one per row (B = num_rows).
       num_rows: B.
       max_new_tokens: N, the generation slots per row.

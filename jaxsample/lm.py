@@ -9,7 +9,7 @@ Cache contract (shared by the Flax ports and `from_logits_fn`): a cache is a pyt
 leaves all have the batch as their leading axis, and which has an int32 field
 `length: [B]`, the number of filled positions per row. Positions are slot indices (prompts
 are right-padded), so rewinding a row is `cache._replace(length=shorter)`: stale slots are
-masked, never read. Resampling particles is `jax.tree.map(lambda x: x[idx], cache)`.
+masked, never read. Resampling particles gathers every leaf (`jaxsample.rows.gather_rows`).
 
 - `prefill(tokens [B, T], lengths [B], cache)` writes slots `0..T-1` of every row, sets
   `length = lengths` and returns the logits of the token after each row's last real one,

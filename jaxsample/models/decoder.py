@@ -184,7 +184,7 @@ def apply_layer_at_last(
     def attend(q, k, v):
         keys = jnp.concatenate([context_k, k], axis=1)
         values = jnp.concatenate([context_v, v], axis=1)
-        return grouped_attention(q, keys, values, jnp.ones((batch, 1, length), bool)), None
+        return decode_attention(q, keys, values, jnp.ones((batch, length), bool)), None
 
     out, _ = layer.apply(layer_params, last[:, None], positions[:, -1:], attend, lora=lora)
     return out[:, 0]
