@@ -35,6 +35,7 @@ from jaxsample.errors import ArgumentError
 from jaxsample.lm import LanguageModel
 from jaxsample.scoring import score
 from jaxsample.training.trainer import rollout
+import steer_real
 from run_directory import RunDirectory, markdown_table
 
 SETTINGS = ("synthetic", "smollm2")
@@ -64,12 +65,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-steps", type=int, default=800, help="synthetic: optax steps")
     parser.add_argument("--train-batch", type=int, default=32, help="synthetic: sequences per step")
     parser.add_argument("--lr", type=float, default=3e-3, help="synthetic: peak AdamW learning rate")
+    steer_real.add_arguments(parser)
 
 
 def check_config(config: dict) -> None:
-    for name in ("setpoint_prompts", "jacobian_prompts", "test_prompts", "new_tokens", "vocab", "layers", "width", "train_steps", "train_batch"):
+    for name in ("setpoint_prompts", "jacobian_prompts", "test_prompts", "new_tokens"):
         if not isinstance(config[name], int) or config[name] < 1:
             raise ArgumentError(f"--{name.replace('_', '-')} must be a positive integer, got {config[name]!r}")
+    for name in ("q", "r", "q_final"):
+        if not config[name] > 0:
+            raise ArgumentError(f"--{name.replace('_', '-')} must be positive, got {config[name]}")
+    _lams(config)
+    if config["setting"] == "smollm2":  # the model's depth is checked once it is loaded
+        steer_real.check_config(config)
+        return
+    for name in ("vocab", "layers", "width", "train_steps", "train_batch"):
+        if not isinstance(config[name], int) or config[name] < 1:
+            raise ArgumentError(f"--{name.replace('_', '-')} must be a positive integer, got {config[name]!r}")
+    if config["test_prompts"] < 2:
+        raise ArgumentError(f"--test-prompts must be at least 2 (standard errors per class), got {config['test_prompts']}")
     if config["prompt_length"] < 2:
         raise ArgumentError(f"--prompt-length must be at least 2 (BOS and one token), got {config['prompt_length']}")
     if config["vocab"] < 2 or config["vocab"] % 2:
@@ -83,12 +97,10 @@ def check_config(config: dict) -> None:
             f"--prompt-length {config['prompt_length']} + --new-tokens {config['new_tokens']} must fit the "
             f"model's --sequence-length {config['sequence_length']}"
         )
-    for name in ("q", "r", "q_final", "lr"):
-        if not config[name] > 0:
-            raise ArgumentError(f"--{name.replace('_', '-')} must be positive, got {config[name]}")
+    if not config["lr"] > 0:
+        raise ArgumentError(f"--lr must be positive, got {config['lr']}")
     if not 0 <= config["actadd_layer"] < config["layers"]:
         raise ArgumentError(f"--actadd-layer must be in [0, {config['layers']}), got {config['actadd_layer']}")
-    _lams(config)
 
 
 def _lams(config) -> list[float]:
@@ -385,9 +397,7 @@ def evaluate_lam(key, lm, language, setup: Setup, lam: float, config: dict) -> l
 def run(run_dir: RunDirectory) -> str:
     config = run_dir.config
     if config["setting"] == "smollm2":
-        import steer_real
-
-        return steer_real.run(run_dir)
+        return steer_real.run(run_dir, _lams(config))
     language = make_language(config["vocab"], config["attribute_share"], config["seed"])
     lm, model_info = train_model(run_dir, language)
     run_dir.log.info("model NLL %.4f (true process %.4f)", model_info["model_nll"], model_info["true_nll"])
@@ -480,6 +490,7 @@ def _plot(run_dir: RunDirectory, sweeps):
             axes[0].plot(layers, mean, style, color=COLORS[row["method"]], label=f"{row['method']} z={c}")
             axes[0].fill_between(layers, mean - sd, mean + sd, color=COLORS[row["method"]], alpha=0.1)
     axes[0].axhline(0, color="k", lw=0.5)
+    axes[0].set_xticks(np.arange(len(middle["rows"][0]["tracking0_mean"])))
     axes[0].set(xlabel="layer k (block input; L = output)", ylabel="v_kᵀx_k − β*_k", title=f"tracking error, λ = {middle['lam']:g}")
     axes[0].legend(fontsize=6, ncol=2)
     lams = [s["lam"] for s in sweeps]

@@ -1,6 +1,13 @@
 """Fixtures shared across test directories."""
 
+import os
+
 import pytest
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # Under `pytest -n N` every worker is a JAX process; on a GPU the first would otherwise
+    # preallocate 75% of the device memory and leave the others too little.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 @pytest.fixture(scope="session")

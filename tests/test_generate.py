@@ -35,14 +35,18 @@ def _full_log_probs(lm, seq):
 def test_log_p_log_q_entropy_match_recomputation(lm):
     proposal = js.Proposal(temperature=0.6, top_k=4, top_p=0.85)
     result = js.generate(jax.random.key(0), lm, PROMPT, 12, 0.6, 4, 0.85, num_samples=16)
+    # One batched forward over the padded rows: the model is causal, so the logits before a
+    # row's length do not see its padding.
+    sequences = jnp.concatenate([jnp.broadcast_to(PROMPT, (16, len(PROMPT))), result.tokens], axis=1)
+    all_logits = lm.logits(sequences)[:, len(PROMPT) - 1 : -1]
+    all_log_p, all_entropy = map(np.asarray, js.token_log_probs(all_logits))
+    all_log_q = np.asarray(js.proposal_log_probs(all_logits, proposal))
     for row in range(16):
         n = int(result.lengths[row])
-        gen = result.tokens[row, :n]
-        logits = lm.logits(jnp.concatenate([PROMPT, gen]))[len(PROMPT) - 1 : -1]
-        log_p, entropy = js.token_log_probs(logits)
-        log_q = js.proposal_log_probs(logits, proposal)
-        np.testing.assert_allclose(result.log_p[row, :n], log_p[jnp.arange(n), gen], atol=1e-5)
-        np.testing.assert_allclose(result.log_q[row, :n], log_q[jnp.arange(n), gen], atol=1e-5)
+        gen = np.asarray(result.tokens[row, :n])
+        log_p, entropy, log_q = all_log_p[row, :n], all_entropy[row, :n], all_log_q[row, :n]
+        np.testing.assert_allclose(result.log_p[row, :n], log_p[np.arange(n), gen], atol=1e-5)
+        np.testing.assert_allclose(result.log_q[row, :n], log_q[np.arange(n), gen], atol=1e-5)
         np.testing.assert_allclose(result.entropy[row, :n], entropy, atol=1e-5)
         assert np.all(np.asarray(result.tokens[row, n:]) == lm.pad_token_id)
         stops = np.asarray(lm.is_stop(gen))

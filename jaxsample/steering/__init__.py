@@ -14,6 +14,7 @@ from jaxsample.steering.alqr import (
     layer_jacobians,
     linearisation_error,
     riccati_gains,
+    unit_directions,
 )
 from jaxsample.steering.baselines import (
     PIDGains,
@@ -50,5 +51,6 @@ __all__ = [
     "pid_intervention",
     "riccati_gains",
     "save_controller",
+    "unit_directions",
     "words",
 ]

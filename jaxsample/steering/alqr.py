@@ -183,8 +183,17 @@ def riccati_gains(A: Array, q, r, q_final) -> Array:
     return K
 
 
+def unit_directions(E: Array) -> tuple[Array, Array]:
+    """`(v [T, n], ‖E‖ [T])` with v_k = E_k/‖E_k‖, and v_k = 0 where E_k = 0: a layer where
+    the two prompt sets do not differ (e.g. the embedding, when every prompt ends in the
+    same token) has no direction to steer along."""
+    norms = jnp.linalg.norm(E, axis=-1)
+    return E / jnp.where(norms > 0, norms, 1.0)[:, None], norms
+
+
 def controller(K: Array, E: Array, lam) -> Controller:
-    """The rank-one controller: v_k = E_k/‖E_k‖, β*_k = λ‖E_k‖, d_k = K_k v_k.
+    """The rank-one controller: v_k = E_k/‖E_k‖, β*_k = λ‖E_k‖, d_k = K_k v_k (all zero at a
+    layer with E_k = 0, see `unit_directions`: no control there).
 
     Args:
       K: `[T, n, n]` gains.
@@ -192,9 +201,7 @@ def controller(K: Array, E: Array, lam) -> Controller:
       lam: λ, the setpoint scale (traced).
     """
     T = K.shape[0]
-    E = jnp.asarray(E)[:T]
-    norms = jnp.linalg.norm(E, axis=-1)
-    v = E / norms[:, None]
+    v, norms = unit_directions(jnp.asarray(E)[:T])
     return Controller(d=jnp.einsum("kij,kj->ki", K, v), v=v, beta=lam * norms)
 
 

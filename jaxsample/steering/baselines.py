@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from jaxsample.errors import ArgumentError
 from jaxsample.models.intervention import Intervention
-from jaxsample.steering.alqr import Controller
+from jaxsample.steering.alqr import Controller, unit_directions
 
 Array = jax.Array
 
@@ -33,9 +33,9 @@ def actadd_intervention(E: Array, layer: int, coefficient, positions: str = "las
 
 
 def mean_difference_intervention(E: Array, coefficient, num_layers: int, positions: str = "last") -> Intervention:
-    """A constant mean-difference vector at every block: u_k = c · E_k / ‖E_k‖."""
-    E = jnp.asarray(E)[:num_layers]
-    vectors = coefficient * E / jnp.linalg.norm(E, axis=-1, keepdims=True)
+    """A constant mean-difference vector at every block: u_k = c · E_k / ‖E_k‖ (0 where
+    E_k = 0)."""
+    vectors = coefficient * unit_directions(jnp.asarray(E)[:num_layers])[0]
     return Intervention(add_vector, vectors, tuple(range(num_layers)), positions)
 
 

@@ -46,3 +46,6 @@ def test_steer_command_rejects_bad_options(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run.main([*TINY, "--prompt-length", "8", "--out", str(tmp_path / "bad")])
     assert "must fit the model's --sequence-length" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run.main([*TINY, "--test-prompts", "1", "--out", str(tmp_path / "bad")])
+    assert "--test-prompts must be at least 2" in capsys.readouterr().err

@@ -28,15 +28,28 @@ def add_vector(layer, h, params):
 
 def _directional_check(fn, tree, seed):
     """`⟨∇fn(tree), u⟩` against (fn(tree + εu) − fn(tree − εu)) / 2ε for a random u."""
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    u = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
-    grad = jax.grad(fn)(tree)
-    analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(u)))
-    shifted = lambda sign: fn(jax.tree.map(lambda x, d: x + sign * STEP * d, tree, u))  # noqa: E731
+    # Jitted pieces: run eagerly, every leaf shape would compile its own small programs.
+    fn = jax.jit(fn)
+    u = jax.jit(_random_direction)(tree, jax.random.key(seed))
+    analytic = jax.jit(_tree_vdot)(jax.grad(fn)(tree), u)
+    shifted = lambda sign: fn(jax.jit(_shift)(tree, u, sign))  # noqa: E731
     numeric = (shifted(1.0) - shifted(-1.0)) / (2 * STEP)
     np.testing.assert_allclose(float(analytic), float(numeric), rtol=RTOL)
     assert abs(float(analytic)) > 1e-3  # a non-trivial direction
+
+
+def _random_direction(tree, key):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+def _tree_vdot(a, b):
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _shift(tree, u, sign):
+    return jax.tree.map(lambda x, d: x + sign * STEP * d, tree, u)
 
 
 def test_gradients_match_finite_differences_in_float64():

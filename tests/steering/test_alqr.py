@@ -152,3 +152,17 @@ def test_controller_save_and_load(tmp_path, lm):
     jax.tree.map(np.testing.assert_array_equal, loaded, ctrl)
     with pytest.raises(CheckpointError, match="no such steering controller"):
         steering.load_controller(tmp_path / "missing.safetensors")
+
+
+def test_a_layer_without_contrast_gets_no_control(lm):
+    """E_k = 0 (both prompt sets end in the same token at the embedding): v_k = d_k = 0 and
+    β*_k = 0, so that layer is left alone; the other layers are unchanged."""
+    K, ctrl = _controller(lm, lam=2.0)
+    E = jax.random.normal(jax.random.key(1), (CONFIG.num_hidden_layers + 1, CONFIG.hidden_size)).at[0].set(0.0)
+    zeroed = steering.controller(K, E, 2.0)
+    assert not np.any(zeroed.d[0]) and not np.any(zeroed.v[0]) and zeroed.beta[0] == 0
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[1:], b[1:], rtol=1e-6), zeroed, steering.controller(K, E.at[0].set(1.0), 2.0))
+    h = jnp.ones((1, 1, CONFIG.hidden_size))
+    assert np.array_equal(steering.alqr_feedback(0, h, zeroed, 2 * h), h)
+    vectors = steering.mean_difference_intervention(E, 3.0, CONFIG.num_hidden_layers).params
+    assert not np.any(vectors[0]) and np.all(np.isfinite(vectors))

@@ -1,0 +1,67 @@
+"""`run.py steer --setting smollm2` (experiments/steer_real.py) end to end on a tiny random
+decoder with SmolLM2's tokenizer, and its repetition metric."""
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import run  # noqa: E402
+import steer_real  # noqa: E402
+
+from jaxsample import models  # noqa: E402
+from jaxsample.models.registry import resolve  # noqa: E402
+
+
+def test_distinct_n_counts_repeated_ngrams():
+    assert steer_real.distinct_n([[1, 2, 1, 2]], 1) == 0.5
+    assert steer_real.distinct_n([[1, 2, 1, 2]], 2) == pytest.approx(2 / 3)
+    assert steer_real.distinct_n([[1, 2, 1, 2], [5]], 2) == pytest.approx(2 / 3)  # no bigram: not counted
+    assert np.isnan(steer_real.distinct_n([[], [3]], 2))
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    tokenizer = models.Tokenizer.from_gguf(resolve("smollm2-135m-instruct"))
+    config = models.ModelConfig.from_hf_dict({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": len(tokenizer),
+        "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "max_position_embeddings": 96, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+    })
+    path = tmp_path_factory.mktemp("tiny-smollm2-tokenizer")
+    models.save_pretrained(models.init_params(jax.random.key(0), config), config, path, tokenizer=tokenizer)
+    return path
+
+
+def test_steer_smollm2_setting_runs_every_method_at_matched_control_size(tmp_path, tiny_checkpoint):
+    out = tmp_path / "run"
+    argv = ["steer", "--setting", "smollm2", "--model", str(tiny_checkpoint), "--lams", "3", "--timing-samples", "0",
+            "--setpoint-prompts", "6", "--jacobian-prompts", "2", "--test-prompts", "3", "--samples", "2",
+            "--new-tokens", "4", "--actadd-layer", "1", "--out", str(out)]
+    assert run.main(argv) == 0
+    records = {r["key"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert set(records) == {"setup", "none", "lam3"}
+    assert records["setup"]["test_prompts"] == 3 and records["setup"]["scorer_accuracy"] > 0.5
+    # the centred setpoint puts the two classes at λ = ±1/2 along every block's direction
+    np.testing.assert_allclose(records["setup"]["desired_lam"][1:], 0.5, atol=1e-4)
+    np.testing.assert_allclose(records["setup"]["undesired_lam"][1:], -0.5, atol=1e-4)
+    rows = {row["method"]: row for row in records["lam3"]["rows"]}
+    assert set(rows) == set(steer_real.METHODS)
+    target = rows["alqr"]["u"]
+    assert target > 0
+    for method in ("actadd", "mean_difference"):  # open loop: matched exactly
+        assert rows[method]["u"] == pytest.approx(target, rel=1e-4)
+    for row in [*rows.values(), records["none"]["rows"][0]]:
+        assert len(row["texts"]) == 6 and 0 <= row["positive"] <= 1 and row["perplexity"] > 1
+    assert "| λ | method |" in (out / "summary.md").read_text() and (out / "steer_smollm2.png").stat().st_size > 0
+    with pytest.raises(SystemExit):  # the tiny model has 3 blocks
+        run.main([*argv[:-1], str(tmp_path / "bad"), "--actadd-layer", "3"])
+    with pytest.raises(SystemExit):
+        run.main(["steer", "--setting", "smollm2", "--top-p", "0", "--out", str(tmp_path / "bad2")])
