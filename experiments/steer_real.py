@@ -10,12 +10,13 @@ from the Riccati recursion (q, r, q_f). Every method steers `--test-prompts` neu
 sentence openings (data/steer_sentiment_neutral.txt) toward positive sentiment at the last
 prompt token and every generated token, `--samples` continuations each.
 
-Setpoint: with `--setpoint absolute` β*_k = λ‖E_k‖ (the reference code). In SmolLM2 the
-class means sit far from the origin along v_k at the early layers (about 24‖E_k‖ at block
-2, 0.5‖E_k‖ at the deep ones), so one λ would pull early layers toward the undesired side
-and deep ones toward the desired side. `--setpoint centred` (default) measures the setpoint
-from the midpoint m_k of the two class means: β*_k = v_kᵀm_k + λ‖E_k‖, so λ = ½ is the
-desired class mean at every layer and λ = 0 the midpoint.
+Setpoint: with `--setpoint absolute` (default) β*_k = λ‖E_k‖, as in the reference code. In
+SmolLM2 the class means sit far from the origin along v_k at the early blocks (24.7‖E_2‖
+at the input of block 2, within about ±2‖E_k‖ from block 15 on), so one λ asks the early blocks
+to move toward the undesired side and the deep ones toward the desired side.
+`--setpoint centred` measures the setpoint from the midpoint m_k of the two class means:
+β*_k = v_kᵀm_k + λ‖E_k‖, so λ = ½ is the desired class mean at every block and λ = 0 the
+midpoint. (Measured on SmolLM2, both work; see README.)
 
 Baselines at matched control size (Σ_k ‖u_k‖ at the last prompt token, averaged over the
 test prompts, equal to A-LQR's at the same λ): ActAdd (c·E_k at block `--actadd-layer`),
@@ -53,7 +54,7 @@ DATA = Path(__file__).resolve().parent / "data"
 DESIRED, UNDESIRED, NEUTRAL = (DATA / f"steer_sentiment_{side}.txt" for side in ("positive", "negative", "neutral"))
 SCORER_TRAIN, SCORER_TEST = DATA / "sentiment_train.tsv", DATA / "sentiment_test.tsv"
 METHODS = ("alqr", "spid", "actadd", "mean_difference")
-SETPOINTS = ("centred", "absolute")
+SETPOINTS = ("absolute", "centred")
 LINEARISATION_SCALES = (0.01, 0.03, 0.1, 0.3)
 CALIBRATION_ROUNDS = 4
 
@@ -62,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of the real-model setting only (λ, q, r, q_f, prompt counts and the
     S-PID / ActAdd settings are shared with the synthetic one)."""
     parser.add_argument("--model", default="smollm2-135m-instruct", help="smollm2 setting: registered model name or checkpoint directory (needs a tokenizer)")
-    parser.add_argument("--setpoint", choices=SETPOINTS, default="centred", help="smollm2 setting: β*_k = λ‖E_k‖ from the origin (absolute, the reference code) or from the class midpoint (centred)")
+    parser.add_argument("--setpoint", choices=SETPOINTS, default="absolute", help="smollm2 setting: β*_k = λ‖E_k‖ from the origin (absolute, the reference code) or from the class midpoint (centred)")
     parser.add_argument("--jacobian-tokens", type=int, default=24, help="smollm2 setting: tokens of each Jacobian prompt")
     parser.add_argument("--samples", type=int, default=2, help="smollm2 setting: continuations per test prompt")
     parser.add_argument("--temperature", type=float, default=1.0, help="smollm2 setting: sampling temperature")
@@ -344,6 +345,7 @@ def summarize(run_dir: RunDirectory) -> str:
     text = [markdown_table(rows, list(rows[0]) if rows else ["λ"]), ""]
     setup, cost = records.get("setup"), records.get("cost")
     if setup:
+        shown = sorted({*range(0, len(setup["E_norm"]), 5), 1, 2, len(setup["E_norm"]) - 1})
         text += [
             f"Model {setup['model']}; {setup['test_prompts']} neutral test prompts × {run_dir.config['samples']} continuations of "
             f"{run_dir.config['new_tokens']} tokens (temperature {run_dir.config['temperature']:g}, top-p {run_dir.config['top_p']:g}), "
@@ -355,9 +357,10 @@ def summarize(run_dir: RunDirectory) -> str:
             f"Setpoint: {run_dir.config['setpoint']}; q = {run_dir.config['q']:g}, r = {run_dir.config['r']:g}, q_f = {run_dir.config['q_final']:g}. "
             f"E_k from {setup['setpoint_prompts']} prompts a side ({setup['states_s']:.0f} s); A_k over {setup['jacobian_prompts']} prompts × "
             f"{run_dir.config['jacobian_tokens']} tokens ({setup['jacobian_s']:.0f} s).",
-            "Position along v_k in units of ‖E_k‖ from the setpoint origin (the λ that targets it), block inputs k = 0, 5, ..., and the output: "
+            f"Mean position along v_k in units of ‖E_k‖ from the setpoint origin (the λ that targets it) at k = {shown} "
+            f"(block inputs; {len(setup['E_norm']) - 1} is the output): "
             + "; ".join(
-                f"{name} {[round(x, 2) for x in setup[field][::5] + setup[field][-1:]]}"
+                f"{name} {[round(setup[field][k], 2) for k in shown]}"
                 for name, field in (("desired", "desired_lam"), ("undesired", "undesired_lam"), ("test prompts", "test_lam"))
             ),
             f"Linearisation error ‖f(x+δ) − f(x) − Aδ‖/‖δ‖ of one Jacobian prompt at ‖δ‖/‖x‖ = {list(LINEARISATION_SCALES)}, with its own "

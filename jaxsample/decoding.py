@@ -6,6 +6,11 @@ and the logits for each row's next position. `extend` grows rows inside one
 `lax.while_loop`; `rewind` cuts rows back (an MH cut); `take_rows` gathers rows (SMC
 resampling); `select_rows` picks per row between two states (MH accept/reject).
 
+Rows that continue one `[T]` prompt share its KV cache (`prompt_cache`): it is prefilled
+once, and every row's own cache holds only the prompt's last token and the generated part,
+so the memory of B rows is one prompt plus B generations, and resampling or accept/reject
+moves only the generated part.
+
 Generation-relative indexing everywhere: position j is the j-th generated token.
 """
 
@@ -19,6 +24,8 @@ import numpy as np
 
 from jaxsample.errors import ArgumentError, NumericalError
 from jaxsample.lm import LanguageModel
+from jaxsample.rows import Shared, gather_rows
+from jaxsample.rows import select_rows as _select_rows
 from jaxsample.sampling import Proposal, proposal_log_probs, token_log_probs, twisted_log_probs
 from jaxsample.validation import check_int
 
@@ -37,7 +44,9 @@ class DecodeState(NamedTuple):
       done: bool `[B]` the row ended with a stop token.
       prompt_length: int32 `[B]` real prompt tokens of the row.
       last_prompt_token: int32 `[B]` the prompt's last real token (fed again on a rewind to 0).
-      cache: the model cache; holds prompt_length + length positions.
+      cache: the rows' own model cache. With a `prompt_cache` it holds the prompt's last
+        token (slot 0) and the generated tokens fed so far; without one (a prompt per row),
+        the whole prompt_length + length positions.
       next_logits: float32 `[B, V]` logits of generated position `length`.
       features: float32 `[B, N, D]` final-norm hidden state at each generated token's
         position (written when the token is fed; 0 after length), or None when the state
@@ -47,6 +56,8 @@ class DecodeState(NamedTuple):
       log_twist: float32 `[B, N]` log ψ(x_<j, x_j) of each generated token under the
         proposal's twist, recorded when it was sampled (0 after length); `None` unless
         `init_decode(..., record_twist=True)`.
+      prompt_cache: `Shared` one-row cache of the prompt without its last token, continued
+        by every row (see `jaxsample.lm`), or None when each row holds its own prompt.
     """
 
     tokens: Array
@@ -62,6 +73,7 @@ class DecodeState(NamedTuple):
     features: Array | None = None
     next_features: Array | None = None
     log_twist: Array | None = None
+    prompt_cache: Shared | None = None
 
 
 def check_prompt(
@@ -177,7 +189,7 @@ def init_decode(
 
     Args:
       lm: the model.
-      prompt_tokens: int32 `[T]` shared by every row (prefilled once, then broadcast), or
+      prompt_tokens: int32 `[T]` shared by every row (prefilled once into `prompt_cache`), or
         `[B, T]` right-padded prompts, one per row (B = num_rows).
       num_rows: B.
       max_new_tokens: N, the generation slots per row.
@@ -189,14 +201,21 @@ def init_decode(
     """
     num_rows = check_int("num_rows", num_rows, 1)
     prompt, max_new_tokens = check_prompt(lm, prompt_tokens, max_new_tokens, shapes=(1, 2))
-    capacity = prompt.shape[-1] + max_new_tokens
+    prompt_cache = None
     if prompt.ndim == 1:
+        # The prompt is prefilled once; its last token is fed again on top of the shared
+        # prefix so that every row's cache starts with it (a rewind to 0 refeeds it there).
         length = jnp.asarray(prompt.shape[0] if prompt_lengths is None else prompt_lengths, jnp.int32)
-        cache = lm.init_cache(1, capacity)
-        prefilled = lm.prefill(prompt[None], length[None], cache, with_features=record_features)
-        prefilled = jax.tree.map(lambda x: jnp.repeat(x, num_rows, axis=0), prefilled)
+        last_token = prompt[length - 1]
+        _, prefix = lm.prefill(prompt[None], length[None], lm.init_cache(1, prompt.shape[0]))
+        prefix = prefix._replace(length=length[None] - 1)
+        decoded = lm.decode(
+            last_token[None], lm.init_cache(1, max_new_tokens + 1), with_features=record_features, prefix=prefix
+        )
+        prefilled = jax.tree.map(lambda x: jnp.repeat(x, num_rows, axis=0), decoded)
+        prompt_cache = Shared(prefix)
         prompt_length = jnp.full((num_rows,), length, jnp.int32)
-        last = jnp.full((num_rows,), prompt[length - 1], jnp.int32)
+        last = jnp.full((num_rows,), last_token, jnp.int32)
     else:
         if prompt.shape[0] != num_rows:
             raise ArgumentError(f"{prompt.shape[0]} prompts given for num_rows={num_rows}")
@@ -205,6 +224,7 @@ def init_decode(
             if prompt_lengths is None
             else jnp.asarray(prompt_lengths, jnp.int32)
         )
+        capacity = prompt.shape[1] + max_new_tokens
         prefilled = lm.prefill(prompt, lengths, lm.init_cache(num_rows, capacity), with_features=record_features)
         prompt_length = lengths
         last = jnp.take_along_axis(prompt, (lengths - 1)[:, None], axis=1)[:, 0]
@@ -228,6 +248,7 @@ def init_decode(
         features=features,
         next_features=next_features,
         log_twist=zeros if record_twist else None,
+        prompt_cache=prompt_cache,
     )
 
 
@@ -295,7 +316,9 @@ def extend(
             return jnp.take_along_axis(values, token[:, None], axis=1)[:, 0]
 
         recording = s.features is not None
-        decoded = lm.decode(jnp.where(is_active, token, lm.pad_token_id), s.cache, with_features=recording)
+        decoded = lm.decode(
+            jnp.where(is_active, token, lm.pad_token_id), s.cache, with_features=recording, prefix=_prefix(s)
+        )
         logits, cache = decoded[0], decoded[-1]
         cache = cache._replace(length=jnp.where(is_active, cache.length, s.cache.length))
         if recording:
@@ -332,9 +355,10 @@ def rewind(lm: LanguageModel, state: DecodeState, new_length: Array) -> DecodeSt
         state.tokens, jnp.maximum(new_length - 1, 0)[:, None], axis=1
     )[:, 0]
     feed = jnp.where(new_length > 0, last_kept, state.last_prompt_token)
-    cache = state.cache._replace(length=state.prompt_length + new_length - 1)
+    # The fed token's slot: with a shared prompt, row slot 0 holds the prompt's last token.
+    slot = new_length if state.prompt_cache is not None else state.prompt_length + new_length - 1
     recording = state.features is not None
-    decoded = lm.decode(feed, cache, with_features=recording)
+    decoded = lm.decode(feed, state.cache._replace(length=slot), with_features=recording, prefix=_prefix(state))
     logits, cache = decoded[0], decoded[-1]
     if recording:
         state = state._replace(
@@ -353,18 +377,20 @@ def rewind(lm: LanguageModel, state: DecodeState, new_length: Array) -> DecodeSt
     )
 
 
-def _row_mask(mask: Array, x: Array) -> Array:
-    return mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
+def _prefix(state: DecodeState):
+    return None if state.prompt_cache is None else state.prompt_cache.value
 
 
 def select_rows(mask: Array, new: DecodeState, old: DecodeState) -> DecodeState:
-    """Per row: `new` where `mask` (bool `[B]`) else `old` — the MH accept step."""
-    return jax.tree.map(lambda a, b: jnp.where(_row_mask(mask, a), a, b), new, old)
+    """Per row: `new` where `mask` (bool `[B]`) else `old` — the MH accept step. The shared
+    prompt cache is kept as it is."""
+    return _select_rows(mask, new, old)
 
 
 def take_rows(state: DecodeState, indices: Array) -> DecodeState:
     """Gathers rows `indices` (int32 `[B']`) of every per-row array — SMC resampling.
 
-    Not in place: the gathered cache is a new buffer, so the peak is about twice the cache.
+    Only the rows' own part moves (the shared prompt cache stays); with as many rows out as
+    in, the cache is gathered in place (`jaxsample.rows.gather_rows`).
     """
-    return jax.tree.map(lambda x: jnp.take(x, indices, axis=0), state)
+    return gather_rows(state, indices)

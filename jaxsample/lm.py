@@ -9,13 +9,17 @@ Cache contract (shared by the Flax ports and `from_logits_fn`): a cache is a pyt
 leaves all have the batch as their leading axis, and which has an int32 field
 `length: [B]`, the number of filled positions per row. Positions are slot indices (prompts
 are right-padded), so rewinding a row is `cache._replace(length=shorter)`: stale slots are
-masked, never read. Resampling particles is `jax.tree.map(lambda x: x[idx], cache)`.
+masked, never read. Resampling particles gathers every leaf (`jaxsample.rows.gather_rows`).
 
 - `prefill(tokens [B, T], lengths [B], cache)` writes slots `0..T-1` of every row, sets
   `length = lengths` and returns the logits of the token after each row's last real one,
   `[B, V]` float32.
-- `decode(tokens [B], cache)` writes each row's token at slot `length`, increments it and
-  returns the next-token logits `[B, V]` float32.
+- `decode(tokens [B], cache, prefix=None)` writes each row's token at slot `length`,
+  increments it and returns the next-token logits `[B, V]` float32. `prefix` is a one-row
+  cache from `prefill` shared by every row (one copy of a prompt for all MH chains or SMC
+  particles): its `length` slots precede each row's own, so row slot s is position
+  `prefix.length + s`. Row operations (resampling, accept/reject) never touch it; the decode
+  loop keeps it in `DecodeState.prompt_cache`, wrapped in `Shared`.
 
 Model internals (one forward, behind static switches; nothing changes for callers that do
 not ask, so samplers without them compile to the same programs):
@@ -74,8 +78,8 @@ class LanguageModel:
       init_cache_fn: `(batch_size, capacity) -> cache` (see module docstring).
       prefill_fn: `(params, tokens [B, T], lengths [B], cache, *, with_features=False,
         **hooks) -> (logits [B, V], [features [B, D],] cache)`.
-      decode_fn: `(params, tokens [B], cache, *, with_features=False, **hooks) ->
-        (logits [B, V], [features [B, D],] cache)`.
+      decode_fn: `(params, tokens [B], cache, *, with_features=False, prefix=None, **hooks)
+        -> (logits [B, V], [features [B, D],] cache)`; `prefix` is passed only when set.
       vocab_size: V, the width of the logits.
       max_length: positions the model supports (prompt + generation).
       eos_token_ids: the stop set: the union of the config's and generation config's ids.
@@ -262,10 +266,12 @@ class LanguageModel:
         (at each row's last real token)."""
         return self.prefill_fn(self.params, tokens, lengths, cache, with_features=with_features, **self._hooks())
 
-    def decode(self, tokens: Array, cache, *, with_features: bool = False):
+    def decode(self, tokens: Array, cache, *, with_features: bool = False, prefix=None):
         """Appends one token per row `[B]`; returns `(next-token logits [B, V], cache)`, or
-        `(logits, features [B, D], cache)` with `with_features` (at the fed token)."""
-        return self.decode_fn(self.params, tokens, cache, with_features=with_features, **self._hooks())
+        `(logits, features [B, D], cache)` with `with_features` (at the fed token).
+        `prefix`: a one-row prefilled cache every row continues (module docstring)."""
+        shared = {} if prefix is None else {"prefix": prefix}
+        return self.decode_fn(self.params, tokens, cache, with_features=with_features, **shared, **self._hooks())
 
     def is_stop(self, tokens: Array) -> Array:
         """Boolean mask of stop tokens, same shape as `tokens`."""
@@ -338,11 +344,20 @@ class LanguageModel:
         def at_last(values, cache):
             return jnp.take_along_axis(values, (cache.length - 1)[:, None, None], axis=1)[:, 0]
 
-        def outputs(cache, with_features):
-            logits = at_last(batched(cache.tokens), cache)
+        def outputs(cache, with_features, prefix=None):
+            tokens, last = cache.tokens, cache
+            if prefix is not None:
+                # The rows' slots follow the shared prefix: one buffer per row, prefix first
+                # (prefix + row lengths never exceed the P + S - 1 positions built here).
+                width = prefix.tokens.shape[1] + cache.tokens.shape[1] - 1
+                base = jnp.zeros((width,), jnp.int32).at[: prefix.tokens.shape[1]].set(prefix.tokens[0])
+                place = lambda row: jax.lax.dynamic_update_slice(base, row, (prefix.length[0],))
+                tokens = jax.vmap(place)(cache.tokens)
+                last = cache._replace(length=prefix.length[0] + cache.length)
+            logits = at_last(batched(tokens), last)
             if not with_features:
                 return logits, cache
-            features = logits if features_fn is None else at_last(batched_features(cache.tokens), cache)
+            features = logits if features_fn is None else at_last(batched_features(tokens), last)
             return logits, features, cache
 
         def prefill_fn(params, tokens, lengths, cache, with_features=False):
@@ -350,11 +365,11 @@ class LanguageModel:
             buffer = jax.lax.dynamic_update_slice(cache.tokens, tokens.astype(jnp.int32), (0, 0))
             return outputs(TokenCache(tokens=buffer, length=jnp.asarray(lengths, jnp.int32)), with_features)
 
-        def decode_fn(params, tokens, cache, with_features=False):
+        def decode_fn(params, tokens, cache, with_features=False, prefix=None):
             del params
             rows = jnp.arange(cache.tokens.shape[0])
             buffer = cache.tokens.at[rows, cache.length].set(tokens, mode="drop")
-            return outputs(TokenCache(tokens=buffer, length=cache.length + 1), with_features)
+            return outputs(TokenCache(tokens=buffer, length=cache.length + 1), with_features, prefix)
 
         return cls(
             params=None,

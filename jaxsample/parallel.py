@@ -31,6 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxsample.errors import ArgumentError
+from jaxsample.rows import Shared, is_shared
 
 DATA = "data"
 MODEL = "model"
@@ -136,14 +137,29 @@ def _row_spec(leaf, mesh: Mesh) -> P:
     return P(DATA) if leaf.ndim else P()
 
 
+def _shared_spec(leaf, mesh: Mesh) -> P:
+    # A shared prompt cache ([1, L, P, K, H]) is on every data device, heads split as above.
+    if leaf.ndim == 5 and _divisible(leaf.shape[3], mesh):
+        return P(None, None, None, MODEL, None)
+    return P()
+
+
 def constrain_rows(tree: Any, mesh: Mesh | None) -> Any:
     """Inside `jit`: lays out every row-leading leaf of `tree` (a decode state, SMC particles)
-    along the data axis, KV caches' heads along the model axis. Identity without a mesh."""
+    along the data axis, KV caches' heads along the model axis; `Shared` parts (the prompt
+    cache) are replicated over the data axis. Identity without a mesh."""
     if mesh is None:
         return tree
-    return jax.tree.map(
-        lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, _row_spec(x, mesh))), tree
-    )
+
+    def constrain(x, spec):
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(x, mesh)))
+
+    def place(node):
+        if is_shared(node):
+            return Shared(jax.tree.map(lambda x: constrain(x, _shared_spec), node.value))
+        return constrain(node, _row_spec)
+
+    return jax.tree.map(place, tree, is_leaf=is_shared)
 
 
 def replicate(tree: Any, mesh: Mesh | None) -> Any:

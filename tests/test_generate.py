@@ -104,7 +104,7 @@ def test_rewind_then_extend_matches_fresh_decoding(lm):
     for j in range(int(cut.max())):
         keep = j < cut
         token = jnp.where(keep, state.tokens[:, j], lm.pad_token_id)
-        logits, cache = lm.decode(token, fresh.cache)
+        logits, cache = lm.decode(token, fresh.cache, prefix=fresh.prompt_cache.value)
         cache = cache._replace(length=jnp.where(keep, cache.length, fresh.cache.length))
         fresh = fresh._replace(
             cache=cache, next_logits=jnp.where(keep[:, None], logits, fresh.next_logits)

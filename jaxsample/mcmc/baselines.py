@@ -32,7 +32,7 @@ def _decode(key, lm, prompt, proposal, num_rows, max_new_tokens, mesh) -> Decode
     tokens, length = prompt
     state = init_decode(lm, tokens, num_rows, max_new_tokens, prompt_lengths=length)
     state = extend(key, lm, parallel.constrain_rows(state, mesh), max_new_tokens, proposal)[0]
-    return parallel.replicate(state._replace(cache=None, next_logits=None), mesh)
+    return parallel.replicate(state._replace(cache=None, next_logits=None, prompt_cache=None), mesh)
 
 
 def _without_mcmc(tokens, lengths, done, log_p, tokens_decoded) -> PowerSampleResult:

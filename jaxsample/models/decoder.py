@@ -30,7 +30,7 @@ from jaxsample.validation import check_int
 from jaxsample.models.config import ModelConfig
 from jaxsample.models.intervention import Intervention, forward_mask, prefill_mask
 from jaxsample.models.lora import LoraAdapters, check_adapters
-from jaxsample.models.modules import DecoderLayer, RMSNorm, at_least_float32, grouped_attention
+from jaxsample.models.modules import DecoderLayer, RMSNorm, at_least_float32, decode_attention
 
 Array = jax.Array
 Params = Any
@@ -184,7 +184,7 @@ def apply_layer_at_last(
     def attend(q, k, v):
         keys = jnp.concatenate([context_k, k], axis=1)
         values = jnp.concatenate([context_v, v], axis=1)
-        return grouped_attention(q, keys, values, jnp.ones((batch, 1, length), bool)), None
+        return decode_attention(q, keys, values, jnp.ones((batch, length), bool)), None
 
     out, _ = layer.apply(layer_params, last[:, None], positions[:, -1:], attend, lora=lora)
     return out[:, 0]
@@ -378,6 +378,20 @@ def prefill(
     return logits, KVCache(k_cache, v_cache, lengths)
 
 
+_NARROWEST_WIDTH = 64
+
+
+def filled_widths(capacity: int) -> tuple[int, ...]:
+    """The attention widths a decode step picks from, widest first: the capacity, then the
+    powers of two below it down to 64. Each is one compiled branch; a step attends over the
+    narrowest that holds every row's filled slots, so early steps of a long generation do
+    not read the empty end of the cache."""
+    widths = [capacity]
+    while (narrower := 1 << (widths[-1] - 1).bit_length() - 1) >= _NARROWEST_WIDTH:
+        widths.append(narrower)
+    return tuple(widths)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "with_features"))
 def decode_step(
     params: Params,
@@ -387,17 +401,23 @@ def decode_step(
     adapters: LoraAdapters | None = None,
     intervention: Intervention | None = None,
     with_features: bool = False,
+    prefix: KVCache | None = None,
 ):
     """Appends one token per row at slot `cache.length` and returns the next-token logits.
 
-    Rows write at their own slot (a per-row scatter), so rows may have any lengths, e.g.
-    after rewinding some of them with `cache._replace(length=shorter)`.
+    Rows write at their own slot (a per-row scatter into the cache carried through the
+    layer scan, which XLA updates in place), so rows may have any lengths, e.g. after
+    rewinding some of them with `cache._replace(length=shorter)`. Attention reads only the
+    first `filled_widths` slots that hold every row's filled ones.
 
     Args:
       tokens: int `[B]`.
       cache: `KVCache` with B rows.
       adapters, intervention: as in `forward` (the fed token is edited for either positions).
       with_features: also return the final-norm hidden state at the fed token.
+      prefix: a one-row `KVCache` shared by every row (a prompt prefilled once), or None.
+        Its `length` `[1]` slots come before each row's own: row slot s holds position
+        `prefix.length + s`, and every row attends to the prefix without a copy of it.
 
     Returns:
       (float32 `[B, V]` logits, [float32 `[B, D]` features,] the cache with `length + 1`).
@@ -408,29 +428,51 @@ def decode_step(
     batch = tokens.shape[0]
     _check_cache(cache, batch, "decode tokens")
     _check_hooks(config, adapters, intervention)
+    if prefix is not None and prefix.k.shape[0] != 1:
+        raise ArgumentError(f"a shared prefix cache has one row, got {prefix.k.shape[0]}")
     capacity = cache.k.shape[2]
     slots = cache.length
     rows = jnp.arange(batch)
-    visible = (jnp.arange(capacity)[None, :] <= slots[:, None])[:, None, :]  # [B, 1, S]
+    visible = jnp.arange(capacity)[None, :] <= slots[:, None]  # [B, S]
+    offset = jnp.int32(0) if prefix is None else prefix.length[0]
+    prefix_visible = None if prefix is None else jnp.arange(prefix.k.shape[2]) < offset  # [P]
     layer = _layer(config, params)
+
+    widths = filled_widths(capacity)
+    # Attend over the narrowest width that holds every row's slots: the rest are empty.
+    width_index = jnp.sum(jnp.asarray(widths) > jnp.max(slots)) - 1
 
     def body(state, x):
         h, k_all, v_all, i, carry = state
         lora = None if adapters is None else {"weights": x["lora"], "scaling": adapters.scaling}
+        shared = None if prefix is None else (x["prefix_k"], x["prefix_v"], prefix_visible)
+
+        def attend_within(width):
+            def attend_slots(q, k_new, v_new):
+                window = (batch, 1, width) + k_new.shape[3:]
+                keys = jax.lax.dynamic_slice(k_new, (0, i, 0, 0, 0), window)[:, 0]
+                values = jax.lax.dynamic_slice(v_new, (0, i, 0, 0, 0), window)[:, 0]
+                return decode_attention(q, keys, values, visible[:, :width], shared)
+
+            return attend_slots
 
         def attend(q, k, v):
+            # The write stays outside the width branches, so the cache is updated in place.
             k_new = k_all.at[rows, i, slots].set(k[:, 0].astype(k_all.dtype), mode="drop")
             v_new = v_all.at[rows, i, slots].set(v[:, 0].astype(v_all.dtype), mode="drop")
-            keys = jax.lax.dynamic_index_in_dim(k_new, i, axis=1, keepdims=False)
-            values = jax.lax.dynamic_index_in_dim(v_new, i, axis=1, keepdims=False)
-            return grouped_attention(q, keys.astype(q.dtype), values.astype(q.dtype), visible), (k_new, v_new)
+            attended = jax.lax.switch(width_index, [attend_within(w) for w in widths], q, k_new, v_new)
+            return attended, (k_new, v_new)
 
-        out, (k_all, v_all) = layer.apply({"params": x["params"]}, h, slots[:, None], attend, lora=lora)
+        out, (k_all, v_all) = layer.apply({"params": x["params"]}, h, (offset + slots)[:, None], attend, lora=lora)
         if intervention is not None:
             out, carry = intervention.apply(i, h, out, jnp.ones((batch, 1), bool), carry)
         return (out, k_all, v_all, i + 1, carry), None
 
-    xs = {"params": params["layers"]} if adapters is None else {"params": params["layers"], "lora": adapters.weights}
+    xs = {"params": params["layers"]}
+    if adapters is not None:
+        xs["lora"] = adapters.weights
+    if prefix is not None:
+        xs["prefix_k"], xs["prefix_v"] = prefix.k[0], prefix.v[0]
     h = embed(params, config, tokens[:, None])
     carry = None if intervention is None else intervention.init_carry(h)
     (h, k_all, v_all, _, _), _ = jax.lax.scan(body, (h, cache.k, cache.v, jnp.int32(0), carry), xs)

@@ -105,6 +105,42 @@ def grouped_attention(q: Array, keys: Array, values: Array, mask: Array) -> Arra
     return out.reshape(batch, length, num_heads, head_dim)
 
 
+def decode_attention(
+    q: Array, keys: Array, values: Array, visible: Array, prefix: tuple[Array, Array, Array] | None = None
+) -> Array:
+    """Attention of one new token per row over the row's cache slots and, optionally, a
+    prefix shared by every row (read once for the batch, never copied per row).
+
+    Args:
+      q: `[B, 1, N, H]` (already rotated).
+      keys, values: `[B, S, K, H]`, the rows' own slots.
+      visible: bool `[B, S]`, the slots each row may read.
+      prefix: `(keys [P, K, H], values [P, K, H], visible bool [P])` or None.
+
+    Returns:
+      `[B, 1, N, H]` in `q.dtype`; scores and softmax in float32, one softmax over both parts.
+    """
+    keys, values = keys.astype(q.dtype), values.astype(q.dtype)
+    if prefix is None:
+        return grouped_attention(q, keys, values, visible[:, None, :])
+    prefix_keys, prefix_values, prefix_visible = prefix[0].astype(q.dtype), prefix[1].astype(q.dtype), prefix[2]
+    batch, _, num_heads, head_dim = q.shape
+    num_kv = keys.shape[2]
+    q = q.reshape(batch, num_kv, num_heads // num_kv, head_dim)
+    accumulate = at_least_float32(q.dtype)
+    scale = np.float32(head_dim**-0.5)
+    shared = jnp.einsum("bkgh,pkh->bkgp", q, prefix_keys, preferred_element_type=accumulate) * scale
+    own = jnp.einsum("bkgh,bskh->bkgs", q, keys, preferred_element_type=accumulate) * scale
+    scores = jnp.concatenate(
+        [jnp.where(prefix_visible, shared, _MASKED), jnp.where(visible[:, None, None, :], own, _MASKED)], axis=-1
+    )
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    split = prefix_keys.shape[0]
+    out = jnp.einsum("bkgp,pkh->bkgh", probs[..., :split], prefix_values, preferred_element_type=accumulate)
+    out = out + jnp.einsum("bkgs,bskh->bkgh", probs[..., split:], values, preferred_element_type=accumulate)
+    return out.astype(q.dtype).reshape(batch, 1, num_heads, head_dim)
+
+
 class RMSNorm(nn.Module):
     """y = g * x / sqrt(mean(x²) + eps), normalised in float32 and cast back before the gain."""
 

@@ -13,10 +13,10 @@ and their increments are exactly 0. Block k (0-based) caps every particle at
 L_k = min((k + 1) B, max_new_tokens) generated tokens, so all unfinished particles share
 one length.
 
-Memory: every particle owns a full decode state, including a copy of the prompt's KV cache.
-A resampling gathers all per-particle arrays inside one `lax.cond`, which is not in place:
-the peak then holds about twice the per-particle cache. A Monte Carlo lookahead holds M
-extra copies while its rollouts run, and a rejuvenation move one extra copy.
+Memory: the particles share one copy of the prompt's KV cache; each owns the generated part
+of its decode state. A resampling gathers the per-particle arrays inside one `lax.cond`, the
+cache in place (a slice at a time). A Monte Carlo lookahead holds M extra copies of the
+generated part while its rollouts run, and a rejuvenation move one extra copy.
 
     target = make_target(alpha, lam, reward_fn)
     state = init(lm, prompt, num_particles=64, max_new_tokens=256)
@@ -103,7 +103,7 @@ def init(
     record_twist: bool = False,
     record_features: bool = False,
 ) -> SMCState:
-    """N empty particles of one prompt (prefilled once, cache broadcast to every particle).
+    """N empty particles of one prompt (prefilled once; its cache is shared by every particle).
 
     Args:
       lm: the model.

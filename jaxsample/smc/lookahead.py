@@ -15,7 +15,7 @@ A lookahead is either
   proposal q of Π (p^α G / q) along the rollout; a rollout that stops or reaches
   `max_new_tokens` contributes its exact remainder (1), a rollout cut at h tokens counts the
   remainder as 1. Costs up to N·M·h decoded tokens per evaluation and, while it runs, M
-  copies of every particle's cache.
+  copies of every particle's own (generated) cache.
 - a function `log_value_fn(tokens int32 [S], length int32 []) -> f32 []`: a deterministic
   log V (an exact value in tests, or a learned value model).
 - `ProposalTwist()`: twisted SMC (Zhao et al. 2024). V_hat(y_{1:t}) = ψ_t(y_{1:t}), the twist

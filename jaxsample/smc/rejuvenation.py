@@ -71,7 +71,8 @@ def build_move(
 
     `cap` (int32 scalar, traced) is the current block cap L; every particle must lie in its
     state space. Memory: the proposal is a second copy of every particle's decode state
-    (cache included) until the accept/reject selects per row.
+    (its own cache included; the prompt cache is shared) until the accept/reject selects
+    per row.
     """
 
     def move(key, particles: Particles, cap):

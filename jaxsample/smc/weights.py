@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxsample.rows import gather_rows
 from jaxsample.smc.resampling import Resampler
 
 Array = jax.Array
@@ -101,8 +102,10 @@ class ResampleInfo(NamedTuple):
 
 
 def gather_particles(particles: Any, ancestors: Array) -> Any:
-    """Every leaf of a particle pytree indexed by `ancestors` along its leading axis."""
-    return jax.tree.map(lambda x: jnp.take(x, ancestors, axis=0), particles)
+    """Every per-particle leaf indexed by `ancestors` along its leading axis; `Shared` parts
+    (the prompt cache) stay as they are, and large leaves are gathered in place
+    (`jaxsample.rows.gather_rows`)."""
+    return gather_rows(particles, ancestors)
 
 
 @partial(jax.jit, static_argnames="resampler")
@@ -117,8 +120,8 @@ def resample_if_needed(
 
     The resampler call and the gather of every per-particle leaf (KV cache, tokens, lengths,
     cumulative scores, stored values...) sit in one `lax.cond`, so nothing is copied when the
-    ESS is high. Memory: a gather is not in place, so at a resampling the peak holds the
-    per-particle state twice (for an LM, about 2x the per-particle KV cache).
+    ESS is high. The KV cache is gathered in place, a slice at a time, and the shared prompt
+    cache is not gathered at all.
 
     Args:
       key: PRNG key for the resampler.

@@ -44,7 +44,7 @@ def test_steer_smollm2_setting_runs_every_method_at_matched_control_size(tmp_pat
     out = tmp_path / "run"
     argv = ["steer", "--setting", "smollm2", "--model", str(tiny_checkpoint), "--lams", "3", "--timing-samples", "0",
             "--setpoint-prompts", "6", "--jacobian-prompts", "2", "--test-prompts", "3", "--samples", "2",
-            "--new-tokens", "4", "--actadd-layer", "1", "--out", str(out)]
+            "--new-tokens", "4", "--actadd-layer", "1", "--setpoint", "centred", "--out", str(out)]
     assert run.main(argv) == 0
     records = {r["key"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     assert set(records) == {"setup", "none", "lam3"}

@@ -8,6 +8,7 @@ import pytest
 
 import jaxsample as js
 from jaxsample.models import ModelConfig, init_params, make_language_model
+from jaxsample.rows import map_rows
 from jaxsample.sampling import Proposal
 from jaxsample.smc import Lookahead, build_kernel, init, make_target
 
@@ -65,12 +66,12 @@ def test_gathered_particles_continue_like_their_ancestors(make_lm, lookahead):
         token = jnp.argmax(decode.next_logits, axis=-1).astype(jnp.int32)
         extended = decode.tokens.at[jnp.arange(NUM_PARTICLES), decode.length].set(token)
         return dict(
-            gathered=jax.tree.map(lambda x: x[ancestors], kept.particles),
+            gathered=map_rows(lambda x: x[ancestors], kept.particles),
             log_z=jax.nn.logsumexp(kept.log_weights) - jnp.log(NUM_PARTICLES),
             next_logits=_reprefilled_logits(lm, prompt, decode.tokens, decode.length),
             reward=jax.vmap(_reward)(decode.tokens, decode.length),
             # One more token through the gathered cache vs a fresh prefill.
-            cached_logits=lm.decode(token, decode.cache)[0],
+            cached_logits=lm.decode(token, decode.cache, prefix=decode.prompt_cache.value)[0],
             reprefilled_logits=_reprefilled_logits(lm, prompt, extended, decode.length + 1),
         )
 
