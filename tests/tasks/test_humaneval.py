@@ -175,8 +175,8 @@ for path in glob.glob("/proc/[0-9]*/cmdline"):
 try:
     seen.append(len(gzip.open({str(humaneval_path())!r}).read()))
 except OSError as e:
-    print("data refused", type(e).__name__)
-print("seen", seen)
+    print("data refused", type(e).__name__, flush=True)
+print("seen", seen, flush=True)
 def has_close_elements(numbers, threshold):
     return False
 """
