@@ -304,21 +304,6 @@ def _linearisation_errors(lm, layer, block_input, averaged_jacobian, key):
     )
 
 
-def _intervention(method: str, setup: Setup, ctrl: steering.Controller, size, config: dict):
-    """The method's intervention at control size parameter `size` (A-LQR: ignored)."""
-    L = setup.K.shape[0]
-    if method == "alqr":
-        return steering.alqr_intervention(ctrl)
-    if method == "spid":
-        return steering.pid_intervention(ctrl, size, config["pid_ki"] * size, config["pid_kd"] * size)
-    if method == "actadd":
-        layer = config["actadd_layer"]
-        return steering.actadd_intervention(setup.E, layer, size / jnp.linalg.norm(setup.E[layer]))
-    if method == "mean_difference":
-        return steering.mean_difference_intervention(setup.E, size / L, L)
-    raise ValueError(method)
-
-
 @partial(jax.jit, static_argnames="new_tokens")
 def _steered_continuations(key, lm, steered, prompts, v, beta, new_tokens):
     """One compiled program per method: continuations of `prompts [B, Tp]` under `steered`;
@@ -373,7 +358,7 @@ def evaluate_lam(key, lm, language, setup: Setup, lam: float, config: dict) -> l
     ctrl = steering.controller(setup.K, setup.E, lam)
 
     def measure(method, size):
-        intervention = None if method == "none" else _intervention(method, setup, ctrl, size, config)
+        intervention = None if method == "none" else steer_real.intervention(method, setup.E, ctrl, size, config)
         return {"method": method, "size": size, **evaluate(key, lm, language, setup, intervention, lam, config["new_tokens"])}
 
     rows = [measure("none", 0.0), measure("alqr", 0.0)]

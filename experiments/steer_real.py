@@ -190,9 +190,10 @@ def alqr_controller(setup: dict, lam: float) -> steering.Controller:
     return ctrl._replace(beta=ctrl.beta + setup["offset"])
 
 
-def intervention(method: str, setup: dict, ctrl: steering.Controller, size: float, config: dict):
-    """The method's intervention; `size` sets the open-loop Σ_k ‖u_k‖ and S-PID's K_p."""
-    E, layers = setup["E"], setup["K"].shape[0]
+def intervention(method: str, E, ctrl: steering.Controller, size: float, config: dict):
+    """The method's intervention (both settings): `size` sets the open-loop Σ_k ‖u_k‖ and
+    S-PID's K_p; the mean difference spreads it over the blocks with E_k ≠ 0."""
+    layers = E.shape[0] - 1  # E has a row per block input and one for the last output
     if method == "alqr":
         return steering.alqr_intervention(ctrl)
     if method == "spid":
@@ -254,7 +255,7 @@ def evaluate_lam(key, lm, scorer, setup: dict, lam: float, config: dict) -> list
     ctrl = alqr_controller(setup, lam)
 
     def measure(method, size):
-        return {"method": method, "size": size, **evaluate(key, lm, scorer, setup, intervention(method, setup, ctrl, size, config), config)}
+        return {"method": method, "size": size, **evaluate(key, lm, scorer, setup, intervention(method, setup["E"], ctrl, size, config), config)}
 
     rows = [measure("alqr", 0.0)]
     target = rows[0]["u"]
@@ -263,7 +264,7 @@ def evaluate_lam(key, lm, scorer, setup: dict, lam: float, config: dict) -> list
     # toward the target on the prompts (cheap), then generate once.
     prompts, lengths, kp = setup["prompts"], setup["lengths"], 1.0
     for _ in range(CALIBRATION_ROUNDS):
-        size = float(_control_size(lm, lm.with_intervention(intervention("spid", setup, ctrl, kp, config)), prompts, lengths).mean())
+        size = float(_control_size(lm, lm.with_intervention(intervention("spid", setup["E"], ctrl, kp, config)), prompts, lengths).mean())
         if not size > 0:
             break
         kp *= target / size
