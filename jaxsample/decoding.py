@@ -24,8 +24,7 @@ import numpy as np
 
 from jaxsample.errors import ArgumentError, NumericalError
 from jaxsample.lm import LanguageModel
-from jaxsample.rows import Shared, gather_rows
-from jaxsample.rows import select_rows as _select_rows
+from jaxsample.rows import Shared, gather_rows, select_rows
 from jaxsample.sampling import Proposal, proposal_log_probs, token_log_probs, twisted_log_probs
 from jaxsample.validation import check_int
 
@@ -379,12 +378,6 @@ def rewind(lm: LanguageModel, state: DecodeState, new_length: Array) -> DecodeSt
 
 def _prefix(state: DecodeState):
     return None if state.prompt_cache is None else state.prompt_cache.value
-
-
-def select_rows(mask: Array, new: DecodeState, old: DecodeState) -> DecodeState:
-    """Per row: `new` where `mask` (bool `[B]`) else `old` — the MH accept step. The shared
-    prompt cache is kept as it is."""
-    return _select_rows(mask, new, old)
 
 
 def take_rows(state: DecodeState, indices: Array) -> DecodeState:

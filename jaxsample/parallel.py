@@ -130,18 +130,12 @@ def check_rows(mesh: Mesh | None, num_rows: int, what: str) -> None:
         )
 
 
-def _row_spec(leaf, mesh: Mesh) -> P:
-    # KV caches ([B, L, S, K, H]) also split their kv heads over the model axis.
+def _spec(leaf, mesh: Mesh, rows: str | None) -> P:
+    # Rows (None: a Shared part, on every data device) and, for KV caches ([B, L, S, K, H]),
+    # kv heads over the model axis.
     if leaf.ndim == 5 and _divisible(leaf.shape[3], mesh):
-        return P(DATA, None, None, MODEL, None)
-    return P(DATA) if leaf.ndim else P()
-
-
-def _shared_spec(leaf, mesh: Mesh) -> P:
-    # A shared prompt cache ([1, L, P, K, H]) is on every data device, heads split as above.
-    if leaf.ndim == 5 and _divisible(leaf.shape[3], mesh):
-        return P(None, None, None, MODEL, None)
-    return P()
+        return P(rows, None, None, MODEL, None)
+    return P(rows) if leaf.ndim else P()
 
 
 def constrain_rows(tree: Any, mesh: Mesh | None) -> Any:
@@ -151,13 +145,13 @@ def constrain_rows(tree: Any, mesh: Mesh | None) -> Any:
     if mesh is None:
         return tree
 
-    def constrain(x, spec):
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(x, mesh)))
+    def constrain(x, rows):
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, _spec(x, mesh, rows)))
 
     def place(node):
         if is_shared(node):
-            return Shared(jax.tree.map(lambda x: constrain(x, _shared_spec), node.value))
-        return constrain(node, _row_spec)
+            return Shared(jax.tree.map(lambda x: constrain(x, None), node.value))
+        return constrain(node, DATA)
 
     return jax.tree.map(place, tree, is_leaf=is_shared)
 

@@ -2,9 +2,8 @@
 
 Every leaf of such a pytree is row-leading, except the parts wrapped in `Shared`: data
 common to every row, such as the prompt's KV cache that all chains and particles continue.
-Gathering rows (resampling), selecting per row (MH accept/reject) and laying rows out over a
-mesh go through `map_rows`, which passes `Shared` parts through untouched, so they are never
-copied per row.
+Gathering rows (resampling) and selecting per row (MH accept/reject) go through `map_rows`,
+which passes `Shared` parts through untouched, so they are never copied per row.
 """
 
 from __future__ import annotations
@@ -39,7 +38,8 @@ def map_rows(fn: Callable, tree: Any, *rest: Any) -> Any:
 
 
 def select_rows(mask: Array, new: Any, old: Any) -> Any:
-    """Per row: `new` where `mask` (bool `[B]`) else `old`."""
+    """Per row: `new` where `mask` (bool `[B]`) else `old` (the MH accept step); `Shared`
+    parts, such as the prompt cache, are taken from `new`."""
     return map_rows(lambda a, b: jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b), new, old)
 
 
