@@ -25,7 +25,7 @@ import numpy as np
 from jaxsample.errors import ArgumentError, NumericalError
 from jaxsample.lm import LanguageModel
 from jaxsample.rows import Shared, gather_rows, select_rows
-from jaxsample.sampling import Proposal, proposal_log_probs, token_log_probs, twisted_log_probs
+from jaxsample.sampling import Proposal, draw_tokens
 from jaxsample.validation import check_int
 
 Array = jax.Array
@@ -295,24 +295,19 @@ def extend(
 
     def body(s: DecodeState) -> DecodeState:
         is_active = active(s)
-        log_p, entropy = token_log_probs(s.next_logits)
-        log_q = proposal_log_probs(s.next_logits, proposal)
-        if proposal.twist is not None:
-            features = s.next_logits if s.next_features is None else s.next_features
-            log_twist = proposal.twist.log_values(s.tokens, s.length, features)
-            log_q = twisted_log_probs(log_q, log_twist)
         keys = jax.vmap(jax.random.fold_in)(row_keys, s.length)
-        token = jax.vmap(jax.random.categorical)(keys, log_q).astype(jnp.int32)
+        clamp = None
         if forced is not None:
             clamp = jnp.take_along_axis(forced, jnp.minimum(s.length, slots - 1)[:, None], axis=1)[:, 0]
-            token = jnp.where(clamp >= 0, clamp, token)
+        prefixes = None
+        if proposal.twist is not None:
+            prefixes = (s.tokens, s.length, s.next_logits if s.next_features is None else s.next_features)
+        draw = draw_tokens(keys, s.next_logits, proposal, clamp, prefixes)
+        token = draw.token
         slot = jnp.where(is_active, s.length, slots)  # out of range: dropped
 
         def write(buffer, value):
             return buffer.at[rows, slot].set(value, mode="drop")
-
-        def at_token(values):
-            return jnp.take_along_axis(values, token[:, None], axis=1)[:, 0]
 
         recording = s.features is not None
         decoded = lm.decode(
@@ -327,14 +322,14 @@ def extend(
             )
         return s._replace(
             tokens=write(s.tokens, token),
-            log_p=write(s.log_p, at_token(log_p)),
-            log_q=write(s.log_q, at_token(log_q)),
-            entropy=write(s.entropy, entropy),
+            log_p=write(s.log_p, draw.log_p),
+            log_q=write(s.log_q, draw.log_q),
+            entropy=write(s.entropy, draw.entropy),
             length=s.length + is_active,
             done=s.done | (is_active & lm.is_stop(token)),
             cache=cache,
             next_logits=jnp.where(is_active[:, None], logits, s.next_logits),
-            log_twist=s.log_twist if proposal.twist is None else write(s.log_twist, at_token(log_twist)),
+            log_twist=s.log_twist if proposal.twist is None else write(s.log_twist, draw.log_twist),
         )
 
     final = jax.lax.while_loop(lambda s: jnp.any(active(s)), body, state)

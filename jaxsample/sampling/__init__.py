@@ -2,10 +2,12 @@
 
 from jaxsample.sampling.proposal import (
     Proposal,
+    TokenDraw,
     Twist,
+    draw_tokens,
     proposal_log_probs,
     token_log_probs,
     twisted_log_probs,
 )
 
-__all__ = ["Proposal", "Twist", "proposal_log_probs", "token_log_probs", "twisted_log_probs"]
+__all__ = ["Proposal", "TokenDraw", "Twist", "draw_tokens", "proposal_log_probs", "token_log_probs", "twisted_log_probs"]

@@ -8,12 +8,13 @@ from the processed distribution is what keeps Metropolis–Hastings and SMC weig
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxsample.errors import ArgumentError
 from jaxsample.validation import check_int, check_real
 
 Array = jax.Array
@@ -125,3 +126,78 @@ def twisted_log_probs(log_q: Array, log_twist: Array) -> Array:
     log_norm = jax.nn.logsumexp(scores, axis=-1, keepdims=True)
     dead = jnp.isneginf(log_norm)
     return jnp.where(dead, log_q, scores - jnp.where(dead, 0.0, log_norm))
+
+
+class TokenDraw(NamedTuple):
+    """One token per row and its numbers (all `[B]`).
+
+    Attributes:
+      token: int32, sampled (or forced).
+      log_p: log p of the token under the untempered base model.
+      log_q: log q of the token under the proposal actually sampled from.
+      entropy: entropy of p (of the whole next-token distribution).
+      log_twist: log ψ of the token (0 without a twist).
+    """
+
+    token: Array
+    log_p: Array
+    log_q: Array
+    entropy: Array
+    log_twist: Array
+
+
+# Bounds the [rows, V] temporaries of one draw (log-softmaxes, Gumbel noise, the top-p sort):
+# 64 rows of a 150k vocabulary would otherwise hold several 37 MiB arrays at once, more
+# than the generated part of a 24-layer model's KV cache adds per row-token block.
+DRAW_ELEMENTS = 2**21
+
+
+def draw_tokens(
+    keys: Array,
+    logits: Array,
+    proposal: Proposal,
+    forced: Array | None = None,
+    prefixes: tuple[Array, Array, Array] | None = None,
+) -> TokenDraw:
+    """Samples each row's next token from `proposal` and returns the token's numbers.
+
+    Row r's token is `jax.random.categorical(keys[r], log_q[r])`: the same draw whether rows
+    are processed together or alone. Rows are processed in chunks of at most
+    `DRAW_ELEMENTS // V` (a divisor of B), so no full `[B, V]` temporary is built.
+
+    Args:
+      keys: `[B]` PRNG keys, one per row.
+      logits: `[B, V]` next-token logits.
+      proposal: the sampling distribution.
+      forced: optional int32 `[B]`; rows with `forced >= 0` take that token instead of the
+        sampled one (its numbers are reported as for a sampled token).
+      prefixes: `(tokens [B, S], length [B], features [B, D])`, the twist's inputs; required
+        with a twisted proposal.
+    """
+    batch, vocab = logits.shape
+    if proposal.twist is not None and prefixes is None:
+        raise ArgumentError("a twisted proposal needs the rows' prefixes (tokens, length, features)")
+    forced = jnp.full((batch,), -1, jnp.int32) if forced is None else forced
+
+    def draw(rows):
+        keys, logits, forced, prefixes = rows
+        log_p, entropy = token_log_probs(logits)
+        log_q = proposal_log_probs(logits, proposal)
+        log_twist = jnp.zeros_like(log_q)
+        if proposal.twist is not None:
+            log_twist = proposal.twist.log_values(*prefixes)
+            log_q = twisted_log_probs(log_q, log_twist)
+        token = jax.vmap(jax.random.categorical)(keys, log_q).astype(jnp.int32)
+        token = jnp.where(forced >= 0, forced, token)
+
+        def at_token(values):
+            return jnp.take_along_axis(values, token[:, None], axis=1)[:, 0]
+
+        return TokenDraw(token, at_token(log_p), at_token(log_q), entropy, at_token(log_twist))
+
+    rows = (keys, logits, forced, prefixes)
+    chunk = max(d for d in range(1, batch + 1) if batch % d == 0 and d * vocab <= max(DRAW_ELEMENTS, vocab))
+    if chunk == batch:
+        return draw(rows)
+    chunked = jax.tree.map(lambda x: x.reshape(batch // chunk, chunk, *x.shape[1:]), rows)
+    return jax.tree.map(lambda x: x.reshape(batch, *x.shape[2:]), jax.lax.map(draw, chunked))

@@ -1,0 +1,91 @@
+"""`draw_tokens`: each row's draw is `categorical(key_r, log q_r)`, whether the rows are
+drawn together or in chunks, and the chunks keep the `[rows, V]` temporaries small."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsample.sampling import Proposal, Twist, draw_tokens, proposal_log_probs, token_log_probs, twisted_log_probs
+from jaxsample.sampling import proposal as proposal_module
+
+ROWS, VOCAB, SLOTS = 12, 50, 7
+LOGITS = 3.0 * jax.random.normal(jax.random.key(1), (ROWS, VOCAB))
+KEYS = jax.random.split(jax.random.key(2), ROWS)
+FORCED = jnp.where(jnp.arange(ROWS) % 3 == 0, jnp.arange(ROWS) % VOCAB, -1).astype(jnp.int32)
+TOKENS = jax.random.randint(jax.random.key(3), (ROWS, SLOTS), 0, VOCAB)
+LENGTH = jnp.arange(ROWS, dtype=jnp.int32) % SLOTS
+FEATURES = jax.random.normal(jax.random.key(4), (ROWS, 5))
+
+
+def _log_twist(params, tokens, length, features):
+    # Depends on every input, and is -inf on a quarter of the vocabulary.
+    prefix_sum = jnp.sum(jnp.where(jnp.arange(SLOTS) < length, tokens, 0))
+    score = params * jnp.sin(0.1 * jnp.arange(VOCAB) * (1.0 + features[0]) + 0.01 * prefix_sum)
+    return jnp.where(jnp.arange(VOCAB) % 4 == length % 4, -jnp.inf, score)
+
+
+PROPOSALS = {
+    "tempered": Proposal(temperature=0.5),
+    "top_k_top_p": Proposal(temperature=1.3, top_k=20, top_p=0.8),
+    "twisted": Proposal(temperature=1.0, twist=Twist(_log_twist, jnp.float32(2.0))),
+}
+
+
+def _draw(proposal, forced, elements, monkeypatch):
+    monkeypatch.setattr(proposal_module, "DRAW_ELEMENTS", elements)
+    prefixes = (TOKENS, LENGTH, FEATURES) if proposal.twist is not None else None
+    # A fresh function object: the patched constant is read when it is traced.
+    return jax.jit(lambda k, l, p, f, x: draw_tokens(k, l, p, f, x))(KEYS, LOGITS, proposal.validated(), forced, prefixes)
+
+
+@pytest.mark.parametrize("forced", [None, FORCED], ids=["sampled", "forced"])
+@pytest.mark.parametrize("name", PROPOSALS)
+def test_chunked_draws_equal_whole_batch_draws(name, forced, monkeypatch):
+    whole = _draw(PROPOSALS[name], forced, ROWS * VOCAB, monkeypatch)
+    chunked = _draw(PROPOSALS[name], forced, 4 * VOCAB + 3, monkeypatch)  # chunks of 4 rows (divides 12)
+    np.testing.assert_array_equal(chunked.token, whole.token)
+    for field in ("log_p", "log_q", "entropy", "log_twist"):
+        np.testing.assert_allclose(getattr(chunked, field), getattr(whole, field), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", PROPOSALS)
+def test_each_row_is_its_own_categorical_draw(name, monkeypatch):
+    proposal = PROPOSALS[name].validated()
+    draw = _draw(proposal, FORCED, 5 * VOCAB, monkeypatch)  # 12 rows: chunks of 4 (largest divisor <= 5)
+    log_p, entropy = token_log_probs(LOGITS)
+    log_q = proposal_log_probs(LOGITS, proposal)
+    log_twist = jnp.zeros_like(log_q)
+    if proposal.twist is not None:
+        log_twist = proposal.twist.log_values(TOKENS, LENGTH, FEATURES)
+        log_q = twisted_log_probs(log_q, log_twist)
+    close = dict(rtol=1e-5, atol=1e-5)  # jitted vs eager float32 log-softmaxes over 50 tokens
+    for row in range(ROWS):
+        sampled = int(jax.random.categorical(KEYS[row], log_q[row]))
+        expected = int(FORCED[row]) if FORCED[row] >= 0 else sampled
+        assert int(draw.token[row]) == expected
+        np.testing.assert_allclose(draw.log_p[row], log_p[row, expected], **close)
+        np.testing.assert_allclose(draw.log_q[row], log_q[row, expected], **close)
+        np.testing.assert_allclose(draw.entropy[row], entropy[row], **close)
+        np.testing.assert_allclose(draw.log_twist[row], log_twist[row, expected], **close)
+
+
+def _draw_temp_bytes(rows, vocab):
+    logits = jax.ShapeDtypeStruct((rows, vocab), jnp.float32)
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), rows))
+    proposal = Proposal(temperature=0.5, top_p=0.9).validated()
+    draw = jax.jit(lambda k, l, p: draw_tokens(k, l, p))  # traced now, with the current constant
+    return draw.lower(keys, logits, proposal).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_chunks_bound_the_temporaries(monkeypatch):
+    # A [rows, V] float32 array at 2^17 tokens is rows / 2 MiB; a draw holds several (log p,
+    # log q, the Gumbel noise and its random bits, the top-p sort). In chunks of 16 rows
+    # their size does not grow with the batch; drawn whole, it grows in proportion.
+    vocab = 2**17
+    monkeypatch.setattr(proposal_module, "DRAW_ELEMENTS", 16 * vocab)
+    chunked_64, chunked_256 = _draw_temp_bytes(64, vocab), _draw_temp_bytes(256, vocab)
+    monkeypatch.setattr(proposal_module, "DRAW_ELEMENTS", 64 * vocab)
+    whole_64 = _draw_temp_bytes(64, vocab)
+    assert chunked_256 < 1.1 * chunked_64
+    assert whole_64 > 3 * chunked_64
