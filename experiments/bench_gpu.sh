@@ -29,17 +29,24 @@ step() {  # step NAME SECONDS CMD...: runs CMD with a time limit; a failure does
 cat "$OUT/environment.txt"
 
 # 1. Decode speed vs roofline (0.5B/1.5B/7B x batch 1/8/32/64), transformers at batch 1 and 32.
-step bench_decode 230 python $B/bench_decode.py --shapes qwen2.5-0.5b,qwen2.5-1.5b,qwen2.5-7b \
+step bench_decode 220 python $B/bench_decode.py --shapes qwen2.5-0.5b,qwen2.5-1.5b,qwen2.5-7b \
   --batches 1,8,32,64 --dtype bfloat16 --prompt-tokens 64 --new-tokens 128 --bandwidth-gbs 4300 \
   --transformers-batches 1,32 --samples 3 --min-sample-s 0.5 --json "$OUT/bench_decode.json"
 # 2. Power MH end to end vs the transformers reference loop (random Qwen2.5-0.5B weights).
-step bench_power 110 python $B/bench_power.py --model random:qwen2.5-0.5b --dtype bfloat16 \
+step bench_power 100 python $B/bench_power.py --model random:qwen2.5-0.5b --dtype bfloat16 \
   --chains 8 --block-size 16 --max-new-tokens 32 --mcmc-steps 2 --samples 2 --min-sample-s 0 \
   --json "$OUT/bench_power.json"
 # 3. Peak memory of SMC / power sampling (compiled, not run): 64 rows, 1024-token prompt, 512 new.
-step bench_memory 90 python $B/bench_memory.py --dtype bfloat16 --shapes qwen2.5-0.5b,qwen2.5-7b \
+step bench_memory 70 python $B/bench_memory.py --dtype bfloat16 --shapes qwen2.5-0.5b,qwen2.5-7b \
   --json "$OUT/bench_memory.json"
 # 4. SMC cost per token vs plain sampling (embedded toy model).
 step bench_smc 40 python $B/bench_smc.py --particles 64 --new-tokens 40 --samples 3 --min-sample-s 0.5 \
   --json "$OUT/bench_smc.json"
+# 5. XLA:CPU copies each layer's weights out of the stacked params before its matmuls (a
+# dynamic-slice per layer and step). If XLA:GPU does too, GEMMs reading the slice in place
+# (dynamic-slice fusion, off by default) should raise the 7B fraction of the roofline.
+step bench_decode_slice_fusion 50 env XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true ${XLA_FLAGS:-}" \
+  python $B/bench_decode.py --shapes qwen2.5-7b --batches 1,32 --dtype bfloat16 --prompt-tokens 64 \
+  --new-tokens 128 --bandwidth-gbs 4300 --transformers-batches none --samples 3 --min-sample-s 0.5 \
+  --json "$OUT/bench_decode_slice_fusion.json"
 echo "done $(date -u +%T); JSON in $OUT"
