@@ -1,0 +1,81 @@
+"""Every benchmark runs CPU-sized (`bench_gpu.sh` runs them GPU-sized) and writes the JSON
+the README reads its numbers from; what they count is checked, not their speed."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "experiments"))
+import bench_decode  # noqa: E402
+import bench_generate  # noqa: E402
+import bench_memory  # noqa: E402
+import bench_power  # noqa: E402
+import bench_smc  # noqa: E402
+
+QUICK = ["--samples", "1", "--min-sample-s", "0"]
+
+
+def _run(main, tmp_path, *args):
+    path = tmp_path / "result.json"
+    main([*map(str, args), "--json", str(path)])
+    return json.loads(path.read_text())
+
+
+def _timed(timings):
+    assert timings["samples"] >= 1 and timings["median_s"] > 0 and timings["calls_per_sample"] >= 1
+
+
+def test_bench_decode_reports_every_shape_and_batch_against_the_roofline(tmp_path):
+    result = _run(bench_decode.main, tmp_path, "--shapes", "tiny", "--batches", "1,2", "--prompt-tokens", 8,
+                  "--new-tokens", 8, "--transformers-batches", "1", *QUICK)
+    assert [(r["shape"], r["batch"]) for r in result["rows"]] == [("tiny", 1), ("tiny", 2)]
+    for row in result["rows"]:
+        _timed(row["timings"]["jax"])
+        assert row["roofline_fraction"] == pytest.approx(row["gb_per_s"] / result["roofline_bandwidth_gbs"])
+        assert row["gb_per_s"] == pytest.approx(row["bytes_per_step"] / row["ms_per_step"] / 1e6)
+    assert "transformers" in result["rows"][0]["timings"] and "transformers" not in result["rows"][1]["timings"]
+
+
+def test_bench_power_counts_every_decoded_token_of_both_loops(tmp_path):
+    chains, block, new, steps = 2, 4, 8, 1
+    result = _run(bench_power.main, tmp_path, "--model", "random:tiny", "--chains", chains, "--block-size", block,
+                  "--max-new-tokens", new, "--mcmc-steps", steps, *QUICK)
+    caps = range(block, new + 1, block)
+    # Per chain: every block extended to its cap, plus each MH proposal from its cut i < cap to the cap.
+    fewest, most = chains * (new + steps * len(caps)), chains * (new + steps * sum(caps))
+    for loop in ("jax", "transformers"):
+        assert fewest <= result[f"{loop}_tokens_per_call"] <= most
+        _timed(result["timings"][loop])
+        rate = result[f"{loop}_tokens_per_call"] / result["timings"][loop]["median_s"]
+        assert result[f"{loop}_tokens_per_s"] == pytest.approx(rate)
+    assert result["speedup"] == pytest.approx(result["jax_tokens_per_s"] / result["transformers_tokens_per_s"])
+
+
+def test_bench_memory_rows_hold_no_copy_of_the_prompt_cache(tmp_path):
+    rows, prompt, new = 64, 256, 64
+    result = _run(bench_memory.main, tmp_path, "--shapes", "tiny", "--particles", rows, "--prompt-tokens", prompt,
+                  "--new-tokens", new, "--block-size", 32)
+    shape = result["shapes"]["tiny"]
+    assert shape["generated_cache_bytes"] == rows * new * shape["kv_bytes_per_token"]
+    assert shape["per_row_full_cache_bytes"] == rows * (prompt + new) * shape["kv_bytes_per_token"]
+    # Rows that each held the prompt's cache would need `per_row_full` for the SMC rows alone
+    # (5x the generated part here), twice that for MH's current chains and proposals.
+    smc, power = shape["programs"]["smc_decode"], shape["programs"]["power_sample"]
+    assert smc["peak_without_weights"] < 0.5 * shape["per_row_full_cache_bytes"]
+    assert power["peak_without_weights"] < 0.5 * 2 * shape["per_row_full_cache_bytes"]
+    base = shape["generated_cache_bytes"] + shape["one_prompt_cache_bytes"]
+    assert smc["ratio_to_goal_base"] == pytest.approx(smc["peak_without_weights"] / base)
+
+
+def test_bench_smc_and_bench_generate_report_their_ratios(tmp_path):
+    smc = _run(bench_smc.main, tmp_path, "--particles", 4, "--new-tokens", 8, "--block-size", 4, *QUICK)
+    for name in ("plain", "smc_ess_half", "smc_always"):
+        _timed(smc["timings"][name])
+    assert smc["cost_ratio_ess_half"] == pytest.approx(smc["plain_tokens_per_s"] / smc["smc_ess_half_tokens_per_s"])
+    generate = _run(bench_generate.main, tmp_path, "--model", "toy-decisions", "--batch", 2, "--new-tokens", 8, *QUICK)
+    _timed(generate["timings"]["plain"])
+    _timed(generate["timings"]["transformers"])
+    assert generate["speedup"] == pytest.approx(generate["jax_tokens_per_s"] / generate["transformers_tokens_per_s"])
