@@ -146,9 +146,11 @@ class TokenDraw(NamedTuple):
     log_twist: Array
 
 
-# Bounds the [rows, V] temporaries of one draw (log-softmaxes, Gumbel noise, the top-p sort):
-# 64 rows of a 150k vocabulary would otherwise hold several 37 MiB arrays at once, more
-# than the generated part of a 24-layer model's KV cache adds per row-token block.
+# Bounds the [rows, V] temporaries of one draw (log-softmaxes, Gumbel noise and its random
+# bits, the top-p sort). Drawn whole, 64 rows of a 152k vocabulary hold about eight 37 MiB
+# arrays at once: at the Qwen2.5-0.5B shape over a third of the rows' generated KV cache
+# (experiments/bench_memory.py). On an accelerator the chunks run one after another: a few
+# more kernel launches per decode step where B x V exceeds the bound.
 DRAW_ELEMENTS = 2**21
 
 
