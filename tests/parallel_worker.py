@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import jaxsample as js  # noqa: E402
 from jaxsample import parallel  # noqa: E402
 from jaxsample.models import ModelConfig, init_params, make_language_model  # noqa: E402
+from jaxsample.sampling import proposal as proposal_module  # noqa: E402
 
 ROWS = 8
 CONFIG = ModelConfig(model_type="qwen2", vocab_size=48, hidden_size=32, intermediate_size=64,
@@ -67,6 +68,9 @@ def run_all(lm, mesh, samplers=tuple(SAMPLERS)) -> dict[str, np.ndarray]:
 
 
 def main(argv: list[str]) -> None:
+    # Token draws in chunks of 4 of the 8 rows here (every second row; the single-device
+    # reference draws all 8 at once): chunked, sharded draws must give the same results.
+    proposal_module.DRAW_ELEMENTS = 4 * CONFIG.vocab_size
     argv = [a for a in argv if a != "--distributed"]
     out, samplers, specs = argv[0], argv[1].split(","), argv[2:]
     lm = tiny_lm()

@@ -165,7 +165,8 @@ def draw_tokens(
 
     Row r's token is `jax.random.categorical(keys[r], log_q[r])`: the same draw whether rows
     are processed together or alone. Rows are processed in chunks of at most
-    `DRAW_ELEMENTS // V` (a divisor of B), so no full `[B, V]` temporary is built.
+    `DRAW_ELEMENTS // V` rows (a divisor of B), so no full `[B, V]` temporary is built; a
+    chunk takes every n-th row, so rows sharded over a mesh stay on their devices.
 
     Args:
       keys: `[B]` PRNG keys, one per row.
@@ -201,5 +202,13 @@ def draw_tokens(
     chunk = max(d for d in range(1, batch + 1) if batch % d == 0 and d * vocab <= max(DRAW_ELEMENTS, vocab))
     if chunk == batch:
         return draw(rows)
-    chunked = jax.tree.map(lambda x: x.reshape(batch // chunk, chunk, *x.shape[1:]), rows)
-    return jax.tree.map(lambda x: x.reshape(batch, *x.shape[2:]), jax.lax.map(draw, chunked))
+    # Chunk i holds rows i, i + n, i + 2n, ... (n chunks): when the rows are split over a
+    # mesh's data axis in contiguous blocks, every device draws its own rows of each chunk.
+    chunks = batch // chunk
+    grouped = jax.tree.map(lambda x: x.reshape(chunk, chunks, *x.shape[1:]), rows)  # [j, i] = row j·n + i
+
+    def draw_chunk(_, i):
+        return None, draw(jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 1, keepdims=False), grouped))
+
+    _, drawn = jax.lax.scan(draw_chunk, None, jnp.arange(chunks))
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(batch), drawn)
