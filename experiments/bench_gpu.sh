@@ -33,20 +33,20 @@ step bench_decode 220 python $B/bench_decode.py --shapes qwen2.5-0.5b,qwen2.5-1.
   --batches 1,8,32,64 --dtype bfloat16 --prompt-tokens 64 --new-tokens 128 --bandwidth-gbs 4300 \
   --transformers-batches 1,32 --samples 3 --min-sample-s 0.5 --json "$OUT/bench_decode.json"
 # 2. Power MH end to end vs the transformers reference loop (random Qwen2.5-0.5B weights).
-step bench_power 100 python $B/bench_power.py --model random:qwen2.5-0.5b --dtype bfloat16 \
+step bench_power 95 python $B/bench_power.py --model random:qwen2.5-0.5b --dtype bfloat16 \
   --chains 8 --block-size 16 --max-new-tokens 32 --mcmc-steps 2 --samples 2 --min-sample-s 0 \
   --json "$OUT/bench_power.json"
 # 3. Peak memory of SMC / power sampling (compiled, not run): 64 rows, 1024-token prompt, 512 new.
-step bench_memory 70 python $B/bench_memory.py --dtype bfloat16 --shapes qwen2.5-0.5b,qwen2.5-7b \
+step bench_memory 60 python $B/bench_memory.py --dtype bfloat16 --shapes qwen2.5-0.5b,qwen2.5-7b \
   --json "$OUT/bench_memory.json"
 # 4. SMC cost per token vs plain sampling (embedded toy model).
-step bench_smc 40 python $B/bench_smc.py --particles 64 --new-tokens 40 --samples 3 --min-sample-s 0.5 \
+step bench_smc 35 python $B/bench_smc.py --particles 64 --new-tokens 40 --samples 3 --min-sample-s 0.5 \
   --json "$OUT/bench_smc.json"
 # 5. XLA:CPU copies each layer's weights out of the stacked params before its matmuls (a
-# dynamic-slice per layer and step). If XLA:GPU does too, GEMMs reading the slice in place
-# (dynamic-slice fusion, off by default) should raise the 7B fraction of the roofline.
-step bench_decode_slice_fusion 50 env XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true ${XLA_FLAGS:-}" \
-  python $B/bench_decode.py --shapes qwen2.5-7b --batches 1,32 --dtype bfloat16 --prompt-tokens 64 \
-  --new-tokens 128 --bandwidth-gbs 4300 --transformers-batches none --samples 3 --min-sample-s 0.5 \
-  --json "$OUT/bench_decode_slice_fusion.json"
+# dynamic-slice per layer and step). Does XLA:GPU (7B MLP sizes, bf16)? And do GEMMs that
+# read the slice in place (dynamic-slice fusion, off by default) close the gap?
+LAYERS="--layers 28 --hidden 3584 --intermediate 18944 --dtype bfloat16 --batches 1,32 --steps 8 --samples 3 --min-sample-s 0.3"
+step bench_layer_weights 35 python $B/bench_layer_weights.py $LAYERS --json "$OUT/bench_layer_weights.json"
+step bench_layer_weights_slice_fusion 35 env XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true ${XLA_FLAGS:-}" \
+  python $B/bench_layer_weights.py $LAYERS --json "$OUT/bench_layer_weights_slice_fusion.json"
 echo "done $(date -u +%T); JSON in $OUT"

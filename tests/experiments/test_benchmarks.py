@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "experiments"))
 import bench_decode  # noqa: E402
 import bench_generate  # noqa: E402
+import bench_layer_weights  # noqa: E402
 import bench_memory  # noqa: E402
 import bench_power  # noqa: E402
 import bench_smc  # noqa: E402
@@ -79,3 +80,16 @@ def test_bench_smc_and_bench_generate_report_their_ratios(tmp_path):
     _timed(generate["timings"]["plain"])
     _timed(generate["timings"]["transformers"])
     assert generate["speedup"] == pytest.approx(generate["jax_tokens_per_s"] / generate["transformers_tokens_per_s"])
+
+
+def test_bench_layer_weights_times_both_layouts_over_the_same_bytes(tmp_path):
+    result = _run(bench_layer_weights.main, tmp_path, "--layers", 3, "--hidden", 16, "--intermediate", 32,
+                  "--batches", "1,2", "--steps", 2, *QUICK)
+    assert result["weight_bytes"] == 3 * 3 * 16 * 32 * 4
+    assert [row["batch"] for row in result["rows"]] == [1, 2]
+    for row in result["rows"]:
+        for layout in ("stacked", "separate"):
+            _timed(row["timings"][layout])
+            assert row["ms_per_pass"][layout] == pytest.approx(1e3 * row["timings"][layout]["median_s"] / 2)
+        assert row["max_abs_difference"] < 1e-4  # the same function, float32
+        assert row["stacked_over_separate"] == pytest.approx(row["ms_per_pass"]["stacked"] / row["ms_per_pass"]["separate"])
