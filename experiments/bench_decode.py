@@ -13,6 +13,9 @@ stop tokens suppressed. Reported per (shape, batch):
 - compile time (first call minus a timed call);
 - transformers' `generate` (same shape, dtype and batch; sampling, EOS suppressed) ms per step.
 
+Both sides' steps exclude the prompt: the time of a prefill-only call (`init_decode`; one
+transformers forward over the prompt) is subtracted from the whole call's.
+
     python experiments/bench_decode.py --shapes smollm2-135m --batches 1,8 --dtype float32   # CPU
     python experiments/bench_decode.py --shapes qwen2.5-0.5b,qwen2.5-1.5b,qwen2.5-7b \\
         --batches 1,8,32,64 --dtype bfloat16 --bandwidth-gbs 4300 --transformers-batches 1,32  # H200
@@ -115,16 +118,22 @@ def torch_contender(shape: str, dtype_name: str, batch: int, prompt_tokens: int,
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype).eval()
     ids = (torch.arange(1, prompt_tokens + 1, device=device) % values["vocab_size"])[None].repeat(batch, 1)
 
-    def run():
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
-                                 top_p=1.0, temperature=1.0, max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None)
+    def synchronized(out):
         if device == "cuda":
             torch.cuda.synchronize()
         return out
 
-    return run, model
+    def run():
+        with torch.no_grad():
+            return synchronized(model.generate(
+                ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None))
+
+    def prefill_only():
+        with torch.no_grad():
+            return synchronized(model(ids, attention_mask=torch.ones_like(ids)).logits)
+
+    return run, prefill_only, model
 
 
 def _free_torch_memory() -> None:
@@ -169,13 +178,13 @@ def main(argv=None):
             with_torch = (args.transformers_batches == "all" or str(batch) in args.transformers_batches.split(",")) \
                 and (args.transformers_shapes == "all" or shape in args.transformers_shapes.split(","))
             if with_torch:
-                run_torch, torch_model = torch_contender(shape, args.dtype, batch, args.prompt_tokens, args.new_tokens)
-                contenders["transformers"] = run_torch
+                run_torch, prefill_torch, torch_model = torch_contender(shape, args.dtype, batch, args.prompt_tokens,
+                                                                        args.new_tokens)
             began = time.perf_counter()
-            timings = interleaved_timings({k: v for k, v in contenders.items() if k != "transformers"},
-                                          args.samples, args.min_sample_s)
+            timings = interleaved_timings(contenders, args.samples, args.min_sample_s)
             if with_torch:  # seconds per call: one call per sample, fewer samples
-                timings.update(interleaved_timings({"transformers": run_torch}, 2, 0.0))
+                timings.update(interleaved_timings({"transformers": run_torch, "transformers_prefill": prefill_torch},
+                                                   2, 0.0))
             # The loop's steps alone: the prefill (timed separately) is subtracted.
             step_s = (timings["jax"]["median_s"] - timings["jax_prefill"]["median_s"]) / args.new_tokens
             nbytes = step_bytes(config, params, batch, args.prompt_tokens + args.new_tokens / 2, dtype)
@@ -191,9 +200,10 @@ def main(argv=None):
                 "wall_s": time.perf_counter() - began,
             }
             if with_torch:
-                row["transformers_ms_per_step"] = 1e3 * timings["transformers"]["median_s"] / args.new_tokens
+                torch_step_s = (timings["transformers"]["median_s"] - timings["transformers_prefill"]["median_s"]) / args.new_tokens
+                row["transformers_ms_per_step"] = 1e3 * torch_step_s
                 row["speedup_vs_transformers"] = row["transformers_ms_per_step"] / row["ms_per_step"]
-                del torch_model, run_torch, contenders["transformers"]
+                del torch_model, run_torch, prefill_torch
                 _free_torch_memory()
             print(f"{shape} B={batch}: {row['ms_per_step']:.2f} ms/step ({row['spread']:.0%} spread), "
                   f"{row['gb_per_s']:.1f} GB/s = {row['roofline_fraction']:.0%} of {bandwidth:.0f} GB/s, "
