@@ -34,7 +34,7 @@ import numpy as np
 from jaxsample import Proposal
 from jaxsample.decoding import extend, init_decode
 from jaxsample.models import ModelConfig, init_params, make_language_model
-from timing import interleaved_timings, machine, report
+from timing import add_timing_options, interleaved_timings, machine, report
 
 # Published config.json values (hf.co/Qwen/Qwen2.5-*, hf.co/HuggingFaceTB/SmolLM2-135M-Instruct).
 SHAPES = {
@@ -156,8 +156,7 @@ def main(argv=None):
     parser.add_argument("--transformers-batches", default="all", help="batch sizes at which transformers' generate is timed too: 'all', 'none' or a comma-separated subset of --batches")
     parser.add_argument("--transformers-shapes", default="all", help="shapes at which transformers' generate is timed: 'all' or a comma-separated subset of --shapes")
     parser.add_argument("--bandwidth-gbs", type=float, default=0.0, help="roofline bandwidth in GB/s (0: measure it in this run; an H200 copies at ~4300)")
-    parser.add_argument("--samples", type=int, default=3, help="timed samples per contender (interleaved); the median is reported")
-    parser.add_argument("--min-sample-s", type=float, default=1.0, help="minimum seconds per sample (calls are repeated to fill it)")
+    add_timing_options(parser, samples=3, min_sample_s=1.0)
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
 

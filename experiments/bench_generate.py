@@ -30,7 +30,7 @@ import jaxsample as js
 from jaxsample import steering
 from jaxsample.errors import ArgumentError
 from jaxsample.models.registry import resolve
-from timing import interleaved_timings, machine, report
+from timing import add_timing_options, interleaved_timings, machine, report
 
 
 def random_controller(lm) -> steering.Controller:
@@ -52,8 +52,7 @@ def main(argv=None):
     parser.add_argument("--model", default="smollm2-135m-instruct", help="registered name, HF checkpoint directory or .gguf file (transformers loads the same weights)")
     parser.add_argument("--batch", type=int, default=8, help="sequences decoded together")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per sequence")
-    parser.add_argument("--samples", type=int, default=5, help="timed samples per contender (interleaved); the median is reported")
-    parser.add_argument("--min-sample-s", type=float, default=2.0, help="minimum seconds per sample (calls are repeated to fill it)")
+    add_timing_options(parser, samples=5, min_sample_s=2.0)
     parser.add_argument("--features", action="store_true", help="also time generation that records features, against plain generation")
     parser.add_argument("--intervention", action="store_true", help="also time generation under an empty (zero) intervention after every block, against plain generation")
     parser.add_argument("--alqr", action="store_true", help="also time generation under an A-LQR rank-one feedback controller at every block (random directions: the cost does not depend on them), against plain generation")

@@ -26,7 +26,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from timing import interleaved_timings, machine, report
+from timing import add_timing_options, interleaved_timings, machine, report
 
 
 def mlp(h, gate, up, down):
@@ -67,8 +67,7 @@ def main(argv=None):
     parser.add_argument("--batches", default="1,8", help="comma-separated row counts B")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
     parser.add_argument("--steps", type=int, default=16, help="passes through all layers per timed call")
-    parser.add_argument("--samples", type=int, default=5, help="timed samples per contender (interleaved); the median is reported")
-    parser.add_argument("--min-sample-s", type=float, default=1.0, help="minimum seconds per sample (calls are repeated to fill it)")
+    add_timing_options(parser, samples=5, min_sample_s=1.0)
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
 

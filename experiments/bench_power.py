@@ -27,7 +27,7 @@ import numpy as np
 
 import jaxsample as js
 from jaxsample.models.registry import resolve
-from timing import interleaved_timings, machine, report
+from timing import add_timing_options, interleaved_timings, machine, report
 
 
 def reference_power_mh(model, prompt_ids, alpha: float, block_size: int, max_new_tokens: int,
@@ -92,8 +92,7 @@ def main(argv=None):
     parser.add_argument("--block-size", type=int, default=16, help="tokens per block")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="generation length (a multiple of the block size)")
     parser.add_argument("--mcmc-steps", type=int, default=2, help="MH steps per block")
-    parser.add_argument("--samples", type=int, default=3, help="timed samples per contender (interleaved); the median is reported")
-    parser.add_argument("--min-sample-s", type=float, default=1.0, help="minimum seconds per sample (calls are repeated to fill it)")
+    add_timing_options(parser, samples=3, min_sample_s=1.0)
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
 

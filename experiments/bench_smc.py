@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import jaxsample as js
 from jaxsample import tasks
 from jaxsample.models.registry import resolve
-from timing import interleaved_timings, machine, report
+from timing import add_timing_options, interleaved_timings, machine, report
 
 
 def main(argv=None):
@@ -29,8 +29,7 @@ def main(argv=None):
     parser.add_argument("--particles", type=int, default=16, help="SMC particles = sequences sampled by the baseline")
     parser.add_argument("--new-tokens", type=int, default=40, help="tokens decoded per sequence")
     parser.add_argument("--block-size", type=int, default=10, help="SMC tokens between reweightings")
-    parser.add_argument("--samples", type=int, default=5, help="timed samples per contender (interleaved); the median is reported")
-    parser.add_argument("--min-sample-s", type=float, default=2.0, help="minimum seconds per sample (calls are repeated to fill it)")
+    add_timing_options(parser, samples=5, min_sample_s=2.0)
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
 

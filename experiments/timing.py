@@ -9,6 +9,7 @@ median seconds per call over the samples and the spread (max − min) / median.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -24,6 +25,14 @@ def _timed(fn: Callable, calls: int, clock: Callable = time.perf_counter) -> flo
     for _ in range(calls):
         jax.block_until_ready(fn())
     return (clock() - began) / calls
+
+
+def add_timing_options(parser: argparse.ArgumentParser, samples: int, min_sample_s: float) -> None:
+    """`--samples` and `--min-sample-s`, the arguments of `interleaved_timings`, with these defaults."""
+    parser.add_argument("--samples", type=int, default=samples,
+                        help="timed samples per contender (interleaved); the median is reported")
+    parser.add_argument("--min-sample-s", type=float, default=min_sample_s,
+                        help="minimum seconds per sample (calls are repeated to fill it)")
 
 
 def interleaved_timings(
