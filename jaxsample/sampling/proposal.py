@@ -186,7 +186,7 @@ def draw_tokens(
         keys, logits, forced, prefixes = rows
         log_p, entropy = token_log_probs(logits)
         log_q = proposal_log_probs(logits, proposal)
-        log_twist = jnp.zeros_like(log_q)
+        log_twist = None
         if proposal.twist is not None:
             log_twist = proposal.twist.log_values(*prefixes)
             log_q = twisted_log_probs(log_q, log_twist)
@@ -196,7 +196,8 @@ def draw_tokens(
         def at_token(values):
             return jnp.take_along_axis(values, token[:, None], axis=1)[:, 0]
 
-        return TokenDraw(token, at_token(log_p), at_token(log_q), entropy, at_token(log_twist))
+        token_log_twist = jnp.zeros_like(entropy) if log_twist is None else at_token(log_twist)
+        return TokenDraw(token, at_token(log_p), at_token(log_q), entropy, token_log_twist)
 
     rows = (keys, logits, forced, prefixes)
     chunk = max(d for d in range(1, batch + 1) if batch % d == 0 and d * vocab <= max(DRAW_ELEMENTS, vocab))
