@@ -1,12 +1,14 @@
-"""`draw_tokens`: each row's draw is `categorical(key_r, log q_r)`, whether the rows are
-drawn together or in chunks, and the chunks keep the `[rows, V]` temporaries small."""
+"""`categorical` draws exactly from softmax(logits); `draw_tokens`: each row's draw is
+`categorical(key_r, log q_r)`, whether the rows are drawn together or in chunks, and the
+chunks keep the `[rows, V]` temporaries small."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats
 
-from jaxsample.sampling import Proposal, Twist, draw_tokens, proposal_log_probs, token_log_probs, twisted_log_probs
+from jaxsample.sampling import Proposal, Twist, categorical, draw_tokens, proposal_log_probs, token_log_probs, twisted_log_probs
 from jaxsample.sampling import proposal as proposal_module
 
 ROWS, VOCAB, SLOTS = 12, 50, 7
@@ -23,6 +25,58 @@ def _log_twist(params, tokens, length, features):
     prefix_sum = jnp.sum(jnp.where(jnp.arange(SLOTS) < length, tokens, 0))
     score = params * jnp.sin(0.1 * jnp.arange(VOCAB) * (1.0 + features[0]) + 0.01 * prefix_sum)
     return jnp.where(jnp.arange(VOCAB) % 4 == length % 4, -jnp.inf, score)
+
+
+def _categorical_counts(logits, draws):
+    keys = jax.random.split(jax.random.key(5), draws)
+    tokens = jax.jit(jax.vmap(categorical, in_axes=(0, None)))(keys, jnp.asarray(logits, jnp.float32))
+    return np.bincount(np.asarray(tokens), minlength=len(logits))
+
+
+def _chi_square_p_value(counts, probs):
+    support = probs > 0
+    return stats.chisquare(counts[support], counts.sum() * probs[support]).pvalue
+
+
+@pytest.mark.parametrize("vocab", [1, 2, 37, 1000])
+def test_categorical_draws_exactly_from_the_softmax(vocab):
+    # Blocks of 1, 2, 8 and 32 ids, the last padded (but for 1 and 2); -inf ids, among them
+    # the whole block of ids 8-15 at vocab 37, and one rare id of p ≈ 1e-3 sharing its block
+    # with a likely one.
+    logits = 2.0 * np.asarray(jax.random.normal(jax.random.key(vocab), (vocab,)), np.float64)
+    if vocab >= 37:
+        logits[8:16] = logits[3::7] = -np.inf
+        logits[20] = 4.0
+        logits[21] = -np.inf
+        logits[21] = np.log(np.exp(logits).sum() / 999.0)  # p = 1/1000
+    draws = 200_000
+    counts = _categorical_counts(logits, draws)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    assert counts[probs == 0].sum() == 0
+    if vocab == 1:
+        assert counts.tolist() == [draws]
+        return
+    # Under the exact law a p-value below 1e-6 has probability 1e-6 (fixed key: deterministic).
+    assert _chi_square_p_value(counts, probs) > 1e-6
+    if vocab >= 37:
+        # The rare id alone, by a z-test: |z| < 4 under the exact law (false alarm 6e-5),
+        # while a law giving it 1.5 times its mass (≈ 300 expected draws instead of ≈ 200)
+        # lies about 6 standard deviations away.
+        def z(p):
+            return (counts[21] - draws * p) / np.sqrt(draws * p * (1 - p))
+
+        assert abs(z(probs[21])) < 4
+        assert abs(z(1.5 * probs[21])) > 4
+
+
+def test_categorical_is_deterministic_per_key_and_independent_of_other_rows():
+    logits = 3.0 * jax.random.normal(jax.random.key(6), (4, 49152))
+    keys = jax.random.split(jax.random.key(7), 4)
+    batched = jax.jit(jax.vmap(categorical))(keys, logits)
+    alone = [int(categorical(keys[r], logits[r])) for r in range(4)]
+    np.testing.assert_array_equal(batched, alone)
+    assert len(set(alone)) > 1
 
 
 PROPOSALS = {
@@ -61,7 +115,7 @@ def test_each_row_is_its_own_categorical_draw(name, monkeypatch):
         log_q = twisted_log_probs(log_q, log_twist)
     close = dict(rtol=1e-5, atol=1e-5)  # jitted vs eager float32 log-softmaxes over 50 tokens
     for row in range(ROWS):
-        sampled = int(jax.random.categorical(KEYS[row], log_q[row]))
+        sampled = int(categorical(KEYS[row], log_q[row]))
         expected = int(FORCED[row]) if FORCED[row] >= 0 else sampled
         assert int(draw.token[row]) == expected
         np.testing.assert_allclose(draw.log_p[row], log_p[row, expected], **close)
@@ -80,7 +134,7 @@ def _draw_temp_bytes(rows, vocab):
 
 def test_chunks_bound_the_temporaries(monkeypatch):
     # A [rows, V] float32 array at 2^17 tokens is rows / 2 MiB; a draw holds several (log p,
-    # log q, the Gumbel noise and its random bits, the top-p sort). In chunks of 16 rows
+    # log q, the block scores of the categorical draw, the top-p sort). In chunks of 16 rows
     # their size does not grow with the batch; drawn whole, it grows in proportion.
     vocab = 2**17
     monkeypatch.setattr(proposal_module, "DRAW_ELEMENTS", 16 * vocab)

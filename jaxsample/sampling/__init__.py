@@ -3,6 +3,7 @@
 from jaxsample.sampling.proposal import (
     Proposal,
     TokenDraw,
+    categorical,
     Twist,
     draw_tokens,
     proposal_log_probs,
@@ -10,4 +11,4 @@ from jaxsample.sampling.proposal import (
     twisted_log_probs,
 )
 
-__all__ = ["Proposal", "TokenDraw", "Twist", "draw_tokens", "proposal_log_probs", "token_log_probs", "twisted_log_probs"]
+__all__ = ["Proposal", "TokenDraw", "Twist", "categorical", "draw_tokens", "proposal_log_probs", "token_log_probs", "twisted_log_probs"]

@@ -128,6 +128,34 @@ def twisted_log_probs(log_q: Array, log_twist: Array) -> Array:
     return jnp.where(dead, log_q, scores - jnp.where(dead, 0.0, log_norm))
 
 
+def categorical(key: Array, logits: Array) -> Array:
+    """Draws one index from `softmax(logits)` (`[V]` → int32 `[]`), reading O(√V) random numbers.
+
+    Two Gumbel-max draws: the vocabulary is cut into blocks of `b ≈ √V` consecutive ids
+    (the last padded with −inf); a block is drawn from the blocks' log-masses (`logsumexp`
+    over each), then an id from the chosen block's logits, so
+    P(id) = P(block) · P(id | block) = softmax(logits)[id] exactly, in the log domain as
+    `jax.random.categorical` is. Both draws read one Gumbel vector of `V/b + b` entries. The
+    cost is a pass over the logits instead of V uniform draws and 2V logarithms: at a 49k
+    vocabulary and 64 rows, 2 ms per step instead of 31 ms on a 2-core CPU
+    (`experiments/bench_draw.py`). `-inf` logits are never drawn (a block whose every
+    logit is −inf has mass 0).
+    """
+    vocab = logits.shape[-1]
+    block = 1 << (vocab.bit_length() + 1) // 2
+    blocks = -(-vocab // block)
+    scores = jnp.pad(logits, (0, blocks * block - vocab), constant_values=-jnp.inf).reshape(blocks, block)
+    peak = jnp.max(scores, axis=1, keepdims=True)
+    peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+    log_mass = jnp.log(jnp.sum(jnp.exp(scores - peak), axis=1)) + peak[:, 0]
+    # One Gumbel vector for both stages: no key is derived from `key`, whose callers derive
+    # their own keys from it by `fold_in` (with which `split` coincides).
+    noise = jax.random.gumbel(key, (blocks + block,))
+    chosen = jnp.argmax(log_mass + noise[:blocks])
+    within = jnp.argmax(scores[chosen] + noise[blocks:])
+    return (chosen * block + within).astype(jnp.int32)
+
+
 class TokenDraw(NamedTuple):
     """One token per row and its numbers (all `[B]`).
 
@@ -146,11 +174,11 @@ class TokenDraw(NamedTuple):
     log_twist: Array
 
 
-# Bounds the [rows, V] temporaries of one draw (log-softmaxes, Gumbel noise and its random
-# bits, the top-p sort). Drawn whole, 64 rows of a 152k vocabulary hold about eight 37 MiB
-# arrays at once: at the Qwen2.5-0.5B shape over a third of the rows' generated KV cache
-# (experiments/bench_memory.py). On an accelerator the chunks run one after another: a few
-# more kernel launches per decode step where B x V exceeds the bound.
+# Bounds the [rows, V] temporaries of one draw (log-softmaxes, the block scores of
+# `categorical`, the top-p sort): 37 MiB each at 64 rows of a 152k vocabulary, a sizeable
+# share of the rows' generated KV cache at the Qwen2.5-0.5B shape (experiments/bench_memory.py).
+# On an accelerator the chunks run one after another: a few more kernel launches per decode
+# step where B x V exceeds the bound.
 DRAW_ELEMENTS = 2**21
 
 
@@ -163,7 +191,7 @@ def draw_tokens(
 ) -> TokenDraw:
     """Samples each row's next token from `proposal` and returns the token's numbers.
 
-    Row r's token is `jax.random.categorical(keys[r], log_q[r])`: the same draw whether rows
+    Row r's token is `categorical(keys[r], log_q[r])`: the same draw whether rows
     are processed together or alone. Rows are processed in chunks of at most
     `DRAW_ELEMENTS // V` rows (a divisor of B), so no full `[B, V]` temporary is built; a
     chunk takes every n-th row, so rows sharded over a mesh stay on their devices.
@@ -190,7 +218,7 @@ def draw_tokens(
         if proposal.twist is not None:
             log_twist = proposal.twist.log_values(*prefixes)
             log_q = twisted_log_probs(log_q, log_twist)
-        token = jax.vmap(jax.random.categorical)(keys, log_q).astype(jnp.int32)
+        token = jax.vmap(categorical)(keys, log_q)
         token = jnp.where(forced >= 0, forced, token)
 
         def at_token(values):

@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "experiments"))
 import bench_decode  # noqa: E402
+import bench_draw  # noqa: E402
 import bench_generate  # noqa: E402
 import bench_layer_weights  # noqa: E402
 import bench_memory  # noqa: E402
@@ -93,3 +94,14 @@ def test_bench_layer_weights_times_both_layouts_over_the_same_bytes(tmp_path):
             assert row["ms_per_pass"][layout] == pytest.approx(1e3 * row["timings"][layout]["median_s"] / 2)
         assert row["max_abs_difference"] < 1e-4  # the same function, float32
         assert row["stacked_over_separate"] == pytest.approx(row["ms_per_pass"]["stacked"] / row["ms_per_pass"]["separate"])
+
+
+def test_bench_draw_times_both_token_draws_per_vocabulary_and_batch(tmp_path):
+    result = _run(bench_draw.main, tmp_path, "--vocab", "37,300", "--batches", "1,3", "--steps", 2, *QUICK)
+    assert [(row["vocab"], row["batch"]) for row in result["rows"]] == [(37, 1), (37, 3), (300, 1), (300, 3)]
+    for row in result["rows"]:
+        for name in ("categorical", "gumbel_whole_vocabulary", "draw_tokens"):
+            _timed(row["timings"][name])
+            assert row["ms_per_draw"][name] == pytest.approx(1e3 * row["timings"][name]["median_s"] / 2)
+        assert row["whole_vocabulary_over_categorical"] == pytest.approx(
+            row["ms_per_draw"]["gumbel_whole_vocabulary"] / row["ms_per_draw"]["categorical"])

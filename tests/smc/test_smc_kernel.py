@@ -76,7 +76,7 @@ def test_weighted_particles_converge_at_the_monte_carlo_rate(lm, space, reward):
     assert 8 < ratio < 32, ratio
     # Pooled over the 400 runs of 128 particles: an unbiased estimate has expected TV
     # ½ Σ_y sqrt(2/π) sd_y, with sd_y the run-to-run spread / sqrt(400) (E|N(0, s²)| = s
-    # sqrt(2/π)); measured 0.0029 against 0.0050 expected. Allow 2x, and the spec's 0.03.
+    # sqrt(2/π)); measured 0.0060 against 0.0051 expected. Allow 2x, and the spec's 0.03.
     spread = histograms.std(axis=0, ddof=1) / np.sqrt(NUM_RUNS)
     expected_tv = 0.5 * np.sum(np.sqrt(2 / np.pi) * spread)
     tv = 0.5 * np.abs(histograms.mean(0) - pi).sum()
@@ -130,9 +130,10 @@ def test_exact_value_lookahead_makes_every_increment_zero(lm, space):
     assert abs(value.log_z) < 1e-12  # Σ q = 1
     state, info = run_smc([0, 1], lm, PROMPT, alpha=alpha, lam=lam, temperature=tau,
                           reward_fn=reward, lookahead=value.log_value_fn(), num_particles=16,
-                          max_new_tokens=S, block_size=1, ess_threshold=1.0)
+                          max_new_tokens=S, block_size=1, ess_threshold=1.0 - 1e-3)
     # ESS = N at every step (all weights equal) and log Z_hat unchanged: every particle's
-    # increment is 0 at every step.
+    # increment is 0 at every step. (κ = 1 would resample on float32 rounding alone: an
+    # increment of 2e-7 puts the ESS at 15.999996 < 16.)
     np.testing.assert_allclose(info.ess, 16.0, rtol=1e-5)
     np.testing.assert_allclose(info.log_z_increment, 0.0, atol=2e-5)
     np.testing.assert_allclose(state.log_weights, 0.0, atol=2e-5)
