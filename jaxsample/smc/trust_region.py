@@ -15,8 +15,8 @@ the tempered weighting W̄(β) = softmax(β lw). Its KL to Q_k, estimated on the
     KL(β) = Σ_i W̄_i log(N W̄_i) = log N − H(W̄(β)),
 
 non-decreasing in β (dH/dβ = −β Var_W̄(lw) ≤ 0). β is 1 when KL(1) ≤ ε, else the root of
-KL(β) = ε, found by bisection inside `lax.while_loop` (blackjax's `ess_solver` pattern with a
-KL target). Equivalently the entropy-ESS exp(H) equals N e^{−ε}.
+KL(β) = ε, found by a fixed number of bisection halvings (blackjax's `ess_solver` finds an
+ESS target by bisection; here the target is a KL). Equivalently the entropy-ESS exp(H) equals N e^{−ε}.
 """
 
 from __future__ import annotations
@@ -67,23 +67,22 @@ def _check(log_weights, kl_budget) -> None:
 
 @jax.jit
 def bisect_beta(log_weights: Array, kl_budget: Array) -> Array:
-    """`solve_trust_region_beta` without the host-side checks (jit / vmap friendly)."""
+    """`solve_trust_region_beta` without the host-side checks (jit / vmap friendly).
+
+    A fixed number of halvings, with no data-dependent exit: under `vmap` a while-loop's exit
+    test (any row unresolved) and its per-row select are compiled apart, and where
+    |KL(mid) − ε| sits at the tolerance they can round differently, so that a row counts as
+    unresolved to the loop and as resolved to the select, and the loop never ends.
+    """
     kl = partial(trust_region_kl, log_weights)
 
-    def unresolved(carry):
-        lo, hi, i = carry
-        mid = 0.5 * (lo + hi)
-        return (i < _MAX_BISECTIONS) & (jnp.abs(kl(mid) - kl_budget) > 1e-6)
-
-    def halve(carry):
-        lo, hi, i = carry
+    def halve(_, bounds):
+        lo, hi = bounds
         mid = 0.5 * (lo + hi)
         above = kl(mid) > kl_budget
-        return jnp.where(above, lo, mid), jnp.where(above, mid, hi), i + 1
+        return jnp.where(above, lo, mid), jnp.where(above, mid, hi)
 
-    lo, hi, _ = jax.lax.while_loop(
-        unresolved, halve, (jnp.float32(0.0), jnp.float32(1.0), jnp.int32(0))
-    )
+    lo, hi = jax.lax.fori_loop(0, _MAX_BISECTIONS, halve, (jnp.float32(0.0), jnp.float32(1.0)))
     return jnp.where(kl(1.0) <= kl_budget, 1.0, 0.5 * (lo + hi))
 
 
@@ -95,8 +94,8 @@ def solve_trust_region_beta(log_weights: Array, kl_budget: float | Array) -> Arr
         constant) of N paths drawn from the current proposal, e.g. from an SIS pass.
       kl_budget: ε > 0 (traced: changing it does not recompile).
     Returns:
-      f32 `[]` β: 1 when KL(1) ≤ ε, else β with |KL(β) − ε| ≤ 1e-6 (or float32 bisection
-      resolution, 40 halvings). When ε is below the floor log(N / #finite weights) no β
+      f32 `[]` β: 1 when KL(1) ≤ ε, else the root of KL(β) = ε to float32 resolution
+      (40 halvings of [0, 1]). When ε is below the floor log(N / #finite weights) no β
       meets it and β comes out at the bisection's lower end (≈ 0).
     Raises:
       ArgumentError: ε not finite and positive, or log_weights not `[N]`.

@@ -1,5 +1,8 @@
 """The TRI-TSMC trust-region step: KL(β) = log N − H(softmax(β lw)) and its bisection."""
 
+import subprocess
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -67,3 +70,36 @@ def test_bad_arguments():
         solve_trust_region_beta(jnp.array([0.0, jnp.nan]), 0.1)
     with pytest.raises(NumericalError, match="-inf"):
         solve_trust_region_beta(jnp.full(3, -jnp.inf), 0.1)
+
+
+# 32 path log-weights of a twist-learning SIS pass (the tabular toy of test_twist_learning,
+# key 2) on which a vmapped while-loop bisection at ε = 0.1 never ended: its exit test and
+# its per-row select disagreed at the tolerance.
+HUNG_LOG_WEIGHTS = [float(np.float32(x)) for x in (
+    "0.47721693 0.61482483 0.61482483 0.47721693 0.61482483 0.61482483 0.61482483 0.61482483 "
+    "-3.833888 0.30965596 0.61482483 0.61482483 0.61482483 0.47721693 -0.38179168 0.74340487 "
+    "0.61482483 0.61482483 -1.4318535 2.0282128 0.61482483 0.47721693 2.7211173 0.61482483 "
+    "0.61482483 0.61482483 2.1356833 -1.1926028 0.47721693 0.61482483 0.61482483 0.47721693").split()]
+
+
+def test_vmapped_bisection_ends_and_agrees_with_the_unbatched_one():
+    # In a subprocess with a time limit, so that a bisection that never ends fails the test
+    # instead of hanging the suite.
+    script = (
+        "import jax, jax.numpy as jnp\n"
+        "from jaxsample.smc.trust_region import bisect_beta\n"
+        f"lw = jnp.asarray({HUNG_LOG_WEIGHTS}, jnp.float32)\n"
+        "batched = jax.jit(jax.vmap(bisect_beta, in_axes=(0, None)))(lw[None], jnp.float32(0.1))\n"
+        "print(float(batched[0]), float(bisect_beta(lw, jnp.float32(0.1))))\n"
+    )
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the vmapped bisection did not end within 120 s (it takes about a second)")
+    assert done.returncode == 0, done.stderr
+    batched, alone = map(float, done.stdout.split())
+    # The two programs round KL differently (hence the hang), so the roots agree to float32
+    # KL resolution, not bit for bit.
+    assert abs(batched - alone) < 1e-5
+    for beta in (batched, alone):
+        assert abs(_kl64(HUNG_LOG_WEIGHTS, beta) - 0.1) < 1e-4
