@@ -71,18 +71,23 @@ def _untwisted_and(toy, params, seeds):
     return [(np.asarray(z, np.float64), np.asarray(e, np.float64)[:, -1]) for z, e, _ in runs]
 
 
-@pytest.mark.parametrize("method, iterations, fit_steps, lr", [("tri", 8, 20, 0.1),
+# TRI fits each iteration's reweighted paths with 100 Adam steps: with 20, whether the twist
+# beat the untwisted proposal after 8 iterations depended on the key (variance ratio 0.23 to
+# 1.5 over keys 0-4); with 100 it is 0.0 to 0.38 over the same keys.
+@pytest.mark.parametrize("method, iterations, fit_steps, lr", [("tri", 8, 100, 0.1),
                                                                ("ctl", 30, 1, 0.3)])
 def test_learned_twist_beats_untwisted_smc(toy, zeros, method, iterations, fit_steps, lr):
     params, history = js.learn_twist(
         jax.random.key(0), toy.lm, [tx.PROMPT], toy.log_phi, method=method,
-        num_iterations=iterations, kl_budget=0.5, num_particles=32, max_new_tokens=S,
+        num_iterations=iterations, kl_budget=0.1, num_particles=32, max_new_tokens=S,
         log_twist_fn=tx.table_twist_fn(), twist_params=zeros, learning_rate=lr,
         num_fit_steps=fit_steps)
     assert len(history) == iterations
     assert all(0 < h["beta"] <= 1 for h in history)
-    if method == "tri":  # the budget binds at the start (ESS of 32 untwisted paths is low)
-        assert history[0]["beta"] < 1 and abs(history[0]["kl"] - 0.5) < 1e-4
+    # The budget binds at the start: KL(1) of the first 32 untwisted paths is 0.18 to 0.48
+    # over keys 0-9.
+    if method == "tri":
+        assert history[0]["beta"] < 1 and abs(history[0]["kl"] - 0.1) < 1e-4
     else:
         assert all(h["beta"] == 1 for h in history)
     # 300 fresh seeds. Variance of log Z_hat: one-sided F test at level 1e-3 that the learned
