@@ -29,7 +29,7 @@ step() {  # step NAME SECONDS CMD...: runs CMD with a time limit; a failure does
 cat "$OUT/environment.txt"
 
 # 1. Decode speed vs roofline (0.5B/1.5B/7B x batch 1/8/32/64), transformers at batch 1 and 32.
-step bench_decode 220 python $B/bench_decode.py --shapes qwen2.5-0.5b,qwen2.5-1.5b,qwen2.5-7b \
+step bench_decode 200 python $B/bench_decode.py --shapes qwen2.5-0.5b,qwen2.5-1.5b,qwen2.5-7b \
   --batches 1,8,32,64 --dtype bfloat16 --prompt-tokens 64 --new-tokens 128 --bandwidth-gbs 4300 \
   --transformers-batches 1,32 --samples 3 --min-sample-s 0.5 --json "$OUT/bench_decode.json"
 # 2. Power MH end to end vs the transformers reference loop (random Qwen2.5-0.5B weights).
@@ -49,4 +49,7 @@ LAYERS="--layers 28 --hidden 3584 --intermediate 18944 --dtype bfloat16 --batche
 step bench_layer_weights 35 python $B/bench_layer_weights.py $LAYERS --json "$OUT/bench_layer_weights.json"
 step bench_layer_weights_slice_fusion 35 env XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true ${XLA_FLAGS:-}" \
   python $B/bench_layer_weights.py $LAYERS --json "$OUT/bench_layer_weights_slice_fusion.json"
+# 6. The token draw (two-stage Gumbel-max vs over the whole vocabulary) at a 152k vocabulary.
+step bench_draw 20 python $B/bench_draw.py --vocab 151936 --batches 1,64 --samples 3 --min-sample-s 0.2 \
+  --json "$OUT/bench_draw.json"
 echo "done $(date -u +%T); JSON in $OUT"
