@@ -32,12 +32,13 @@ def contenders(vocab: int, batch: int, steps: int):
     proposal = Proposal(temperature=1.0).validated()
 
     def repeated(draw):
-        # `steps` draws per call on the same logits, each with fresh keys.
+        # `steps` draws per call, each with fresh keys. The logits move with the previous
+        # draws, so that the compiler cannot hoist their reductions out of the loop.
         @jax.jit
         def run(keys, logits):
             def body(step, total):
                 step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
-                return total + draw(step_keys, logits)
+                return total + draw(step_keys, logits + 1e-6 * total[:, None])
 
             return jax.lax.fori_loop(0, steps, body, jnp.zeros((batch,), jnp.int32))
 
