@@ -40,7 +40,7 @@ def _chi_square_p_value(counts, probs):
 
 @pytest.mark.parametrize("vocab", [1, 2, 37, 1000])
 def test_categorical_draws_exactly_from_the_softmax(vocab):
-    # Blocks of 1, 2, 8 and 32 ids, the last padded (but for 1 and 2); -inf ids, among them
+    # Blocks of 2, 2, 8 and 32 ids, the last one padded at V = 1, 37 and 1000; -inf ids, among them
     # the whole block of ids 8-15 at vocab 37, and one rare id of p ≈ 1e-3 sharing its block
     # with a likely one.
     logits = 2.0 * np.asarray(jax.random.normal(jax.random.key(vocab), (vocab,)), np.float64)
