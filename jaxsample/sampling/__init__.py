@@ -3,8 +3,8 @@
 from jaxsample.sampling.proposal import (
     Proposal,
     TokenDraw,
-    categorical,
     Twist,
+    categorical,
     draw_tokens,
     proposal_log_probs,
     token_log_probs,

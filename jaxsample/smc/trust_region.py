@@ -16,7 +16,8 @@ the tempered weighting W̄(β) = softmax(β lw). Its KL to Q_k, estimated on the
 
 non-decreasing in β (dH/dβ = −β Var_W̄(lw) ≤ 0). β is 1 when KL(1) ≤ ε, else the root of
 KL(β) = ε, found by a fixed number of bisection halvings (blackjax's `ess_solver` finds an
-ESS target by bisection; here the target is a KL). Equivalently the entropy-ESS exp(H) equals N e^{−ε}.
+ESS target by bisection; here the target is a KL). Equivalently the entropy-ESS exp(H)
+equals N e^{−ε}.
 """
 
 from __future__ import annotations
