@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from jaxsample.errors import ArgumentError
 from jaxsample.sampling import Proposal, Twist, categorical, draw_tokens, proposal_log_probs, token_log_probs, twisted_log_probs
 from jaxsample.sampling import proposal as proposal_module
 
@@ -68,6 +69,12 @@ def test_categorical_draws_exactly_from_the_softmax(vocab):
 
         assert abs(z(probs[21])) < 4
         assert abs(z(1.5 * probs[21])) > 4
+
+
+@pytest.mark.parametrize("shape", [(2, 5), (0,), ()])
+def test_categorical_names_logits_of_the_wrong_shape(shape):
+    with pytest.raises(ArgumentError, match=r"logits must have shape \[V\]"):
+        categorical(jax.random.key(0), jnp.zeros(shape))
 
 
 def test_categorical_is_deterministic_per_key_and_independent_of_other_rows():

@@ -141,7 +141,12 @@ def categorical(key: Array, logits: Array) -> Array:
     (`experiments/bench_draw.py`). `-inf` logits are never drawn (a block whose every
     logit is −inf has mass 0).
     """
-    vocab = logits.shape[-1]
+    if jnp.ndim(logits) != 1 or jnp.shape(logits)[0] < 1:
+        raise ArgumentError(
+            f"categorical draws one index: logits must have shape [V] with V >= 1, got {jnp.shape(logits)} "
+            "(vmap it over rows)"
+        )
+    vocab = logits.shape[0]
     block = 1 << (vocab.bit_length() + 1) // 2
     blocks = -(-vocab // block)
     scores = jnp.pad(logits, (0, blocks * block - vocab), constant_values=-jnp.inf).reshape(blocks, block)
