@@ -10,6 +10,11 @@ stop tokens suppressed. Reported per (shape, batch):
   (prompt + half the generation on average, all layers, K and V);
 - achieved GB/s = bytes / step time, and the fraction of the roofline bandwidth
   (`--bandwidth-gbs`, default: measured in this run by a jitted reduction over a large array);
+- floating-point operations a step must do (2 per weight of every projection and of the
+  logit matrix per row, plus attention's q·k and p·v over the filled slots), achieved
+  GFLOP/s and the fraction of the compute peak (`--peak-gflops`, default: measured in this
+  run by a jitted square matmul in the model's dtype); the step's bound is the larger of the
+  two roofline times (bytes / bandwidth, FLOPs / peak);
 - compile time (first call minus a timed call);
 - transformers' `generate` (same shape, dtype and batch; sampling, EOS suppressed) ms per step.
 
@@ -18,7 +23,8 @@ transformers forward over the prompt) is subtracted from the whole call's.
 
     python experiments/bench_decode.py --shapes smollm2-135m --batches 1,8 --dtype float32   # CPU
     python experiments/bench_decode.py --shapes qwen2.5-0.5b,qwen2.5-1.5b,qwen2.5-7b \\
-        --batches 1,8,32,64 --dtype bfloat16 --bandwidth-gbs 4300 --transformers-batches 1,32  # H200
+        --batches 1,8,32,64 --dtype bfloat16 --bandwidth-gbs 4300 --matmul-size 8192 \\
+        --transformers-batches 1,32  # H200
 """
 
 from __future__ import annotations
@@ -76,6 +82,25 @@ def measure_bandwidth_gbs(megabytes: int = 512) -> float:
     total = jax.jit(jnp.sum)
     timings = interleaved_timings({"sum": lambda: total(x)}, samples=5, min_sample_s=0.5)
     return x.nbytes / timings["sum"]["median_s"] / 1e9
+
+
+def measure_matmul_gflops(dtype, size: int) -> float:
+    """Compute peak of this device: a jitted `[size, size] @ [size, size]` matmul in `dtype`."""
+    x = jnp.ones((size, size), dtype)
+    product = jax.jit(lambda a: a @ a)
+    timings = interleaved_timings({"matmul": lambda: product(x)}, samples=5, min_sample_s=0.5)
+    return 2 * size**3 / timings["matmul"]["median_s"] / 1e9
+
+
+def step_flops(config: ModelConfig, params, batch: int, filled: float) -> float:
+    """FLOPs of one decode step: 2 per projection weight and per logit-matrix weight (the
+    tied embedding when there is no `lm_head`), per row, + q·k and p·v over `filled` slots."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    matmul_weights = sum(leaf.size for path, leaf in leaves if path[-1].key == "kernel")
+    if config.tie_word_embeddings:
+        matmul_weights += config.vocab_size * config.hidden_size
+    attention = 4 * config.num_hidden_layers * filled * config.num_attention_heads * config.head_dim
+    return batch * (2 * matmul_weights + attention)
 
 
 def step_bytes(config: ModelConfig, params, batch: int, filled: float, dtype) -> float:
@@ -156,6 +181,8 @@ def main(argv=None):
     parser.add_argument("--transformers-batches", default="all", help="batch sizes at which transformers' generate is timed too: 'all', 'none' or a comma-separated subset of --batches")
     parser.add_argument("--transformers-shapes", default="all", help="shapes at which transformers' generate is timed: 'all' or a comma-separated subset of --shapes")
     parser.add_argument("--bandwidth-gbs", type=float, default=0.0, help="roofline bandwidth in GB/s (0: measure it in this run; an H200 copies at ~4300)")
+    parser.add_argument("--peak-gflops", type=float, default=0.0, help="compute peak in GFLOP/s (0: measure it in this run with a square matmul)")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmul that measures the compute peak (GPUs need ~8192 to reach theirs)")
     add_timing_options(parser, samples=3, min_sample_s=1.0)
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
@@ -163,8 +190,12 @@ def main(argv=None):
     dtype = jnp.dtype(args.dtype)
     measured = measure_bandwidth_gbs()
     bandwidth = args.bandwidth_gbs or measured
+    measured_gflops = measure_matmul_gflops(dtype, args.matmul_size)
+    peak_gflops = args.peak_gflops or measured_gflops
     rows = []
     header = {**machine(), "measured_bandwidth_gbs": measured, "roofline_bandwidth_gbs": bandwidth,
+              "measured_matmul_gflops": measured_gflops, "matmul_size": args.matmul_size,
+              "compute_peak_gflops": peak_gflops,
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}
     for shape in args.shapes.split(","):
         config = model_config(shape, args.prompt_tokens + args.new_tokens)
@@ -186,7 +217,9 @@ def main(argv=None):
                                                    2, 0.0))
             # The loop's steps alone: the prefill (timed separately) is subtracted.
             step_s = (timings["jax"]["median_s"] - timings["jax_prefill"]["median_s"]) / args.new_tokens
-            nbytes = step_bytes(config, params, batch, args.prompt_tokens + args.new_tokens / 2, dtype)
+            filled = args.prompt_tokens + args.new_tokens / 2
+            nbytes = step_bytes(config, params, batch, filled, dtype)
+            flops = step_flops(config, params, batch, filled)
             row = {
                 "shape": shape, "batch": batch, "dtype": args.dtype,
                 "ms_per_step": 1e3 * step_s,
@@ -194,6 +227,10 @@ def main(argv=None):
                 "bytes_per_step": nbytes,
                 "gb_per_s": nbytes / step_s / 1e9,
                 "roofline_fraction": nbytes / step_s / 1e9 / bandwidth,
+                "flops_per_step": flops,
+                "gflop_per_s": flops / step_s / 1e9,
+                "compute_fraction": flops / step_s / 1e9 / peak_gflops,
+                "bound": "memory" if nbytes / bandwidth >= flops / peak_gflops else "compute",
                 "compile_s": sum(timings[k]["first_call_s"] - timings[k]["median_s"] for k in ("jax", "jax_prefill")),
                 "timings": timings,
                 "wall_s": time.perf_counter() - began,
@@ -206,6 +243,8 @@ def main(argv=None):
                 _free_torch_memory()
             print(f"{shape} B={batch}: {row['ms_per_step']:.2f} ms/step ({row['spread']:.0%} spread), "
                   f"{row['gb_per_s']:.1f} GB/s = {row['roofline_fraction']:.0%} of {bandwidth:.0f} GB/s, "
+                  f"{row['gflop_per_s']:.0f} GFLOP/s = {row['compute_fraction']:.0%} of {peak_gflops:.0f} "
+                  f"({row['bound']}-bound), "
                   f"compile {row['compile_s']:.1f} s"
                   + (f"; transformers {row['transformers_ms_per_step']:.2f} ms/step" if with_torch else ""),
                   flush=True)
@@ -214,12 +253,13 @@ def main(argv=None):
                 report({**header, "rows": rows}, "", args.json, quiet=True)
         del lm, params
     result = {**header, "rows": rows}
-    table = ["| shape | batch | ms/step | GB/s | roofline | compile s | transformers ms/step |",
-             "|---|---|---|---|---|---|---|"]
+    table = ["| shape | batch | ms/step | GB/s | roofline | GFLOP/s | of compute peak | compile s | transformers ms/step |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hf = f"{r['transformers_ms_per_step']:.2f}" if "transformers_ms_per_step" in r else "—"
         table.append(f"| {r['shape']} | {r['batch']} | {r['ms_per_step']:.2f} | {r['gb_per_s']:.1f} | "
-                     f"{r['roofline_fraction']:.0%} | {r['compile_s']:.1f} | {hf} |")
+                     f"{r['roofline_fraction']:.0%} | {r['gflop_per_s']:.0f} | {r['compute_fraction']:.0%} | "
+                     f"{r['compile_s']:.1f} | {hf} |")
     report(result, "\n".join(table), args.json)
 
 

@@ -30,7 +30,7 @@ cat "$OUT/environment.txt"
 
 # 1. Decode speed vs roofline (0.5B/1.5B/7B x batch 1/8/32/64), transformers at batch 1 and 32.
 step bench_decode 200 python $B/bench_decode.py --shapes qwen2.5-0.5b,qwen2.5-1.5b,qwen2.5-7b \
-  --batches 1,8,32,64 --dtype bfloat16 --prompt-tokens 64 --new-tokens 128 --bandwidth-gbs 4300 \
+  --batches 1,8,32,64 --dtype bfloat16 --prompt-tokens 64 --new-tokens 128 --bandwidth-gbs 4300 --matmul-size 8192 \
   --transformers-batches 1,32 --samples 3 --min-sample-s 0.5 --json "$OUT/bench_decode.json"
 # 2. Power MH end to end vs the transformers reference loop (random Qwen2.5-0.5B weights).
 step bench_power 95 python $B/bench_power.py --model random:qwen2.5-0.5b --dtype bfloat16 \

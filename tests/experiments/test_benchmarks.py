@@ -32,12 +32,22 @@ def _timed(timings):
 
 def test_bench_decode_reports_every_shape_and_batch_against_the_roofline(tmp_path):
     result = _run(bench_decode.main, tmp_path, "--shapes", "tiny", "--batches", "1,2", "--prompt-tokens", 8,
-                  "--new-tokens", 8, "--transformers-batches", "1", *QUICK)
+                  "--new-tokens", 8, "--transformers-batches", "1", "--matmul-size", 256, *QUICK)
     assert [(r["shape"], r["batch"]) for r in result["rows"]] == [("tiny", 1), ("tiny", 2)]
     for row in result["rows"]:
         _timed(row["timings"]["jax"])
         assert row["roofline_fraction"] == pytest.approx(row["gb_per_s"] / result["roofline_bandwidth_gbs"])
         assert row["gb_per_s"] == pytest.approx(row["bytes_per_step"] / row["ms_per_step"] / 1e6)
+        # The tiny shape's matmuls from its config: q, k, v, o and the gated MLP per layer,
+        # the tied logit matrix; attention over the prompt and half the new tokens.
+        c = bench_decode.SHAPES["tiny"]
+        d, f, heads, kv, h = (c[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                             "num_key_value_heads", "head_dim"))
+        layer = d * heads * h + 2 * d * kv * h + heads * h * d + 3 * d * f
+        weights = c["num_hidden_layers"] * layer + c["vocab_size"] * d
+        attention = 4 * c["num_hidden_layers"] * (8 + 8 / 2) * heads * h
+        assert row["flops_per_step"] == pytest.approx(row["batch"] * (2 * weights + attention))
+        assert row["compute_fraction"] == pytest.approx(row["gflop_per_s"] / result["compute_peak_gflops"])
     assert "transformers" in result["rows"][0]["timings"] and "transformers" not in result["rows"][1]["timings"]
 
 
