@@ -9,7 +9,7 @@ stop tokens suppressed. Reported per (shape, batch):
 - bytes a step must read: every weight once, plus the KV cache of the filled slots
   (prompt + half the generation on average, all layers, K and V);
 - achieved GB/s = bytes / step time, and the fraction of the roofline bandwidth
-  (`--bandwidth-gbs`, default: measured in this run by a jitted reduction over a large array);
+  (`--bandwidth-gbs`, default: `timing.memory_read_gbs`, a jitted sum over 512 MiB in this run);
 - floating-point operations a step must do (2 per weight of every projection and of the
   logit matrix per row, plus attention's q·k and p·v over the filled slots), achieved
   GFLOP/s and the fraction of the compute peak (`--peak-gflops`, default: measured in this
@@ -74,14 +74,6 @@ def random_params(config: ModelConfig, dtype) -> dict:
     leaves, treedef = jax.tree.flatten(shapes)
     draw = jax.jit(lambda key, shape: 0.02 * jax.random.normal(key, shape, dtype), static_argnums=1)
     return jax.tree.unflatten(treedef, [draw(jax.random.key(i), leaf.shape) for i, leaf in enumerate(leaves)])
-
-
-def measure_bandwidth_gbs(megabytes: int = 512) -> float:
-    """Read bandwidth of this device: a jitted sum over a `megabytes` float32 array."""
-    x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    timings = interleaved_timings({"sum": lambda: total(x)}, samples=5, min_sample_s=0.5)
-    return x.nbytes / timings["sum"]["median_s"] / 1e9
 
 
 def measure_matmul_gflops(dtype, size: int) -> float:
@@ -188,12 +180,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     dtype = jnp.dtype(args.dtype)
-    measured = measure_bandwidth_gbs()
-    bandwidth = args.bandwidth_gbs or measured
+    header = machine()
+    bandwidth = args.bandwidth_gbs or header["memory_read_gbs"]
     measured_gflops = measure_matmul_gflops(dtype, args.matmul_size)
     peak_gflops = args.peak_gflops or measured_gflops
     rows = []
-    header = {**machine(), "measured_bandwidth_gbs": measured, "roofline_bandwidth_gbs": bandwidth,
+    header = {**header, "roofline_bandwidth_gbs": bandwidth,
               "measured_matmul_gflops": measured_gflops, "matmul_size": args.matmul_size,
               "compute_peak_gflops": peak_gflops,
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}

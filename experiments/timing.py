@@ -18,6 +18,7 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
 
 def _timed(fn: Callable, calls: int, clock: Callable = time.perf_counter) -> float:
@@ -74,10 +75,21 @@ def interleaved_timings(
     return result
 
 
+def memory_read_gbs(megabytes: int = 512) -> float:
+    """Read bandwidth of this device: a jitted sum over a `megabytes` float32 array."""
+    x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    timings = interleaved_timings({"sum": lambda: total(x)}, samples=5, min_sample_s=0.2)
+    return x.nbytes / timings["sum"]["median_s"] / 1e9
+
+
 def machine() -> dict:
-    """What the numbers were measured on: JAX device, CPU count, load average at the start."""
+    """What the numbers were measured on: JAX device, CPU count, and, when called, the
+    1-minute load average and the memory read bandwidth (a shared or virtual machine's
+    varies by 2-3x between hours, and memory-bound timings with it)."""
     return {"device": str(jax.devices()[0]), "device_count": jax.device_count(),
-            "cpu_count": os.cpu_count(), "load_average_1min": os.getloadavg()[0]}
+            "cpu_count": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
+            "memory_read_gbs": memory_read_gbs()}
 
 
 def report(result: dict, summary: str, json_path: str | None, quiet: bool = False) -> None:

@@ -23,7 +23,9 @@ QUICK = ["--samples", "1", "--min-sample-s", "0"]
 def _run(main, tmp_path, *args):
     path = tmp_path / "result.json"
     main([*map(str, args), "--json", str(path)])
-    return json.loads(path.read_text())
+    result = json.loads(path.read_text())
+    assert result["memory_read_gbs"] > 0  # the machine's state, recorded with every result
+    return result
 
 
 def _timed(timings):
@@ -48,6 +50,7 @@ def test_bench_decode_reports_every_shape_and_batch_against_the_roofline(tmp_pat
         attention = 4 * c["num_hidden_layers"] * (8 + 8 / 2) * heads * h
         assert row["flops_per_step"] == pytest.approx(row["batch"] * (2 * weights + attention))
         assert row["compute_fraction"] == pytest.approx(row["gflop_per_s"] / result["compute_peak_gflops"])
+    assert result["roofline_bandwidth_gbs"] == result["memory_read_gbs"]  # no --bandwidth-gbs given
     assert "transformers" in result["rows"][0]["timings"] and "transformers" not in result["rows"][1]["timings"]
 
 
