@@ -13,8 +13,8 @@ stop tokens suppressed. Reported per (shape, batch):
 - floating-point operations a step must do (2 per weight of every projection and of the
   logit matrix per row, plus attention's q·k and p·v over the filled slots), achieved
   GFLOP/s and the fraction of the compute peak (`--peak-gflops`, default: measured in this
-  run by a jitted square matmul in the model's dtype); the step's bound is the larger of the
-  two roofline times (bytes / bandwidth, FLOPs / peak);
+  run by `timing.matmul_gflops`, a jitted square matmul in the model's dtype); the step's
+  bound is the larger of the two roofline times (bytes / bandwidth, FLOPs / peak);
 - compile time (first call minus a timed call);
 - transformers' `generate` (same shape, dtype and batch; sampling, EOS suppressed) ms per step.
 
@@ -40,7 +40,7 @@ import numpy as np
 from jaxsample import Proposal
 from jaxsample.decoding import extend, init_decode
 from jaxsample.models import ModelConfig, init_params, make_language_model
-from timing import add_timing_options, interleaved_timings, machine, report
+from timing import add_timing_options, interleaved_timings, machine, matmul_gflops, report
 
 # Published config.json values (hf.co/Qwen/Qwen2.5-*, hf.co/HuggingFaceTB/SmolLM2-135M-Instruct).
 SHAPES = {
@@ -74,14 +74,6 @@ def random_params(config: ModelConfig, dtype) -> dict:
     leaves, treedef = jax.tree.flatten(shapes)
     draw = jax.jit(lambda key, shape: 0.02 * jax.random.normal(key, shape, dtype), static_argnums=1)
     return jax.tree.unflatten(treedef, [draw(jax.random.key(i), leaf.shape) for i, leaf in enumerate(leaves)])
-
-
-def measure_matmul_gflops(dtype, size: int) -> float:
-    """Compute peak of this device: a jitted `[size, size] @ [size, size]` matmul in `dtype`."""
-    x = jnp.ones((size, size), dtype)
-    product = jax.jit(lambda a: a @ a)
-    timings = interleaved_timings({"matmul": lambda: product(x)}, samples=5, min_sample_s=0.5)
-    return 2 * size**3 / timings["matmul"]["median_s"] / 1e9
 
 
 def step_flops(config: ModelConfig, params, batch: int, filled: float) -> float:
@@ -182,7 +174,7 @@ def main(argv=None):
     dtype = jnp.dtype(args.dtype)
     header = machine()
     bandwidth = args.bandwidth_gbs or header["memory_read_gbs"]
-    measured_gflops = measure_matmul_gflops(dtype, args.matmul_size)
+    measured_gflops = matmul_gflops(dtype, args.matmul_size)
     peak_gflops = args.peak_gflops or measured_gflops
     rows = []
     header = {**header, "roofline_bandwidth_gbs": bandwidth,

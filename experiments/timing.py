@@ -83,6 +83,14 @@ def memory_read_gbs(megabytes: int = 512) -> float:
     return x.nbytes / timings["sum"]["median_s"] / 1e9
 
 
+def matmul_gflops(dtype, size: int) -> float:
+    """Compute peak of this device: a jitted `[size, size] @ [size, size]` matmul in `dtype`."""
+    x = jnp.ones((size, size), dtype)
+    product = jax.jit(lambda a: a @ a)
+    timings = interleaved_timings({"matmul": lambda: product(x)}, samples=5, min_sample_s=0.5)
+    return 2 * size**3 / timings["matmul"]["median_s"] / 1e9
+
+
 def machine() -> dict:
     """What the numbers were measured on: JAX device, CPU count, and, when called, the
     1-minute load average and the memory read bandwidth (a shared or virtual machine's
