@@ -1,6 +1,8 @@
 """Fixtures shared across test directories."""
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -8,6 +10,23 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     # Under `pytest -n N` every worker is a JAX process; on a GPU the first would otherwise
     # preallocate 75% of the device memory and leave the others too little.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+def pytest_configure(config):
+    """One persistent compilation cache for the whole run, new and empty at its start.
+
+    The suite compiles the same programs many times: in both xdist workers, in every
+    subprocess a CLI, notebook or multi-process test starts, and again in each module after
+    `_release_compiled_programs`. A cache shared through the environment (which workers and
+    subprocesses inherit; set before any test module imports jax) compiles each once.
+    """
+    if "PYTEST_XDIST_WORKER" in os.environ or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    directory = tempfile.mkdtemp(prefix="jaxsample-tests-compilation-cache-")
+    config.add_cleanup(lambda: shutil.rmtree(directory, ignore_errors=True))
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
 
 @pytest.fixture(scope="session")
