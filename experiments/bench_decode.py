@@ -16,6 +16,10 @@ stop tokens suppressed. Reported per (shape, batch):
   run by `timing.matmul_gflops`, a jitted square matmul in the model's dtype); the step's
   bound is the larger of the two roofline times (bytes / bandwidth, FLOPs / peak);
 - compile time (first call minus a timed call);
+- kernels per decode step, counted in the compiled program (`kernels_per_step`): every
+  instruction of the decode loop's body that runs as its own kernel (a fusion, a library
+  call, an unfused op; the layer loop's body counted once per layer). On a GPU each is a
+  kernel launch unless XLA groups them into a CUDA graph; on a CPU each is a runtime thunk;
 - transformers' `generate` (same shape, dtype and batch; sampling, EOS suppressed) ms per step.
 
 Both sides' steps exclude the prompt: the time of a prefill-only call (`init_decode`; one
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 import time
 
 import jax
@@ -94,6 +99,65 @@ def step_bytes(config: ModelConfig, params, batch: int, filled: float, dtype) ->
     return weights + kv * jnp.dtype(dtype).itemsize
 
 
+# Instructions that name or regroup buffers and run no kernel of their own.
+_NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "opt-barrier",
+              "after-all", "add-dependency", "domain"}
+
+
+def kernels_per_step(hlo: str) -> int:
+    """Kernels one iteration of a compiled program's decode loop runs, from its optimized HLO
+    text (`jitted.lower(...).compile().as_text()`). The decode loop is the costliest `while`
+    whose trip count the compiler cannot know (it stops on EOS); the layer scan and the
+    random bits' loops inside it have known trip counts.
+
+    A fusion, custom call or unfused op counts 1; a nested loop of known trip count n counts
+    n times its body plus n + 1 times its condition; a `conditional` counts 1 plus its
+    costliest branch; a `call` counts its callee.
+    """
+    computations, name = {}, None
+    for line in hlo.splitlines():
+        if header := re.match(r"(?:ENTRY )?%(\S+) ", line):
+            name = header.group(1)
+            computations[name] = []
+        elif line == "}":
+            name = None
+        elif name is not None and (instruction := re.match(r"\s+(?:ROOT )?%\S+ = .*? ([a-z][a-z0-9-]*)\((.*)$", line)):
+            computations[name].append(instruction.groups())
+
+    def callee(attributes: str, key: str) -> str:
+        return re.search(rf"\b{key}=%([^,\s}}]+)", attributes).group(1)
+
+    def trip_count(attributes: str) -> int | None:
+        known = re.search(r'"known_trip_count":\{"n":"(\d+)"', attributes)
+        return None if known is None else int(known.group(1))
+
+    @functools.cache
+    def cost(computation: str) -> int:
+        total = 0
+        for opcode, attributes in computations[computation]:
+            if opcode == "while":
+                trips = trip_count(attributes)
+                if trips is None:
+                    raise ValueError(f"a loop inside {computation!r} has no known trip count")
+                total += trips * cost(callee(attributes, "body")) + (trips + 1) * cost(callee(attributes, "condition"))
+            elif opcode == "conditional":
+                listed = re.search(r"branch_computations=\{([^}]*)\}", attributes)
+                branches = (re.findall(r"%([^,\s}]+)", listed.group(1)) if listed else
+                            [callee(attributes, "true_computation"), callee(attributes, "false_computation")])
+                total += 1 + max(cost(branch) for branch in branches)
+            elif opcode == "call":
+                total += cost(callee(attributes, "to_apply"))
+            elif opcode not in _NO_KERNEL:
+                total += 1
+        return total
+
+    loops = [attributes for instructions in computations.values() for opcode, attributes in instructions
+             if opcode == "while" and trip_count(attributes) is None]
+    if not loops:
+        raise ValueError("the program has no loop of unknown trip count (no decode loop)")
+    return max(cost(callee(a, "body")) + cost(callee(a, "condition")) for a in loops)
+
+
 def jax_contender(lm, batch: int, prompt_tokens: int, new_tokens: int):
     proposal = Proposal(temperature=1.0).validated()
     prompt = jnp.arange(1, prompt_tokens + 1, dtype=jnp.int32) % lm.vocab_size
@@ -109,7 +173,9 @@ def jax_contender(lm, batch: int, prompt_tokens: int, new_tokens: int):
         return decode(jax.random.key(0), lm, state).tokens
 
     prefill_only = lambda: start(lm, prompt, batch, new_tokens).next_logits  # noqa: E731
-    return run, prefill_only
+    # After the timed calls this is the executable they ran, not a new compilation.
+    compiled_text = lambda: decode.lower(jax.random.key(0), lm, start(lm, prompt, batch, new_tokens)).compile().as_text()  # noqa: E731
+    return run, prefill_only, compiled_text
 
 
 def torch_contender(shape: str, dtype_name: str, batch: int, prompt_tokens: int, new_tokens: int):
@@ -187,7 +253,7 @@ def main(argv=None):
         lm = make_language_model(config, params, name=shape)
         lm = lm.replace(eos_token_ids=(lm.vocab_size,))  # no token stops: fixed lengths
         for batch in (int(b) for b in args.batches.split(",")):
-            run_jax, prefill = jax_contender(lm, batch, args.prompt_tokens, args.new_tokens)
+            run_jax, prefill, compiled_text = jax_contender(lm, batch, args.prompt_tokens, args.new_tokens)
             contenders = {"jax": run_jax, "jax_prefill": prefill}
             with_torch = (args.transformers_batches == "all" or str(batch) in args.transformers_batches.split(",")) \
                 and (args.transformers_shapes == "all" or shape in args.transformers_shapes.split(","))
@@ -216,6 +282,7 @@ def main(argv=None):
                 "compute_fraction": flops / step_s / 1e9 / peak_gflops,
                 "bound": "memory" if nbytes / bandwidth >= flops / peak_gflops else "compute",
                 "compile_s": sum(timings[k]["first_call_s"] - timings[k]["median_s"] for k in ("jax", "jax_prefill")),
+                "kernels_per_step": kernels_per_step(compiled_text()),
                 "timings": timings,
                 "wall_s": time.perf_counter() - began,
             }
@@ -229,7 +296,7 @@ def main(argv=None):
                   f"{row['gb_per_s']:.1f} GB/s = {row['roofline_fraction']:.0%} of {bandwidth:.0f} GB/s, "
                   f"{row['gflop_per_s']:.0f} GFLOP/s = {row['compute_fraction']:.0%} of {peak_gflops:.0f} "
                   f"({row['bound']}-bound), "
-                  f"compile {row['compile_s']:.1f} s"
+                  f"compile {row['compile_s']:.1f} s, {row['kernels_per_step']} kernels/step"
                   + (f"; transformers {row['transformers_ms_per_step']:.2f} ms/step" if with_torch else ""),
                   flush=True)
             rows.append(row)
@@ -237,13 +304,13 @@ def main(argv=None):
                 report({**header, "rows": rows}, "", args.json, quiet=True)
         del lm, params
     result = {**header, "rows": rows}
-    table = ["| shape | batch | ms/step | GB/s | roofline | GFLOP/s | of compute peak | compile s | transformers ms/step |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    table = ["| shape | batch | ms/step | GB/s | roofline | GFLOP/s | of compute peak | compile s | kernels/step | transformers ms/step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hf = f"{r['transformers_ms_per_step']:.2f}" if "transformers_ms_per_step" in r else "—"
         table.append(f"| {r['shape']} | {r['batch']} | {r['ms_per_step']:.2f} | {r['gb_per_s']:.1f} | "
                      f"{r['roofline_fraction']:.0%} | {r['gflop_per_s']:.0f} | {r['compute_fraction']:.0%} | "
-                     f"{r['compile_s']:.1f} | {hf} |")
+                     f"{r['compile_s']:.1f} | {r['kernels_per_step']} | {hf} |")
     report(result, "\n".join(table), args.json)
 
 

@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,6 +52,7 @@ def test_bench_decode_reports_every_shape_and_batch_against_the_roofline(tmp_pat
         attention = 4 * c["num_hidden_layers"] * (8 + 8 / 2) * heads * h
         assert row["flops_per_step"] == pytest.approx(row["batch"] * (2 * weights + attention))
         assert row["compute_fraction"] == pytest.approx(row["gflop_per_s"] / result["compute_peak_gflops"])
+        assert row["kernels_per_step"] >= c["num_hidden_layers"]  # the layer loop's body runs once per layer
     assert result["roofline_bandwidth_gbs"] == result["memory_read_gbs"]  # no --bandwidth-gbs given
     assert "transformers" in result["rows"][0]["timings"] and "transformers" not in result["rows"][1]["timings"]
 
@@ -67,6 +70,41 @@ def test_bench_power_counts_every_decoded_token_of_both_loops(tmp_path):
         rate = result[f"{loop}_tokens_per_call"] / result["timings"][loop]["median_s"]
         assert result[f"{loop}_tokens_per_s"] == pytest.approx(rate)
     assert result["speedup"] == pytest.approx(result["jax_tokens_per_s"] / result["transformers_tokens_per_s"])
+
+
+def _open_loop(body):
+    """HLO of `body` in a loop whose trip count the compiler cannot know (like a decode loop)."""
+    loop = lambda x, stop: jax.lax.while_loop(lambda c: c[1] < stop, lambda c: (body(c[0]), c[1] + 1), (x, 0))[0]  # noqa: E731
+    return jax.jit(loop).lower(jnp.ones((4, 4)), 3).compile().as_text()
+
+
+def _sorts(x, count):
+    for _ in range(count):  # each step reads the last one's output, so none merge
+        x = jnp.sort(x * 1.5, axis=0)
+    return x
+
+
+@pytest.mark.parametrize("layers", [3, 5])
+def test_kernels_per_step_counts_a_nested_loop_per_trip_and_the_costliest_branch(layers):
+    def kernels(in_body, in_cheap_branch, in_costly_branch):
+        def layer(x, i):
+            x = _sorts(x, in_body)
+            branches = [lambda y: _sorts(y, in_cheap_branch), lambda y: _sorts(y, in_costly_branch)]
+            return jax.lax.switch(i % 2, branches, x), None
+
+        return bench_decode.kernels_per_step(_open_loop(lambda x: jax.lax.scan(layer, x, jnp.arange(layers))[0]))
+
+    base = kernels(1, 1, 2)
+    per_trip, remainder = divmod(kernels(2, 1, 2) - base, layers)  # one more sort step in the layer body
+    assert per_trip >= 1 and remainder == 0  # counted once per trip (a sort step is 1 or 2 kernels)
+    assert kernels(1, 1, 3) - base == layers * per_trip  # one more in the costlier branch: once per trip
+    assert kernels(1, 2, 3) == kernels(1, 1, 3)  # one more in the cheaper branch: not counted
+
+
+def test_kernels_per_step_needs_an_open_ended_loop():
+    fixed = jax.jit(lambda x: jax.lax.fori_loop(0, 3, lambda i, y: _sorts(y, 1), x)).lower(jnp.ones((4, 4)))
+    with pytest.raises(ValueError, match="no loop of unknown trip count"):
+        bench_decode.kernels_per_step(fixed.compile().as_text())
 
 
 def test_bench_memory_rows_hold_no_copy_of_the_prompt_cache(tmp_path):
