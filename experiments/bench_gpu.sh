@@ -44,8 +44,9 @@ step bench_smc 35 python $B/bench_smc.py --particles 64 --new-tokens 40 --sample
   --json "$OUT/bench_smc.json"
 # 5. XLA:CPU copies each layer's weights out of the stacked params before its matmuls (a
 # dynamic-slice per layer and step). Does XLA:GPU (7B MLP sizes, bf16)? And do GEMMs that
-# read the slice in place (dynamic-slice fusion, off by default) close the gap?
-LAYERS="--layers 28 --hidden 3584 --intermediate 18944 --dtype bfloat16 --batches 1,32 --steps 8 --samples 3 --min-sample-s 0.3"
+# read the slice in place (dynamic-slice fusion, off by default) close the gap? Do MLP blocks
+# of 512 columns (the CPU decode step's remedy) help there too?
+LAYERS="--layers 28 --hidden 3584 --intermediate 18944 --dtype bfloat16 --batches 1,32 --steps 8 --blocks 37 --samples 3 --min-sample-s 0.3"
 step bench_layer_weights 35 python $B/bench_layer_weights.py $LAYERS --json "$OUT/bench_layer_weights.json"
 step bench_layer_weights_slice_fusion 35 env XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true ${XLA_FLAGS:-}" \
   python $B/bench_layer_weights.py $LAYERS --json "$OUT/bench_layer_weights_slice_fusion.json"

@@ -30,7 +30,7 @@ from jaxsample.validation import check_int
 from jaxsample.models.config import ModelConfig
 from jaxsample.models.intervention import Intervention, forward_mask, prefill_mask
 from jaxsample.models.lora import LoraAdapters, check_adapters
-from jaxsample.models.modules import DecoderLayer, RMSNorm, at_least_float32, decode_attention
+from jaxsample.models.modules import DecoderLayer, GatedMLP, RMSNorm, at_least_float32, decode_attention
 
 Array = jax.Array
 Params = Any
@@ -392,7 +392,76 @@ def filled_widths(capacity: int) -> tuple[int, ...]:
     return tuple(widths)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "with_features"))
+# XLA:CPU copies a dynamic slice of the stacked layer weights before a matmul reads it.
+# Copied and read in slices of at most this size, the MLP's weights stay in the core's cache
+# between the copy and the matmul (`experiments/bench_layer_weights.py` measures the choice).
+CPU_MLP_SLICE_BYTES = 2 * 2**20
+
+
+def default_mlp_chunks(hidden_size: int, intermediate_size: int, dtype) -> int:
+    """How many column blocks of the intermediate features `decode_step` runs its MLP in by
+    default: on CPU the fewest blocks that divide the intermediate size with each block's
+    slice of a weight matrix within `CPU_MLP_SLICE_BYTES`; elsewhere 1 (whether XLA:GPU
+    copies the slices is what `bench_layer_weights` measures there, many small matmuls cost
+    launches, and tensor parallelism splits the same features across devices)."""
+    if jax.default_backend() != "cpu":
+        return 1
+    column_bytes = hidden_size * jnp.dtype(dtype).itemsize
+    fitting = (c for c in range(1, intermediate_size + 1)
+               if intermediate_size % c == 0 and intermediate_size // c * column_bytes <= CPU_MLP_SLICE_BYTES)
+    return next(fitting, intermediate_size)
+
+
+def _chunked_mlp(config: ModelConfig, params: Params, layer: Array, lora: dict | None, chunks: int):
+    """Layer `layer`'s MLP as `x -> Σ_c GatedMLP_c(x)` over `chunks` blocks of the intermediate
+    features, each block's weights sliced straight from the stacked `[L, ...]` params in
+    turn, so that at most one block's slices exist at a time (XLA copies each slice; the
+    whole layer's gate, up and down slices would all be live together, 777 MiB at the 7B
+    shape in float32). The output is summed in float32 (float64 for float64 params)."""
+    width = config.intermediate_size // chunks
+    block = GatedMLP(dataclasses.replace(config, intermediate_size=width), _dtype(params))
+    stacked = params["layers"]["mlp"]
+
+    def block_params(c):
+        start, sliced = c * width, {}
+        for name in ("gate_proj", "up_proj"):
+            weights = stacked[name]
+            sliced[name] = {"kernel": jax.lax.dynamic_slice(
+                weights["kernel"], (layer, 0, start), (1, config.hidden_size, width))[0]}
+            if "bias" in weights:
+                sliced[name]["bias"] = jax.lax.dynamic_slice(weights["bias"], (layer, start), (1, width))[0]
+        weights = stacked["down_proj"]
+        sliced["down_proj"] = {"kernel": jax.lax.dynamic_slice(
+            weights["kernel"], (layer, start, 0), (1, width, config.hidden_size))[0]}
+        if "bias" in weights:
+            # The down bias is added once, with the first block.
+            sliced["down_proj"]["bias"] = jnp.where(c == 0, weights["bias"][layer], 0)
+        return sliced
+
+    def block_lora(c):
+        if lora is None:
+            return None
+        start, weights = c * width, dict(lora["weights"])
+        for name in ("gate_proj", "up_proj"):
+            if name in weights:
+                lora_b = jax.lax.dynamic_slice_in_dim(weights[name]["lora_B"], start, width, 1)
+                weights[name] = {"lora_A": weights[name]["lora_A"], "lora_B": lora_b}
+        if "down_proj" in weights:
+            lora_a = jax.lax.dynamic_slice_in_dim(weights["down_proj"]["lora_A"], start, width, 0)
+            weights["down_proj"] = {"lora_A": lora_a, "lora_B": weights["down_proj"]["lora_B"]}
+        return {"weights": weights, "scaling": lora["scaling"]}
+
+    def mlp(x):
+        def add_block(c, total):
+            return total + block.apply({"params": block_params(c)}, x, block_lora(c)).astype(total.dtype)
+
+        total = jax.lax.fori_loop(0, chunks, add_block, jnp.zeros(x.shape, at_least_float32(x.dtype)))
+        return total.astype(x.dtype)
+
+    return mlp
+
+
+@functools.partial(jax.jit, static_argnames=("config", "with_features", "mlp_chunks"))
 def decode_step(
     params: Params,
     config: ModelConfig,
@@ -402,6 +471,7 @@ def decode_step(
     intervention: Intervention | None = None,
     with_features: bool = False,
     prefix: KVCache | None = None,
+    mlp_chunks: int | None = None,
 ):
     """Appends one token per row at slot `cache.length` and returns the next-token logits.
 
@@ -418,6 +488,8 @@ def decode_step(
       prefix: a one-row `KVCache` shared by every row (a prompt prefilled once), or None.
         Its `length` `[1]` slots come before each row's own: row slot s holds position
         `prefix.length + s`, and every row attends to the prefix without a copy of it.
+      mlp_chunks: run each MLP in this many blocks of the intermediate features (a divisor
+        of `intermediate_size`); None: `default_mlp_chunks`, 1 except on CPU.
 
     Returns:
       (float32 `[B, V]` logits, [float32 `[B, D]` features,] the cache with `length + 1`).
@@ -437,6 +509,7 @@ def decode_step(
     offset = jnp.int32(0) if prefix is None else prefix.length[0]
     prefix_visible = None if prefix is None else jnp.arange(prefix.k.shape[2]) < offset  # [P]
     layer = _layer(config, params)
+    chunks = _check_mlp_chunks(config, params, mlp_chunks)
 
     widths = filled_widths(capacity)
     # Attend over the narrowest width that holds every row's slots: the rest are empty.
@@ -463,12 +536,14 @@ def decode_step(
             attended = jax.lax.switch(width_index, [attend_within(w) for w in widths], q, k_new, v_new)
             return attended, (k_new, v_new)
 
-        out, (k_all, v_all) = layer.apply({"params": x["params"]}, h, (offset + slots)[:, None], attend, lora=lora)
+        mlp = None if chunks == 1 else _chunked_mlp(config, params, i, lora, chunks)
+        out, (k_all, v_all) = layer.apply({"params": x["params"]}, h, (offset + slots)[:, None], attend, lora=lora, mlp=mlp)
         if intervention is not None:
             out, carry = intervention.apply(i, h, out, jnp.ones((batch, 1), bool), carry)
         return (out, k_all, v_all, i + 1, carry), None
 
-    xs = {"params": params["layers"]}
+    # The chunked MLP slices its weights itself: the scan must not copy them whole.
+    xs = {"params": params["layers"] if chunks == 1 else {k: v for k, v in params["layers"].items() if k != "mlp"}}
     if adapters is not None:
         xs["lora"] = adapters.weights
     if prefix is not None:
@@ -481,6 +556,17 @@ def decode_step(
     if with_features:
         return logits, features.astype(at_least_float32(features.dtype)), KVCache(k_all, v_all, slots + 1)
     return logits, KVCache(k_all, v_all, slots + 1)
+
+
+def _check_mlp_chunks(config: ModelConfig, params: Params, chunks: int | None) -> int:
+    if chunks is None:
+        return default_mlp_chunks(config.hidden_size, config.intermediate_size, _dtype(params))
+    chunks = check_int("mlp_chunks", chunks, minimum=1)
+    if config.intermediate_size % chunks:
+        raise ArgumentError(
+            f"mlp_chunks must be a positive divisor of intermediate_size ({config.intermediate_size}), got {chunks}"
+        )
+    return chunks
 
 
 @dataclasses.dataclass(frozen=True)

@@ -232,10 +232,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.rms_norm_eps, self.param_dtype)
         self.mlp = GatedMLP(c, self.param_dtype)
 
-    def __call__(self, h: Array, positions: Array, attend=None, lora: dict | None = None) -> tuple[Array, Any]:
+    def __call__(
+        self, h: Array, positions: Array, attend=None, lora: dict | None = None, mlp=None
+    ) -> tuple[Array, Any]:
         """Args: h `[B, T, D]`; positions int32 `[B, T]`; attend (default: causal); lora:
         this layer's LoRA weights `{"weights": {proj_name: {"lora_A": [in, r], "lora_B":
-        [r, out]}}, "scaling": α/r}` or None.
+        [r, out]}}, "scaling": α/r}` or None; mlp: `x -> y` in place of the block's
+        `GatedMLP` (which then needs no params), or None.
 
         Returns:
           (h `[B, T, D]`, aux from `attend`).
@@ -247,5 +250,6 @@ class DecoderLayer(nn.Module):
         else:
             attended, aux = attend(q, k, v)
         h = h + self.self_attn.output(attended, lora)
-        h = h + self.mlp(self.post_attention_layernorm(h), lora)
+        normed = self.post_attention_layernorm(h)
+        h = h + (self.mlp(normed, lora) if mlp is None else mlp(normed))
         return h, aux

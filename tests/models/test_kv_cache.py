@@ -11,6 +11,7 @@ import pytest
 
 from jaxsample import models
 from jaxsample.errors import ArgumentError
+from jaxsample.models import lora
 
 # Same f32 math on both paths, only the attention width differs (T vs S slots, masked with
 # exact zeros), so differences are summation-order rounding: observed ≤ 1e-6.
@@ -166,6 +167,56 @@ def test_decode_attending_over_the_filled_width_matches_forward(params, lengths)
         np.testing.assert_allclose(logits[row], reference, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("chunks", [4, 40])
+def test_decoding_the_mlp_in_blocks_matches_decoding_it_whole(chunks):
+    """Blocks of the intermediate features (`decode_step(mlp_chunks=)`, the CPU default for
+    large MLPs) sum to the whole MLP: with MLP biases (the down bias added once) and LoRA on
+    gate, up and down (its B, resp. A, cut into the same blocks)."""
+    config = dataclasses.replace(CONFIG, mlp_bias=True)
+    params = random_params(config, 7)
+    adapters = lora.init_lora(jax.random.key(8), config, 3, 6.0, ("gate_proj", "up_proj", "down_proj"))
+    adapters = adapters.replace(weights=jax.tree.map(lambda x: 0.3 * jnp.cos(jnp.arange(x.size) + 1.0).reshape(x.shape),
+                                                     adapters.weights))
+    lm = models.make_language_model(config, params).with_adapters(adapters)
+    tokens = jnp.asarray(np.random.default_rng(9).integers(0, config.vocab_size, size=(2, 6)))
+    _, cache = lm.prefill(tokens[:, :-1], jnp.asarray([5, 2]), lm.init_cache(2, 8))
+    decode = functools.partial(models.decode_step, params, config, tokens[:, -1], cache, adapters)
+    whole, blocks = decode(mlp_chunks=1), decode(mlp_chunks=chunks)
+    np.testing.assert_allclose(blocks[0], whole[0], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(blocks[1].k, whole[1].k, atol=ATOL, rtol=0)
+    reference = lm.logits(jnp.concatenate([tokens[1:, :2], tokens[1:, -1:]], axis=1))[0, -1]
+    np.testing.assert_allclose(blocks[0][1], reference, atol=ATOL, rtol=0)
+
+
+def test_mlp_blocks_hold_one_block_of_weights_at_a_time():
+    """The layer scan no longer copies a layer's whole gate, up and down matrices (XLA:CPU
+    copies a dynamic slice before the matmul reads it): the compiled step's scratch shrinks by
+    more than two matrices when the MLP runs in 8 blocks."""
+    config = dataclasses.replace(CONFIG, hidden_size=64, intermediate_size=4096, num_hidden_layers=2)
+    params = jax.eval_shape(lambda: models.init_params(jax.random.key(0), config))
+    cache = jax.eval_shape(lambda: models.init_cache(config, 4, 16))
+    tokens = jax.ShapeDtypeStruct((4,), jnp.int32)
+
+    def scratch(chunks):
+        step = jax.jit(functools.partial(models.decode_step, config=config, mlp_chunks=chunks))
+        return step.lower(params, tokens=tokens, cache=cache).compile().memory_analysis().temp_size_in_bytes
+
+    matrix_bytes = config.hidden_size * config.intermediate_size * 4
+    assert scratch(8) < scratch(1) - 2 * matrix_bytes, (scratch(8), scratch(1), matrix_bytes)
+
+
+def test_the_default_mlp_blocks_divide_the_intermediate_size_within_the_slice_budget():
+    chunks = models.decoder.default_mlp_chunks
+    if jax.default_backend() != "cpu":
+        assert chunks(576, 1536, jnp.float32) == 1
+        return
+    assert chunks(576, 1536, jnp.float32) == 2  # SmolLM2: 768 of 576 floats, 1.7 MiB; 1536: 3.4 MiB
+    assert chunks(576, 1536, jnp.bfloat16) == 1
+    assert chunks(896, 4864, jnp.float32) == 16  # Qwen2.5-0.5B: 304 columns, 1.04 MiB; 608: 2.08 MiB
+    assert chunks(3584, 18944, jnp.float32) == 148  # Qwen2.5-7B: 128 columns, 1.75 MiB
+    assert chunks(CONFIG.hidden_size, CONFIG.intermediate_size, jnp.float32) == 1
+
+
 def test_out_of_range_lengths_give_nan_logits_not_clamped_values(lm):
     tokens = jnp.ones((2, 4), jnp.int32)
     logits, _ = lm.prefill(tokens, jnp.asarray([0, 4]), lm.init_cache(2, 4))
@@ -237,3 +288,7 @@ def test_bad_shapes_raise_argument_errors(params, lm):
         lm.decode(jnp.ones((3,), jnp.int32), lm.init_cache(2, 8))
     with pytest.raises(ArgumentError, match="dimensions"):
         lm.decode(jnp.ones((2, 1), jnp.int32), lm.init_cache(2, 8))
+    with pytest.raises(ArgumentError, match=r"mlp_chunks must be a positive divisor of intermediate_size \(40\), got 3"):
+        models.decode_step(params, CONFIG, jnp.ones((2,), jnp.int32), lm.init_cache(2, 8), mlp_chunks=3)
+    with pytest.raises(ArgumentError, match=r"mlp_chunks must be an integer in \[1, inf\], got 0"):
+        models.decode_step(params, CONFIG, jnp.ones((2,), jnp.int32), lm.init_cache(2, 8), mlp_chunks=0)
