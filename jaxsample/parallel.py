@@ -8,7 +8,8 @@ A mesh has two axes:
   are split along their output features (whole heads), the attention output and down
   projections along their input features, the embedding and LM head along the vocabulary,
   and the KV cache along its kv heads. A dimension the axis size does not divide is
-  replicated instead (correct, only less parallel).
+  replicated instead (correct, only less parallel). With the model axis split, the decode
+  step runs each MLP whole (no CPU column blocks, which would gather the split matrices).
 
     mesh = js.parallel.make_mesh(data=4, model=2)
     result = js.generate(key, lm, prompt, 64, num_samples=32, mesh=mesh)
@@ -22,6 +23,7 @@ the mesh from the global device list (`make_mesh` does); each process runs the s
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import Any
@@ -31,6 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxsample.errors import ArgumentError
+from jaxsample.models.decoder import DecodeStep
 from jaxsample.rows import Shared, is_shared
 
 DATA = "data"
@@ -119,7 +122,12 @@ def shard_model(lm, mesh: Mesh | None):
         shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), lm.params)
     else:
         shardings = param_shardings(mesh, lm.params, lm.config)
-    return lm.replace(params=jax.device_put(lm.params, shardings))
+    lm = lm.replace(params=jax.device_put(lm.params, shardings))
+    if mesh.shape[MODEL] > 1 and isinstance(lm.decode_fn, DecodeStep):
+        # The CPU decode step's MLP blocks slice the intermediate features this axis splits,
+        # for which GSPMD would gather whole matrices onto every device.
+        lm = lm.replace(decode_fn=dataclasses.replace(lm.decode_fn, mlp_chunks=1))
+    return lm
 
 
 def check_rows(mesh: Mesh | None, num_rows: int, what: str) -> None:

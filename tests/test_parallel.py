@@ -9,6 +9,7 @@ sums. The tiny model's logits reach O(100), so per-token log-probs carry roundin
 1e-7 x 100 = 1e-5, and the MH log ratios sum 12 of them: atol 2e-4, rtol 1e-5.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -88,6 +89,39 @@ def test_two_processes_of_four_devices_match_one_process(reference, tmp_path):
     results = dict(np.load(out))
     _assert_same({k: v for k, v in reference.items() if not k.startswith("power")}, results,
                  "data=4,model=2")
+
+
+# Compiles one decode step of an MLP-heavy model on a 1 x 2 (data x model) mesh and prints
+# the all-gathers in it, for the model as `shard_model` returns it and with MLP blocks forced.
+_GATHERS = """
+import dataclasses, json, re, jax, jax.numpy as jnp
+from jaxsample import parallel
+from jaxsample.models import ModelConfig, decoder, init_params, make_language_model
+config = ModelConfig(model_type="qwen2", vocab_size=48, hidden_size=32, intermediate_size=32768,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                     max_position_embeddings=64, qkv_bias=True, eos_token_ids=(0,))
+lm = make_language_model(config, init_params(jax.random.key(0), config))
+sharded = parallel.shard_model(lm, parallel.make_mesh(data=1, model=2))
+forced = sharded.replace(decode_fn=dataclasses.replace(sharded.decode_fn, mlp_chunks=2))
+def gathered_shapes(model):
+    step = jax.jit(lambda m, t, c: m.decode(t, c)).lower(model, jnp.ones((2,), jnp.int32), lm.init_cache(2, 8))
+    return re.findall(r"= ([a-z0-9]+[[][0-9,]*[]])[^ ]* all-gather[(]", step.compile().as_text())
+print(json.dumps({"default_chunks": decoder.default_mlp_chunks(32, 32768, jnp.float32),
+                  "sharded": gathered_shapes(sharded), "forced": gathered_shapes(forced)}))
+"""
+
+
+def test_tensor_parallel_decoding_keeps_the_mlp_whole():
+    """On CPU the decode step runs a large MLP in column blocks of its intermediate features,
+    which the model axis splits; GSPMD would gather each whole stacked matrix onto every
+    device for them, so `shard_model` binds one block when the model axis is split."""
+    done = subprocess.run([sys.executable, "-c", _GATHERS], env=_env(2), capture_output=True, text=True,
+                          timeout=TIMEOUT_S, check=True)
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["default_chunks"] == 2  # without a split model axis, this model decodes in 2 blocks
+    assert found["sharded"] == []
+    # The check can fail: forced blocks gather the gate, up and down stacks whole.
+    assert sorted(found["forced"]) == ["f32[2,32,32768]", "f32[2,32,32768]", "f32[2,32768,32]"]
 
 
 def test_mesh_arguments_are_checked():

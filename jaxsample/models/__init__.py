@@ -9,10 +9,12 @@ from jaxsample.models import lora
 from jaxsample.models.checkpoint import save_pretrained
 from jaxsample.models.config import Llama3RopeScaling, ModelConfig
 from jaxsample.models.decoder import (
+    DecodeStep,
     KVCache,
     LayerFunctions,
     apply_layer,
     decode_step,
+    default_mlp_chunks,
     embed,
     final_logits,
     final_norm,
@@ -29,6 +31,7 @@ from jaxsample.models.registry import register_model, registered_models
 from jaxsample.models.tokenizer import Tokenizer
 
 __all__ = [
+    "DecodeStep",
     "Intervention",
     "KVCache",
     "LayerFunctions",
@@ -38,6 +41,7 @@ __all__ = [
     "Tokenizer",
     "apply_layer",
     "decode_step",
+    "default_mlp_chunks",
     "embed",
     "final_logits",
     "final_norm",

@@ -402,8 +402,9 @@ def default_mlp_chunks(hidden_size: int, intermediate_size: int, dtype) -> int:
     """How many column blocks of the intermediate features `decode_step` runs its MLP in by
     default: on CPU the fewest blocks that divide the intermediate size with each block's
     slice of a weight matrix within `CPU_MLP_SLICE_BYTES`; elsewhere 1 (whether XLA:GPU
-    copies the slices is what `bench_layer_weights` measures there, many small matmuls cost
-    launches, and tensor parallelism splits the same features across devices)."""
+    copies the slices is what `bench_layer_weights` measures there, and many small matmuls
+    cost launches). A tensor-parallel model axis splits the same features, so
+    `parallel.shard_model` binds 1 block (`DecodeStep.mlp_chunks`) when it splits them."""
     if jax.default_backend() != "cpu":
         return 1
     column_bytes = hidden_size * jnp.dtype(dtype).itemsize
@@ -567,6 +568,19 @@ def _check_mlp_chunks(config: ModelConfig, params: Params, chunks: int | None) -
             f"mlp_chunks must be a positive divisor of intermediate_size ({config.intermediate_size}), got {chunks}"
         )
     return chunks
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeStep:
+    """`decode_step` with the config and `mlp_chunks` bound, for `LanguageModel.decode_fn`.
+    Equal for equal fields, so models of one architecture share compiled programs. E.g.
+    `lm.replace(decode_fn=DecodeStep(lm.config, mlp_chunks=1))` decodes every MLP whole."""
+
+    config: ModelConfig
+    mlp_chunks: int | None = None
+
+    def __call__(self, params: Params, *args, **kwargs):
+        return decode_step(params, self.config, *args, mlp_chunks=self.mlp_chunks, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)

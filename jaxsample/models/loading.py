@@ -13,7 +13,7 @@ from jaxsample.errors import ArgumentError, CheckpointError, ConfigError
 from jaxsample.lm import LanguageModel
 from jaxsample.models.checkpoint import assemble_params, check_dtype, read_json, safetensors_entries
 from jaxsample.models.config import ModelConfig
-from jaxsample.models.decoder import LayerFunctions, decode_step, forward, init_cache, prefill
+from jaxsample.models.decoder import DecodeStep, LayerFunctions, forward, init_cache, prefill
 from jaxsample.models.registry import registered_models, resolve
 from jaxsample.models.tokenizer import TOKENIZER_FILES, Tokenizer
 from jaxsample.validation import check_int, is_int
@@ -75,7 +75,7 @@ def make_language_model(
         forward_fn=_WithConfig(forward, config),
         init_cache_fn=_CacheFactory(config, dtype),
         prefill_fn=_WithConfig(prefill, config),
-        decode_fn=_WithConfig(decode_step, config),
+        decode_fn=DecodeStep(config),
         vocab_size=config.vocab_size,
         max_length=config.max_position_embeddings,
         eos_token_ids=eos,
