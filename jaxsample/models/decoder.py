@@ -394,7 +394,9 @@ def filled_widths(capacity: int) -> tuple[int, ...]:
 
 # XLA:CPU copies a dynamic slice of the stacked layer weights before a matmul reads it.
 # Copied and read in slices of at most this size, the MLP's weights stay in the core's cache
-# between the copy and the matmul (`experiments/bench_layer_weights.py` measures the choice).
+# between the copy and the matmul. Chosen from decode-step sweeps of 1-32 blocks at the
+# SmolLM2 and Qwen2.5-0.5B shapes (README, Benchmarks); `bench_layer_weights.py --blocks`
+# times other block counts.
 CPU_MLP_SLICE_BYTES = 2 * 2**20
 
 
