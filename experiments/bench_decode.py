@@ -20,12 +20,20 @@ stop tokens suppressed. Reported per (shape, batch):
   instruction of the decode loop's body that runs as its own kernel (a fusion, a library
   call, an unfused op; the layer loop's body counted once per layer). On a GPU each is a
   kernel launch unless XLA groups them into a CUDA graph; on a CPU each is a runtime thunk;
-- transformers' `generate` (same shape, dtype and batch; sampling, EOS suppressed) ms per step.
+- transformers' `generate` (same shape, dtype and batch; sampling, EOS suppressed) ms per step;
+- with `--matmuls-alone`: the step's weight matmuls alone (`matmuls_alone_ms_per_step`),
+  timed in the same run: the same projections and logit matrix on the same rows through
+  XLA's own dot kernels, each weight matrix whole in its own array (no slicing, attention,
+  norms, cache or draw). The step's time over it (`step_over_matmuls_alone`) says how much
+  the rest costs; below 1 the step issues its matmuls better than whole (the CPU step's MLP
+  blocks). transformers' step over it (`transformers_over_matmuls_alone`) is the speedup a
+  step made of these matmuls and nothing else would have. It holds a second copy of the
+  layer weights: for CPU-sized shapes.
 
 Both sides' steps exclude the prompt: the time of a prefill-only call (`init_decode`; one
 transformers forward over the prompt) is subtracted from the whole call's.
 
-    python experiments/bench_decode.py --shapes smollm2-135m --batches 1,8 --dtype float32   # CPU
+    python experiments/bench_decode.py --shapes smollm2-135m --batches 1,8 --dtype float32 --matmuls-alone  # CPU
     python experiments/bench_decode.py --shapes qwen2.5-0.5b,qwen2.5-1.5b,qwen2.5-7b \\
         --batches 1,8,32,64 --dtype bfloat16 --bandwidth-gbs 4300 --matmul-size 8192 \\
         --transformers-batches 1,32  # H200
@@ -178,6 +186,40 @@ def jax_contender(lm, batch: int, prompt_tokens: int, new_tokens: int):
     return run, prefill_only, compiled_text
 
 
+def step_matmuls(lm):
+    """One decode step's weight matmuls alone, `h [B, D] -> h [B, D]`: per layer q, k, v, o
+    and the gated MLP, then the logit matrix, each layer's kernels copied out of the stack
+    into separate arrays first. Biases, norms, attention, the cache and the draw are left
+    out; tanh keeps random weights' activations finite."""
+    config, params = lm.config, lm.params
+    layers = [jax.tree.map(lambda w, i=i: w[i].copy(), params["layers"]) for i in range(config.num_hidden_layers)]
+    tied = "lm_head" not in params
+    logit_matrix = params["embed_tokens"]["embedding"] if tied else params["lm_head"]["kernel"]
+
+    def step(h):
+        for layer in layers:
+            attention, mlp = layer["self_attn"], layer["mlp"]
+            q = h @ attention["q_proj"]["kernel"]
+            # k and v go to the cache in a real step; their sums keep them computed here.
+            kv = (h @ attention["k_proj"]["kernel"]).sum(-1, keepdims=True) + (h @ attention["v_proj"]["kernel"]).sum(-1, keepdims=True)
+            h = jnp.tanh(h + (q + kv) @ attention["o_proj"]["kernel"])
+            gated = jax.nn.silu(h @ mlp["gate_proj"]["kernel"]) * (h @ mlp["up_proj"]["kernel"])
+            h = jnp.tanh(h + gated @ mlp["down_proj"]["kernel"])
+        # The tied embedding is read as the decoder reads it: `[V, D]` contracted over D.
+        logits = jnp.einsum("bd,vd->bv", h, logit_matrix) if tied else h @ logit_matrix
+        return jnp.tanh(h + logits[:, : config.hidden_size])
+
+    return step
+
+
+def matmuls_alone_contender(lm, batch: int, new_tokens: int):
+    """`new_tokens` calls of `step_matmuls` in one compiled loop."""
+    step = step_matmuls(lm)
+    run = jax.jit(lambda h: jax.lax.fori_loop(0, new_tokens, lambda _, h: step(h), h))
+    h = jnp.full((batch, lm.config.hidden_size), 0.1, lm.params["embed_tokens"]["embedding"].dtype)
+    return lambda: run(h)
+
+
 def torch_contender(shape: str, dtype_name: str, batch: int, prompt_tokens: int, new_tokens: int):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -229,6 +271,7 @@ def main(argv=None):
     parser.add_argument("--prompt-tokens", type=int, default=32, help="prompt length")
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps timed per call")
     parser.add_argument("--transformers-batches", default="all", help="batch sizes at which transformers' generate is timed too: 'all', 'none' or a comma-separated subset of --batches")
+    parser.add_argument("--matmuls-alone", action="store_true", help="also time the step's weight matmuls alone, each matrix whole (a second copy of the layer weights; for CPU-sized shapes)")
     parser.add_argument("--transformers-shapes", default="all", help="shapes at which transformers' generate is timed: 'all' or a comma-separated subset of --shapes")
     parser.add_argument("--bandwidth-gbs", type=float, default=0.0, help="roofline bandwidth in GB/s (0: measure it in this run; an H200 copies at ~4300)")
     parser.add_argument("--peak-gflops", type=float, default=0.0, help="compute peak in GFLOP/s (0: measure it in this run with a square matmul)")
@@ -255,6 +298,8 @@ def main(argv=None):
         for batch in (int(b) for b in args.batches.split(",")):
             run_jax, prefill, compiled_text = jax_contender(lm, batch, args.prompt_tokens, args.new_tokens)
             contenders = {"jax": run_jax, "jax_prefill": prefill}
+            if args.matmuls_alone:
+                contenders["matmuls_alone"] = matmuls_alone_contender(lm, batch, args.new_tokens)
             with_torch = (args.transformers_batches == "all" or str(batch) in args.transformers_batches.split(",")) \
                 and (args.transformers_shapes == "all" or shape in args.transformers_shapes.split(","))
             if with_torch:
@@ -286,10 +331,15 @@ def main(argv=None):
                 "timings": timings,
                 "wall_s": time.perf_counter() - began,
             }
+            if args.matmuls_alone:
+                row["matmuls_alone_ms_per_step"] = 1e3 * timings["matmuls_alone"]["median_s"] / args.new_tokens
+                row["step_over_matmuls_alone"] = row["ms_per_step"] / row["matmuls_alone_ms_per_step"]
             if with_torch:
                 torch_step_s = (timings["transformers"]["median_s"] - timings["transformers_prefill"]["median_s"]) / args.new_tokens
                 row["transformers_ms_per_step"] = 1e3 * torch_step_s
                 row["speedup_vs_transformers"] = row["transformers_ms_per_step"] / row["ms_per_step"]
+                if args.matmuls_alone:
+                    row["transformers_over_matmuls_alone"] = row["transformers_ms_per_step"] / row["matmuls_alone_ms_per_step"]
                 del torch_model, run_torch, prefill_torch
                 _free_torch_memory()
             print(f"{shape} B={batch}: {row['ms_per_step']:.2f} ms/step ({row['spread']:.0%} spread), "
@@ -297,6 +347,7 @@ def main(argv=None):
                   f"{row['gflop_per_s']:.0f} GFLOP/s = {row['compute_fraction']:.0%} of {peak_gflops:.0f} "
                   f"({row['bound']}-bound), "
                   f"compile {row['compile_s']:.1f} s, {row['kernels_per_step']} kernels/step"
+                  + (f"; matmuls alone {row['matmuls_alone_ms_per_step']:.2f} ms/step" if args.matmuls_alone else "")
                   + (f"; transformers {row['transformers_ms_per_step']:.2f} ms/step" if with_torch else ""),
                   flush=True)
             rows.append(row)
@@ -304,13 +355,15 @@ def main(argv=None):
                 report({**header, "rows": rows}, "", args.json, quiet=True)
         del lm, params
     result = {**header, "rows": rows}
-    table = ["| shape | batch | ms/step | GB/s | roofline | GFLOP/s | of compute peak | compile s | kernels/step | transformers ms/step |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    table = ["| shape | batch | ms/step | GB/s | roofline | GFLOP/s | of compute peak | compile s | kernels/step "
+             "| matmuls alone ms/step | transformers ms/step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hf = f"{r['transformers_ms_per_step']:.2f}" if "transformers_ms_per_step" in r else "—"
+        alone = f"{r['matmuls_alone_ms_per_step']:.2f}" if "matmuls_alone_ms_per_step" in r else "—"
         table.append(f"| {r['shape']} | {r['batch']} | {r['ms_per_step']:.2f} | {r['gb_per_s']:.1f} | "
                      f"{r['roofline_fraction']:.0%} | {r['gflop_per_s']:.0f} | {r['compute_fraction']:.0%} | "
-                     f"{r['compile_s']:.1f} | {r['kernels_per_step']} | {hf} |")
+                     f"{r['compile_s']:.1f} | {r['kernels_per_step']} | {alone} | {hf} |")
     report(result, "\n".join(table), args.json)
 
 

@@ -1,6 +1,7 @@
 """Every benchmark runs CPU-sized (`bench_gpu.sh` runs them GPU-sized) and writes the JSON
 the README reads its numbers from; what they count is checked, not their speed."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -8,6 +9,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import pytest
+
+from jaxsample.models import make_language_model
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -36,7 +39,7 @@ def _timed(timings):
 
 def test_bench_decode_reports_every_shape_and_batch_against_the_roofline(tmp_path):
     result = _run(bench_decode.main, tmp_path, "--shapes", "tiny", "--batches", "1,2", "--prompt-tokens", 8,
-                  "--new-tokens", 8, "--transformers-batches", "1", "--matmul-size", 256, *QUICK)
+                  "--new-tokens", 8, "--transformers-batches", "1", "--matmul-size", 256, "--matmuls-alone", *QUICK)
     assert [(r["shape"], r["batch"]) for r in result["rows"]] == [("tiny", 1), ("tiny", 2)]
     for row in result["rows"]:
         _timed(row["timings"]["jax"])
@@ -53,8 +56,23 @@ def test_bench_decode_reports_every_shape_and_batch_against_the_roofline(tmp_pat
         assert row["flops_per_step"] == pytest.approx(row["batch"] * (2 * weights + attention))
         assert row["compute_fraction"] == pytest.approx(row["gflop_per_s"] / result["compute_peak_gflops"])
         assert row["kernels_per_step"] >= c["num_hidden_layers"]  # the layer loop's body runs once per layer
+        _timed(row["timings"]["matmuls_alone"])
+        assert row["step_over_matmuls_alone"] == pytest.approx(row["ms_per_step"] / row["matmuls_alone_ms_per_step"])
     assert result["roofline_bandwidth_gbs"] == result["memory_read_gbs"]  # no --bandwidth-gbs given
     assert "transformers" in result["rows"][0]["timings"] and "transformers" not in result["rows"][1]["timings"]
+    first = result["rows"][0]
+    assert first["transformers_over_matmuls_alone"] == pytest.approx(first["transformers_ms_per_step"] / first["matmuls_alone_ms_per_step"])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_bench_decode_matmuls_alone_do_the_steps_matmul_flops(tied):
+    config = dataclasses.replace(bench_decode.model_config("tiny", 16), tie_word_embeddings=tied)
+    params = bench_decode.random_params(config, jnp.float32)
+    step = bench_decode.step_matmuls(make_language_model(config, params))
+    for batch in (1, 3):
+        cost = jax.jit(step).lower(jnp.ones((batch, config.hidden_size))).compile().cost_analysis()
+        # Its tanh, silu and sums add well under 1% at this shape.
+        assert cost["flops"] == pytest.approx(bench_decode.step_flops(config, params, batch, 0), rel=0.01)
 
 
 def test_bench_power_counts_every_decoded_token_of_both_loops(tmp_path):
