@@ -267,7 +267,7 @@ def test_mesh_option_splits_chains_over_devices(finished_run, tmp_path):
     """`--mesh data=2` on two simulated CPU devices gives the one-device results (those of
     `finished_run`, made in this process on one device; a unit's key does not depend on
     which other methods run)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2")
     subprocess.run([*RUN, "power", *TINY, "--problems-per-k", "2", "--methods", "base,mh_uniform",
                     "--mesh", "data=2", "--out", str(tmp_path / "two")],
                    env=env, check=True, capture_output=True, timeout=600, cwd=ROOT)
