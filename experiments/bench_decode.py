@@ -201,7 +201,8 @@ def step_matmuls(lm):
             attention, mlp = layer["self_attn"], layer["mlp"]
             q = h @ attention["q_proj"]["kernel"]
             # k and v go to the cache in a real step; their sums keep them computed here.
-            kv = (h @ attention["k_proj"]["kernel"]).sum(-1, keepdims=True) + (h @ attention["v_proj"]["kernel"]).sum(-1, keepdims=True)
+            k, v = h @ attention["k_proj"]["kernel"], h @ attention["v_proj"]["kernel"]
+            kv = k.sum(-1, keepdims=True) + v.sum(-1, keepdims=True)
             h = jnp.tanh(h + (q + kv) @ attention["o_proj"]["kernel"])
             gated = jax.nn.silu(h @ mlp["gate_proj"]["kernel"]) * (h @ mlp["up_proj"]["kernel"])
             h = jnp.tanh(h + gated @ mlp["down_proj"]["kernel"])
@@ -271,8 +272,8 @@ def main(argv=None):
     parser.add_argument("--prompt-tokens", type=int, default=32, help="prompt length")
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps timed per call")
     parser.add_argument("--transformers-batches", default="all", help="batch sizes at which transformers' generate is timed too: 'all', 'none' or a comma-separated subset of --batches")
-    parser.add_argument("--matmuls-alone", action="store_true", help="also time the step's weight matmuls alone, each matrix whole (a second copy of the layer weights; for CPU-sized shapes)")
     parser.add_argument("--transformers-shapes", default="all", help="shapes at which transformers' generate is timed: 'all' or a comma-separated subset of --shapes")
+    parser.add_argument("--matmuls-alone", action="store_true", help="also time the step's weight matmuls alone, each matrix whole (a second copy of the layer weights; for CPU-sized shapes)")
     parser.add_argument("--bandwidth-gbs", type=float, default=0.0, help="roofline bandwidth in GB/s (0: measure it in this run; an H200 copies at ~4300)")
     parser.add_argument("--peak-gflops", type=float, default=0.0, help="compute peak in GFLOP/s (0: measure it in this run with a square matmul)")
     parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmul that measures the compute peak (GPUs need ~8192 to reach theirs)")
