@@ -21,6 +21,8 @@ ratio or SMC variant can be checked in a few lines:
   `value_function` (the optimal twist ψ* and lookahead value V).
 - Exact kernels: `mh_transition_matrix` (-> `ExactKernel`), `power_log_ratio`,
   `assert_stationary`, `stationary_distribution`, `sampler_law` (block-wise samplers).
+- Model ports: `rerandomize_torch_model` redraws a transformers model's weights so that
+  a logit comparison against a port tests every term.
 - Statistics with sample-size-derived bounds: `chain_histogram_tv`, `assert_tv_below`,
   `assert_unbiased`, `empirical_distribution`, `total_variation`.
 
@@ -38,6 +40,7 @@ from jaxsample.testing.kernels import (
     sampler_law,
     stationary_distribution,
 )
+from jaxsample.testing.ports import rerandomize_torch_model
 from jaxsample.testing.statistics import (
     TVCheck,
     Unbiasedness,
@@ -80,6 +83,7 @@ __all__ = [
     "prefix_table_fn",
     "random_reward",
     "random_tabular_lm",
+    "rerandomize_torch_model",
     "sampler_law",
     "stationary_distribution",
     "tabular_lm",

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from jaxsample.testing import rerandomize_torch_model
+
 
 @pytest.fixture(scope="module", autouse=True)
 def highest_matmul_precision():
@@ -16,29 +18,6 @@ def highest_matmul_precision():
     jax.config.update("jax_default_matmul_precision", "highest")
     yield
     jax.config.update("jax_default_matmul_precision", previous)
-
-
-def rerandomize(model: torch.nn.Module, seed: int) -> None:
-    """Redraws every parameter: HF's init (zero biases, unit gains) would hide bugs in them.
-
-    Matrices get std 1/sqrt(fan_in) so activations stay O(1) (the untied LM head 3/sqrt(fan_in),
-    so logits have std ≳ 1 either way); norm gains are 1 + N(0, 0.3²) and biases N(0, 0.3²),
-    both visibly away from their init.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator, dtype=p.dtype)
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.3 * noise)
-            elif name.endswith(".bias"):
-                p.copy_(0.3 * noise)
-            elif "embed_tokens" in name:
-                p.copy_(noise)
-            elif name == "lm_head.weight":
-                p.copy_(3.0 * noise / p.shape[1] ** 0.5)
-            else:
-                p.copy_(noise / p.shape[1] ** 0.5)
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +30,7 @@ def hf_checkpoint(tmp_path_factory):
 
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-        rerandomize(model, seed)
+        rerandomize_torch_model(model, seed)
         directory = tmp_path_factory.mktemp(name)
         model.save_pretrained(directory)
         if rewrite is not None:

@@ -11,8 +11,8 @@ from transformers import LlamaConfig, Qwen2Config
 from jaxsample import models
 from jaxsample.errors import CheckpointError, ConfigError
 from jaxsample.models.gguf_file import unpermute_rows
+from jaxsample.testing import rerandomize_torch_model
 
-from .conftest import rerandomize
 
 VOCAB = 96
 # Both loaders dequantize the same bytes and run f32: agreement like the safetensors fixtures.
@@ -51,7 +51,7 @@ def write_gguf(path, arch, hf_config, seed, quantized, extra_tensors=(), configu
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    rerandomize(model, seed)
+    rerandomize_torch_model(model, seed)
     c = hf_config
     writer = GGUFWriter(path, arch)
     writer.add_block_count(c.num_hidden_layers)

@@ -37,8 +37,9 @@ CONFIG = models.ModelConfig(
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def random_params(config, seed):
-    """`init_params` layout with every leaf redrawn at O(1) scale (see conftest.rerandomize);
-    one normal draw for all leaves, since each draw is a separate (slow) XLA compile."""
+    """`init_params` layout with every leaf redrawn at O(1) scale (as in
+    `testing.rerandomize_torch_model`); one normal draw for all leaves, since each draw is a
+    separate (slow) XLA compile."""
     leaves, treedef = jax.tree.flatten_with_path(models.init_params(jax.random.key(seed), config))
     noise = jax.random.normal(jax.random.key(seed + 1), (sum(leaf.size for _, leaf in leaves),))
     redrawn, offset = [], 0
