@@ -28,29 +28,32 @@ step() {  # step NAME SECONDS CMD...: runs CMD with a time limit; a failure does
 } > "$OUT/environment.txt" 2>&1
 cat "$OUT/environment.txt"
 
+# 0. Correctness on this GPU: port parity with transformers, greedy decode, power MH and SMC
+# against exact enumeration (the CPU suite's checks; pytest is not needed).
+step check_device 40 python $B/check_device.py --json "$OUT/check_device.json"
 # 1. Decode speed vs roofline (0.5B/1.5B/7B x batch 1/8/32/64), transformers at batch 1 and 32.
-step bench_decode 200 python $B/bench_decode.py --shapes qwen2.5-0.5b,qwen2.5-1.5b,qwen2.5-7b \
+step bench_decode 190 python $B/bench_decode.py --shapes qwen2.5-0.5b,qwen2.5-1.5b,qwen2.5-7b \
   --batches 1,8,32,64 --dtype bfloat16 --prompt-tokens 64 --new-tokens 128 --bandwidth-gbs 4300 --matmul-size 8192 \
   --transformers-batches 1,32 --samples 3 --min-sample-s 0.5 --json "$OUT/bench_decode.json"
 # 2. Power MH end to end vs the transformers reference loop (random Qwen2.5-0.5B weights).
-step bench_power 95 python $B/bench_power.py --model random:qwen2.5-0.5b --dtype bfloat16 \
+step bench_power 90 python $B/bench_power.py --model random:qwen2.5-0.5b --dtype bfloat16 \
   --chains 8 --block-size 16 --max-new-tokens 32 --mcmc-steps 2 --samples 2 --min-sample-s 0 \
   --json "$OUT/bench_power.json"
 # 3. Peak memory of SMC / power sampling (compiled, not run): 64 rows, 1024-token prompt, 512 new.
-step bench_memory 60 python $B/bench_memory.py --dtype bfloat16 --shapes qwen2.5-0.5b,qwen2.5-7b \
+step bench_memory 55 python $B/bench_memory.py --dtype bfloat16 --shapes qwen2.5-0.5b,qwen2.5-7b \
   --json "$OUT/bench_memory.json"
 # 4. SMC cost per token vs plain sampling (embedded toy model).
-step bench_smc 35 python $B/bench_smc.py --particles 64 --new-tokens 40 --samples 3 --min-sample-s 0.5 \
+step bench_smc 30 python $B/bench_smc.py --particles 64 --new-tokens 40 --samples 3 --min-sample-s 0.5 \
   --json "$OUT/bench_smc.json"
 # 5. XLA:CPU copies each layer's weights out of the stacked params before its matmuls (a
 # dynamic-slice per layer and step). Does XLA:GPU (7B MLP sizes, bf16)? And do GEMMs that
 # read the slice in place (dynamic-slice fusion, off by default) close the gap? Do MLP blocks
 # of 512 columns (the CPU decode step's remedy) help there too?
 LAYERS="--layers 28 --hidden 3584 --intermediate 18944 --dtype bfloat16 --batches 1,32 --steps 8 --blocks 37 --samples 3 --min-sample-s 0.3"
-step bench_layer_weights 35 python $B/bench_layer_weights.py $LAYERS --json "$OUT/bench_layer_weights.json"
-step bench_layer_weights_slice_fusion 35 env XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true ${XLA_FLAGS:-}" \
+step bench_layer_weights 30 python $B/bench_layer_weights.py $LAYERS --json "$OUT/bench_layer_weights.json"
+step bench_layer_weights_slice_fusion 30 env XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true ${XLA_FLAGS:-}" \
   python $B/bench_layer_weights.py $LAYERS --json "$OUT/bench_layer_weights_slice_fusion.json"
 # 6. The token draw (two-stage Gumbel-max vs over the whole vocabulary) at a 152k vocabulary.
-step bench_draw 20 python $B/bench_draw.py --vocab 151936 --batches 1,64 --samples 3 --min-sample-s 0.2 \
+step bench_draw 15 python $B/bench_draw.py --vocab 151936 --batches 1,64 --samples 3 --min-sample-s 0.2 \
   --json "$OUT/bench_draw.json"
 echo "done $(date -u +%T); JSON in $OUT"
