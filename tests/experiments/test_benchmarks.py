@@ -1,8 +1,12 @@
 """Every benchmark runs CPU-sized (`bench_gpu.sh` runs them GPU-sized) and writes the JSON
 the README reads its numbers from; what they count is checked, not their speed."""
 
+import argparse
 import dataclasses
+import importlib
 import json
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -177,3 +181,41 @@ def test_bench_draw_times_both_token_draws_per_vocabulary_and_batch(tmp_path):
             assert row["ms_per_draw"][name] == pytest.approx(1e3 * row["timings"][name]["median_s"] / 2)
         assert row["whole_vocabulary_over_categorical"] == pytest.approx(
             row["ms_per_draw"]["gumbel_whole_vocabulary"] / row["ms_per_draw"]["categorical"])
+
+
+class _Parsed(Exception):
+    pass
+
+
+def _gpu_steps():
+    """`(name, limit_s, script, args)` of each `step` in bench_gpu.sh, shell variables expanded."""
+    text = (ROOT / "experiments" / "bench_gpu.sh").read_text().replace("\\\n", " ")
+    variables = {"B": "experiments", "OUT": "OUT", "XLA_FLAGS:-": ""}
+    variables.update(re.findall(r'^([A-Z]+)="([^"]*)"$', text, re.MULTILINE))
+    steps = []
+    for line in re.findall(r"^step (.*)$", text, re.MULTILINE):
+        words = shlex.split(re.sub(r"\$\{?([A-Z_:-]+)\}?", lambda m: variables[m.group(1)], line))
+        name, limit, *command = words
+        command = command[command.index("python"):]
+        steps.append((name, int(limit), Path(command[1]).stem, command[2:]))
+    return steps
+
+
+def test_bench_gpu_steps_parse_their_arguments_and_fit_in_8_minutes(monkeypatch):
+    # A GPU session has minutes of device time: an option renamed since the script was
+    # written would cost a step. Each step's arguments go through its script's own parser.
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise _Parsed(original(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    steps = _gpu_steps()
+    assert [name for name, *_ in steps][:2] == ["check_device", "bench_decode"]
+    for name, _, script, args in steps:
+        with pytest.raises(_Parsed):
+            importlib.import_module(script).main(args)
+        shapes = [shape for option, value in zip(args, args[1:]) if option in ("--shapes", "--model")
+                  for shape in value.removeprefix("random:").split(",")]
+        assert set(shapes) <= set(bench_decode.SHAPES), name
+    assert sum(limit for _, limit, *_ in steps) <= 8 * 60
