@@ -52,19 +52,18 @@ def _checkpoints(directory: str) -> dict[str, str]:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
+    # rope_theta / rope_scaling: the spelling both transformers 4.x and 5.x accept.
     configs = {
         "qwen2_untied_gqa": Qwen2Config(
             vocab_size=VOCAB, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-            tie_word_embeddings=False, eos_token_id=3,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+            tie_word_embeddings=False, eos_token_id=3, rope_theta=10000.0),
         "llama3_head_dim": LlamaConfig(
             vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=320,
-            tie_word_embeddings=False, eos_token_id=3,
-            rope_parameters={"rope_type": "llama3", "rope_theta": 100.0, "factor": 8.0,
-                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                             "original_max_position_embeddings": 64}),
+            tie_word_embeddings=False, eos_token_id=3, rope_theta=100.0,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
     }
     paths = {}
     for seed, (name, config) in enumerate(configs.items()):
