@@ -45,3 +45,16 @@ def test_a_check_that_crashes_fails_the_run_and_keeps_the_others(tmp_path, monke
     assert "RuntimeError: backend fault" in checks["decode_qwen2_untied_gqa"]["error"]
     assert [name for name, check in checks.items() if check["passed"]] == [
         "parity_qwen2_untied_gqa", "power_mh_vs_enumeration"]
+
+
+def test_without_torch_the_reference_checks_are_listed_as_skipped(tmp_path, monkeypatch):
+    find_spec = check_device.importlib.util.find_spec
+    monkeypatch.setattr(check_device.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "torch" else find_spec(name, *args))
+    monkeypatch.setattr(check_device, "check_power_mh", lambda chains: {"passed": True})
+    monkeypatch.setattr(check_device, "check_smc", lambda runs: {"passed": True})
+    path = tmp_path / "check_device.json"
+    assert check_device.main(["--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert sorted(result["checks"]) == ["power_mh_vs_enumeration", "smc_log_z_unbiased"]
+    assert result["skipped"] == ["parity_qwen2_untied_gqa", "parity_llama3_head_dim", "decode_qwen2_untied_gqa"]
