@@ -30,20 +30,20 @@ cat "$OUT/environment.txt"
 
 # 0. Correctness on this GPU: port parity with transformers, greedy decode, power MH and SMC
 # against exact enumeration (the CPU suite's checks; pytest is not needed).
-step check_device 40 python $B/check_device.py --json "$OUT/check_device.json"
+step check_device 55 python $B/check_device.py --json "$OUT/check_device.json"
 # 1. Decode speed vs roofline (0.5B/1.5B/7B x batch 1/8/32/64), transformers at batch 1 and 32.
 step bench_decode 190 python $B/bench_decode.py --shapes qwen2.5-0.5b,qwen2.5-1.5b,qwen2.5-7b \
   --batches 1,8,32,64 --dtype bfloat16 --prompt-tokens 64 --new-tokens 128 --bandwidth-gbs 4300 --matmul-size 8192 \
   --transformers-batches 1,32 --samples 3 --min-sample-s 0.5 --json "$OUT/bench_decode.json"
 # 2. Power MH end to end vs the transformers reference loop (random Qwen2.5-0.5B weights).
-step bench_power 90 python $B/bench_power.py --model random:qwen2.5-0.5b --dtype bfloat16 \
+step bench_power 85 python $B/bench_power.py --model random:qwen2.5-0.5b --dtype bfloat16 \
   --chains 8 --block-size 16 --max-new-tokens 32 --mcmc-steps 2 --samples 2 --min-sample-s 0 \
   --json "$OUT/bench_power.json"
 # 3. Peak memory of SMC / power sampling (compiled, not run): 64 rows, 1024-token prompt, 512 new.
-step bench_memory 55 python $B/bench_memory.py --dtype bfloat16 --shapes qwen2.5-0.5b,qwen2.5-7b \
+step bench_memory 50 python $B/bench_memory.py --dtype bfloat16 --shapes qwen2.5-0.5b,qwen2.5-7b \
   --json "$OUT/bench_memory.json"
 # 4. SMC cost per token vs plain sampling (embedded toy model).
-step bench_smc 30 python $B/bench_smc.py --particles 64 --new-tokens 40 --samples 3 --min-sample-s 0.5 \
+step bench_smc 25 python $B/bench_smc.py --particles 64 --new-tokens 40 --samples 3 --min-sample-s 0.5 \
   --json "$OUT/bench_smc.json"
 # 5. XLA:CPU copies each layer's weights out of the stacked params before its matmuls (a
 # dynamic-slice per layer and step). Does XLA:GPU (7B MLP sizes, bf16)? And do GEMMs that
