@@ -10,9 +10,11 @@ median seconds per call over the samples and the spread (max − min) / median.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
 import os
+import platform
 import statistics
 import time
 from typing import Callable
@@ -92,12 +94,19 @@ def matmul_gflops(dtype, size: int) -> float:
 
 
 def machine() -> dict:
-    """What the numbers were measured on: JAX device, CPU count, and, when called, the
-    1-minute load average and the memory read bandwidth (a shared or virtual machine's
-    varies by 2-3x between hours, and memory-bound timings with it)."""
+    """What the numbers were measured on: JAX device, CPU count, the versions of Python and
+    of the packages that compile and compare, and, when called, the 1-minute load average and
+    the memory read bandwidth (a shared or virtual machine's varies by 2-3x between hours,
+    and memory-bound timings with it)."""
+    versions = {"python": platform.python_version()}
+    for package in ("jax", "jaxlib", "flax", "torch", "transformers"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
     return {"device": str(jax.devices()[0]), "device_count": jax.device_count(),
-            "cpu_count": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
-            "memory_read_gbs": memory_read_gbs()}
+            "cpu_count": os.cpu_count(), "versions": versions,
+            "load_average_1min": os.getloadavg()[0], "memory_read_gbs": memory_read_gbs()}
 
 
 def report(result: dict, summary: str, json_path: str | None, quiet: bool = False) -> None:

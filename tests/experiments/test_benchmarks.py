@@ -34,6 +34,7 @@ def _run(main, tmp_path, *args):
     main([*map(str, args), "--json", str(path)])
     result = json.loads(path.read_text())
     assert result["memory_read_gbs"] > 0  # the machine's state, recorded with every result
+    assert result["versions"]["jax"] == jax.__version__
     return result
 
 
