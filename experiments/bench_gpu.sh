@@ -56,4 +56,6 @@ step bench_layer_weights_slice_fusion 30 env XLA_FLAGS="--xla_gpu_enable_dynamic
 # 6. The token draw (two-stage Gumbel-max vs over the whole vocabulary) at a 152k vocabulary.
 step bench_draw 15 python $B/bench_draw.py --vocab 151936 --batches 1,64 --samples 3 --min-sample-s 0.2 \
   --json "$OUT/bench_draw.json"
+# The issue's goals against what this run measured (reads the JSON; no device work).
+python $B/goals.py "$OUT" | tee "$OUT/goals.md"
 echo "done $(date -u +%T); JSON in $OUT"

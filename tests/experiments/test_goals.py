@@ -1,0 +1,54 @@
+"""`experiments/goals.py` judges the JSON the benchmarks write (stored CPU results, relabelled)."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "experiments" / "results"
+sys.path.insert(0, str(ROOT / "experiments"))
+import goals  # noqa: E402
+
+
+def test_each_goal_is_judged_from_what_the_benchmarks_wrote(tmp_path, capsys):
+    shutil.copy(RESULTS / "check_device_cpu.json", tmp_path / "check_device.json")
+    shutil.copy(RESULTS / "bench_power_smollm2_c16.json", tmp_path / "bench_power.json")
+    shutil.copy(RESULTS / "bench_memory.json", tmp_path / "bench_memory.json")
+    decode = json.loads((RESULTS / "bench_decode_smollm2_cpu_matmuls_alone.json").read_text())
+    first, second = decode["rows"]
+    decode["rows"] = [{**first, "shape": "qwen2.5-7b", "batch": 1, "roofline_fraction": 0.61},
+                      {**second, "shape": "qwen2.5-1.5b", "batch": 1, "roofline_fraction": 0.39}]
+    (tmp_path / "bench_decode.json").write_text(json.dumps(decode))
+
+    met = {goal: verdict for goal, _, verdict in goals.goal_rows(tmp_path)}
+    assert met == {
+        "correctness checks on the device pass": "yes",
+        "decode qwen2.5-7b batch 1: ≥ 60% of the roofline": "yes",
+        "decode qwen2.5-1.5b batch 1: ≥ 40% of the roofline": "no",
+        "decode qwen2.5-1.5b batch 32: ≥ 50% of the roofline": "not measured",
+        "decode qwen2.5-7b batch 32: ≥ 50% of the roofline": "not measured",
+        "power MH: ≥ 50× the transformers loop": "no",  # 13.9× on the CPU
+        "SMC peak memory tiny: ≤ 1.2× generated cache + one prompt cache": "no",  # 1.30×
+        "SMC peak memory smollm2-135m: ≤ 1.2× generated cache + one prompt cache": "yes",
+        "SMC peak memory qwen2.5-0.5b: ≤ 1.2× generated cache + one prompt cache": "yes",
+        "SMC peak memory qwen2.5-1.5b: ≤ 1.2× generated cache + one prompt cache": "yes",
+        "SMC peak memory qwen2.5-7b: ≤ 1.2× generated cache + one prompt cache": "yes",
+    }
+    goals.main([str(tmp_path)])
+    table = capsys.readouterr().out.splitlines()
+    assert table[:2] == ["| goal | measured | met |", "|---|---|---|"] and len(table) == 2 + len(met)
+    assert "| 61.0% (" in table[3] and "kernels/step, 1.8× transformers) | yes |" in table[3]
+
+
+def test_an_empty_directory_reads_not_measured(tmp_path):
+    verdicts = [verdict for _, _, verdict in goals.goal_rows(tmp_path)]
+    assert verdicts and set(verdicts) == {"not measured"}
+
+
+def test_a_failed_device_check_is_named(tmp_path):
+    check = json.loads((RESULTS / "check_device_cpu.json").read_text())
+    check["checks"]["smc_log_z_unbiased"]["passed"] = check["passed"] = False
+    (tmp_path / "check_device.json").write_text(json.dumps(check))
+    goal, measured, met = goals.goal_rows(tmp_path)[0]
+    assert (measured, met) == ("4/5 passed (failed: smc_log_z_unbiased)", "no")
