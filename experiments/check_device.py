@@ -78,52 +78,37 @@ def _checkpoints(directory: str) -> dict[str, str]:
     return paths
 
 
-def _torch_model(path):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
 def check_parity(path: str) -> dict:
-    import torch
-
     tokens = np.random.default_rng(0).integers(0, VOCAB, size=(2, 64))
-    with torch.no_grad():
-        expected = jax.nn.log_softmax(_torch_model(path)(torch.as_tensor(tokens)).logits.numpy())
+    expected = jax.nn.log_softmax(testing.transformers_logits(testing.transformers_model(path), tokens))
 
     def error(lm, precision):
         with jax.default_matmul_precision(precision):
             log_p = jax.nn.log_softmax(lm.logits(jnp.asarray(tokens)).astype(jnp.float32))
         return float(np.abs(np.asarray(log_p) - expected).max())
 
+    float32 = models.load(path)
     measured = {"log_p_std": float(expected.std()),
-                "max_abs_log_p_error_highest": error(models.load(path), "highest"),
-                "max_abs_log_p_error_default": error(models.load(path), "default"),
+                "max_abs_log_p_error_highest": error(float32, "highest"),
+                "max_abs_log_p_error_default": error(float32, "default"),
                 "max_abs_log_p_error_bfloat16": error(models.load(path, dtype="bfloat16"), "default")}
     passed = measured["max_abs_log_p_error_highest"] <= PARITY_ATOL and measured["log_p_std"] > 1.0
     return {"passed": passed, "bound": PARITY_ATOL, **measured}
 
 
 def check_decode(path: str) -> dict:
-    import torch
-
-    lm, reference = models.load(path), _torch_model(path)
+    lm, reference = models.load(path), testing.transformers_model(path)
     mismatches, score_error = [], 0.0
     with jax.default_matmul_precision("highest"):
         for seed in range(2):  # prompt lengths 7 and 12: two prompt buckets
-            prompt = np.random.default_rng(seed).integers(0, VOCAB, size=7 + 5 * seed)
-            ours = js.generate(jax.random.key(seed), lm, jnp.asarray(prompt), GREEDY_TOKENS, top_k=1)
-            with torch.no_grad():
-                theirs = reference.generate(
-                    torch.as_tensor(prompt)[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                    do_sample=False, max_new_tokens=GREEDY_TOKENS, pad_token_id=lm.pad_token_id,
-                    eos_token_id=list(lm.eos_token_ids))[0, len(prompt):].numpy()
+            prompt = jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, size=7 + 5 * seed))
+            ours = js.generate(jax.random.key(seed), lm, prompt, GREEDY_TOKENS, top_k=1)
+            theirs = testing.transformers_greedy(reference, prompt, GREEDY_TOKENS, lm.pad_token_id, lm.eos_token_ids)
             greedy = np.asarray(ours.tokens[0, :int(ours.lengths[0])])
             if not np.array_equal(greedy, theirs):
                 mismatches.append({"seed": seed, "jaxsample": greedy.tolist(), "transformers": theirs.tolist()})
-            sampled = js.generate(jax.random.key(seed), lm, jnp.asarray(prompt), GREEDY_TOKENS, num_samples=8)
-            scored = js.score(lm, jnp.asarray(prompt), sampled.tokens, sampled.lengths)
+            sampled = js.generate(jax.random.key(seed), lm, prompt, GREEDY_TOKENS, num_samples=8)
+            scored = js.score(lm, prompt, sampled.tokens, sampled.lengths)
             score_error = max(score_error, float(jnp.abs(scored - sampled.log_p).max()))
     return {"passed": not mismatches and score_error <= PARITY_ATOL, "bound": PARITY_ATOL,
             "greedy_mismatches": mismatches, "max_abs_generate_minus_score_log_p": score_error}

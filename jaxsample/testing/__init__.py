@@ -22,7 +22,8 @@ ratio or SMC variant can be checked in a few lines:
 - Exact kernels: `mh_transition_matrix` (-> `ExactKernel`), `power_log_ratio`,
   `assert_stationary`, `stationary_distribution`, `sampler_law` (block-wise samplers).
 - Model ports: `rerandomize_torch_model` redraws a transformers model's weights so that
-  a logit comparison against a port tests every term.
+  a logit comparison against a port tests every term; `transformers_model`,
+  `transformers_logits` and `transformers_greedy` give the PyTorch reference's outputs.
 - Statistics with sample-size-derived bounds: `chain_histogram_tv`, `assert_tv_below`,
   `assert_unbiased`, `empirical_distribution`, `total_variation`.
 
@@ -40,7 +41,12 @@ from jaxsample.testing.kernels import (
     sampler_law,
     stationary_distribution,
 )
-from jaxsample.testing.ports import rerandomize_torch_model
+from jaxsample.testing.ports import (
+    rerandomize_torch_model,
+    transformers_greedy,
+    transformers_logits,
+    transformers_model,
+)
 from jaxsample.testing.statistics import (
     TVCheck,
     Unbiasedness,
@@ -89,5 +95,8 @@ __all__ = [
     "tabular_lm",
     "tilted_target",
     "total_variation",
+    "transformers_greedy",
+    "transformers_logits",
+    "transformers_model",
     "value_function",
 ]

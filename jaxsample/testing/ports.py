@@ -1,6 +1,10 @@
-"""Random transformers checkpoints for proving a model port against PyTorch."""
+"""Proving a model port against transformers' PyTorch models: random checkpoints, and the
+reference's logits and greedy tokens (torch and transformers are imported by each function,
+not by `jaxsample.testing`)."""
 
 from __future__ import annotations
+
+import numpy as np
 
 
 def rerandomize_torch_model(model, seed: int) -> None:
@@ -10,7 +14,7 @@ def rerandomize_torch_model(model, seed: int) -> None:
     biases and norms and leave near-constant logits. Matrices get std 1/sqrt(fan_in), so
     activations stay O(1) (the untied LM head 3/sqrt(fan_in), so logits have std ≳ 1 either
     way); norm gains are 1 + N(0, 0.3²) and biases N(0, 0.3²), both visibly away from their
-    init. Needs torch (imported here, not by `jaxsample.testing`).
+    init.
     """
     import torch
 
@@ -28,3 +32,34 @@ def rerandomize_torch_model(model, seed: int) -> None:
                 p.copy_(3.0 * noise / p.shape[1] ** 0.5)
             else:
                 p.copy_(noise / p.shape[1] ** 0.5)
+
+
+def transformers_model(directory, **kwargs):
+    """transformers' float32 model of a checkpoint directory, in eval mode (the reference a port
+    is compared with); `kwargs` go to `from_pretrained` (e.g. `gguf_file=`)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs).eval()
+
+
+def transformers_logits(model, tokens) -> np.ndarray:
+    """float32 logits `[B, T, V]` of int `tokens [B, T]` under a transformers model."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+
+
+def transformers_greedy(model, prompt, max_new_tokens: int, pad_token_id: int,
+                        eos_token_ids=None) -> np.ndarray:
+    """transformers' greedy continuation of one prompt `[T]`: the generated ids, up to and
+    including the first stop token (`eos_token_ids`, default the model's generation config)."""
+    import torch
+
+    prompt = torch.as_tensor(np.asarray(prompt), dtype=torch.long)[None]
+    stop = {} if eos_token_ids is None else {"eos_token_id": list(eos_token_ids)}
+    with torch.no_grad():
+        tokens = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, **stop)
+    return tokens[0, prompt.shape[1]:].numpy()

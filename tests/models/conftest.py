@@ -4,11 +4,10 @@ import json
 from pathlib import Path
 
 import jax
-import numpy as np
 import pytest
 import torch
 
-from jaxsample.testing import rerandomize_torch_model
+from jaxsample.testing import rerandomize_torch_model, transformers_logits, transformers_model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,15 +40,7 @@ def hf_checkpoint(tmp_path_factory):
     return make
 
 
-def hf_logits(directory, tokens: np.ndarray, **kwargs) -> np.ndarray:
-    """transformers' float32 logits `[B, T, V]` of the checkpoint in `directory`."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs).eval()
-    with torch.no_grad():
-        return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
-
-
 @pytest.fixture(scope="session")
 def reference_logits():
-    return hf_logits
+    """`(directory, tokens, **from_pretrained kwargs) -> logits [B, T, V]` of transformers' f32 model."""
+    return lambda directory, tokens, **kwargs: transformers_logits(transformers_model(directory, **kwargs), tokens)

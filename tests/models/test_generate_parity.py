@@ -4,11 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 import jaxsample as js
-from jaxsample import models
+from jaxsample import models, testing
 
 from .test_model_parity import CASES, VOCAB
 
@@ -20,16 +18,11 @@ def test_greedy_generate_matches_transformers(name, hf_checkpoint):
     hf_config, _, rewrite = CASES[name]
     directory = hf_checkpoint(name, hf_config, seed=len(name), rewrite=rewrite)
     lm = models.load(directory)
-    reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    reference = testing.transformers_model(directory)
     for seed in range(3):
         prompt = np.random.default_rng(seed).integers(0, VOCAB, size=7 + 5 * seed)
         ours = js.generate(jax.random.key(seed), lm, jnp.asarray(prompt), NEW_TOKENS, top_k=1)
-        with torch.no_grad():
-            theirs = reference.generate(
-                torch.as_tensor(prompt)[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                do_sample=False, max_new_tokens=NEW_TOKENS, pad_token_id=lm.pad_token_id,
-                eos_token_id=list(lm.eos_token_ids),
-            )[0, len(prompt):].numpy()
+        theirs = testing.transformers_greedy(reference, prompt, NEW_TOKENS, lm.pad_token_id, lm.eos_token_ids)
         n = int(ours.lengths[0])
         assert n == len(theirs), (name, seed)
         np.testing.assert_array_equal(np.asarray(ours.tokens[0, :n]), theirs)

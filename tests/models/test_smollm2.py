@@ -4,9 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
-from jaxsample import models
+from jaxsample import models, testing
 from jaxsample.models.registry import resolve
 
 MESSAGES = [
@@ -20,10 +19,8 @@ MESSAGES = [
 @pytest.fixture(scope="module")
 def reference():
     """transformers' LlamaForCausalLM from the same GGUF (dequantized f32 weights)."""
-    from transformers import AutoModelForCausalLM
-
     path = resolve("smollm2-135m-instruct")
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return testing.transformers_model(path.parent, gguf_file=path.name)
 
 
 def test_config_from_gguf_metadata(smollm2):
@@ -39,8 +36,7 @@ def test_logits_match_transformers_gguf(smollm2, reference):
     ids = smollm2.tokenizer.apply_chat_template(MESSAGES)
     assert len(ids) >= 64
     tokens = np.asarray(ids[:64])[None]
-    with torch.no_grad():
-        expected = reference(torch.as_tensor(tokens)).logits.numpy()
+    expected = testing.transformers_logits(reference, tokens)
     delta = np.abs(np.asarray(smollm2.logits(jnp.asarray(tokens))) - expected).max()
     print(f"\nSmolLM2-135M GGUF, 64 tokens: max|Δlogit| = {delta:.2e} (logit std {expected.std():.1f})")
     # f32 on both sides over 30 layers: observed ~1e-4 (the spec's NumPy port: 9.2e-5).
@@ -85,10 +81,7 @@ def test_greedy_generate_matches_transformers_for_32_tokens(smollm2, reference):
 
     ids = smollm2.tokenizer.apply_chat_template([{"role": "user", "content": "Write a haiku about the sea."}])
     ours = js.generate(jax.random.key(0), smollm2, jnp.asarray(ids), 32, top_k=1)
-    with torch.no_grad():
-        theirs = reference.generate(torch.as_tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                    do_sample=False, max_new_tokens=32, pad_token_id=smollm2.pad_token_id)
-    theirs = theirs[0, len(ids):].numpy()
+    theirs = testing.transformers_greedy(reference, ids, 32, smollm2.pad_token_id)
     n = int(ours.lengths[0])
     assert n == len(theirs)
     np.testing.assert_array_equal(np.asarray(ours.tokens[0, :n]), theirs)
