@@ -48,7 +48,7 @@ def transformers_logits(model, tokens) -> np.ndarray:
     import torch
 
     with torch.no_grad():
-        return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+        return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
 
 
 def transformers_greedy(model, prompt, max_new_tokens: int, pad_token_id: int,
@@ -57,7 +57,7 @@ def transformers_greedy(model, prompt, max_new_tokens: int, pad_token_id: int,
     including the first stop token (`eos_token_ids`, default the model's generation config)."""
     import torch
 
-    prompt = torch.as_tensor(np.asarray(prompt), dtype=torch.long)[None]
+    prompt = torch.tensor(np.asarray(prompt), dtype=torch.long)[None]  # a copy: JAX arrays are read-only
     stop = {} if eos_token_ids is None else {"eos_token_id": list(eos_token_ids)}
     with torch.no_grad():
         tokens = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
