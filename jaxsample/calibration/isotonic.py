@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from scipy.optimize import isotonic_regression
+import scipy
 
 from jaxsample.errors import ArgumentError
 
@@ -52,7 +52,7 @@ def isotonic_fit(x, y, weights=None) -> IsotonicFit:
     knots, first = np.unique(x[order], return_index=True)
     weight = np.add.reduceat(w[order], first)
     mean = np.add.reduceat((w * y)[order], first) / weight
-    values = isotonic_regression(mean, weights=weight, increasing=True).x
+    values = scipy.optimize.isotonic_regression(mean, weights=weight, increasing=True).x
     return IsotonicFit(knots, values)
 
 

@@ -21,8 +21,7 @@ import warnings
 from typing import NamedTuple
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
-from scipy.sparse import csr_matrix, hstack
+import scipy
 
 from jaxsample.errors import ArgumentError
 
@@ -83,19 +82,19 @@ def check_problem(scores, costs, budget, capacity) -> RoutingProblem:
     return RoutingProblem(scores, costs, float(budget), capacity.astype(np.int64))
 
 
-def _assignment_constraints(problem: RoutingProblem, num_extra: int) -> list[LinearConstraint]:
+def _assignment_constraints(problem: RoutingProblem, num_extra: int) -> list[scipy.optimize.LinearConstraint]:
     """One model per query, the budget row and the capacity rows over x (row-major [n, M])."""
     n, m = problem.scores.shape
     rows = np.repeat(np.arange(n), m)
     cols = np.arange(n * m)
-    one_per_query = csr_matrix((np.ones(n * m), (rows, cols)), shape=(n, n * m))
-    budget_row = csr_matrix(problem.costs.reshape(1, -1))
-    per_model = csr_matrix((np.ones(n * m), (np.tile(np.arange(m), n), cols)), shape=(m, n * m))
-    pad = lambda a: hstack([a, csr_matrix((a.shape[0], num_extra))]) if num_extra else a  # noqa: E731
+    one_per_query = scipy.sparse.csr_matrix((np.ones(n * m), (rows, cols)), shape=(n, n * m))
+    budget_row = scipy.sparse.csr_matrix(problem.costs.reshape(1, -1))
+    per_model = scipy.sparse.csr_matrix((np.ones(n * m), (np.tile(np.arange(m), n), cols)), shape=(m, n * m))
+    pad = lambda a: scipy.sparse.hstack([a, scipy.sparse.csr_matrix((a.shape[0], num_extra))]) if num_extra else a  # noqa: E731
     return [
-        LinearConstraint(pad(one_per_query), 1, 1),
-        LinearConstraint(pad(budget_row), -np.inf, problem.budget),
-        LinearConstraint(pad(per_model), 0, problem.capacity),
+        scipy.optimize.LinearConstraint(pad(one_per_query), 1, 1),
+        scipy.optimize.LinearConstraint(pad(budget_row), -np.inf, problem.budget),
+        scipy.optimize.LinearConstraint(pad(per_model), 0, problem.capacity),
     ]
 
 
@@ -112,11 +111,11 @@ def _solve(problem: RoutingProblem, objective: np.ndarray, extra_constraints=(),
     for options in _HIGHS_RETRIES:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Unrecognized options", RuntimeWarning)
-            result = milp(
+            result = scipy.optimize.milp(
                 -objective,
                 constraints=[*_assignment_constraints(problem, num_extra), *extra_constraints],
                 integrality=integrality,
-                bounds=Bounds(lower, upper),
+                bounds=scipy.optimize.Bounds(lower, upper),
                 options=options,
             )
         if result.status != 4:
@@ -191,13 +190,13 @@ def route_budgeted(scores, sigma, costs, budget: float, capacity, gamma: float, 
     deviation = np.asarray(kappa * sigma.ravel())
     # p_ij + z − κσ_ij x_ij ≥ 0
     diagonal = (np.arange(k), np.arange(k))
-    rows = hstack([
-        csr_matrix((-deviation, diagonal), shape=(k, k)),
-        csr_matrix((np.ones(k), diagonal), shape=(k, k)),
-        csr_matrix(np.ones((k, 1))),
+    rows = scipy.sparse.hstack([
+        scipy.sparse.csr_matrix((-deviation, diagonal), shape=(k, k)),
+        scipy.sparse.csr_matrix((np.ones(k), diagonal), shape=(k, k)),
+        scipy.sparse.csr_matrix(np.ones((k, 1))),
     ])
     solution = _solve(
-        problem, objective, [LinearConstraint(rows, 0, np.inf)],
+        problem, objective, [scipy.optimize.LinearConstraint(rows, 0, np.inf)],
         extra_bounds=(np.zeros(k + 1), np.full(k + 1, np.inf)),
     )
     return _to_assignment(solution, n, m)
@@ -252,7 +251,7 @@ def _ellipsoidal_kelley(problem, variance, rho, max_solves, tol):
     n, m = problem.scores.shape
     objective = np.concatenate([problem.scores.ravel(), [-rho]])
     bounds = ([0.0], [float(np.sqrt(variance.sum()))])
-    cuts: list[LinearConstraint] = []
+    cuts: list[scipy.optimize.LinearConstraint] = []
     for num_solves in range(1, max_solves + 1):
         incumbent = _solve(problem, objective, cuts, extra_bounds=bounds)
         x = incumbent[: n * m]
@@ -261,7 +260,7 @@ def _ellipsoidal_kelley(problem, variance, rho, max_solves, tol):
         if gap <= tol:
             break
         # s − Σ σ² x* x / ‖σ∘x*‖ ≥ 0 (the incumbent has norm > s ≥ 0 here)
-        cuts.append(LinearConstraint(np.concatenate([-variance * x / norm, [1.0]])[None], 0, np.inf))
+        cuts.append(scipy.optimize.LinearConstraint(np.concatenate([-variance * x / norm, [1.0]])[None], 0, np.inf))
     return _to_assignment(incumbent, n, m), EllipsoidalInfo(num_solves, max(float(gap), 0.0), gap <= tol)
 
 
@@ -274,7 +273,7 @@ def _ellipsoidal_levels(problem, variance, rho, max_solves, tol):
     def best_within(level):
         # on the scale where variances are ≤ 1, HiGHS's 1e-7 feasibility tolerance is below
         # `resolution`, so a re-solve just under a level cannot return the same assignment
-        row = LinearConstraint((variance / scale)[None], -np.inf, level / scale)
+        row = scipy.optimize.LinearConstraint((variance / scale)[None], -np.inf, level / scale)
         try:
             x = _solve(problem, scores, [row])
         except ArgumentError:  # no feasible assignment this concentrated

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from scipy.stats import rankdata
+import scipy
 
 from jaxsample.errors import ArgumentError
 
@@ -288,7 +288,7 @@ def evaluate_reward(probabilities, clean, bins: int = 10) -> RewardEvaluation:
     """Accuracy, AUROC, BCE, ECE and bias of predicted probabilities against clean labels."""
     p = np.clip(np.asarray(probabilities, np.float64), 1e-7, 1 - 1e-7)
     y = np.asarray(clean, np.float64)
-    ranks = rankdata(p)
+    ranks = scipy.stats.rankdata(p)
     positives = y.sum()
     negatives = len(y) - positives
     auroc = (ranks[y == 1].sum() - positives * (positives + 1) / 2) / max(positives * negatives, 1)
