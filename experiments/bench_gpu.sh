@@ -4,10 +4,18 @@
 # installing it (PYTHONPATH=.) and without network: models are random weights built from
 # published config values (Qwen2.5-0.5B/1.5B/7B shapes) or the embedded toy model.
 #
-#   bash experiments/bench_gpu.sh [OUT_DIR]
+#   bash experiments/bench_gpu.sh [OUT_DIR [STEP ...]]
+#
+# Named STEPs run alone (e.g. `bash experiments/bench_gpu.sh experiments/results/gpu bench_power`
+# reruns one that failed); goals.md is then rewritten from all the JSON in OUT_DIR.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-experiments/results/gpu}
+ONLY=" ${*:2} "
+STEPS=" $(grep -oP '^step \K\S+' experiments/bench_gpu.sh | tr '\n' ' ')"
+for name in ${*:2}; do
+  if [[ "$STEPS" != *" $name "* ]]; then echo "bench_gpu.sh: no step named '$name'; the steps are:$STEPS" >&2; exit 2; fi
+done
 mkdir -p "$OUT"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 # JAX would otherwise reserve 75% of the GPU and leave transformers too little.
@@ -17,6 +25,7 @@ B=experiments
 
 step() {  # step NAME SECONDS CMD...: runs CMD with a time limit; a failure does not stop the rest
   local name=$1 limit=$2; shift 2
+  if [[ "$ONLY" != "  " && "$ONLY" != *" $name "* ]]; then return; fi
   echo "=== $name (limit ${limit}s) $(date -u +%T)"
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v '^ ' | tail -n 25
   echo "=== $name exit ${PIPESTATUS[0]}"

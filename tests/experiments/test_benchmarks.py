@@ -7,6 +7,7 @@ import importlib
 import json
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -220,3 +221,13 @@ def test_bench_gpu_steps_parse_their_arguments_and_fit_in_8_minutes(monkeypatch)
                   for shape in value.removeprefix("random:").split(",")]
         assert set(shapes) <= set(bench_decode.SHAPES), name
     assert sum(limit for _, limit, *_ in steps) <= 8 * 60
+
+
+def test_bench_gpu_refuses_a_step_it_does_not_have(tmp_path):
+    # A rerun names the steps it wants; a misspelt one must fail before any device work.
+    result = subprocess.run(["bash", str(ROOT / "experiments" / "bench_gpu.sh"), str(tmp_path), "bench_power", "bench_powr"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    names = " ".join(name for name, *_ in _gpu_steps())
+    assert result.stderr.strip() == f"bench_gpu.sh: no step named 'bench_powr'; the steps are: {names}"
+    assert not any(tmp_path.iterdir())
