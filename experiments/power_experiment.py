@@ -30,11 +30,12 @@ from jaxsample import mcmc, parallel
 from jaxsample.decoding import pad_prompt
 from jaxsample.errors import ArgumentError
 from problems import (
-    accuracies,
     add_problem_arguments,
+    answers,
     check_problem_config,
     exact_record,
     experiment_mesh,
+    grades,
     load_model_and_problems,
     record_from_result,
     selected_methods,
@@ -85,13 +86,16 @@ def run_mh(key, lm, problem, cut, config, max_new):
     init_tokens, init_lengths, tokens, accepted, decoded = mh_trajectory(
         key, lm, prompt, prompt_length, jnp.float32(config["alpha"]), cut_law,
         config["chains"], config["mcmc_steps"], max_new, config["top_k"], experiment_mesh(config))
-    grades = accuracies(problem, np.concatenate([np.asarray(init_tokens)[None], np.asarray(tokens)]))
+    states = np.concatenate([np.asarray(init_tokens)[None], np.asarray(tokens)])
+    passed = grades(problem, states)
+    accuracy = passed.mean(axis=1)
     spent = np.mean(np.asarray(init_lengths)) + np.concatenate([[0.0], np.cumsum(np.asarray(decoded).mean(axis=1))])
     return {
-        "accuracy": float(grades[-1]),
+        "accuracy": float(accuracy[-1]),
         "tokens": float(spent[-1]),
         "acceptance": float(np.asarray(accepted).mean()) if config["mcmc_steps"] else float("nan"),
-        "curve": [[float(t), float(a)] for t, a in zip(spent, grades)],
+        "curve": [[float(t), float(a)] for t, a in zip(spent, accuracy)],
+        "answers": answers(problem, states[-1], passed[-1]),
     }
 
 

@@ -93,11 +93,12 @@ class Problem:
 
     `grade(tokens [N]) -> bool`; `grade_many(rows) -> list[bool]` grades several rows at once
     (HumanEval: distinct completions run in parallel sandboxes), default one by one.
+    `text_of(tokens [N]) -> str` is what a text task's grader reads (None on the decision task).
     """
 
-    def __init__(self, key, prompt, grade, group, exact=None, answer=None, grade_many=None):
+    def __init__(self, key, prompt, grade, group, exact=None, answer=None, grade_many=None, text_of=None):
         self.key, self.prompt, self.grade, self.group = key, prompt, grade, group
-        self.exact, self.answer = exact, answer
+        self.exact, self.answer, self.text_of = exact, answer, text_of
         self.grade_many = grade_many or (lambda rows: [grade(row) for row in rows])
 
 
@@ -151,7 +152,8 @@ def _load_model_and_problems(config):
     if config["task"] == "math500":
         def make_math(index, problem):
             grade = lambda tokens, p=problem: tasks.grade_math(p.answer, text_of(tokens))  # noqa: E731
-            return Problem(f"m{index}", np.asarray(tasks.math_prompt(lm.tokenizer, problem)), grade, "math500")
+            return Problem(f"m{index}", np.asarray(tasks.math_prompt(lm.tokenizer, problem)), grade, "math500",
+                           text_of=text_of)
 
         return lm, [make_math(i, p) for i, p in enumerate(records)], config["max_new_tokens"] or 256
     if config["task"] == "humaneval":
@@ -165,7 +167,7 @@ def _load_model_and_problems(config):
 
             prompt = np.asarray(lm.tokenizer.apply_chat_template(tasks.humaneval_messages(problem)))
             return Problem(f"h{index}", prompt, lambda tokens: grade_many([tokens])[0], "humaneval",
-                           grade_many=grade_many)
+                           grade_many=grade_many, text_of=text_of)
 
         return lm, [make_code(i, p) for i, p in enumerate(records)], config["max_new_tokens"] or 256
     rng = np.random.default_rng(config["seed"])
@@ -174,7 +176,7 @@ def _load_model_and_problems(config):
     def make_arithmetic(index, problem):
         grade = lambda tokens, p=problem: tasks.grade_arithmetic(p, text_of(tokens))  # noqa: E731
         prompt = np.asarray(tasks.arithmetic_prompt(lm.tokenizer, problem))
-        return Problem(f"q{index}", prompt, grade, "arithmetic", answer=problem.answer)
+        return Problem(f"q{index}", prompt, grade, "arithmetic", answer=problem.answer, text_of=text_of)
 
     return lm, [make_arithmetic(i, p) for i, p in enumerate(problems)], config["max_new_tokens"] or 48
 
@@ -186,23 +188,33 @@ def item_length(config: dict) -> int:
     return tasks.read_task_config(resolve(config["model"])).item_length
 
 
-def accuracy(problem: Problem, tokens) -> float:
-    """Fraction of rows of `tokens` `[C, N]` the problem's grader accepts."""
-    return float(np.mean(problem.grade_many(list(np.asarray(tokens)))))
-
-
-def accuracies(problem: Problem, tokens) -> np.ndarray:
-    """`[S]` accuracies of `tokens` `[S, C, N]`, every row graded in one `grade_many` call."""
+def grades(problem: Problem, tokens) -> np.ndarray:
+    """Whether the problem's grader accepts each row of `tokens` `[..., N]`: bool `[...]`, every
+    row graded in one `grade_many` call."""
     tokens = np.asarray(tokens)
-    grades = problem.grade_many(list(tokens.reshape(-1, tokens.shape[-1])))
-    return np.asarray(grades, np.float64).reshape(tokens.shape[:2]).mean(axis=1)
+    passed = problem.grade_many(list(tokens.reshape(-1, tokens.shape[-1])))
+    return np.asarray(passed, bool).reshape(tokens.shape[:-1])
+
+
+def answers(problem: Problem, tokens, passed, weights=None) -> list[dict]:
+    """`[{"text", "passed"[, "weight"]}, ...]`, one per row of `tokens` `[C, N]`: what the model
+    wrote, as a text task's grader read it, for the run's records; `[]` on the decision task,
+    whose answers are token ids with no text."""
+    if problem.text_of is None:
+        return []
+    rows = [{"text": problem.text_of(row), "passed": bool(ok)} for row, ok in zip(np.asarray(tokens), passed)]
+    for row, weight in zip(rows, [] if weights is None else weights):
+        row["weight"] = float(weight)
+    return rows
 
 
 def record_from_result(problem: Problem, result) -> dict:
-    """Accuracy and tokens per answer of a `PowerSampleResult`-like result."""
-    value = accuracy(problem, result.tokens)
+    """Accuracy, tokens per answer and the answers of a `PowerSampleResult`-like result."""
+    passed = grades(problem, result.tokens)
+    value = float(passed.mean())
     tokens = float(np.mean(np.asarray(result.tokens_decoded)))
-    return {"accuracy": value, "tokens": tokens, "acceptance": float("nan"), "curve": [[tokens, value]]}
+    return {"accuracy": value, "tokens": tokens, "acceptance": float("nan"), "curve": [[tokens, value]],
+            "answers": answers(problem, result.tokens, passed)}
 
 
 def exact_record(lm, problem: Problem, alpha: float) -> dict:

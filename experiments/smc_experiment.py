@@ -30,9 +30,11 @@ from jaxsample.validation import check_real
 from power_experiment import budget_fields, run_method
 from problems import (
     add_problem_arguments,
+    answers,
     check_problem_config,
     exact_record,
     experiment_mesh,
+    grades,
     item_length as task_item_length,
     load_model_and_problems,
     selected_methods,
@@ -106,7 +108,7 @@ def reward_for(problem, lm, task_item_length, max_new):
 def run_smc(key, lm, problem, method, config, max_new, block_size, reward):
     lam = 0.0 if method == "power_smc" else config["lam"]
     steps = config["rejuvenation_steps"] if method == "reward_smc_rejuv" else 0
-    accuracies, tokens, ess = [], [], []
+    accuracies, tokens, ess, written = [], [], [], []
     for run in range(config["runs"]):
         result = js.smc_decode(
             jax.random.fold_in(key, run), lm, jnp.asarray(problem.prompt, jnp.int32),
@@ -116,13 +118,14 @@ def run_smc(key, lm, problem, method, config, max_new, block_size, reward):
             mesh=experiment_mesh(config),
         )
         weights = np.exp(np.asarray(result.log_weights, np.float64))
-        correct = np.array(problem.grade_many(list(np.asarray(result.tokens))), np.float64)
-        accuracies.append(float(np.sum(weights * correct)) if not bool(result.all_zero) else 0.0)
+        passed = grades(problem, result.tokens)
+        accuracies.append(float(np.sum(weights * passed)) if not bool(result.all_zero) else 0.0)
+        written += [dict(row, run=run) for row in answers(problem, result.tokens, passed, weights)]
         tokens.append(float(result.num_decoded))
         ess.append(float(np.mean(np.asarray(result.ess))))
     accuracy, spent = float(np.mean(accuracies)), float(np.mean(tokens))
     return {"accuracy": accuracy, "tokens": spent, "acceptance": float("nan"), "mean_ess": float(np.mean(ess)),
-            "curve": [[spent, accuracy]]}
+            "curve": [[spent, accuracy]], "answers": written}
 
 
 def run(run_dir: RunDirectory) -> str:

@@ -5,7 +5,6 @@ import json
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
@@ -15,9 +14,6 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import run  # noqa: E402
 import steer_real  # noqa: E402
 
-from jaxsample import models  # noqa: E402
-from jaxsample.models.registry import resolve  # noqa: E402
-
 
 def test_distinct_n_counts_repeated_ngrams():
     assert steer_real.distinct_n([[1, 2, 1, 2]], 1) == 0.5
@@ -26,23 +22,9 @@ def test_distinct_n_counts_repeated_ngrams():
     assert np.isnan(steer_real.distinct_n([[], [3]], 2))
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    tokenizer = models.Tokenizer.from_gguf(resolve("smollm2-135m-instruct"))
-    config = models.ModelConfig.from_hf_dict({
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": len(tokenizer),
-        "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
-        "num_key_value_heads": 1, "max_position_embeddings": 96, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
-    })
-    path = tmp_path_factory.mktemp("tiny-smollm2-tokenizer")
-    models.save_pretrained(models.init_params(jax.random.key(0), config), config, path, tokenizer=tokenizer)
-    return path
-
-
-def test_steer_smollm2_setting_runs_every_method_at_matched_control_size(tmp_path, tiny_checkpoint):
+def test_steer_smollm2_setting_runs_every_method_at_matched_control_size(tmp_path, tiny_chat_checkpoint):
     out = tmp_path / "run"
-    argv = ["steer", "--setting", "smollm2", "--model", str(tiny_checkpoint), "--lams", "3", "--timing-samples", "0",
+    argv = ["steer", "--setting", "smollm2", "--model", str(tiny_chat_checkpoint), "--lams", "3", "--timing-samples", "0",
             "--setpoint-prompts", "6", "--jacobian-prompts", "2", "--test-prompts", "3", "--samples", "2",
             "--new-tokens", "4", "--actadd-layer", "1", "--setpoint", "centred", "--out", str(out)]
     assert run.main(argv) == 0

@@ -1,0 +1,71 @@
+"""On the text tasks, `power` and `smc` records hold what the model wrote: each final answer's
+text as its grader read it, the grade, and for SMC the particle's weight. A tiny random chat
+model runs arithmetic with the grader swapped for one that reads only the text's length, so
+every recorded grade can be checked against the recorded text."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import run  # noqa: E402
+
+from jaxsample import tasks  # noqa: E402
+
+
+def _graded_by_length(problem, text):
+    return len(text) % 2 == 0
+
+
+def _records(out):
+    lines = (out / "results.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["method"] != "exact"]
+
+
+@pytest.fixture(autouse=True)
+def grade_by_length(monkeypatch):
+    monkeypatch.setattr(tasks, "grade_arithmetic", _graded_by_length)
+
+
+def _check_grades(answers):
+    assert answers and all(set(a) >= {"text", "passed"} for a in answers)
+    assert [a["passed"] for a in answers] == [len(a["text"]) % 2 == 0 for a in answers]
+
+
+def test_power_records_each_chains_final_answer(tmp_path, tiny_chat_checkpoint):
+    out = tmp_path / "power"
+    assert run.main(["power", "--task", "arithmetic", "--model", str(tiny_chat_checkpoint), "--num-problems", "3",
+                     "--chains", "4", "--mcmc-steps", "2", "--max-new-tokens", "6", "--methods", "base,mh_uniform",
+                     "--out", str(out)]) == 0
+    records = _records(out)
+    assert sorted(r["method"] for r in records) == ["base"] * 3 + ["mh_uniform"] * 3
+    passed = []
+    for record in records:
+        _check_grades(record["answers"])
+        assert len(record["answers"]) == 4
+        assert record["accuracy"] == pytest.approx(np.mean([a["passed"] for a in record["answers"]]))
+        passed += [a["passed"] for a in record["answers"]]
+    assert 0 < np.mean(passed) < 1  # both grades occur, so the checks above can fail
+
+
+def test_smc_records_each_runs_particles_with_their_weights(tmp_path, tiny_chat_checkpoint):
+    out = tmp_path / "smc"
+    assert run.main(["smc", "--task", "arithmetic", "--model", str(tiny_chat_checkpoint), "--num-problems", "2",
+                     "--particles", "3", "--runs", "2", "--block-size", "3", "--max-new-tokens", "6",
+                     "--methods", "power_smc", "--out", str(out)]) == 0
+    records = _records(out)
+    assert len(records) == 2
+    for record in records:
+        answers = record["answers"]
+        _check_grades(answers)
+        assert [a["run"] for a in answers] == [0, 0, 0, 1, 1, 1]
+        per_run = [[a for a in answers if a["run"] == run_index] for run_index in (0, 1)]
+        for particles in per_run:
+            assert sum(a["weight"] for a in particles) == pytest.approx(1.0, abs=1e-5)
+        expected = np.mean([sum(a["weight"] * a["passed"] for a in particles) for particles in per_run])
+        assert record["accuracy"] == pytest.approx(expected, abs=1e-6)
