@@ -156,6 +156,14 @@ def check_smc(num_runs: int) -> dict:
             "standard_error": float(unbiased.standard_error), "z": float(unbiased.z), **sizes}
 
 
+# The checks against transformers: name -> (check, checkpoint of `_checkpoints`).
+REFERENCE_CHECKS = {
+    "parity_qwen2_untied_gqa": (check_parity, "qwen2_untied_gqa"),
+    "parity_llama3_head_dim": (check_parity, "llama3_head_dim"),
+    "decode_qwen2_untied_gqa": (check_decode, "qwen2_untied_gqa"),
+}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chains", type=int, default=16384, help="power-MH chains")
@@ -179,11 +187,10 @@ def main(argv=None):
     if all(importlib.util.find_spec(package) for package in ("torch", "transformers")):
         with tempfile.TemporaryDirectory() as directory:
             paths = _checkpoints(directory)
-            for name, path in paths.items():
-                run(f"parity_{name}", check_parity, path)
-            run("decode_qwen2_untied_gqa", check_decode, paths["qwen2_untied_gqa"])
+            for name, (check, checkpoint) in REFERENCE_CHECKS.items():
+                run(name, check, paths[checkpoint])
     else:
-        skipped = ["parity_qwen2_untied_gqa", "parity_llama3_head_dim", "decode_qwen2_untied_gqa"]
+        skipped = list(REFERENCE_CHECKS)
         print(f"skipped (they need torch and transformers as the reference): {', '.join(skipped)}")
     run("power_mh_vs_enumeration", check_power_mh, args.chains)
     run("smc_log_z_unbiased", check_smc, args.runs)

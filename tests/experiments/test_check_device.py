@@ -35,8 +35,10 @@ def test_a_check_that_crashes_fails_the_run_and_keeps_the_others(tmp_path, monke
 
     passing = {"passed": True}
     monkeypatch.setattr(check_device, "_checkpoints", lambda directory: {"qwen2_untied_gqa": directory})
-    monkeypatch.setattr(check_device, "check_parity", lambda path: dict(passing))
-    monkeypatch.setattr(check_device, "check_decode", crash)
+    monkeypatch.setattr(check_device, "REFERENCE_CHECKS", {
+        "parity_qwen2_untied_gqa": (lambda path: dict(passing), "qwen2_untied_gqa"),
+        "decode_qwen2_untied_gqa": (crash, "qwen2_untied_gqa"),
+    })
     monkeypatch.setattr(check_device, "check_power_mh", lambda chains: dict(passing))
     monkeypatch.setattr(check_device, "check_smc", lambda runs: {"passed": False, "z": 5.0})
     path = tmp_path / "check_device.json"
