@@ -20,7 +20,9 @@ stop tokens suppressed. Reported per (shape, batch):
   instruction of the decode loop's body that runs as its own kernel (a fusion, a library
   call, an unfused op; the layer loop's body counted once per layer). On a GPU each is a
   kernel launch unless XLA groups them into a CUDA graph; on a CPU each is a runtime thunk;
-- transformers' `generate` (same shape, dtype and batch; sampling, EOS suppressed) ms per step;
+- transformers' `generate` (same shape, dtype and batch; sampling, EOS suppressed) ms per step,
+  over `--transformers-new-tokens` steps (default `--new-tokens`; fewer fit a GPU session's
+  time limit: its steps cost about the same at these short contexts, host-bound);
 - with `--matmuls-alone`: the step's weight matmuls alone (`matmuls_alone_ms_per_step`),
   timed in the same run: the same projections and logit matrix on the same rows through
   XLA's own dot kernels, each weight matrix whole in its own array (no slicing, attention,
@@ -271,6 +273,7 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations (logits and log-softmax stay float32)")
     parser.add_argument("--prompt-tokens", type=int, default=32, help="prompt length")
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps timed per call")
+    parser.add_argument("--transformers-new-tokens", type=int, help="decode steps per transformers generate call (default: --new-tokens)")
     parser.add_argument("--transformers-batches", default="all", help="batch sizes at which transformers' generate is timed too: 'all', 'none' or a comma-separated subset of --batches")
     parser.add_argument("--transformers-shapes", default="all", help="shapes at which transformers' generate is timed: 'all' or a comma-separated subset of --shapes")
     parser.add_argument("--matmuls-alone", action="store_true", help="also time the step's weight matmuls alone, each matrix whole (a second copy of the layer weights; for CPU-sized shapes)")
@@ -280,6 +283,9 @@ def main(argv=None):
     add_timing_options(parser, samples=3, min_sample_s=1.0)
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
+    torch_new_tokens = args.new_tokens if args.transformers_new_tokens is None else args.transformers_new_tokens
+    if not 1 <= torch_new_tokens <= args.new_tokens:
+        parser.error(f"--transformers-new-tokens must be between 1 and --new-tokens ({args.new_tokens}), got {torch_new_tokens}")
 
     dtype = jnp.dtype(args.dtype)
     header = machine()
@@ -290,7 +296,8 @@ def main(argv=None):
     header = {**header, "roofline_bandwidth_gbs": bandwidth,
               "measured_matmul_gflops": measured_gflops, "matmul_size": args.matmul_size,
               "compute_peak_gflops": peak_gflops,
-              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}
+              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+              "transformers_new_tokens": torch_new_tokens}
     for shape in args.shapes.split(","):
         config = model_config(shape, args.prompt_tokens + args.new_tokens)
         params = random_params(config, dtype)
@@ -305,7 +312,7 @@ def main(argv=None):
                 and (args.transformers_shapes == "all" or shape in args.transformers_shapes.split(","))
             if with_torch:
                 run_torch, prefill_torch, torch_model = torch_contender(shape, args.dtype, batch, args.prompt_tokens,
-                                                                        args.new_tokens)
+                                                                        torch_new_tokens)
             began = time.perf_counter()
             timings = interleaved_timings(contenders, args.samples, args.min_sample_s)
             if with_torch:  # seconds per call: one call per sample, fewer samples
@@ -336,7 +343,7 @@ def main(argv=None):
                 row["matmuls_alone_ms_per_step"] = 1e3 * timings["matmuls_alone"]["median_s"] / args.new_tokens
                 row["step_over_matmuls_alone"] = row["ms_per_step"] / row["matmuls_alone_ms_per_step"]
             if with_torch:
-                torch_step_s = (timings["transformers"]["median_s"] - timings["transformers_prefill"]["median_s"]) / args.new_tokens
+                torch_step_s = (timings["transformers"]["median_s"] - timings["transformers_prefill"]["median_s"]) / torch_new_tokens
                 row["transformers_ms_per_step"] = 1e3 * torch_step_s
                 row["speedup_vs_transformers"] = row["transformers_ms_per_step"] / row["ms_per_step"]
                 if args.matmuls_alone:

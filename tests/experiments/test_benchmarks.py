@@ -45,7 +45,8 @@ def _timed(timings):
 
 def test_bench_decode_reports_every_shape_and_batch_against_the_roofline(tmp_path):
     result = _run(bench_decode.main, tmp_path, "--shapes", "tiny", "--batches", "1,2", "--prompt-tokens", 8,
-                  "--new-tokens", 8, "--transformers-batches", "1", "--matmul-size", 256, "--matmuls-alone", *QUICK)
+                  "--new-tokens", 8, "--transformers-batches", "1", "--transformers-new-tokens", 4, "--matmul-size", 256,
+                  "--matmuls-alone", *QUICK)
     assert [(r["shape"], r["batch"]) for r in result["rows"]] == [("tiny", 1), ("tiny", 2)]
     for row in result["rows"]:
         _timed(row["timings"]["jax"])
@@ -67,6 +68,10 @@ def test_bench_decode_reports_every_shape_and_batch_against_the_roofline(tmp_pat
     assert result["roofline_bandwidth_gbs"] == result["memory_read_gbs"]  # no --bandwidth-gbs given
     assert "transformers" in result["rows"][0]["timings"] and "transformers" not in result["rows"][1]["timings"]
     first = result["rows"][0]
+    torch_timings = first["timings"]
+    assert result["transformers_new_tokens"] == 4  # transformers' step from its own, shorter calls
+    assert first["transformers_ms_per_step"] == pytest.approx(
+        1e3 * (torch_timings["transformers"]["median_s"] - torch_timings["transformers_prefill"]["median_s"]) / 4)
     assert first["transformers_over_matmuls_alone"] == pytest.approx(first["transformers_ms_per_step"] / first["matmuls_alone_ms_per_step"])
 
 
@@ -81,14 +86,16 @@ def test_bench_decode_matmuls_alone_do_the_steps_matmul_flops(tied):
         assert cost["flops"] == pytest.approx(bench_decode.step_flops(config, params, batch, 0), rel=0.01)
 
 
-def test_bench_power_counts_every_decoded_token_of_both_loops(tmp_path):
+@pytest.mark.parametrize("reference_chains", [2, 1])
+def test_bench_power_counts_every_decoded_token_of_both_loops(tmp_path, reference_chains):
     chains, block, new, steps = 2, 4, 8, 1
     result = _run(bench_power.main, tmp_path, "--model", "random:tiny", "--chains", chains, "--block-size", block,
-                  "--max-new-tokens", new, "--mcmc-steps", steps, *QUICK)
+                  "--max-new-tokens", new, "--mcmc-steps", steps, "--reference-chains", reference_chains, *QUICK)
+    assert (result["chains"], result["reference_chains"]) == (chains, reference_chains)
     caps = range(block, new + 1, block)
-    # Per chain: every block extended to its cap, plus each MH proposal from its cut i < cap to the cap.
-    fewest, most = chains * (new + steps * len(caps)), chains * (new + steps * sum(caps))
-    for loop in ("jax", "transformers"):
+    for loop, timed_chains in (("jax", chains), ("transformers", reference_chains)):
+        # Per chain: every block extended to its cap, plus each MH proposal from its cut i < cap to the cap.
+        fewest, most = timed_chains * (new + steps * len(caps)), timed_chains * (new + steps * sum(caps))
         assert fewest <= result[f"{loop}_tokens_per_call"] <= most
         _timed(result["timings"][loop])
         rate = result[f"{loop}_tokens_per_call"] / result["timings"][loop]["median_s"]
