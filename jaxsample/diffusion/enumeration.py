@@ -15,7 +15,7 @@ from math import comb
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy.special import logsumexp
+import scipy
 
 from jaxsample.diffusion.model import MaskedDiffusionLM
 from jaxsample.errors import ConfigError, NumericalError
@@ -101,7 +101,7 @@ def optimal_log_twist(model: MaskedDiffusionLM, log_potential_fn) -> np.ndarray:
     for s, children in sorted(_transitions(model), key=lambda item: item[0]):
         child_index, p = map(np.asarray, zip(*children))
         with np.errstate(divide="ignore"):
-            table[s] = logsumexp(np.log(p) + table[child_index])
+            table[s] = scipy.special.logsumexp(np.log(p) + table[child_index])
     return table
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy.special import logsumexp
+import scipy
 
 from jaxsample.errors import ArgumentError
 from jaxsample.validation import check_real
@@ -107,7 +107,7 @@ def _off_mass(log_p: np.ndarray, allowed: np.ndarray, alpha: float) -> np.ndarra
     outside[allowed] = False
     if not outside.any():
         return np.full(log_p.shape[:-1], -np.inf)
-    return logsumexp(alpha * log_p[..., outside], axis=-1)
+    return scipy.special.logsumexp(alpha * log_p[..., outside], axis=-1)
 
 
 def exact_accuracies(
@@ -150,7 +150,7 @@ def exact_accuracies(
     log_p = _forward(lm, sequence[None], 1)[0, positions]
     targets = sequence[positions + 1]
     log_q = log_p / temperature
-    log_q -= logsumexp(log_q, axis=-1, keepdims=True)
+    log_q -= scipy.special.logsumexp(log_q, axis=-1, keepdims=True)
     token_log_p = log_p[np.arange(len(targets)), targets]
     log_p_correct = float(np.sum(token_log_p))
 
@@ -213,18 +213,18 @@ def _item_sums(lm, problem, sequence, k, alpha, max_enumerated, batch_rows):
         taken = np.take_along_axis(stretch_dists, written, -1)[..., 0]  # [D, S, L]
         before = alpha * _exclusive_cumsum(taken)  # log p(s_<j)^α, [D, S, L]
         # Each depth-j node is shared by m^(L−j) enumerated strings.
-        node_off = logsumexp(before + off_digits - (L - np.arange(L)) * np.log(m), axis=(1, 2))
+        node_off = scipy.special.logsumexp(before + off_digits - (L - np.arange(L)) * np.log(m), axis=(1, 2))
         stretch_weight = alpha * np.sum(taken, axis=-1)  # [D, S]
-        log_s = logsumexp(stretch_weight + alpha * log_separator, axis=1)
-        separator_off = logsumexp(stretch_weight + off_separator, axis=1)
+        log_s = scipy.special.logsumexp(stretch_weight + alpha * log_separator, axis=1)
+        separator_off = scipy.special.logsumexp(stretch_weight + off_separator, axis=1)
     else:
         # Factorised: digit distributions taken not to depend on earlier digits of the stretch.
-        level = logsumexp(alpha * stretch_dists[:, 0][..., vocab.digit_ids], axis=-1)  # [D, L]
-        node_off = logsumexp(_exclusive_cumsum(level) + off_digits[:, 0], axis=1)
+        level = scipy.special.logsumexp(alpha * stretch_dists[:, 0][..., vocab.digit_ids], axis=-1)  # [D, L]
+        node_off = scipy.special.logsumexp(_exclusive_cumsum(level) + off_digits[:, 0], axis=1)
         log_s = np.sum(level, axis=-1) + alpha * log_separator[:, 0]
         separator_off = np.sum(level, axis=-1) + off_separator[:, 0]
 
-    log_z = logsumexp(option_weight + log_s)
-    log_off = logsumexp(np.concatenate(
+    log_z = scipy.special.logsumexp(option_weight + log_s)
+    log_off = scipy.special.logsumexp(np.concatenate(
         [[off_decision], option_weight + node_off, option_weight + separator_off]))
     return log_z, log_off, np.exp(decision[vocab.option_ids])

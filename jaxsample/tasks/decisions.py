@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
-from scipy.special import entr
+import scipy
 
 from jaxsample.errors import ArgumentError, ConfigError
 from jaxsample.tasks.rng import numpy_rng
@@ -408,7 +408,7 @@ def data_token_log_probs(problem: DecisionProblem, trace) -> tuple[np.ndarray, n
     """
     trace = _trim(trace)
     log_p = _next_token_log_probs(problem, trace)
-    entropy = np.sum(entr(np.exp(log_p)), axis=-1)
+    entropy = np.sum(scipy.special.entr(np.exp(log_p)), axis=-1)
     return log_p[np.arange(len(trace)), trace], entropy
 
 

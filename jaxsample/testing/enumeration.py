@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy.special import logsumexp
+import scipy
 
 from jaxsample.decoding import DecodeState
 from jaxsample.errors import ArgumentError
@@ -39,7 +39,7 @@ def _log_softmax(scores: np.ndarray) -> np.ndarray:
     finite = np.isfinite(scores)
     top = np.max(np.where(finite, scores, -np.inf), axis=-1, keepdims=True)
     shifted = np.where(finite, scores - top, -np.inf)
-    return shifted - logsumexp(shifted, axis=-1, keepdims=True)
+    return shifted - scipy.special.logsumexp(shifted, axis=-1, keepdims=True)
 
 
 @jax.jit

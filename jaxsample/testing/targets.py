@@ -12,7 +12,7 @@ from typing import Callable, NamedTuple, Optional
 
 import jax
 import numpy as np
-from scipy.special import logsumexp
+import scipy
 
 from jaxsample.errors import ArgumentError
 from jaxsample.testing.enumeration import Enumeration, Prefix
@@ -42,7 +42,7 @@ class Distribution(NamedTuple):
         if np.isnan(log_weights).any():
             bad = states[int(np.argwhere(np.isnan(log_weights))[0][0])]
             raise ArgumentError(f"the log weight of state {bad} is NaN")
-        log_z = float(logsumexp(log_weights))
+        log_z = float(scipy.special.logsumexp(log_weights))
         if not np.isfinite(log_z):
             raise ArgumentError(f"the target has total mass exp({log_z}); it must be positive and finite")
         return cls(tuple(states), np.exp(log_weights - log_z), log_z)
@@ -175,7 +175,7 @@ def value_function(completions: Enumeration, reward_fn: Optional[RewardFn] = Non
         log_p = completions.next_log_probs(prefix)
         power = np.where(np.isneginf(log_p), -np.inf, alpha * log_p)
         children = np.array([log_twist[prefix + (v,)] for v in range(completions.vocab_size)])
-        log_twist[prefix] = float(logsumexp(power + children))
+        log_twist[prefix] = float(scipy.special.logsumexp(power + children))
         log_value[prefix] = log_twist[prefix] - tilt
     return ValueFunction(log_twist, log_value, completions.vocab_size, completions.max_new_tokens,
                          log_twist[()])
