@@ -59,7 +59,10 @@ def goal_rows(directory: Path) -> list[tuple[str, str, str]]:
         rows.append((goal, "—", "not measured"))
     else:
         measured = (f"{power['speedup']:.1f}× ({power['jax_tokens_per_s']:.0f} vs "
-                    f"{power['transformers_tokens_per_s']:.0f} tokens/s, {power['model']})")
+                    f"{power['transformers_tokens_per_s']:.0f} tokens/s, {power['model']}, {power['chains']} chains")
+        if power.get("reference_chains", power["chains"]) < power["chains"]:
+            measured += f", the reference timed on {power['reference_chains']}"
+        measured += ")"
         rows.append((goal, measured, "yes" if power["speedup"] >= POWER_SPEEDUP else "no"))
 
     memory = _load(directory, "bench_memory")

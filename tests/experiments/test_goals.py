@@ -52,3 +52,13 @@ def test_a_failed_device_check_is_named(tmp_path):
     (tmp_path / "check_device.json").write_text(json.dumps(check))
     goal, measured, met = goals.goal_rows(tmp_path)[0]
     assert (measured, met) == ("4/5 passed (failed: smc_log_z_unbiased)", "no")
+
+
+def test_the_power_row_says_when_the_reference_ran_fewer_chains(tmp_path):
+    power = json.loads((RESULTS / "bench_power_smollm2_c16.json").read_text())
+    (tmp_path / "bench_power.json").write_text(json.dumps(power))
+    measured = {goal: m for goal, m, _ in goals.goal_rows(tmp_path)}["power MH: ≥ 50× the transformers loop"]
+    assert measured.endswith("smollm2-135m-instruct, 16 chains)")
+    (tmp_path / "bench_power.json").write_text(json.dumps({**power, "reference_chains": 2}))
+    measured = {goal: m for goal, m, _ in goals.goal_rows(tmp_path)}["power MH: ≥ 50× the transformers loop"]
+    assert measured.endswith("16 chains, the reference timed on 2)")
