@@ -5,7 +5,7 @@ from jaxsample import models
 from jaxsample.models.registry import resolve
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_chat_checkpoint(tmp_path_factory):
     """A tiny random decoder with SmolLM2's tokenizer and chat template, saved as a checkpoint:
     the real-model experiment paths at a size CI can run."""
