@@ -37,8 +37,8 @@ step() {  # step NAME SECONDS CMD...: runs CMD with a time limit; a failure does
 } > "$OUT/environment.txt" 2>&1
 cat "$OUT/environment.txt"
 
-# Steps in order of what the goals need; each one's JSON is written as it goes (the
-# decode benchmark after every row), so a step cut off by its limit keeps what it measured.
+# Steps in order of what the goals need. The decode benchmark writes its JSON after
+# every row, so a decode step cut off by its limit keeps the rows it measured.
 # The limits assume, unmeasured, 5-25 s of XLA compilation per decode program and
 # transformers' generate at about 90 ms per step (spec §7's H200 numbers): transformers is
 # timed over 32-token calls, and the power-MH reference loop on 2 of the 8 chains (it runs
