@@ -20,8 +20,8 @@ difference, on `jax.devices()[0]`, and writes what it measured:
    (`testing.assert_unbiased`, 4 standard errors).
 
 Exits 1 if any check fails. Without torch and transformers (a TPU VM, say) the checks
-that need them are skipped and listed as skipped. `--chains` and `--runs` size the statistical checks (their
-bounds follow the sample size).
+that need them are skipped and listed as skipped. `--chains` and `--runs` size the
+statistical checks (their bounds follow the sample size).
 
     PYTHONPATH=. python experiments/check_device.py --json experiments/results/gpu/check_device.json
 """
