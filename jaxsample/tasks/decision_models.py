@@ -83,14 +83,46 @@ def _log_probs(lm: LanguageModel, tokens: jax.Array) -> jax.Array:
     return jax.nn.log_softmax(lm.logits(tokens), axis=-1)
 
 
-def _forward(lm: LanguageModel, tokens: np.ndarray, batch_rows: int) -> np.ndarray:
-    """float64 `[R, T, V]` log-probabilities, in fixed-size chunks (one compilation)."""
+@jax.jit
+def _prefix_log_probs(lm: LanguageModel, sequence: jax.Array, length: jax.Array):
+    """(log p of the token after `sequence[:length]` `[V]`, its one-row cache as a prefix)."""
+    cache = lm.init_cache(1, sequence.shape[0])
+    logits, cache = lm.prefill(sequence[None], length[None], cache)
+    return jax.nn.log_softmax(logits[0]), cache
+
+
+@jax.jit
+def _continuation_log_probs(lm: LanguageModel, prefix, rows: jax.Array) -> jax.Array:
+    """`[R, n, V]` log p after each token of `rows [R, n]`, every row continuing `prefix`."""
+
+    def feed(cache, tokens):
+        logits, cache = lm.decode(tokens, cache, prefix=prefix)
+        return cache, jax.nn.log_softmax(logits, axis=-1)
+
+    _, log_p = jax.lax.scan(feed, lm.init_cache(rows.shape[0], rows.shape[1]), rows.T)
+    return jnp.swapaxes(log_p, 0, 1)
+
+
+def _forward(lm: LanguageModel, tokens: np.ndarray) -> np.ndarray:
+    """float64 `[1, T, V]` log-probabilities of one sequence `[1, T]`."""
+    return np.asarray(_log_probs(lm, jnp.asarray(tokens))).astype(np.float64)
+
+
+def _continuations(lm: LanguageModel, sequence: np.ndarray, start: int, rows: np.ndarray,
+                   batch_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """float64 log p before and after each token of `rows [R, n]` written at `start`.
+
+    The shared history `sequence[:start]` is prefilled once (padded to the sequence's
+    length, so every `start` reuses one program); rows are decoded in fixed-size chunks.
+    Returns `(before [V], after [R, n, V])`.
+    """
+    before, prefix = _prefix_log_probs(lm, jnp.asarray(sequence), jnp.int32(start))
     chunks = []
-    for start in range(0, tokens.shape[0], batch_rows):
-        chunk = tokens[start : start + batch_rows]
+    for first in range(0, rows.shape[0], batch_rows):
+        chunk = rows[first : first + batch_rows]
         padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_rows - chunk.shape[0], 0)])
-        chunks.append(np.asarray(_log_probs(lm, jnp.asarray(padded)))[: chunk.shape[0]])
-    return np.concatenate(chunks).astype(np.float64)
+        chunks.append(np.asarray(_continuation_log_probs(lm, prefix, jnp.asarray(padded)))[: chunk.shape[0]])
+    return np.asarray(before, np.float64), np.concatenate(chunks).astype(np.float64)
 
 
 def _all_strings(m: int, length: int) -> np.ndarray:
@@ -126,7 +158,7 @@ def exact_accuracies(
       alpha: α ≥ 1 of the power target.
       temperature: τ of the temperature baseline; defaults to 1/α.
       max_enumerated: enumerate all m^L stretches up to this many, else factorise.
-      batch_rows: rows per forward pass.
+      batch_rows: rows decoded at once.
 
     Returns:
       `Accuracies`; `base` and `temperature` are exact, `power` and `power_lower_bound`
@@ -147,7 +179,7 @@ def exact_accuracies(
 
     prompt_length = problem.prompt.shape[0]
     positions = np.arange(prompt_length - 1, sequence.shape[0] - 1)
-    log_p = _forward(lm, sequence[None], 1)[0, positions]
+    log_p = _forward(lm, sequence[None])[0, positions]
     targets = sequence[positions + 1]
     log_q = log_p / temperature
     log_q -= scipy.special.logsumexp(log_q, axis=-1, keepdims=True)
@@ -192,16 +224,15 @@ def _item_sums(lm, problem, sequence, k, alpha, max_enumerated, batch_rows):
     strings = _all_strings(m, L) if enumerate_all else problem.digits[k][None]
     num_options, num_strings = vocab.num_options, strings.shape[0]
 
-    rows = np.tile(sequence, (num_options * num_strings, 1))
-    rows[:, start] = np.repeat(vocab.option_ids, num_strings)
-    rows[:, start + 1 : start + 1 + L] = vocab.first_digit + np.tile(strings, (num_options, 1))
-    rows[:, start + L + 2 :] = PAD  # later items are not read: the model is causal
-    log_p = _forward(lm, rows, batch_rows).reshape(num_options, num_strings, rows.shape[1], -1)
-
-    decision = log_p[0, 0, start - 1]
-    stretch_dists = log_p[:, :, start : start + L]  # [D, S, L, V] before each digit
-    separator = rows[0, start + L + 1]
-    separator_dist = log_p[:, :, start + L]  # [D, S, V]
+    fed = np.concatenate([
+        np.repeat(vocab.option_ids, num_strings)[:, None],
+        vocab.first_digit + np.tile(strings, (num_options, 1)),
+    ], axis=1)  # [D·S, 1 + L]: the decision and the stretch; the separator is read, not fed
+    decision, after = _continuations(lm, sequence, start, fed, batch_rows)
+    after = after.reshape(num_options, num_strings, L + 1, -1)
+    stretch_dists = after[:, :, :L]  # [D, S, L, V] before each digit
+    separator = sequence[start + L + 1]
+    separator_dist = after[:, :, L]  # [D, S, V]
     off_decision = _off_mass(decision, vocab.option_ids, alpha)
     off_digits = _off_mass(stretch_dists, vocab.digit_ids, alpha)  # [D, S, L]
     off_separator = _off_mass(separator_dist, np.array([separator]), alpha)  # [D, S]
