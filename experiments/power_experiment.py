@@ -130,14 +130,31 @@ def run(run_dir: RunDirectory) -> str:
     config = run_dir.config
     lm, problems, max_new = load_model_and_problems(config)
     methods = selected_methods(config, METHODS)
+
+    def run_unit(method, key, problem, budget):
+        return run_method(method, key, lm, problem, config, max_new, budget)
+
+    run_units(run_dir, "power", lm, problems, methods, run_unit, known=METHODS, matched=MATCHED)
+    return summarize(run_dir, methods, "power sampling")
+
+
+def run_units(run_dir: RunDirectory, command: str, lm, problems, methods, run_unit, *, known, matched) -> None:
+    """Runs every (problem, method) unit the run directory has not finished, in order: the
+    exact reference, then `run_unit(method, key, problem, budget) -> record` for each method.
+
+    A unit's key depends on the seed, the problem and the method's place in `known` only, so
+    resumed and fresh runs draw the same. `budget` holds what the problem's finished units
+    set for the baselines that match the `matched` methods' token budget (`budget_fields`).
+    """
+    config = run_dir.config
     done = run_dir.done_keys()
     todo = [(p, m) for p in problems for m in ["exact", *methods] if f"{p.key}/{m}" not in done]
     run_dir.log.info("model %s, %d problems, methods %s, %d units to do", lm.name, len(problems), methods, len(todo))
     key = jax.random.key(config["seed"])
     budgets = {}
     for record in run_dir.finished:
-        budgets.setdefault(record["problem"], {}).update(budget_fields(record, MATCHED))
-    with tqdm(todo, desc=f"power [{lm.name}]", unit="run") as bar:
+        budgets.setdefault(record["problem"], {}).update(budget_fields(record, matched))
+    with tqdm(todo, desc=f"{command} [{lm.name}]", unit="run") as bar:
         for problem, method in bar:
             bar.set_postfix(problem=problem.key, method=method)
             budget = budgets.setdefault(problem.key, {})
@@ -145,12 +162,11 @@ def run(run_dir: RunDirectory) -> str:
                 record = exact_record(lm, problem, config["alpha"])
             else:
                 problem_key = jax.random.fold_in(key, zlib.crc32(problem.key.encode()))
-                record = run_method(method, jax.random.fold_in(problem_key, METHODS.index(method)), lm, problem, config, max_new, budget)
+                record = run_unit(method, jax.random.fold_in(problem_key, known.index(method)), problem, budget)
             record.update(key=f"{problem.key}/{method}", problem=problem.key, group=problem.group, method=method)
-            budget.update(budget_fields(record, MATCHED))
+            budget.update(budget_fields(record, matched))
             run_dir.append(record)
             run_dir.log.info("%s %s accuracy=%.3f tokens=%.1f", problem.key, method, record.get("accuracy", float("nan")), record.get("tokens", float("nan")))
-    return summarize(run_dir, methods, "power sampling")
 
 
 def budget_fields(record, matched_methods) -> dict:

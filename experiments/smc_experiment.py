@@ -16,23 +16,20 @@ from __future__ import annotations
 
 import argparse
 import functools
-import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
-from tqdm import tqdm
 
 import jaxsample as js
 from jaxsample.errors import ArgumentError
 from jaxsample.validation import check_real
-from power_experiment import budget_fields, run_method
+from power_experiment import run_method, run_units
 from problems import (
     add_problem_arguments,
     answers,
     check_problem_config,
-    exact_record,
     experiment_mesh,
     grades,
     item_length as task_item_length,
@@ -136,27 +133,13 @@ def run(run_dir: RunDirectory) -> str:
     if max_new % block_size and config["task"] == "decisions":
         raise ArgumentError(f"--block-size {block_size} must divide the trace length {max_new}")
     methods = selected_methods(config, METHODS)
-    done = run_dir.done_keys()
-    todo = [(p, m) for p in problems for m in ["exact", *methods] if f"{p.key}/{m}" not in done]
-    key = jax.random.key(config["seed"])
-    budgets = {}
-    for record in run_dir.finished:
-        budgets.setdefault(record["problem"], {}).update(budget_fields(record, MATCHED))
-    with tqdm(todo, desc=f"smc [{lm.name}]", unit="run") as bar:
-        for problem, method in bar:
-            bar.set_postfix(problem=problem.key, method=method)
-            budget = budgets.setdefault(problem.key, {})
-            problem_key = jax.random.fold_in(jax.random.fold_in(key, zlib.crc32(problem.key.encode())), METHODS.index(method) if method in METHODS else 99)
-            if method == "exact":
-                record = exact_record(lm, problem, config["alpha"])
-            elif method in ("power_smc", "reward_smc", "reward_smc_rejuv"):
-                reward = reward_for(problem, lm, item_length, max_new)
-                record = run_smc(problem_key, lm, problem, method, config, max_new, block_size, reward)
-            else:
-                record = run_method(method, problem_key, lm, problem, config, max_new, budget)
-            record.update(key=f"{problem.key}/{method}", problem=problem.key, group=problem.group, method=method)
-            budget.update(budget_fields(record, MATCHED))
-            run_dir.append(record)
-            run_dir.log.info("%s %s accuracy=%s tokens=%s", problem.key, method, record.get("accuracy"), record.get("tokens"))
+
+    def run_unit(method, key, problem, budget):
+        if method in ("power_smc", "reward_smc", "reward_smc_rejuv"):
+            reward = reward_for(problem, lm, item_length, max_new)
+            return run_smc(key, lm, problem, method, config, max_new, block_size, reward)
+        return run_method(method, key, lm, problem, config, max_new, budget)
+
+    run_units(run_dir, "smc", lm, problems, methods, run_unit, known=METHODS, matched=MATCHED)
     return summarize(run_dir, methods, "SMC decoding")
 
