@@ -1,6 +1,9 @@
-"""Experiment reports: the summary table (summary.md) and the accuracy-vs-tokens plot."""
+"""Experiment reports: the summary table (summary.md), on text tasks an example of what each
+method wrote, and the accuracy-vs-tokens plot."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
@@ -16,10 +19,12 @@ METHOD_LABELS = {
     "mh_entropy": "MH, entropy cuts",
     "best_of_n": "best-of-N (mean log p)",
 }
+EXAMPLE_CHARS = 800  # an answer longer than this is cut in summary.md (results.jsonl has it whole)
 
 
 def summarize(run_dir: RunDirectory, methods, title: str) -> str:
-    """Table (summary.md) and accuracy-vs-tokens plot of every finished record."""
+    """Table and accuracy-vs-tokens plot of every finished record; summary.md adds, on a text
+    task, an example of what each method wrote. Returns the table and where things are."""
     records = [r for r in run_dir.finished if r["method"] != "exact"]
     exact = {r["problem"]: r["exact"] for r in run_dir.finished if r["method"] == "exact" and r["exact"]}
     groups = sorted({r["group"] for r in records})
@@ -55,8 +60,44 @@ def summarize(run_dir: RunDirectory, methods, title: str) -> str:
     table = markdown_table(rows, columns)
     plot_path = _plot(run_dir, records, exact, methods, groups, title)
     text = f"{table}\n\nplot: {plot_path}\nresults: {run_dir.results_path}\n"
-    run_dir.write_text("summary.md", text)
+    examples = _examples(records, methods)
+    run_dir.write_text("summary.md", text + examples)
+    if examples:
+        text += f"what each method wrote: {run_dir.path / 'summary.md'}\n"
     return text
+
+
+def _examples(records, methods) -> str:
+    """Per method on a text task: how many final answers pass, and the first passing and the
+    first failing one as the grader read them ('' on the decision task, which has no text)."""
+    sections = []
+    for method in methods:
+        written = [(r["problem"], a) for r in records if r["method"] == method for a in r.get("answers", [])]
+        if not written:
+            continue
+        passing = [(p, a) for p, a in written if a["passed"]]
+        failing = [(p, a) for p, a in written if not a["passed"]]
+        lines = [f"### {METHOD_LABELS[method]}: {len(passing)} of {len(written)} answers pass"]
+        for verdict, chosen in (("passes", passing[:1]), ("fails", failing[:1])):
+            for problem, answer in chosen:
+                lines += ["", f"{problem}, {verdict}:", "", _fenced(_clipped(answer["text"]))]
+        sections.append("\n".join(lines))
+    if not sections:
+        return ""
+    return "\n## What the methods wrote\n\n" + "\n\n".join(sections) + "\n"
+
+
+def _clipped(text: str) -> str:
+    if len(text) <= EXAMPLE_CHARS:
+        return text
+    return f"{text[:EXAMPLE_CHARS]}\n… ({len(text) - EXAMPLE_CHARS} more characters)"
+
+
+def _fenced(text: str) -> str:
+    """A code block whose fence is longer than any run of backticks in `text`."""
+    runs = [len(run) for run in re.findall(r"`+", text)]
+    fence = "`" * max(3, max(runs, default=0) + 1)
+    return f"{fence}\n{text}\n{fence}"
 
 
 def _nanmean(values):

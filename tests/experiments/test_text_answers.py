@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "experiments"))
 
+import report  # noqa: E402
 import run  # noqa: E402
 
 from jaxsample import tasks  # noqa: E402
@@ -52,6 +53,16 @@ def test_power_records_each_chains_final_answer(tmp_path, tiny_chat_checkpoint):
         passed += [a["passed"] for a in record["answers"]]
     assert 0 < np.mean(passed) < 1  # both grades occur, so the checks above can fail
 
+    summary = (out / "summary.md").read_text()
+    for method, label in (("base", "base (τ=1)"), ("mh_uniform", "MH, uniform cuts")):
+        written = [a for r in records if r["method"] == method for a in r["answers"]]
+        section = summary.split(f"### {label}: ")[1].split("###")[0]
+        assert section.startswith(f"{sum(a['passed'] for a in written)} of {len(written)} answers pass")
+        for verdict, ok in (("passes", True), ("fails", False)):
+            first = next((r["problem"], a["text"]) for r in records if r["method"] == method
+                         for a in r["answers"] if a["passed"] == ok)
+            assert f"{first[0]}, {verdict}:\n\n```\n{first[1]}\n```" in section
+
 
 def test_smc_records_each_runs_particles_with_their_weights(tmp_path, tiny_chat_checkpoint):
     out = tmp_path / "smc"
@@ -69,3 +80,14 @@ def test_smc_records_each_runs_particles_with_their_weights(tmp_path, tiny_chat_
             assert sum(a["weight"] for a in particles) == pytest.approx(1.0, abs=1e-5)
         expected = np.mean([sum(a["weight"] * a["passed"] for a in particles) for particles in per_run])
         assert record["accuracy"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_summary_fences_each_answer_beyond_its_backticks_and_clips_long_ones():
+    records = [{"problem": "p0", "method": "base", "answers": [
+        {"text": "def f():\n    ```` inside", "passed": True},
+        {"text": "x" * (report.EXAMPLE_CHARS + 5), "passed": False}]}]
+    text = report._examples(records, ["base"])
+    assert "1 of 2 answers pass" in text
+    assert "`````\ndef f():\n    ```` inside\n`````" in text
+    assert "x" * report.EXAMPLE_CHARS + "\n… (5 more characters)\n```" in text
+    assert report._examples([{"problem": "p0", "method": "base", "answers": []}], ["base"]) == ""
