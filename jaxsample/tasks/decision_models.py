@@ -113,14 +113,15 @@ def _continuations(lm: LanguageModel, sequence: np.ndarray, start: int, rows: np
     """float64 log p before and after each token of `rows [R, n]` written at `start`.
 
     The shared history `sequence[:start]` is prefilled once (padded to the sequence's
-    length, so every `start` reuses one program); rows are decoded in fixed-size chunks.
+    length, so every `start` reuses one program); rows are decoded in chunks of one size.
     Returns `(before [V], after [R, n, V])`.
     """
     before, prefix = _prefix_log_probs(lm, jnp.asarray(sequence), jnp.int32(start))
+    size = min(batch_rows, rows.shape[0])
     chunks = []
-    for first in range(0, rows.shape[0], batch_rows):
-        chunk = rows[first : first + batch_rows]
-        padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_rows - chunk.shape[0], 0)])
+    for first in range(0, rows.shape[0], size):
+        chunk = rows[first : first + size]
+        padded = np.concatenate([chunk, np.repeat(chunk[:1], size - chunk.shape[0], 0)])
         chunks.append(np.asarray(_continuation_log_probs(lm, prefix, jnp.asarray(padded)))[: chunk.shape[0]])
     return np.asarray(before, np.float64), np.concatenate(chunks).astype(np.float64)
 
