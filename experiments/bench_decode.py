@@ -50,7 +50,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxsample import Proposal
 from jaxsample.decoding import extend, init_decode

@@ -6,7 +6,6 @@ import numpy as np
 import optax
 
 from jaxsample import diffusion as jd
-from jaxsample.smc import trust_region_kl
 from .test_diffusion import SEQ_LEN, VOCAB, log_potential, tiny_model
 
 
