@@ -56,8 +56,11 @@ def check_problem(scores, costs, budget, capacity) -> RoutingProblem:
         raise ArgumentError(f"costs must have the shape of scores {scores.shape}, got {costs.shape}")
     if capacity.shape != (scores.shape[1],):
         raise ArgumentError(f"capacity must have shape [M] = ({scores.shape[1]},), got {capacity.shape}")
-    if not np.issubdtype(capacity.dtype, np.integer) and not np.all(capacity == np.round(capacity)):
-        raise ArgumentError(f"capacity must hold whole numbers of queries, got {capacity.tolist()}")
+    if not np.issubdtype(capacity.dtype, np.integer) and not np.all(np.isfinite(capacity) & (capacity == np.round(capacity))):
+        raise ArgumentError(
+            f"capacity must hold finite whole numbers of queries (the batch size {scores.shape[0]} for a model "
+            f"without a limit), got {capacity.tolist()}"
+        )
     for name, values in (("scores", scores), ("costs", costs)):
         if not np.all(np.isfinite(values)):
             raise ArgumentError(f"{name} must be finite; found {values[~np.isfinite(values)][0]}")

@@ -26,6 +26,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from jaxsample.errors import ArgumentError
@@ -136,17 +137,19 @@ def ball_gate(
     """
     bound_fn = bound if callable(bound) else (lambda params: bound)
     ids = None if group_ids is None else jnp.asarray(group_ids)
+    # segment_sum drops ids past the bound's length: their parameters would move for free.
+    bound_shape = () if group_ids is None else (int(np.max(group_ids, initial=-1)) + 1,)
 
     def measure(params):
         flat, _ = ravel_pytree(params)
         flat = flat.astype(jnp.float32)
         margin = jnp.asarray(safety_fn(params), jnp.float32) - threshold
         value = jnp.asarray(bound_fn(params).value, jnp.float32)
-        if (ids is None) != (value.ndim == 0):
-            raise ArgumentError(
-                f"bound has shape {value.shape}; a single ball needs a scalar bound and group_ids "
-                "need one bound per group"
+        if value.shape != bound_shape:
+            need = "a single ball needs a scalar bound (one bound per group needs group_ids)" if ids is None else (
+                f"group_ids name groups 0..{bound_shape[0] - 1}, so the bound needs shape {bound_shape}"
             )
+            raise ArgumentError(f"bound has shape {value.shape}; {need}")
         return flat, margin, value
 
     def init(params) -> GateState:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jaxsample.errors import ArgumentError
 from jaxsample.lm import LanguageModel
 from jaxsample.models.intervention import Intervention
-from jaxsample.validation import check_int
+from jaxsample.validation import check_int, check_real
 
 Array = jax.Array
 
@@ -162,7 +162,7 @@ def riccati_gains(A: Array, q, r, q_final) -> Array:
 
     Args:
       A: `[T, n, n]` layer Jacobians.
-      q, r, q_final: positive weights (traced).
+      q, r, q_final: weights q, q_final ≥ 0 and r > 0 (traced under jit; checked when concrete).
 
     Returns:
       K `[T, n, n]`.
@@ -170,6 +170,10 @@ def riccati_gains(A: Array, q, r, q_final) -> Array:
     A = jnp.asarray(A)
     if A.ndim != 3 or A.shape[1] != A.shape[2]:
         raise ArgumentError(f"A must have shape [T, n, n], got {A.shape}")
+    # r > 0 keeps S + rI invertible; q, q_final ≥ 0 keep S positive semidefinite.
+    check_real("r", r, "(0, inf)")
+    check_real("q", q, "[0, inf)")
+    check_real("q_final", q_final, "[0, inf)")
     n = A.shape[-1]
     eye = jnp.eye(n, dtype=A.dtype)
 

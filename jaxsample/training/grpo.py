@@ -38,7 +38,8 @@ class PolicyLossMetrics(NamedTuple):
     Attributes:
       clip_fraction: tokens where the clipped branch of the min is the active one.
       mean_ratio: mean of ρ = π_θ / π_old.
-      approx_kl: k3 estimate of KL(π_old ‖ π_θ) on the sampled tokens (PPO's "approx_kl").
+      approx_kl: k3 estimate of KL(π_old ‖ π_θ) on the tokens sampled from π_old:
+        mean(ρ − 1 − log ρ) (PPO's "approx_kl").
       kl: mean of the reference-KL estimator of `kl_kind` (0 for "none").
       entropy: mean next-token entropy if given, else the Monte Carlo estimate mean(−log π_θ).
     """
@@ -77,8 +78,15 @@ def group_advantages(rewards: Array, mode: str = "grpo", eps: float = 1e-6) -> A
     centred = rewards - rewards.mean(axis=1, keepdims=True)
     if mode == "dr_grpo":
         return centred
-    std = rewards.std(axis=1, ddof=1, keepdims=True) if mode == "grpo" else rewards.std(ddof=1)
-    return centred / (std + eps)
+    if mode == "grpo":
+        std = rewards.std(axis=1, ddof=1, keepdims=True)
+        constant = jnp.all(rewards == rewards[:, :1], axis=1, keepdims=True)
+    else:
+        std = rewards.std(ddof=1)
+        constant = jnp.all(rewards == rewards[0, 0])
+    # Tested on the rewards, not on std == 0: float rounding can leave a tiny std that would
+    # blow the zero advantages of identical rewards up to O(1) noise (and eps = 0 gives 0/0).
+    return jnp.where(constant, 0.0, centred / jnp.where(constant, 1.0, std + eps))
 
 
 def zero_variance_fraction(rewards: Array) -> Array:
@@ -263,7 +271,7 @@ def policy_loss(
     metrics = PolicyLossMetrics(
         clip_fraction=masked_mean((clipped < unclipped).astype(jnp.float32), mask),
         mean_ratio=masked_mean(jnp.exp(stopped_log_ratio), mask),
-        approx_kl=masked_mean(jnp.exp(-stopped_log_ratio) + stopped_log_ratio - 1.0, mask),
+        approx_kl=masked_mean(jnp.exp(stopped_log_ratio) - 1.0 - stopped_log_ratio, mask),
         kl=masked_mean(jax.lax.stop_gradient(kl), mask),
         entropy=masked_mean(jax.lax.stop_gradient(-logp if entropy is None else as_float(entropy)), mask),
     )

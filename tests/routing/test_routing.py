@@ -152,6 +152,7 @@ def test_infeasible_instances_name_the_failing_constraint():
         (dict(costs=-np.ones((3, 2))), "costs must be ≥ 0"),
         (dict(scores=np.full((3, 2), np.nan)), "scores must be finite"),
         (dict(capacity=[1.5, 3]), "whole numbers"),
+        (dict(capacity=[np.inf, 3]), "finite whole numbers .* batch size 3"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -83,6 +83,9 @@ def test_ball_gate_rejects_mismatched_bound_and_groups():
         safety.ball_gate(s, safety.LipschitzBound(jnp.ones(2), "analytic")).init(jnp.zeros(8))
     with pytest.raises(ArgumentError, match="group_ids"):
         safety.ball_gate(s, safety.LipschitzBound(jnp.ones(2), "analytic"), group_ids=np.zeros(5, int)).init(jnp.zeros(8))
+    # A group with no bound entry would move for free (segment_sum drops its ids).
+    with pytest.raises(ArgumentError, match=r"groups 0..1, so the bound needs shape \(2,\)"):
+        safety.ball_gate(s, safety.LipschitzBound(jnp.ones(1), "analytic"), group_ids=np.repeat([0, 1], 4)).init(jnp.zeros(8))
     with pytest.raises(ArgumentError, match="kind"):
         safety.LipschitzBound(jnp.float32(1), "guessed")
 

@@ -8,7 +8,7 @@ import pytest
 
 import jaxsample as js
 from jaxsample import models, steering
-from jaxsample.errors import CheckpointError
+from jaxsample.errors import ArgumentError, CheckpointError
 from tests.models.test_gradients import CONFIG as F64_CONFIG
 from tests.models.test_kv_cache import ATOL, CONFIG, random_params
 
@@ -55,6 +55,12 @@ def test_riccati_gains_match_the_direct_lqr_solution(seed):
         feedback.append(-K[k] @ x)
         x = A[k] @ x + feedback[-1]
     np.testing.assert_allclose(np.stack(feedback), _direct_lqr(A, q, r, qf, x0), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("q, r, q_final, name", [(1.0, 0.0, 1.0, "r"), (-1.0, 1.0, 1.0, "q"), (1.0, 1.0, np.nan, "q_final")])
+def test_riccati_gains_reject_weights_out_of_range(q, r, q_final, name):
+    with pytest.raises(ArgumentError, match=f"^{name} must be a number in"):
+        steering.riccati_gains(jnp.eye(2)[None], q, r, q_final)
 
 
 def _controller(lm, lam, seed=0):

@@ -157,7 +157,7 @@ def test_clipping_and_metrics():
     np.testing.assert_allclose(loss, (0.8 + 0.9 + 1.1 + 1.5) / 4, rtol=1e-6)
     np.testing.assert_allclose(metrics.clip_fraction, 0.25)
     ratio = np.array([0.5, 0.9, 1.1, 1.5])
-    np.testing.assert_allclose(metrics.approx_kl, np.mean(1 / ratio + np.log(ratio) - 1), rtol=1e-5)
+    np.testing.assert_allclose(metrics.approx_kl, np.mean(ratio - 1 - np.log(ratio)), rtol=1e-5)
 
 
 def test_group_advantages_modes():
@@ -172,6 +172,10 @@ def test_group_advantages_modes():
         rtol=1e-6,
     )
     np.testing.assert_allclose(group_advantages(rewards, "grpo")[1], 0.0)
+    # Identical rewards give A = 0 even with eps = 0 (no 0/0) and when their mean rounds.
+    np.testing.assert_array_equal(group_advantages(rewards, "grpo", eps=0.0)[1], 0.0)
+    np.testing.assert_array_equal(group_advantages(jnp.full((2, 3), 0.1), "grpo", eps=0.0), 0.0)
+    np.testing.assert_array_equal(group_advantages(jnp.full((2, 3), 0.1), "batch_std", eps=0.0), 0.0)
     np.testing.assert_allclose(group_advantages(rewards, "batch_std", eps=0.0), centred / r.std(ddof=1), rtol=1e-6)
     np.testing.assert_allclose(zero_variance_fraction(rewards), 1 / 3)
 
