@@ -38,9 +38,10 @@ import jax.numpy as jnp
 import optax
 from tqdm.auto import tqdm
 
-from jaxsample.errors import ArgumentError
+from jaxsample.errors import ArgumentError, NumericalError
 from jaxsample.lm import LanguageModel
-from jaxsample.smc.trust_region import bisect_beta, trust_region_kl
+from jaxsample.sampling.proposal import twisted_log_probs
+from jaxsample.smc.trust_region import bisect_beta, tempered_log_weights, trust_region_kl
 from jaxsample.smc.twisted import LogPotentialFn, LogTwistFn, twisted_smc
 from jaxsample.smc.weights import ess, log_evidence
 from jaxsample.validation import check_int, check_real
@@ -105,6 +106,7 @@ class Paths(NamedTuple):
       features: f32 `[P, N, S, D]` features before generated position j.
       log_p: f32 `[P, N, S, V]` log p(· | prompt, x_<j).
       log_potential: f32 `[P, N]` log φ of each path.
+      pad_token_id: int32 `[P]`, the model's pad id: what a twist sees after each prefix.
     """
 
     tokens: Array
@@ -112,6 +114,7 @@ class Paths(NamedTuple):
     features: Array
     log_p: Array
     log_potential: Array
+    pad_token_id: Array
 
 
 @jax.jit
@@ -124,11 +127,19 @@ def _teacher_forced(lm: LanguageModel, prompt: Array, tokens: Array) -> tuple[Ar
 
 
 def _twist_values(log_twist_fn, params, paths: Paths) -> Array:
-    """log ψ_θ of every candidate at every position, f32 `[P, N, S, V]`."""
+    """log ψ_θ of every candidate at every position, f32 `[P, N, S, V]`.
+
+    At position j the twist sees the prefix x_<j with pad after it, as in the decode loop
+    (`Twist`): a twist that reads past `length` must not see the path's future tokens.
+    """
     positions = jnp.arange(paths.tokens.shape[-1])
-    per_position = jax.vmap(log_twist_fn, in_axes=(None, None, 0, 0))
-    per_path = jax.vmap(lambda t, f: per_position(params, t, positions, f))
-    return jax.vmap(per_path)(paths.tokens, paths.features).astype(jnp.float32)
+
+    def per_path(tokens, features, pad):
+        prefixes = jnp.where(positions[None, :] < positions[:, None], tokens[None, :], pad)  # [S, S]
+        return jax.vmap(log_twist_fn, in_axes=(None, 0, 0, 0))(params, prefixes, positions, features)
+
+    per_prompt = jax.vmap(per_path, in_axes=(0, 0, None))
+    return jax.vmap(per_prompt)(paths.tokens, paths.features, paths.pad_token_id).astype(jnp.float32)
 
 
 def _mask(paths: Paths) -> Array:
@@ -144,11 +155,11 @@ def path_log_q(log_twist_fn: LogTwistFn, params: Any, paths: Paths) -> tuple[Arr
 
     Returns:
       `(log_q, log_psi)`, f32 `[P, N, S]`, 0 after each path's length. log q_θ(x_j) =
-      log p(x_j) + log ψ_θ(x_≤j) − log Σ_v p(v) ψ_θ(x_<j, v): the exact vocabulary sum.
+      log p(x_j) + log ψ_θ(x_≤j) − log Σ_v p(v) ψ_θ(x_<j, v): the exact vocabulary sum,
+      and log p(x_j) where ψ_θ vanishes on every candidate (the sampler's `twisted_log_probs`).
     """
     log_psi = _twist_values(log_twist_fn, params, paths)
-    scores = jnp.where(jnp.isneginf(paths.log_p), -jnp.inf, paths.log_p + log_psi)
-    log_q = _at_token(jax.nn.log_softmax(scores, axis=-1), paths.tokens)
+    log_q = _at_token(twisted_log_probs(paths.log_p, log_psi), paths.tokens)
     mask = _mask(paths)
     return jnp.where(mask, log_q, 0.0), jnp.where(mask, _at_token(log_psi, paths.tokens), 0.0)
 
@@ -185,8 +196,13 @@ def ctl_loss(params, log_twist_fn, paths: Paths, frozen_params) -> Array:
     alive = jnp.any(mask, axis=-2, keepdims=True)                   # [P, 1, S]
     negative = jnp.where(alive, jax.nn.softmax(jnp.where(alive, log_w, 0.0), axis=-2), 0.0)
     _, log_psi = path_log_q(log_twist_fn, params, paths)
-    positive_term = jnp.sum(positive[..., None] * log_psi, axis=(-2, -1))
-    negative_term = jnp.sum(jnp.where(mask, negative, 0.0) * log_psi, axis=(-2, -1))
+
+    def expectation(weights):
+        # A zero weight drops its term even where ψ = 0 (0 · −inf would be NaN).
+        return jnp.sum(jnp.where(weights > 0, weights * log_psi, 0.0), axis=(-2, -1))
+
+    positive_term = expectation(jnp.broadcast_to(positive[..., None], log_psi.shape))
+    negative_term = expectation(jnp.where(mask, negative, 0.0))
     return jnp.mean(negative_term - positive_term)
 
 
@@ -199,7 +215,7 @@ class TwistInfo(NamedTuple):
       ess: ESS of the SIS path weights under the current twist (before the update).
       log_z: SIS log Z_hat.
       mean_log_potential: mean log φ of the sampled paths (unweighted: the proposal's quality).
-      loss: the method's loss after the update.
+      loss: the method's loss at the last fit step, before its update.
     """
 
     beta: Array
@@ -218,7 +234,7 @@ def _update(params, opt_state, paths: Paths, kl_budget, *, log_twist_fn, method,
     else:
         beta = jnp.ones(log_w.shape[:1], jnp.float32)
     kl = jax.vmap(trust_region_kl)(log_w, beta)
-    weights = jax.nn.softmax(beta[:, None] * jnp.where(jnp.isneginf(log_w), -jnp.inf, log_w), -1)
+    weights = jnp.exp(jax.vmap(tempered_log_weights)(log_w, beta))
     frozen = params
 
     def loss_fn(p):
@@ -259,7 +275,8 @@ def teacher_forced_paths(
     f32 `[N]` log φ; one batched forward of the frozen model gives features and log p."""
     features, log_p = _teacher_forced(lm, jnp.asarray(prompt, jnp.int32), jnp.asarray(tokens))
     return Paths(jnp.asarray(tokens)[None], jnp.asarray(lengths)[None], features[None],
-                 log_p[None], jnp.asarray(log_potential, jnp.float32)[None])
+                 log_p[None], jnp.asarray(log_potential, jnp.float32)[None],
+                 jnp.full((1,), lm.pad_token_id, jnp.int32))
 
 
 def sample_paths(
@@ -343,6 +360,9 @@ def learn_twist(
     Returns:
       `(twist_params, history)`: history holds one dict per iteration with `iteration`,
       `beta`, `kl`, `ess`, `log_z`, `mean_log_potential`, `loss` (means over prompts).
+
+    Raises:
+      NumericalError: an iteration left NaN statistics or non-finite twist parameters.
     """
     if method not in METHODS:
         raise ArgumentError(f"method must be one of {METHODS}, got {method!r}")
@@ -386,8 +406,13 @@ def learn_twist(
         params, opt_state, info = _update(
             params, opt_state, paths, jnp.float32(kl_budget), log_twist_fn=log_twist_fn,
             method=method, num_fit_steps=num_fit_steps)
-        history.append({"iteration": iteration,
-                        **{k: float(v) for k, v in info._asdict().items()}})
+        record = {k: float(v) for k, v in info._asdict().items()}
+        if any(v != v for v in record.values()) or not all(
+                bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(params)):
+            raise NumericalError(
+                f"learn_twist iteration {iteration}: NaN or infinite twist parameters or statistics "
+                f"({record}); a twist that is -inf (ψ = 0) on a path σ weights makes the loss infinite")
+        history.append({"iteration": iteration, **record})
         if manager is not None:
             import orbax.checkpoint as ocp
 

@@ -124,3 +124,36 @@ def test_default_head_starts_at_zero_and_bad_arguments(toy):
         js.learn_twist(*args, method="ppo", num_iterations=1, num_particles=4, max_new_tokens=S)
     with pytest.raises(ArgumentError, match="kl_budget"):
         js.learn_twist(*args, kl_budget=0.0, num_iterations=1, num_particles=4, max_new_tokens=S)
+
+
+def test_learning_scores_paths_with_the_samplers_proposal(toy):
+    """The SIS weights of sampled paths, recomputed teacher-forced by the learner, equal the
+    sampler's: for a twist that reads the slot after the prefix (pad there, as `Twist`
+    promises), and for one that is −inf on every continuation of a prefix (the proposal then
+    keeps p there instead of a NaN log-softmax)."""
+    pad, vocab = toy.lm.pad_token_id, toy.lm.vocab_size
+
+    def reads_past_prefix(params, tokens, length, features):
+        beyond = tokens[jnp.minimum(length, tokens.shape[0] - 1)]
+        return params * jnp.where(beyond == pad, 0.0, 1.0) * jnp.arange(vocab, dtype=jnp.float32)
+
+    def rules_out_token_0_first(params, tokens, length, features):
+        return jnp.where((length == 1) & (tokens[0] == 0), -jnp.inf, params * jnp.arange(vocab, dtype=jnp.float32))
+
+    for twist_fn in (reads_past_prefix, rules_out_token_0_first):
+        result = js.twisted_smc(jax.random.key(0), toy.lm, tx.PROMPT, twist_fn, jnp.float32(1.0), toy.log_phi,
+                                num_particles=64, max_new_tokens=S, ess_threshold=0.0)
+        paths = teacher_forced_paths(toy.lm, tx.PROMPT, result.tokens, result.lengths, result.rewards)
+        learned = np.asarray(js.smc.path_log_weights(twist_fn, jnp.float32(1.0), paths)[0], np.float64)
+        sampled = np.asarray(result.log_weights, np.float64)
+        assert np.isfinite(learned).all()
+        # The sampler's intermediate target γ_t ∝ p ψ_t gives a path through ψ = 0 weight 0;
+        # the learner's IS weight for σ ∝ p φ stays finite there.
+        alive = np.isfinite(sampled)
+        assert alive.sum() >= 32
+        np.testing.assert_allclose(learned[alive] - logsumexp(learned[alive]), sampled[alive] - logsumexp(sampled[alive]),
+                                   atol=1e-5)
+    _, history = js.learn_twist(jax.random.key(1), toy.lm, [tx.PROMPT], toy.log_phi, method="tri", num_iterations=1,
+                                num_particles=16, max_new_tokens=S, log_twist_fn=rules_out_token_0_first,
+                                twist_params=jnp.float32(1.0), num_fit_steps=2)
+    assert np.isfinite(list(history[0].values())).all()
