@@ -55,6 +55,10 @@ def test_temperature_sample_is_base_sample_at_one_over_alpha():
 def test_baseline_arguments():
     with pytest.raises(ArgumentError, match="num_candidates"):
         best_of_n(jax.random.key(0), LM, PROMPT, 0, 1, 4)
+    # Cast to int32 these would truncate (2.5) or wrap (2**32 + 5 -> 5).
+    for budget in (2.5, np.int64(2**32 + 5), [4, -1, 4, 4]):
+        with pytest.raises(ArgumentError, match="token_budget must hold integers"):
+            best_of_n(jax.random.key(0), LM, PROMPT, CANDIDATES, CHAINS, 4, token_budget=budget)
     with pytest.raises(ArgumentError, match="alpha"):
         temperature_sample(jax.random.key(0), LM, PROMPT, 0.0, 1, 4)
     with pytest.raises(ArgumentError, match="exceeds"):
