@@ -33,6 +33,11 @@ class NumericalError(JaxsampleError, FloatingPointError):
     """A NaN (or another impossible value) appeared where the algorithm forbids it."""
 
 
+class SandboxError(JaxsampleError, RuntimeError):
+    """This machine cannot confine untrusted code well enough for what was asked (e.g. an
+    unforgeable verdict); the message names the missing mechanisms."""
+
+
 class VerificationError(JaxsampleError, AssertionError):
     """A `jaxsample.testing` check failed: a kernel does not leave its target invariant,
     samples lie too far from their law, an estimator is biased. The message names the worst

@@ -37,7 +37,9 @@ Two ways to run:
 - `run_judged(program, judge, limits)`: the program serves calls over a pipe; a trusted
   judge process outside the sandbox sends the calls, receives plain data
   (`jaxsample.tasks.plain_data`) and decides. Nothing in the sandbox can change the verdict
-  other than by the values it returns. The HumanEval grader uses this.
+  other than by the values it returns. The HumanEval grader uses this. It needs a dedicated
+  uid (root) or Landlock between the program and the judge, and raises `SandboxError`
+  without both: under the grader's own uid the program could forge the verdict via /proc.
 
 Threat model: accidental or crude misbehaviour of generated code, and a policy trained on
 the verdict that finds cheap exploits (faked markers, objects equal to anything, patched
@@ -69,7 +71,7 @@ from functools import cache
 from pathlib import Path
 from typing import NamedTuple
 
-from jaxsample.errors import ArgumentError
+from jaxsample.errors import ArgumentError, SandboxError
 
 _SETUP_ERROR = "jaxsample-sandbox-setup-error:"
 # Per-run uids come from a range no distribution assigns to accounts.
@@ -168,7 +170,10 @@ class SandboxCapabilities(NamedTuple):
         if self.landlock_abi < 1:
             lines.append("no Landlock: writes outside the working directory are stopped only "
                          "by file permissions")
-        elif self.landlock_abi < 6:
+        if not self.separate_uid and self.landlock_abi < 1:
+            lines.append("no dedicated uid and no Landlock: the program could open the judge's "
+                         "/proc/<pid>/fd as its own user and forge a verdict, so run_judged refuses")
+        if 0 < self.landlock_abi < 6:
             lines.append(f"Landlock ABI {self.landlock_abi} < 6: signals to outside processes "
                          "are not blocked by Landlock")
         return tuple(lines) + self.problems
@@ -431,7 +436,18 @@ def run_judged(
 
     Returns:
       `ExecutionResult` with the judge's verdict; failures of the program never raise.
+
+    Raises:
+      SandboxError: neither a dedicated uid (root) nor Landlock separates the program from
+        the judge: running as the grader's own user, it could write a verdict into the
+        judge's stdout through /proc and kill the judge.
     """
+    capabilities = sandbox_capabilities()
+    if not capabilities.separate_uid and capabilities.landlock_abi < 1:
+        raise SandboxError(
+            "run_judged needs a dedicated uid (run as root) or Landlock (Linux >= 5.13) so that the "
+            "program cannot reach the judge through /proc and forge its verdict; this process is not "
+            "root and the kernel has no Landlock")
     with _Sandbox(limits, python, hidden) as box:
         fds = (*os.pipe(), *os.pipe())  # requests (read, write), replies (read, write)
         try:

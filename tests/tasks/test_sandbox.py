@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxsample.errors import ArgumentError
+from jaxsample.errors import ArgumentError, SandboxError
 from jaxsample.tasks import SandboxLimits, SandboxWarning, run_python, sandbox_capabilities
 from jaxsample.tasks import sandbox
 from jaxsample.tasks.sandbox import _landlock_abi
@@ -452,6 +452,21 @@ def test_missing_mechanisms_are_named_in_a_warning(monkeypatch):
     for name in ("no network namespace", "no seccomp socket filter", "no private tmpfs",
                  "no Landlock"):
         assert name in messages
+
+
+def test_judged_runs_need_a_dedicated_uid_or_landlock(monkeypatch):
+    # Under the grader's own uid and no Landlock, the program could open the judge's
+    # /proc/<pid>/fd/1, print a passing verdict there and kill the judge.
+    judge = 'import json; print(json.dumps({"passed": True, "reason": "passed"}))'
+    same_user = CAPABILITIES._replace(separate_uid=False, landlock_abi=0)
+    assert any("forge a verdict" in line for line in same_user.missing())
+    monkeypatch.setattr(sandbox, "sandbox_capabilities", lambda: same_user)
+    with pytest.raises(SandboxError, match="forge its verdict"):
+        sandbox.run_judged("pass", judge, LIMITS)
+    if CAPABILITIES.landlock_abi:
+        monkeypatch.setattr(sandbox, "sandbox_capabilities", lambda: CAPABILITIES._replace(separate_uid=False))
+        with pytest.warns(SandboxWarning, match="no dedicated uid"):
+            assert sandbox.run_judged("pass", judge, LIMITS).passed
 
 
 def test_a_mechanism_that_fails_to_apply_fails_the_run(monkeypatch):
