@@ -111,6 +111,8 @@ def sampled_lipschitz_bound(
     every centre, so the bound is a deterministic function of the centre (chaining re-bounds
     at each new centre with the same probes). It is a Lipschitz bound on that ball only if the
     sampled maximum times κ reaches the true supremum of ‖∇s‖ there: `kind="estimated"`.
+    The gate certifies up to m / (κ L̂) from the centre, whatever `radius` was probed: pick
+    `radius` at least that large, or the certificate extrapolates past the probes.
 
     Args:
       safety_fn: params pytree → scalar s.
