@@ -126,7 +126,9 @@ def power_sample(
 ) -> PowerSampleResult:
     """Samples completions from π ∝ p(x | prompt)^α with block-wise Metropolis–Hastings.
 
-    Defaults follow Karan & Du (α = 4, 16 blocks of 192 tokens, 10 steps per block, τ = 1/α).
+    Defaults follow Karan & Du (α = 4, 16 blocks of 192 tokens, 10 steps per block, τ = 1/α),
+    except top-k: 0 keeps the whole vocabulary, while their code ran under transformers'
+    default top_k = 50 (pass `top_k=50` to match it).
     α, temperature, top-p and freeze_finished are traced: changing them does not recompile.
     The prompt length, chain count, block size, step count, max_new_tokens, cut law and top-k
     are static.
