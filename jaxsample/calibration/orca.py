@@ -41,7 +41,8 @@ class ProbeParams(NamedTuple):
 
     Attributes:
       theta_k: float32 `[d_h, d]` key projection, or None (`no_kq`: u = φ, d_h = d).
-      theta_q: float32 `[d_h, d]` query projection, or None.
+      theta_q: float32 `[d_h, d]` query projection, or None: tied to θ_K (the code's tied
+        variant; with θ_K None too, the queries are φ).
       w0: float32 `[d_h]` initial fast weight.
       b0: float32 `[]` initial fast bias.
       log_eta: float32 `[]` log of the inner step size.
@@ -54,7 +55,9 @@ class ProbeParams(NamedTuple):
     log_eta: Array
 
 
-def init_probe(key, feature_size: int, hidden_size: int | None = None, eta: float = 0.01) -> ProbeParams:
+def init_probe(
+    key, feature_size: int, hidden_size: int | None = None, eta: float = 0.01, tied: bool = False
+) -> ProbeParams:
     """Probe as the code initialises it: W_0 ~ N(0, 0.02²), b_0 = 0, η = `eta`.
 
     Args:
@@ -62,6 +65,7 @@ def init_probe(key, feature_size: int, hidden_size: int | None = None, eta: floa
       feature_size: d, the width of a step embedding.
       hidden_size: d_h of the K/Q projections (θ ~ N(0, 1/d)); None for `no_kq`.
       eta: initial inner step size η ≥ 0 (0 makes a static linear probe).
+      tied: one projection θ_Q = θ_K (needs `hidden_size`).
     """
     if not isinstance(feature_size, int) or feature_size < 1:
         raise ArgumentError(f"feature_size must be an int ≥ 1, got {feature_size!r}")
@@ -69,6 +73,8 @@ def init_probe(key, feature_size: int, hidden_size: int | None = None, eta: floa
         raise ArgumentError(f"hidden_size must be None or an int ≥ 1, got {hidden_size!r}")
     if not eta >= 0:
         raise ArgumentError(f"eta must be ≥ 0, got {eta!r}")
+    if tied and hidden_size is None:
+        raise ArgumentError("tied=True ties the K and Q projections: it needs a hidden_size")
     key_w, key_k, key_q = jax.random.split(key, 3)
     width = feature_size if hidden_size is None else hidden_size
     theta = None if hidden_size is None else (
@@ -76,7 +82,7 @@ def init_probe(key, feature_size: int, hidden_size: int | None = None, eta: floa
         jax.random.normal(key_q, (hidden_size, feature_size)) / np.sqrt(feature_size))
     return ProbeParams(
         theta_k=None if theta is None else theta[0],
-        theta_q=None if theta is None else theta[1],
+        theta_q=None if theta is None or tied else theta[1],
         w0=0.02 * jax.random.normal(key_w, (width,)),
         b0=jnp.float32(0.0),
         log_eta=jnp.float32(np.log(eta)) if eta > 0 else jnp.float32(-jnp.inf),
@@ -96,7 +102,7 @@ def probe_scan(params: ProbeParams, phi, mask) -> Array:
       float32 `[n]` scores s_t ∈ (0, 1) (padded steps score too, from the carried weights).
     """
     keys = phi if params.theta_k is None else phi @ params.theta_k.T
-    queries = phi if params.theta_q is None else phi @ params.theta_q.T
+    queries = keys if params.theta_q is None else phi @ params.theta_q.T
     eta = jnp.exp(params.log_eta)
 
     def body(carry, x):

@@ -49,6 +49,16 @@ def test_probe_scan_matches_float64_reference(hidden_size):
     assert np.abs(expected - frozen).max() > 1e-2  # the inner steps changed the scores
 
 
+def test_tied_probe_uses_the_key_projection_for_queries():
+    tied = orca.init_probe(jax.random.key(0), 4, hidden_size=3, eta=0.5, tied=True)
+    assert tied.theta_q is None
+    phi, mask = tiny_problem(jax.random.key(1))
+    np.testing.assert_allclose(np.asarray(orca.probe_scan(tied, phi, mask)),
+                               reference_scores(tied._replace(theta_q=tied.theta_k), phi, mask), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ArgumentError, match="tied=True .* needs a hidden_size"):
+        orca.init_probe(jax.random.key(0), 4, tied=True)
+
+
 def test_eta_zero_is_a_static_linear_probe():
     params = orca.init_probe(jax.random.key(2), 4, hidden_size=3, eta=0.0)
     phi, mask = tiny_problem(jax.random.key(3))
