@@ -54,7 +54,7 @@ import jax.numpy as jnp
 from jaxsample import Proposal
 from jaxsample.decoding import extend, init_decode
 from jaxsample.models import ModelConfig, init_params, make_language_model
-from timing import add_timing_options, interleaved_timings, machine, matmul_gflops, report
+from timing import add_timing_options, interleaved_timings, machine, matmul_gflops, positive_int, positive_ints, report
 
 # Published config.json values (hf.co/Qwen/Qwen2.5-*, hf.co/HuggingFaceTB/SmolLM2-135M-Instruct).
 SHAPES = {
@@ -265,26 +265,43 @@ def _free_torch_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _subset(parser: argparse.ArgumentParser, flag: str, text: str, of_flag: str, chosen: list[str]) -> list[str]:
+    """`flag`'s value: 'all', 'none' or a comma-separated subset of `chosen` (`of_flag`'s items)."""
+    if text in ("all", "none"):
+        return chosen if text == "all" else []
+    items = text.split(",")
+    outside = [item for item in items if item not in chosen]
+    if outside:
+        parser.error(f"{flag}: {', '.join(outside)} not in {of_flag} {','.join(chosen)}; give 'all', 'none' or a subset of {of_flag}")
+    return items
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="smollm2-135m", help=f"comma-separated model shapes: {', '.join(SHAPES)}")
-    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes (rows decoded together)")
+    parser.add_argument("--batches", type=positive_ints, default="1,8", help="comma-separated batch sizes (rows decoded together)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations (logits and log-softmax stay float32)")
-    parser.add_argument("--prompt-tokens", type=int, default=32, help="prompt length")
-    parser.add_argument("--new-tokens", type=int, default=64, help="decode steps timed per call")
+    parser.add_argument("--prompt-tokens", type=positive_int, default=32, help="prompt length")
+    parser.add_argument("--new-tokens", type=positive_int, default=64, help="decode steps timed per call")
     parser.add_argument("--transformers-new-tokens", type=int, help="decode steps per transformers generate call (default: --new-tokens)")
     parser.add_argument("--transformers-batches", default="all", help="batch sizes at which transformers' generate is timed too: 'all', 'none' or a comma-separated subset of --batches")
-    parser.add_argument("--transformers-shapes", default="all", help="shapes at which transformers' generate is timed: 'all' or a comma-separated subset of --shapes")
+    parser.add_argument("--transformers-shapes", default="all", help="shapes at which transformers' generate is timed: 'all', 'none' or a comma-separated subset of --shapes")
     parser.add_argument("--matmuls-alone", action="store_true", help="also time the step's weight matmuls alone, each matrix whole (a second copy of the layer weights; for CPU-sized shapes)")
     parser.add_argument("--bandwidth-gbs", type=float, default=0.0, help="roofline bandwidth in GB/s (0: measure it in this run; an H200 copies at ~4300)")
     parser.add_argument("--peak-gflops", type=float, default=0.0, help="compute peak in GFLOP/s (0: measure it in this run with a square matmul)")
-    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmul that measures the compute peak (GPUs need ~8192 to reach theirs)")
+    parser.add_argument("--matmul-size", type=positive_int, default=2048, help="side of the square matmul that measures the compute peak (GPUs need ~8192 to reach theirs)")
     add_timing_options(parser, samples=3, min_sample_s=1.0)
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
     torch_new_tokens = args.new_tokens if args.transformers_new_tokens is None else args.transformers_new_tokens
     if not 1 <= torch_new_tokens <= args.new_tokens:
         parser.error(f"--transformers-new-tokens must be between 1 and --new-tokens ({args.new_tokens}), got {torch_new_tokens}")
+    shapes = args.shapes.split(",")
+    unknown = [shape for shape in shapes if shape not in SHAPES]
+    if unknown:
+        parser.error(f"--shapes: unknown shape(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
+    torch_batches = _subset(parser, "--transformers-batches", args.transformers_batches, "--batches", [str(b) for b in args.batches])
+    torch_shapes = _subset(parser, "--transformers-shapes", args.transformers_shapes, "--shapes", shapes)
 
     dtype = jnp.dtype(args.dtype)
     header = machine()
@@ -297,18 +314,17 @@ def main(argv=None):
               "compute_peak_gflops": peak_gflops,
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "transformers_new_tokens": torch_new_tokens}
-    for shape in args.shapes.split(","):
+    for shape in shapes:
         config = model_config(shape, args.prompt_tokens + args.new_tokens)
         params = random_params(config, dtype)
         lm = make_language_model(config, params, name=shape)
         lm = lm.replace(eos_token_ids=(lm.vocab_size,))  # no token stops: fixed lengths
-        for batch in (int(b) for b in args.batches.split(",")):
+        for batch in args.batches:
             run_jax, prefill, compiled_text = jax_contender(lm, batch, args.prompt_tokens, args.new_tokens)
             contenders = {"jax": run_jax, "jax_prefill": prefill}
             if args.matmuls_alone:
                 contenders["matmuls_alone"] = matmuls_alone_contender(lm, batch, args.new_tokens)
-            with_torch = (args.transformers_batches == "all" or str(batch) in args.transformers_batches.split(",")) \
-                and (args.transformers_shapes == "all" or shape in args.transformers_shapes.split(","))
+            with_torch = str(batch) in torch_batches and shape in torch_shapes
             if with_torch:
                 run_torch, prefill_torch, torch_model = torch_contender(shape, args.dtype, batch, args.prompt_tokens,
                                                                         torch_new_tokens)

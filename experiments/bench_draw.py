@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from jaxsample import Proposal
 from jaxsample.sampling import categorical, draw_tokens
-from timing import add_timing_options, interleaved_timings, machine, report
+from timing import add_timing_options, interleaved_timings, machine, positive_int, positive_ints, report
 
 
 def contenders(vocab: int, batch: int, steps: int):
@@ -53,16 +53,16 @@ def contenders(vocab: int, batch: int, steps: int):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vocab", default="49152,151936", help="comma-separated vocabulary sizes V (SmolLM2: 49152; Qwen2.5: 151936)")
-    parser.add_argument("--batches", default="1,8,64", help="comma-separated row counts B")
-    parser.add_argument("--steps", type=int, default=16, help="draws per timed call")
+    parser.add_argument("--vocab", type=positive_ints, default="49152,151936", help="comma-separated vocabulary sizes V (SmolLM2: 49152; Qwen2.5: 151936)")
+    parser.add_argument("--batches", type=positive_ints, default="1,8,64", help="comma-separated row counts B")
+    parser.add_argument("--steps", type=positive_int, default=16, help="draws per timed call")
     add_timing_options(parser, samples=5, min_sample_s=0.5)
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
 
     rows, lines = [], []
-    for vocab in (int(v) for v in args.vocab.split(",")):
-        for batch in (int(b) for b in args.batches.split(",")):
+    for vocab in args.vocab:
+        for batch in args.batches:
             timings = interleaved_timings(contenders(vocab, batch, args.steps), args.samples, args.min_sample_s)
             ms = {name: 1e3 * t["median_s"] / args.steps for name, t in timings.items()}
             speedup = ms["gumbel_whole_vocabulary"] / ms["categorical"]

@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="sort-small,sort-large", help="comma-separated: sort-small / sort-large (tiny decoders from scratch), or one registered name / checkpoint path")
     parser.add_argument("--task", default="sorting", choices=["sorting", "arithmetic"], help="sorting (tiny models) or arithmetic (a chat model)")
     parser.add_argument("--seeds", type=int, default=3, help="independent seeds (sorting)")
-    parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank on q/v projections (0: all parameters)")
+    parser.add_argument("--lora-rank", type=int, default=0, help="arithmetic: train LoRA adapters of this rank on q/v projections (0: all parameters)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="arithmetic: generation cap")
     parser.add_argument("--num-digits", type=int, default=2, help="arithmetic: digits per operand")
 
@@ -58,6 +58,8 @@ def check_config(config: dict) -> None:
         raise ArgumentError("--task arithmetic needs one chat model, e.g. --model smollm2-135m-instruct")
     if config["lora_rank"] < 0 or config["seeds"] < 1 or config["max_new_tokens"] < 1:
         raise ArgumentError("--lora-rank must be >= 0, --seeds and --max-new-tokens >= 1")
+    if config["task"] == "sorting" and config["lora_rank"] > 0:
+        raise ArgumentError(f"--lora-rank {config['lora_rank']} applies to --task arithmetic only: --task sorting trains every parameter of its tiny decoders")
 
 
 def run(run_dir: RunDirectory) -> str:

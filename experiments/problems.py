@@ -59,6 +59,11 @@ def check_problem_config(config: dict, positive=("chains", "problems_per_k", "nu
         check_int(_flag(name), config[name], 0)
     check_int("--stretch-length", config["stretch_length"], 1)
     check_real("--alpha", config["alpha"], "(0, inf)")
+    # power's "exact" unit on the decision task (tasks.exact_accuracies) bounds the normaliser
+    # with Σ p^α ≤ 1, which holds only for α ≥ 1; other commands sample any α > 0.
+    if config["command"] == "power" and config["task"] == "decisions" and config["alpha"] < 1:
+        raise ArgumentError(
+            f"--alpha must be ≥ 1 with --task decisions: the exact reference accuracies need α ≥ 1, got {config['alpha']}")
     decision_counts(config)
     if config["task"] in ("arithmetic", "math500", "humaneval") and config["model"] in ("toy-decisions", "exact"):
         raise ArgumentError(f"--task {config['task']} needs a chat model, e.g. --model smollm2-135m-instruct")

@@ -116,9 +116,10 @@ def coerce_options(subparser: argparse.ArgumentParser, values: dict, source: str
         if dest not in options:
             fail(f"{source}: unknown option {key!r}")
         action = options[dest]
-        flag = action.option_strings[-1]
-        kind = action.type or str
-        if isinstance(action, argparse._StoreTrueAction):
+        flag = action.option_strings[0]
+        boolean = isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction))
+        kind = bool if boolean else action.type or str
+        if kind is bool:
             ok = isinstance(value, bool)
         elif value is None:
             ok = action.default is None
@@ -134,7 +135,7 @@ def coerce_options(subparser: argparse.ArgumentParser, values: dict, source: str
             ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
             value = str(value) if ok else value
         if not ok:
-            expected = {int: "an integer", float: "a number"}.get(kind, "a string")
+            expected = {int: "an integer", float: "a number", bool: "true or false"}.get(kind, "a string")
             fail(f"{source}: {flag} must be {expected}, got {value!r}")
         if action.choices is not None and value not in action.choices:
             fail(f"{source}: {flag} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
@@ -194,7 +195,7 @@ def resumed_config(out: Path, command: str, given: dict) -> dict:
         fail(f"{source} is corrupted or from another version: option(s) {', '.join(missing)} missing")
     config = coerce_options(_subparser(build_parser(), command), saved, source)
     changed = [
-        f"{options[k].option_strings[-1]} {given[k]} (saved: {config[k]})"
+        f"{options[k].option_strings[0]} {given[k]} (saved: {config[k]})"
         for k in sorted(given) if given[k] != config[k]
     ]
     if changed:

@@ -41,6 +41,8 @@ from run_directory import RunDirectory, markdown_table
 SETTINGS = ("synthetic", "smollm2")
 METHODS = ("none", "alqr", "spid", "actadd", "mean_difference")
 CALIBRATION_ROUNDS = 4
+# The smollm2 setting's prompts are the shipped files, so its unset counts mean all of them.
+SYNTHETIC_PROMPTS = {"setpoint_prompts": 200, "test_prompts": 64}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,9 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--actadd-layer", type=int, default=1, help="block after which ActAdd adds c·E_k")
     parser.add_argument("--pid-ki", type=float, default=0.25, help="S-PID integral gain as a multiple of K_p (K_p is calibrated to the matched control size)")
     parser.add_argument("--pid-kd", type=float, default=0.1, help="S-PID derivative gain as a multiple of K_p")
-    parser.add_argument("--setpoint-prompts", type=int, default=200, help="prompts per class for the contrastive directions E_k")
+    parser.add_argument("--setpoint-prompts", type=int, default=None, help=f"prompts per class for the contrastive directions E_k; if unset, {SYNTHETIC_PROMPTS['setpoint_prompts']} in the synthetic setting and every shipped prompt in smollm2")
     parser.add_argument("--jacobian-prompts", type=int, default=50, help="prompts (half of each class) the Jacobians A_k are averaged over")
-    parser.add_argument("--test-prompts", type=int, default=64, help="held-out prompts per class that are steered")
+    parser.add_argument("--test-prompts", type=int, default=None, help=f"held-out prompts per class that are steered; if unset, {SYNTHETIC_PROMPTS['test_prompts']} in the synthetic setting and every shipped neutral opening in smollm2")
     parser.add_argument("--prompt-length", type=int, default=8, help="prompt tokens, BOS included")
     parser.add_argument("--new-tokens", type=int, default=20, help="continuation tokens per prompt")
     parser.add_argument("--vocab", type=int, default=32, help="synthetic: tokens of the language (half in 𝒜); BOS is one more")
@@ -70,6 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_config(config: dict) -> None:
     for name in ("setpoint_prompts", "jacobian_prompts", "test_prompts", "new_tokens"):
+        if name in SYNTHETIC_PROMPTS and config[name] is None:
+            continue
         if not isinstance(config[name], int) or config[name] < 1:
             raise ArgumentError(f"--{name.replace('_', '-')} must be a positive integer, got {config[name]!r}")
     for name in ("q", "r", "q_final"):
@@ -82,7 +86,7 @@ def check_config(config: dict) -> None:
     for name in ("vocab", "layers", "width", "train_steps", "train_batch"):
         if not isinstance(config[name], int) or config[name] < 1:
             raise ArgumentError(f"--{name.replace('_', '-')} must be a positive integer, got {config[name]!r}")
-    if config["test_prompts"] < 2:
+    if synthetic_prompts(config, "test_prompts") < 2:
         raise ArgumentError(f"--test-prompts must be at least 2 (standard errors per class), got {config['test_prompts']}")
     if config["prompt_length"] < 2:
         raise ArgumentError(f"--prompt-length must be at least 2 (BOS and one token), got {config['prompt_length']}")
@@ -101,6 +105,11 @@ def check_config(config: dict) -> None:
         raise ArgumentError(f"--lr must be positive, got {config['lr']}")
     if not 0 <= config["actadd_layer"] < config["layers"]:
         raise ArgumentError(f"--actadd-layer must be in [0, {config['layers']}), got {config['actadd_layer']}")
+
+
+def synthetic_prompts(config: dict, name: str) -> int:
+    """`--setpoint-prompts` or `--test-prompts` (`name`, as its config key) of the synthetic setting."""
+    return SYNTHETIC_PROMPTS[name] if config[name] is None else config[name]
 
 
 def _lams(config) -> list[float]:
@@ -255,7 +264,7 @@ def make_setup(lm: LanguageModel, language: Language, config: dict) -> tuple[Set
     def prompts(z, n):
         return jnp.asarray(sample_sequences(language, rng, np.full(n, z), length))
 
-    n = config["setpoint_prompts"]
+    n = synthetic_prompts(config, "setpoint_prompts")
     desired = steering.last_token_states(lm, prompts(1, n))
     undesired = steering.last_token_states(lm, prompts(0, n))
     E = steering.contrastive_directions(desired, undesired)
@@ -263,7 +272,7 @@ def make_setup(lm: LanguageModel, language: Language, config: dict) -> tuple[Set
     jacobian_prompts = jnp.concatenate([prompts(0, config["jacobian_prompts"] - half), prompts(1, half)])
     A = steering.layer_jacobians(lm, jacobian_prompts)
     K = steering.riccati_gains(A, config["q"], config["r"], config["q_final"])
-    m = config["test_prompts"]
+    m = synthetic_prompts(config, "test_prompts")
     setup = Setup(E, K, jnp.concatenate([prompts(0, m), prompts(1, m)]), np.repeat([0, 1], m))
     norms = jnp.linalg.norm(E, axis=-1)
     v = E / norms[:, None]

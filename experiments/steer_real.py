@@ -3,12 +3,13 @@
 The concept is defined by two prompt sets written for this experiment
 (data/steer_sentiment_positive.txt, the desired side, and data/steer_sentiment_negative.txt,
 line-by-line mirror images of it). E_k is the mean difference of their last-token states
-(`--setpoint-prompts` per side); the Jacobians A_k are averaged over `--jacobian-prompts`
-prompts of exactly `--jacobian-tokens` tokens (each the concatenation of a positive and a
-negative contrast sentence, and more, truncated: benign text of fixed length); K_k comes
-from the Riccati recursion (q, r, q_f). Every method steers `--test-prompts` neutral
-sentence openings (data/steer_sentiment_neutral.txt) toward positive sentiment at the last
-prompt token and every generated token, `--samples` continuations each.
+(`--setpoint-prompts` per side, all of them if unset); the Jacobians A_k are averaged over
+`--jacobian-prompts` prompts of exactly `--jacobian-tokens` tokens (each the concatenation of
+a positive and a negative contrast sentence, and more, truncated: benign text of fixed
+length); K_k comes from the Riccati recursion (q, r, q_f). Every method steers
+`--test-prompts` neutral sentence openings (data/steer_sentiment_neutral.txt, all of them if
+unset) toward positive sentiment at the last prompt token and every generated token,
+`--samples` continuations each.
 
 Setpoint: with `--setpoint absolute` (default) β*_k = λ‖E_k‖, as in the reference code. In
 SmolLM2 the class means sit far from the origin along v_k at the early blocks (24.7‖E_2‖
@@ -81,6 +82,13 @@ def check_config(config: dict) -> None:
         raise ArgumentError(f"--top-p must be in (0, 1], got {config['top_p']}")
     if config["setpoint"] not in SETPOINTS:
         raise ArgumentError(f"--setpoint must be one of {SETPOINTS}, got {config['setpoint']!r}")
+    available = (
+        ("setpoint_prompts", min(len(read_lines(DESIRED)), len(read_lines(UNDESIRED))), f"contrast prompts a side in {DESIRED.name} and {UNDESIRED.name}"),
+        ("test_prompts", len(read_lines(NEUTRAL)), f"neutral openings in {NEUTRAL.name}"),
+    )
+    for name, count, what in available:
+        if config[name] is not None and config[name] > count:
+            raise ArgumentError(f"--{name.replace('_', '-')} {config[name]} is more than the {count} {what}; give at most {count}, or leave it unset for all of them")
 
 
 # ---------------------------------------------------------------------------------------
@@ -144,7 +152,7 @@ def last_token_states(lm, tokens, lengths, batch: int = 32) -> jax.Array:
 def make_setup(lm, config: dict, log) -> tuple[dict, dict]:
     """E, K, the setpoint offsets and the test prompts; and what to record about them."""
     desired, undesired = read_lines(DESIRED), read_lines(UNDESIRED)
-    count = min(config["setpoint_prompts"], len(desired), len(undesired))
+    count = min(len(desired), len(undesired)) if config["setpoint_prompts"] is None else config["setpoint_prompts"]
     began = time.perf_counter()
     states = {side: last_token_states(lm, *encode(lm, texts[:count])) for side, texts in (("desired", desired), ("undesired", undesired))}
     E = steering.contrastive_directions(states["desired"], states["undesired"])
@@ -158,7 +166,7 @@ def make_setup(lm, config: dict, log) -> tuple[dict, dict]:
     v, norms = steering.unit_directions(E)
     midpoint = 0.5 * (states["desired"].mean(1) + states["undesired"].mean(1))
     offset = jnp.sum(v * midpoint, -1) if config["setpoint"] == "centred" else jnp.zeros_like(norms)
-    neutral = read_lines(NEUTRAL)[: config["test_prompts"]]
+    neutral = read_lines(NEUTRAL)[: config["test_prompts"]]  # None (unset): all of them
     prompts, lengths = encode(lm, neutral)
     test_states = last_token_states(lm, prompts, lengths)
     hidden = lm.hidden_states(jacobian_prompts[:1])

@@ -30,9 +30,30 @@ def _timed(fn: Callable, calls: int, clock: Callable = time.perf_counter) -> flo
     return (clock() - began) / calls
 
 
+def positive_int(text: str) -> int:
+    """argparse `type`: an integer ≥ 1 (argparse names the flag in the error)."""
+    if not _is_positive_int(text):
+        raise argparse.ArgumentTypeError(f"must be an integer ≥ 1, got {text!r}")
+    return int(text)
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse `type`: comma-separated integers ≥ 1, as a list."""
+    if not all(_is_positive_int(item) for item in text.split(",")):
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers ≥ 1, got {text!r}")
+    return [int(item) for item in text.split(",")]
+
+
+def _is_positive_int(text: str) -> bool:
+    try:
+        return int(text) >= 1
+    except ValueError:
+        return False
+
+
 def add_timing_options(parser: argparse.ArgumentParser, samples: int, min_sample_s: float) -> None:
     """`--samples` and `--min-sample-s`, the arguments of `interleaved_timings`, with these defaults."""
-    parser.add_argument("--samples", type=int, default=samples,
+    parser.add_argument("--samples", type=positive_int, default=samples,
                         help="timed samples per contender (interleaved); the median is reported")
     parser.add_argument("--min-sample-s", type=float, default=min_sample_s,
                         help="minimum seconds per sample (calls are repeated to fill it)")

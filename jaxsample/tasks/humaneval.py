@@ -55,8 +55,11 @@ from jaxsample.tasks.sandbox import ExecutionResult, SandboxLimits, run_judged
 # Replies are return values of HumanEval functions: small. A cap keeps parsing cheap.
 _MAX_REPLY_BYTES = 1 << 20
 _FIELDS = ("task_id", "prompt", "entry_point", "canonical_solution", "test")
-_FENCE = re.compile(
-    r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
+# Every block is matched with its own closing fence, whatever its language tag, so that the
+# closing fence of a ```text or ```bash block is never read as the opening of a python one.
+# A block left open (a reply cut at the length limit) runs to the end of the text.
+_FENCE = re.compile(r"```[ \t]*([^\s`]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
+_PYTHON_TAGS = ("", "python", "py", "python3")
 
 
 @dataclass(frozen=True)
@@ -114,9 +117,12 @@ def _parse(path: Path, number: int, line: str) -> HumanEvalProblem:
 
 
 def extract_code(text: str) -> str:
-    """The first fenced code block of a chat reply (python/py or untagged), else the text."""
-    match = _FENCE.search(text)
-    return match.group(1) if match else text
+    """The first fenced code block of a chat reply tagged python/py/python3 or untagged
+    (blocks in other languages are skipped), else the text."""
+    for match in _FENCE.finditer(text):
+        if match.group(1).lower() in _PYTHON_TAGS:
+            return match.group(2)
+    return text
 
 
 def humaneval_messages(problem: HumanEvalProblem) -> list[dict[str, str]]:

@@ -192,6 +192,24 @@ def test_bench_draw_times_both_token_draws_per_vocabulary_and_batch(tmp_path):
             row["ms_per_draw"]["gumbel_whole_vocabulary"] / row["ms_per_draw"]["categorical"])
 
 
+@pytest.mark.parametrize("main, args, message", [
+    (bench_draw.main, ["--samples", "0"], "argument --samples: must be an integer ≥ 1, got '0'"),
+    (bench_draw.main, ["--batches", "1,0"], "argument --batches: must be comma-separated integers ≥ 1, got '1,0'"),
+    (bench_draw.main, ["--vocab", "x"], "argument --vocab: must be comma-separated integers ≥ 1, got 'x'"),
+    (bench_draw.main, ["--steps", "0"], "argument --steps: must be an integer ≥ 1, got '0'"),
+    (bench_decode.main, ["--new-tokens", "0"], "argument --new-tokens: must be an integer ≥ 1, got '0'"),
+    (bench_decode.main, ["--shapes", "tiny,huge"], "--shapes: unknown shape(s) huge"),
+    (bench_decode.main, ["--batches", "1,8", "--transformers-batches", "16"],
+     "--transformers-batches: 16 not in --batches 1,8; give 'all', 'none' or a subset of --batches"),
+    (bench_decode.main, ["--shapes", "tiny", "--transformers-shapes", "smollm2-135m"],
+     "--transformers-shapes: smollm2-135m not in --shapes tiny"),
+])
+def test_benchmark_arguments_are_checked_before_any_timing(main, args, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
 class _Parsed(Exception):
     pass
 

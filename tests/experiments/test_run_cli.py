@@ -73,6 +73,7 @@ def test_help_documents_every_option(capsys):
         (["power", "--decisions", "abc"], "--decisions must be comma-separated integers ≥ 1 (e.g. 1,2,3), got 'abc'"),
         (["power", "--alpha", "inf"], "--alpha must be a number in (0, inf), got inf"),
         (["power", "--alpha", "nan"], "--alpha must be a number in (0, inf), got nan"),
+        (["power", "--alpha", "0.5"], "--alpha must be ≥ 1 with --task decisions: the exact reference accuracies need α ≥ 1, got 0.5"),
         (["smc", "--lam=-inf"], "--lam must be a number in (-inf, inf), got -inf"),
         (["power", "--chains", "x"], "argument --chains: invalid int value: 'x'"),
         (["power", "--top-k", "-1"], "--top-k must be an integer in [0, inf], got -1"),
@@ -227,6 +228,27 @@ def test_config_file_replaces_flags_and_flags_win(tmp_path, capsys):
     config.write_text(yaml.safe_dump({"chians": 3}))
     result = Outcome(capsys, "power", "--config", config)
     assert_one_line_error(result, "unknown option 'chians'")
+
+
+def test_boolean_optional_flag_is_read_from_config_file_and_saved_config(tmp_path, capsys):
+    from run_directory import RunDirectory
+
+    config = tmp_path / "c.yaml"
+    config.write_text("no_weights_arm: false\n")
+    _, resolved, given = run.parse(["codistill", "--config", str(config)])
+    assert resolved["no_weights_arm"] is False and given == {"no_weights_arm": False}
+    config.write_text("no_weights_arm: sometimes\n")
+    assert_one_line_error(Outcome(capsys, "codistill", "--config", config),
+                          "--no-weights-arm must be true or false, got 'sometimes'")
+
+    # The saved config.yaml holds the flag as a YAML boolean, as every codistill run saves it.
+    out = tmp_path / "run"
+    _, options, _ = run.parse(["codistill", "--out", str(out)])
+    RunDirectory(out, {k: v for k, v in options.items() if k not in run.INVOCATION}, resume=False)
+    assert run.resumed_config(out, "codistill", {})["no_weights_arm"] is True
+    with pytest.raises(SystemExit):
+        run.resumed_config(out, "codistill", {"no_weights_arm": False})
+    assert "these differ: --no-weights-arm False (saved: True)" in capsys.readouterr().err
 
 
 def test_killed_run_resumes_without_losing_or_redoing_work(tmp_path):

@@ -12,7 +12,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "experiments"))
 
 import run  # noqa: E402
+import steer_experiment  # noqa: E402
 import steer_real  # noqa: E402
+
+from jaxsample.errors import ArgumentError  # noqa: E402
 
 
 def test_distinct_n_counts_repeated_ngrams():
@@ -20,6 +23,23 @@ def test_distinct_n_counts_repeated_ngrams():
     assert steer_real.distinct_n([[1, 2, 1, 2]], 2) == pytest.approx(2 / 3)
     assert steer_real.distinct_n([[1, 2, 1, 2], [5]], 2) == pytest.approx(2 / 3)  # no bigram: not counted
     assert np.isnan(steer_real.distinct_n([[], [3]], 2))
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--test-prompts", "41", "--test-prompts 41 is more than the 40 neutral openings"),
+    ("--setpoint-prompts", "142", "--setpoint-prompts 142 is more than the 141 contrast prompts a side"),
+])
+def test_prompt_counts_beyond_the_shipped_data_are_refused(flag, value, message):
+    _, config, _ = run.parse(["steer", "--setting", "smollm2", flag, value])
+    with pytest.raises(ArgumentError, match=message):
+        steer_experiment.check_config(config)
+
+
+def test_unset_prompt_counts_mean_all_shipped_data_in_smollm2_and_the_defaults_in_synthetic():
+    _, config, _ = run.parse(["steer", "--setting", "smollm2"])
+    steer_experiment.check_config(config)  # the defaults fit the shipped data
+    _, config, _ = run.parse(["steer"])
+    assert [steer_experiment.synthetic_prompts(config, name) for name in ("setpoint_prompts", "test_prompts")] == [200, 64]
 
 
 def test_steer_smollm2_setting_runs_every_method_at_matched_control_size(tmp_path, tiny_chat_checkpoint):

@@ -17,6 +17,7 @@ import run  # noqa: E402
         (["grpo", "--group-size", "1"], "--group-size"),
         (["grpo", "--task", "arithmetic"], "--task arithmetic"),
         (["grpo", "--model", "sort-huge"], "--task sorting"),
+        (["grpo", "--lora-rank", "8"], "--lora-rank 8 applies to --task arithmetic only"),
         (["codistill", "--lams", "0.1,x"], "--lams"),
         (["codistill", "--caps", "0"], "--caps"),
         (["codistill", "--steps", "0"], "--steps"),

@@ -49,6 +49,19 @@ def test_a_chat_reply_with_the_whole_function_passes(problems):
     assert problem.prompt in humaneval_messages(problem)[0]["content"]
 
 
+@pytest.mark.parametrize("reply, code", [
+    ("Example usage:\n```text\n>>> f(1)\n2\n```\nThe code:\n```python\ndef f(x):\n    return x + 1\n```\n",
+     "def f(x):\n    return x + 1\n"),
+    ("Run it with:\n```bash\npython f.py\n```\nwhere f.py is\n```\ndef f(x):\n    return x + 1\n```\n",
+     "def f(x):\n    return x + 1\n"),
+    ("```Python3\ndef f(x):\n    return x + 1\n```", "def f(x):\n    return x + 1\n"),
+    ("Cut off at the length limit:\n```py\ndef f(x):\n    return", "def f(x):\n    return"),
+    ("Only a transcript:\n```text\n>>> f(1)\n2\n```\n", "Only a transcript:\n```text\n>>> f(1)\n2\n```\n"),
+], ids=["text-block-first", "bash-block-first", "tag-case", "unclosed", "no-python-block"])
+def test_extract_code_skips_blocks_in_other_languages(reply, code):
+    assert extract_code(reply) == code
+
+
 def test_printing_does_not_disturb_the_exchange(problems):
     problem = problems["HumanEval/0"]
     noisy = "    print('working on', numbers, flush=True)\n" + problem.canonical_solution
