@@ -25,7 +25,7 @@ def add_problem_arguments(parser: argparse.ArgumentParser, problems_per_k: int, 
     parser.add_argument("--num-problems", type=int, default=4, help="arithmetic, math500 and humaneval: number of problems (the first ones)")
     parser.add_argument("--num-digits", type=int, default=2, help="arithmetic: digits per operand")
     parser.add_argument("--operation", default="+", choices=["+", "*"], help="arithmetic: operation")
-    parser.add_argument("--max-new-tokens", type=int, default=0, help="generation cap (0: the task's trace length for the decision task, 48 for arithmetic)")
+    parser.add_argument("--max-new-tokens", type=int, default=0, help="generation cap (0: the task's trace length for the decision task, 48 for arithmetic, 256 for math500 and humaneval)")
     parser.add_argument("--alpha", type=float, default=4.0, help="power α of the target")
     parser.add_argument("--chains", type=int, default=32, help="chains (samples) per problem for the sampling and MH methods")
     parser.add_argument("--mcmc-steps", type=int, default=mcmc_steps, help="MH steps per chain (one block)")
