@@ -105,8 +105,9 @@ def build_kernel(
     """Returns `step(key, state, alpha, cap, active=None) -> (state, info)`.
 
     Args of `step`:
-      key: PRNG key; chain r's cut and uniform come from `fold_in(key, r)`, so a chain's
-        randomness does not depend on the other chains.
+      key: PRNG key; chain r's cut and uniform come from `fold_in(split(key)[0], r)` and its
+        proposal from `split(key)[1]` folded per row, so a chain's randomness does not
+        depend on the other chains.
       state: `PowerMHState`; every active chain must lie in the cap's state space (length ≤
         cap, and a chain without a stop token has length == cap).
       alpha: α > 0, traced.
