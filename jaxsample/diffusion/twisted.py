@@ -64,7 +64,8 @@ class DiffusionSMCInfo(NamedTuple):
 
 
 class DiffusionSMCResult(NamedTuple):
-    """tokens int32 `[N, T]` clean; log_weights f32 `[N]`; log_z f32 `[]` (log Ẑ); ess f32 `[T]`
+    """tokens int32 `[N, T]` clean; log_weights f32 `[N]`, unnormalised (softmax them for
+    the particles' weights; log Ẑ = logsumexp − log N); log_z f32 `[]` (log Ẑ); ess f32 `[T]`
     per step; resampled bool `[T]`."""
 
     tokens: Array
@@ -115,16 +116,20 @@ def build_kernel(model: MaskedDiffusionLM, log_twist_fn: LogTwistFn | None, log_
         log_twist_next = jax.lax.cond(
             last, lambda _: _children_log_potential(model, log_potential_fn, state.tokens), intermediate, None
         )
-        log_joint = (log_position[..., None] + log_p + log_twist_next).reshape(log_p.shape[0], -1)
+        log_untwisted = (log_position[..., None] + log_p).reshape(log_p.shape[0], -1)
+        log_joint = log_untwisted + log_twist_next.reshape(log_untwisted.shape)
         log_normaliser = jax.nn.logsumexp(log_joint, axis=-1)
-        log_weights = state.log_weights + log_normaliser - state.log_twist
-        (log_joint, log_twist_next, tokens), log_weights, info = resample_if_needed(
-            resample_key, log_weights, (log_joint, log_twist_next.reshape(log_joint.shape), state.tokens),
+        # A dead particle (weight -inf, log ψ -inf) stays dead: -inf - (-inf) would be NaN.
+        log_weights = jnp.where(jnp.isneginf(state.log_weights), -jnp.inf,
+                                state.log_weights + log_normaliser - state.log_twist)
+        (log_joint, log_untwisted, log_twist_next, tokens), log_weights, info = resample_if_needed(
+            resample_key, log_weights, (log_joint, log_untwisted, log_twist_next.reshape(log_joint.shape), state.tokens),
             ess_threshold, resampler,
         )
-        # A particle of normaliser 0 has weight -inf; any draw is fine for it.
+        # A particle of normaliser 0 has weight -inf; it still unmasks a masked position (its
+        # clean output holds no MASK), drawn from the untwisted model.
         finite = jnp.isfinite(jax.nn.logsumexp(log_joint, axis=-1, keepdims=True))
-        choice = jax.random.categorical(draw_key, jnp.where(finite, log_joint, 0.0))
+        choice = jax.random.categorical(draw_key, jnp.where(finite, log_joint, log_untwisted))
         position, value = choice // c.vocab_size, (choice % c.vocab_size).astype(jnp.int32)
         tokens = tokens.at[jnp.arange(tokens.shape[0]), position].set(value)
         log_twist = jnp.take_along_axis(log_twist_next, choice[:, None], axis=-1)[:, 0]

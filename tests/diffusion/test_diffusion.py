@@ -73,6 +73,28 @@ def test_smc_is_unbiased_for_z(one_per_step, twisted):
     assert np.mean(log_z) <= table[-1] + 4 * np.std(log_z) / np.sqrt(len(log_z))  # Jensen
 
 
+def test_a_twist_that_kills_particles_leaves_them_dead_not_nan():
+    """ψ = 0 on every child at step 2 of states whose position 0 is unmasked; ψ = φ = 1
+    otherwise. Those particles keep weight −inf (no NaN one step later) and still end clean;
+    the survivors weigh 1 each, so Ẑ is the surviving fraction."""
+    model = tiny_model(num_steps=SEQ_LEN)
+    mask_id = model.config.mask_id
+
+    def kill(params, tokens, step, features):
+        return jnp.where((step == 2) & (tokens[0] != mask_id), -jnp.inf, 0.0) * jnp.ones((SEQ_LEN, VOCAB))
+
+    result, infos = jd.twisted_diffusion_smc(jax.random.key(0), model, lambda tokens: jnp.float32(0.0),
+                                             num_particles=32, log_twist_fn=kill, ess_threshold=0.0,
+                                             return_infos=True)
+    # The twist at step 2 scores the children of the state after two unmaskings.
+    dead = np.any(np.asarray(infos.position)[:2] == 0, axis=0)
+    assert 0 < dead.sum() < 32
+    np.testing.assert_array_equal(np.isneginf(result.log_weights), dead)
+    np.testing.assert_allclose(np.asarray(result.log_weights)[~dead], 0.0, atol=1e-5)
+    np.testing.assert_allclose(result.log_z, np.log(np.mean(~dead)), atol=1e-5)
+    assert not np.any(np.asarray(result.tokens) == mask_id)
+
+
 def test_bad_configs_raise():
     with pytest.raises(ConfigError, match="num_steps"):
         jd.DiffusionConfig(vocab_size=3, seq_len=4, num_steps=5)
