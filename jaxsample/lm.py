@@ -13,9 +13,10 @@ masked, never read. Resampling particles gathers every leaf (`jaxsample.rows.gat
 
 - `prefill(tokens [B, T], lengths [B], cache)` writes slots `0..T-1` of every row, sets
   `length = lengths` and returns the logits of the token after each row's last real one,
-  `[B, V]` float32.
+  `[B, V]` float32 (NaN for a row whose length is outside `[1, T]`).
 - `decode(tokens [B], cache, prefix=None)` writes each row's token at slot `length`,
-  increments it and returns the next-token logits `[B, V]` float32. `prefix` is a one-row
+  increments it and returns the next-token logits `[B, V]` float32 (NaN for a row already
+  at capacity, whose write is dropped). `prefix` is a one-row
   cache from `prefill` shared by every row (one copy of a prompt for all MH chains or SMC
   particles): its `length` slots precede each row's own, so row slot s is position
   `prefix.length + s`. Row operations (resampling, accept/reject) never touch it; the decode
@@ -47,12 +48,38 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from jaxsample.errors import ArgumentError
 from jaxsample.validation import check_int, is_int
 
 Array = jax.Array
+
+
+def _token_ids(tokens: Any, vocab_size: int, what: str) -> Array:
+    """`tokens` as int32, after checking that they are integer ids in `[0, V)`.
+
+    The check reads the values as given, before the cast, so a float id cannot truncate and
+    an int64 id ≥ 2³¹ cannot wrap into range; an id outside the vocabulary would otherwise
+    read the wrong embedding row (negative ids wrap) or a NaN one (ids ≥ V). The dtype is
+    always checked; traced values (inside `jit`, `vmap`, `scan`: every sampler's decode
+    loop) cannot be read and pass unchecked, so the check never adds a device-to-host copy
+    to a compiled loop.
+    """
+    traced = isinstance(tokens, jax.core.Tracer)
+    values = tokens if traced else np.asarray(tokens)
+    if not np.issubdtype(values.dtype, np.integer):
+        raise ArgumentError(f"{what} must be integer token ids, got dtype {values.dtype}")
+    if not traced:
+        outside = (values < 0) | (values >= vocab_size)
+        if outside.any():
+            index = tuple(int(i) for i in np.argwhere(outside)[0])
+            raise ArgumentError(
+                f"{what} holds token id {int(values[index])} (at index {index}), outside the "
+                f"vocabulary [0, {vocab_size}) (vocab_size={vocab_size})"
+            )
+    return jnp.asarray(tokens, jnp.int32)
 
 
 class TokenCache(NamedTuple):
@@ -149,8 +176,12 @@ class LanguageModel:
             `"hidden_states"`): only they go through the final norm and head.
           intervene_from: int32 `[]` / `[B]`, the first position a `positions="last"`
             intervention edits (default T − 1); see `jaxsample.models.intervention`.
+
+        Raises:
+          ArgumentError: tokens that are not integer ids in `[0, V)` (traced values pass
+            unchecked), or a bad shape.
         """
-        tokens = jnp.asarray(tokens, jnp.int32)
+        tokens = _token_ids(tokens, self.vocab_size, "tokens")
         if tokens.ndim not in (1, 2):
             raise ArgumentError(f"tokens must have shape [T] or [B, T], got {tokens.shape}")
         if output == "hidden_states":
@@ -204,8 +235,7 @@ class LanguageModel:
     def embed(self, tokens: Array) -> Array:
         """Token embeddings, the residual stream entering block 0: `[B, T]` → `[B, T, D]`
         in the params' dtype."""
-        tokens = jnp.asarray(tokens, jnp.int32)
-        return self._layers("embed").embed(self.params, tokens)
+        return self._layers("embed").embed(self.params, _token_ids(tokens, self.vocab_size, "tokens"))
 
     def apply_layer(self, i: int | Array, h: Array, positions: Array | None = None) -> Array:
         """Block `i` (may be traced) with causal attention among the T positions, adapters
@@ -263,13 +293,17 @@ class LanguageModel:
     def prefill(self, tokens: Array, lengths: Array, cache, *, with_features: bool = False):
         """Writes right-padded prompts `[B, T]` (real lengths `[B]`) into `cache`; returns
         `(logits [B, V], cache)`, or `(logits, features [B, D], cache)` with `with_features`
-        (at each row's last real token)."""
+        (at each row's last real token). Every token, padding included, must be an id in
+        `[0, V)` (checked when concrete; `pad_token_id` is one)."""
+        tokens = _token_ids(tokens, self.vocab_size, "prompt tokens")
         return self.prefill_fn(self.params, tokens, lengths, cache, with_features=with_features, **self._hooks())
 
     def decode(self, tokens: Array, cache, *, with_features: bool = False, prefix=None):
         """Appends one token per row `[B]`; returns `(next-token logits [B, V], cache)`, or
         `(logits, features [B, D], cache)` with `with_features` (at the fed token).
-        `prefix`: a one-row prefilled cache every row continues (module docstring)."""
+        `prefix`: a one-row prefilled cache every row continues (module docstring). Tokens
+        must be ids in `[0, V)` (checked when concrete)."""
+        tokens = _token_ids(tokens, self.vocab_size, "decode tokens")
         shared = {} if prefix is None else {"prefix": prefix}
         return self.decode_fn(self.params, tokens, cache, with_features=with_features, **shared, **self._hooks())
 
@@ -292,7 +326,8 @@ class LanguageModel:
         """Wraps any pure `logits_fn(tokens [T]) -> logits [T, V]` (a full causal forward).
 
         The wrapper supplies a recompute-based cache: every decode step re-runs `logits_fn`
-        on the row's whole token buffer (capacity-length, stale slots after `length`), which
+        on the row's whole token buffer (capacity-length, stale slots after `length`; with a
+        shared prefix, the prefix's capacity plus the row's), which
         is exact for a causal function and cheap for the toy models this is meant for.
         `logits_fn` must be causal: the logits at position t may depend only on tokens ≤ t.
         Its features are the logits themselves, or `features_fn(tokens [T]) -> [T, D]`
@@ -341,35 +376,48 @@ class LanguageModel:
                 length=jnp.zeros((batch_size,), jnp.int32),
             )
 
-        def at_last(values, cache):
-            return jnp.take_along_axis(values, (cache.length - 1)[:, None, None], axis=1)[:, 0]
+        def at_last(values, length, valid):
+            # A row without a last token (prefill length 0, or a decode past capacity) gets
+            # NaN, as from the Flax ports, rather than a wrapped or clamped read.
+            last = jnp.take_along_axis(values, jnp.maximum(length - 1, 0)[:, None, None], axis=1)[:, 0]
+            return jnp.where(valid[:, None], last, jnp.nan)
 
-        def outputs(cache, with_features, prefix=None):
-            tokens, last = cache.tokens, cache
+        def outputs(cache, valid, with_features, prefix=None):
+            tokens, length = cache.tokens, cache.length
             if prefix is not None:
-                # The rows' slots follow the shared prefix: one buffer per row, prefix first
-                # (prefix + row lengths never exceed the P + S - 1 positions built here).
-                width = prefix.tokens.shape[1] + cache.tokens.shape[1] - 1
+                # The rows' slots follow the shared prefix: one buffer per row, prefix first.
+                # P + S wide, so that a row placed after a full prefix (length P) fits whole:
+                # a narrower buffer would make dynamic_update_slice shift the row left, over
+                # the prefix's last token.
+                width = prefix.tokens.shape[1] + cache.tokens.shape[1]
                 base = jnp.zeros((width,), jnp.int32).at[: prefix.tokens.shape[1]].set(prefix.tokens[0])
                 place = lambda row: jax.lax.dynamic_update_slice(base, row, (prefix.length[0],))
                 tokens = jax.vmap(place)(cache.tokens)
-                last = cache._replace(length=prefix.length[0] + cache.length)
-            logits = at_last(batched(tokens), last)
+                length = prefix.length[0] + cache.length
+            logits = at_last(batched(tokens), length, valid)
             if not with_features:
                 return logits, cache
-            features = logits if features_fn is None else at_last(batched_features(tokens), last)
+            features = logits if features_fn is None else at_last(batched_features(tokens), length, valid)
             return logits, features, cache
 
         def prefill_fn(params, tokens, lengths, cache, with_features=False):
             del params
-            buffer = jax.lax.dynamic_update_slice(cache.tokens, tokens.astype(jnp.int32), (0, 0))
-            return outputs(TokenCache(tokens=buffer, length=jnp.asarray(lengths, jnp.int32)), with_features)
+            lengths = jnp.asarray(lengths, jnp.int32)
+            if lengths.shape != tokens.shape[:1]:
+                raise ArgumentError(
+                    f"lengths must have shape [B] = {tokens.shape[:1]} for prompt tokens of shape "
+                    f"{tokens.shape}, got {lengths.shape}"
+                )
+            buffer = jax.lax.dynamic_update_slice(cache.tokens, tokens, (0, 0))
+            valid = (lengths >= 1) & (lengths <= tokens.shape[1])
+            return outputs(TokenCache(tokens=buffer, length=lengths), valid, with_features)
 
         def decode_fn(params, tokens, cache, with_features=False, prefix=None):
             del params
             rows = jnp.arange(cache.tokens.shape[0])
             buffer = cache.tokens.at[rows, cache.length].set(tokens, mode="drop")
-            return outputs(TokenCache(tokens=buffer, length=cache.length + 1), with_features, prefix)
+            valid = cache.length < cache.tokens.shape[1]
+            return outputs(TokenCache(tokens=buffer, length=cache.length + 1), valid, with_features, prefix)
 
         return cls(
             params=None,

@@ -152,3 +152,43 @@ def test_wrapped_logits_function_rejects_layer_access(toy):
         toy.replace(intervention=js.Intervention(lambda i, h, p: h, None, (0,))).logits(tokens)
     with pytest.raises(ArgumentError, match="features_fn"):
         js.LanguageModel.from_logits_fn(_toy_logits, VOCAB, EOS, max_length=24, features_fn=lambda t: t)
+
+
+@pytest.mark.parametrize("kept", [5, 4, 0])
+def test_wrapped_model_rows_decode_on_a_prefix_of_any_length_as_the_full_sequence(toy, kept):
+    """A prefix as prefill returns it (length P = its capacity), or rewound, is continued by
+    every row exactly: slot s of a row is position kept + s, up to the row's capacity."""
+    prompt = _tokens(0, (5,), VOCAB)
+    _, prefix = toy.prefill(prompt[None], jnp.asarray([5]), toy.init_cache(1, 5))
+    prefix = prefix._replace(length=jnp.asarray([kept], jnp.int32))
+    rows = _tokens(1, (2, 4), VOCAB)
+    cache = toy.init_cache(2, 4)
+    for step in range(4):
+        logits, cache = toy.decode(rows[:, step], cache, prefix=prefix)
+        for row in range(2):
+            full = _toy_logits(jnp.concatenate([prompt[:kept], rows[row, : step + 1]]))[-1]
+            np.testing.assert_array_equal(logits[row], full)
+    logits, _ = toy.decode(rows[:, 0], cache, prefix=prefix)  # the rows are at capacity
+    assert np.isnan(logits).all()
+
+
+def test_wrapped_model_prefill_gives_nan_for_rows_without_a_last_token(toy):
+    """As the Flax ports: a length outside [1, T] has no last token, so NaN, not a wrapped
+    read of the last slot (length 0) or of a slot past the prompt."""
+    tokens = _tokens(2, (3, 4), VOCAB)
+    logits, features, cache = toy.prefill(tokens, jnp.asarray([0, 3, 5]), toy.init_cache(3, 8), with_features=True)
+    assert np.isnan(logits[0]).all() and np.isnan(logits[2]).all()
+    np.testing.assert_array_equal(logits[1], _toy_logits(tokens[1])[2])
+    np.testing.assert_array_equal(features, logits)
+    with pytest.raises(ArgumentError, match=r"lengths must have shape \[B\] = \(3,\) .* got \(1,\)"):
+        toy.prefill(tokens, jnp.asarray([3]), toy.init_cache(3, 8))
+
+
+@pytest.mark.parametrize("bad", [-1, VOCAB, 2.0])
+def test_wrapped_model_rejects_token_ids_outside_the_vocabulary(toy, bad):
+    tokens = np.asarray([1, bad])
+    message = "integer token ids" if isinstance(bad, float) else rf"token id {bad} .*vocabulary \[0, {VOCAB}\)"
+    with pytest.raises(ArgumentError, match=message):
+        toy.logits(tokens)
+    with pytest.raises(ArgumentError, match=message):
+        toy.decode(tokens, toy.init_cache(2, 4))

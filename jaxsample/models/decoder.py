@@ -59,6 +59,8 @@ def _layer(config: ModelConfig, params: Params) -> DecoderLayer:
 
 
 def _check_tokens(config: ModelConfig, tokens: Array, ndim: int, what: str) -> None:
+    """Shape and dtype checks. The ids are traced here (every caller is jitted), so their range
+    `[0, V)` is checked where they are still concrete, by `LanguageModel` (`jaxsample.lm`)."""
     if tokens.ndim != ndim:
         raise ArgumentError(f"{what} must have {ndim} dimensions, got shape {tokens.shape}")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -121,7 +123,10 @@ def _lm_head(config: ModelConfig, dtype) -> nn.Dense:
 
 @functools.partial(jax.jit, static_argnames="config")
 def embed(params: Params, config: ModelConfig, tokens: Array) -> Array:
-    """Token embeddings: int `[B, T]` → `[B, T, D]` in the params' dtype."""
+    """Token embeddings: int `[B, T]` → `[B, T, D]` in the params' dtype.
+
+    Ids must lie in `[0, V)`; they are traced here and not checked (`LanguageModel` checks
+    concrete ones): a negative id wraps to id V + t, an id ≥ V embeds as NaN."""
     return _embedder(config, _dtype(params)).apply({"params": params["embed_tokens"]}, tokens)
 
 
@@ -344,7 +349,7 @@ def prefill(
     """Writes right-padded prompts into slots `0..T-1` of every row.
 
     Args:
-      tokens: int `[B, T]` prompts, right-padded (pad values are irrelevant).
+      tokens: int `[B, T]` prompts, right-padded (any pad ids in `[0, V)`: they are never read).
       lengths: int `[B]` real prompt lengths, each in `[1, T]`.
       cache: a cache from `init_cache` with capacity ≥ T (its previous content is replaced).
       adapters, intervention: as in `forward` (`"last"` edits each row's last real token).
@@ -361,6 +366,11 @@ def prefill(
     if length > cache.k.shape[2]:
         raise ArgumentError(f"prompt length {length} exceeds the cache capacity {cache.k.shape[2]}")
     lengths = jnp.asarray(lengths, jnp.int32)
+    if lengths.shape != (batch,):
+        raise ArgumentError(
+            f"lengths must have shape [B] = ({batch},) for prompt tokens of shape {tokens.shape}, "
+            f"got {lengths.shape}"
+        )
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     edit_mask = None if intervention is None else prefill_mask(intervention, positions, lengths)
     h, ((k, v), _) = _causal_layers(
@@ -383,12 +393,13 @@ _NARROWEST_WIDTH = 64
 
 def filled_widths(capacity: int) -> tuple[int, ...]:
     """The attention widths a decode step picks from, widest first: the capacity, then the
-    powers of two below it down to 64. Each is one compiled branch; a step attends over the
-    narrowest that holds every row's filled slots, so early steps of a long generation do
-    not read the empty end of the cache."""
+    powers of two below it down to 64 (none for a capacity ≤ 64). Each is one compiled
+    branch; a step attends over the narrowest that holds every row's filled slots, so early
+    steps of a long generation do not read the empty end of the cache."""
     widths = [capacity]
-    while (narrower := 1 << (widths[-1] - 1).bit_length() - 1) >= _NARROWEST_WIDTH:
-        widths.append(narrower)
+    while widths[-1] > _NARROWEST_WIDTH:
+        # The largest power of two below the last width: ≥ 64, since that width is > 64.
+        widths.append(1 << (widths[-1] - 1).bit_length() - 1)
     return tuple(widths)
 
 

@@ -14,6 +14,7 @@ with keys `base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_{A|B}.w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -65,10 +66,6 @@ class LoraAdapters:
     def layer(self, i) -> dict:
         """Layer `i`'s weights in the form `DecoderLayer(..., lora=)` takes."""
         return {"weights": jax.tree.map(lambda x: x[i], self.weights), "scaling": self.scaling}
-
-    def stacked(self) -> dict:
-        """All layers' weights, scanned by the decoder's layer loop (leading axis L)."""
-        return {"weights": self.weights, "scaling": self.scaling}
 
 
 def projection_shape(config: ModelConfig, target: str) -> tuple[int, int]:
@@ -143,10 +140,11 @@ def check_adapters(adapters: LoraAdapters, config: ModelConfig) -> None:
     model is given adapters, and by the decoder at trace time)."""
     if not isinstance(adapters, LoraAdapters):
         raise ArgumentError(f"adapters must be jaxsample.models.lora.LoraAdapters, got {type(adapters).__name__}")
-    if adapters.config != config:
+    differing = _architecture_differences(adapters.config, config)
+    if differing:
         raise ArgumentError(
-            f"LoRA adapters were built for another model config ({_describe(adapters.config)}) than "
-            f"this model's ({_describe(config)})"
+            "LoRA adapters were built for another model config: "
+            + ", ".join(f"{name} {theirs!r} (adapters) vs {ours!r} (model)" for name, theirs, ours in differing)
         )
     _check_targets(tuple(adapters.weights))
     _check_rank_alpha(adapters.rank, adapters.alpha)
@@ -165,11 +163,18 @@ def check_adapters(adapters: LoraAdapters, config: ModelConfig) -> None:
                 )
 
 
-def _describe(config: ModelConfig) -> str:
-    return (
-        f"L={config.num_hidden_layers}, D={config.hidden_size}, F={config.intermediate_size}, "
-        f"N={config.num_attention_heads}, K={config.num_key_value_heads}, H={config.head_dim}"
-    )
+# Special-token ids: `load(..., pad_token_id=...)` or `eos_token_ids=...` change them, not
+# the weights an adapter was trained against.
+_TOKEN_ID_FIELDS = ("eos_token_ids", "bos_token_id", "pad_token_id")
+
+
+def _architecture_differences(theirs: ModelConfig, ours: ModelConfig) -> list[tuple[str, Any, Any]]:
+    """`(field, theirs, ours)` for every `ModelConfig` field but the token ids that differs."""
+    return [
+        (field.name, getattr(theirs, field.name), getattr(ours, field.name))
+        for field in dataclasses.fields(ModelConfig)
+        if field.name not in _TOKEN_ID_FIELDS and getattr(theirs, field.name) != getattr(ours, field.name)
+    ]
 
 
 def merge(params: Any, adapters: LoraAdapters) -> Any:

@@ -31,8 +31,11 @@ def at_least_float32(dtype) -> np.dtype:
 def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
     """`[H/2]` float32 inverse frequencies theta^(-2j/H), llama3-remapped when configured.
 
-    Computed in float32 exactly as transformers does, so angles match it bit for bit. Per-
-    dimension factors (GGUF `rope_freqs`) divide the frequencies, as llama.cpp applies them.
+    Computed in float32 by transformers' formula, but numpy's float32 power rounds
+    differently from torch's: some frequencies differ from transformers' in the last bits, by
+    up to two float32 ulps (relative 1.5e-7; e.g. 7 of the 32 of Llama-3.2-1B, 14 of the 64
+    of Qwen2.5-1.5B), so angles agree to float32 rounding, not bit for bit. Per-dimension
+    factors (GGUF `rope_freqs`) divide the frequencies, as llama.cpp applies them.
     """
     inv_freq = rope_base_frequencies(config.head_dim, config.rope_theta)
     if config.rope_freq_factors is not None:

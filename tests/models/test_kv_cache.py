@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import re
 
 import chex
 import jax
@@ -225,6 +226,60 @@ def test_out_of_range_lengths_give_nan_logits_not_clamped_values(lm):
     _, cache = lm.prefill(tokens, jnp.asarray([4, 3]), lm.init_cache(2, 4))
     logits, cache = lm.decode(jnp.asarray([1, 1]), cache)  # row 0 is at capacity
     assert np.isnan(logits[0]).all() and np.isfinite(logits[1]).all()
+
+
+@pytest.mark.parametrize("capacity", [1, 2, 63])
+def test_decode_into_a_cache_narrower_than_64_slots_matches_forward(params, lm, capacity):
+    """Every slot of a small cache, the first one included, decodes as the full forward."""
+    rng = np.random.default_rng(5)
+    sequences = rng.integers(0, CONFIG.vocab_size, size=(2, capacity))
+    cache = lm.init_cache(2, capacity)
+    for step in range(capacity):
+        logits, cache = lm.decode(jnp.asarray(sequences[:, step]), cache)
+    for row in range(2):
+        np.testing.assert_allclose(logits[row], _forward(params, sequences[row])[-1], atol=ATOL, rtol=0)
+
+
+def test_filled_widths_are_the_capacity_then_powers_of_two_down_to_64():
+    widths = models.decoder.filled_widths
+    assert [widths(c) for c in (1, 2, 64, 65, 128, 129)] == [(1,), (2,), (64,), (65, 64), (128, 64), (129, 128, 64)]
+
+
+def test_prefill_lengths_must_hold_one_entry_per_row(lm):
+    tokens = jnp.ones((2, 4), jnp.int32)
+    for lengths in (jnp.asarray([3]), jnp.int32(3), jnp.asarray([3, 4, 2]), jnp.asarray([[3, 4]])):
+        expected = rf"lengths must have shape \[B\] = \(2,\) .* got {re.escape(str(lengths.shape))}"
+        with pytest.raises(ArgumentError, match=expected):
+            lm.prefill(tokens, lengths, lm.init_cache(2, 8))
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (-1, r"token id -1 \(at index \((0, )?1,?\)\), outside the vocabulary \[0, 61\)"),
+        (61, r"token id 61 \(at index \((0, )?1,?\)\), outside the vocabulary \[0, 61\)"),
+        (2**32 + 1, r"token id 4294967297 .* outside the vocabulary"),  # would wrap to 1 in int32
+        (1.5, "must be integer token ids, got dtype float"),
+    ],
+)
+def test_token_ids_outside_the_vocabulary_or_not_integers_are_rejected(lm, bad, message):
+    tokens = np.asarray([3, bad])  # int64 / float64 as given, before any cast
+    with pytest.raises(ArgumentError, match=message):
+        lm.logits(tokens)
+    with pytest.raises(ArgumentError, match=message):
+        lm.logits(tokens[None])
+    with pytest.raises(ArgumentError, match=message):
+        lm.prefill(tokens[None], jnp.asarray([1]), lm.init_cache(1, 4))
+    with pytest.raises(ArgumentError, match=message):
+        lm.decode(tokens, lm.init_cache(2, 4))
+
+
+def test_traced_token_ids_have_their_dtype_checked_and_their_values_unchecked(lm):
+    """Values are unknown under jit (the decode loops), so no check of them runs there."""
+    with pytest.raises(ArgumentError, match="must be integer token ids, got dtype float32"):
+        jax.jit(lambda t: lm.decode(t, lm.init_cache(2, 4)))(jnp.asarray([1.0, 2.0]))
+    logits, _ = jax.jit(lambda t: lm.decode(t, lm.init_cache(2, 4)))(jnp.asarray([1, CONFIG.vocab_size]))
+    assert np.isfinite(logits[0]).all()
 
 
 def test_per_layer_functions_compose_to_forward(params):

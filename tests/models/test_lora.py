@@ -94,6 +94,20 @@ def test_peft_loads_saved_adapters_and_gives_the_same_logits(hf_checkpoint, tmp_
     jax.tree.map(np.testing.assert_array_equal, from_peft.weights, adapters.weights)
 
 
+def test_adapters_fit_a_model_that_differs_only_in_special_token_ids(lm):
+    """`load(ckpt, pad_token_id=...)` or `eos_token_ids=...` keeps the architecture, and
+    adapters built on the plain `load(ckpt)` must still apply."""
+    adapters = trained(lora.init_lora(jax.random.key(4), CONFIG, 2, 4.0), 5)
+    retokened = dataclasses.replace(CONFIG, pad_token_id=1, bos_token_id=2, eos_token_ids=(0, 4))
+    other = models.make_language_model(retokened, lm.params)
+    tokens = jnp.asarray([[1, 5, 9, 2]], jnp.int32)
+    np.testing.assert_array_equal(
+        other.with_adapters(adapters).logits(tokens), lm.with_adapters(adapters).logits(tokens)
+    )
+    rebuilt = lora.init_lora(jax.random.key(4), retokened, 2, 4.0)
+    lm.with_adapters(rebuilt)  # and the other way round
+
+
 def test_bad_adapters_are_rejected(lm, tmp_path):
     key = jax.random.key(0)
     with pytest.raises(ArgumentError, match="unknown LoRA target 'x_proj'"):
@@ -103,7 +117,11 @@ def test_bad_adapters_are_rejected(lm, tmp_path):
     with pytest.raises(ArgumentError, match="alpha must be a positive"):
         lora.init_lora(key, CONFIG, 2, -1.0)
     other = dataclasses.replace(CONFIG, hidden_size=24, head_dim=6)
-    with pytest.raises(ArgumentError, match="built for another model config"):
+    with pytest.raises(
+        ArgumentError,
+        match=r"another model config: hidden_size 24 \(adapters\) vs 32 \(model\), "
+        r"head_dim 6 \(adapters\) vs 12 \(model\)$",
+    ):
         lm.with_adapters(lora.init_lora(key, other, 2, 4.0))
     with pytest.raises(ArgumentError, match="built for another model config"):
         lm.replace(adapters=lora.init_lora(key, other, 2, 4.0)).logits(jnp.asarray([1, 2]))
