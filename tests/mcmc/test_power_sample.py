@@ -99,8 +99,7 @@ def test_karan_du_example_is_power_not_low_temperature():
     low = temperature_sample(jax.random.key(2), lm, PROMPT, alpha, num_chains, max_new_tokens=2)
     for result, expected in [(mh, p_a), (low, 0.16 / 0.41)]:
         first_is_a = (np.asarray(result.tokens[:, 0]) == 0).astype(float)[:, None]
-        # 5 binomial standard errors: a false failure has probability < 1e-6.
-        testing.assert_unbiased(first_is_a, expected, num_se=5)
+        testing.assert_unbiased(first_is_a, expected, failure_prob=1e-6)
 
 
 def test_decoder_values_are_the_exact_model_values():

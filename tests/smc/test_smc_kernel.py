@@ -103,8 +103,8 @@ def test_log_z_is_unbiased_and_biased_low_in_log_space(lm, space, reward, config
         assert 0.1 < rate < 1.0, rate
     log_z = testing.tilted_target(space, reward, ALPHA, LAM).log_z
     log_z_hat = np.asarray(info.log_z[:, -1], np.float64)
-    # Unbiased: mean of Z_hat / Z over 400 independent runs within 3 standard errors of 1.
-    testing.assert_unbiased(np.exp(log_z_hat - log_z), 1.0, num_se=3)
+    # Unbiased: mean of Z_hat / Z over 400 independent runs (a t-test at failure_prob 1e-4).
+    testing.assert_unbiased(np.exp(log_z_hat - log_z), 1.0)
     # Jensen: E log Z_hat < log Z. With 8 particles the gap is about 3 standard errors.
     assert log_z_hat.mean() < log_z
 
@@ -162,7 +162,7 @@ def test_rollout_value_estimate_is_unbiased(lm, space, reward):
     keys = jax.random.split(jax.random.key(1), num_keys)
     values = np.exp(np.asarray(estimates(keys), np.float64))
     exact_value = testing.value_function(space, reward, ALPHA, LAM).log_value
-    testing.assert_unbiased(values, np.exp([exact_value[p] for p in prefixes]), num_se=4)
+    testing.assert_unbiased(values, np.exp([exact_value[p] for p in prefixes]))
 
 
 def test_partial_reward_arrays_are_traced_not_recompiled(lm):

@@ -52,11 +52,11 @@ def _log_z_hats(toy, params, seeds, *, num_particles, twist=True, conditional=Fa
 
 @pytest.mark.parametrize("twist", ["none", "noisy"])
 def test_z_hat_is_unbiased(toy, twist):
-    # Z_hat / Z averages to 1 within 3.5 standard errors over 400 seeds; mean log Z_hat ≤ log Z.
+    # Z_hat / Z averages to 1 over 400 seeds (a t-test at failure_prob 1e-4); mean log Z_hat ≤ log Z.
     noise = np.random.default_rng(3).normal(scale=0.7, size=toy.optimal.shape)
     params = toy.optimal + jnp.asarray(noise, jnp.float32)
     estimates = _log_z_hats(toy, params, np.arange(400), num_particles=4, twist=twist == "noisy")
-    testing.assert_unbiased(np.exp(estimates - toy.sigma.log_z), 1.0, num_se=3.5)
+    testing.assert_unbiased(np.exp(estimates - toy.sigma.log_z), 1.0)
     assert estimates.mean() < toy.sigma.log_z
 
 
