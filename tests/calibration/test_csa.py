@@ -102,6 +102,33 @@ def test_null_streams_rarely_certify():
     assert rate <= delta + tolerance
 
 
+def test_tight_null_over_four_thresholds_needs_the_bonferroni_level():
+    """K = 4 thresholds, each acting mostly on rounds of its own risk bin (masses 1:2:4:8), with
+    selective risk exactly α at every one. At init's level log(K/δ) the family-wise rate of
+    ever certifying stays ≤ δ; at log(1/δ) (no Bonferroni) the same streams exceed δ (0.72
+    measured against δ = 0.5), so this null is tight enough to catch a missing correction."""
+    alpha, delta, seeds, rounds, k = 0.2, 0.5, 1000, 1000, 4
+    grid = np.arange(1, k + 1) / k
+    mass = 2.0 ** np.arange(k) / (2.0**k - 1)
+    key_bin, key_loss = jax.random.split(jax.random.key(7))
+    risks = (jax.random.choice(key_bin, k, (seeds, rounds), p=jnp.asarray(mass)) + 0.5) / k
+    losses = jax.random.bernoulli(key_loss, alpha, (seeds, rounds)).astype(jnp.float32)
+    state = csa.init(grid, alpha, delta)
+    np.testing.assert_allclose(state.log_threshold, np.log(k / delta), rtol=1e-6)
+    step = csa.build_kernel()
+
+    @jax.jit
+    def rate(level):
+        def ever_certified(risk, loss):
+            _, info = scan_kernel(step, state._replace(log_threshold=level), risk, loss)
+            return info.certified.any()
+        return jax.vmap(ever_certified)(risks, losses).mean()
+
+    tolerance = 3.0 * np.sqrt(delta * (1 - delta) / seeds)
+    assert float(rate(state.log_threshold)) <= delta + tolerance
+    assert float(rate(jnp.float32(np.log(1 / delta)))) > delta + tolerance
+
+
 def test_boundary_null_single_threshold_within_ville_bound():
     """K = 1, risk exactly α: the crossing probability of log(1/δ) is at most δ; the test has teeth
     because this null is tight enough that the rate is far from 0."""
