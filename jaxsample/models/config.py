@@ -327,6 +327,27 @@ class _HFConfigParser:
         )
         return theta, scaling
 
+    def check_no_sliding_layer(self) -> None:
+        """Qwen2 slides layers only with `use_sliding_window` and a `sliding_window`, and then
+        only those from `max_window_layers` on (transformers' default 28), or those
+        `layer_types` marks: a config where no layer slides is full attention."""
+        d = self.d
+        if not self.flag("use_sliding_window", False) or d.get("sliding_window", 4096) is None:
+            return
+        layers = self.integer("num_hidden_layers")
+        if d.get("layer_types") is not None:
+            sliding = [i for i, kind in enumerate(d["layer_types"]) if kind == "sliding_attention"]
+            where = "layer_types"
+        else:
+            first = self.integer("max_window_layers", 28)
+            sliding = list(range(first, layers))
+            where = f"max_window_layers {first} < num_hidden_layers {layers}"
+        if sliding:
+            raise self.error(
+                "use_sliding_window",
+                f"is true and layers {sliding[0]}..{sliding[-1]} would slide ({where}); sliding-window "
+                "attention is not supported")
+
     def parse(self) -> ModelConfig:
         d = self.d
         model_type = d.get("model_type")
@@ -335,11 +356,10 @@ class _HFConfigParser:
                 "model_type", f"is {model_type!r}; supported model types: {SUPPORTED_MODEL_TYPES}"
             )
         hidden_act = d.get("hidden_act", "silu")
-        if hidden_act != "silu":
-            raise self.error("hidden_act", f"is {hidden_act!r}; only 'silu' is supported")
+        if hidden_act not in ("silu", "swish"):  # two names of x·σ(x)
+            raise self.error("hidden_act", f"is {hidden_act!r}; only 'silu' (alias 'swish') is supported")
         if model_type == "qwen2":
-            if self.flag("use_sliding_window", False):
-                raise self.error("use_sliding_window", "is true; sliding-window attention is not supported")
+            self.check_no_sliding_layer()
             qkv_bias, o_bias, mlp_bias = True, False, False
         else:
             qkv_bias = o_bias = self.flag("attention_bias", False)

@@ -51,12 +51,15 @@ CASES = {
         40,
         None,
     ),
+    # use_sliding_window with a window of 8 < T, but no layer at or past max_window_layers:
+    # transformers attends fully in every layer, and the port must accept it as such.
     "qwen2_tied_g3": (
         Qwen2Config(
             vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128,
             rms_norm_eps=1e-5, tie_word_embeddings=True, eos_token_id=[3, 5],
             rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+            use_sliding_window=True, sliding_window=8, max_window_layers=2, hidden_act="swish",
         ),
         40,
         None,
