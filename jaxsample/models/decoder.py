@@ -356,9 +356,9 @@ def prefill(
       with_features: also return the final-norm hidden state of each row's last real token.
 
     Returns:
-      (float32 `[B, V]` logits of the token after each row's last real token — NaN for rows
-      whose length is outside `[1, T]` —, [float32 `[B, D]` features,] the cache with
-      `length = lengths`).
+      (float32 `[B, V]` logits of the token after each row's last real token, [float32
+      `[B, D]` features,] the cache with `length = lengths`); both NaN for rows whose length
+      is outside `[1, T]`.
     """
     _check_tokens(config, tokens, 2, "prompt tokens")
     batch, length = tokens.shape
@@ -383,6 +383,7 @@ def prefill(
     last = jnp.take_along_axis(h, jnp.clip(lengths - 1, 0, length - 1)[:, None, None], axis=1)
     features = final_norm(params, config, last[:, 0])
     logits = jnp.where(valid[:, None], unembed(params, config, features), jnp.nan)
+    features = jnp.where(valid[:, None], features, jnp.nan)
     if with_features:
         return logits, features.astype(at_least_float32(features.dtype)), KVCache(k_cache, v_cache, lengths)
     return logits, KVCache(k_cache, v_cache, lengths)

@@ -221,8 +221,9 @@ def test_the_default_mlp_blocks_divide_the_intermediate_size_within_the_slice_bu
 
 def test_out_of_range_lengths_give_nan_logits_not_clamped_values(lm):
     tokens = jnp.ones((2, 4), jnp.int32)
-    logits, _ = lm.prefill(tokens, jnp.asarray([0, 4]), lm.init_cache(2, 4))
+    logits, features, _ = lm.prefill(tokens, jnp.asarray([0, 4]), lm.init_cache(2, 4), with_features=True)
     assert np.isnan(logits[0]).all() and np.isfinite(logits[1]).all()
+    assert np.isnan(features[0]).all() and np.isfinite(features[1]).all()
     _, cache = lm.prefill(tokens, jnp.asarray([4, 3]), lm.init_cache(2, 4))
     logits, cache = lm.decode(jnp.asarray([1, 1]), cache)  # row 0 is at capacity
     assert np.isnan(logits[0]).all() and np.isfinite(logits[1]).all()
