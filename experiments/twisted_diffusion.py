@@ -44,7 +44,7 @@ def right_trace_probability(model, trace, key, num_orders: int = 4096) -> tuple[
     return float(values.mean()), float(values.std(ddof=1) / np.sqrt(num_orders))
 
 
-def _evaluate(key, model, potential, twist, params, config) -> dict:
+def _evaluate(key, model, potential, twist, params, config, run_statistics) -> dict:
     accuracy, ess, log_z = [], [], []
     lam = config["lam"]
     for run in range(config["eval_runs"]):
@@ -56,17 +56,18 @@ def _evaluate(key, model, potential, twist, params, config) -> dict:
         accuracy.append(float(weights @ correct))
         ess.append(float(np.mean(np.asarray(result.ess))) / config["particles"])
         log_z.append(float(result.log_z))
-    return {"accuracy": float(np.mean(accuracy)), "reward": float(np.mean(accuracy)),
-            "ess_fraction": float(np.mean(ess)), "log_z_mean": float(np.mean(log_z)),
-            "log_z_var": float(np.var(log_z, ddof=1)) if len(log_z) > 1 else float("nan"),
-            "tokens": float(config["particles"] * diffusion_length(model))}
+    # Every particle unmasks exactly one position per step, T steps: N·T tokens per run, exactly.
+    tokens = [float(config["particles"] * diffusion_length(model))] * len(log_z)
+    return run_statistics(accuracy, accuracy, ess, log_z, tokens)
 
 
 def diffusion_length(model) -> int:
     return model.config.seq_len
 
 
-def run_diffusion(run_dir, learning_rates, unit_key, summarize) -> str:
+def run_diffusion(run_dir, learning_rates, run_statistics, summarize) -> str:
+    """The diffusion units of the twisted experiment; `learning_rates`, `run_statistics` and
+    `summarize` are twisted_experiment's (passed in: that module imports this one)."""
     config = run_dir.config
     model = diffusion.load("toy-diffusion")
     problem = diffusion.load_problem("toy-diffusion")
@@ -98,10 +99,11 @@ def run_diffusion(run_dir, learning_rates, unit_key, summarize) -> str:
                 kl_budget=config["kl_budget"], num_particles=config["particles"], learning_rate=lr,
                 num_fit_steps=config["fit_steps"])
             last = history[-1]
+            # No early stop on the unmasking path: each SIS pass decodes N·T tokens.
             record.update(beta=last["beta"], kl=last["kl"], sis_ess=last["ess"] / config["particles"],
                           learning_tokens=float(iteration * config["particles"] * length))
         record.update(_evaluate(jax.random.fold_in(problem_key, 1000 + iteration), model, potential, twist, params,
-                                config))
+                                config, run_statistics))
         record.update(exact)
         record["log_z_bias"] = record["log_z_mean"] - record["exact_log_z"]
         run_dir.append(record)

@@ -2,16 +2,18 @@
 
 Target on the decision task: σ(y) ∝ p(y | prompt) exp(λ·correct(y)), a terminal verifier
 potential (correct = the whole trace equals the reference trace). Every method runs twisted
-SMC with the same N particles and S = trace-length tokens (matched particle and token
-budgets per answer); they differ in the twist: none (ψ = 1), or a twist head learned per
-problem by CTL (contrastive, no trust region) or TRI-TSMC (trust-region tempering + weighted
-MLE; a reconstruction from the paper's abstract). Learning costs N·S tokens per iteration,
-reported separately.
+SMC with the same N particles and the same token cap (each particle stops at its stop token,
+so a run decodes N × trace-length tokens: matched particle and token budgets per answer);
+they differ in the twist: none (ψ = 1), or a twist head learned per problem by CTL
+(contrastive, no trust region) or TRI-TSMC (trust-region tempering + weighted MLE; a
+reconstruction from the paper's abstract). Learning costs the tokens its SIS passes decoded
+(`learn_twist`'s `tokens_decoded`, N paths per iteration), reported separately.
 
 After every learning iteration the current twist is evaluated by `--eval-runs` independent
 twisted SMC runs: accuracy Σ_i W_i·correct_i of the weighted particles, mean ESS over the
-steps, the variance of log Z_hat across runs, and the iteration's β and KL. The stability
-comparison repeats CTL and TRI at every `--learning-rates` value.
+steps, the mean and variance of log Z_hat across runs (each with its standard error over the
+runs), and the iteration's β and KL. The stability comparison repeats CTL and TRI at every
+`--learning-rates` value.
 
 The twist head reads the frozen model's hidden state and the position; twists are learned per
 problem (one head per problem and method), not amortised across problems.
@@ -49,7 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lam", type=float, default=3.0, help="log φ = λ·correct: the verifier potential's strength")
     parser.add_argument("--particles", type=int, default=16, help="particles N, for learning (SIS paths per iteration) and evaluation")
     parser.add_argument("--iterations", type=int, default=4, help="twist-learning iterations per problem and method")
-    parser.add_argument("--eval-runs", type=int, default=6, help="independent twisted SMC runs per evaluation (variance of log Z_hat)")
+    # 200 runs: var log Z_hat ≈ 0.25 untwisted puts the standard error of mean log Z_hat near
+    # 0.035 and that of the variance near 10%; a run costs ~15 ms on 2 CPU cores once compiled.
+    parser.add_argument("--eval-runs", type=int, default=200, help="independent twisted SMC runs per evaluation (standard errors, variance of log Z_hat)")
     parser.add_argument("--kl-budget", type=float, default=0.5, help="TRI's trust-region budget ε per iteration")
     parser.add_argument("--learning-rates", default="0.03,0.3", help="comma-separated Adam learning rates (the stability comparison)")
     parser.add_argument("--fit-steps", type=int, default=10, help="optimiser steps per learning iteration (CTL and TRI alike)")
@@ -93,8 +97,31 @@ def potential_for(problem, lam: float, max_new: int):
     return Partial(trace_correct, jnp.float32(lam), jnp.asarray(reference))
 
 
+def run_statistics(accuracy, reward, ess, log_z, tokens) -> dict:
+    """Means over the evaluation runs, with standard errors for accuracy, log Z_hat and var log Z_hat.
+
+    The variance's standard error is the distribution-free one, sqrt((m4 − s⁴ (R−3)/(R−1)) / R)
+    with m4 the fourth central moment: log Z_hat is skewed and heavy-tailed when a proposal
+    nearly collapses, where the normal-theory sqrt(2/(R−1))·s² would understate it.
+    """
+    runs = len(log_z)
+    log_z = np.asarray(log_z, np.float64)
+    accuracy = np.asarray(accuracy, np.float64)
+    if runs > 1:
+        variance = float(np.var(log_z, ddof=1))
+        fourth = float(np.mean((log_z - log_z.mean()) ** 4))
+        variance_se = float(np.sqrt(max(fourth - variance**2 * (runs - 3) / (runs - 1), 0.0) / runs))
+        accuracy_se = float(accuracy.std(ddof=1) / np.sqrt(runs))
+        log_z_se = float(log_z.std(ddof=1) / np.sqrt(runs))
+    else:
+        variance = variance_se = accuracy_se = log_z_se = float("nan")
+    return {"accuracy": float(accuracy.mean()), "accuracy_se": accuracy_se, "reward": float(np.mean(reward)),
+            "ess_fraction": float(np.mean(ess)), "log_z_mean": float(log_z.mean()), "log_z_se": log_z_se,
+            "log_z_var": variance, "log_z_var_se": variance_se, "tokens": float(np.mean(tokens))}
+
+
 def evaluate(key, lm, problem, potential, twist_fn, params, config, max_new) -> dict:
-    accuracy, reward, ess, log_z = [], [], [], []
+    accuracy, reward, ess, log_z, tokens = [], [], [], [], []
     for run in range(config["eval_runs"]):
         result = js.twisted_smc(
             jax.random.fold_in(key, run), lm, jnp.asarray(problem.prompt, jnp.int32), twist_fn, params,
@@ -106,9 +133,9 @@ def evaluate(key, lm, problem, potential, twist_fn, params, config, max_new) -> 
         reward.append(float(weights @ np.asarray(result.rewards, np.float64)) / config["lam"])
         ess.append(float(np.mean(np.asarray(result.ess))) / config["particles"])
         log_z.append(float(result.log_z))
-    return {"accuracy": float(np.mean(accuracy)), "reward": float(np.mean(reward)), "ess_fraction": float(np.mean(ess)),
-            "log_z_mean": float(np.mean(log_z)), "log_z_var": float(np.var(log_z, ddof=1)) if len(log_z) > 1 else float("nan"),
-            "tokens": float(config["particles"] * max_new)}
+        # What the run sampled: particles stop at their stop token, well before max_new.
+        tokens.append(float(result.num_decoded))
+    return run_statistics(accuracy, reward, ess, log_z, tokens)
 
 
 def exact_target(lm, problem, lam: float) -> dict:
@@ -142,7 +169,7 @@ def unit_key(problem, method, lr, iteration) -> str:
 def run(run_dir: RunDirectory) -> str:
     config = run_dir.config
     if config["model"] == "toy-diffusion":
-        return run_diffusion(run_dir, learning_rates, unit_key, summarize)
+        return run_diffusion(run_dir, learning_rates, run_statistics, summarize)
     lm, problems, max_new = load_model_and_problems(config)
     done = run_dir.done_keys()
     todo = [u for u in learning_units(config, problems) if unit_key(*u) not in done]
@@ -167,7 +194,7 @@ def run(run_dir: RunDirectory) -> str:
                 )
                 last = history[-1]
                 record.update(beta=last["beta"], kl=last["kl"], sis_ess=last["ess"] / config["particles"],
-                              learning_tokens=float(iteration * config["particles"] * max_new))
+                              learning_tokens=float(sum(h["tokens_decoded"] for h in history)))
             record.update(evaluate(jax.random.fold_in(problem_key, 1000 + iteration), lm, problem, potential, fn,
                                    params, config, max_new))
             record.update(exact_target(lm, problem, config["lam"]))
@@ -180,6 +207,15 @@ def run(run_dir: RunDirectory) -> str:
 def _mean(records, field):
     values = [r[field] for r in records if r.get(field) is not None and r[field] == r[field]]
     return float(np.mean(values)) if values else float("nan")
+
+
+def _mean_se(records, field, se_field) -> str:
+    """"mean ± SE" over problems; the problems' runs are independent, so SE = sqrt(Σ SE_p²) / P."""
+    kept = [r for r in records if r.get(field) is not None and r[field] == r[field]]
+    if not kept:
+        return "nan"
+    se = float(np.sqrt(sum(r[se_field] ** 2 for r in kept)) / len(kept))
+    return f"{np.mean([r[field] for r in kept]):.3f} ± {se:.3f}"
 
 
 def summarize(run_dir: RunDirectory) -> str:
@@ -196,22 +232,31 @@ def summarize(run_dir: RunDirectory) -> str:
             accuracy_curve = [_mean(c, "accuracy") for c in curve]
             rows.append({
                 "method": LABELS[method], "lr": "—" if lr is None else f"{lr:g}", "problems": len(last),
-                "accuracy": _mean(last, "accuracy"), "reward": _mean(last, "reward"), "ESS/N": _mean(last, "ess_fraction"),
-                "var log Z_hat": _mean(last, "log_z_var"), "log Z_hat − log Z": _mean(last, "log_z_bias"), "mean β": _mean([r for c in curve[1:] for r in c], "beta"),
+                "accuracy": _mean_se(last, "accuracy", "accuracy_se"), "reward": _mean(last, "reward"),
+                "ESS/N": _mean(last, "ess_fraction"), "var log Z_hat": _mean_se(last, "log_z_var", "log_z_var_se"),
+                "log Z_hat − log Z": _mean_se(last, "log_z_bias", "log_z_se"), "mean β": _mean([r for c in curve[1:] for r in c], "beta"),
                 "largest accuracy drop": float(max([0.0] + [a - b for a, b in zip(accuracy_curve, accuracy_curve[1:])])),
+                "tokens / run": _mean(last, "tokens"),
                 "learning tokens": _mean(last, "learning_tokens") if method != "untwisted" else 0.0,
             })
     exact = [r for r in records if r["method"] == "untwisted"] or records
     rows.append({"method": "exact σ", "lr": "—", "problems": len(exact), "accuracy": _mean(exact, "exact_accuracy"),
                  "var log Z_hat": 0.0, "log Z_hat − log Z": 0.0})
     columns = ["method", "lr", "problems", "accuracy", "reward", "ESS/N", "var log Z_hat", "log Z_hat − log Z", "mean β",
-               "largest accuracy drop", "learning tokens"]
+               "largest accuracy drop", "tokens / run", "learning tokens"]
     table = markdown_table(rows, columns)
     plot_path = _plot(run_dir, records)
     text = (f"{table}\n\nEvaluated after {final} learning iterations: N = {config['particles']} particles, "
-            f"{config['eval_runs']} twisted SMC runs per problem; 'largest accuracy drop' is the largest decrease of the "
-            f"mean accuracy between consecutive iterations (oscillation). Accuracy above σ's together with var log Z_hat ≈ 0 and a "
-            f"negative log Z_hat − log Z means the proposal collapsed onto one trace (SMC no longer represents σ).\n\nplot: {plot_path}\nresults: {run_dir.results_path}\n")
+            f"{config['eval_runs']} twisted SMC runs per problem. ± is one standard error over those runs (of the mean over "
+            f"problems where there are several): for accuracy and log Z_hat − log Z the SE of the mean, for var log Z_hat "
+            f"the distribution-free SE of a sample variance, sqrt((m4 − s⁴(R−3)/(R−1))/R). Accuracy is each run's "
+            f"self-normalised Σ_i W_i·correct_i, a ratio estimator biased at small N, not σ's accuracy itself; "
+            f"E log Z_hat ≤ log Z, so an honest log Z_hat − log Z is ≤ 0 within its SE. 'largest accuracy drop' is the "
+            f"largest decrease of the mean accuracy between consecutive iterations (oscillation). Accuracy above σ's "
+            f"together with var log Z_hat ≈ 0 and a negative log Z_hat − log Z means the proposal collapsed onto one trace "
+            f"(SMC no longer represents σ). 'tokens / run' is the mean number of tokens an evaluation run decoded, "
+            f"'learning tokens' the tokens the SIS passes of learning decoded.\n\n"
+            f"plot: {plot_path}\nresults: {run_dir.results_path}\n")
     if config["model"] == "toy-diffusion":
         b, se = records[0]["b_hat"], records[0]["b_hat_se"]
         text += (f"\ntoy-diffusion: the 'exact σ' row uses b̂ = {b:.4f} ± {se:.1e}, a Monte Carlo estimate of the model's "
@@ -228,6 +273,8 @@ def _plot(run_dir, records):
 
     config = run_dir.config
     fields = [("accuracy", "accuracy"), ("ess_fraction", "ESS / N"), ("log_z_var", "var log Z_hat"), ("beta", "β (TRI)")]
+    # Error bars: ±1 standard error over the evaluation runs (of the mean over problems: sqrt(Σ SE_p²) / P).
+    errors = {"accuracy": "accuracy_se", "log_z_var": "log_z_var_se"}
     fig, axes = plt.subplots(1, len(fields), figsize=(4.0 * len(fields), 3.6))
     iterations = np.arange(config["iterations"] + 1)
     for method in methods_run(config):
@@ -239,9 +286,14 @@ def _plot(run_dir, records):
                     if value == value:
                         ax.axhline(value, color="k", linestyle="--", linewidth=1, label=label)
                     continue
-                curve = [_mean([r for r in records if r["method"] == method and r["learning_rate"] == lr
-                                and r["iteration"] == it], field) for it in iterations]
-                ax.plot(iterations, curve, "-o", markersize=3, label=label)
+                at = [[r for r in records if r["method"] == method and r["learning_rate"] == lr and r["iteration"] == it]
+                      for it in iterations]
+                curve = [_mean(rs, field) for rs in at]
+                if field in errors:
+                    se = [np.sqrt(_mean([{"v": r[errors[field]] ** 2} for r in rs], "v") / max(len(rs), 1)) for rs in at]
+                    ax.errorbar(iterations, curve, yerr=se, fmt="-o", markersize=3, capsize=2, label=label)
+                else:
+                    ax.plot(iterations, curve, "-o", markersize=3, label=label)
     for ax, (_, title) in zip(axes, fields):
         ax.set_title(title)
         ax.set_xlabel("learning iteration")

@@ -359,7 +359,9 @@ def learn_twist(
 
     Returns:
       `(twist_params, history)`: history holds one dict per iteration with `iteration`,
-      `beta`, `kl`, `ess`, `log_z`, `mean_log_potential`, `loss` (means over prompts).
+      `beta`, `kl`, `ess`, `log_z`, `mean_log_potential`, `loss` (means over prompts) and
+      `tokens_decoded`, the tokens the iteration's SIS pass sampled, summed over prompts
+      (Σ of the paths' lengths: without resampling this is `twisted_smc`'s `num_decoded`).
 
     Raises:
       NumericalError: an iteration left NaN statistics or non-finite twist parameters.
@@ -412,7 +414,9 @@ def learn_twist(
             raise NumericalError(
                 f"learn_twist iteration {iteration}: NaN or infinite twist parameters or statistics "
                 f"({record}); a twist that is -inf (ψ = 0) on a path σ weights makes the loss infinite")
-        history.append({"iteration": iteration, **record})
+        # Paths stop at their stop token, so the cost is the lengths' sum, not N·S.
+        history.append({"iteration": iteration, **record,
+                        "tokens_decoded": int(jnp.sum(paths.lengths))})
         if manager is not None:
             import orbax.checkpoint as ocp
 

@@ -20,5 +20,9 @@ def test_twisted_on_toy_diffusion_runs(tmp_path):
     assert sorted({r["method"] for r in records}) == ["tri", "untwisted"]  # CTL is not built for diffusion
     assert all(np.isfinite(r["log_z_mean"]) and 0 <= r["accuracy"] <= 1 for r in records)
     assert [r["iteration"] for r in records if r["method"] == "tri"] == [0, 1]
+    # The unmasking path has no early stop: N·T tokens per run, and per SIS pass of learning.
+    assert all(r["tokens"] == 4 * 8 for r in records)
+    assert [r.get("learning_tokens") for r in records if r["method"] == "tri"] == [None, 4 * 8]
+    assert all(r["accuracy_se"] >= 0 and r["log_z_se"] >= 0 and r["log_z_var_se"] >= 0 for r in records)
     summary = (out / "summary.md").read_text()
-    assert "b̂" in summary and (out / "twisted_learning.png").is_file()
+    assert "b̂" in summary and "±" in summary and (out / "twisted_learning.png").is_file()

@@ -157,3 +157,20 @@ def test_learning_scores_paths_with_the_samplers_proposal(toy):
                                 num_particles=16, max_new_tokens=S, log_twist_fn=rules_out_token_0_first,
                                 twist_params=jnp.float32(1.0), num_fit_steps=2)
     assert np.isfinite(list(history[0].values())).all()
+
+
+def test_history_counts_the_tokens_each_sis_pass_decoded(toy, zeros):
+    """`tokens_decoded` is what iteration k's SIS pass sampled: its paths' lengths, equal to
+    twisted SMC's `num_decoded` with the same key (pass k draws prompt 0 with
+    fold_in(fold_in(key, k), 0)), not N·S: the toy's paths stop at different lengths."""
+    key, twist_fn, num_particles = jax.random.key(2), tx.table_twist_fn(), 16
+    kwargs = dict(method="tri", num_particles=num_particles, max_new_tokens=S, log_twist_fn=twist_fn,
+                  num_fit_steps=2)
+    after_first, _ = js.learn_twist(key, toy.lm, [tx.PROMPT], toy.log_phi, num_iterations=1, twist_params=zeros,
+                                    **kwargs)
+    _, history = js.learn_twist(key, toy.lm, [tx.PROMPT], toy.log_phi, num_iterations=2, twist_params=zeros, **kwargs)
+    for iteration, params in enumerate((zeros, after_first)):
+        sis = js.twisted_smc(jax.random.fold_in(jax.random.fold_in(key, iteration), 0), toy.lm, tx.PROMPT, twist_fn,
+                             params, toy.log_phi, num_particles=num_particles, max_new_tokens=S, ess_threshold=0.0)
+        assert history[iteration]["tokens_decoded"] == int(sis.lengths.sum()) == int(sis.num_decoded)
+        assert history[iteration]["tokens_decoded"] < num_particles * S

@@ -1,0 +1,32 @@
+"""`run.py twisted` (autoregressive, toy-decisions) end to end at the smallest size: the
+token counts are what the runs decoded, and the summary reports standard errors."""
+
+import json
+import sys
+from pathlib import Path
+
+from jaxsample import tasks
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "experiments"))
+import run  # noqa: E402
+from problems import resolve  # noqa: E402
+
+
+def test_twisted_counts_decoded_tokens_and_reports_standard_errors(tmp_path):
+    out, particles = tmp_path / "run", 4
+    status = run.main(["twisted", "--iterations", "2", "--eval-runs", "3", "--particles", str(particles),
+                       "--methods", "untwisted,tri", "--learning-rates", "0.03", "--fit-steps", "2",
+                       "--out", str(out)])
+    assert status in (0, None)
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    # Every K = 2 trace on the embedded toy model ends at its stop token after 20 tokens,
+    # while the decoding cap is K_max·(L+2) = 40: the old count N·cap was twice the cost.
+    task = tasks.read_task_config(resolve("toy-decisions"))
+    trace, cap = task.trace_length(2), task.trace_length(task.max_decisions)
+    assert trace < cap
+    assert all(r["tokens"] == particles * trace for r in records)
+    tri = sorted((r for r in records if r["method"] == "tri"), key=lambda r: r["iteration"])
+    assert [r.get("learning_tokens") for r in tri] == [None] + [it * particles * trace for it in (1, 2)]
+    assert all(r["accuracy_se"] >= 0 and r["log_z_var_se"] >= 0 and r["log_z_se"] >= 0 for r in records)
+    assert "±" in (out / "summary.md").read_text()
