@@ -25,6 +25,10 @@ class ArgumentError(JaxsampleError, ValueError):
     """A function argument is out of its documented range."""
 
 
+class InfeasibleError(ArgumentError):
+    """A well-formed optimisation instance (e.g. a routing batch) that no solution satisfies."""
+
+
 class DataError(JaxsampleError, ValueError):
     """A data file (tasks, benchmarks) is missing or malformed."""
 

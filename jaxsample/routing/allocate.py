@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxsample.errors import ArgumentError
+from jaxsample.errors import ArgumentError, InfeasibleError
 from jaxsample.routing.batch import route_batch
 
 
@@ -38,7 +38,7 @@ def batch_value(instances, batches, slots, budget: float) -> float:
             return -np.inf
         try:
             assignment = route_batch(scores, costs, budget, capacity)
-        except ArgumentError:
+        except InfeasibleError:  # a malformed batch still raises its ArgumentError
             return -np.inf
         values.append(float(np.asarray(scores)[np.arange(len(scores)), assignment].sum()))
     return float(np.mean(values))

@@ -12,7 +12,7 @@ Every router assigns each of n queries exactly one of M models:
 
 with x binary, solved by HiGHS through `scipy.optimize.milp`. An assignment is an int
 array `[n]` of model indices; no query is ever dropped, and an infeasible instance raises
-`ArgumentError` naming the constraint that fails.
+`InfeasibleError` (an `ArgumentError`) naming the constraint that fails.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 import scipy
 
-from jaxsample.errors import ArgumentError
+from jaxsample.errors import ArgumentError, InfeasibleError
 
 _FEASIBILITY_TOL = 1e-7
 # HiGHS (1.x through scipy) sometimes ends in "Solve error" (status 4) on the knapsack-like
@@ -72,13 +72,13 @@ def check_problem(scores, costs, budget, capacity) -> RoutingProblem:
         raise ArgumentError(f"budget must be a finite number, got {budget}")
     n = scores.shape[0]
     if capacity.sum() < n:
-        raise ArgumentError(
+        raise InfeasibleError(
             f"infeasible: total capacity {int(capacity.sum())} (capacity={capacity.tolist()}) is below "
             f"the {n} queries of the batch; no query is dropped"
         )
     cheapest = costs.min(axis=1).sum()
     if budget < cheapest - _FEASIBILITY_TOL:
-        raise ArgumentError(
+        raise InfeasibleError(
             f"infeasible: budget {budget:g} is below {cheapest:g}, the cost of sending every query "
             "to its cheapest model"
         )
@@ -124,7 +124,7 @@ def _solve(problem: RoutingProblem, objective: np.ndarray, extra_constraints=(),
         if result.status != 4:
             break
     if result.status == 2:
-        raise ArgumentError(
+        raise InfeasibleError(
             f"infeasible: no assignment meets budget {problem.budget:g} and capacity "
             f"{problem.capacity.tolist()} together (each is satisfiable on its own)"
         )

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from jaxsample.errors import ArgumentError
+from jaxsample.errors import ArgumentError, InfeasibleError
 from jaxsample.routing import (
     allocate_instances,
     batch_value,
@@ -135,11 +135,11 @@ def test_robust_worst_case_at_least_nominal_worst_case():
 def test_infeasible_instances_name_the_failing_constraint():
     scores = np.ones((4, 2))
     costs = np.array([[1.0, 3.0]] * 4)
-    with pytest.raises(ArgumentError, match="total capacity 3"):
+    with pytest.raises(InfeasibleError, match="total capacity 3"):
         route_batch(scores, costs, 100, [2, 1])
-    with pytest.raises(ArgumentError, match="budget 3 is below 4"):
+    with pytest.raises(InfeasibleError, match="budget 3 is below 4"):
         route_batch(scores, costs, 3, [4, 4])
-    with pytest.raises(ArgumentError, match="budget 5 and capacity \\[1, 4\\] together"):
+    with pytest.raises(InfeasibleError, match="budget 5 and capacity \\[1, 4\\] together"):
         route_batch(scores, costs, 5, [1, 4])
 
 
@@ -193,3 +193,6 @@ def test_instance_allocation_beats_or_ties_uniform_and_respects_gpus():
             if np.dot(n, g) <= gpus
         )
     )
+    # Infeasible allocations score −inf; a malformed batch is an error, not an infeasible one.
+    with pytest.raises(ArgumentError, match="scores must be finite"):
+        allocate_instances([(np.full((12, 3), np.nan), batches[0][1])], g, slots, gpus, budget)
