@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxsample import routing
-from jaxsample.errors import ArgumentError
+from jaxsample.errors import ArgumentError, InfeasibleError
 from run_directory import RunDirectory, markdown_table
 
 COSTS = np.array([1.0, 3.0, 8.0, 20.0])
@@ -185,7 +185,7 @@ def allocation_rows(seed: int, config):
         for b in test:
             try:
                 assignment = routing.route_batch(b["estimate"], costs, budget, capacity)
-            except ArgumentError:  # this allocation cannot serve the batch within budget
+            except InfeasibleError:  # this allocation cannot serve the batch within budget
                 infeasible += 1
                 continue
             quality.append(routing.evaluate(assignment, b["true"], costs).quality)

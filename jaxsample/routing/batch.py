@@ -279,7 +279,7 @@ def _ellipsoidal_levels(problem, variance, rho, max_solves, tol):
         row = scipy.optimize.LinearConstraint((variance / scale)[None], -np.inf, level / scale)
         try:
             x = _solve(problem, scores, [row])
-        except ArgumentError:  # no feasible assignment this concentrated
+        except InfeasibleError:  # no feasible assignment this concentrated
             return None
         return x, float(scores @ x), min(float(variance @ x), level)
 
