@@ -15,7 +15,7 @@ from problems import resolve  # noqa: E402
 
 def test_twisted_counts_decoded_tokens_and_reports_standard_errors(tmp_path):
     out, particles = tmp_path / "run", 4
-    status = run.main(["twisted", "--iterations", "2", "--eval-runs", "3", "--particles", str(particles),
+    status = run.main(["twisted", "--iterations", "1", "--eval-runs", "3", "--particles", str(particles),
                        "--methods", "untwisted,tri", "--learning-rates", "0.03", "--fit-steps", "2",
                        "--out", str(out)])
     assert status in (0, None)
@@ -27,6 +27,6 @@ def test_twisted_counts_decoded_tokens_and_reports_standard_errors(tmp_path):
     assert trace < cap
     assert all(r["tokens"] == particles * trace for r in records)
     tri = sorted((r for r in records if r["method"] == "tri"), key=lambda r: r["iteration"])
-    assert [r.get("learning_tokens") for r in tri] == [None] + [it * particles * trace for it in (1, 2)]
+    assert [r.get("learning_tokens") for r in tri] == [None, particles * trace]
     assert all(r["accuracy_se"] >= 0 and r["log_z_var_se"] >= 0 and r["log_z_se"] >= 0 for r in records)
     assert "±" in (out / "summary.md").read_text()
