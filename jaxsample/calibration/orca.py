@@ -251,10 +251,12 @@ def stop_losses(smoothed, labels, mask, lambdas) -> Array:
 
 
 class Evaluation(NamedTuple):
-    """Attributes: error_rate (fraction wrong at the stop), savings (mean 1 − (T+1)/n),
-    stops int32 `[P]`."""
+    """Attributes: error_rate (fraction wrong at the stop, float32), num_wrong int32 (the
+    count: compare it, not the rounded rate, with δ·P), savings (mean 1 − (T+1)/n), stops
+    int32 `[P]`."""
 
     error_rate: Array
+    num_wrong: Array
     savings: Array
     stops: Array
 
@@ -265,7 +267,9 @@ def evaluate(smoothed, labels, mask, lam) -> Evaluation:
     stops = stop_indices(smoothed, mask, jnp.reshape(jnp.asarray(lam, jnp.float32), (1,)))[..., 0]
     correct = jnp.take_along_axis(jnp.asarray(labels, jnp.float32), stops[:, None], axis=-1)[:, 0]
     lengths = jnp.sum(mask, axis=-1)
-    return Evaluation(error_rate=jnp.mean(1.0 - correct), savings=jnp.mean(1.0 - (stops + 1) / lengths), stops=stops)
+    wrong = jnp.sum(correct == 0).astype(jnp.int32)
+    return Evaluation(error_rate=jnp.mean(1.0 - correct), num_wrong=wrong,
+                      savings=jnp.mean(1.0 - (stops + 1) / lengths), stops=stops)
 
 
 @jax.jit

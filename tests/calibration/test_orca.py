@@ -97,6 +97,8 @@ def test_stop_decisions_ignore_permuted_labels():
     first, second = orca.evaluate(smoothed, labels, mask, lam), orca.evaluate(smoothed, permuted, mask, lam)
     np.testing.assert_array_equal(np.asarray(first.stops), np.asarray(second.stops))
     assert len(set(np.asarray(first.stops).tolist())) > 1
+    wrong_at_stop = 1 - np.asarray(labels)[np.arange(20), np.asarray(first.stops)]
+    assert int(first.num_wrong) == int(wrong_at_stop.sum()) and 0 < int(first.num_wrong) < 20
     # Labels reach only the outer (meta-training) loss.
     assert float(orca.meta_loss(params, phi, labels, mask)) != float(orca.meta_loss(params, phi, permuted, mask))
 
