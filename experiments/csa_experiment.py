@@ -299,10 +299,13 @@ def run(run_dir: RunDirectory) -> str:
     done = run_dir.done_keys()
     if config["model"] == "synthetic":
         scenarios = _selected(config, "scenarios", SCENARIOS)
-        for index, scenario in enumerate(tqdm(scenarios, desc="csa scenarios", unit="scenario")):
+        for scenario in tqdm(scenarios, desc="csa scenarios", unit="scenario"):
             if all(f"{scenario}/{m}" in done for m in [*methods, "oracle"]):
                 continue
-            scores, losses, p_grid = synthetic_stream(config, scenario, config["seed"] * 1000 + index)
+            # Seeded by the scenario's place in SCENARIOS, not in the selection: a scenario's
+            # streams are the same whichever others run with it.
+            seed = config["seed"] * 1000 + SCENARIOS.index(scenario)
+            scores, losses, p_grid = synthetic_stream(config, scenario, seed)
             cumulative_p = np.cumsum(p_grid, axis=1)
             release, oracle_risk = oracle_release(config, p_grid)
             run_dir.append({"key": f"{scenario}/oracle", "scenario": scenario, "method": "oracle", "release_mean": release,
