@@ -123,8 +123,17 @@ class Evaluator:
         return float(np.mean(self.reward_fn(self.problems, np.asarray(batch.tokens), np.asarray(batch.lengths))))
 
 
+def sorting_held_out(seed: int, size: int):
+    """The held-out sorting problems of `seed`: a stream no training step or warm-up draws from.
+
+    [seed, 2] would be step 2's training batch ([seed, t]), and [seed, 2, 0] the same stream
+    (SeedSequence pads with zeros); [seed, 2, 1] is neither.
+    """
+    return sorting.sample_sorting(np.random.default_rng([seed, 2, 1]), size, SORT_LENGTH)
+
+
 def sorting_evaluator(lm, config: dict, seed: int) -> Evaluator:
-    problems = sorting.sample_sorting(np.random.default_rng([seed, 2]), config["eval_problems"], SORT_LENGTH)
+    problems = sorting_held_out(seed, config["eval_problems"])
     return Evaluator(lm, problems, [p.prompt for p in problems], sorting_reward, config["eval_samples"], SORT_LENGTH + 1)
 
 

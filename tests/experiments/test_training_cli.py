@@ -27,3 +27,13 @@ def test_bad_training_options_are_refused(args, message):
     command, config, _ = run.parse(args)
     with pytest.raises(ArgumentError, match=message):
         run.COMMANDS[command].check_config(config)
+
+
+def test_sorting_held_out_problems_are_never_training_prompts():
+    from training_runs import sorting_held_out, sorting_prompts
+
+    for seed in range(3):
+        held_out = {tuple(p.prompt) for p in sorting_held_out(seed, 128)}
+        prompt_fn = sorting_prompts(seed, 16)
+        trained = {tuple(prompt) for t in range(40) for prompt in prompt_fn(t)[0]}
+        assert len(held_out) > 100 and not held_out & trained
