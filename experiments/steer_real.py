@@ -359,7 +359,8 @@ def summarize(run_dir: RunDirectory) -> str:
             f"Model {setup['model']}; {setup['test_prompts']} neutral test prompts × {run_dir.config['samples']} continuations of "
             f"{run_dir.config['new_tokens']} tokens (temperature {run_dir.config['temperature']:g}, top-p {run_dir.config['top_p']:g}), "
             f"the same key for every row. Σ‖u_k‖: control summed over blocks at the last prompt token, mean over prompts "
-            f"(baselines matched to A-LQR at each λ). P(positive): bag-of-words scorer, mean ± standard error over continuations "
+            f"(ActAdd and mean difference matched to A-LQR at each λ; S-PID's gain is calibrated in a few rescalings, so its "
+            f"size is only near A-LQR's: compare the column). P(positive): bag-of-words scorer, mean ± standard error over continuations (a prompt's continuations counted as independent, which understates it) "
             f"(held-out accuracy {setup['scorer_accuracy']:.3f} on {setup['scorer_held_out']} labelled sentences). "
             "Perplexity: unsteered model, over all continuation tokens. Dist-n: distinct n-grams per continuation.",
             "",
