@@ -5,7 +5,10 @@ the batched decode loop, ancestral sampling (`generate`), teacher-forced scoring
 (features, hidden states, `Intervention`s, LoRA adapters in `models.lora`), power-distribution MH
 (`power_sample` and its baselines) and reward-guided SMC (`smc_decode`). Subpackages hold
 the building blocks: `models`, `sampling`, `mcmc`, `smc`, `calibration`, `safety` (Lipschitz-ball
-safety gates for self-improving updates), `tasks`, `training` (GRPO, CoDistill-GRPO).
+safety gates for self-improving updates), `tasks`, `training` (GRPO, CoDistill-GRPO, CausalRM);
+imported on demand (`from jaxsample import steering`): `diffusion` (a masked-diffusion LM and
+twisted SMC over its unmasking), `steering` (A-LQR and its baselines), `routing` (batch-level
+query routing) and `testing` (exact enumeration and statistical checks for your own kernels).
 """
 
 from jaxsample import calibration, errors, mcmc, models, parallel, safety, smc, tasks, training
