@@ -29,11 +29,16 @@ CLASSIFIERS = ("logistic", "knn", "random_forest", "mlp")
 
 
 def _sklearn_model(kind: str, seed: int):
-    from sklearn.ensemble import RandomForestClassifier
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    try:
+        from sklearn.ensemble import RandomForestClassifier
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.neighbors import KNeighborsClassifier
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+    except ImportError as e:
+        raise ImportError(
+            f"the {kind!r} classifier gate needs scikit-learn: pip install 'jaxsample[baselines]' "
+            "(the 'mlp' classifier does not)") from e
 
     model = {
         "logistic": lambda: LogisticRegression(C=1.0, max_iter=2000),
