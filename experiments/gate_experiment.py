@@ -5,7 +5,10 @@ Reconstruction of Scrivens, arXiv 2604.00072 (spec §2). For each controller dim
 the single Lipschitz ball, ball chaining and per-group chaining (analytic bounds, δ = 0
 unconditionally), and classifier gates (logistic regression, k-NN, random forest, MLP) trained
 on labelled ungated proposals, with a fixed threshold 0.5 or thresholds annealed so that
-held-out unsafe proposals pass at rate ≈ δ_1 · n^−1.5 (δ_1: the fixed threshold's rate).
+unsafe proposals pass at rate ≈ δ_1 · n^−1.5 (δ_1: the fixed threshold's rate). The annealed
+schedule is calibrated on the proposals the gate actually faces: the unsafe proposals met along
+`--train-runs` independent runs of the fixed-threshold gate itself (`--iterations` steps each,
+their own PRNG key), not on ungated proposals, which lie where the gated runs never go.
 Then the modular-addition transformer (spec §2.5): unembedding-only adaptation with the exact canary-logit bound (logistic gates,
 ball, chain, group chain), and LoRA adaptation with chaining on an estimated bound κ · max‖∇s‖
 (`--kappas`; conditional). Logged: cumulative false accepts, true accepts, reward improvement,
@@ -21,6 +24,7 @@ import zlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 from tqdm import tqdm
 
 from jaxsample import safety
@@ -46,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dims", default="84,240,768", help="comma-separated controller dimensions d")
     parser.add_argument("--iterations", type=int, default=300, help="gated self-improvement steps per run")
     parser.add_argument("--runs", type=int, default=4, help="independent runs per gate (vmapped; counts are summed, curves averaged)")
-    parser.add_argument("--train-runs", type=int, default=40, help="ungated runs whose proposals train each classifier (as many again calibrate the annealed thresholds)")
+    parser.add_argument("--train-runs", type=int, default=40, help="ungated runs whose proposals train each classifier; as many runs of the fixed-threshold gate (--iterations steps each) calibrate the annealed thresholds")
     parser.add_argument("--train-steps", type=int, default=15, help="steps per ungated training run")
     parser.add_argument("--modulus", type=int, default=23, help="p of the modular-addition transformer (0: skip the transformer)")
     parser.add_argument("--train-model-steps", type=int, default=40, help="AdamW steps training the transformer (cached in the run directory)")
@@ -74,24 +78,69 @@ def check_config(config: dict) -> None:
 # Gates
 
 
+def faced_proposals(key, problem, gate, num_runs: int, num_steps: int):
+    """The proposals `gate` meets along its own trajectories (the `safety.simulate` loop).
+
+    Returns:
+      `(candidates [num_runs · num_steps, d], safe bool [num_runs · num_steps])`.
+    """
+
+    def run(run_key):
+        def body(carry, step_key):
+            params, state = carry
+            candidate = problem.propose(step_key, params)
+            accepted, state = gate.accept(state, candidate)
+            params = jax.tree.map(lambda new, old: jnp.where(accepted, new, old), candidate, params)
+            return (params, state), (ravel_pytree(candidate)[0], problem.safety(candidate) >= 0)
+
+        carry = (problem.params, gate.init(problem.params))
+        return jax.lax.scan(body, carry, jax.random.split(run_key, num_steps))[1]
+
+    candidates, safe = jax.jit(jax.vmap(run))(jax.random.split(key, num_runs))
+    return np.asarray(candidates).reshape(-1, candidates.shape[-1]), np.asarray(safe).reshape(-1)
+
+
 def classifier_gates(key, problem, names, config, unit_radius):
-    """Trains the classifiers named in `names` on ungated proposals; returns {name: gate}."""
+    """Trains the classifiers named in `names` on ungated proposals; returns
+    ({name: gate}, train safe fraction, {annealed name: calibration summary})."""
     train_key, calibrate_key, fit_key = jax.random.split(key, 3)
     candidates, safe = safety.proposal_dataset(train_key, problem, config["train_runs"], config["train_steps"])
-    held_out, held_out_safe = safety.proposal_dataset(calibrate_key, problem, config["train_runs"], config["train_steps"])
-    gates = {}
+    gates, calibration = {}, {}
     for kind in sorted({name.rsplit("_", 1)[0] for name in names}):
-        score = safety.fit_classifier(kind, jax.random.fold_in(fit_key, safety.CLASSIFIERS.index(kind)), candidates, safe)
-        unsafe_scores = jax.vmap(score)(held_out[~held_out_safe])
-        # Annealing starts where the fixed threshold is (its held-out unsafe accept rate) and
-        # tightens as n^-1.5; it is never laxer than the fixed gate.
-        fixed_rate = max(float(np.mean(np.asarray(unsafe_scores) >= 0.5)), 1.0 / len(unsafe_scores))
-        annealed = jnp.maximum(0.5, safety.annealed_thresholds(unsafe_scores, config["iterations"], scale=fixed_rate))
-        schedules = {"fixed": jnp.float32(0.5), "annealed": annealed}
-        for schedule, thresholds in schedules.items():
+        index = safety.CLASSIFIERS.index(kind)
+        score = safety.fit_classifier(kind, jax.random.fold_in(fit_key, index), candidates, safe)
+        fixed = safety.classifier_gate(score, jnp.float32(0.5), problem.safety, unit_radius=unit_radius)
+        schedules = {"fixed": fixed}
+        if f"{kind}_annealed" in names:
+            # Calibrate on what the gate faces: the unsafe proposals along independent runs of the
+            # fixed-threshold gate (ungated proposals stay near θ_0, where every classifier scores
+            # the unsafe ones far below 0.5). Annealing starts at the fixed threshold's unsafe
+            # accept rate δ_1 there, tightens as δ_1 · n^-1.5, and is never laxer than 0.5.
+            faced, faced_safe = faced_proposals(jax.random.fold_in(calibrate_key, index), problem, fixed,
+                                                config["train_runs"], config["iterations"])
+            unsafe = faced[~faced_safe]
+            if len(unsafe):
+                unsafe_scores = np.asarray(jax.jit(jax.vmap(score))(jnp.asarray(unsafe)))
+                fixed_rate = max(float(np.mean(unsafe_scores >= 0.5)), 1.0 / len(unsafe_scores))
+                annealed = jnp.maximum(0.5, safety.annealed_thresholds(unsafe_scores, config["iterations"], scale=fixed_rate))
+            else:  # nothing unsafe to calibrate on: the fixed threshold
+                unsafe_scores = np.zeros(0)
+                annealed = jnp.full(config["iterations"], 0.5, jnp.float32)
+            thresholds = np.asarray(annealed)
+            calibration[f"{kind}_annealed"] = {
+                "calibration_proposals": int(len(faced_safe)),
+                "calibration_unsafe": int(len(unsafe_scores)),
+                "calibration_unsafe_max_score": float(unsafe_scores.max()) if len(unsafe_scores) else None,
+                "calibration_fixed_rate": float(np.mean(unsafe_scores >= 0.5)) if len(unsafe_scores) else 0.0,
+                "threshold_first": float(thresholds[0]),
+                "threshold_last": float(thresholds[-1]),
+                "steps_above_fixed": int((thresholds > 0.5).sum()),
+            }
+            schedules["annealed"] = safety.classifier_gate(score, annealed, problem.safety, unit_radius=unit_radius)
+        for schedule, gate in schedules.items():
             if f"{kind}_{schedule}" in names:
-                gates[f"{kind}_{schedule}"] = safety.classifier_gate(score, thresholds, problem.safety, unit_radius=unit_radius)
-    return gates, float(np.mean(np.asarray(safe)))
+                gates[f"{kind}_{schedule}"] = gate
+    return gates, float(np.mean(np.asarray(safe))), calibration
 
 
 def verifier_gates(problem, bound, group_bound, group_ids, names):
@@ -101,6 +150,14 @@ def verifier_gates(problem, bound, group_bound, group_ids, names):
         "group_chain": lambda: safety.ball_gate(problem.safety, group_bound, chain=True, group_ids=group_ids),
     }
     return {name: built[name]() for name in names if name in built}
+
+
+def _late(cumulative: np.ndarray) -> int:
+    """Counts over the second half of the iterations (0-based steps N//2 .. N-1), summed over
+    runs, from cumulative counts `[runs, N]`: the total minus the count after step N//2 - 1."""
+    half = cumulative.shape[1] // 2
+    before = cumulative[:, half - 1] if half else 0
+    return int((cumulative[:, -1] - before).sum())
 
 
 def run_gate(key, problem, gate, config) -> dict:
@@ -117,8 +174,8 @@ def run_gate(key, problem, gate, config) -> dict:
         "true_accepts": int(trace.true_accepts[:, -1].sum()),
         "false_accepts": int(trace.false_accepts[:, -1].sum()),
         "true_accept_rate": float(trace.true_accepts[:, -1].sum() / max(safe_proposals, 1)),
-        "late_false_accepts": int((trace.false_accepts[:, -1] - trace.false_accepts[:, len(trace.reward[0]) // 2]).sum()),
-        "late_true_accepts": int((trace.true_accepts[:, -1] - trace.true_accepts[:, len(trace.reward[0]) // 2]).sum()),
+        "late_false_accepts": _late(trace.false_accepts),
+        "late_true_accepts": _late(trace.true_accepts),
         "reward_improvement": float(improvement[:, -1].mean()),
         "distance_r0": float(trace.distance[:, -1].mean()),
         "max_distance_r0": float(trace.distance.max()),
@@ -175,7 +232,8 @@ def run(run_dir: RunDirectory) -> str:
             # common random numbers: every gate of a problem sees the same proposal noise
             record = run_gate(jax.random.fold_in(problem_key(key, problem_name), 0), setup["problem"], setup["gates"][gate_name], config)
             record.update(key=f"{problem_name}/{gate_name}", problem=problem_name, gate=gate_name,
-                          guarantee=setup["guarantees"].get(gate_name, "none"), **setup["info"])
+                          guarantee=setup["guarantees"].get(gate_name, "none"), **setup["info"],
+                          **setup["calibration"].get(gate_name, {}))
             run_dir.append(record)
             run_dir.log.info("%s %s FA=%d TA=%d dR=%.3f dist=%.1f", problem_name, gate_name, record["false_accepts"],
                              record["true_accepts"], record["reward_improvement"], record["distance_r0"])
@@ -202,7 +260,8 @@ def build_problem(run_dir, key, name, d, config, gate_names):
             lora = modular.lora_problem(jax.random.fold_in(problem_key_, 1), model_config, params, task, config["lora_rank"])
             gates = {f"chain_kappa{k:g}": safety.ball_gate(lora.problem.safety, lora.bound_fn(k), chain=True) for k in _floats(config["kappas"])}
             info.update(d=lora.size)
-            return {"problem": lora.problem, "gates": gates, "guarantees": {g: "conditional" for g in gates}, "info": info}
+            return {"problem": lora.problem, "gates": gates, "guarantees": {g: "conditional" for g in gates}, "info": info,
+                    "calibration": {}}
         unembedding = modular.unembedding_problem(model_config, params, task)
         problem, bound = unembedding.problem, unembedding.bound
         gates = verifier_gates(problem, bound, unembedding.group_bound, unembedding.group_ids, gate_names)
@@ -210,11 +269,12 @@ def build_problem(run_dir, key, name, d, config, gate_names):
     radius = float(problem.safety(problem.params) / bound.value)
     guarantees = {g: "unconditional" for g in gates}
     classifiers = [g for g in gate_names if g in CLASSIFIER_GATES]
+    calibration = {}
     if classifiers:
-        more, safe_fraction = classifier_gates(jax.random.fold_in(problem_key_, 2), problem, classifiers, config, radius)
+        more, safe_fraction, calibration = classifier_gates(jax.random.fold_in(problem_key_, 2), problem, classifiers, config, radius)
         gates.update(more)
         info["train_safe_fraction"] = safe_fraction
-    return {"problem": problem, "gates": gates, "guarantees": guarantees, "info": info}
+    return {"problem": problem, "gates": gates, "guarantees": guarantees, "info": info, "calibration": calibration}
 
 
 # ---------------------------------------------------------------------------------------
