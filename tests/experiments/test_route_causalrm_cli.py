@@ -29,6 +29,38 @@ def test_route_command_reports_every_method_and_allocation(tmp_path):
     assert (out / "routing.png").stat().st_size > 0
 
 
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import route_experiment  # noqa: E402
+
+
+@pytest.mark.parametrize("kind", ["random", "sorted"])
+@pytest.mark.parametrize("batches,validation", [(6, 2), (12, 3)])
+def test_route_batches_disjoint_and_sorted_spans_the_pool(monkeypatch, kind, batches, validation):
+    pools = []
+    make_pool = route_experiment.make_pool
+    monkeypatch.setattr(route_experiment, "make_pool", lambda *a, **k: pools.append(make_pool(*a, **k)) or pools[-1])
+    config = {"batch_size": 10, "batches": batches, "validation_batches": validation, "nu": 0.15}
+    val, test = route_experiment.condition_data(3, kind, "homogeneous", config)
+    assert (len(val), len(test)) == (validation, batches)
+    assert all(len(b["difficulty"]) == 10 for b in val + test)
+    (pool,) = pools
+    rank = {d: r for r, d in enumerate(np.sort(pool["difficulty"]))}  # difficulties are distinct floats
+    val_ids = {d for b in val for d in b["difficulty"]}
+    test_ids = {d for b in test for d in b["difficulty"]}
+    assert len(val_ids) == 10 * validation and len(test_ids) == 10 * batches  # no repeats within a split
+    assert not val_ids & test_ids  # tuning never sees a test query
+    if kind == "sorted":
+        size = len(pool["difficulty"])
+        for b in val + test:  # each batch is a consecutive slice of the sorted pool
+            ranks = sorted(rank[d] for d in b["difficulty"])
+            assert ranks == list(range(ranks[0], ranks[0] + 10)) and ranks[0] % 10 == 0
+        # the test batches reach both ends: the easiest and the hardest slice of the pool
+        assert min(rank[d] for d in test_ids) == 0 and max(rank[d] for d in test_ids) == size - 1
+        assert max(rank[d] for d in val_ids) >= 0.7 * size and min(rank[d] for d in val_ids) < 0.4 * size
+
+
 def test_causalrm_command_on_synthetic_features(tmp_path):
     out = tmp_path / "causalrm"
     argv = ["causalrm", "--model", "synthetic", "--seeds", "1", "--replicates", "2", "--steps", "50", "--out", str(out)]
