@@ -117,15 +117,15 @@ def build_kernel(model: MaskedDiffusionLM, log_twist_fn: LogTwistFn | None, log_
             last, lambda _: _children_log_potential(model, log_potential_fn, state.tokens), intermediate, None
         )
         log_untwisted = (log_position[..., None] + log_p).reshape(log_p.shape[0], -1)
-        log_joint = log_untwisted + log_twist_next.reshape(log_untwisted.shape)
-        log_normaliser = jax.nn.logsumexp(log_joint, axis=-1)
+        log_twist_next = log_twist_next.reshape(log_untwisted.shape)
+        log_normaliser = jax.nn.logsumexp(log_untwisted + log_twist_next, axis=-1)
         # A dead particle (weight -inf, log ψ -inf) stays dead: -inf - (-inf) would be NaN.
         log_weights = jnp.where(jnp.isneginf(state.log_weights), -jnp.inf,
                                 state.log_weights + log_normaliser - state.log_twist)
-        (log_joint, log_untwisted, log_twist_next, tokens), log_weights, info = resample_if_needed(
-            resample_key, log_weights, (log_joint, log_untwisted, log_twist_next.reshape(log_joint.shape), state.tokens),
-            ess_threshold, resampler,
+        (log_untwisted, log_twist_next, tokens), log_weights, info = resample_if_needed(
+            resample_key, log_weights, (log_untwisted, log_twist_next, state.tokens), ess_threshold, resampler,
         )
+        log_joint = log_untwisted + log_twist_next
         # A particle of normaliser 0 has weight -inf; it still unmasks a masked position (its
         # clean output holds no MASK), drawn from the untwisted model.
         finite = jnp.isfinite(jax.nn.logsumexp(log_joint, axis=-1, keepdims=True))
