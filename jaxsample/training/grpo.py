@@ -80,7 +80,7 @@ def group_advantages(rewards: Array, mode: str = "grpo", eps: float = 1e-6) -> A
         return centred
     if mode == "grpo":
         std = rewards.std(axis=1, ddof=1, keepdims=True)
-        constant = jnp.all(rewards == rewards[:, :1], axis=1, keepdims=True)
+        constant = _constant_groups(rewards)[:, None]
     else:
         std = rewards.std(ddof=1)
         constant = jnp.all(rewards == rewards[0, 0])
@@ -89,10 +89,14 @@ def group_advantages(rewards: Array, mode: str = "grpo", eps: float = 1e-6) -> A
     return jnp.where(constant, 0.0, centred / jnp.where(constant, 1.0, std + eps))
 
 
+def _constant_groups(rewards: Array) -> Array:
+    """bool `[B]`: the groups (rows of `rewards [B, G]`) whose G rewards are all equal."""
+    return jnp.all(rewards == rewards[:, :1], axis=1)
+
+
 def zero_variance_fraction(rewards: Array) -> Array:
     """Fraction of the B groups (rows of `rewards [B, G]`) whose G rewards are all equal."""
-    rewards = as_float(rewards)
-    return jnp.mean(jnp.all(rewards == rewards[:, :1], axis=1).astype(jnp.float32))
+    return jnp.mean(_constant_groups(as_float(rewards)).astype(jnp.float32))
 
 
 def kl_term(logp: Array, logp_ref: Array, logp_old: Array | None = None, kind: str = "k3_loss") -> Array:
