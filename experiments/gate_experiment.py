@@ -24,7 +24,6 @@ import zlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 from tqdm import tqdm
 
 from jaxsample import safety
@@ -79,25 +78,14 @@ def check_config(config: dict) -> None:
 
 
 def faced_proposals(key, problem, gate, num_runs: int, num_steps: int):
-    """The proposals `gate` meets along its own trajectories (the `safety.simulate` loop).
+    """The proposals `gate` meets along `num_runs` of its own trajectories.
 
     Returns:
       `(candidates [num_runs · num_steps, d], safe bool [num_runs · num_steps])`.
     """
-
-    def run(run_key):
-        def body(carry, step_key):
-            params, state = carry
-            candidate = problem.propose(step_key, params)
-            accepted, state = gate.accept(state, candidate)
-            params = jax.tree.map(lambda new, old: jnp.where(accepted, new, old), candidate, params)
-            return (params, state), (ravel_pytree(candidate)[0], problem.safety(candidate) >= 0)
-
-        carry = (problem.params, gate.init(problem.params))
-        return jax.lax.scan(body, carry, jax.random.split(run_key, num_steps))[1]
-
-    candidates, safe = jax.jit(jax.vmap(run))(jax.random.split(key, num_runs))
-    return np.asarray(candidates).reshape(-1, candidates.shape[-1]), np.asarray(safe).reshape(-1)
+    runs = jax.jit(jax.vmap(lambda k: safety.simulate(k, problem, gate, num_steps, record_proposals=True)))
+    trace = runs(jax.random.split(key, num_runs))
+    return np.asarray(trace.proposal).reshape(-1, trace.proposal.shape[-1]), np.asarray(trace.proposal_safe).reshape(-1)
 
 
 def classifier_gates(key, problem, names, config, unit_radius):

@@ -46,6 +46,7 @@ class Trace(NamedTuple):
       true_accepts, false_accepts, transitions: the gate's cumulative counts.
       distance: ‖θ − θ_0‖ / r_0 of the current params.
       margin: the gate's margin at its centre.
+      proposal: the flattened proposal `[num_steps, d]` with `record_proposals`, else None.
     """
 
     accepted: Array
@@ -56,6 +57,7 @@ class Trace(NamedTuple):
     transitions: Array
     distance: Array
     margin: Array
+    proposal: Array | None = None
 
 
 def gradient_proposal(
@@ -98,8 +100,13 @@ def gradient_proposal(
     return propose
 
 
-def simulate(key: Array, problem: SelfImprovementProblem, gate: Gate, num_steps: int) -> Trace:
+def simulate(
+    key: Array, problem: SelfImprovementProblem, gate: Gate, num_steps: int, record_proposals: bool = False
+) -> Trace:
     """Runs `num_steps` gated iterations in one `lax.scan` (vmap over keys for many runs).
+
+    `record_proposals` also keeps every proposal (the ones a gate faces, e.g. to calibrate a
+    classifier on them); off by default, since it stores `num_steps · d` floats per run.
 
     Returns:
       A `Trace` with `[num_steps]` fields.
@@ -122,6 +129,7 @@ def simulate(key: Array, problem: SelfImprovementProblem, gate: Gate, num_steps:
             transitions=state.transitions,
             distance=jnp.linalg.norm(flat - state.origin) / state.initial_radius,
             margin=state.margin,
+            proposal=ravel_pytree(candidate)[0] if record_proposals else None,
         )
         return (params, state), record
 
