@@ -204,18 +204,26 @@ def run(run_dir: RunDirectory) -> str:
     return summarize(run_dir)
 
 
+def _kept(records, field):
+    return [r for r in records if r.get(field) is not None and r[field] == r[field]]
+
+
 def _mean(records, field):
-    values = [r[field] for r in records if r.get(field) is not None and r[field] == r[field]]
+    values = [r[field] for r in _kept(records, field)]
     return float(np.mean(values)) if values else float("nan")
 
 
+def _combined_se(records, field, se_field) -> float:
+    """SE of the mean of `field` over problems: their runs are independent, so sqrt(Σ SE_p²) / P."""
+    kept = _kept(records, field)
+    return float(np.sqrt(sum(r[se_field] ** 2 for r in kept)) / len(kept)) if kept else float("nan")
+
+
 def _mean_se(records, field, se_field) -> str:
-    """"mean ± SE" over problems; the problems' runs are independent, so SE = sqrt(Σ SE_p²) / P."""
-    kept = [r for r in records if r.get(field) is not None and r[field] == r[field]]
-    if not kept:
+    """"mean ± SE" over problems."""
+    if not _kept(records, field):
         return "nan"
-    se = float(np.sqrt(sum(r[se_field] ** 2 for r in kept)) / len(kept))
-    return f"{np.mean([r[field] for r in kept]):.3f} ± {se:.3f}"
+    return f"{_mean(records, field):.3f} ± {_combined_se(records, field, se_field):.3f}"
 
 
 def summarize(run_dir: RunDirectory) -> str:
@@ -290,7 +298,7 @@ def _plot(run_dir, records):
                       for it in iterations]
                 curve = [_mean(rs, field) for rs in at]
                 if field in errors:
-                    se = [np.sqrt(_mean([{"v": r[errors[field]] ** 2} for r in rs], "v") / max(len(rs), 1)) for rs in at]
+                    se = [_combined_se(rs, field, errors[field]) for rs in at]
                     ax.errorbar(iterations, curve, yerr=se, fmt="-o", markersize=3, capsize=2, label=label)
                 else:
                     ax.plot(iterations, curve, "-o", markersize=3, label=label)
