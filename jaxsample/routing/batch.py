@@ -17,6 +17,8 @@ array `[n]` of model indices; no query is ever dropped, and an infeasible instan
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import warnings
 from typing import NamedTuple
 
@@ -209,7 +211,8 @@ class EllipsoidalInfo(NamedTuple):
     """How the ellipsoidal router converged.
 
     Attributes:
-      num_solves: MILPs solved (Kelley: one per cut plus the first; levels: one per level).
+      num_solves: MILPs solved (Kelley: one per cut plus the first; hull: its two ends plus
+        one per segment examined).
       gap: upper bound − value of the returned assignment (≤ tol when converged).
       converged: the method proved its answer optimal within `tol`.
     """
@@ -220,7 +223,7 @@ class EllipsoidalInfo(NamedTuple):
 
 
 def route_ellipsoidal(
-    scores, sigma, costs, budget: float, capacity, rho: float, *, method: str = "levels",
+    scores, sigma, costs, budget: float, capacity, rho: float, *, method: str = "hull",
     max_solves: int = 200, tol: float = 1e-6,
 ) -> tuple[np.ndarray, EllipsoidalInfo]:
     """Ellipsoidal-robust router: max âᵀx − ρ‖σ ∘ x‖₂ (diagonal Σ = diag(σ²)).
@@ -232,22 +235,27 @@ def route_ellipsoidal(
       Schwarz) and exact at x*, so the loop ends at the robust optimum once s* ≥ ‖σ ∘ x*‖ −
       tol. Each cut only bounds assignments that overlap x*, so on tight capacities with
       n = 100 it can need dozens of ever slower MILPs.
-    - `"levels"` (default): for binary x, ‖σ ∘ x‖ = √t with t = Σ σ² x linear, so the optimum
-      is max_τ F(τ) − ρ√τ with F(τ) = max {âᵀx : t(x) ≤ τ}. A best-first search over τ
-      intervals solves F exactly at an interval's top b (one linear MILP with the row
-      t(x) ≤ b); its solution settles [t(x), b], the rest [a, t(x)) is bounded by F(b) − ρ√a
-      (split in two to tighten it) and pruned against the incumbent. Every solve settles a
-      new t level, so the search is finite and proves global optimality within `tol`.
+    - `"hull"` (default): write each assignment as the point (t, v) = (Σσ²x, âᵀx); the
+      robust value v − ρ√t is convex in (t, v), so its maximum over the finite set of
+      assignments sits at a vertex of their convex hull, on the chain from the highest v to
+      the lowest t. Each vertex maximises a nominal objective (â − λσ²)ᵀx, one plain MILP
+      with no extra row. The search (Eisner–Severance) solves at the slope of each open
+      hull segment: either nothing lies more than `tol` above the segment, or a new vertex
+      splits it. An open segment's points lie in the triangle under the two supporting
+      lines of its ends, so the robust value at the triangle's third corner bounds them;
+      segments are taken best-first and dropped against the incumbent, which proves the
+      optimum within `tol` (given exact MILP solves).
     """
     problem = check_problem(scores, costs, budget, capacity)
     sigma = _check_uncertainty(sigma, problem.scores.shape, "rho", rho)
-    if max_solves < 1:
-        raise ArgumentError(f"max_solves must be ≥ 1, got {max_solves}")
+    fewest = 2 if method == "hull" else 1  # the hull starts from its two ends
+    if max_solves < fewest:
+        raise ArgumentError(f"max_solves must be ≥ {fewest} for method {method!r}, got {max_solves}")
     if method == "kelley":
         return _ellipsoidal_kelley(problem, sigma.ravel() ** 2, rho, max_solves, tol)
-    if method == "levels":
-        return _ellipsoidal_levels(problem, sigma.ravel() ** 2, rho, max_solves, tol)
-    raise ArgumentError(f"method must be 'levels' or 'kelley', got {method!r}")
+    if method == "hull":
+        return _ellipsoidal_hull(problem, sigma.ravel() ** 2, rho, max_solves, tol)
+    raise ArgumentError(f"method must be 'hull' or 'kelley', got {method!r}")
 
 
 def _ellipsoidal_kelley(problem, variance, rho, max_solves, tol):
@@ -267,55 +275,66 @@ def _ellipsoidal_kelley(problem, variance, rho, max_solves, tol):
     return _to_assignment(incumbent, n, m), EllipsoidalInfo(num_solves, max(float(gap), 0.0), gap <= tol)
 
 
-def _ellipsoidal_levels(problem, variance, rho, max_solves, tol):
+class _HullPoint(NamedTuple):
+    """A solved assignment as a point (t = Σσ²x, v = âᵀx) with the slope λ of the
+    supporting line v − λt ≤ v_p − λt_p it maximised (λ = inf: the least t)."""
+
+    t: float
+    value: float
+    x: np.ndarray
+    slope: float
+
+
+def _ellipsoidal_hull(problem, variance, rho, max_solves, tol):
     n, m = problem.scores.shape
     scores = problem.scores.ravel()
 
-    scale = max(float(variance.max()), 1e-300)
+    def solve(slope):
+        objective = -variance if slope == np.inf else scores - slope * variance
+        x = _solve(problem, objective)
+        return _HullPoint(float(variance @ x), float(scores @ x), x, slope)
 
-    def best_within(level):
-        # on the scale where variances are ≤ 1, HiGHS's 1e-7 feasibility tolerance is below
-        # `resolution`, so a re-solve just under a level cannot return the same assignment
-        row = scipy.optimize.LinearConstraint((variance / scale)[None], -np.inf, level / scale)
-        try:
-            x = _solve(problem, scores, [row])
-        except InfeasibleError:  # no feasible assignment this concentrated
-            return None
-        return x, float(scores @ x), min(float(variance @ x), level)
+    def robust_value(t, value):
+        return value - rho * np.sqrt(max(t, 0.0))
 
-    def robust_value(x):
-        return float(scores @ x) - rho * float(np.sqrt(variance @ x))
+    def corner_bound(high, low):
+        # the triangle above segment high–low and under both supporting lines; the convex
+        # robust value peaks at one of its vertices, and the endpoints are already scored
+        if low.slope == np.inf:
+            t = low.t
+        else:
+            t = (low.value - high.value + high.slope * high.t - low.slope * low.t) / (high.slope - low.slope)
+            t = min(max(t, low.t), high.t)  # the corner lies between the ends; rounding may not
+        return robust_value(t, high.value + high.slope * (t - high.t))
 
-    per_query = variance.reshape(n, m)
-    lowest = float(per_query.min(axis=1).sum())
-    resolution = 1e-6 * scale
-    best_x, best = None, -np.inf
-    # open τ intervals [low, high] as (−upper bound, low, high); F is solved exactly at `high`
-    pending = [(-np.inf, lowest, float(per_query.max(axis=1).sum()))]
-    solves = 0
-    while pending:
-        pending.sort()
-        if -pending[0][0] <= best + tol or solves >= max_solves:
-            break
-        _, low, high = pending.pop(0)
-        found = best_within(high)
+    top, bottom = solve(0.0), solve(np.inf)
+    solves = 2
+    best = max((top, bottom), key=lambda p: robust_value(p.t, p.value))
+    best_value = robust_value(best.t, best.value)
+    pending = []  # (−bound, order, high-t end, low-t end) of the hull segments still open
+    order = itertools.count()
+
+    def open_segment(high, low):
+        if high.t > low.t and high.value > low.value:  # otherwise high is dominated by low
+            heapq.heappush(pending, (-corner_bound(high, low), next(order), high, low))
+
+    open_segment(top, bottom)
+    closed_slack = 0.0  # a closed segment's points beat its better end by at most its height
+    while pending and -pending[0][0] > best_value + tol and solves < max_solves:
+        _, _, high, low = heapq.heappop(pending)
+        slope = (high.value - low.value) / (high.t - low.t)
+        point = solve(slope)
         solves += 1
-        if found is None:
+        height = point.value - slope * point.t - (high.value - slope * high.t)
+        if height <= tol:  # nothing lies more than `height` above the segment
+            closed_slack = max(closed_slack, height)
             continue
-        x, value, used = found
-        if robust_value(x) > best:
-            best_x, best = x, robust_value(x)
-        # x settles [used, high]; on [low, used) F ≤ value: split it to tighten the bound ρ√low
-        middle = 0.5 * (low + used)
-        for a, b in ((low, middle - resolution), (middle, used - resolution)):
-            if b >= a:
-                pending.append((-(value - rho * np.sqrt(a)), a, b))
-    # assignments with t in a skipped (τ − resolution, τ) gap beat the bound of the interval
-    # above the gap by at most ρ (√τ − √(τ − resolution))
-    slack = rho * (np.sqrt(resolution) if lowest <= resolution else resolution / (2 * np.sqrt(lowest)))
-    open_bound = max([best] + [-b for b, *_ in pending])
-    return _to_assignment(best_x, n, m), EllipsoidalInfo(
-        solves, float(open_bound - best + slack), bool(open_bound <= best + tol))
+        if robust_value(point.t, point.value) > best_value:
+            best, best_value = point, robust_value(point.t, point.value)
+        open_segment(high, point)
+        open_segment(point, low)
+    gap = max([closed_slack] + [-bound - best_value for bound, *_ in pending])
+    return _to_assignment(best.x, n, m), EllipsoidalInfo(solves, float(gap), bool(gap <= tol))
 
 
 def worst_case_value(assignment, scores, sigma, *, kind: str, radius: float, kappa: float = 1.0) -> float:

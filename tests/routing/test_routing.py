@@ -86,7 +86,7 @@ def test_box_equals_nominal_under_per_query_constant_sigma():
         assert total(scores, robust) == pytest.approx(total(scores, nominal), abs=1e-7)
 
 
-@pytest.mark.parametrize("method", ["levels", "kelley"])
+@pytest.mark.parametrize("method", ["hull", "kelley"])
 @pytest.mark.parametrize("seed", range(5))
 def test_ellipsoidal_reaches_brute_force_robust_optimum(seed, method):
     rng = np.random.default_rng(10 + seed)
@@ -99,6 +99,24 @@ def test_ellipsoidal_reaches_brute_force_robust_optimum(seed, method):
     a, info = route_ellipsoidal(scores, sigma, costs, budget, capacity, rho=rho, method=method)
     assert info.converged and info.gap <= 1e-6
     assert worst_case_value(a, scores, sigma, kind="ellipsoidal", radius=rho) == pytest.approx(best, abs=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ellipsoidal_hull_gap_bounds_the_shortfall_when_stopped_early(seed):
+    rng = np.random.default_rng(30 + seed)
+    scores, costs, budget, capacity = random_instance(rng, n=7, m=3)
+    sigma = rng.uniform(0, 0.6, scores.shape)
+    rho = 2.0
+    value = lambda a: worst_case_value(a, scores, sigma, kind="ellipsoidal", radius=rho)  # noqa: E731
+    best, _ = brute_force(value, costs, budget, capacity)
+    stopped_early = 0
+    for max_solves in range(2, 8):
+        a, info = route_ellipsoidal(scores, sigma, costs, budget, capacity, rho=rho, max_solves=max_solves)
+        assert info.num_solves <= max_solves
+        assert best - value(a) <= info.gap + 1e-9
+        stopped_early += not info.converged
+    assert info.converged and best - value(a) <= 1e-6
+    assert stopped_early > 0  # the bound was exercised, not only the converged case
 
 
 @pytest.mark.parametrize("seed", range(5))
