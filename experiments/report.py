@@ -46,6 +46,8 @@ def summarize(run_dir: RunDirectory, methods, title: str) -> str:
             }
             if target is not None:
                 row["tokens to 90% of p^α"] = _tokens_to_target(chosen, target)
+            if any(r.get("all_zero_runs") for r in chosen):
+                row["all-zero runs"] = sum(r["all_zero_runs"] for r in chosen)
             rows.append(row)
         if power_ref:
             ref = [exact[p] for p in {r["problem"] for r in records if r["group"] == group} if p in exact]
@@ -57,6 +59,8 @@ def summarize(run_dir: RunDirectory, methods, title: str) -> str:
     columns = ["group", "method", "problems", "accuracy", "tokens/answer", "acceptance"]
     if exact:
         columns.append("tokens to 90% of p^α")
+    if any("all-zero runs" in row for row in rows):
+        columns.append("all-zero runs")  # SMC runs whose every weight hit zero, scored 0
     table = markdown_table(rows, columns)
     plot_path = _plot(run_dir, records, exact, methods, groups, title)
     text = f"{table}\n\nplot: {plot_path}\nresults: {run_dir.results_path}\n"

@@ -105,7 +105,7 @@ def reward_for(problem, lm, task_item_length, max_new):
 def run_smc(key, lm, problem, method, config, max_new, block_size, reward):
     lam = 0.0 if method == "power_smc" else config["lam"]
     steps = config["rejuvenation_steps"] if method == "reward_smc_rejuv" else 0
-    accuracies, tokens, ess, written = [], [], [], []
+    accuracies, tokens, ess, written, all_zero_runs = [], [], [], [], 0
     for run in range(config["runs"]):
         result = js.smc_decode(
             jax.random.fold_in(key, run), lm, jnp.asarray(problem.prompt, jnp.int32),
@@ -116,13 +116,14 @@ def run_smc(key, lm, problem, method, config, max_new, block_size, reward):
         )
         weights = np.exp(np.asarray(result.log_weights, np.float64))
         passed = grades(problem, result.tokens)
+        all_zero_runs += bool(result.all_zero)  # no particle left to answer: scored 0, and counted
         accuracies.append(float(np.sum(weights * passed)) if not bool(result.all_zero) else 0.0)
         written += [dict(row, run=run) for row in answers(problem, result.tokens, passed, weights)]
         tokens.append(float(result.num_decoded))
         ess.append(float(np.mean(np.asarray(result.ess))))
     accuracy, spent = float(np.mean(accuracies)), float(np.mean(tokens))
     return {"accuracy": accuracy, "tokens": spent, "acceptance": float("nan"), "mean_ess": float(np.mean(ess)),
-            "curve": [[spent, accuracy]], "answers": written}
+            "curve": [[spent, accuracy]], "answers": written, "all_zero_runs": all_zero_runs}
 
 
 def run(run_dir: RunDirectory) -> str:

@@ -91,3 +91,18 @@ def test_summary_fences_each_answer_beyond_its_backticks_and_clips_long_ones():
     assert "`````\ndef f():\n    ```` inside\n`````" in text
     assert "x" * report.EXAMPLE_CHARS + "\n… (5 more characters)\n```" in text
     assert report._examples([{"problem": "p0", "method": "base", "answers": []}], ["base"]) == ""
+
+
+def test_summary_counts_smc_runs_whose_every_weight_hit_zero(tmp_path):
+    from run_directory import RunDirectory
+
+    run_dir = RunDirectory(tmp_path / "out", {"alpha": 4.0, "model": "toy"}, resume=False)
+    for method, all_zero_runs in (("base", None), ("reward_smc", 2)):
+        record = {"key": method, "method": method, "group": "g", "problem": "p0", "accuracy": 0.25,
+                  "tokens": 10.0, "acceptance": None, "curve": [[10.0, 0.25]], "answers": []}
+        if all_zero_runs is not None:
+            record["all_zero_runs"] = all_zero_runs
+        run_dir.append(record)
+    table = report.summarize(run_dir, ["base", "reward_smc"], "t").splitlines()
+    assert table[0].endswith("| all-zero runs |")
+    assert table[2].endswith("|  |") and table[3].endswith("| 2 |")
