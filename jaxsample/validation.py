@@ -3,7 +3,8 @@
 Each check raises `jaxsample.errors.ArgumentError` with one message shape: the argument's
 name, the value it got and the allowed range, e.g.
 `alpha must be a number in (0, inf), got inf`. Values that are traced inside `jit` cannot be
-inspected and pass unchecked; numpy integers count as integers everywhere.
+inspected and pass unchecked; numpy integers count as integers everywhere, and `check_int` and
+`check_real` also take 0-d numpy and JAX arrays (a count or level computed with jnp).
 """
 
 from __future__ import annotations
@@ -23,14 +24,28 @@ def is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def _concrete_int_scalar(value: Any) -> Any:
+    """A 0-d integer array (numpy or concrete JAX) as a numpy integer; anything else unchanged."""
+    if isinstance(value, (np.ndarray, jax.Array)) and not isinstance(value, jax.core.Tracer) and (
+        value.ndim == 0 and np.issubdtype(value.dtype, np.integer)
+    ):
+        return np.asarray(value)[()]
+    return value
+
+
 def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
-    """Returns `value` as a Python int; raises unless it is an integer in `[minimum, maximum]`."""
+    """Returns `value` as a Python int; raises unless it is an integer in `[minimum, maximum]`.
+
+    Python and numpy integers and 0-d integer arrays count; bools and traced values do not.
+    """
+    value = _concrete_int_scalar(value)
     if not is_int(value) or (minimum is not None and value < minimum) or (
         maximum is not None and value > maximum
     ):
         low = "-inf" if minimum is None else minimum
         high = "inf" if maximum is None else maximum
-        raise ArgumentError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+        shown = int(value) if is_int(value) else repr(value)
+        raise ArgumentError(f"{name} must be an integer in [{low}, {high}], got {shown}")
     return int(value)
 
 
@@ -59,6 +74,8 @@ def check_real(name: str, value: Any, interval: str) -> Any:
     """
     if isinstance(value, jax.core.Tracer):
         return value
+    if value is None:  # np.asarray would read None as NaN
+        raise ArgumentError(f"{name} must be a number in {interval}, got None")
     low_ok, high_ok = _OPEN[interval[0]], _CLOSE[interval[-1]]
     low, high = (float(bound) for bound in interval[1:-1].split(","))
     try:

@@ -1,0 +1,45 @@
+"""The shared argument checks: what they accept and how they report what they reject."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsample.errors import ArgumentError
+from jaxsample.training.grpo import policy_loss
+from jaxsample.validation import check_int, check_real
+
+
+@pytest.mark.parametrize("value", [3, np.int64(3), np.array(3), jnp.int32(3), np.array(3, np.int32)])
+def test_check_int_accepts_integer_scalars(value):
+    result = check_int("num_steps", value, 1)
+    assert result == 3 and type(result) is int
+
+
+@pytest.mark.parametrize(
+    "value, shown",
+    [(jnp.int32(0), "got 0"), (np.int64(-2), "got -2"), (True, "got True"), (jnp.array(True), "got Array(True"),
+     (jnp.float32(2.0), "got Array(2."), (jnp.array([3]), "got Array([3]"), (None, "got None")],
+)
+def test_check_int_rejects(value, shown):
+    with pytest.raises(ArgumentError, match=r"num_steps must be an integer in \[1, inf\], ") as error:
+        check_int("num_steps", value, 1)
+    assert shown in str(error.value)
+
+
+def test_check_int_rejects_traced_values():
+    with pytest.raises(ArgumentError, match="num_steps must be an integer"):
+        jax.jit(lambda n: check_int("num_steps", n, 1))(3)
+
+
+@pytest.mark.parametrize("value", [0.1, np.float32(0.1), jnp.float32(0.1), np.array(0.1)])
+def test_check_real_accepts_real_scalars(value):
+    assert check_real("alpha", value, "(0, 1)") is value
+
+
+def test_check_real_names_none():
+    with pytest.raises(ArgumentError, match=r"beta must be a number in \[0, inf\], got None"):
+        check_real("beta", None, "[0, inf]")
+    logp = jnp.zeros((2, 3))
+    with pytest.raises(ArgumentError, match=r"beta must be a number in \[0, inf\], got None"):
+        policy_loss(logp, None, logp, jnp.zeros(2), jnp.ones((2, 3), bool), beta=None)
