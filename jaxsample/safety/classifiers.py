@@ -134,9 +134,12 @@ def annealed_thresholds(unsafe_scores: Array, num_steps: int, scale: float = 0.5
     num_steps = check_int("num_steps", num_steps, 1)
     check_real("scale", scale, "(0, inf)")
     check_real("power", power, "(0, inf)")
-    scores = np.sort(np.asarray(unsafe_scores, np.float64))[::-1]
+    scores = np.asarray(unsafe_scores, np.float64)
     if scores.ndim != 1 or not scores.size:
         raise ArgumentError(f"unsafe_scores must be a non-empty [M] array, got shape {np.shape(unsafe_scores)}")
+    # A NaN would sort last and turn every threshold into NaN: a gate that rejects everything.
+    check_real("unsafe_scores", scores, "(-inf, inf)")
+    scores = np.sort(scores)[::-1]
     rate = scale * np.arange(1, num_steps + 1, dtype=np.float64) ** -power
     admitted = np.floor(rate * scores.size).astype(int)  # unsafe held-out proposals allowed through
     above_all = np.nextafter(np.float32(scores[0]), np.float32(np.inf))

@@ -73,7 +73,10 @@ class Gate(NamedTuple):
 
 
 def _safe_ratio(numerator: Array, denominator: Array) -> Array:
-    return jnp.where(denominator > 0, numerator / jnp.where(denominator > 0, denominator, 1.0), jnp.inf)
+    """m / L, with L = 0 (a constant s) giving inf and an invalid L (negative, NaN) giving 0:
+    an invalid bound certifies nothing."""
+    positive = denominator > 0
+    return jnp.where(positive, numerator / jnp.where(positive, denominator, 1.0), jnp.where(denominator == 0, jnp.inf, 0.0))
 
 
 def record_decision(state: GateState, flat: Array, accepted: Array, candidate_margin: Array) -> GateState:
@@ -168,7 +171,10 @@ def ball_gate(
     def accept(state: GateState, candidate) -> tuple[Array, GateState]:
         flat, _ = ravel_pytree(candidate)
         flat = flat.astype(jnp.float32)
-        accepted = cost(state, flat) <= state.margin
+        # Bounds computed under jit (a chain's local bounds) escape LipschitzBound's check, and a
+        # negative one would make the cost negative, i.e. accept anything.
+        valid_bound = jnp.all(state.lipschitz >= 0)
+        accepted = (cost(state, flat) <= state.margin) & valid_bound
         candidate_margin = jnp.asarray(safety_fn(candidate), jnp.float32) - threshold
         new_state = record_decision(state, flat, accepted, candidate_margin)
         if not chain:

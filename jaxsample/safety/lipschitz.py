@@ -40,6 +40,10 @@ class LipschitzBound:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ArgumentError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        # A negative bound would let the ball gate accept any candidate. JAX also rebuilds this
+        # class with placeholder leaves (None, sentinels, abstract values), which are skipped.
+        if isinstance(self.value, (jax.Array, np.ndarray, np.number, int, float)):
+            check_real("value", self.value, "[0, inf]")
 
 
 def check_group_ids(group_ids, size: int) -> np.ndarray:

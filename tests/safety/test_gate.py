@@ -90,6 +90,30 @@ def test_ball_gate_rejects_mismatched_bound_and_groups():
         safety.LipschitzBound(jnp.float32(1), "guessed")
 
 
+@pytest.mark.parametrize("value", [-2.0, np.nan, [1.0, -0.5], -1])
+def test_lipschitz_bound_rejects_a_negative_or_nan_value(value):
+    with pytest.raises(ArgumentError, match=r"value must be a number in \[0, inf\], got"):
+        safety.LipschitzBound(value if isinstance(value, int) else jnp.asarray(value, jnp.float32), "analytic")
+
+
+@pytest.mark.parametrize("value", [-2.0, np.nan])
+@pytest.mark.parametrize("group_ids", [None, np.zeros(3, int)])
+def test_ball_gate_with_an_invalid_traced_bound_certifies_nothing(value, group_ids):
+    # Computed under jit, the bound escapes LipschitzBound's check: the gate itself must refuse it.
+    shape = () if group_ids is None else (1,)
+    bound = lambda p: safety.LipschitzBound(jnp.full(shape, value) + 0 * jnp.sum(p), "analytic")
+    gate = safety.ball_gate(lambda p: 1.0 - jnp.sum(p**2), bound, chain=True, group_ids=group_ids)
+    accepted, state = jax.jit(lambda x0, x: gate.accept(gate.init(x0), x))(jnp.zeros(3), jnp.full(3, 100.0))
+    assert not bool(accepted) and int(state.false_accepts) == 0
+    assert np.all(np.asarray(state.radius) == 0)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_annealed_thresholds_rejects_non_finite_scores(bad):
+    with pytest.raises(ArgumentError, match=r"unsafe_scores must be a number in \(-inf, inf\), got (nan|inf) \(element \(1,\)\)"):
+        safety.annealed_thresholds(np.array([0.1, bad, 0.3]), 3)
+
+
 def test_classifier_gate_interface_and_annealed_schedule():
     controller = safety.controller_problem(jax.random.key(5), 84)
     problem = controller.problem
