@@ -61,11 +61,9 @@ def aci_init(grid, alpha: float, gamma: float = 0.01, threshold: float | None = 
     """
     grid = csa.check_grid(grid)
     csa.check_unit_interval("alpha", alpha)
-    if not (isinstance(gamma, (int, float)) and gamma > 0):
-        raise ArgumentError(f"gamma must be a number > 0, got {gamma!r}")
+    csa.check_scalar("gamma", gamma, "(0, inf)")
     start = grid[len(grid) // 2] if threshold is None else threshold
-    if not grid[0] <= start <= grid[-1]:
-        raise ArgumentError(f"threshold must lie in [{grid[0]}, {grid[-1]}], got {start!r}")
+    csa.check_scalar("threshold", start, f"[{grid[0]}, {grid[-1]}]")
     return ACIState(*(jnp.float32(x) for x in (start, grid[0], grid[-1], alpha, gamma)))
 
 
@@ -83,7 +81,7 @@ def build_aci_kernel(selective: bool = True):
 
 
 def _check_offline(risks, losses, grid, alpha):
-    risks, losses = csa.check_stream(risks, losses)
+    risks, losses = csa.check_stream(risks, losses, "risks")
     if risks.ndim != 1:
         raise ArgumentError(f"risks and losses must be 1-D calibration arrays, got shape {risks.shape}")
     csa.check_unit_interval("alpha", alpha)

@@ -33,6 +33,7 @@ import numpy as np
 
 from jaxsample.calibration.isotonic import isotonic_fit, isotonic_predict
 from jaxsample.errors import ArgumentError
+from jaxsample.validation import check_int, check_real
 
 Array = jax.Array
 
@@ -80,9 +81,15 @@ class CSAInfo(NamedTuple):
     bet: Array
 
 
+def check_scalar(name: str, value, interval: str) -> None:
+    """Raises unless `value` is a single number (0-d arrays included) in `interval`."""
+    if np.ndim(value) != 0:
+        raise ArgumentError(f"{name} must be a number in {interval}, got an array of shape {np.shape(value)}")
+    check_real(name, value, interval)
+
+
 def check_unit_interval(name: str, value) -> None:
-    if not (isinstance(value, (int, float, np.floating, np.integer)) and 0.0 < float(value) < 1.0):
-        raise ArgumentError(f"{name} must be a number in (0, 1), got {value!r}")
+    check_scalar(name, value, "(0, 1)")
 
 
 def check_grid(grid) -> np.ndarray:
@@ -183,14 +190,17 @@ def build_kernel(sticky: bool = False, selective: bool = True):
     return step
 
 
-def check_stream(scores, losses) -> tuple[np.ndarray, np.ndarray]:
-    """`scores`, `losses` as float arrays of equal shape `[T]` or `[B, T]`, losses in [0, 1], no NaN."""
+def check_stream(scores, losses, name: str = "scores") -> tuple[np.ndarray, np.ndarray]:
+    """`scores`, `losses` as float arrays of equal shape `[T]` or `[B, T]`, losses in [0, 1], no NaN.
+
+    `name` is what the caller calls `scores` (e.g. "risks"), for the messages.
+    """
     scores = np.asarray(scores, np.float64)
     losses = np.asarray(losses, np.float64)
     if scores.shape != losses.shape or scores.ndim not in (1, 2) or scores.shape[-1] == 0:
-        raise ArgumentError(f"scores and losses must have the same shape [T] or [B, T] with T ≥ 1, got {scores.shape} and {losses.shape}")
+        raise ArgumentError(f"{name} and losses must have the same shape [T] or [B, T] with T ≥ 1, got {scores.shape} and {losses.shape}")
     if np.isnan(scores).any():
-        raise ArgumentError(f"scores hold NaN at {np.argwhere(np.isnan(scores))[0].tolist()}")
+        raise ArgumentError(f"{name} hold NaN at {np.argwhere(np.isnan(scores))[0].tolist()}")
     bad = ~((losses >= 0.0) & (losses <= 1.0))
     if bad.any():
         where = np.argwhere(bad)[0]
@@ -244,8 +254,8 @@ def run_stream(step, state, scores, losses, refit_every: int = 100):
       `[B, T, ...]`), and the calibrated risks `[T]` / `[B, T]` the kernel saw.
     """
     scores, losses = check_stream(scores, losses)
-    if not isinstance(refit_every, (int, np.integer)) or refit_every < 1:
-        raise ArgumentError(f"refit_every must be an int ≥ 1, got {refit_every!r}")
+    refit_every = check_int("refit_every", refit_every, 1)
+    _check_state_batch(state, scores.shape)
     batched = scores.ndim == 2
     if batched:
         risks = np.stack([calibrated_risks(s, l, refit_every) for s, l in zip(scores, losses)])
@@ -259,6 +269,26 @@ def run_stream(step, state, scores, losses, refit_every: int = 100):
         infos.append(info)
     infos = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1 if batched else 0), *infos)
     return state, infos, risks
+
+
+def _check_state_batch(state, shape) -> None:
+    """Raises unless `state` is batched exactly when the streams are (`shape` [B, T] vs [T]);
+    vmap and the kernels would otherwise fail with errors that name neither argument."""
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    if len(shape) == 2:
+        batch = shape[0]
+        for path, leaf in leaves:
+            if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != batch:
+                raise ArgumentError(
+                    f"scores are a batch [B={batch}, T={shape[1]}], so state must carry a leading axis of "
+                    f"B={batch}, but state{jax.tree_util.keystr(path)} has shape {jnp.shape(leaf)}; build it "
+                    f"with jax.vmap(lambda _: init(...))(jnp.arange({batch}))")
+    # Every state of this package (CSAState, ACIState) holds a scalar alpha per stream, so a
+    # batched state shows as a batched alpha; other kernels' states are not checked here.
+    elif jnp.ndim(getattr(state, "alpha", 0.0)) != 0:
+        raise ArgumentError(
+            f"scores are one stream [T={shape[0]}], but state is batched (state.alpha has shape "
+            f"{jnp.shape(state.alpha)}); pass scores [B, T] or an unbatched state")
 
 
 @partial(jax.jit, static_argnames=("step", "batched"))

@@ -211,13 +211,42 @@ def test_changing_alpha_does_not_recompile():
         (lambda: csa.run_stream(csa.build_kernel(), csa.init(GRID, 0.1, 0.1), [0.1, float("nan")], [0.0, 0.0]),
          "scores hold NaN"),
         (lambda: csa.run_stream(csa.build_kernel(), csa.init(GRID, 0.1, 0.1), [0.1], [0.0], refit_every=0),
-         "refit_every must be an int ≥ 1, got 0"),
+         "refit_every must be an integer in [1, inf], got 0"),
+        (lambda: csa.run_stream(csa.build_kernel(), csa.init(GRID, 0.1, 0.1), np.zeros((2, 4)), np.zeros((2, 4))),
+         "scores are a batch [B=2, T=4], so state must carry a leading axis of B=2, but state.grid has shape (25,)"),
+        (lambda: csa.run_stream(csa.build_kernel(), jax.vmap(lambda _: csa.init(GRID, 0.1, 0.1))(jnp.arange(3)),
+                                np.zeros((2, 4)), np.zeros((2, 4))),
+         "but state.grid has shape (3, 25)"),
+        (lambda: csa.run_stream(csa.build_kernel(), jax.vmap(lambda _: csa.init(GRID, 0.1, 0.1))(jnp.arange(2)),
+                                np.zeros(4), np.zeros(4)),
+         "scores are one stream [T=4], but state is batched (state.alpha has shape (2,))"),
+        (lambda: csa.run_stream(baselines.build_aci_kernel(), jax.vmap(lambda _: baselines.aci_init(GRID, 0.1))(jnp.arange(2)),
+                                np.zeros(4), np.zeros(4)),
+         "but state is batched (state.alpha has shape (2,))"),
         (lambda: baselines.ltt_fit([0.1, 0.2], [0.0, 0.5], GRID, 0.1, 0.1), "ltt_fit needs binary losses"),
         (lambda: baselines.crc_fit([0.1, 0.2], [0.0, 2.0], GRID, 0.1), "losses must lie in [0, 1]"),
-        (lambda: baselines.aci_init(GRID, 0.1, gamma=0.0), "gamma must be a number > 0, got 0.0"),
+        (lambda: baselines.crc_fit([0.1, 0.2], [0.0], GRID, 0.1), "risks and losses must have the same shape"),
+        (lambda: baselines.ltt_fit([0.1, float("nan")], [0.0, 1.0], GRID, 0.1, 0.1), "risks hold NaN"),
+        (lambda: baselines.aci_init(GRID, 0.1, gamma=0.0), "gamma must be a number in (0, inf), got 0.0"),
+        (lambda: baselines.aci_init(GRID, 0.1, gamma=float("inf")), "gamma must be a number in (0, inf), got inf"),
+        (lambda: baselines.aci_init(GRID, 0.1, gamma=True), "gamma must be a number in (0, inf), got True"),
+        (lambda: baselines.aci_init(GRID, 0.1, threshold=0.9), "threshold must be a number in [0.02, 0.5], got 0.9"),
+        (lambda: csa.init(GRID, None, 0.1), "alpha must be a number in (0, 1), got None"),
+        (lambda: csa.init(GRID, jnp.array([0.1, 0.2]), 0.1), "alpha must be a number in (0, 1), got an array of shape (2,)"),
     ],
 )
 def test_argument_errors_are_clear(call, message):
     with pytest.raises(ArgumentError) as error:
         call()
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("scalar", [jnp.float32, np.float32, np.array])
+def test_scalar_arrays_are_accepted(scalar):
+    state = csa.init(GRID, scalar(0.1), scalar(0.1), c=scalar(0.5))
+    assert float(state.alpha) == pytest.approx(0.1)
+    aci = baselines.aci_init(GRID, scalar(0.1), scalar(0.01), threshold=scalar(0.2))
+    assert float(aci.gamma) == pytest.approx(0.01) and float(aci.threshold) == pytest.approx(0.2)
+    assert baselines.ltt_fit([0.1, 0.2], [0.0, 1.0], GRID, scalar(0.5), scalar(0.5)) >= -1
+    _, infos, _ = csa.run_stream(csa.build_kernel(), state, [0.1, 0.2], [0.0, 1.0], refit_every=jnp.int32(1))
+    assert infos.action.shape == (2,)
