@@ -9,6 +9,7 @@ import pytest
 from scipy import stats
 
 from jaxsample.calibration import baselines, binomial_p_value, csa, fixed_sequence, isotonic_fit, isotonic_predict
+from jaxsample.errors import ArgumentError
 
 GRID = np.linspace(0.02, 0.5, 25)
 
@@ -24,6 +25,31 @@ def test_fixed_sequence_returns_last_rejected():
     assert int(fixed_sequence(jnp.array([0.01, 0.02, 0.2, 0.01]), 0.05)) == 1
     assert int(fixed_sequence(jnp.array([0.3, 0.01]), 0.05)) == -1
     assert int(fixed_sequence(jnp.array([0.01, 0.01]), 0.05)) == 1
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: binomial_p_value(3, 10, 1.5), "level must be a number in (0, 1), got 1.5"),
+        (lambda: binomial_p_value(3, 10, 0.0), "level must be a number in (0, 1), got 0.0"),
+        (lambda: binomial_p_value(-3, 10, 0.1), "num_losses must be a number in [0, inf), got -3.0"),
+        (lambda: binomial_p_value(3, float("nan"), 0.1), "num_trials must be a number in [0, inf), got nan"),
+        (lambda: binomial_p_value(12, 10, 0.1), "num_losses must be ≤ num_trials, got 12 losses in 10 trials"),
+        (lambda: binomial_p_value(np.array([1, 12]), 10, 0.1), "got 12 losses in 10 trials (element (1,))"),
+        (lambda: fixed_sequence(jnp.array([[0.01, 0.5], [0.01, 0.01]]), 0.05), "p_values must be a 1-D sequence [J] in testing order, got shape (2, 2)"),
+        (lambda: fixed_sequence(jnp.array(0.01), 0.05), "got shape ()"),
+        (lambda: fixed_sequence(jnp.array([0.9, 0.9]), 1.5), "delta must be a number in (0, 1), got 1.5"),
+    ],
+)
+def test_ltt_pieces_reject_bad_arguments(call, message):
+    with pytest.raises(ArgumentError) as error:
+        call()
+    assert message in str(error.value)
+
+
+def test_ltt_pieces_still_trace():
+    assert float(jax.jit(binomial_p_value)(0, 0, 0.1)) == 1.0
+    assert int(jax.jit(fixed_sequence)(jnp.array([0.01, 0.2]), 0.05)) == 0
 
 
 def test_isotonic_fit_is_the_least_squares_monotone_fit():
