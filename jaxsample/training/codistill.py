@@ -31,6 +31,7 @@ from jaxsample.training.grpo import (
     LOG_RATIO_CLAMP,
     PolicyLossMetrics,
     as_float,
+    check_shape_of,
     group_advantages,
     masked_mean,
     policy_loss,
@@ -68,8 +69,10 @@ def kd_reward(logp_large: Array, logp_small: Array, mask: Array) -> Array:
     Returns:
       float32 `[S, N]`, stop-gradiented, 0 on padding.
     """
-    difference = as_float(logp_large) - as_float(logp_small)
-    return jax.lax.stop_gradient(difference) * as_float(mask)
+    logp_large = as_float(logp_large)
+    logp_small = check_shape_of("logp_small", logp_small, "logp_large", logp_large.shape)
+    mask = check_shape_of("mask", mask, "logp_large", logp_large.shape)
+    return jax.lax.stop_gradient(logp_large - logp_small) * mask
 
 
 def small_model_advantages(
@@ -97,7 +100,10 @@ def small_model_advantages(
     check_choice("combine", combine, KD_COMBINES)
     check_real("lam", lam, "[0, inf]")
     rewards = as_float(rewards)
-    mask = as_float(mask)
+    kd = as_float(kd)
+    if kd.ndim != 2:
+        raise ArgumentError(f"kd must have shape [S, N], got {kd.shape}")
+    mask = check_shape_of("mask", mask, "kd", kd.shape)
     if kd.shape[0] != rewards.size:
         raise ArgumentError(f"kd has {kd.shape[0]} rows but rewards hold {rewards.size} completions {rewards.shape}")
     if combine == "token":
@@ -130,10 +136,12 @@ def importance_weights(
     """
     check_choice("level", level, WEIGHT_LEVELS)
     check_real("cap", cap, "(0, inf]")
-    mask = as_float(mask)
+    logp_large_old = as_float(logp_large_old)
+    logp_small_old = check_shape_of("logp_small_old", logp_small_old, "logp_large_old", logp_large_old.shape)
+    mask = check_shape_of("mask", mask, "logp_large_old", logp_large_old.shape)
     if level == "none":
         return mask
-    log_ratio = as_float(logp_large_old) - as_float(logp_small_old)
+    log_ratio = logp_large_old - logp_small_old
     log_ratio = jnp.clip(log_ratio * mask, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     if level == "sequence":
         log_ratio = jnp.broadcast_to(log_ratio.sum(axis=1, keepdims=True) / jnp.maximum(mask.sum(axis=1, keepdims=True), 1.0), mask.shape)
@@ -182,6 +190,12 @@ def small_loss(
     Returns:
       `(loss, (PolicyLossMetrics, mean KD reward per real token))`.
     """
+    # Checked here so that errors name this function's arguments, not kd_reward's.
+    logp = as_float(logp)
+    if logp.ndim != 2:
+        raise ArgumentError(f"logp must have shape [S, N], got {logp.shape}")
+    logp_large_old = check_shape_of("logp_large_old", logp_large_old, "logp", logp.shape)
+    mask = check_shape_of("mask", mask, "logp", logp.shape)
     kd = kd_reward(logp_large_old, logp, mask)
     advantages = small_model_advantages(rewards, kd, mask, lam, combine, advantage_mode, eps_std)
     logp_ref = loss_kwargs.pop("logp_ref", None)
@@ -219,11 +233,19 @@ def large_loss(
     Returns:
       `(loss, (PolicyLossMetrics, ImportanceWeightStats))`.
     """
+    # Checked here so that errors name this function's arguments, not importance_weights'.
+    logp = as_float(logp)
+    if logp.ndim != 2:
+        raise ArgumentError(f"logp must have shape [S, N], got {logp.shape}")
+    if logp_old is not None:
+        logp_old = check_shape_of("logp_old", logp_old, "logp", logp.shape)
+    logp_small_old = check_shape_of("logp_small_old", logp_small_old, "logp", logp.shape)
+    mask = check_shape_of("mask", mask, "logp", logp.shape)
+    advantages = as_float(advantages)
+    if advantages.shape != logp.shape[:1]:
+        raise ArgumentError(f"advantages must have shape [S] = {logp.shape[:1]}, got {advantages.shape}")
     behaviour = jax.lax.stop_gradient(logp if logp_old is None else logp_old)
     weights = importance_weights(behaviour, logp_small_old, mask, cap, level)
-    advantages = as_float(advantages)
-    if advantages.ndim == 1:
-        advantages = advantages[:, None]
     logp_ref = loss_kwargs.pop("logp_ref", None)
-    loss, metrics = policy_loss(logp, logp_old, logp_ref, weights * advantages, mask, **loss_kwargs)
+    loss, metrics = policy_loss(logp, logp_old, logp_ref, weights * advantages[:, None], mask, **loss_kwargs)
     return loss, (metrics, importance_weight_stats(weights, mask, cap))

@@ -57,11 +57,33 @@ def as_float(x) -> Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+def check_shape_of(name: str, value, reference: str, shape: tuple[int, ...]) -> Array:
+    """`value` as a float array (see `as_float`); raises unless its shape is `shape`, that of `reference`.
+
+    Per-token arrays that are off by one slot would otherwise broadcast silently or fail
+    inside XLA without naming the argument.
+    """
+    value = as_float(value)
+    if value.shape != tuple(shape):
+        raise ArgumentError(f"{name} must have the shape {tuple(shape)} of {reference}, got {value.shape}")
+    return value
+
+
+def _as_rewards(rewards) -> Array:
+    """`rewards` as a float `[B, G]` array with G ≥ 2; concrete rewards must be finite."""
+    rewards = as_float(rewards)
+    if rewards.ndim != 2 or rewards.shape[1] < 2:
+        raise ArgumentError(f"rewards must have shape [B, G] with G >= 2 completions per prompt, got {rewards.shape}")
+    # One NaN (e.g. from a failing grader) would turn its whole group's advantages into NaN.
+    check_real("rewards", rewards, "(-inf, inf)")
+    return rewards
+
+
 def group_advantages(rewards: Array, mode: str = "grpo", eps: float = 1e-6) -> Array:
     """Group-relative advantages A_i shared by every token of completion i.
 
     Args:
-      rewards: float `[B, G]`, G ≥ 2 completions of each of B prompts.
+      rewards: float `[B, G]`, G ≥ 2 completions of each of B prompts, finite.
       mode: "grpo": (r − mean_g r) / (std_g r + eps) with the sample std (ddof 1, as TRL);
         "dr_grpo": r − mean_g r (no std scaling, which biases updates by difficulty);
         "batch_std": (r − mean_g r) / (std of all B·G rewards (ddof 1) + eps).
@@ -71,9 +93,7 @@ def group_advantages(rewards: Array, mode: str = "grpo", eps: float = 1e-6) -> A
       float32 `[B, G]`; a group of identical rewards gets A = 0 (see `zero_variance_fraction`).
     """
     check_choice("mode", mode, ADVANTAGE_MODES)
-    rewards = as_float(rewards)
-    if rewards.ndim != 2 or rewards.shape[1] < 2:
-        raise ArgumentError(f"rewards must have shape [B, G] with G >= 2 completions per prompt, got {rewards.shape}")
+    rewards = _as_rewards(rewards)
     check_real("eps", eps, "[0, inf]")
     centred = rewards - rewards.mean(axis=1, keepdims=True)
     if mode == "dr_grpo":
@@ -95,8 +115,8 @@ def _constant_groups(rewards: Array) -> Array:
 
 
 def zero_variance_fraction(rewards: Array) -> Array:
-    """Fraction of the B groups (rows of `rewards [B, G]`) whose G rewards are all equal."""
-    return jnp.mean(_constant_groups(as_float(rewards)).astype(jnp.float32))
+    """Fraction of the B groups (rows of `rewards [B, G]`, G ≥ 2) whose G rewards are all equal."""
+    return jnp.mean(_constant_groups(_as_rewards(rewards)).astype(jnp.float32))
 
 
 def kl_term(logp: Array, logp_ref: Array, logp_old: Array | None = None, kind: str = "k3_loss") -> Array:
@@ -120,19 +140,20 @@ def kl_term(logp: Array, logp_ref: Array, logp_old: Array | None = None, kind: s
 
     Args:
       logp: float `[...]` log π_θ of the sampled tokens (differentiable).
-      logp_ref: float `[...]` log π_ref (treated as a constant).
-      logp_old: float `[...]` log π_old of the sampling policy (constant); "k3_ratio_loss" only.
+      logp_ref: float, the shape of `logp`: log π_ref (treated as a constant).
+      logp_old: float, the shape of `logp`: log π_old of the sampling policy (constant); "k3_ratio_loss" only.
       kind: one of `KL_KINDS`.
 
     Returns:
       float32 `[...]`, the per-token penalty (0 where the inputs are padding zeros only if the
       caller masks it; `policy_loss` does).
     """
-    check_choice("kl_kind", kind, KL_KINDS)
+    check_choice("kind", kind, KL_KINDS)
     logp = as_float(logp)
     if kind == "none":
         return jnp.zeros_like(logp)
-    d = jnp.clip(jax.lax.stop_gradient(as_float(logp_ref)) - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    logp_ref = check_shape_of("logp_ref", logp_ref, "logp", logp.shape)
+    d = jnp.clip(jax.lax.stop_gradient(logp_ref) - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     if kind == "k1_reward":
         return -d
     if kind == "k2_loss":
@@ -141,8 +162,9 @@ def kl_term(logp: Array, logp_ref: Array, logp_old: Array | None = None, kind: s
     if kind == "k3_loss":
         return k3
     if logp_old is None:
-        raise ArgumentError("kl_kind 'k3_ratio_loss' needs logp_old (the sampling policy's log-probs)")
-    log_w = jnp.clip(logp - jax.lax.stop_gradient(as_float(logp_old)), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        raise ArgumentError("kind 'k3_ratio_loss' needs logp_old (the sampling policy's log-probs)")
+    logp_old = check_shape_of("logp_old", logp_old, "logp", logp.shape)
+    log_w = jnp.clip(logp - jax.lax.stop_gradient(logp_old), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return jnp.exp(log_w) * k3
 
 
@@ -160,6 +182,8 @@ def k1_reward_to_go(logp: Array, logp_ref: Array, mask: Array) -> Array:
     Returns:
       float32 `[S, N]`, 0 on padding.
     """
+    logp = as_float(logp)
+    mask = check_shape_of("mask", mask, "logp", logp.shape)
     k1 = jax.lax.stop_gradient(kl_term(logp, logp_ref, kind="k1_reward")) * mask
     to_go = jnp.flip(jnp.cumsum(jnp.flip(k1, axis=-1), axis=-1), axis=-1)
     return to_go * mask
@@ -199,8 +223,8 @@ def token_weights(mask: Array, aggregation: str = "seq_mean_token_mean") -> Arra
 
 
 def masked_mean(values: Array, mask: Array) -> Array:
-    """Mean of `values` over the tokens where `mask` is 1 (0 when the mask is empty)."""
-    mask = as_float(mask)
+    """Mean of `values` over the tokens where `mask` (the shape of `values`) is 1 (0 when it is empty)."""
+    mask = check_shape_of("mask", mask, "values", jnp.shape(values))
     return jnp.sum(values * mask) / jnp.maximum(mask.sum(), 1.0)
 
 
@@ -253,12 +277,18 @@ def policy_loss(
     if kl_kind != "none" and logp_ref is None:
         raise ArgumentError(f"kl_kind {kl_kind!r} needs logp_ref")
     mask = as_float(mask)
+    if logp_old is not None:
+        logp_old = check_shape_of("logp_old", logp_old, "logp", logp.shape)
+    if logp_ref is not None:
+        logp_ref = check_shape_of("logp_ref", logp_ref, "logp", logp.shape)
+    if entropy is not None:
+        entropy = check_shape_of("entropy", entropy, "logp", logp.shape)
     advantages = as_float(advantages)
     if advantages.shape == logp.shape[:1]:
         advantages = advantages[:, None]
     elif advantages.shape != logp.shape:
         raise ArgumentError(f"advantages must have shape [S] or [S, N] = {logp.shape}, got {advantages.shape}")
-    old = jax.lax.stop_gradient(logp if logp_old is None else as_float(logp_old))
+    old = jax.lax.stop_gradient(logp if logp_old is None else logp_old)
     log_ratio = jnp.clip(logp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = jnp.exp(log_ratio)
     if kl_kind == "k1_reward":
@@ -277,6 +307,6 @@ def policy_loss(
         mean_ratio=masked_mean(jnp.exp(stopped_log_ratio), mask),
         approx_kl=masked_mean(jnp.exp(stopped_log_ratio) - 1.0 - stopped_log_ratio, mask),
         kl=masked_mean(jax.lax.stop_gradient(kl), mask),
-        entropy=masked_mean(jax.lax.stop_gradient(-logp if entropy is None else as_float(entropy)), mask),
+        entropy=masked_mean(jax.lax.stop_gradient(-logp if entropy is None else entropy), mask),
     )
     return loss, metrics

@@ -117,3 +117,30 @@ def test_kd_advantage_combinations():
 def test_bad_arguments_raise(call, message):
     with pytest.raises(ArgumentError, match=message):
         call()
+
+
+_LOGP, _MASK = -jnp.ones((4, 3)), jnp.ones((4, 3))
+_SHORT = -jnp.ones((4, 2))  # off by one token slot
+_REWARDS = jnp.asarray([[1.0, 0.0], [0.0, 1.0]])
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: kd_reward(_LOGP, _SHORT, _MASK), r"logp_small must have the shape \(4, 3\) of logp_large, got \(4, 2\)"),
+        (lambda: kd_reward(_LOGP, _LOGP, _SHORT), "mask"),
+        (lambda: importance_weights(_LOGP, _SHORT, _MASK), "logp_small_old"),
+        (lambda: importance_weights(_LOGP, _LOGP, _SHORT, level="none"), "mask"),
+        (lambda: small_model_advantages(_REWARDS, _LOGP, _SHORT, 0.1), "mask"),
+        (lambda: small_model_advantages(_REWARDS, _LOGP[:, 0], _MASK[:, 0], 0.1), r"kd must have shape \[S, N\]"),
+        (lambda: small_loss(_LOGP, None, _SHORT, _REWARDS, _MASK), r"logp_large_old .* of logp"),
+        (lambda: small_loss(_LOGP, None, _LOGP, _REWARDS, _MASK, logp_ref=_SHORT, kl_kind="k3_loss", beta=0.1), "logp_ref"),
+        (lambda: large_loss(_LOGP, _SHORT, _LOGP, jnp.zeros(4), _MASK), r"logp_old .* of logp"),
+        (lambda: large_loss(_LOGP, None, _SHORT, jnp.zeros(4), _MASK), r"logp_small_old .* of logp,"),
+        (lambda: large_loss(_LOGP, None, _LOGP, jnp.zeros(4), _SHORT), "mask"),
+        (lambda: large_loss(_LOGP, None, _LOGP, _REWARDS, _MASK), r"advantages must have shape \[S\] = \(4,\), got \(2, 2\)"),
+    ],
+)
+def test_per_token_shapes_are_checked(call, message):
+    with pytest.raises(ArgumentError, match=message):
+        call()

@@ -10,6 +10,7 @@ from jaxsample.training import (
     group_advantages,
     k1_reward_to_go,
     kl_term,
+    masked_mean,
     policy_loss,
     token_weights,
     zero_variance_fraction,
@@ -193,7 +194,7 @@ def test_k1_reward_to_go_sums_the_future():
         (lambda: group_advantages(jnp.zeros((3, 1))), "G >= 2"),
         (lambda: group_advantages(jnp.zeros((3, 2)), mode="ppo"), "mode"),
         (lambda: group_advantages(jnp.zeros((3, 2)), eps=-1.0), "eps"),
-        (lambda: kl_term(jnp.zeros(2), jnp.zeros(2), kind="k4"), "kl_kind"),
+        (lambda: kl_term(jnp.zeros(2), jnp.zeros(2), kind="k4"), "^kind must be one of"),
         (lambda: kl_term(jnp.zeros(2), jnp.zeros(2), kind="k3_ratio_loss"), "logp_old"),
         (lambda: policy_loss(jnp.zeros((1, 2)), None, None, jnp.zeros(1), jnp.ones((1, 2)), eps_low=1.0), "eps_low"),
         (lambda: policy_loss(jnp.zeros((1, 2)), None, None, jnp.zeros(1), jnp.ones((1, 2)), eps_high=-0.1), "eps_high"),
@@ -206,3 +207,33 @@ def test_k1_reward_to_go_sums_the_future():
 def test_bad_arguments_raise(call, message):
     with pytest.raises(ArgumentError, match=message):
         call()
+
+
+_LOGP, _MASK = -jnp.ones((4, 3)), jnp.ones((4, 3))
+_SHORT = -jnp.ones((4, 2))  # off by one token slot
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: policy_loss(_LOGP, _SHORT, None, jnp.zeros(4), _MASK), r"logp_old must have the shape \(4, 3\) of logp, got \(4, 2\)"),
+        (lambda: policy_loss(_LOGP, None, _LOGP[0], jnp.zeros(4), _MASK, beta=0.1, kl_kind="k3_loss"), r"logp_ref .* got \(3,\)"),
+        (lambda: policy_loss(_LOGP, None, None, jnp.zeros(4), _MASK, entropy=_SHORT), "entropy"),
+        (lambda: kl_term(_LOGP, _SHORT), "logp_ref"),
+        (lambda: kl_term(_LOGP, _LOGP, _SHORT, kind="k3_ratio_loss"), "logp_old"),
+        (lambda: k1_reward_to_go(_LOGP, _SHORT, _MASK), "logp_ref"),
+        (lambda: k1_reward_to_go(_LOGP, _LOGP, _MASK[:, :1]), "mask"),
+        (lambda: masked_mean(_LOGP, _MASK[:, :1]), r"mask must have the shape \(4, 3\) of values"),
+        (lambda: group_advantages(jnp.asarray([[1.0, jnp.nan], [0.0, 1.0]])), r"rewards .* got nan \(element \(0, 1\)\)"),
+        (lambda: group_advantages([[1.0, float("inf")], [0.0, 1.0]]), "rewards"),
+        (lambda: zero_variance_fraction(jnp.ones(8)), r"rewards must have shape \[B, G\]"),
+    ],
+)
+def test_per_token_shapes_and_rewards_are_checked(call, message):
+    with pytest.raises(ArgumentError, match=message):
+        call()
+
+
+def test_reward_values_are_not_checked_under_jit():
+    rewards = jnp.asarray([[1.0, jnp.nan], [0.0, 1.0]])
+    assert bool(jnp.isnan(jax.jit(group_advantages)(rewards)[0]).all())
