@@ -30,6 +30,8 @@ import optax
 import scipy
 
 from jaxsample.errors import ArgumentError
+from jaxsample.training.grpo import as_float, check_shape_of
+from jaxsample.validation import check_int, check_real
 
 Array = jax.Array
 
@@ -56,6 +58,26 @@ def check_propensities(propensity) -> None:
         raise ArgumentError(f"propensities must lie in (0, 1]; found {values[bad].ravel()[0]} at index {int(np.flatnonzero(bad.ravel())[0])}")
 
 
+def check_binary(name: str, labels) -> None:
+    """Raises `ArgumentError` unless every (concrete) label is 0 or 1 (±1 labels are a common slip)."""
+    if isinstance(labels, jax.core.Tracer):
+        return
+    values = np.asarray(labels)
+    if values.dtype == bool:
+        return
+    check_real(name, values, "[-inf, inf]")
+    bad = (values != 0) & (values != 1)
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ArgumentError(f"{name} must be labels in {{0, 1}}, got {values[bad].ravel()[0].item()!r} (element {index})")
+
+
+def _per_item(logits, **arrays) -> list[Array]:
+    """Each of `arrays` as a float array, checked to have the `[N]` shape of `logits`."""
+    shape = jnp.shape(logits)
+    return [check_shape_of(name, value, "logits", shape) for name, value in arrays.items()]
+
+
 def bce(logits: Array, labels: Array) -> Array:
     """Per-item binary cross-entropy of logits against labels in {0, 1} (or [0, 1]), stable."""
     return jax.nn.softplus(logits) - labels * logits
@@ -76,14 +98,16 @@ def corrected_bce(logits: Array, noisy_labels: Array, a, b) -> Array:
 
 
 def naive_loss(logits: Array, observed: Array, noisy_labels: Array) -> Array:
-    """Plain BCE on the observed items (ignores selection and noise)."""
-    observed = observed.astype(jnp.float32)
+    """Plain BCE on the observed items (ignores selection and noise); every argument is `[N]`."""
+    logits = as_float(logits)
+    observed, noisy_labels = _per_item(logits, observed=observed, noisy_labels=noisy_labels)
     return jnp.sum(observed * bce(logits, noisy_labels)) / jnp.maximum(observed.sum(), 1.0)
 
 
 def noise_corrected_loss(logits: Array, observed: Array, noisy_labels: Array, a, b) -> Array:
-    """Corrected BCE on the observed items: fixes the flips, not the selection."""
-    observed = observed.astype(jnp.float32)
+    """Corrected BCE on the observed items: fixes the flips, not the selection; arrays are `[N]`."""
+    logits = as_float(logits)
+    observed, noisy_labels = _per_item(logits, observed=observed, noisy_labels=noisy_labels)
     return jnp.sum(observed * corrected_bce(logits, noisy_labels, a, b)) / jnp.maximum(observed.sum(), 1.0)
 
 
@@ -91,10 +115,12 @@ def ips_loss(logits, observed, noisy_labels, propensity, a=0.0, b=0.0, clip: flo
     """(1/N) Σ_i o_i ℓ̃(f(x_i), ỹ_i) / max(p̂_i, clip); a = b = 0 gives IPS without noise correction.
 
     Unbiased for the clean full-data loss (1/N) Σ ℓ(f(x_i), y_i) when p̂ = p, the flip rates
-    are right and the clip is inactive.
+    are right and the clip is inactive. `logits`, `observed`, `noisy_labels` and `propensity` are `[N]`.
     """
     check_propensities(propensity)
-    weights = observed.astype(jnp.float32) / jnp.maximum(propensity, clip)
+    logits = as_float(logits)
+    observed, noisy_labels, propensity = _per_item(logits, observed=observed, noisy_labels=noisy_labels, propensity=propensity)
+    weights = observed / jnp.maximum(propensity, clip)
     return jnp.mean(weights * corrected_bce(logits, noisy_labels, a, b))
 
 
@@ -105,15 +131,20 @@ def dr_loss(logits, observed, noisy_labels, propensity, imputed, a, b, clip: flo
     imputation="corrected" (default, a **reconstruction**): ê_i = q_i ℓ̃(f, 1) + (1 − q_i) ℓ̃(f, 0),
     which equals E[ℓ̃ | x_i] when q is right, so the loss is unbiased when either p̂ or q is.
     imputation="plain" (the reference code): ê_i = BCE(f, q_i), unbiased only through p̂.
+    Every array argument is `[N]`.
     """
     check_propensities(propensity)
+    logits = as_float(logits)
+    observed, noisy_labels, propensity, imputed = _per_item(
+        logits, observed=observed, noisy_labels=noisy_labels, propensity=propensity, imputed=imputed
+    )
     if imputation == "corrected":
         error = imputed * corrected_bce(logits, 1.0, a, b) + (1.0 - imputed) * corrected_bce(logits, 0.0, a, b)
     elif imputation == "plain":
         error = bce(logits, imputed)
     else:
         raise ArgumentError(f"imputation must be 'corrected' or 'plain', got {imputation!r}")
-    weights = observed.astype(jnp.float32) / jnp.maximum(propensity, clip)
+    weights = observed / jnp.maximum(propensity, clip)
     return jnp.mean(error + weights * (corrected_bce(logits, noisy_labels, a, b) - error))
 
 
@@ -157,15 +188,21 @@ def selection_propensity(rating, selection_strength: float, observation_rate: fl
 
 
 def simulate(key: Array, clean, propensity, a: float, b: float) -> Simulation:
-    """Draws o ~ Bernoulli(p) and flips observed labels with rates (a, b)."""
+    """Draws o ~ Bernoulli(p) and flips observed labels with rates (a, b).
+
+    `clean` holds the true preferences y ∈ {0, 1} (not ratings: those go to
+    `selection_propensity`); `propensity` has its shape.
+    """
     check_flip_rates(a, b)
     check_propensities(propensity)
+    check_binary("clean", clean)
     clean = jnp.asarray(clean, jnp.int32)
+    propensity = check_shape_of("propensity", propensity, "clean", clean.shape)
     observe_key, flip_key = jax.random.split(key)
     observed = jax.random.uniform(observe_key, clean.shape) < propensity
     flip = jax.random.uniform(flip_key, clean.shape) < jnp.where(clean == 1, b, a)
     noisy = jnp.where(observed & flip, 1 - clean, clean)
-    return Simulation(clean, observed, noisy, jnp.asarray(propensity, jnp.float32))
+    return Simulation(clean, observed, noisy, propensity.astype(jnp.float32))
 
 
 # ---------------------------------------------------------------------------------------
@@ -285,9 +322,21 @@ class RewardEvaluation(NamedTuple):
 
 
 def evaluate_reward(probabilities, clean, bins: int = 10) -> RewardEvaluation:
-    """Accuracy, AUROC, BCE, ECE and bias of predicted probabilities against clean labels."""
-    p = np.clip(np.asarray(probabilities, np.float64), 1e-7, 1 - 1e-7)
-    y = np.asarray(clean, np.float64)
+    """Accuracy, AUROC, BCE, ECE and bias of predicted probabilities against clean labels.
+
+    Args:
+      probabilities: `[N]` predicted P(y = 1 | x) in [0, 1] (apply a sigmoid to logits first).
+      clean: `[N]` labels in {0, 1}.
+      bins: number of ECE bins, ≥ 1.
+    """
+    check_int("bins", bins, 1)
+    check_real("probabilities", probabilities, "[0, 1]")
+    check_binary("clean", clean)
+    p, y = np.asarray(probabilities, np.float64), np.asarray(clean, np.float64)
+    if p.ndim != 1 or p.shape != y.shape or len(p) == 0:
+        raise ArgumentError(f"probabilities and clean must both have the same shape [N], N >= 1, got {p.shape} and {y.shape}")
+    # Only so that the log in the BCE stays finite: out-of-range input was rejected above.
+    p = np.clip(p, 1e-7, 1 - 1e-7)
     ranks = scipy.stats.rankdata(p)
     positives = y.sum()
     negatives = len(y) - positives

@@ -155,3 +155,48 @@ def test_fit_head_learns_a_linear_rule_and_stops_early():
     )
     accuracy = np.mean((np.asarray(head.logits(x[300:])) > 0) == (y[300:] > 0.5))
     assert accuracy > 0.9
+
+
+@pytest.mark.parametrize(
+    "probabilities, clean, message",
+    [
+        ([-3.0, 2.0, 5.0, -1.0], [0, 1, 1, 0], r"probabilities must be a number in \[0, 1\], got -3.0"),  # logits
+        ([0.1, np.nan, 0.8, 0.2], [0, 1, 1, 0], "probabilities"),
+        ([0.1, 0.9, 0.8, 0.2], [-1, 1, 1, -1], r"clean must be labels in \{0, 1\}, got -1"),
+        ([0.1, 0.9, 0.8, 0.2], [0, 0.5, 1, 0], "clean"),
+        ([0.1, 0.9, 0.8], [0, 1, 1, 0], r"same shape \[N\].*\(3,\) and \(4,\)"),
+        ([[0.1, 0.9]], [[0, 1]], r"same shape \[N\]"),
+        ([], [], "N >= 1"),
+    ],
+)
+def test_evaluate_reward_rejects_logits_bad_labels_and_mismatched_lengths(probabilities, clean, message):
+    with pytest.raises(ArgumentError, match=message):
+        causalrm.evaluate_reward(np.asarray(probabilities), np.asarray(clean))
+
+
+def test_losses_accept_lists_and_check_per_item_shapes():
+    logits, observed, labels, propensity = [0.0, 1.0, -1.0], [True, False, True], [1, 0, 1], [0.5, 0.5, 0.5]
+    arrays = [jnp.asarray(x) for x in (logits, observed, labels, propensity)]
+    for lists, array in [
+        (causalrm.naive_loss(logits, observed, labels), causalrm.naive_loss(*arrays[:3])),
+        (causalrm.noise_corrected_loss(logits, observed, labels, 0.1, 0.2), causalrm.noise_corrected_loss(*arrays[:3], 0.1, 0.2)),
+        (causalrm.ips_loss(logits, observed, labels, propensity), causalrm.ips_loss(*arrays)),
+        (causalrm.dr_loss(logits, observed, labels, propensity, propensity, 0.1, 0.2), causalrm.dr_loss(*arrays, arrays[3], 0.1, 0.2)),
+    ]:
+        np.testing.assert_allclose(lists, array, rtol=1e-6)
+    with pytest.raises(ArgumentError, match=r"noisy_labels must have the shape \(3,\) of logits"):
+        causalrm.naive_loss(logits, observed, labels[:2])
+    with pytest.raises(ArgumentError, match="imputed"):
+        causalrm.dr_loss(logits, observed, labels, propensity, jnp.full((3, 1), 0.5), 0.1, 0.2)
+
+
+@pytest.mark.parametrize(
+    "clean, propensity, message",
+    [
+        ([1, 2, 3, 4, 5], np.full(5, 0.9), r"clean must be labels in \{0, 1\}, got 2"),  # ratings, not preferences
+        ([0, 1, 1], np.full(2, 0.9), r"propensity must have the shape \(3,\) of clean"),
+    ],
+)
+def test_simulate_rejects_non_binary_clean_labels_and_mismatched_propensity(clean, propensity, message):
+    with pytest.raises(ArgumentError, match=message):
+        causalrm.simulate(jax.random.key(0), np.asarray(clean), propensity, 0.1, 0.1)
