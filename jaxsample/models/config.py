@@ -145,12 +145,18 @@ class ModelConfig:
                 f"qkv_bias={self.qkv_bias}, o_bias={self.o_bias}"
             )
         object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
-        for name, value in (("bos_token_id", self.bos_token_id), ("pad_token_id", self.pad_token_id)):
+        for name, value, override in (
+            ("bos_token_id", self.bos_token_id, ""),
+            ("pad_token_id", self.pad_token_id, "; js.load(..., pad_token_id=...) replaces it"),
+        ):
             if value is not None and not 0 <= value < self.vocab_size:
-                raise ConfigError(f"{name} {value} is outside the vocabulary [0, {self.vocab_size})")
+                raise ConfigError(f"{name} {value} is outside the vocabulary [0, {self.vocab_size}){override}")
         for t in self.eos_token_ids:
             if not 0 <= t < self.vocab_size:
-                raise ConfigError(f"eos_token_id {t} is outside the vocabulary [0, {self.vocab_size})")
+                raise ConfigError(
+                    f"eos_token_id {t} is outside the vocabulary [0, {self.vocab_size}); "
+                    "js.load(..., eos_token_ids=[...]) replaces the checkpoint's stop tokens"
+                )
 
     @property
     def num_queries_per_kv(self) -> int:
@@ -283,12 +289,16 @@ class _HFConfigParser:
         return value
 
     def rope(self, max_positions: int) -> tuple[float, Llama3RopeScaling | None]:
-        """(theta, scaling) with precedence `rope_parameters`, then `rope_scaling` + `rope_theta`."""
+        """(theta, scaling) as transformers reads them: a non-empty `rope_scaling` first (4.x
+        reads nothing else, 5.x prefers it to `rope_parameters`), else `rope_parameters`;
+        theta from the chosen block, else the top-level `rope_theta`."""
         d = self.d
-        if d.get("rope_parameters") is not None:
+        if d.get("rope_scaling"):
+            key, params = "rope_scaling", d["rope_scaling"]
+        elif d.get("rope_parameters") is not None:
             key, params = "rope_parameters", d["rope_parameters"]
         else:
-            key, params = "rope_scaling", d.get("rope_scaling") or {}
+            key, params = "rope_scaling", {}
         if not isinstance(params, Mapping):
             raise self.error(key, f"must be an object, got {params!r}")
         if any(isinstance(v, Mapping) for v in params.values()):
@@ -318,14 +328,23 @@ class _HFConfigParser:
             high_freq_factor=self.number(
                 "high_freq_factor", container=params, label=f"{key}.high_freq_factor"
             ),
-            original_max_position_embeddings=self.integer(
-                "original_max_position_embeddings",
-                max_positions,
-                container=params,
-                label=f"{key}.original_max_position_embeddings",
-            ),
+            original_max_position_embeddings=self.original_context(params, key, max_positions),
         )
         return theta, scaling
+
+    def original_context(self, params: Mapping[str, Any], key: str, max_positions: int) -> int:
+        """The llama3 remap's pre-training context. transformers 4.x reads it from the RoPE
+        block and 5.x from the top level first, so the two must agree when both are given."""
+        name = "original_max_position_embeddings"
+        inner = None if params.get(name) is None else self.integer(name, container=params, label=f"{key}.{name}")
+        top = None if self.d.get(name) is None else self.integer(name)
+        if inner is not None and top is not None and inner != top:
+            raise self.error(
+                name,
+                f"is {top} at the top level but {inner} in {key}; transformers 4.x reads the "
+                "second and 5.x the first, so make them equal",
+            )
+        return next((v for v in (top, inner) if v is not None), max_positions)
 
     def check_no_sliding_layer(self) -> None:
         """Qwen2 slides layers only with `use_sliding_window` and a `sliding_window`, and then

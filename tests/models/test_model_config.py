@@ -42,16 +42,31 @@ def test_llama3_scaling_new_and_old_spellings_agree():
     assert new.rope_theta == 5e5
 
 
-def test_rope_parameters_take_precedence_and_original_context_defaults_to_max_positions():
+def test_rope_scaling_takes_precedence_as_in_transformers_and_original_context_defaults_to_max_positions():
+    # transformers 4.x reads only rope_scaling and 5.x prefers it to rope_parameters
     config = ModelConfig.from_hf_dict(
         {
             "model_type": "llama", **BASE, "max_position_embeddings": 512, "rope_theta": 1.0,
-            "rope_scaling": {"type": "linear", "factor": 2.0},
-            "rope_parameters": {"rope_type": "llama3", "rope_theta": 100.0, **{k: v for k, v in LLAMA3.items() if k != "original_max_position_embeddings"}},
+            "rope_scaling": {"rope_type": "llama3", **{k: v for k, v in LLAMA3.items() if k != "original_max_position_embeddings"}},
+            "rope_parameters": {"rope_type": "default", "rope_theta": 100.0},
         }
     )
-    assert config.rope_theta == 100.0
+    assert config.rope_theta == 1.0
     assert config.rope_scaling.original_max_position_embeddings == 512
+    with pytest.raises(ConfigError, match="'rope_scaling.type' is 'yarn'"):
+        ModelConfig.from_hf_dict({
+            "model_type": "qwen2", **BASE, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+            "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+        })
+
+
+def test_top_level_original_context_is_read_and_must_agree_with_the_rope_block():
+    block = {"rope_type": "llama3", **{k: v for k, v in LLAMA3.items() if k != "original_max_position_embeddings"}}
+    top_only = {"model_type": "llama", **BASE, "rope_scaling": block, "original_max_position_embeddings": 16}
+    assert ModelConfig.from_hf_dict(top_only).rope_scaling.original_max_position_embeddings == 16
+    both = {**top_only, "rope_scaling": {**block, "original_max_position_embeddings": 64}}
+    with pytest.raises(ConfigError, match="'original_max_position_embeddings' is 16 at the top level but 64 in rope_scaling"):
+        ModelConfig.from_hf_dict(both)
 
 
 def test_token_ids_and_biases():
