@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -78,11 +79,28 @@ def hf_layout(config: ModelConfig) -> dict[str, _Slot]:
     return layout
 
 
+_TIED_HEAD = "lm_head.weight"
+
+
 def _ignored(name: str, config: ModelConfig) -> bool:
     if name.endswith(_IGNORED_SUFFIXES):
         return True
-    # Older tied checkpoints still carry lm_head.weight; the config decides.
-    return config.tie_word_embeddings and name == "lm_head.weight"
+    # Older tied checkpoints still carry lm_head.weight; it is checked against the embedding.
+    return config.tie_word_embeddings and name == _TIED_HEAD
+
+
+def _check_tied_head(entries: dict[str, TensorEntry], embedding: np.ndarray) -> None:
+    """A tied checkpoint's stored lm_head must be its embedding: transformers unties a
+    differing one and uses it, so dropping it would silently change the model."""
+    head = entries.get(_TIED_HEAD)
+    if head is None:
+        return
+    if tuple(head.shape) != embedding.shape or not np.array_equal(_read(head), embedding):
+        raise CheckpointError(
+            f"{head.file}: config.json ties the word embeddings, but the checkpoint's {_TIED_HEAD!r} "
+            "differs from 'model.embed_tokens.weight' (transformers would not tie them and would use "
+            "lm_head); set \"tie_word_embeddings\": false in config.json to load it as an untied head"
+        )
 
 
 def _listing(names: Iterable[str], limit: int = 5) -> str:
@@ -139,8 +157,10 @@ def assemble_params(
     dtype = check_dtype(dtype)
     layout = hf_layout(config)
     by_name: dict[str, TensorEntry] = {}
+    ignored: dict[str, TensorEntry] = {}
     for entry in entries:
         if _ignored(entry.name, config):
+            ignored[entry.name] = entry
             continue
         if entry.name not in layout:
             raise CheckpointError(
@@ -184,6 +204,8 @@ def assemble_params(
                 written = buffers[slot.path][slot.layer]
         if check_finite:
             _check_finite(written, name, entry.file)
+        if name == embed_name:
+            _check_tied_head(ignored, array)
     params: dict = {}
     for path, array in buffers.items():
         node = params
@@ -235,9 +257,22 @@ def _safetensors_entries(path: Path) -> list[TensorEntry]:
 
 
 def safetensors_entries(directory: Path) -> tuple[list[TensorEntry], str]:
-    """Every tensor of a Hugging Face directory (single file or sharded), and its source name."""
+    """Every tensor of a Hugging Face directory (single file or sharded), and its source name.
+
+    A folder holding both `model.safetensors` and an index (a re-save with the other
+    sharding leaves the old files behind) is read as transformers reads it: the single file,
+    with a warning naming the index it ignores.
+    """
     index_path = directory / "model.safetensors.index.json"
     single_path = directory / "model.safetensors"
+    if single_path.exists():
+        if index_path.exists():
+            warnings.warn(
+                f"{directory} holds both model.safetensors and {index_path.name}; reading "
+                "model.safetensors as transformers does (remove the stale one to silence this)",
+                stacklevel=2,
+            )
+        return _safetensors_entries(single_path), str(single_path)
     if index_path.exists():
         index = read_json(index_path)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -257,8 +292,6 @@ def safetensors_entries(directory: Path) -> tuple[list[TensorEntry], str]:
                 )
             entries.extend(shard_entries)
         return entries, str(index_path)
-    if single_path.exists():
-        return _safetensors_entries(single_path), str(single_path)
     raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
 
 

@@ -16,6 +16,7 @@ checked against the remap they give with Llama 3.1's low_freq_factor 1 and high_
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from pathlib import Path
 
 import gguf
@@ -92,17 +93,18 @@ def unpermute_rows(weights: np.ndarray, num_heads: int) -> np.ndarray:
     return rows.swapaxes(1, 2).reshape(weights.shape)
 
 
-def gguf_config(reader: gguf.GGUFReader) -> tuple[ModelConfig, tuple[int, ...]]:
-    """(ModelConfig, extra stop token ids) from GGUF metadata."""
+def gguf_config(reader: gguf.GGUFReader, overridden: Collection[str] = ()) -> tuple[ModelConfig, tuple[int, ...]]:
+    """(ModelConfig, extra stop token ids) from GGUF metadata; the token ids named in
+    `overridden` ("eos_token_id", "pad_token_id") are left unset for the caller to replace."""
     try:
-        config = _config_from_metadata(reader)
+        config = _config_from_metadata(reader, overridden)
     except ConfigError as e:
         raise ConfigError(f"{_path(reader)}: {e}") from None
     extra_stops = tuple(int(v) for key in _EXTRA_STOP_KEYS if (v := _field(reader, key)) is not None)
     return config, extra_stops
 
 
-def _config_from_metadata(reader: gguf.GGUFReader) -> ModelConfig:
+def _config_from_metadata(reader: gguf.GGUFReader, overridden: Collection[str]) -> ModelConfig:
     arch = _field(reader, "general.architecture", required=True)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ConfigError(f"general.architecture is {arch!r}; supported: {SUPPORTED_ARCHITECTURES}")
@@ -128,7 +130,8 @@ def _config_from_metadata(reader: gguf.GGUFReader) -> ModelConfig:
         qkv_bias, o_bias = True, False
     else:
         qkv_bias = o_bias = "blk.0.attn_q.bias" in tensor_names
-    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    eos = None if "eos_token_id" in overridden else _field(reader, "tokenizer.ggml.eos_token_id")
+    pad = None if "pad_token_id" in overridden else _field(reader, "tokenizer.ggml.padding_token_id")
     theta = float(_field(reader, f"{arch}.rope.freq_base", 10000.0))
     rope_freq_factors = _rope_freq_factors(reader, arch, head_dim, theta)
     return ModelConfig(
@@ -150,7 +153,7 @@ def _config_from_metadata(reader: gguf.GGUFReader) -> ModelConfig:
         mlp_bias=arch == "llama" and "blk.0.ffn_gate.bias" in tensor_names,
         eos_token_ids=() if eos is None else (int(eos),),
         bos_token_id=_optional_int(_field(reader, "tokenizer.ggml.bos_token_id")),
-        pad_token_id=_optional_int(_field(reader, "tokenizer.ggml.padding_token_id")),
+        pad_token_id=_optional_int(pad),
     )
 
 

@@ -16,7 +16,7 @@ from jaxsample.models.config import ModelConfig
 from jaxsample.models.decoder import DecodeStep, LayerFunctions, forward, init_cache, prefill
 from jaxsample.models.registry import registered_models, resolve
 from jaxsample.models.tokenizer import TOKENIZER_FILES, Tokenizer
-from jaxsample.validation import check_int, is_int
+from jaxsample.validation import check_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +95,17 @@ def _token_ids(value: Any, source: Path, key: str) -> tuple[int, ...]:
     return tuple(values)
 
 
+def _stop_token_ids(value: Any) -> tuple[int, ...]:
+    """`eos_token_ids=` as a tuple: one id (a Python/numpy integer or a 0-d integer array)
+    or a non-empty sequence of them."""
+    array = None if isinstance(value, (str, bytes, bool, np.bool_)) else np.asarray(value)
+    if array is None or array.ndim > 1 or array.size == 0 or not np.issubdtype(array.dtype, np.integer):
+        raise ArgumentError(
+            f"eos_token_ids must be a token id or a non-empty sequence of token ids, got {value!r}"
+        )
+    return tuple(int(t) for t in array.reshape(-1))
+
+
 def _check_tokenizer_size(size: int, config: ModelConfig, source: str) -> None:
     """A tokenizer larger than the model's vocabulary belongs to another model; a smaller one
     is normal (vocabularies are padded to a multiple of 64 or 128)."""
@@ -122,32 +133,47 @@ def _directory_tokenizer(directory: Path, config: ModelConfig) -> Tokenizer | No
     return tokenizer
 
 
-def _load_directory(directory: Path, dtype, check_finite: bool):
+def _check_stop_ids(ids: tuple[int, ...], config: ModelConfig, source: str) -> None:
+    for t in ids:
+        if not 0 <= t < config.vocab_size:
+            raise ConfigError(
+                f"{source}: eos_token_id {t} is outside the vocabulary [0, {config.vocab_size}); "
+                "js.load(..., eos_token_ids=[...]) replaces the checkpoint's stop tokens"
+            )
+
+
+def _load_directory(directory: Path, dtype, check_finite: bool, overridden: frozenset[str]):
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{directory}: no config.json (not a Hugging Face checkpoint directory)")
-    config = ModelConfig.from_hf_dict(read_json(config_path), source=str(config_path))
+    raw = read_json(config_path)
+    if isinstance(raw, dict):  # ids the caller replaces are not the checkpoint's to vouch for
+        raw = {k: v for k, v in raw.items() if k not in overridden}
+    config = ModelConfig.from_hf_dict(raw, source=str(config_path))
     extra_eos: tuple[int, ...] = ()
     generation_path = directory / "generation_config.json"
-    if generation_path.is_file():
+    if generation_path.is_file() and "eos_token_id" not in overridden:
         generation = read_json(generation_path)
         if not isinstance(generation, dict):
             raise ConfigError(f"{generation_path}: expected a JSON object")
         extra_eos = _token_ids(generation.get("eos_token_id"), generation_path, "eos_token_id")
+        _check_stop_ids(extra_eos, config, str(generation_path))
     tokenizer = _directory_tokenizer(directory, config)
     entries, source = safetensors_entries(directory)
     params = assemble_params(config, entries, dtype, source, check_finite=check_finite)
     return config, params, tokenizer, extra_eos
 
 
-def _load_gguf(path: Path, dtype, check_finite: bool):
+def _load_gguf(path: Path, dtype, check_finite: bool, overridden: frozenset[str]):
     try:  # the `gguf` package is needed only here
         from jaxsample.models import gguf_file
     except ImportError as e:
         raise CheckpointError(f"{path}: reading GGUF files needs the gguf package (pip install gguf): {e}") from e
 
     reader = gguf_file.open_reader(path)
-    config, extra_eos = gguf_file.gguf_config(reader)
+    config, extra_eos = gguf_file.gguf_config(reader, overridden)
+    extra_eos = () if "eos_token_id" in overridden else extra_eos
+    _check_stop_ids(extra_eos, config, f"{path} (end-of-turn metadata)")
     tokenizer = None
     if "tokenizer.ggml.tokens" in reader.fields:
         _check_tokenizer_size(len(reader.fields["tokenizer.ggml.tokens"].data), config, f"{path} (tokenizer.ggml.tokens)")
@@ -197,18 +223,19 @@ def load(
     if not path.exists():
         name = str(path_or_name)
         path = resolve(name)
+    stop_ids = None if eos_token_ids is None else _stop_token_ids(eos_token_ids)
+    overridden = frozenset(
+        key for key, value in (("eos_token_id", stop_ids), ("pad_token_id", pad_token_id)) if value is not None
+    )
     if path.is_dir():
-        config, params, tokenizer, extra_eos = _load_directory(path, dtype, check_finite)
+        config, params, tokenizer, extra_eos = _load_directory(path, dtype, check_finite, overridden)
     elif path.suffix == ".gguf":
-        config, params, tokenizer, extra_eos = _load_gguf(path, dtype, check_finite)
+        config, params, tokenizer, extra_eos = _load_gguf(path, dtype, check_finite, overridden)
     else:
         raise CheckpointError(f"{path}: expected a checkpoint directory or a .gguf file")
-    if eos_token_ids is not None:
-        ids = [eos_token_ids] if is_int(eos_token_ids) else list(eos_token_ids)
-        if not ids:
-            raise ArgumentError("eos_token_ids must name at least one stop token, got []")
-        ids = tuple(check_int("eos_token_ids", t, 0, config.vocab_size - 1) for t in ids)
-        config, extra_eos = dataclasses.replace(config, eos_token_ids=ids), ()
+    if stop_ids is not None:
+        ids = tuple(check_int("eos_token_ids", t, 0, config.vocab_size - 1) for t in stop_ids)
+        config = dataclasses.replace(config, eos_token_ids=ids)
     if pad_token_id is not None:
         pad = check_int("pad_token_id", pad_token_id, 0, config.vocab_size - 1)
         config = dataclasses.replace(config, pad_token_id=pad)

@@ -103,6 +103,7 @@ def test_truncated_safetensors(copy):
 def test_missing_shard(copy):
     path = copy / "model.safetensors"
     tensors = load_file(path)
+    path.unlink()
     names = sorted(tensors)
     save_file({n: tensors[n] for n in names[:5]}, copy / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
     weight_map = {n: "model-00001-of-00002.safetensors" if i < 5 else "model-00002-of-00002.safetensors"
@@ -111,7 +112,6 @@ def test_missing_shard(copy):
     with pytest.raises(CheckpointError, match=r"shard 'model-00002-of-00002.safetensors' does not exist"):
         models.load(copy)
     save_file({n: tensors[n] for n in names[5:]}, copy / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
-    path.unlink()
     sharded = models.load(copy)  # complete now
     np.testing.assert_array_equal(sharded.params["norm"]["scale"], tensors["model.norm.weight"])
 
@@ -159,6 +159,52 @@ def test_no_stop_token_anywhere_names_the_overrides(copy):
         models.load(copy, eos_token_ids=[40])
     with pytest.raises(ArgumentError, match=r"pad_token_id must be an integer in \[0, 39\], got -1"):
         models.load(copy, eos_token_ids=[2], pad_token_id=-1)
+
+
+def test_stale_index_beside_model_safetensors_is_ignored_as_transformers_does(copy):
+    # a sharded save followed by a single-file save leaves the old index behind
+    (copy / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {Q_PROJ: "gone.safetensors"}}))
+    with pytest.warns(UserWarning, match="both model.safetensors and model.safetensors.index.json"):
+        lm = models.load(copy)
+    assert lm.config == CONFIG
+
+
+def test_tied_checkpoint_lm_head_must_equal_the_embedding(copy):
+    _edit_config(copy, lambda c: c.update(tie_word_embeddings=True))  # the stored head is untied
+    with pytest.raises(CheckpointError, match=r"'lm_head.weight' differs from 'model.embed_tokens.weight'.*tie_word_embeddings"):
+        models.load(copy)
+    _edit_tensors(copy, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].copy()}))
+    assert models.load(copy).config.tie_word_embeddings  # older tied checkpoints store the same matrix twice
+
+
+@pytest.mark.parametrize("key, value, override", [
+    ("pad_token_id", -1, {"pad_token_id": 0}),
+    ("eos_token_id", [1, 128009], {"eos_token_ids": [1]}),
+])
+def test_overrides_rescue_out_of_vocabulary_ids_in_config_json(copy, key, value, override):
+    _edit_config(copy, lambda c: c.update({key: value}))
+    with pytest.raises(ConfigError, match=r"outside the vocabulary \[0, 40\); js.load\(\.\.\., (pad_token_id|eos_token_ids)="):
+        models.load(copy)
+    lm = models.load(copy, **override)
+    assert (lm.pad_token_id == 0) if key == "pad_token_id" else (lm.eos_token_ids == (1,))
+
+
+def test_generation_config_stop_ids_are_checked_against_the_vocabulary(copy):
+    (copy / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 500]}))
+    with pytest.raises(ConfigError, match=r"generation_config.json: eos_token_id 500 is outside the vocabulary"):
+        models.load(copy)
+    assert models.load(copy, eos_token_ids=[1]).eos_token_ids == (1,)
+
+
+@pytest.mark.parametrize("value, expected", [(jnp.int32(3), (3,)), (np.array(3), (3,)), (np.array([3, 1]), (3, 1)), ((2,), (2,))])
+def test_stop_token_override_accepts_integer_scalars_and_sequences(saved, value, expected):
+    assert models.load(saved[0], eos_token_ids=value).eos_token_ids == expected
+
+
+@pytest.mark.parametrize("value", [True, 3.0, [], [1.0], "3", np.zeros((1, 1), np.int32)])
+def test_stop_token_override_refuses_what_is_not_token_ids(saved, value):
+    with pytest.raises(ArgumentError, match=r"eos_token_ids must be a token id or a non-empty sequence of token ids"):
+        models.load(saved[0], eos_token_ids=value)
 
 
 def test_overrides_replace_the_checkpoint_stop_tokens(copy):
