@@ -30,8 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxsample.calibration.csa import check_scalar, check_unit_interval
 from jaxsample.calibration.ltt import binomial_p_value, fixed_sequence
 from jaxsample.errors import ArgumentError
+from jaxsample.validation import check_int
 
 Array = jax.Array
 
@@ -67,12 +69,10 @@ def init_probe(
       eta: initial inner step size η ≥ 0 (0 makes a static linear probe).
       tied: one projection θ_Q = θ_K (needs `hidden_size`).
     """
-    if not isinstance(feature_size, int) or feature_size < 1:
-        raise ArgumentError(f"feature_size must be an int ≥ 1, got {feature_size!r}")
-    if hidden_size is not None and (not isinstance(hidden_size, int) or hidden_size < 1):
-        raise ArgumentError(f"hidden_size must be None or an int ≥ 1, got {hidden_size!r}")
-    if not eta >= 0:
-        raise ArgumentError(f"eta must be ≥ 0, got {eta!r}")
+    feature_size = check_int("feature_size", feature_size, 1)
+    if hidden_size is not None:
+        hidden_size = check_int("hidden_size", hidden_size, 1)
+    check_scalar("eta", eta, "[0, inf)")
     if tied and hidden_size is None:
         raise ArgumentError("tied=True ties the K and Q projections: it needs a hidden_size")
     key_w, key_k, key_q = jax.random.split(key, 3)
@@ -152,10 +152,8 @@ def meta_train(key, params: ProbeParams, phi, labels, mask, epochs: int = 20, ba
       `(params, losses)` with `losses` float32 `[epochs]` the mean batch loss of each epoch.
     """
     phi, labels, mask = _check_problems(phi, labels, mask)
-    if not isinstance(batch_size, int) or not 1 <= batch_size <= phi.shape[0]:
-        raise ArgumentError(f"batch_size must be an int in [1, {phi.shape[0]}], got {batch_size!r}")
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ArgumentError(f"epochs must be an int ≥ 1, got {epochs!r}")
+    batch_size = check_int("batch_size", batch_size, 1, phi.shape[0])
+    epochs = check_int("epochs", epochs, 1)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(learning_rate))
     frozen = jax.tree.map(lambda _: False, params)._replace(log_eta=not learn_eta)
     optimizer = optax.multi_transform({False: optimizer, True: optax.set_to_zero()}, frozen)
@@ -182,9 +180,13 @@ def _train_epoch(optimizer, params, opt_state, key, phi, labels, mask, batch_siz
     return params, opt_state, losses.mean()
 
 
-@partial(jax.jit, static_argnames="window")
 def smooth(scores, mask, window: int = 10) -> Array:
-    """Trailing mean of the last `window` real scores (fewer at the start), `[..., n]`."""
+    """Trailing mean of the last `window` ≥ 1 real scores (fewer at the start), `[..., n]`."""
+    return _smooth(scores, mask, check_int("window", window, 1))
+
+
+@partial(jax.jit, static_argnames="window")
+def _smooth(scores, mask, window: int) -> Array:
     scores = jnp.where(mask, scores, 0.0)
     total = jnp.cumsum(scores, axis=-1)
     shifted = jnp.pad(total, [(0, 0)] * (total.ndim - 1) + [(window, 0)])[..., : total.shape[-1]]
@@ -224,7 +226,7 @@ def ltt_calibrate(smoothed, labels, mask, delta: float, epsilon: float = 0.05, l
 
     Args:
       smoothed: `[P, n]` calibration problems' smoothed scores.
-      labels: `[P, n]` step labels.
+      labels: `[P, n]` step labels C ∈ {0, 1}.
       mask: bool `[P, n]`.
       delta: target risk δ ∈ (0, 1).
       epsilon: error probability ε ∈ (0, 1).
@@ -233,10 +235,17 @@ def ltt_calibrate(smoothed, labels, mask, delta: float, epsilon: float = 0.05, l
     Returns:
       λ̂ (float32 `[]`), +inf when even the first λ is not certified (never stop early).
     """
-    for name, value in (("delta", delta), ("epsilon", epsilon)):
-        if not 0.0 < value < 1.0:
-            raise ArgumentError(f"{name} must lie in (0, 1), got {value!r}")
+    check_unit_interval("delta", delta)
+    check_unit_interval("epsilon", epsilon)
+    smoothed, labels, mask = _check_shapes("smoothed", smoothed, labels, mask, ndim=2)
+    not_binary = mask & (labels != 0) & (labels != 1)  # padding is never a stop: its labels are free
+    if not isinstance(not_binary, jax.core.Tracer) and bool(jnp.any(not_binary)):
+        where = tuple(int(i) for i in jnp.argwhere(not_binary)[0])
+        raise ArgumentError(
+            f"labels must be 0 or 1 at real steps (the binomial p-values count wrong stops), got {labels[where].item():g} at {where}")
     lambdas = lambda_grid() if lambdas is None else jnp.asarray(lambdas, jnp.float32)
+    if lambdas.ndim != 1 or lambdas.size == 0:
+        raise ArgumentError(f"lambdas must be a non-empty 1-D grid [J], got shape {lambdas.shape}")
     losses = stop_losses(smoothed, labels, mask, lambdas)
     p_values = binomial_p_value(losses.sum(axis=0), losses.shape[0], delta)
     index = fixed_sequence(p_values, epsilon)
@@ -334,12 +343,19 @@ def static_probe_scores(probe: StaticProbe, phi) -> Array:
     return jax.nn.sigmoid(((phi - probe.mean) / probe.scale) @ probe.components @ probe.weights + probe.bias)
 
 
-def _check_problems(phi, labels, mask):
-    phi = jnp.asarray(phi, jnp.float32)
+def _check_shapes(name: str, values, labels, mask, ndim: int):
+    """`values` (`[P, n, d]` for ndim 3, `[P, n]` for 2) and its labels and mask `[P, n]` as arrays."""
+    values = jnp.asarray(values, jnp.float32)
     labels = jnp.asarray(labels)
     mask = jnp.asarray(mask, bool)
-    if phi.ndim != 3 or labels.shape != phi.shape[:2] or mask.shape != phi.shape[:2]:
-        raise ArgumentError(f"phi must be [P, n, d] with labels and mask [P, n]; got {phi.shape}, {labels.shape}, {mask.shape}")
+    layout = "[P, n, d]" if ndim == 3 else "[P, n]"
+    if values.ndim != ndim or labels.shape != values.shape[:2] or mask.shape != values.shape[:2]:
+        raise ArgumentError(f"{name} must be {layout} with labels and mask [P, n]; got {values.shape}, {labels.shape}, {mask.shape}")
+    return values, labels, mask
+
+
+def _check_problems(phi, labels, mask):
+    phi, labels, mask = _check_shapes("phi", phi, labels, mask, ndim=3)
     if not bool(jnp.all(jnp.isfinite(phi))):
         raise ArgumentError("phi holds NaN or inf")
     return phi, labels, mask

@@ -182,19 +182,37 @@ def test_ltt_bounds_the_stopping_risk_over_resplits():
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: orca.init_probe(jax.random.key(0), 0), "feature_size must be an int ≥ 1, got 0"),
-        (lambda: orca.init_probe(jax.random.key(0), 4, hidden_size=0), "hidden_size must be None or an int ≥ 1"),
-        (lambda: orca.init_probe(jax.random.key(0), 4, eta=-1.0), "eta must be ≥ 0, got -1.0"),
-        (lambda: orca.ltt_calibrate(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones((2, 3), bool), 1.5), "delta must lie in (0, 1), got 1.5"),
-        (lambda: orca.ltt_calibrate(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones((2, 3), bool), 0.1, 0.0), "epsilon must lie in (0, 1), got 0.0"),
+        (lambda: orca.init_probe(jax.random.key(0), 0), "feature_size must be an integer in [1, inf], got 0"),
+        (lambda: orca.init_probe(jax.random.key(0), 4, hidden_size=0), "hidden_size must be an integer in [1, inf], got 0"),
+        (lambda: orca.init_probe(jax.random.key(0), 4, eta=-1.0), "eta must be a number in [0, inf), got -1.0"),
+        (lambda: orca.init_probe(jax.random.key(0), 4, eta=float("inf")), "eta must be a number in [0, inf), got inf"),
+        (lambda: orca.ltt_calibrate(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones((2, 3), bool), 1.5), "delta must be a number in (0, 1), got 1.5"),
+        (lambda: orca.ltt_calibrate(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones((2, 3), bool), 0.1, 0.0), "epsilon must be a number in (0, 1), got 0.0"),
+        (lambda: orca.ltt_calibrate(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones((2, 2), bool), 0.5, 0.1),
+         "smoothed must be [P, n] with labels and mask [P, n]; got (2, 3), (2, 3), (2, 2)"),
+        (lambda: orca.ltt_calibrate(jnp.zeros(3), jnp.zeros(3), jnp.ones(3, bool), 0.5, 0.1), "smoothed must be [P, n]"),
+        (lambda: orca.ltt_calibrate(jnp.zeros((2, 3)), jnp.full((2, 3), 0.7), jnp.ones((2, 3), bool), 0.5, 0.1),
+         "labels must be 0 or 1 at real steps (the binomial p-values count wrong stops), got 0.7"),
+        (lambda: orca.ltt_calibrate(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones((2, 3), bool), 0.5, 0.1, lambdas=[]),
+         "lambdas must be a non-empty 1-D grid [J], got shape (0,)"),
+        (lambda: orca.smooth(jnp.zeros((2, 3)), jnp.ones((2, 3), bool), window=0), "window must be an integer in [1, inf], got 0"),
         (lambda: orca.static_probe_fit(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones((2, 3), bool)), "phi must be [P, n, d]"),
         (lambda: orca.meta_train(jax.random.key(0), orca.init_probe(jax.random.key(0), 2), jnp.full((2, 3, 2), jnp.nan),
                                  jnp.zeros((2, 3)), jnp.ones((2, 3), bool)), "phi holds NaN or inf"),
         (lambda: orca.meta_train(jax.random.key(0), orca.init_probe(jax.random.key(0), 2), jnp.zeros((2, 3, 2)),
-                                 jnp.zeros((2, 3)), jnp.ones((2, 3), bool), batch_size=3), "batch_size must be an int in [1, 2], got 3"),
+                                 jnp.zeros((2, 3)), jnp.ones((2, 3), bool), batch_size=3), "batch_size must be an integer in [1, 2], got 3"),
     ],
 )
 def test_argument_errors_are_clear(call, message):
     with pytest.raises(ArgumentError) as error:
         call()
     assert message in str(error.value)
+
+
+def test_integer_and_scalar_arrays_are_accepted_and_padding_labels_are_free():
+    params = orca.init_probe(jax.random.key(0), np.int64(4), hidden_size=jnp.int32(3), eta=jnp.float32(0.1))
+    assert params.theta_k.shape == (3, 4)
+    mask = jnp.array([[True, True, False]])
+    smoothed = orca.smooth(jnp.full((1, 3), 0.5), mask, window=np.int64(2))
+    labels = jnp.array([[0.0, 1.0, -1.0]])  # -1 marks padding
+    assert float(orca.ltt_calibrate(smoothed, labels, mask, jnp.float32(0.5), np.float32(0.5))) == np.inf
