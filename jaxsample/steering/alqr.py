@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsample.errors import ArgumentError
 from jaxsample.lm import LanguageModel
@@ -45,6 +46,25 @@ class Controller(NamedTuple):
     beta: Array
 
 
+def check_directions(E: Array) -> Array:
+    """E as an array; raises unless it is `[L(+1), D]`, one contrastive direction per layer
+    (a single `[D]` vector would be indexed per coordinate instead of per layer)."""
+    E = jnp.asarray(E)
+    if E.ndim != 2:
+        raise ArgumentError(f"E must have shape [L(+1), D] (one contrastive direction per layer), got {E.shape}")
+    return E
+
+
+def _check_layer(lm: LanguageModel, layer) -> None:
+    """A concrete `layer` must name a block in [0, L): `hidden_states` has L+1 entries, and an
+    index past the blocks would be clamped to the last one. Traced layers pass unchecked."""
+    if isinstance(layer, jax.core.Tracer):
+        return
+    if isinstance(layer, (jax.Array, np.ndarray)) and layer.ndim == 0:
+        layer = layer.item()
+    check_int("layer", layer, 0, lm.num_layers - 1)
+
+
 def last_token_states(lm: LanguageModel, prompts: Array, lengths: Array | None = None) -> Array:
     """Residual stream at each prompt's last real token: int32 `[P, T]` (right-padded, real
     lengths `[P]`, default T) → float32 `[L+1, P, D]`; entry k is the input of block k,
@@ -52,16 +72,33 @@ def last_token_states(lm: LanguageModel, prompts: Array, lengths: Array | None =
     prompts = jnp.asarray(prompts, jnp.int32)
     if prompts.ndim != 2:
         raise ArgumentError(f"prompts must have shape [P, T], got {prompts.shape}")
-    hidden = lm.hidden_states(prompts)
     if lengths is None:
-        return hidden[:, :, -1]
-    last = jnp.asarray(lengths, jnp.int32) - 1
+        return lm.hidden_states(prompts)[:, :, -1]
+    num_prompts, width = prompts.shape
+    lengths = jnp.asarray(lengths)
+    if lengths.shape != (num_prompts,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ArgumentError(
+            f"lengths must be an integer array of shape [P] = ({num_prompts},), one per prompt, "
+            f"got shape {lengths.shape} dtype {lengths.dtype}"
+        )
+    # A length of 0 would wrap to the padded last position, one past T would read NaN.
+    check_real("lengths", lengths, f"[1, {width}]")
+    hidden = lm.hidden_states(prompts)
+    last = lengths.astype(jnp.int32) - 1
     return jnp.take_along_axis(hidden, last[None, :, None, None], axis=2)[:, :, 0]
 
 
 def contrastive_directions(desired: Array, undesired: Array) -> Array:
     """E_k = mean(x_k | desired) − mean(x_k | undesired): states `[L+1, P, D]` and
     `[L+1, P', D]` (from `last_token_states`) → `[L+1, D]`."""
+    desired, undesired = jnp.asarray(desired), jnp.asarray(undesired)
+    for name, states in (("desired", desired), ("undesired", undesired)):
+        if states.ndim != 3 or not states.shape[1]:
+            raise ArgumentError(f"{name} must have shape [L+1, P, D] with P ≥ 1 (from last_token_states), got {states.shape}")
+    if (desired.shape[0], desired.shape[2]) != (undesired.shape[0], undesired.shape[2]):
+        raise ArgumentError(
+            f"desired and undesired must share L+1 and D, got shapes {desired.shape} and {undesired.shape}"
+        )
     return jnp.mean(desired, axis=1) - jnp.mean(undesired, axis=1)
 
 
@@ -85,7 +122,7 @@ def last_token_jacobian(lm: LanguageModel, layer, block_input: Array, column_blo
 
     Args:
       lm: a Flax decoder port.
-      layer: block index (int or traced int32).
+      layer: block index in [0, L) (int or traced int32).
       block_input: `[1, T, D]` (or `[T, D]`) residual stream entering the block.
       column_block: basis directions per forward-mode pass.
 
@@ -93,6 +130,7 @@ def last_token_jacobian(lm: LanguageModel, layer, block_input: Array, column_blo
       float32 `[D, D]`, column j the response to a unit change of coordinate j.
     """
     column_block = check_int("column_block", column_block, 1)
+    _check_layer(lm, layer)
     block_input = jnp.asarray(block_input)
     if block_input.ndim == 2:
         block_input = block_input[None]
@@ -128,20 +166,25 @@ def linearisation_error(lm: LanguageModel, layer: int, block_input: Array, jacob
     """‖f(x+δ) − f(x) − Aδ‖ / ‖δ‖ for random directions δ of norm `scales[i]·‖x‖`.
 
     Args:
+      layer: block index in [0, L) (int or traced int32).
       block_input: `[1, T, D]` or `[T, D]` residual stream entering block `layer`.
       jacobian: `[D, D]`, e.g. from `last_token_jacobian` (or averaged over prompts).
-      scales: relative perturbation sizes `[S]`.
+      scales: relative perturbation sizes > 0, `[S]` or a scalar.
       key: PRNG key for the directions.
 
     Returns:
       float32 `[S]` relative residuals; O(‖δ‖) when the block is smooth and A its Jacobian.
     """
+    _check_layer(lm, layer)
+    if np.ndim(scales) > 1:
+        raise ArgumentError(f"scales must be a number or a [S] array, got shape {np.shape(scales)}")
+    check_real("scales", scales, "(0, inf)")
     block_input = jnp.asarray(block_input)
     if block_input.ndim == 2:
         block_input = block_input[None]
     f = _block_output_at_last(lm, layer, block_input)
     x0 = block_input[0, -1]
-    scales = jnp.asarray(scales, x0.dtype)
+    scales = jnp.atleast_1d(jnp.asarray(scales, x0.dtype))
     directions = jax.random.normal(key, (scales.shape[0], x0.shape[0]), x0.dtype)
     deltas = directions / jnp.linalg.norm(directions, axis=1, keepdims=True) * (scales * jnp.linalg.norm(x0))[:, None]
     base = f(x0)
@@ -204,8 +247,13 @@ def controller(K: Array, E: Array, lam) -> Controller:
       E: `[T, n]` (or `[T+1, n]`: the final output's row is dropped) contrastive directions.
       lam: λ, the setpoint scale (traced).
     """
-    T = K.shape[0]
-    v, norms = unit_directions(jnp.asarray(E)[:T])
+    K, E = jnp.asarray(K), check_directions(E)
+    if K.ndim != 3 or K.shape[1] != K.shape[2]:
+        raise ArgumentError(f"K must have shape [T, n, n], got {K.shape}")
+    T, n = K.shape[0], K.shape[-1]
+    if E.shape[0] < T or E.shape[1] != n:
+        raise ArgumentError(f"E must have shape [T(+1), n] = [{T}(+1), {n}] to match K {K.shape}, got {E.shape}")
+    v, norms = unit_directions(E[:T])
     return Controller(d=jnp.einsum("kij,kj->ki", K, v), v=v, beta=lam * norms)
 
 

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 
 from jaxsample.errors import ArgumentError
 from jaxsample.models.intervention import Intervention
-from jaxsample.steering.alqr import Controller, unit_directions
+from jaxsample.steering.alqr import Controller, check_directions, unit_directions
+from jaxsample.validation import check_int
 
 Array = jax.Array
 
@@ -25,7 +26,7 @@ def add_vector(layer, h, vectors):
 def actadd_intervention(E: Array, layer: int, coefficient, positions: str = "last") -> Intervention:
     """ActAdd: u = c · E_layer added after one block (E `[L(+1), D]` contrastive directions,
     c traced)."""
-    E = jnp.asarray(E)
+    E = check_directions(E)
     if not 0 <= layer < E.shape[0]:
         raise ArgumentError(f"layer must be in [0, {E.shape[0]}), got {layer}")
     vectors = jnp.zeros_like(E).at[layer].set(coefficient * E[layer])
@@ -35,7 +36,10 @@ def actadd_intervention(E: Array, layer: int, coefficient, positions: str = "las
 def mean_difference_intervention(E: Array, coefficient, num_layers: int, positions: str = "last") -> Intervention:
     """A constant mean-difference vector at every block: u_k = c · E_k / ‖E_k‖ (0 where
     E_k = 0)."""
-    vectors = coefficient * unit_directions(jnp.asarray(E)[:num_layers])[0]
+    E = check_directions(E)
+    # Fewer rows than layers would leave the later blocks indexing past the end (clamped).
+    num_layers = check_int("num_layers", num_layers, 1, E.shape[0])
+    vectors = coefficient * unit_directions(E[:num_layers])[0]
     return Intervention(add_vector, vectors, tuple(range(num_layers)), positions)
 
 

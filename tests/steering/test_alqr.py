@@ -172,3 +172,45 @@ def test_a_layer_without_contrast_gets_no_control(lm):
     assert np.array_equal(steering.alqr_feedback(0, h, zeroed, 2 * h), h)
     vectors = steering.mean_difference_intervention(E, 3.0, CONFIG.num_hidden_layers).params
     assert not np.any(vectors[0]) and np.all(np.isfinite(vectors))
+
+
+TOKENS = jnp.asarray([[3, 1, 4, 1, 5, 9, 2]], jnp.int32)
+L, D = CONFIG.num_hidden_layers, CONFIG.hidden_size
+VECTOR, DIRECTIONS = jnp.ones(D), jnp.ones((L + 1, D))
+STATES = jnp.ones((L + 1, 2, D))
+GAINS = jnp.broadcast_to(jnp.eye(D), (L, D, D))
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        # one [D] vector used to be indexed per coordinate: a scalar added to every feature
+        (lambda lm: steering.actadd_intervention(VECTOR, 1, 4.0), r"E must have shape \[L\(\+1\), D\].*got \(32,\)"),
+        (lambda lm: steering.mean_difference_intervention(VECTOR, 1.0, L), r"E must have shape \[L\(\+1\), D\]"),
+        (lambda lm: steering.mean_difference_intervention(DIRECTIONS, 1.0, L + 2), r"num_layers must be an integer in \[1, 4\], got 5"),
+        (lambda lm: steering.controller(GAINS, VECTOR, 1.0), r"E must have shape \[L\(\+1\), D\]"),
+        (lambda lm: steering.controller(GAINS, DIRECTIONS[:, :4], 1.0), r"E must have shape \[T\(\+1\), n\] = \[3\(\+1\), 32\]"),
+        # layer L (hidden_states has L+1 entries) used to give layer L-1's Jacobian
+        (lambda lm: steering.last_token_jacobian(lm, L, STATES[0]), r"layer must be an integer in \[0, 2\], got 3"),
+        (lambda lm: steering.last_token_jacobian(lm, jnp.int32(99), STATES[0]), r"layer must be an integer in \[0, 2\], got 99"),
+        (lambda lm: steering.linearisation_error(lm, -1, STATES[0], jnp.eye(D), 0.01, jax.random.key(0)), r"layer must be an integer"),
+        (lambda lm: steering.linearisation_error(lm, 0, STATES[0], jnp.eye(D), [[0.01]], jax.random.key(0)), r"scales must be a number or a \[S\] array"),
+        (lambda lm: steering.linearisation_error(lm, 0, STATES[0], jnp.eye(D), [0.01, 0.0], jax.random.key(0)), r"scales must be a number in \(0, inf\), got 0.0"),
+        # length 0 used to wrap to the padded last position, 20 > T to read NaN states
+        (lambda lm: steering.last_token_states(lm, TOKENS, jnp.array([0])), r"lengths must be a number in \[1, 7\], got 0.0"),
+        (lambda lm: steering.last_token_states(lm, TOKENS, jnp.array([20])), r"lengths must be a number in \[1, 7\], got 20.0"),
+        (lambda lm: steering.last_token_states(lm, TOKENS, jnp.array([3, 4])), r"lengths must be an integer array of shape \[P\] = \(1,\).*got shape \(2,\)"),
+        (lambda lm: steering.last_token_states(lm, TOKENS, jnp.array([2.5])), r"lengths must be an integer array.*dtype float32"),
+        # one layer's [P, D] states used to be averaged over features
+        (lambda lm: steering.contrastive_directions(STATES[1], STATES[2]), r"desired must have shape \[L\+1, P, D\].*got \(2, 32\)"),
+        (lambda lm: steering.contrastive_directions(STATES, STATES[:, :, :4]), r"desired and undesired must share L\+1 and D"),
+    ],
+)
+def test_steering_helpers_reject_bad_shapes_and_ranges(lm, call, message):
+    with pytest.raises(ArgumentError, match=message):
+        call(lm)
+
+
+def test_linearisation_error_accepts_a_scalar_scale(lm):
+    run = lambda h: steering.linearisation_error(lm, 0, h, jnp.eye(D), 0.01, jax.random.key(0))  # noqa: E731
+    assert jax.eval_shape(run, STATES[:1]).shape == (1,)  # shapes only: no compile
