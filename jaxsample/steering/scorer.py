@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxsample.errors import ArgumentError, NumericalError
+from jaxsample.validation import check_int
 
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 
@@ -73,10 +74,11 @@ def fit_bag_of_words(
 
     Raises:
       ArgumentError: empty or mismatched input, a text without words, labels outside {0, 1},
-        one class only, l2 ≤ 0.
+        one class only, l2 ≤ 0, max_steps < 1.
       NumericalError: Newton's method did not converge within `max_steps`.
     """
     texts = _check_texts(texts)
+    max_steps = check_int("max_steps", max_steps, 1)
     labels = np.asarray(labels)
     if labels.shape != (len(texts),):
         raise ArgumentError(f"labels must have shape [N={len(texts)}] (one per text), got {labels.shape}")

@@ -70,6 +70,8 @@ def test_bad_input_raises_clear_errors(fitted):
         fit_bag_of_words(["good", "..."], [1, 0])
     with pytest.raises(ArgumentError, match="l2 must be > 0"):
         fit_bag_of_words(["good", "bad"], [1, 0], l2=0.0)
+    with pytest.raises(ArgumentError, match=r"max_steps must be an integer in \[1, inf\], got 0"):
+        fit_bag_of_words(["good", "bad"], [1, 0], max_steps=0)
     with pytest.raises(NumericalError, match="did not converge"):
         fit_bag_of_words(["good", "bad"], [1, 0], max_steps=1)
     assert isinstance(scorer, BagOfWordsScorer)
