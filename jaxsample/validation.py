@@ -91,3 +91,10 @@ def check_real(name: str, value: Any, interval: str) -> Any:
         where = "" if values.ndim == 0 else f" (element {tuple(int(i) for i in np.argwhere(~inside)[0])})"
         raise ArgumentError(f"{name} must be a number in {interval}, got {shown!r}{where}")
     return value
+
+
+def check_scalar(name: str, value: Any, interval: str) -> Any:
+    """`check_real` for a single number (0-d arrays included): also raises on arrays of rank ≥ 1."""
+    if np.ndim(value) != 0:
+        raise ArgumentError(f"{name} must be a number in {interval}, got an array of shape {np.shape(value)}")
+    return check_real(name, value, interval)

@@ -7,7 +7,7 @@ import pytest
 
 from jaxsample.errors import ArgumentError
 from jaxsample.training.grpo import policy_loss
-from jaxsample.validation import check_int, check_real
+from jaxsample.validation import check_int, check_real, check_scalar
 
 
 @pytest.mark.parametrize("value", [3, np.int64(3), np.array(3), jnp.int32(3), np.array(3, np.int32)])
@@ -43,3 +43,11 @@ def test_check_real_names_none():
     logp = jnp.zeros((2, 3))
     with pytest.raises(ArgumentError, match=r"beta must be a number in \[0, inf\], got None"):
         policy_loss(logp, None, logp, jnp.zeros(2), jnp.ones((2, 3), bool), beta=None)
+
+
+def test_check_scalar_rejects_arrays_by_shape():
+    assert check_scalar("gamma", jnp.float32(0.5), "(0, inf)") == 0.5
+    with pytest.raises(ArgumentError, match=r"gamma must be a number in \(0, inf\), got an array of shape \(2,\)"):
+        check_scalar("gamma", [0.1, 0.2], "(0, inf)")
+    with pytest.raises(ArgumentError, match=r"gamma must be a number in \(0, inf\), got None"):
+        check_scalar("gamma", None, "(0, inf)")

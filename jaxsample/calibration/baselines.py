@@ -25,6 +25,7 @@ import numpy as np
 from jaxsample.calibration import csa
 from jaxsample.calibration.ltt import binomial_p_value, fixed_sequence
 from jaxsample.errors import ArgumentError
+from jaxsample.validation import check_scalar
 
 Array = jax.Array
 
@@ -61,9 +62,9 @@ def aci_init(grid, alpha: float, gamma: float = 0.01, threshold: float | None = 
     """
     grid = csa.check_grid(grid)
     csa.check_unit_interval("alpha", alpha)
-    csa.check_scalar("gamma", gamma, "(0, inf)")
+    check_scalar("gamma", gamma, "(0, inf)")
     start = grid[len(grid) // 2] if threshold is None else threshold
-    csa.check_scalar("threshold", start, f"[{grid[0]}, {grid[-1]}]")
+    check_scalar("threshold", start, f"[{grid[0]}, {grid[-1]}]")
     return ACIState(*(jnp.float32(x) for x in (start, grid[0], grid[-1], alpha, gamma)))
 
 

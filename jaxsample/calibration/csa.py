@@ -33,7 +33,7 @@ import numpy as np
 
 from jaxsample.calibration.isotonic import isotonic_fit, isotonic_predict
 from jaxsample.errors import ArgumentError
-from jaxsample.validation import check_int, check_real
+from jaxsample.validation import check_int, check_scalar
 
 Array = jax.Array
 
@@ -79,13 +79,6 @@ class CSAInfo(NamedTuple):
     action: Array
     certified: Array
     bet: Array
-
-
-def check_scalar(name: str, value, interval: str) -> None:
-    """Raises unless `value` is a single number (0-d arrays included) in `interval`."""
-    if np.ndim(value) != 0:
-        raise ArgumentError(f"{name} must be a number in {interval}, got an array of shape {np.shape(value)}")
-    check_real(name, value, interval)
 
 
 def check_unit_interval(name: str, value) -> None:

@@ -30,10 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxsample.calibration.csa import check_scalar, check_unit_interval
 from jaxsample.calibration.ltt import binomial_p_value, fixed_sequence
 from jaxsample.errors import ArgumentError
-from jaxsample.validation import check_int
+from jaxsample.validation import check_int, check_scalar
 
 Array = jax.Array
 
@@ -235,8 +234,8 @@ def ltt_calibrate(smoothed, labels, mask, delta: float, epsilon: float = 0.05, l
     Returns:
       λ̂ (float32 `[]`), +inf when even the first λ is not certified (never stop early).
     """
-    check_unit_interval("delta", delta)
-    check_unit_interval("epsilon", epsilon)
+    check_scalar("delta", delta, "(0, 1)")
+    check_scalar("epsilon", epsilon, "(0, 1)")
     smoothed, labels, mask = _check_shapes("smoothed", smoothed, labels, mask, ndim=2)
     not_binary = mask & (labels != 0) & (labels != 1)  # padding is never a stop: its labels are free
     if not isinstance(not_binary, jax.core.Tracer) and bool(jnp.any(not_binary)):
