@@ -308,6 +308,7 @@ def sample_traces(
     Returns:
       int32 `[num_samples, K (L + 2)]`; every trace ends with `<eos>`.
     """
+    num_samples = check_int("num_samples", num_samples, 1)
     rng = numpy_rng(rng)
     cfg = problem.config
     probs = _tempered_decision_probs(cfg, temperature)
@@ -325,6 +326,7 @@ def sample_batch(rng, config: DecisionTaskConfig, batch_size: int) -> tuple[np.n
       loss_mask: bool `[B, T]`, True at trace tokens (the `<eos>` included): the targets of
         next-token prediction from position t − 1.
     """
+    batch_size = check_int("batch_size", batch_size, 1)
     rng = numpy_rng(rng)
     cfg = config
     num_decisions = rng.integers(1, cfg.max_decisions + 1, batch_size)

@@ -72,6 +72,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from jaxsample.errors import ArgumentError, SandboxError
+from jaxsample.validation import check_int, check_scalar
 
 _SETUP_ERROR = "jaxsample-sandbox-setup-error:"
 # Per-run uids come from a range no distribution assigns to accounts.
@@ -114,16 +115,14 @@ class SandboxLimits:
     tail_bytes: int = 4096
 
     def __post_init__(self):
-        if not self.timeout_s > 0:
-            raise ArgumentError(f"SandboxLimits.timeout_s must be > 0, got {self.timeout_s}")
+        # Finite: the CPU limit and the kill timer are derived from it (inf overflowed in ceil).
+        check_scalar("SandboxLimits.timeout_s", self.timeout_s, "(0, inf)")
+        object.__setattr__(self, "timeout_s", float(self.timeout_s))
         for name in ("memory_bytes", "file_size_bytes", "disk_bytes", "max_files",
                      "max_processes", "max_open_files", "tail_bytes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ArgumentError(f"SandboxLimits.{name} must be a positive int, got {value!r}")
-        if self.cpu_s is not None and (not isinstance(self.cpu_s, int) or self.cpu_s < 1):
-            raise ArgumentError(
-                f"SandboxLimits.cpu_s must be a positive int or None, got {self.cpu_s!r}")
+            object.__setattr__(self, name, check_int(f"SandboxLimits.{name}", getattr(self, name), 1))
+        if self.cpu_s is not None:
+            object.__setattr__(self, "cpu_s", check_int("SandboxLimits.cpu_s", self.cpu_s, 1))
 
     @property
     def cpu_seconds(self) -> int:

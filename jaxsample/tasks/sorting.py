@@ -13,6 +13,7 @@ import numpy as np
 
 from jaxsample.errors import ArgumentError
 from jaxsample.tasks.rng import numpy_rng
+from jaxsample.validation import check_int, is_int
 
 BOS, SEP, EOS, PAD = 10, 11, 12, 13
 VOCAB_SIZE = 14
@@ -42,9 +43,11 @@ def sample_sorting(rng, num_problems: int, length: int | tuple[int, int] = 6) ->
       num_problems: how many.
       length: digits per list, or an inclusive range `(low, high)` drawn uniformly per problem.
     """
-    low, high = (length, length) if isinstance(length, int) else length
-    if not 1 <= low <= high:
-        raise ArgumentError(f"length must be >= 1 (or a range 1 <= low <= high), got {length!r}")
+    num_problems = check_int("num_problems", num_problems, 1)
+    bounds = (length, length) if is_int(length) else tuple(length) if isinstance(length, (tuple, list)) else ()
+    if not (len(bounds) == 2 and all(is_int(n) for n in bounds) and 1 <= bounds[0] <= bounds[1]):
+        raise ArgumentError(f"length must be an int >= 1 or a range (low, high) of ints with 1 <= low <= high, got {length!r}")
+    low, high = (int(n) for n in bounds)
     rng = numpy_rng(rng)
     sizes = rng.integers(low, high + 1, size=num_problems)
     return [SortingProblem(tuple(int(d) for d in rng.integers(0, 10, size=n))) for n in sizes]

@@ -196,6 +196,18 @@ def test_bad_problems_are_rejected():
         DecisionProblem(DEFAULT, (256,))
 
 
+@pytest.mark.parametrize("count, message", [
+    (0, "got 0"), (-1, "got -1"), (2.0, "got 2.0"), (True, "got True"),
+])
+@pytest.mark.parametrize("name", ["batch_size", "num_samples"])
+def test_bad_counts_are_rejected(name, count, message):
+    call = (lambda n: sample_batch(0, DEFAULT, n)) if name == "batch_size" else (
+        lambda n: sample_traces(0, DecisionProblem(DEFAULT, (1, 2)), n))
+    with pytest.raises(ArgumentError, match=re.escape(f"{name} must be an integer in [1, inf], {message}")):
+        call(count)
+    assert len(call(np.int64(2))) == 2
+
+
 def _prompt_edits():
     """(name, edit of a valid 2-item prompt, reason) for each way a prompt can be malformed."""
     L, n = DEFAULT.stretch_length, DEFAULT.item_length

@@ -14,6 +14,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jaxsample.errors import ArgumentError, SandboxError
@@ -202,6 +203,15 @@ def test_the_parent_environment_cannot_be_read_through_proc(monkeypatch):
 def test_limits_are_validated():
     with pytest.raises(ArgumentError, match="timeout_s"):
         SandboxLimits(timeout_s=0)
+    with pytest.raises(ArgumentError, match=r"SandboxLimits.timeout_s must be a number in \(0, inf\), got inf"):
+        SandboxLimits(timeout_s=float("inf"))
+    with pytest.raises(ArgumentError, match=r"SandboxLimits.max_files must be an integer in \[1, inf\], got True"):
+        SandboxLimits(max_files=True)
+    with pytest.raises(ArgumentError, match=r"SandboxLimits.cpu_s must be an integer in \[1, inf\], got 0"):
+        SandboxLimits(cpu_s=np.int64(0))
+    limits = SandboxLimits(timeout_s=np.float32(2.5), memory_bytes=np.int64(1 << 28), cpu_s=np.int64(3))
+    assert (limits.timeout_s, limits.memory_bytes, limits.cpu_s) == (2.5, 1 << 28, 3)
+    assert type(limits.memory_bytes) is int and type(limits.cpu_s) is int
     with pytest.raises(ArgumentError, match="max_processes"):
         SandboxLimits(max_processes=0)
     with pytest.raises(ArgumentError, match="disk_bytes"):
