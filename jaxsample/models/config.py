@@ -333,12 +333,12 @@ class _HFConfigParser:
         return theta, scaling
 
     def original_context(self, params: Mapping[str, Any], key: str, max_positions: int) -> int:
-        """The llama3 remap's pre-training context. transformers 4.x reads it from the RoPE
-        block and 5.x from the top level first, so the two must agree when both are given."""
+        """The llama3 remap's pre-training context. transformers 5.x reads the top level
+        first; 4.x reads only `rope_scaling`, so there the two must agree when both are given."""
         name = "original_max_position_embeddings"
         inner = None if params.get(name) is None else self.integer(name, container=params, label=f"{key}.{name}")
         top = None if self.d.get(name) is None else self.integer(name)
-        if inner is not None and top is not None and inner != top:
+        if key == "rope_scaling" and inner is not None and top is not None and inner != top:
             raise self.error(
                 name,
                 f"is {top} at the top level but {inner} in {key}; transformers 4.x reads the "

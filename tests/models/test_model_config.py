@@ -67,6 +67,10 @@ def test_top_level_original_context_is_read_and_must_agree_with_the_rope_block()
     both = {**top_only, "rope_scaling": {**block, "original_max_position_embeddings": 64}}
     with pytest.raises(ConfigError, match="'original_max_position_embeddings' is 16 at the top level but 64 in rope_scaling"):
         ModelConfig.from_hf_dict(both)
+    # transformers 4.x never reads rope_parameters: 5.x's top-level priority decides
+    five = {"model_type": "llama", **BASE, "original_max_position_embeddings": 16,
+            "rope_parameters": {**block, "original_max_position_embeddings": 64}}
+    assert ModelConfig.from_hf_dict(five).rope_scaling.original_max_position_embeddings == 16
 
 
 def test_token_ids_and_biases():
