@@ -267,10 +267,9 @@ def run_stream(step, state, scores, losses, refit_every: int = 100):
 def _check_state_batch(state, shape) -> None:
     """Raises unless `state` is batched exactly when the streams are (`shape` [B, T] vs [T]);
     vmap and the kernels would otherwise fail with errors that name neither argument."""
-    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
     if len(shape) == 2:
         batch = shape[0]
-        for path, leaf in leaves:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
             if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != batch:
                 raise ArgumentError(
                     f"scores are a batch [B={batch}, T={shape[1]}], so state must carry a leading axis of "
