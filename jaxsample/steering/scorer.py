@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxsample.errors import ArgumentError, NumericalError
-from jaxsample.validation import check_int
+from jaxsample.validation import check_int, check_scalar
 
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 
@@ -74,7 +74,7 @@ def fit_bag_of_words(
 
     Raises:
       ArgumentError: empty or mismatched input, a text without words, labels outside {0, 1},
-        one class only, l2 ≤ 0, max_steps < 1.
+        one class only, l2 or tolerance not a finite number > 0, max_steps < 1.
       NumericalError: Newton's method did not converge within `max_steps`.
     """
     texts = _check_texts(texts)
@@ -86,8 +86,8 @@ def fit_bag_of_words(
         raise ArgumentError(f"labels must be 0 or 1, got values {sorted(set(labels.tolist()))}")
     if labels.min() == labels.max():
         raise ArgumentError(f"labels must contain both classes 0 and 1, got only {int(labels[0])}")
-    if not l2 > 0:
-        raise ArgumentError(f"l2 must be > 0, got {l2}")
+    check_scalar("l2", l2, "(0, inf)")
+    check_scalar("tolerance", tolerance, "(0, inf)")
     empty = [i for i, text in enumerate(texts) if not words(text)]
     if empty:
         raise ArgumentError(f"training texts must contain words; text {empty[0]} ({texts[empty[0]]!r}) has none")

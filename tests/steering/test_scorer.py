@@ -68,8 +68,12 @@ def test_bad_input_raises_clear_errors(fitted):
         fit_bag_of_words(["good", "bad"], [1, 0, 1])
     with pytest.raises(ArgumentError, match="has none"):
         fit_bag_of_words(["good", "..."], [1, 0])
-    with pytest.raises(ArgumentError, match="l2 must be > 0"):
-        fit_bag_of_words(["good", "bad"], [1, 0], l2=0.0)
+    for l2 in (0.0, float("inf")):
+        with pytest.raises(ArgumentError, match=r"l2 must be a number in \(0, inf\)"):
+            fit_bag_of_words(["good", "bad"], [1, 0], l2=l2)
+    for tolerance in (0.0, float("nan")):
+        with pytest.raises(ArgumentError, match=r"tolerance must be a number in \(0, inf\)"):
+            fit_bag_of_words(["good", "bad"], [1, 0], tolerance=tolerance)
     with pytest.raises(ArgumentError, match=r"max_steps must be an integer in \[1, inf\], got 0"):
         fit_bag_of_words(["good", "bad"], [1, 0], max_steps=0)
     with pytest.raises(NumericalError, match="did not converge"):
