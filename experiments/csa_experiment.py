@@ -300,18 +300,22 @@ def run(run_dir: RunDirectory) -> str:
     if config["model"] == "synthetic":
         scenarios = _selected(config, "scenarios", SCENARIOS)
         for scenario in tqdm(scenarios, desc="csa scenarios", unit="scenario"):
-            if all(f"{scenario}/{m}" in done for m in [*methods, "oracle"]):
+            # a run stopped mid-scenario resumes with the units it has not saved; each method
+            # is deterministic and independent of the others, so the rest are not rerun
+            todo = [m for m in methods if f"{scenario}/{m}" not in done]
+            if not todo and f"{scenario}/oracle" in done:
                 continue
             # Seeded by the scenario's place in SCENARIOS, not in the selection: a scenario's
             # streams are the same whichever others run with it.
             seed = config["seed"] * 1000 + SCENARIOS.index(scenario)
             scores, losses, p_grid = synthetic_stream(config, scenario, seed)
             cumulative_p = np.cumsum(p_grid, axis=1)
-            release, oracle_risk = oracle_release(config, p_grid)
-            run_dir.append({"key": f"{scenario}/oracle", "scenario": scenario, "method": "oracle", "release_mean": release,
-                            "true_mean": float(np.nanmean(oracle_risk)), "true_max": float(np.nanmax(oracle_risk))})
+            if f"{scenario}/oracle" not in done:
+                release, oracle_risk = oracle_release(config, p_grid)
+                run_dir.append({"key": f"{scenario}/oracle", "scenario": scenario, "method": "oracle", "release_mean": release,
+                                "true_mean": float(np.nanmean(oracle_risk)), "true_max": float(np.nanmax(oracle_risk))})
             maps = calibration_maps(config, scores, losses)
-            for method, (action, threshold) in run_methods(config, methods, scores, losses).items():
+            for method, (action, threshold) in run_methods(config, todo, scores, losses).items():
                 true_risk = true_risk_of_deployed(config, maps, threshold, cumulative_p)
                 record = stream_metrics(config, action, losses, true_risk, threshold)
                 record.update(key=f"{scenario}/{method}", scenario=scenario, method=method)
@@ -320,9 +324,8 @@ def run(run_dir: RunDirectory) -> str:
     else:
         scores, losses = live_stream(config, run_dir)
         run_dir.log.info("live stream: %d problems, error rate %.3f", scores.shape[1], losses.mean())
-        for method, (action, threshold) in run_methods(config, methods, scores, losses).items():
-            if f"live/{method}" in done:
-                continue
+        todo = [m for m in methods if f"live/{m}" not in done]
+        for method, (action, threshold) in run_methods(config, todo, scores, losses).items():
             record = stream_metrics(config, action, losses, None, threshold)
             record.update(key=f"live/{method}", scenario=f"live {config['model']} ({scores.shape[1]} problems, error {losses.mean():.2f})", method=method)
             run_dir.append(record)

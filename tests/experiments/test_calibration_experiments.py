@@ -25,6 +25,11 @@ def test_csa_command_writes_metrics_table_and_plot(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "CSA (live certificates)" in summary and "oracle cut" in summary
     assert (out / "csa.png").stat().st_size > 0
+    # stopped inside the last scenario: resume saves only its two missing units, unchanged
+    lines = (out / "results.jsonl").read_text().splitlines(keepends=True)
+    (out / "results.jsonl").write_text("".join(lines[:-2]))
+    assert run.main(["csa", "--out", str(out), "--resume"]) == 0
+    assert [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()] == records
 
 
 @pytest.mark.parametrize("model, methods", [("synthetic", "static,ttt,ttt_eta0"), ("toy-decisions", "ttt")])
