@@ -30,6 +30,7 @@ from jaxsample import mcmc, parallel
 from jaxsample.decoding import pad_prompt
 from jaxsample.errors import ArgumentError
 from problems import (
+    add_mesh_argument,
     add_problem_arguments,
     answers,
     check_problem_config,
@@ -49,6 +50,7 @@ MATCHED = ("mh_uniform", "mh_entropy")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_problem_arguments(parser, problems_per_k=3, mcmc_steps=48)
+    add_mesh_argument(parser)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
 
 

@@ -32,6 +32,11 @@ def add_problem_arguments(parser: argparse.ArgumentParser, problems_per_k: int, 
     parser.add_argument("--top-k", type=int, default=0, help="proposal top-k (0: full vocabulary)")
 
 
+def add_mesh_argument(parser: argparse.ArgumentParser) -> None:
+    """`--mesh`, for the commands whose samplers take a mesh (power, smc)."""
+    parser.add_argument("--mesh", default="", help="device mesh data=D,model=M: chains/particles split over D devices, the model tensor-parallel over M (default: one device; see README, multi-device)")
+
+
 @functools.lru_cache(maxsize=None)
 def _mesh(spec: str):
     return parallel.make_mesh(*parallel.parse_mesh(spec)) if spec else None

@@ -85,7 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--resume", action="store_true", help="continue the run in --out from its saved config, skipping finished work; flags that differ from the saved config are refused")
         sub.add_argument("--seed", type=int, default=0, help="PRNG seed of the whole run")
         sub.add_argument("--distributed", action="store_true", help="join a multi-host run first (jax.distributed.initialize; coordinator from JAXSAMPLE_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID, or detected on TPU pods, SLURM and Open MPI)")
-        sub.add_argument("--mesh", default="", help="device mesh data=D,model=M: chains/particles split over D devices, the model tensor-parallel over M (default: one device; see README, multi-device)")
         module.add_arguments(sub)
     return parser
 
@@ -209,15 +208,17 @@ def resumed_config(out: Path, command: str, given: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     command, config, given = parse(sys.argv[1:] if argv is None else argv)
     module = COMMANDS[command]
+    resume, distributed = config["resume"], config["distributed"]
+    if resume and config["out"] is None:
+        fail(f"--resume needs --out DIR, the run to continue (python experiments/run.py {command} --out DIR --resume)")
     out = Path(config["out"] or default_run_dir(command))
-    resume = config["resume"]
-    if config["distributed"]:
-        parallel.initialize_distributed()
     config = {k: v for k, v in config.items() if k not in INVOCATION}
     resume_command = f"python experiments/run.py {command} --out {out} --resume"
     previous_handler = install_interrupt_handler(resume_command)
     run_dir = None
     try:
+        if distributed:
+            parallel.initialize_distributed()
         if resume:
             config = resumed_config(out, command, given)
         module.check_config(config)  # before anything is written

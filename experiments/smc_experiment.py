@@ -27,6 +27,7 @@ from jaxsample.errors import ArgumentError
 from jaxsample.validation import check_real
 from power_experiment import run_method, run_units
 from problems import (
+    add_mesh_argument,
     add_problem_arguments,
     answers,
     check_problem_config,
@@ -45,6 +46,7 @@ MATCHED = ("reward_smc",)  # best-of-N gets reward SMC's token budget
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_problem_arguments(parser, problems_per_k=2, mcmc_steps=24)
+    add_mesh_argument(parser)
     parser.add_argument("--lam", type=float, default=3.0, help="reward inverse temperature λ of reward SMC")
     parser.add_argument("--particles", type=int, default=16, help="SMC particles N")
     parser.add_argument("--block-size", type=int, default=0, help="tokens between SMC reweightings (0: one decision-task item, 8 for arithmetic)")

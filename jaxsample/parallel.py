@@ -172,6 +172,20 @@ def replicate(tree: Any, mesh: Mesh | None) -> Any:
     return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, P()))
 
 
+def _environment_int(name: str, minimum: int) -> int | None:
+    """The integer in environment variable `name` (`None` when unset)."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ArgumentError(f"environment variable {name} must be an integer ≥ {minimum}, got {raw!r}")
+    return value
+
+
 def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -188,13 +202,14 @@ def initialize_distributed(
     """
     env = os.environ
     coordinator_address = coordinator_address or env.get("JAXSAMPLE_COORDINATOR")
-    if num_processes is None and "JAXSAMPLE_NUM_PROCESSES" in env:
-        num_processes = int(env["JAXSAMPLE_NUM_PROCESSES"])
-    if process_id is None and "JAXSAMPLE_PROCESS_ID" in env:
-        process_id = int(env["JAXSAMPLE_PROCESS_ID"])
+    if num_processes is None:
+        num_processes = _environment_int("JAXSAMPLE_NUM_PROCESSES", 1)
+    if process_id is None:
+        process_id = _environment_int("JAXSAMPLE_PROCESS_ID", 0)
     if num_processes is not None and (process_id is None or not 0 <= process_id < num_processes):
         raise ArgumentError(
-            f"process_id must lie in [0, {num_processes}) when num_processes is set, got {process_id!r}"
+            f"process_id must lie in [0, {num_processes}) when num_processes is set, got {process_id!r} "
+            "(JAXSAMPLE_PROCESS_ID / JAXSAMPLE_NUM_PROCESSES, or the arguments)"
         )
     jax.distributed.initialize(
         coordinator_address=coordinator_address,

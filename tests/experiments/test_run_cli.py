@@ -70,6 +70,7 @@ def test_help_documents_every_option(capsys):
         (["power", "--task", "humaneval", "--model", "toy-decisions"], "--task humaneval needs a chat model"),
         (["power", "--mesh", "data=0"], "data=0"),
         (["smc", "--mesh", "data=64"], "needs 64 devices"),
+        (["csa", "--mesh", "data=2"], "unrecognized arguments: --mesh data=2"),  # only power and smc take a mesh
         (["power", "--decisions", "abc"], "--decisions must be comma-separated integers ≥ 1 (e.g. 1,2,3), got 'abc'"),
         (["power", "--alpha", "inf"], "--alpha must be a number in (0, inf), got inf"),
         (["power", "--alpha", "nan"], "--alpha must be a number in (0, inf), got nan"),
@@ -83,6 +84,21 @@ def test_bad_input_is_one_line_error(args, message, tmp_path, capsys):
     result = Outcome(capsys, *args, "--out", tmp_path / "run")
     assert_one_line_error(result, message)
     assert not (tmp_path / "run").exists(), "a run that failed validation left its folder behind"
+
+
+def test_resume_without_out_names_the_missing_flag(capsys):
+    assert_one_line_error(Outcome(capsys, "power", "--resume"), "--resume needs --out DIR")
+
+
+@pytest.mark.parametrize("environment, message", [
+    ({"JAXSAMPLE_NUM_PROCESSES": "2", "JAXSAMPLE_PROCESS_ID": "5"}, "process_id must lie in [0, 2)"),
+    ({"JAXSAMPLE_NUM_PROCESSES": "two", "JAXSAMPLE_PROCESS_ID": "0"}, "JAXSAMPLE_NUM_PROCESSES must be an integer ≥ 1, got 'two'"),
+])
+def test_bad_distributed_environment_is_one_line_error(environment, message, monkeypatch, tmp_path, capsys):
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    result = Outcome(capsys, "power", "--distributed", "--out", tmp_path / "run")
+    assert_one_line_error(result, message)
 
 
 def assert_one_line_error(result, message):
