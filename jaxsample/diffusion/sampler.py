@@ -44,7 +44,7 @@ def choose_positions(key: Array, masked: Array, count: Array) -> Array:
     Returns:
       bool `[S, T]`, True at the chosen positions.
     """
-    scores = jnp.where(masked, jax.random.uniform(key, masked.shape), 2.0)
+    scores = jnp.where(masked, jax.random.uniform(key, masked.shape, jnp.float32), 2.0)
     rank = jnp.argsort(jnp.argsort(scores, axis=-1), axis=-1)
     return rank < count
 

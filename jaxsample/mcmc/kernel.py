@@ -138,7 +138,7 @@ def build_kernel(
             proposal_key, lm, proposed, jnp.where(active, cap, current.length), proposal
         )
         log_r = ratio(cut, alpha, traces, Trace.of(proposed))
-        log_u = jnp.log(jax.vmap(jax.random.uniform)(split_keys[:, 1]))
+        log_u = jnp.log(jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(split_keys[:, 1]))
         accepted = active & (log_u < log_r.log_ratio)
         info = PowerMHInfo(
             cut=cut,

@@ -156,7 +156,7 @@ def categorical(key: Array, logits: Array) -> Array:
     # One Gumbel vector for both stages, from `key` itself: drawing the id with
     # `split(key)[1]` (equal to `fold_in(key, 1)`) measurably worsened pooled SMC estimates
     # on the tabular toy (tests/smc/test_smc_kernel.py), for a reason not found.
-    noise = jax.random.gumbel(key, (blocks + block,))
+    noise = jax.random.gumbel(key, (blocks + block,), jnp.float32)
     chosen = jnp.argmax(log_mass + noise[:blocks])
     within = jnp.argmax(scores[chosen] + noise[blocks:])
     return (chosen * block + within).astype(jnp.int32)

@@ -93,7 +93,7 @@ def build_move(
         )
         proposed = Particles(decode, reward, log_value)
         log_r = move_log_ratio(target, cut, particles, proposed, cut_law)
-        log_u = jnp.log(jax.random.uniform(accept_key, log_r.shape))
+        log_u = jnp.log(jax.random.uniform(accept_key, log_r.shape, jnp.float32))
         accepted = movable & (log_u < log_r)
         moved = Particles(
             decode=select_rows(accepted, decode, current),

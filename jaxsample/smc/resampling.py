@@ -102,7 +102,7 @@ def multinomial(key: Array, weights: Array, num_samples: int) -> Array:
     Returns:
       int32 `[M]` ancestor indices.
     """
-    return _inverse_cdf(weights, jax.random.uniform(key, (num_samples,)))
+    return _inverse_cdf(weights, jax.random.uniform(key, (num_samples,), jnp.float32))
 
 
 @_validated
@@ -111,7 +111,7 @@ def stratified(key: Array, weights: Array, num_samples: int) -> Array:
 
     Args/Returns: as `multinomial`; the ancestors come out sorted.
     """
-    offsets = jax.random.uniform(key, (num_samples,))
+    offsets = jax.random.uniform(key, (num_samples,), jnp.float32)
     return _inverse_cdf(weights, (jnp.arange(num_samples) + offsets) / num_samples)
 
 
@@ -121,7 +121,7 @@ def systematic(key: Array, weights: Array, num_samples: int) -> Array:
 
     Args/Returns: as `multinomial`; the ancestors come out sorted.
     """
-    offset = jax.random.uniform(key, ())
+    offset = jax.random.uniform(key, (), jnp.float32)
     return _inverse_cdf(weights, (jnp.arange(num_samples) + offset) / num_samples)
 
 
@@ -146,7 +146,7 @@ def residual(key: Array, weights: Array, num_samples: int) -> Array:
     # placeholder weights only keep the residual draw well defined.
     has_remainder = jnp.sum(fractional) > 0
     fractional = jnp.where(has_remainder, fractional, probs)
-    residual_draws = _inverse_cdf(fractional, jax.random.uniform(key, (num_samples,)))
+    residual_draws = _inverse_cdf(fractional, jax.random.uniform(key, (num_samples,), jnp.float32))
     deterministic = jnp.repeat(
         jnp.arange(num_particles, dtype=jnp.int32), copies, total_repeat_length=num_samples
     )
