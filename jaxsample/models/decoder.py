@@ -538,8 +538,11 @@ def decode_step(
         def attend_within(width):
             def attend_slots(q, k_new, v_new):
                 window = (batch, 1, width) + k_new.shape[3:]
-                keys = jax.lax.dynamic_slice(k_new, (0, i, 0, 0, 0), window)[:, 0]
-                values = jax.lax.dynamic_slice(v_new, (0, i, 0, 0, 0), window)[:, 0]
+                # Start indices share i's dtype: Python ints become int64 under x64.
+                zero = jnp.zeros((), i.dtype)
+                start = (zero, i, zero, zero, zero)
+                keys = jax.lax.dynamic_slice(k_new, start, window)[:, 0]
+                values = jax.lax.dynamic_slice(v_new, start, window)[:, 0]
                 return decode_attention(q, keys, values, visible[:, :width], shared)
 
             return attend_slots

@@ -180,9 +180,9 @@ def build_kernel(
         def one_move(carry, move_key):
             particles, accepted, decoded, non_finite = carry
             particles, step_accepted, step_decoded, step_non_finite = move(move_key, particles, cap)
-            accepted = accepted + jnp.sum(step_accepted)
+            accepted = accepted + jnp.sum(step_accepted, dtype=jnp.int32)
             non_finite = jnp.where(non_finite >= 0, non_finite, step_non_finite)
-            return (particles, accepted, decoded + jnp.sum(step_decoded), non_finite), None
+            return (particles, accepted, decoded + jnp.sum(step_decoded, dtype=jnp.int32), non_finite), None
 
         keys = jax.random.split(key, num_rejuvenation_steps)
         zero = jnp.zeros((), jnp.int32)

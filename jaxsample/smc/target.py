@@ -76,8 +76,9 @@ class RewardTarget:
                 "reward_fn(tokens [S], length []) must return one scalar per sequence; "
                 f"vmapped over {batch} rows it returned shape {jnp.shape(reward)}"
             )
-        # At least float32 (a bf16 or integer reward is promoted); float64 stays float64.
-        return reward.astype(jnp.promote_types(reward.dtype, jnp.float32))
+        # float32, the particles' reward dtype: a float64 reward (under x64) would change
+        # the loop carry's type.
+        return reward.astype(jnp.float32)
 
     def log_potential_change(self, old_reward: Array, new_reward: Array) -> Array:
         """λ (r_new − r_old); exactly 0 when λ = 0 (no 0 · inf = NaN for hard constraints)."""
