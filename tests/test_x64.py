@@ -63,6 +63,9 @@ def run_x64():
         result = js.smc_decode(key, lm, prompt, reward, num_particles=4, max_new_tokens=4, alpha=2.0, lam=1.0,
                                block_size=2, num_rejuvenation_steps=1)
         assert result.tokens.shape == (4, 4)
+    # float64 weights below float32's range reach the resampler traced, as float64.
+    ancestors = jax.jit(lambda k, w: multinomial(k, w, 8))(key, np.exp([-200.0, -199.0, -np.inf]))
+    assert np.asarray(ancestors).max() < 2, ancestors  # not the identity fallback
     print(json.dumps(draws()))
 
 

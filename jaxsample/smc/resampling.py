@@ -6,10 +6,15 @@ CDF of `W` with `searchsorted`; the CDF is divided by its last entry so it ends 
 and a particle of weight zero is never selected, even at the float32 end of the CDF.
 Shapes are static (`num_samples` is a Python int), so the schemes work under `jit` and `vmap`.
 
+Scale. Before the float32 CDF is built, the weights are multiplied by the power of two that
+brings their maximum into [0.5, 1), in their own dtype (exact): finite weights whose float32
+total overflows (`[3e38, 3e38, 0]`) and float64 weights below float32's range
+(`exp([-200, -199])`) resample as their ratios say.
+
 Invalid weights. Weights must be finite and non-negative with a positive total. When they
 are concrete (an eager call), a NaN or infinite weight raises `NumericalError`, an all-zero
-vector (every log-weight `-inf`: no particle is possible) raises `NumericalError`, and a
-negative weight raises `ArgumentError`. Under `jit` nothing can raise: invalid weights give
+vector (no particle is possible) raises `NumericalError`, and a negative weight raises
+`ArgumentError`; these checks see the weights in their own dtype. Under `jit` nothing can raise: invalid weights give
 the identity ancestors `arange(num_samples) % N`, and the caller detects the condition from
 the log-weights (the SMC step skips resampling, reports `log_z = -inf` for all-zero weights
 and flags NaN / +inf; see `weights.py`).
@@ -40,12 +45,15 @@ _BELOW_ONE = float(np.nextafter(np.float32(1.0), np.float32(0.0)))
 
 def _check(weights: Array, num_samples: int) -> Array:
     check_int("num_samples", num_samples, 1)
-    weights = jnp.asarray(weights, jnp.float32)
-    if weights.ndim != 1 or weights.shape[0] < 1:
-        raise ArgumentError(f"weights must have shape [N] with N >= 1, got {weights.shape}")
+    if jnp.ndim(weights) != 1 or jnp.shape(weights)[0] < 1:
+        raise ArgumentError(f"weights must have shape [N] with N >= 1, got {jnp.shape(weights)}")
     if isinstance(weights, jax.core.Tracer):
         return weights
+    # On the host in their own dtype: JAX would cast float64 weights to float32 (without
+    # x64), flushing small ones to 0 and large ones to inf.
     host = np.asarray(weights)
+    if host.dtype.kind != "f" or host.dtype.itemsize < 4:
+        host = host.astype(np.float32)
     if np.isnan(host).any():
         bad = np.flatnonzero(np.isnan(host))
         raise NumericalError(
@@ -56,17 +64,30 @@ def _check(weights: Array, num_samples: int) -> Array:
         raise NumericalError(f"resampling weights contain inf (first at index {first})")
     if (host < 0).any():
         raise ArgumentError(f"resampling weights must be non-negative, got min {host.min()}")
-    if not host.sum() > 0:
+    if not (host > 0).any():
         raise NumericalError(
-            "all resampling weights are zero (every log-weight is -inf): no particle can be "
-            "selected; the SMC step skips resampling in this case and reports log_z = -inf"
+            "all resampling weights are zero: no particle can be selected (every "
+            "log-weight is -inf, or exp(log-weights) underflowed: subtract their max first); the "
+            "SMC step skips resampling in this case and reports log_z = -inf"
         )
-    return weights
+    return np.ldexp(host, -np.frexp(host.max())[1])
+
+
+def _rescaled(weights: Array) -> Array:
+    """float32 weights, max in [0.5, 1): multiplied by a power of two in their own dtype.
+
+    Exact unless a weight falls below float32's range relative to the maximum (it becomes 0).
+    Signs, NaN and inf are kept, so invalid weights stay invalid.
+    """
+    if not jnp.issubdtype(weights.dtype, jnp.floating) or weights.dtype.itemsize < 4:
+        weights = weights.astype(jnp.float32)
+    _, exponent = jnp.frexp(jnp.max(weights))
+    return jnp.ldexp(weights, -exponent).astype(jnp.float32)
 
 
 def _validated(scheme: Resampler) -> Resampler:
     """Checks the arguments (raising on concrete invalid weights), then runs the jitted scheme."""
-    jitted = jax.jit(scheme, static_argnums=2)
+    jitted = jax.jit(lambda key, weights, n: scheme(key, _rescaled(weights), n), static_argnums=2)
 
     @functools.wraps(scheme)
     def resample(key: Array, weights: Array, num_samples: int) -> Array:

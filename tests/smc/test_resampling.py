@@ -77,6 +77,23 @@ def test_jit_vmap_and_eager_agree(name):
 
 
 @pytest.mark.parametrize("name", SCHEMES)
+def test_weights_outside_float32_range(name):
+    resample = RESAMPLERS[name]
+    keys = jax.random.split(jax.random.key(7), 200)
+    many = jax.vmap(resample, in_axes=(0, None, None))
+    # Finite, but the float32 total overflows; and float64 weights that float32 flushes to 0.
+    overflow = np.array([3e38, 3e38, 0.0], np.float32)
+    underflow = np.exp([-200.0, -199.0, -np.inf])
+    for weights, probs in [(overflow, [0.5, 0.5]), (jnp.asarray(overflow), [0.5, 0.5]), (underflow, [0.269, 0.731])]:
+        counts = np.bincount(np.asarray(many(keys, weights, 3)).ravel(), minlength=3)
+        # 600 draws: 0.1 is over 4 standard errors.
+        assert counts[2] == 0 and np.abs(counts[:2] / 600 - probs).max() < 0.1, counts
+    np.testing.assert_array_equal(resample(keys[0], underflow, 3) < 2, True)
+    with pytest.raises(NumericalError, match="underflowed"):
+        resample(keys[0], jnp.exp(jnp.asarray([-200.0, -199.0])), 2)
+
+
+@pytest.mark.parametrize("name", SCHEMES)
 def test_invalid_weights(name):
     resample = RESAMPLERS[name]
     key = jax.random.key(6)
