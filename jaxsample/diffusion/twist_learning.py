@@ -24,7 +24,7 @@ import optax
 from jaxsample.diffusion.model import MaskedDiffusionLM
 from jaxsample.diffusion.twisted import LogTwistFn, twisted_diffusion_smc
 from jaxsample.smc.trust_region import solve_trust_region_beta, tempered_log_weights, trust_region_kl
-from jaxsample.smc.twist_learning import fit_steps
+from jaxsample.smc.twist_learning import fit_steps, init_adam
 from jaxsample.smc.weights import ess, log_evidence
 from jaxsample.validation import check_int, check_real
 
@@ -142,8 +142,7 @@ def learn_diffusion_twist(key: Array, model: MaskedDiffusionLM, log_potential_fn
     check_int("num_fit_steps", num_fit_steps, 1)
     check_real("learning_rate", learning_rate, "(0, inf)")
     params = init_linear_twist(model) if twist_params is None else twist_params
-    optimizer = optax.adam(learning_rate)
-    opt_state = optimizer.init(params)
+    optimizer, opt_state = init_adam(params, learning_rate)
     history = []
     for k in range(num_iterations):
         params, opt_state, info = tri_iteration(

@@ -53,6 +53,17 @@ METHODS = ("tri", "ctl")
 _ADAM = optax.inject_hyperparams(optax.adam)(learning_rate=1e-2)
 
 
+def init_adam(params: Any, learning_rate) -> tuple[optax.GradientTransformation, Any]:
+    """`(optimizer, state)`: the shared Adam and its state for `params` at `learning_rate`.
+
+    The rate lives in the state, so a jitted fit that takes the optimizer as a static
+    argument compiles once for every learning rate. The diffusion twist fit shares it.
+    """
+    state = _ADAM.init(params)
+    state.hyperparams["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
+    return _ADAM, state
+
+
 class TwistHead(nn.Module):
     """log ψ [V] from features [D] and the prefix length (one-hot over the S positions).
 
@@ -386,8 +397,7 @@ def learn_twist(
         log_twist_fn, twist_params = init_twist_head(
             jax.random.fold_in(key, 2**31 - 1), lm, max_new_tokens, hidden_size)
 
-    opt_state = _ADAM.init(twist_params)
-    opt_state.hyperparams["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
+    _, opt_state = init_adam(twist_params, learning_rate)
     params, history, start = twist_params, [], 0
     manager = _checkpointer(checkpoint_dir)
     if manager is not None and manager.latest_step() is not None:

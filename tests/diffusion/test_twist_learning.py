@@ -46,6 +46,21 @@ def test_tri_iteration_spends_the_kl_budget():
     assert float(jnp.abs(new_params["w"]).max()) > 0
 
 
+def test_a_new_learning_rate_does_not_recompile_the_fit():
+    model = tiny_model(num_steps=SEQ_LEN)
+
+    def learn(learning_rate):
+        params, _ = jd.learn_diffusion_twist(jax.random.key(5), model, log_potential, num_iterations=1,
+                                             num_particles=8, num_fit_steps=2, learning_rate=learning_rate)
+        return params
+
+    slow = learn(1e-2)
+    compiled = jd.twist_learning._fit._cache_size()
+    fast = learn(2e-2)
+    assert jd.twist_learning._fit._cache_size() == compiled
+    assert not np.allclose(slow["w"], fast["w"])  # the rate is used
+
+
 def test_checkpoint_round_trip(tmp_path):
     model = tiny_model(num_steps=2)
     loaded = jd.load(jd.save(tmp_path / "m", model))
