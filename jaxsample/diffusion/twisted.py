@@ -76,6 +76,8 @@ class DiffusionSMCResult(NamedTuple):
 
 
 def init(model: MaskedDiffusionLM, num_particles: int) -> DiffusionSMCState:
+    """N all-MASK particles (x_T): tokens int32 `[N, T]`, log_weights and log_twist f32 `[N]`
+    zeros, step int32 `[]` 0, where T = `model.config.seq_len` and N = `num_particles`."""
     zeros = jnp.zeros(num_particles, jnp.float32)
     return DiffusionSMCState(all_masked(model, num_particles), zeros, zeros, jnp.int32(0))
 

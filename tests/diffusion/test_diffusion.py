@@ -100,3 +100,11 @@ def test_bad_configs_raise():
         jd.DiffusionConfig(vocab_size=3, seq_len=4, num_steps=5)
     with pytest.raises(ConfigError, match="one position per step"):
         jd.twisted_diffusion_smc(jax.random.key(0), tiny_model(num_steps=2), log_potential, num_particles=4)
+
+
+def test_init_is_all_mask_and_documented():
+    model = tiny_model(num_steps=SEQ_LEN)
+    state = jd.init(model, 3)
+    np.testing.assert_array_equal(state.tokens, np.full((3, SEQ_LEN), model.config.mask_id))
+    assert state.log_weights.shape == state.log_twist.shape == (3,) and int(state.step) == 0
+    assert "int32 `[N, T]`" in jd.init.__doc__
