@@ -66,19 +66,21 @@ class RewardTarget:
     reward_fn: Optional[Partial] = None
 
     def reward(self, decode: DecodeState) -> Array:
-        """r of every row's current prefix, f32 `[B]` (0 without a reward function)."""
+        """r of every row's current prefix, `[B]` in the dtype of `decode.log_p` (f32 in the
+        samplers; the exact float64 checks of `jaxsample.testing` pass float64 traces), 0
+        without a reward function."""
         batch = decode.length.shape[0]
         if self.reward_fn is None:
-            return jnp.zeros((batch,), jnp.float32)
+            return jnp.zeros((batch,), decode.log_p.dtype)
         reward = jax.vmap(self.reward_fn)(decode.tokens, decode.length)
         if jnp.shape(reward) != (batch,):
             raise ArgumentError(
                 "reward_fn(tokens [S], length []) must return one scalar per sequence; "
                 f"vmapped over {batch} rows it returned shape {jnp.shape(reward)}"
             )
-        # float32, the particles' reward dtype: a float64 reward (under x64) would change
-        # the loop carry's type.
-        return reward.astype(jnp.float32)
+        # Not the reward's own dtype: a float64 reward (under x64) in float32 particles would
+        # change the SMC loop carry's type.
+        return reward.astype(decode.log_p.dtype)
 
     def log_potential_change(self, old_reward: Array, new_reward: Array) -> Array:
         """λ (r_new − r_old); exactly 0 when λ = 0 (no 0 · inf = NaN for hard constraints)."""
