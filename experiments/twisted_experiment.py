@@ -46,8 +46,7 @@ LABELS = {"untwisted": "untwisted SMC", "ctl": "CTL twist", "tri": "TRI-TSMC twi
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_problem_arguments(parser, problems_per_k=1, mcmc_steps=0)
-    parser.set_defaults(decisions="2")
+    add_problem_arguments(parser, problems_per_k=1, mcmc_steps=0, decisions="2")
     parser.add_argument("--lam", type=float, default=3.0, help="log φ = λ·correct: the verifier potential's strength")
     parser.add_argument("--particles", type=int, default=16, help="particles N, for learning (SIS paths per iteration) and evaluation")
     parser.add_argument("--iterations", type=int, default=4, help="twist-learning iterations per problem and method")

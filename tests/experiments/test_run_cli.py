@@ -86,6 +86,12 @@ def test_bad_input_is_one_line_error(args, message, tmp_path, capsys):
     assert not (tmp_path / "run").exists(), "a run that failed validation left its folder behind"
 
 
+@pytest.mark.parametrize("command", sorted(run.COMMANDS))
+def test_only_flags_on_the_command_line_count_as_given(command):
+    # a default counted as given makes --resume refuse a run saved with another value
+    assert run.parse([command, "--out", "x"])[2] == {}
+
+
 def test_resume_without_out_names_the_missing_flag(capsys):
     assert_one_line_error(Outcome(capsys, "power", "--resume"), "--resume needs --out DIR")
 
