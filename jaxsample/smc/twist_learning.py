@@ -365,7 +365,8 @@ def learn_twist(
         tests); default a `TwistHead` (`twist_head_fn(lm.vocab_size, S, hidden_size)`) at 0.
       hidden_size: the default head's width.
       checkpoint_dir: orbax checkpoints of params, optimiser state and history after every
-        iteration; an existing checkpoint is resumed.
+        iteration (the last 2 kept); an existing checkpoint is resumed from iteration
+        min(latest, num_iterations), an `ArgumentError` when that one is no longer kept.
       progress: tqdm bar over iterations.
 
     Returns:
@@ -403,7 +404,14 @@ def learn_twist(
     if manager is not None and manager.latest_step() is not None:
         import orbax.checkpoint as ocp
 
-        start = manager.latest_step()
+        start = min(manager.latest_step(), num_iterations)
+        if start not in manager.all_steps():
+            # restoring a later step would hand back a twist trained for more iterations
+            raise ArgumentError(
+                f"checkpoint_dir {checkpoint_dir} holds iterations {sorted(manager.all_steps())}, past "
+                f"num_iterations={num_iterations}, but not iteration {num_iterations} itself; use a "
+                "new checkpoint_dir or num_iterations ≥ the latest"
+            )
         restored = manager.restore(start, args=ocp.args.Composite(
             state=ocp.args.StandardRestore({"params": params, "opt_state": opt_state}),
             history=ocp.args.JsonRestore()))

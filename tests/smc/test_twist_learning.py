@@ -113,6 +113,11 @@ def test_checkpoint_resume_continues_where_it_stopped(toy, zeros, tmp_path):
     np.testing.assert_allclose(resumed, straight, rtol=1e-6, atol=1e-6)
     for a, b in zip(resumed_history, straight_history):
         np.testing.assert_allclose(a["beta"], b["beta"], rtol=1e-6)
+    # a checkpoint ahead of num_iterations gives that iteration's twist, never a later one
+    _, three_history = js.learn_twist(key, *args, num_iterations=3, checkpoint_dir=tmp_path, **kwargs)
+    assert three_history == resumed_history[:3]
+    with pytest.raises(ArgumentError, match=r"holds iterations \[3, 4\], past num_iterations=1"):
+        js.learn_twist(key, *args, num_iterations=1, checkpoint_dir=tmp_path, **kwargs)
 
 
 def test_default_head_starts_at_zero_and_bad_arguments(toy):
