@@ -20,6 +20,7 @@ held-out observed items; it is scored against the clean labels of held-out texts
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 
 import jax
@@ -139,7 +140,9 @@ def load_features(run_dir: RunDirectory, rows) -> np.ndarray:
     model = run_dir.config["model"]
     features = synthetic_features(rows) if model == "synthetic" else lm_features(model, rows)
     features = (features - features.mean(0)) / (features.std(0) + 1e-6)
-    np.save(path, features)
+    buffer = io.BytesIO()
+    np.save(buffer, features)
+    run_dir.write_bytes(path.name, buffer.getvalue())
     return features
 
 

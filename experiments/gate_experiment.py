@@ -18,6 +18,7 @@ distance from θ_0 in single-ball radii r_0, chain transitions.
 from __future__ import annotations
 
 import argparse
+import io
 import time
 import zlib
 
@@ -71,6 +72,10 @@ def check_config(config: dict) -> None:
             raise ArgumentError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {config[name]!r}")
     if 0 < config["modulus"] < 3:
         raise ArgumentError(f"--modulus must be 0 (skip) or >= 3, got {config['modulus']}")
+    if kappas and 0 < config["modulus"] < 12:  # lora_problem's reward draws 128 of the p² prompts
+        raise ArgumentError(
+            f"--modulus must be >= 12 with --kappas (the LoRA reward uses 128 of the modulus² prompts), "
+            f"got {config['modulus']}; pass --kappas '' to skip the LoRA problem")
 
 
 # ---------------------------------------------------------------------------------------
@@ -195,7 +200,9 @@ def transformer_model(run_dir: RunDirectory, key, config):
         flat = [jnp.asarray(stored[f"leaf{i}"]) for i in range(len(jax.tree.leaves(template)))]
         return model_config, jax.tree.unflatten(jax.tree.structure(template), flat), float(stored["accuracy"])
     model_config, params, accuracy = modular.train_modular_addition(key, config["modulus"], config["train_model_steps"])
-    np.savez(cache, accuracy=accuracy, **{f"leaf{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(params))})
+    buffer = io.BytesIO()
+    np.savez(buffer, accuracy=accuracy, **{f"leaf{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(params))})
+    run_dir.write_bytes(cache.name, buffer.getvalue())
     return model_config, params, accuracy
 
 
@@ -261,7 +268,10 @@ def build_problem(run_dir, key, name, d, config, gate_names):
     if classifiers:
         more, safe_fraction, calibration = classifier_gates(jax.random.fold_in(problem_key_, 2), problem, classifiers, config, radius)
         gates.update(more)
-        info["train_safe_fraction"] = safe_fraction
+        # on the classifier records only: the verifier records of a problem must not depend on
+        # whether its classifier gates ran in the same process (a resumed run)
+        for gate in classifiers:
+            calibration.setdefault(gate, {})["train_safe_fraction"] = safe_fraction
     return {"problem": problem, "gates": gates, "guarantees": guarantees, "info": info, "calibration": calibration}
 
 

@@ -107,10 +107,11 @@ class RunDirectory:
             raise ArgumentError(f"--out {self.path} is a file, not a run directory")
         self.created = not self.path.exists()
         if not resume:
-            if self.results_path.exists() and self.results_path.stat().st_size > 0:
+            # a started run's cached model or features belong to its options, not these
+            if self.path.is_dir() and any(self.path.iterdir()):
                 raise ArgumentError(
-                    f"{self.path} already holds results; pass --resume to continue it or "
-                    "choose another --out"
+                    f"{self.path} already holds a run ({', '.join(sorted(p.name for p in self.path.iterdir())[:4])}); "
+                    "pass --resume to continue it, or choose another --out (a new run needs a new or empty folder)"
                 )
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
@@ -166,6 +167,14 @@ class RunDirectory:
     def write_text(self, name: str, text: str) -> Path:
         path = self.path / name
         path.write_text(text)
+        return path
+
+    def write_bytes(self, name: str, data: bytes) -> Path:
+        """Writes a cache file whole or not at all (a kill mid-write leaves no torn file)."""
+        path = self.path / name
+        partial = path.with_name(path.name + ".partial")
+        partial.write_bytes(data)
+        os.replace(partial, path)
         return path
 
     def remove_if_empty(self) -> None:

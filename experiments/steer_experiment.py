@@ -236,7 +236,7 @@ def train_model(run_dir: RunDirectory, language: Language) -> tuple[LanguageMode
                 params, opt_state, loss = train_step(params, opt_state, jnp.asarray(tokens))
                 if step % 100 == 0:
                     bar.set_postfix(loss=f"{float(loss):.3f}")
-        path.write_bytes(flax.serialization.to_bytes(params))
+        run_dir.write_bytes(path.name, flax.serialization.to_bytes(params))
     info = {
         "model_nll": float(_token_nll(params, model_config_, jnp.asarray(held_out))),
         "true_nll": true_nll(language, held_out),

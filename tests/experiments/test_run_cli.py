@@ -71,6 +71,7 @@ def test_help_documents_every_option(capsys):
         (["power", "--mesh", "data=0"], "data=0"),
         (["smc", "--mesh", "data=64"], "needs 64 devices"),
         (["csa", "--mesh", "data=2"], "unrecognized arguments: --mesh data=2"),  # only power and smc take a mesh
+        (["gate", "--modulus", "7"], "--modulus must be >= 12 with --kappas"),
         (["power", "--decisions", "abc"], "--decisions must be comma-separated integers ≥ 1 (e.g. 1,2,3), got 'abc'"),
         (["power", "--alpha", "inf"], "--alpha must be a number in (0, inf), got inf"),
         (["power", "--alpha", "nan"], "--alpha must be a number in (0, inf), got nan"),
@@ -322,11 +323,24 @@ def test_mesh_option_splits_chains_over_devices(finished_run, tmp_path):
     assert sorted(two, key=lambda r: r["key"]) == sorted(one, key=lambda r: r["key"])
 
 
-def test_existing_run_directory_needs_resume(tmp_path, capsys):
+@pytest.mark.parametrize("leftover", ["results.jsonl", "model.msgpack"])
+def test_existing_run_directory_needs_resume(leftover, tmp_path, capsys):
+    # also a run killed after caching its model but before its first result: a new run with
+    # other options would load that stale cache
     out = tmp_path / "run"
     out.mkdir()
-    (out / "results.jsonl").write_text('{"key": "x"}\n')
+    (out / leftover).write_text('{"key": "x"}\n')
     assert_one_line_error(Outcome(capsys, "power", *TINY, "--out", out), "--resume")
+    assert (out / leftover).read_text() == '{"key": "x"}\n'
+
+
+def test_cache_files_are_written_whole_or_not_at_all(tmp_path):
+    from run_directory import RunDirectory
+
+    run_dir = RunDirectory(tmp_path / "run", {}, resume=False)
+    path = run_dir.write_bytes("model.msgpack", b"weights")
+    assert path.read_bytes() == b"weights" and sorted(p.name for p in path.parent.iterdir()) == [
+        "config.yaml", "log.txt", "model.msgpack"]
 
 
 def _interrupt(args, ready, timeout=240):
