@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from jaxsample.errors import ConfigError
 
@@ -51,6 +51,17 @@ class Llama3RopeScaling:
             raise ConfigError(
                 "rope scaling original_max_position_embeddings must be positive, got "
                 f"{self.original_max_position_embeddings}"
+            )
+
+
+def check_stop_token_ids(ids: Sequence[int], vocab_size: int, source: str | None = None) -> None:
+    """Raises `ConfigError` (prefixed with `source`) for a stop id outside [0, vocab_size)."""
+    for t in ids:
+        if not 0 <= t < vocab_size:
+            where = f"{source}: " if source else ""
+            raise ConfigError(
+                f"{where}eos_token_id {t} is outside the vocabulary [0, {vocab_size}); "
+                "js.load(..., eos_token_ids=[...]) replaces the checkpoint's stop tokens"
             )
 
 
@@ -151,12 +162,7 @@ class ModelConfig:
         ):
             if value is not None and not 0 <= value < self.vocab_size:
                 raise ConfigError(f"{name} {value} is outside the vocabulary [0, {self.vocab_size}){override}")
-        for t in self.eos_token_ids:
-            if not 0 <= t < self.vocab_size:
-                raise ConfigError(
-                    f"eos_token_id {t} is outside the vocabulary [0, {self.vocab_size}); "
-                    "js.load(..., eos_token_ids=[...]) replaces the checkpoint's stop tokens"
-                )
+        check_stop_token_ids(self.eos_token_ids, self.vocab_size)
 
     @property
     def num_queries_per_kv(self) -> int:

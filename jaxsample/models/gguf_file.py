@@ -95,11 +95,14 @@ def unpermute_rows(weights: np.ndarray, num_heads: int) -> np.ndarray:
 
 def gguf_config(reader: gguf.GGUFReader, overridden: Collection[str] = ()) -> tuple[ModelConfig, tuple[int, ...]]:
     """(ModelConfig, extra stop token ids) from GGUF metadata; the token ids named in
-    `overridden` ("eos_token_id", "pad_token_id") are left unset for the caller to replace."""
+    `overridden` ("eos_token_id", "pad_token_id") are left unset for the caller to replace
+    (with "eos_token_id", the extra stop ids too)."""
     try:
         config = _config_from_metadata(reader, overridden)
     except ConfigError as e:
         raise ConfigError(f"{_path(reader)}: {e}") from None
+    if "eos_token_id" in overridden:
+        return config, ()
     extra_stops = tuple(int(v) for key in _EXTRA_STOP_KEYS if (v := _field(reader, key)) is not None)
     return config, extra_stops
 

@@ -12,7 +12,7 @@ import numpy as np
 from jaxsample.errors import ArgumentError, CheckpointError, ConfigError
 from jaxsample.lm import LanguageModel
 from jaxsample.models.checkpoint import assemble_params, check_dtype, read_json, safetensors_entries
-from jaxsample.models.config import ModelConfig
+from jaxsample.models.config import ModelConfig, check_stop_token_ids
 from jaxsample.models.decoder import DecodeStep, LayerFunctions, forward, init_cache, prefill
 from jaxsample.models.registry import registered_models, resolve
 from jaxsample.models.tokenizer import TOKENIZER_FILES, Tokenizer
@@ -133,15 +133,6 @@ def _directory_tokenizer(directory: Path, config: ModelConfig) -> Tokenizer | No
     return tokenizer
 
 
-def _check_stop_ids(ids: tuple[int, ...], config: ModelConfig, source: str) -> None:
-    for t in ids:
-        if not 0 <= t < config.vocab_size:
-            raise ConfigError(
-                f"{source}: eos_token_id {t} is outside the vocabulary [0, {config.vocab_size}); "
-                "js.load(..., eos_token_ids=[...]) replaces the checkpoint's stop tokens"
-            )
-
-
 def _load_directory(directory: Path, dtype, check_finite: bool, overridden: frozenset[str]):
     config_path = directory / "config.json"
     if not config_path.is_file():
@@ -157,7 +148,7 @@ def _load_directory(directory: Path, dtype, check_finite: bool, overridden: froz
         if not isinstance(generation, dict):
             raise ConfigError(f"{generation_path}: expected a JSON object")
         extra_eos = _token_ids(generation.get("eos_token_id"), generation_path, "eos_token_id")
-        _check_stop_ids(extra_eos, config, str(generation_path))
+        check_stop_token_ids(extra_eos, config.vocab_size, str(generation_path))
     tokenizer = _directory_tokenizer(directory, config)
     entries, source = safetensors_entries(directory)
     params = assemble_params(config, entries, dtype, source, check_finite=check_finite)
@@ -172,8 +163,7 @@ def _load_gguf(path: Path, dtype, check_finite: bool, overridden: frozenset[str]
 
     reader = gguf_file.open_reader(path)
     config, extra_eos = gguf_file.gguf_config(reader, overridden)
-    extra_eos = () if "eos_token_id" in overridden else extra_eos
-    _check_stop_ids(extra_eos, config, f"{path} (end-of-turn metadata)")
+    check_stop_token_ids(extra_eos, config.vocab_size, f"{path} (end-of-turn metadata)")
     tokenizer = None
     if "tokenizer.ggml.tokens" in reader.fields:
         _check_tokenizer_size(len(reader.fields["tokenizer.ggml.tokens"].data), config, f"{path} (tokenizer.ggml.tokens)")
