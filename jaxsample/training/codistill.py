@@ -58,6 +58,14 @@ class ImportanceWeightStats(NamedTuple):
     mean_weight: Array
 
 
+def _token_log_probs(logp) -> Array:
+    """`logp` as a float `[S, N]` array, the shape every per-token argument is checked against."""
+    logp = as_float(logp)
+    if logp.ndim != 2:
+        raise ArgumentError(f"logp must have shape [S, N], got {logp.shape}")
+    return logp
+
+
 def kd_reward(logp_large: Array, logp_small: Array, mask: Array) -> Array:
     """The per-token distillation reward sg[log π_L(o_t) − log π_S(o_t)] (reconstruction).
 
@@ -191,9 +199,7 @@ def small_loss(
       `(loss, (PolicyLossMetrics, mean KD reward per real token))`.
     """
     # Checked here so that errors name this function's arguments, not kd_reward's.
-    logp = as_float(logp)
-    if logp.ndim != 2:
-        raise ArgumentError(f"logp must have shape [S, N], got {logp.shape}")
+    logp = _token_log_probs(logp)
     logp_large_old = check_shape_of("logp_large_old", logp_large_old, "logp", logp.shape)
     mask = check_shape_of("mask", mask, "logp", logp.shape)
     kd = kd_reward(logp_large_old, logp, mask)
@@ -234,9 +240,7 @@ def large_loss(
       `(loss, (PolicyLossMetrics, ImportanceWeightStats))`.
     """
     # Checked here so that errors name this function's arguments, not importance_weights'.
-    logp = as_float(logp)
-    if logp.ndim != 2:
-        raise ArgumentError(f"logp must have shape [S, N], got {logp.shape}")
+    logp = _token_log_probs(logp)
     if logp_old is not None:
         logp_old = check_shape_of("logp_old", logp_old, "logp", logp.shape)
     logp_small_old = check_shape_of("logp_small_old", logp_small_old, "logp", logp.shape)
