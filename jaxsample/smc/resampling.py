@@ -44,6 +44,8 @@ _BELOW_ONE = float(np.nextafter(np.float32(1.0), np.float32(0.0)))
 
 
 def _check(weights: Array, num_samples: int) -> Array:
+    """Raises on bad arguments; returns traced weights as they are and concrete ones scaled on
+    the host (see Scale), since jit would first cast float64 weights to float32."""
     check_int("num_samples", num_samples, 1)
     if jnp.ndim(weights) != 1 or jnp.shape(weights)[0] < 1:
         raise ArgumentError(f"weights must have shape [N] with N >= 1, got {jnp.shape(weights)}")

@@ -58,11 +58,8 @@ def check_directions(E: Array) -> Array:
 def _check_layer(lm: LanguageModel, layer) -> None:
     """A concrete `layer` must name a block in [0, L): `hidden_states` has L+1 entries, and an
     index past the blocks would be clamped to the last one. Traced layers pass unchecked."""
-    if isinstance(layer, jax.core.Tracer):
-        return
-    if isinstance(layer, (jax.Array, np.ndarray)) and layer.ndim == 0:
-        layer = layer.item()
-    check_int("layer", layer, 0, lm.num_layers - 1)
+    if not isinstance(layer, jax.core.Tracer):
+        check_int("layer", layer, 0, lm.num_layers - 1)
 
 
 def last_token_states(lm: LanguageModel, prompts: Array, lengths: Array | None = None) -> Array:
