@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import time
 import zlib
 
@@ -72,10 +73,11 @@ def check_config(config: dict) -> None:
             raise ArgumentError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {config[name]!r}")
     if 0 < config["modulus"] < 3:
         raise ArgumentError(f"--modulus must be 0 (skip) or >= 3, got {config['modulus']}")
-    if kappas and 0 < config["modulus"] < 12:  # lora_problem's reward draws 128 of the p² prompts
+    if kappas and 0 < config["modulus"] ** 2 < modular.LORA_REWARD_PROMPTS:
+        smallest = math.isqrt(modular.LORA_REWARD_PROMPTS - 1) + 1
         raise ArgumentError(
-            f"--modulus must be >= 12 with --kappas (the LoRA reward uses 128 of the modulus² prompts), "
-            f"got {config['modulus']}; pass --kappas '' to skip the LoRA problem")
+            f"--modulus must be >= {smallest} with --kappas (the LoRA reward uses {modular.LORA_REWARD_PROMPTS} "
+            f"of the modulus² prompts), got {config['modulus']}; pass --kappas '' to skip the LoRA problem")
 
 
 # ---------------------------------------------------------------------------------------

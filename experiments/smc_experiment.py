@@ -118,8 +118,9 @@ def run_smc(key, lm, problem, method, config, max_new, block_size, reward):
         )
         weights = np.exp(np.asarray(result.log_weights, np.float64))
         passed = grades(problem, result.tokens)
-        all_zero_runs += bool(result.all_zero)  # no particle left to answer: scored 0, and counted
-        accuracies.append(float(np.sum(weights * passed)) if not bool(result.all_zero) else 0.0)
+        all_zero = bool(result.all_zero)  # no particle left to answer: scored 0, and counted
+        all_zero_runs += all_zero
+        accuracies.append(0.0 if all_zero else float(np.sum(weights * passed)))
         written += [dict(row, run=run) for row in answers(problem, result.tokens, passed, weights)]
         tokens.append(float(result.num_decoded))
         ess.append(float(np.mean(np.asarray(result.ess))))

@@ -164,6 +164,9 @@ class LoraProblem(NamedTuple):
     bound_fn: Callable
 
 
+LORA_REWARD_PROMPTS = 128  # lora_problem's default reward subset (of the p² prompts)
+
+
 def lora_problem(
     key: Array,
     config: ModelConfig,
@@ -173,7 +176,7 @@ def lora_problem(
     *,
     probe_radius: float = 0.05,
     num_probes: int = 8,
-    reward_prompts: int = 128,
+    reward_prompts: int = LORA_REWARD_PROMPTS,
 ) -> LoraProblem:
     """Self-improvement of LoRA adapters on q_proj and v_proj (B starts at 0: θ_0 is the base model).
 
