@@ -27,7 +27,7 @@ import numpy as np
 from jaxsample.errors import ArgumentError
 from jaxsample.lm import LanguageModel
 from jaxsample.models.intervention import Intervention
-from jaxsample.validation import check_int, check_real
+from jaxsample.validation import check_int, check_real, is_int
 
 Array = jax.Array
 
@@ -53,6 +53,31 @@ def check_directions(E: Array) -> Array:
     if E.ndim != 2:
         raise ArgumentError(f"E must have shape [L(+1), D] (one contrastive direction per layer), got {E.shape}")
     return E
+
+
+def controller_layers(layers, rows: int) -> tuple[int, ...]:
+    """The blocks an intervention edits (default: one per controller row) as a tuple of ints;
+    raises unless each is a row of the controller. The feedback at block k reads row k of its
+    params, and JAX would clamp an index past the last row to that row."""
+    if layers is None:
+        return tuple(range(rows))
+    layers = tuple(np.atleast_1d(layers).tolist())
+    for layer in layers:
+        if not is_int(layer) or not 0 <= layer < rows:
+            raise ArgumentError(
+                f"layers must be block indices in [0, T) = [0, {rows}), T the controller's rows "
+                f"(row k steers block k), got {layers}"
+            )
+    return layers
+
+
+def check_width(h: Array, width: int) -> None:
+    """Raises unless the residual stream `h [..., D]` has the controller's width n = D (shapes
+    are static, so this runs once when the model is traced, not per step)."""
+    if h.shape[-1] != width:
+        raise ArgumentError(
+            f"the controller's width n = {width} does not match the model's hidden size D = {h.shape[-1]}"
+        )
 
 
 def _check_layer(lm: LanguageModel, layer) -> None:
@@ -256,25 +281,37 @@ def controller(K: Array, E: Array, lam) -> Controller:
 
 def alqr_feedback(layer, h, params: Controller, x):
     """u_k = (β*_k − v_kᵀ x_k) d_k added to block k's output `h`; `x` is its input."""
+    check_width(h, params.d.shape[-1])
     alpha = params.beta[layer] - jnp.sum(x * params.v[layer], axis=-1, keepdims=True)
     return h + (alpha * params.d[layer]).astype(h.dtype)
 
 
 def alqr_intervention(ctrl: Controller, layers=None, positions: str = "last") -> Intervention:
     """The runtime A-LQR control as an `Intervention` (default: every layer, last position;
-    `positions="all"` is the paper's "A-LQR+")."""
-    layers = tuple(range(ctrl.d.shape[0])) if layers is None else tuple(layers)
+    `positions="all"` is the paper's "A-LQR+").
+
+    Raises:
+      ArgumentError: a layer past the controller's T rows (row k steers block k); a model
+        whose hidden size is not the controller's n, when the intervention is traced.
+    """
+    layers = controller_layers(layers, ctrl.d.shape[0])
     return Intervention(alqr_feedback, ctrl, layers, positions, reads_block_input=True)
 
 
 def full_gain_feedback(layer, h, params, x):
     """u_k = K_k e_k with e_k = (β*_k − v_kᵀx_k) v_k, the n×n product (test oracle)."""
+    check_width(h, params["v"].shape[-1])
     alpha = params["beta"][layer] - jnp.sum(x * params["v"][layer], axis=-1, keepdims=True)
     return h + ((alpha * params["v"][layer]) @ params["K"][layer].T).astype(h.dtype)
 
 
 def full_gain_intervention(K: Array, ctrl: Controller, layers=None, positions: str = "last") -> Intervention:
-    """The same controller applying the full gain matrices K_k (the reference code's form)."""
-    layers = tuple(range(K.shape[0])) if layers is None else tuple(layers)
+    """The same controller applying the full gain matrices K_k (the reference code's form);
+    K `[T, n, n]` as `ctrl`'s rows and width, checked as for `alqr_intervention`."""
+    K = jnp.asarray(K)
+    T, n = ctrl.v.shape
+    if K.shape != (T, n, n):
+        raise ArgumentError(f"K must have shape [T, n, n] = [{T}, {n}, {n}] to match the controller, got {K.shape}")
+    layers = controller_layers(layers, T)
     params = {"K": K, "v": ctrl.v, "beta": ctrl.beta}
     return Intervention(full_gain_feedback, params, layers, positions, reads_block_input=True)

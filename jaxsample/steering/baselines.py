@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from jaxsample.errors import ArgumentError
 from jaxsample.models.intervention import Intervention
-from jaxsample.steering.alqr import Controller, check_directions, unit_directions
+from jaxsample.steering.alqr import Controller, check_directions, check_width, controller_layers, unit_directions
 from jaxsample.validation import check_int
 
 Array = jax.Array
@@ -20,6 +20,7 @@ Array = jax.Array
 
 def add_vector(layer, h, vectors):
     """Adds row `layer` of `vectors [L, D]` to block `layer`'s output."""
+    check_width(h, vectors.shape[-1])
     return h + vectors[layer].astype(h.dtype)
 
 
@@ -69,6 +70,7 @@ def pid_carry(h, params):
 def pid_feedback(layer, h, params: PIDGains, x, carry):
     """u_k = K_p e_k + K_i Σ_{j≤k} e_j + K_d (e_k − e_{k−1}) added to block k's output `h`,
     e_k = (β*_k − v_kᵀx_k) v_k from the block input `x`; carry = (Σ_{j<k} e_j, e_{k−1})."""
+    check_width(h, params.v.shape[-1])
     integral, previous = carry
     v = params.v[layer].astype(jnp.float32)
     error = (params.beta[layer] - jnp.sum(x.astype(jnp.float32) * v, axis=-1, keepdims=True)) * v
@@ -91,7 +93,11 @@ def pid_intervention(ctrl: Controller, kp, ki, kd, layers=None, positions: str =
       kp, ki, kd: gains (traced scalars).
       layers: edited blocks, default every layer of the controller.
       positions: `"last"` or `"all"`, as for `alqr_intervention`.
+
+    Raises:
+      ArgumentError: as `alqr_intervention` (a layer past the controller's rows, a model of
+        another hidden size).
     """
-    layers = tuple(range(ctrl.v.shape[0])) if layers is None else tuple(layers)
+    layers = controller_layers(layers, ctrl.v.shape[0])
     gains = PIDGains(ctrl.v, ctrl.beta, *(jnp.asarray(g, jnp.float32) for g in (kp, ki, kd)))
     return Intervention(pid_feedback, gains, layers, positions, reads_block_input=True, carry_init=pid_carry)

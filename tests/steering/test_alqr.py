@@ -179,6 +179,8 @@ L, D = CONFIG.num_hidden_layers, CONFIG.hidden_size
 VECTOR, DIRECTIONS = jnp.ones(D), jnp.ones((L + 1, D))
 STATES = jnp.ones((L + 1, 2, D))
 GAINS = jnp.broadcast_to(jnp.eye(D), (L, D, D))
+ONE_ROW = steering.Controller(np.ones((1, D)), np.ones((1, D)), np.ones(1))  # T = 1: block 0 only
+WIDE = steering.Controller(np.ones((L, D + 3)), np.ones((L, D + 3)), np.ones(L))
 
 
 @pytest.mark.parametrize(
@@ -204,6 +206,14 @@ GAINS = jnp.broadcast_to(jnp.eye(D), (L, D, D))
         # one layer's [P, D] states used to be averaged over features
         (lambda lm: steering.contrastive_directions(STATES[1], STATES[2]), r"desired must have shape \[L\+1, P, D\].*got \(2, 32\)"),
         (lambda lm: steering.contrastive_directions(STATES, STATES[:, :, :4]), r"desired and undesired must share L\+1 and D"),
+        # blocks past the controller's rows used to reuse its last row (JAX clamps the index)
+        (lambda lm: steering.alqr_intervention(ONE_ROW, layers=(0, 1, 2)), r"layers must be block indices in \[0, T\) = \[0, 1\).*got \(0, 1, 2\)"),
+        (lambda lm: steering.full_gain_intervention(GAINS[:1], ONE_ROW, layers=(1,)), r"layers must be block indices in \[0, T\) = \[0, 1\)"),
+        (lambda lm: steering.full_gain_intervention(GAINS, ONE_ROW), r"K must have shape \[T, n, n\] = \[1, 32, 32\].*got \(3, 32, 32\)"),
+        # a controller of another width used to fail inside XLA's broadcasting
+        (lambda lm: lm.with_intervention(steering.alqr_intervention(WIDE)).logits(TOKENS), r"controller's width n = 35 does not match the model's hidden size D = 32"),
+        (lambda lm: lm.with_intervention(steering.full_gain_intervention(np.ones((L, D + 3, D + 3)), WIDE)).logits(TOKENS), r"width n = 35"),
+        (lambda lm: lm.with_intervention(steering.actadd_intervention(WIDE.v, 1, 4.0)).logits(TOKENS), r"width n = 35 does not match .* D = 32"),
     ],
 )
 def test_steering_helpers_reject_bad_shapes_and_ranges(lm, call, message):

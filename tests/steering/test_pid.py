@@ -96,3 +96,14 @@ def test_a_carry_of_the_wrong_structure_is_rejected(lm):
         lm.with_intervention(iv).logits(TOKENS)
     with pytest.raises(ArgumentError, match="carry_init must be callable"):
         lm.with_intervention(js.Intervention(drops_the_carry, jnp.zeros(()), (0,), carry_init=3))
+
+
+def test_a_controller_that_does_not_fit_is_rejected(lm):
+    """Blocks past the controller's rows used to reuse its last row (JAX clamps the index); a
+    controller of another width used to fail inside XLA's broadcasting."""
+    one_row = steering.Controller(np.ones((1, D)), np.ones((1, D)), np.ones(1))
+    with pytest.raises(ArgumentError, match=r"layers must be block indices in \[0, T\) = \[0, 1\).*got \(0, 2\)"):
+        steering.pid_intervention(one_row, 1.0, 0.0, 0.0, layers=(0, 2))
+    wide = steering.Controller(np.ones((L, D + 3)), np.ones((L, D + 3)), np.ones(L))
+    with pytest.raises(ArgumentError, match=r"controller's width n = 35 does not match the model's hidden size D = 32"):
+        lm.with_intervention(steering.pid_intervention(wide, 1.0, 0.0, 0.0)).logits(TOKENS)
