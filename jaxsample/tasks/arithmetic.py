@@ -2,8 +2,8 @@
 
 The prompt works with any tokenizer wrapper that has `apply_chat_template(messages) -> ids`
 (e.g. `jaxsample.models.Tokenizer` of `smollm2-135m-instruct`). Answers are read from free
-text: the last integer of the reply (or of its last `\\boxed{}`), tolerating thousands
-separators, `= 123`, `**123**` and a trailing `.0`.
+text: the last integer of the reply, or the one integer of its last `\\boxed{}`, tolerating
+thousands separators (LaTeX's `1{,}234`, `1\\,234` too), `= 123`, `**123**` and a trailing `.0`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,11 @@ from jaxsample.tasks.rng import numpy_rng
 OPERATIONS = {"+": lambda a, b: a + b, "*": lambda a, b: a * b}
 # A number not glued to a preceding digit, letter or point: 1,234,567 | 1234 | -12 | 12.0
 _NUMBER = re.compile(r"(?<![\w.])([-−]?)(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?!\d|,\d)")
+# LaTeX thousands separators before a group of three digits: 1{,}234 reads as 1,234, and
+# 1\,234, 1\!234, 1~234 and thin-spaced 1 234 as 1234 (else only the last group is read).
+_BRACED_COMMA = re.compile(r"(?<=\d)\{,\}(?=\d{3}(?!\d))")
+_DIGIT_GAP = re.compile(r"(?<=\d)(?:\\[,!]|~|[\u2009\u202f])(?=\d{3}(?!\d))")
+_FRACTION = re.compile(r"\\\w*frac")  # \frac, \dfrac, \tfrac: \frac6{2} shows only the number 2
 
 
 @dataclass(frozen=True)
@@ -81,13 +86,17 @@ def arithmetic_prompt(
 
 
 def extract_integer(text: str) -> int | None:
-    """The last integer in `text` (inside its last `\\boxed{}` if it has one), else None.
+    """The last integer in `text`, or the one integer inside its last `\\boxed{}` if it has
+    one, else None.
 
-    A final number with a non-zero fractional part is not an integer answer: None.
+    A final number with a non-zero fractional part is not an integer answer: None. Nor is a
+    box holding several numbers (`\\boxed{2 + 3 = 5}`) or a fraction (`\\boxed{\\dfrac{6}{2}}`):
+    its last number need not be the answer.
     """
     boxed = extract_boxed(text)
-    matches = list(_NUMBER.finditer(boxed if boxed is not None else text))
-    if not matches:
+    answer = _DIGIT_GAP.sub("", _BRACED_COMMA.sub(",", boxed if boxed is not None else text))
+    matches = list(_NUMBER.finditer(answer))
+    if not matches or boxed is not None and (len(matches) > 1 or _FRACTION.search(boxed)):
         return None
     sign, digits, fraction = matches[-1].groups()
     if fraction and int(fraction[1:]) != 0:

@@ -61,6 +61,19 @@ def test_chat_prompt_goes_through_the_tokenizer_template():
     ("3.5", None),
     ("no digits here", None),
     ("1,234,567", 1234567),
+    # LaTeX thousands separators used to leave only the last group: 234, 234, 0
+    ("So the total is \\boxed{1{,}234}.", 1234),
+    ("\\boxed{1\\,234}", 1234),
+    ("\\boxed{-1{,}000}", -1000),
+    ("\\boxed{1\\!234~567}", 1234567),
+    ("total 12\u2009345", 12345),
+    ("\\boxed{1{,}23}", None),
+    # a box with several numbers or a fraction used to give its last number
+    ("\\boxed{\\dfrac{6}{2}}", None),
+    ("\\boxed{\\frac6{2}}", None),
+    ("\\boxed{45 + 67 = 112}", None),
+    ("\\boxed{12}\\text{ apples}", 12),
+    ("\\boxed {42}", 42),
 ])
 def test_extract_integer(text, value):
     assert extract_integer(text) == value
