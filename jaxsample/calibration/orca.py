@@ -125,10 +125,14 @@ def meta_loss(params: ProbeParams, phi, labels, mask) -> Array:
       params: slow weights.
       phi: float32 `[P, n, d]` step embeddings.
       labels: `[P, n]` step labels C_t ∈ {0, 1} (1: the answer at this step is correct).
-      mask: bool `[P, n]`.
+      mask: bool `[P, n]`; labels at padded steps are ignored (NaN included).
     """
     scores = jax.vmap(probe_scan, in_axes=(None, 0, 0))(params, phi, mask)
-    per_problem = jnp.sum(mask * (scores - labels) ** 2, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1)
+    # Zero the padded labels before squaring: masking only the product would keep the loss
+    # finite but send 0 · NaN = NaN gradients back from NaN padding.
+    labels = jnp.where(mask, labels, 0.0)
+    squared = jnp.where(mask, (scores - labels) ** 2, 0.0)
+    per_problem = jnp.sum(squared, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1)
     return jnp.mean(per_problem)
 
 
@@ -193,7 +197,6 @@ def _smooth(scores, mask, window: int) -> Array:
     return (total - shifted) / steps
 
 
-@jax.jit
 def stop_indices(smoothed, mask, lambdas) -> Array:
     """First step whose smoothed score is ≥ λ, else the last real step: int32 `[..., J]`.
 
@@ -201,9 +204,16 @@ def stop_indices(smoothed, mask, lambdas) -> Array:
 
     Args:
       smoothed: `[..., n]` smoothed scores.
-      mask: bool `[..., n]` real steps (a prefix of each row, at least one).
+      mask: bool `[..., n]` real steps: a prefix of each row, at least one (checked unless
+        traced).
       lambdas: `[J]` thresholds.
     """
+    _check_prefix_mask(mask)
+    return _stop_indices(smoothed, mask, lambdas)
+
+
+@jax.jit
+def _stop_indices(smoothed, mask, lambdas) -> Array:
     running = jax.lax.cummax(jnp.where(mask, smoothed, -jnp.inf), axis=smoothed.ndim - 1)
     last = jnp.sum(mask, axis=-1) - 1
     flat_running = running.reshape(-1, running.shape[-1])
@@ -226,7 +236,7 @@ def ltt_calibrate(smoothed, labels, mask, delta: float, epsilon: float = 0.05, l
     Args:
       smoothed: `[P, n]` calibration problems' smoothed scores.
       labels: `[P, n]` step labels C ∈ {0, 1}.
-      mask: bool `[P, n]`.
+      mask: bool `[P, n]`: a non-empty prefix of real steps in each row.
       delta: target risk δ ∈ (0, 1).
       epsilon: error probability ε ∈ (0, 1).
       lambdas: `[J]` decreasing grid (default `lambda_grid()`).
@@ -251,10 +261,15 @@ def ltt_calibrate(smoothed, labels, mask, delta: float, epsilon: float = 0.05, l
     return jnp.where(index >= 0, lambdas[jnp.maximum(index, 0)], jnp.inf)
 
 
-@jax.jit
 def stop_losses(smoothed, labels, mask, lambdas) -> Array:
-    """L_i(λ_j) = 1 − C_{i, T_i(λ_j)}, float32 `[P, J]`."""
-    stops = stop_indices(smoothed, mask, lambdas)
+    """L_i(λ_j) = 1 − C_{i, T_i(λ_j)}, float32 `[P, J]` (mask as in `stop_indices`)."""
+    _check_prefix_mask(mask)
+    return _stop_losses(smoothed, labels, mask, lambdas)
+
+
+@jax.jit
+def _stop_losses(smoothed, labels, mask, lambdas) -> Array:
+    stops = _stop_indices(smoothed, mask, lambdas)
     return 1.0 - jnp.take_along_axis(jnp.asarray(labels, jnp.float32), stops, axis=-1)
 
 
@@ -269,10 +284,15 @@ class Evaluation(NamedTuple):
     stops: Array
 
 
-@jax.jit
 def evaluate(smoothed, labels, mask, lam) -> Evaluation:
-    """Error rate and step savings of stopping at λ on problems `[P, n]`."""
-    stops = stop_indices(smoothed, mask, jnp.reshape(jnp.asarray(lam, jnp.float32), (1,)))[..., 0]
+    """Error rate and step savings of stopping at λ on problems `[P, n]` (mask as in `stop_indices`)."""
+    _check_prefix_mask(mask)
+    return _evaluate(smoothed, labels, mask, lam)
+
+
+@jax.jit
+def _evaluate(smoothed, labels, mask, lam) -> Evaluation:
+    stops = _stop_indices(smoothed, mask, jnp.reshape(jnp.asarray(lam, jnp.float32), (1,)))[..., 0]
     correct = jnp.take_along_axis(jnp.asarray(labels, jnp.float32), stops[:, None], axis=-1)[:, 0]
     lengths = jnp.sum(mask, axis=-1)
     wrong = jnp.sum(correct == 0).astype(jnp.int32)
@@ -351,6 +371,23 @@ def _check_shapes(name: str, values, labels, mask, ndim: int):
     if values.ndim != ndim or labels.shape != values.shape[:2] or mask.shape != values.shape[:2]:
         raise ArgumentError(f"{name} must be {layout} with labels and mask [P, n]; got {values.shape}, {labels.shape}, {mask.shape}")
     return values, labels, mask
+
+
+def _check_prefix_mask(mask) -> None:
+    """Raises unless every row of a concrete mask `[..., n]` is 1s then 0s with at least one 1.
+
+    A row without a real step would stop at index −1, which wraps to its last padded label.
+    """
+    if isinstance(mask, jax.core.Tracer):
+        return
+    mask = np.asarray(mask).astype(bool)
+    empty = ~mask[..., :1].any(axis=-1)
+    gap = (mask[..., 1:] & ~mask[..., :-1]).any(axis=-1)
+    if empty.any() or gap.any():
+        row = tuple(int(i) for i in np.argwhere(empty | gap)[0])
+        problem = "has no real step" if empty[row] else "has a real step after padding"
+        where = f"row {row[0]}" if len(row) == 1 else f"row {row}" if row else "the row"
+        raise ArgumentError(f"mask must mark a non-empty prefix of real steps (1s then 0s) in every row; {where} {problem}")
 
 
 def _check_problems(phi, labels, mask):

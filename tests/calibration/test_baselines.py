@@ -1,6 +1,7 @@
 """CSA baselines (A-RCPS, ACI, CRC, LTT), LTT's p-values and fixed-sequence test, isotonic PAV."""
 
 import itertools
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,31 @@ def test_binomial_p_value_matches_scipy():
     s = np.array([0, 0, 2, 0, 20, 7, 30, 60])
     expected = np.where(n > 0, stats.binom.cdf(s, n, 0.1), 1.0)
     np.testing.assert_allclose(np.asarray(binomial_p_value(s, n, 0.1)), expected, rtol=2e-4, atol=1e-7)
+
+
+def exact_binomial_cdf_at_a_tenth(s, n):
+    """P(Bin(n, 1/10) ≤ s) from exact integers, Σ_{k ≤ s} C(n, k) 9^(n−k) / 10^n, rounded once to float."""
+    term = total = 9**n
+    for k in range(s):
+        term = term * (n - k) // ((k + 1) * 9)
+        total += term
+    return float(Fraction(total, 10**n))
+
+
+def test_binomial_p_value_is_exact_and_never_below_it_at_large_n():
+    """float32's betainc gave 0.04912 for s = 1930, n = 20000 (exact 0.05014): an LTT rejection at
+    ε = 0.05 that the exact tail does not make. The host float64 tail rounded up to float32 lies
+    in [exact, exact · (1 + 2⁻²³)]; 1e-12 is slack for float64's own error."""
+    assert float(binomial_p_value(1930, 20000, 0.1)) >= exact_binomial_cdf_at_a_tenth(1930, 20000) > 0.05
+    n = np.array([20000, 20000, 20000, 5000, 5000, 100000, 100000])
+    s = np.array([1800, 1930, 2050, 450, 60, 9800, 1100])
+    level = np.array([0.1, 0.1, 0.1, 0.1, 0.01, 0.1, 0.01])
+    exact = stats.binom.cdf(s, n, level)
+    eager = np.asarray(binomial_p_value(s, n, level), np.float64)
+    traced = np.asarray(jax.jit(jax.vmap(lambda s, n: binomial_p_value(s, n, level)))(s[None], n[None])[0], np.float64)
+    for p in (eager, traced):  # concrete on the host; traced through the callback, level kept float64
+        assert np.all(p >= exact * (1 - 1e-12)), (p, exact)
+        assert np.all(p <= exact * (1 + 2.0**-23 + 1e-12)), (p, exact)
 
 
 def test_fixed_sequence_returns_last_rejected():

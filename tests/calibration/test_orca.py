@@ -124,6 +124,18 @@ def test_meta_gradient_matches_finite_differences():
     assert abs(float(grads.log_eta)) > 0  # the gradient reaches η through the inner steps
 
 
+def test_nan_padding_labels_leave_the_meta_gradient_finite():
+    """Masking only the product sent 0 · NaN = NaN gradients back: meta_train returned NaN weights."""
+    params = orca.init_probe(jax.random.key(15), 3)
+    phi = jax.random.normal(jax.random.key(16), (2, 5, 3))
+    mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+    labels = jnp.array([[0, 1, 1, 0, 0], [0, 0, 1, 1, 1]], jnp.float32)
+    meta_grad = jax.jit(jax.grad(orca.meta_loss))
+    grads = meta_grad(params, phi, jnp.where(mask, labels, jnp.nan), mask)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(meta_grad(params, phi, labels, mask))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_meta_training_lowers_the_loss_and_can_freeze_eta():
     phi = jax.random.normal(jax.random.key(12), (16, 20, 4))
     labels = (jnp.arange(20)[None, :] >= 10).astype(jnp.float32) * jnp.ones((16, 1))
@@ -195,6 +207,15 @@ def test_ltt_bounds_the_stopping_risk_over_resplits():
          "labels must be 0 or 1 at real steps (the binomial p-values count wrong stops), got 0.7"),
         (lambda: orca.ltt_calibrate(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones((2, 3), bool), 0.5, 0.1, lambdas=[]),
          "lambdas must be a non-empty 1-D grid [J], got shape (0,)"),
+        # A row without a real step stopped at index −1, i.e. on its last padded label.
+        (lambda: orca.ltt_calibrate(jnp.zeros((2, 3)), jnp.ones((2, 3)), jnp.array([[1, 1, 0], [0, 0, 0]], bool), 0.5, 0.1),
+         "mask must mark a non-empty prefix of real steps (1s then 0s) in every row; row 1 has no real step"),
+        (lambda: orca.evaluate(jnp.zeros((2, 3)), jnp.ones((2, 3)), jnp.array([[1, 1, 0], [1, 0, 1]], bool), 0.5),
+         "row 1 has a real step after padding"),
+        (lambda: orca.stop_indices(jnp.zeros((2, 3)), jnp.array([[0, 0, 0], [1, 1, 1]], bool), jnp.array([0.5])),
+         "row 0 has no real step"),
+        (lambda: orca.stop_losses(jnp.zeros((2, 0)), jnp.ones((2, 0)), jnp.ones((2, 0), bool), jnp.array([0.5])),
+         "every row; row 0 has no real step"),
         (lambda: orca.smooth(jnp.zeros((2, 3)), jnp.ones((2, 3), bool), window=0), "window must be an integer in [1, inf], got 0"),
         (lambda: orca.static_probe_fit(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones((2, 3), bool)), "phi must be [P, n, d]"),
         (lambda: orca.meta_train(jax.random.key(0), orca.init_probe(jax.random.key(0), 2), jnp.full((2, 3, 2), jnp.nan),
@@ -215,4 +236,6 @@ def test_integer_and_scalar_arrays_are_accepted_and_padding_labels_are_free():
     mask = jnp.array([[True, True, False]])
     smoothed = orca.smooth(jnp.full((1, 3), 0.5), mask, window=np.int64(2))
     labels = jnp.array([[0.0, 1.0, -1.0]])  # -1 marks padding
-    assert float(orca.ltt_calibrate(smoothed, labels, mask, jnp.float32(0.5), np.float32(0.5))) == np.inf
+    # Every λ > 0.5 stops at the last real step (label 1): p = P(Bin(1, 0.5) ≤ 0) = 0.5 ≤ ε rejects it.
+    lam = orca.ltt_calibrate(smoothed, labels, mask, jnp.float32(0.5), np.float32(0.5))
+    assert float(lam) == float(orca.lambda_grid()[4999])
