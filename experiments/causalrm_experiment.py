@@ -231,7 +231,7 @@ def summarize(run_dir: RunDirectory) -> str:
         chosen = [r for r in records if r["arm"] == arm]
         row = {"arm": arm, "seeds": len(chosen)}
         for metric in ("accuracy", "auroc", "bce", "ece", "bias"):
-            values = np.array([r[metric] for r in chosen])
+            values = np.array([r[metric] for r in chosen], dtype=float)  # an undefined AUROC is saved as null: NaN here
             row[metric] = f"{values.mean():.3f} ± {values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0:.3f}"
         rows.append(row)
     table = markdown_table(rows, ["arm", "seeds", "accuracy", "auroc", "bce", "ece", "bias"])

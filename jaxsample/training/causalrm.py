@@ -15,7 +15,8 @@ p(x) = P(o = 1 | x), and the observed label ỹ_i, flipped class-conditionally:
 
 Losses take per-item logits f(x) `[N]` of the reward head and return a scalar to minimise;
 every sum runs over all N logged items, observed or not (unobserved items contribute 0
-except through the DR imputation).
+except through the DR imputation). `observed` and `noisy_labels` hold 0/1 (or bools) for every
+item, unobserved ones included; anything else (e.g. ±1 labels) raises when the arrays are concrete.
 """
 
 from __future__ import annotations
@@ -78,6 +79,16 @@ def _per_item(logits, **arrays) -> list[Array]:
     return [check_shape_of(name, value, "logits", shape) for name, value in arrays.items()]
 
 
+def _feedback(logits, observed, noisy_labels, **arrays) -> list[Array]:
+    """`_per_item` of `observed`, `noisy_labels` and `arrays`; the first two must be 0/1 (when concrete).
+
+    A label of −1 would pass the BCE silently as softplus(f) + f, which can be negative.
+    """
+    check_binary("observed", observed)
+    check_binary("noisy_labels", noisy_labels)
+    return _per_item(logits, observed=observed, noisy_labels=noisy_labels, **arrays)
+
+
 def bce(logits: Array, labels: Array) -> Array:
     """Per-item binary cross-entropy of logits against labels in {0, 1} (or [0, 1]), stable."""
     return jax.nn.softplus(logits) - labels * logits
@@ -100,14 +111,14 @@ def corrected_bce(logits: Array, noisy_labels: Array, a, b) -> Array:
 def naive_loss(logits: Array, observed: Array, noisy_labels: Array) -> Array:
     """Plain BCE on the observed items (ignores selection and noise); every argument is `[N]`."""
     logits = as_float(logits)
-    observed, noisy_labels = _per_item(logits, observed=observed, noisy_labels=noisy_labels)
+    observed, noisy_labels = _feedback(logits, observed, noisy_labels)
     return jnp.sum(observed * bce(logits, noisy_labels)) / jnp.maximum(observed.sum(), 1.0)
 
 
 def noise_corrected_loss(logits: Array, observed: Array, noisy_labels: Array, a, b) -> Array:
     """Corrected BCE on the observed items: fixes the flips, not the selection; arrays are `[N]`."""
     logits = as_float(logits)
-    observed, noisy_labels = _per_item(logits, observed=observed, noisy_labels=noisy_labels)
+    observed, noisy_labels = _feedback(logits, observed, noisy_labels)
     return jnp.sum(observed * corrected_bce(logits, noisy_labels, a, b)) / jnp.maximum(observed.sum(), 1.0)
 
 
@@ -119,7 +130,7 @@ def ips_loss(logits, observed, noisy_labels, propensity, a=0.0, b=0.0, clip: flo
     """
     check_propensities(propensity)
     logits = as_float(logits)
-    observed, noisy_labels, propensity = _per_item(logits, observed=observed, noisy_labels=noisy_labels, propensity=propensity)
+    observed, noisy_labels, propensity = _feedback(logits, observed, noisy_labels, propensity=propensity)
     weights = observed / jnp.maximum(propensity, clip)
     return jnp.mean(weights * corrected_bce(logits, noisy_labels, a, b))
 
@@ -135,9 +146,7 @@ def dr_loss(logits, observed, noisy_labels, propensity, imputed, a, b, clip: flo
     """
     check_propensities(propensity)
     logits = as_float(logits)
-    observed, noisy_labels, propensity, imputed = _per_item(
-        logits, observed=observed, noisy_labels=noisy_labels, propensity=propensity, imputed=imputed
-    )
+    observed, noisy_labels, propensity, imputed = _feedback(logits, observed, noisy_labels, propensity=propensity, imputed=imputed)
     if imputation == "corrected":
         error = imputed * corrected_bce(logits, 1.0, a, b) + (1.0 - imputed) * corrected_bce(logits, 0.0, a, b)
     elif imputation == "plain":
@@ -308,7 +317,7 @@ class RewardEvaluation(NamedTuple):
 
     Attributes:
       accuracy: fraction with (prob > 0.5) == y.
-      auroc: area under the ROC curve (ties count one half).
+      auroc: area under the ROC curve (ties count one half); NaN when `clean` holds one class only.
       bce: mean binary cross-entropy.
       ece: expected calibration error over `bins` equal-width bins.
       bias: mean prediction − base rate.
@@ -324,6 +333,10 @@ class RewardEvaluation(NamedTuple):
 def evaluate_reward(probabilities, clean, bins: int = 10) -> RewardEvaluation:
     """Accuracy, AUROC, BCE, ECE and bias of predicted probabilities against clean labels.
 
+    Every metric but the BCE uses the probabilities as given; the BCE clips them to
+    [1e-7, 1 − 1e-7] so that its logs stay finite. AUROC is NaN (undefined) when `clean`
+    holds only one class.
+
     Args:
       probabilities: `[N]` predicted P(y = 1 | x) in [0, 1] (apply a sigmoid to logits first).
       clean: `[N]` labels in {0, 1}.
@@ -335,18 +348,19 @@ def evaluate_reward(probabilities, clean, bins: int = 10) -> RewardEvaluation:
     p, y = np.asarray(probabilities, np.float64), np.asarray(clean, np.float64)
     if p.ndim != 1 or p.shape != y.shape or len(p) == 0:
         raise ArgumentError(f"probabilities and clean must both have the same shape [N], N >= 1, got {p.shape} and {y.shape}")
-    # Only so that the log in the BCE stays finite: out-of-range input was rejected above.
-    p = np.clip(p, 1e-7, 1 - 1e-7)
     ranks = scipy.stats.rankdata(p)
     positives = y.sum()
     negatives = len(y) - positives
-    auroc = (ranks[y == 1].sum() - positives * (positives + 1) / 2) / max(positives * negatives, 1)
+    # No positive-negative pair to rank: AUROC is undefined, not 0.
+    auroc = (ranks[y == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives) if positives * negatives else np.nan
     which = np.minimum((p * bins).astype(int), bins - 1)
     ece = sum(abs(p[which == k].mean() - y[which == k].mean()) * (which == k).mean() for k in range(bins) if (which == k).any())
+    # Clipped only inside the logs: clipping p for the ranks would tie distinct tiny probabilities.
+    clipped = np.clip(p, 1e-7, 1 - 1e-7)
     return RewardEvaluation(
         accuracy=float(((p > 0.5) == (y == 1)).mean()),
         auroc=float(auroc),
-        bce=float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()),
+        bce=float(-(y * np.log(clipped) + (1 - y) * np.log(1 - clipped)).mean()),
         ece=float(ece),
         bias=float(p.mean() - y.mean()),
     )

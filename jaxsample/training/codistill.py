@@ -75,12 +75,13 @@ def kd_reward(logp_large: Array, logp_small: Array, mask: Array) -> Array:
       mask: `[S, N]` 1 on real generated tokens.
 
     Returns:
-      float32 `[S, N]`, stop-gradiented, 0 on padding.
+      float32 `[S, N]`, stop-gradiented, 0 on padding (whatever the log-probs hold there).
     """
     logp_large = as_float(logp_large)
     logp_small = check_shape_of("logp_small", logp_small, "logp_large", logp_large.shape)
     mask = check_shape_of("mask", mask, "logp_large", logp_large.shape)
-    return jax.lax.stop_gradient(logp_large - logp_small) * mask
+    # where, not *: padding may hold log p = -inf in both models, and NaN * 0 = NaN.
+    return jnp.where(mask > 0, jax.lax.stop_gradient(logp_large - logp_small), 0.0)
 
 
 def small_model_advantages(
@@ -140,7 +141,7 @@ def importance_weights(
       level: one of `WEIGHT_LEVELS`.
 
     Returns:
-      float32 `[S, N]`, stop-gradiented, 0 on padding.
+      float32 `[S, N]`, stop-gradiented, 0 on padding (whatever the log-probs hold there).
     """
     check_choice("level", level, WEIGHT_LEVELS)
     check_real("cap", cap, "(0, inf]")
@@ -149,8 +150,9 @@ def importance_weights(
     mask = check_shape_of("mask", mask, "logp_large_old", logp_large_old.shape)
     if level == "none":
         return mask
-    log_ratio = logp_large_old - logp_small_old
-    log_ratio = jnp.clip(log_ratio * mask, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    # where, not *: padding may hold log p = -inf in both models, and NaN * 0 = NaN.
+    log_ratio = jnp.where(mask > 0, logp_large_old - logp_small_old, 0.0)
+    log_ratio = jnp.clip(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     if level == "sequence":
         log_ratio = jnp.broadcast_to(log_ratio.sum(axis=1, keepdims=True) / jnp.maximum(mask.sum(axis=1, keepdims=True), 1.0), mask.shape)
     return jax.lax.stop_gradient(jnp.minimum(jnp.exp(log_ratio), cap)) * mask

@@ -184,7 +184,8 @@ def k1_reward_to_go(logp: Array, logp_ref: Array, mask: Array) -> Array:
     """
     logp = as_float(logp)
     mask = check_shape_of("mask", mask, "logp", logp.shape)
-    k1 = jax.lax.stop_gradient(kl_term(logp, logp_ref, kind="k1_reward")) * mask
+    # where, not *: a padding slot holding log p = -inf gives k1 = NaN, and NaN * 0 = NaN.
+    k1 = jnp.where(mask > 0, jax.lax.stop_gradient(kl_term(logp, logp_ref, kind="k1_reward")), 0.0)
     to_go = jnp.flip(jnp.cumsum(jnp.flip(k1, axis=-1), axis=-1), axis=-1)
     return to_go * mask
 
@@ -223,9 +224,13 @@ def token_weights(mask: Array, aggregation: str = "seq_mean_token_mean") -> Arra
 
 
 def masked_mean(values: Array, mask: Array) -> Array:
-    """Mean of `values` over the tokens where `mask` (the shape of `values`) is 1 (0 when it is empty)."""
+    """Mean of `values` over the tokens where `mask` (the shape of `values`) is 1 (0 when it is empty).
+
+    Values under mask 0 are never read, so a NaN or ±inf there (e.g. from a padding slot's
+    log p = -inf) changes neither the mean nor its gradient.
+    """
     mask = check_shape_of("mask", mask, "values", jnp.shape(values))
-    return jnp.sum(values * mask) / jnp.maximum(mask.sum(), 1.0)
+    return jnp.sum(jnp.where(mask > 0, values, 0.0)) / jnp.maximum(mask.sum(), 1.0)
 
 
 def policy_loss(
@@ -248,7 +253,8 @@ def policy_loss(
     ρ = exp(log π_θ − log π_old); the loss is −Σ_{i,t} weight_{i,t} ℓ_{i,t} with the weights of
     `token_weights(mask, aggregation)`. When `logp_old` is None the update is on-policy (μ = 1)
     and ρ = exp(logp − stop_gradient(logp)): 1 in value, A·∇log π_θ in gradient, so the
-    gradient is exactly group-baselined REINFORCE.
+    gradient is exactly group-baselined REINFORCE. Log-probabilities under mask 0 are never
+    read: a padding slot may hold log p = -inf (a pad token the model never emits).
 
     Args:
       logp: float `[S, N]` log π_θ of the sampled tokens (the differentiated argument).
@@ -283,6 +289,12 @@ def policy_loss(
         logp_ref = check_shape_of("logp_ref", logp_ref, "logp", logp.shape)
     if entropy is not None:
         entropy = check_shape_of("entropy", entropy, "logp", logp.shape)
+    # Padding slots are zeroed, not just weighted by 0: there log p may be -inf, and
+    # -inf - (-inf) = NaN would reach the loss, its gradient and the metrics (NaN * 0 = NaN).
+    # The where also passes a zero gradient, never a NaN one, back to those slots.
+    real = mask > 0
+    logp = jnp.where(real, logp, 0.0)
+    logp_old, logp_ref = (None if x is None else jnp.where(real, x, 0.0) for x in (logp_old, logp_ref))
     advantages = as_float(advantages)
     if advantages.shape == logp.shape[:1]:
         advantages = advantages[:, None]

@@ -348,6 +348,10 @@ def sample_and_grade(key, policy: LanguageModel, config: GRPOConfig, prompts: li
 
     Returns:
       `(batch: Rollout, rewards float32 [B, G], metrics dict)`.
+
+    Raises:
+      ArgumentError: `reward_fn` returned the wrong shape or a non-finite reward (named by its
+        [problem, sample] index).
     """
     prompt_tokens, prompt_lengths = pad_prompts(policy, prompts, config.max_new_tokens)
     started = time.perf_counter()
@@ -356,8 +360,8 @@ def sample_and_grade(key, policy: LanguageModel, config: GRPOConfig, prompts: li
     rewards = np.asarray(reward_fn(problems, np.asarray(batch.tokens), np.asarray(batch.lengths)), np.float32)
     if rewards.shape != (len(prompts), config.group_size):
         raise ArgumentError(f"reward_fn returned shape {rewards.shape}, expected {(len(prompts), config.group_size)}")
-    if np.isnan(rewards).any():
-        raise ArgumentError("reward_fn returned NaN rewards")
+    # The jitted update cannot check them: one NaN or ±inf would turn every parameter into NaN.
+    check_real("reward_fn's rewards[problem, sample]", rewards, "(-inf, inf)")
     metrics = {
         "accuracy": float(np.mean(rewards >= 1.0)),
         "tokens_generated": int(np.asarray(batch.lengths).sum()),
@@ -381,8 +385,8 @@ def grpo_step_fn(
       config: hyperparameters.
       optimizer: the optax transformation `state.opt_state` belongs to.
       prompt_fn: `t -> (prompts: B token-id lists, problems)`, deterministic in t.
-      reward_fn: `(problems, tokens int [S, N], lengths int [S]) -> rewards float [B, G]`
-        (`jaxsample.training.rewards`); rewards ≥ 1 count as correct for the accuracy metric.
+      reward_fn: `(problems, tokens int [S, N], lengths int [S]) -> rewards float [B, G]`,
+        finite (`jaxsample.training.rewards`); rewards ≥ 1 count as correct for the accuracy metric.
     """
     config = config.validated()
 

@@ -141,8 +141,24 @@ def test_evaluation_matches_brute_force_auroc_and_ece():
     assert result.auroc == pytest.approx(brute, abs=1e-12)
     bins = np.minimum((p * 10).astype(int), 9)
     ece = sum(abs(p[bins == k].mean() - y[bins == k].mean()) * np.mean(bins == k) for k in range(10) if np.any(bins == k))
-    assert result.ece == pytest.approx(ece, abs=1e-6)  # evaluate_reward clips p to [1e-7, 1 - 1e-7]
+    assert result.ece == pytest.approx(ece, abs=1e-12)
     assert result.bias == pytest.approx(p.mean() - y.mean())
+
+
+def test_evaluation_ranks_probabilities_below_the_bce_clip():
+    # Confident logits: the three smallest probabilities lie below the BCE's 1e-7 clip.
+    p = 1 / (1 + np.exp(-np.array([-30.0, -25.0, -20.0, -18.0, -1.0, 1.0, 20.0, 25.0])))
+    y = np.array([0, 0, 1, 0, 0, 1, 1, 1])
+    result = causalrm.evaluate_reward(p, y)
+    assert result.auroc == 0.875  # 14 of the 16 positive-negative pairs ranked right, no ties
+    assert result.bias == pytest.approx(p.mean() - 0.5, abs=1e-15)
+    assert np.isfinite(result.bce)
+
+
+def test_auroc_of_a_single_class_is_nan():
+    p = np.array([0.2, 0.7, 0.9])
+    assert np.isnan(causalrm.evaluate_reward(p, np.ones(3)).auroc)
+    assert np.isnan(causalrm.evaluate_reward(p, np.zeros(3)).auroc)
 
 
 def test_fit_head_learns_a_linear_rule_and_stops_early():
@@ -188,6 +204,25 @@ def test_losses_accept_lists_and_check_per_item_shapes():
         causalrm.naive_loss(logits, observed, labels[:2])
     with pytest.raises(ArgumentError, match="imputed"):
         causalrm.dr_loss(logits, observed, labels, propensity, jnp.full((3, 1), 0.5), 0.1, 0.2)
+
+
+_LOSSES = {
+    "naive": lambda f, o, y: causalrm.naive_loss(f, o, y),
+    "noise_corrected": lambda f, o, y: causalrm.noise_corrected_loss(f, o, y, 0.1, 0.2),
+    "ips": lambda f, o, y: causalrm.ips_loss(f, o, y, jnp.full(3, 0.5), 0.1, 0.2),
+    "dr": lambda f, o, y: causalrm.dr_loss(f, o, y, jnp.full(3, 0.5), jnp.full(3, 0.5), 0.1, 0.2),
+}
+
+
+@pytest.mark.parametrize("loss", _LOSSES.values(), ids=_LOSSES.keys())
+def test_losses_reject_non_binary_labels_and_observations_but_stay_jittable(loss):
+    logits, observed, labels = jnp.asarray([2.0, -1.0, 0.5]), jnp.asarray([1, 1, 0]), jnp.asarray([1, 0, 1])
+    with pytest.raises(ArgumentError, match=r"noisy_labels must be labels in \{0, 1\}, got -1 \(element \(1,\)\)"):
+        loss(logits, observed, 2 * labels - 1)  # ±1 labels: a negative naive BCE before the check
+    with pytest.raises(ArgumentError, match=r"observed must be labels in \{0, 1\}, got 0.5"):
+        loss(logits, jnp.asarray([1.0, 0.5, 0.0]), labels)
+    # Traced arguments cannot be inspected and pass through unchecked.
+    assert jax.jit(loss)(logits, observed, labels) == pytest.approx(float(loss(logits, observed, labels)), rel=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -104,6 +104,24 @@ def test_kd_advantage_combinations():
     assert float(jnp.abs(silent).sum()) > 0
 
 
+def test_minus_inf_log_probs_in_padding_change_nothing():
+    """A pad token a model never emits has log p = -inf; its slot is masked, so it must not matter."""
+    mask, logp_small, logp_large, rewards = _batch(jax.random.key(3))
+    assert bool((mask == 0).any())
+    advantages = group_advantages(rewards).reshape(-1)
+
+    @jax.jit  # one compilation instead of hundreds of eager ops
+    def losses_and_gradients(fill):
+        padded = lambda x: jnp.where(mask > 0, x, fill)  # noqa: E731
+        small = lambda x: small_loss(x, padded(logp_small - 0.1), padded(logp_large), rewards, mask)  # noqa: E731
+        large = lambda x: large_loss(x, None, padded(logp_small), advantages, mask, level="sequence")  # noqa: E731
+        return [jax.value_and_grad(loss, has_aux=True)(padded(logp)) for loss, logp in ((small, logp_small), (large, logp_large))]
+
+    for got, expected in zip(jax.tree.leaves(losses_and_gradients(-jnp.inf)), jax.tree.leaves(losses_and_gradients(0.0))):
+        assert np.all(np.isfinite(got))
+        np.testing.assert_array_equal(got, expected)
+
+
 @pytest.mark.parametrize(
     "call, message",
     [

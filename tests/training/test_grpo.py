@@ -186,6 +186,26 @@ def test_k1_reward_to_go_sums_the_future():
     logp_ref = jnp.log(jnp.asarray([[0.25, 0.25, 0.5]]))
     mask = jnp.asarray([[1.0, 1.0, 0.0]])
     np.testing.assert_allclose(k1_reward_to_go(logp, logp_ref, mask), [[np.log(2), 0.0, 0.0]], atol=1e-6)
+    impossible_pad = jnp.asarray([[0.0, 0.0, -jnp.inf]])  # log p = -inf in the masked slot
+    np.testing.assert_allclose(k1_reward_to_go(logp + impossible_pad, logp_ref + impossible_pad, mask), [[np.log(2), 0.0, 0.0]], atol=1e-6)
+
+
+def test_minus_inf_log_probs_in_padding_change_nothing():
+    """A pad token the model never emits has log p = -inf; its slot is masked, so it must not matter."""
+    mask = jnp.asarray([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    logp, logp_old, logp_ref, entropy = (jnp.arange(1.0, 7.0).reshape(2, 3) / scale for scale in (-4, -5, -3, 2))
+
+    @jax.jit  # one compilation instead of hundreds of eager ops
+    def loss_and_gradient(fill):
+        padded = lambda x: jnp.where(mask > 0, x, fill)  # noqa: E731
+        loss = lambda x: policy_loss(  # noqa: E731
+            x, padded(logp_old), padded(logp_ref), jnp.asarray([1.0, -1.0]), mask, beta=0.1, kl_kind="k3_ratio_loss", entropy=padded(entropy)
+        )
+        return jax.value_and_grad(loss, has_aux=True)(padded(logp))
+
+    for got, expected in zip(jax.tree.leaves(loss_and_gradient(-jnp.inf)), jax.tree.leaves(loss_and_gradient(0.0))):
+        assert np.all(np.isfinite(got))
+        np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.parametrize(

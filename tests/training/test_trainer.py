@@ -4,7 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
+from jaxsample.errors import ArgumentError
 from jaxsample.models import lora
 from jaxsample.tasks import sorting
 from jaxsample.training import (
@@ -20,6 +22,7 @@ from jaxsample.training import (
     pad_prompts,
     policy_loss,
     rollout,
+    sample_and_grade,
     score_rollout,
 )
 from jaxsample.training.rewards import grade_groups
@@ -128,3 +131,15 @@ def test_codistill_with_identical_models_and_no_kd_reproduces_grpo():
     for role in (state.small, state.large):
         for a, b in zip(jax.tree.leaves(role.trainable), jax.tree.leaves(grpo_state.trainable)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_rewards_are_rejected_before_the_jitted_update(bad):
+    def reward_fn(problems, tokens, lengths):  # e.g. a log-likelihood grader failing on one sample
+        rewards = np.zeros((GROUPS, GROUP_SIZE), np.float32)
+        rewards[1, 2] = bad
+        return rewards
+
+    prompts, problems = prompt_fn(0)
+    with pytest.raises(ArgumentError, match=rf"rewards\[problem, sample\].*got {bad!r} \(element \(1, 2\)\)"):
+        sample_and_grade(jax.random.key(0), tiny_model(), CONFIG, prompts, problems, reward_fn)
