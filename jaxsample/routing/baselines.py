@@ -12,13 +12,16 @@ from __future__ import annotations
 import numpy as np
 
 from jaxsample.errors import ArgumentError
-from jaxsample.routing.batch import check_problem
+from jaxsample.routing.batch import check_assignment, check_problem, check_scores_costs
 
 
 def per_query_route(scores, costs, lam: float) -> np.ndarray:
-    """int `[n]`: each query's argmax_j (â_ij − λ c_ij); ties go to the cheaper model."""
-    scores = np.asarray(scores, np.float64)
-    costs = np.asarray(costs, np.float64)
+    """int `[n]`: each query's argmax_j (â_ij − λ c_ij); ties go to the cheaper model.
+
+    Raises `ArgumentError` on non-finite scores or costs (a NaN utility would never be the
+    maximum, so its query would fall to model 0 unnoticed).
+    """
+    scores, costs = check_scores_costs(scores, costs)
     if not np.isfinite(lam) or lam < 0:
         raise ArgumentError(f"lam must be a finite number ≥ 0, got {lam}")
     utility = scores - lam * costs
@@ -65,13 +68,14 @@ def tune_lambda(batches, budget: float, *, iterations: int = 60) -> float:
 def repair(assignment, scores, costs, budget: float, capacity) -> np.ndarray:
     """Makes a per-query assignment feasible without dropping a query (module docstring).
 
-    Queries are in arrival order (row order). Raises `ArgumentError` when the instance
-    itself is infeasible or the downgrade pass cannot reach the budget.
+    Queries are in arrival order (row order). Raises `ArgumentError` when `assignment` is not
+    `[n]` model indices in [0, M), when the instance itself is infeasible, or when the downgrade
+    pass cannot reach the budget.
     """
     problem = check_problem(scores, costs, budget, capacity)
     costs = problem.costs
     n, m = costs.shape
-    result = np.asarray(assignment).copy()
+    result = check_assignment(assignment, n, m).copy()
     load = np.zeros(m, np.int64)
     for i in range(n):
         if load[result[i]] >= problem.capacity[result[i]]:

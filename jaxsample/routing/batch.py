@@ -12,7 +12,8 @@ Every router assigns each of n queries exactly one of M models:
 
 with x binary, solved by HiGHS through `scipy.optimize.milp`. An assignment is an int
 array `[n]` of model indices; no query is ever dropped, and an infeasible instance raises
-`InfeasibleError` (an `ArgumentError`) naming the constraint that fails.
+`InfeasibleError` (an `ArgumentError`) naming the constraint that fails. The budget holds to
+a relative 1e-7 at any cost scale, and every solver answer is checked against both limits.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import numpy as np
 import scipy
 
 from jaxsample.errors import ArgumentError, InfeasibleError
+from jaxsample.validation import check_real
 
+# Relative to the budget (`_within_budget`), so the budget binds alike at costs of 1e-8 and 1e3.
 _FEASIBILITY_TOL = 1e-7
 # HiGHS (1.x through scipy) sometimes ends in "Solve error" (status 4) on the knapsack-like
 # rows of the robust programs; each retry changes what failed: presolve, then the MIP
@@ -43,19 +46,46 @@ class RoutingProblem(NamedTuple):
     capacity: np.ndarray
 
 
+def _within_budget(cost, budget: float):
+    """cost ≤ budget up to the relative tolerance (elementwise for an array of costs)."""
+    return cost <= budget + _FEASIBILITY_TOL * abs(budget)
+
+
+def check_scores_costs(scores, costs) -> tuple[np.ndarray, np.ndarray]:
+    """float64 `scores` and `costs`, both `[n, M]`, finite, costs ≥ 0; raises `ArgumentError`."""
+    scores = np.asarray(scores, np.float64)
+    costs = np.asarray(costs, np.float64)
+    if scores.ndim != 2 or scores.shape[0] < 1 or scores.shape[1] < 1:
+        raise ArgumentError(f"scores must have shape [n, M] with n, M ≥ 1, got {scores.shape}")
+    if costs.shape != scores.shape:
+        raise ArgumentError(f"costs must have the shape of scores {scores.shape}, got {costs.shape}")
+    for name, values in (("scores", scores), ("costs", costs)):
+        if not np.all(np.isfinite(values)):
+            raise ArgumentError(f"{name} must be finite; found {values[~np.isfinite(values)][0]}")
+    if np.any(costs < 0):
+        raise ArgumentError(f"costs must be ≥ 0; found {costs.min()}")
+    return scores, costs
+
+
+def check_assignment(assignment, n: int, m: int) -> np.ndarray:
+    """`assignment` as an int array `[n]` of model indices in [0, m); raises `ArgumentError`."""
+    values = np.asarray(assignment)
+    if values.shape != (n,):
+        raise ArgumentError(f"assignment must have shape [n] = ({n},), got {values.shape}")
+    if not np.issubdtype(values.dtype, np.integer):
+        raise ArgumentError(f"assignment must hold integer model indices, got dtype {values.dtype}")
+    check_real("assignment", values, f"[0, {m})")
+    return values
+
+
 def check_problem(scores, costs, budget, capacity) -> RoutingProblem:
     """Validates a routing instance; raises `ArgumentError` naming what is wrong.
 
     Infeasibility that can be read off the data is reported here: total capacity below the
     number of queries, or a budget below the cheapest assignment that ignores capacities.
     """
-    scores = np.asarray(scores, np.float64)
-    costs = np.asarray(costs, np.float64)
+    scores, costs = check_scores_costs(scores, costs)
     capacity = np.asarray(capacity)
-    if scores.ndim != 2 or scores.shape[0] < 1 or scores.shape[1] < 1:
-        raise ArgumentError(f"scores must have shape [n, M] with n, M ≥ 1, got {scores.shape}")
-    if costs.shape != scores.shape:
-        raise ArgumentError(f"costs must have the shape of scores {scores.shape}, got {costs.shape}")
     if capacity.shape != (scores.shape[1],):
         raise ArgumentError(f"capacity must have shape [M] = ({scores.shape[1]},), got {capacity.shape}")
     if not np.issubdtype(capacity.dtype, np.integer) and not np.all(np.isfinite(capacity) & (capacity == np.round(capacity))):
@@ -63,28 +93,26 @@ def check_problem(scores, costs, budget, capacity) -> RoutingProblem:
             f"capacity must hold finite whole numbers of queries (the batch size {scores.shape[0]} for a model "
             f"without a limit), got {capacity.tolist()}"
         )
-    for name, values in (("scores", scores), ("costs", costs)):
-        if not np.all(np.isfinite(values)):
-            raise ArgumentError(f"{name} must be finite; found {values[~np.isfinite(values)][0]}")
-    if np.any(costs < 0):
-        raise ArgumentError(f"costs must be ≥ 0; found {costs.min()}")
     if np.any(capacity < 0):
         raise ArgumentError(f"capacity must be ≥ 0 per model, got {capacity.tolist()}")
     if not np.isfinite(budget):
         raise ArgumentError(f"budget must be a finite number, got {budget}")
     n = scores.shape[0]
+    # Not a clamp: no model can take more than the n queries, so a larger capacity allows exactly
+    # what n does; capping first keeps a "no limit" capacity (1e19) from wrapping in int64.
+    capacity = np.minimum(capacity, n).astype(np.int64)
     if capacity.sum() < n:
         raise InfeasibleError(
             f"infeasible: total capacity {int(capacity.sum())} (capacity={capacity.tolist()}) is below "
             f"the {n} queries of the batch; no query is dropped"
         )
     cheapest = costs.min(axis=1).sum()
-    if budget < cheapest - _FEASIBILITY_TOL:
+    if not _within_budget(cheapest, budget):
         raise InfeasibleError(
             f"infeasible: budget {budget:g} is below {cheapest:g}, the cost of sending every query "
             "to its cheapest model"
         )
-    return RoutingProblem(scores, costs, float(budget), capacity.astype(np.int64))
+    return RoutingProblem(scores, costs, float(budget), capacity)
 
 
 def _assignment_constraints(problem: RoutingProblem, num_extra: int) -> list[scipy.optimize.LinearConstraint]:
@@ -93,22 +121,31 @@ def _assignment_constraints(problem: RoutingProblem, num_extra: int) -> list[sci
     rows = np.repeat(np.arange(n), m)
     cols = np.arange(n * m)
     one_per_query = scipy.sparse.csr_matrix((np.ones(n * m), (rows, cols)), shape=(n, n * m))
-    budget_row = scipy.sparse.csr_matrix(problem.costs.reshape(1, -1))
+    # HiGHS's feasibility tolerances are absolute: in units of the budget they become relative.
+    # `_solve` fixes entries dearer than the budget to 0, so the live coefficients stay in [0, 1].
+    scale = problem.budget if problem.budget > 0 else 1.0
+    budget_row = scipy.sparse.csr_matrix(problem.costs.reshape(1, -1) / scale)
     per_model = scipy.sparse.csr_matrix((np.ones(n * m), (np.tile(np.arange(m), n), cols)), shape=(m, n * m))
     pad = lambda a: scipy.sparse.hstack([a, scipy.sparse.csr_matrix((a.shape[0], num_extra))]) if num_extra else a  # noqa: E731
     return [
         scipy.optimize.LinearConstraint(pad(one_per_query), 1, 1),
-        scipy.optimize.LinearConstraint(pad(budget_row), -np.inf, problem.budget),
+        scipy.optimize.LinearConstraint(pad(budget_row), -np.inf, problem.budget / scale),
         scipy.optimize.LinearConstraint(pad(per_model), 0, problem.capacity),
     ]
 
 
 def _solve(problem: RoutingProblem, objective: np.ndarray, extra_constraints=(), extra_bounds=None):
-    """Maximises `objective · [x, extra]` under the assignment constraints; returns the solution."""
+    """Maximises `objective · [x, extra]` under the assignment constraints; returns the solution.
+
+    Raises `RuntimeError` when HiGHS reports success but its rounded assignment breaks the
+    budget or a capacity (HiGHS checks feasibility only up to its own tolerances).
+    """
     n, m = problem.scores.shape
     num_extra = objective.size - n * m
     lower = np.zeros(objective.size)
     upper = np.ones(objective.size)
+    # costs are ≥ 0, so an entry dearer than the whole budget is never chosen
+    upper[: n * m] = _within_budget(problem.costs.ravel(), problem.budget)
     integrality = np.zeros(objective.size)
     integrality[: n * m] = 1
     if num_extra:
@@ -132,6 +169,14 @@ def _solve(problem: RoutingProblem, objective: np.ndarray, extra_constraints=(),
         )
     if not result.success:
         raise RuntimeError(f"HiGHS failed on the routing MILP: {result.message}")
+    assignment = _to_assignment(result.x, n, m)
+    cost = problem.costs[np.arange(n), assignment].sum()
+    load = np.bincount(assignment, minlength=m)
+    if not _within_budget(cost, problem.budget) or np.any(load > problem.capacity):
+        raise RuntimeError(
+            f"HiGHS returned an assignment that breaks the routing constraints: cost {cost:g} for budget "
+            f"{problem.budget:g}, loads {load.tolist()} for capacity {problem.capacity.tolist()}"
+        )
     return result.x
 
 
@@ -368,7 +413,7 @@ class Evaluation(NamedTuple):
       cost: total cost of the batch.
       budget_violation: cost above the budget (0 when within).
       capacity_violation: queries above capacity, summed over models.
-      feasible: both violations are 0.
+      feasible: both violations are 0 (the budget's up to a relative 1e-7).
     """
 
     quality: float
@@ -380,12 +425,10 @@ class Evaluation(NamedTuple):
 
 def evaluate(assignment, true_quality, costs, budget: float | None = None, capacity=None) -> Evaluation:
     """Realised mean quality and cost of `assignment`, with its budget and capacity overflow."""
-    assignment = np.asarray(assignment)
     true_quality = np.asarray(true_quality, np.float64)
     costs = np.asarray(costs, np.float64)
     n, m = true_quality.shape
-    if assignment.shape != (n,) or assignment.min() < 0 or assignment.max() >= m:
-        raise ArgumentError(f"assignment must be [n] = ({n},) model indices in [0, {m}), got {assignment!r}")
+    assignment = check_assignment(assignment, n, m)
     rows = np.arange(n)
     cost = float(costs[rows, assignment].sum())
     over_budget = 0.0 if budget is None else max(0.0, cost - budget)
@@ -396,5 +439,5 @@ def evaluate(assignment, true_quality, costs, budget: float | None = None, capac
         cost=cost,
         budget_violation=over_budget,
         capacity_violation=over_capacity,
-        feasible=over_budget <= _FEASIBILITY_TOL * max(1.0, abs(budget or 0)) and over_capacity == 0,
+        feasible=(budget is None or bool(_within_budget(cost, budget))) and over_capacity == 0,
     )

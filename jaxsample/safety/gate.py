@@ -44,12 +44,13 @@ class GateState(NamedTuple):
       margin: `[]` m = s(c) − τ (NaN for classifier gates).
       lipschitz: `[]` or `[G]` the bound at the centre (NaN for classifier gates).
       radius: `[]` or `[G]` m / L (per group: how far group g alone may move).
-      initial_radius: `[]` r_0 = m_0 / ‖L_0‖₂, the unit of `distance`.
+      initial_radius: `[]` r_0 = m_0 / ‖L_0‖₂, the unit of `distance` (0 for a start on the
+        boundary, m_0 = 0: a legal, safe start whose ball is the single point θ_0).
       step: int32 `[]` proposals seen.
       true_accepts: int32 `[]` accepted safe proposals.
       false_accepts: int32 `[]` accepted unsafe proposals (s(θ') < τ).
       transitions: int32 `[]` re-centrings (chaining only).
-      distance: `[]` ‖θ_accepted − θ_0‖₂ / r_0 of the last accepted point.
+      distance: `[]` ‖θ_accepted − θ_0‖₂ / r_0 of the last accepted point (`distance_in_radii`).
     """
 
     centre: Array
@@ -79,10 +80,17 @@ def _safe_ratio(numerator: Array, denominator: Array) -> Array:
     return jnp.where(positive, numerator / jnp.where(positive, denominator, 1.0), jnp.where(denominator == 0, jnp.inf, 0.0))
 
 
+def distance_in_radii(flat: Array, origin: Array, initial_radius: Array) -> Array:
+    """‖flat − origin‖₂ / r_0. With r_0 = 0 (a start with margin 0) θ_0 itself is at distance 0
+    and any other point at inf, not 0/0 = NaN: a chain re-accepting its centre has not moved."""
+    norm = jnp.linalg.norm(flat - origin)
+    return jnp.where(norm == 0, 0.0, norm / initial_radius)
+
+
 def record_decision(state: GateState, flat: Array, accepted: Array, candidate_margin: Array) -> GateState:
     """Bookkeeping shared by every gate. A NaN margin counts as unsafe."""
     unsafe = ~(candidate_margin >= 0)
-    distance = jnp.linalg.norm(flat - state.origin) / state.initial_radius
+    distance = distance_in_radii(flat, state.origin, state.initial_radius)
     return state._replace(
         step=state.step + 1,
         true_accepts=state.true_accepts + (accepted & ~unsafe),

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from jaxsample.errors import ArgumentError
-from jaxsample.safety.gate import Gate
+from jaxsample.safety.gate import Gate, distance_in_radii
 from jaxsample.validation import check_int, check_real
 
 Array = jax.Array
@@ -44,7 +44,8 @@ class Trace(NamedTuple):
       proposal_safe: the proposal was safe (oracle audit).
       reward: reward of the current params after the iteration.
       true_accepts, false_accepts, transitions: the gate's cumulative counts.
-      distance: ‖θ − θ_0‖ / r_0 of the current params.
+      distance: ‖θ − θ_0‖ / r_0 of the current params (0 at θ_0 even when r_0 = 0; see
+        `distance_in_radii`).
       margin: the gate's margin at its centre.
       proposal: the flattened proposal `[num_steps, d]` with `record_proposals`, else None.
     """
@@ -127,7 +128,7 @@ def simulate(
             true_accepts=state.true_accepts,
             false_accepts=state.false_accepts,
             transitions=state.transitions,
-            distance=jnp.linalg.norm(flat - state.origin) / state.initial_radius,
+            distance=distance_in_radii(flat, state.origin, state.initial_radius),
             margin=state.margin,
             proposal=ravel_pytree(candidate)[0] if record_proposals else None,
         )

@@ -4,11 +4,13 @@ import itertools
 
 import numpy as np
 import pytest
+import scipy
 
 from jaxsample.errors import ArgumentError, InfeasibleError
 from jaxsample.routing import (
     allocate_instances,
     batch_value,
+    check_problem,
     evaluate,
     per_query_route,
     repair,
@@ -161,6 +163,48 @@ def test_infeasible_instances_name_the_failing_constraint():
         route_batch(scores, costs, 5, [1, 4])
 
 
+def tiny_cost_instance(budget):
+    """Four queries at costs of 1e-8 and 2e-8 (dollars per query at small prices)."""
+    return np.tile([0.2, 0.9], (4, 1)), np.tile([1e-8, 2e-8], (4, 1)), budget, [4, 4]
+
+
+def test_budget_binds_at_tiny_costs_on_every_router():
+    # Half the cheapest total: the old absolute 1e-7 pre-check let it through, to 4× over budget.
+    with pytest.raises(InfeasibleError, match="budget 2e-08 is below 4e-08"):
+        route_batch(*tiny_cost_instance(2e-8))
+    scores, costs, budget, capacity = tiny_cost_instance(6e-8)  # room for exactly 2 upgrades
+    sigma = np.full(scores.shape, 0.1)
+    routers = {
+        "nominal": lambda: route_batch(scores, costs, budget, capacity),
+        "box": lambda: route_box(scores, sigma, costs, budget, capacity, kappa=1.0),
+        "budgeted": lambda: route_budgeted(scores, sigma, costs, budget, capacity, gamma=2.0),
+        "hull": lambda: route_ellipsoidal(scores, sigma, costs, budget, capacity, rho=1.0)[0],
+        # symmetric rows make Kelley slow to prove optimality; every incumbent must still fit
+        "kelley": lambda: route_ellipsoidal(scores, sigma, costs, budget, capacity, rho=1.0, method="kelley", max_solves=4)[0],
+    }
+    for name, route in routers.items():
+        a = route()
+        assert int(a.sum()) == 2, f"{name} upgraded {int(a.sum())} queries; the budget allows 2"
+        assert evaluate(a, scores, costs, budget, capacity).feasible
+    # 1e-9 (1.7%) over a budget of 6e-8 is infeasible, though below the old absolute tolerance 1e-7
+    assert not evaluate([1, 1, 0, 0], scores, costs, 5.9e-8, capacity).feasible
+
+
+def test_solver_answer_breaking_the_budget_is_an_error(monkeypatch):
+    scores, costs, budget, capacity = tiny_cost_instance(6e-8)
+    over_budget = scipy.optimize.OptimizeResult(status=0, success=True, message="", x=np.tile([0.0, 1.0], 4))
+    monkeypatch.setattr(scipy.optimize, "milp", lambda *args, **kwargs: over_budget)
+    with pytest.raises(RuntimeError, match="breaks the routing constraints: cost 8e-08 for budget 6e-08"):
+        route_batch(scores, costs, budget, capacity)
+
+
+@pytest.mark.parametrize("no_limit", [1e19, 1e20, np.iinfo(np.int64).max])
+def test_capacity_beyond_int64_means_no_limit(no_limit):
+    scores, costs = np.array([[0.1, 0.9]] * 4), np.array([[1.0, 2.0]] * 4)
+    np.testing.assert_array_equal(check_problem(scores, costs, 100.0, [4, no_limit]).capacity, [4, 4])
+    np.testing.assert_array_equal(route_batch(scores, costs, 100.0, [4, no_limit]), [1, 1, 1, 1])
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -195,6 +239,29 @@ def test_per_query_rule_tuning_and_repair():
         assert evaluate(fixed, scores, costs, budget, capacity).feasible
         best = route_batch(scores, costs, budget, capacity)
         assert total(scores, best) >= total(scores, fixed) - 1e-9
+
+
+@pytest.mark.parametrize(
+    "assignment, match",
+    [
+        ([-1, -1, 0, 0], r"assignment must be a number in \[0, 2\), got -1"),
+        ([0, 2, 0, 0], r"assignment must be a number in \[0, 2\), got 2"),
+        ([0, 1], r"assignment must have shape \[n\] = \(4,\), got \(2,\)"),
+        ([0.0, 1.0, 0.0, 1.0], "assignment must hold integer model indices"),
+    ],
+)
+def test_repair_rejects_a_malformed_assignment(assignment, match):
+    scores, costs = np.array([[0.1, 0.9]] * 4), np.array([[1.0, 2.0]] * 4)
+    with pytest.raises(ArgumentError, match=match):
+        repair(assignment, scores, costs, 8.0, [4, 4])
+
+
+@pytest.mark.parametrize("bad", ["scores", "costs"])
+def test_per_query_route_rejects_a_nan(bad):
+    args = {"scores": np.array([[0.1, 0.5]]), "costs": np.array([[1.0, 2.0]])}
+    args[bad][0, 0] = np.nan  # a NaN utility is never the max: the query fell to model 0 silently
+    with pytest.raises(ArgumentError, match=f"{bad} must be finite; found nan"):
+        per_query_route(args["scores"], args["costs"], 0.0)
 
 
 def test_instance_allocation_beats_or_ties_uniform_and_respects_gpus():

@@ -108,6 +108,28 @@ def test_ball_gate_with_an_invalid_traced_bound_certifies_nothing(value, group_i
     assert np.all(np.asarray(state.radius) == 0)
 
 
+def test_a_start_on_the_boundary_measures_distance_without_nan():
+    # m_0 = s(θ_0) − τ = 0: safe, but r_0 = 0, and the old ‖θ − θ_0‖ / r_0 was 0/0 at θ_0.
+    s = lambda theta: theta[0]  # noqa: E731
+    start = jnp.zeros(2)
+    ball = safety.ball_gate(s, safety.LipschitzBound(jnp.float32(1), "analytic"), chain=True)
+    groups = safety.ball_gate(s, safety.LipschitzBound(jnp.array([1.0, 0.0]), "analytic"), group_ids=np.array([0, 1]))
+    stay = safety.SelfImprovementProblem(start, lambda key, params: params, lambda params: 0.0, s)
+
+    @jax.jit
+    def run():
+        return (
+            ball.accept(ball.init(start), start),
+            safety.simulate(jax.random.key(0), stay, ball, 2).distance,
+            groups.accept(groups.init(start), jnp.array([0.0, 1.0])),  # a group s ignores moves for free
+        )
+
+    (accepted, state), trace_distance, (group_accepted, group_state) = run()
+    assert bool(accepted) and float(state.initial_radius) == 0 and float(state.distance) == 0
+    assert np.all(np.asarray(trace_distance) == 0)
+    assert bool(group_accepted) and float(group_state.distance) == np.inf  # r_0 = 0 away from θ_0
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_annealed_thresholds_rejects_non_finite_scores(bad):
     with pytest.raises(ArgumentError, match=r"unsafe_scores must be a number in \(-inf, inf\), got (nan|inf) \(element \(1,\)\)"):
