@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import special
+import scipy
 
 from jaxsample.errors import ArgumentError
 from jaxsample.validation import check_real
@@ -70,7 +70,7 @@ def _binomial_cdf(num_losses, num_trials, level) -> np.ndarray:
     """P(Bin(n, level) ≤ s) in float64, rounded up to float32; 1 where s ≥ n."""
     s, n, level = np.broadcast_arrays(*(np.asarray(x, np.float64) for x in (num_losses, num_trials, level)))
     below = s < n
-    exact = np.where(below, special.betaincc(s + 1.0, np.where(below, n - s, 1.0), level), 1.0)
+    exact = np.where(below, scipy.special.betaincc(s + 1.0, np.where(below, n - s, 1.0), level), 1.0)
     rounded = exact.astype(np.float32)
     return np.where(rounded < exact, np.nextafter(rounded, np.float32(1.0)), rounded)
 
