@@ -390,7 +390,9 @@ def worst_case_value(assignment, scores, sigma, *, kind: str, radius: float, kap
     """
     scores = np.asarray(scores, np.float64)
     sigma = np.asarray(sigma, np.float64)
-    chosen = np.arange(scores.shape[0]), np.asarray(assignment)
+    if scores.ndim != 2 or sigma.shape != scores.shape:
+        raise ArgumentError(f"scores and sigma must both have shape [n, m], got {scores.shape} and {sigma.shape}")
+    chosen = np.arange(scores.shape[0]), check_assignment(assignment, *scores.shape)
     nominal = float(scores[chosen].sum())
     deviations = sigma[chosen]
     if kind == "box":

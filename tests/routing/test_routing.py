@@ -256,6 +256,14 @@ def test_repair_rejects_a_malformed_assignment(assignment, match):
         repair(assignment, scores, costs, 8.0, [4, 4])
 
 
+def test_worst_case_value_rejects_a_malformed_assignment_or_sigma():
+    scores = np.array([[0.1, 0.9]] * 4)
+    with pytest.raises(ArgumentError, match=r"assignment must be a number in \[0, 2\), got 2"):
+        worst_case_value([0, 1, 2, 0], scores, scores, kind="box", radius=1.0)  # model 2 read as model 1 before
+    with pytest.raises(ArgumentError, match="scores and sigma must both have shape"):
+        worst_case_value([0, 1, 1, 0], scores, scores[:, :1], kind="box", radius=1.0)
+
+
 @pytest.mark.parametrize("bad", ["scores", "costs"])
 def test_per_query_route_rejects_a_nan(bad):
     args = {"scores": np.array([[0.1, 0.5]]), "costs": np.array([[1.0, 2.0]])}
