@@ -114,6 +114,23 @@ def check_prompt(
     return jnp.asarray(prompt_tokens, jnp.int32), max_new_tokens
 
 
+def check_int_array(name: str, values: Any, low: int, high: int, what: str) -> None:
+    """Raises `ArgumentError` unless `values` hold integers in `[low, high)`.
+
+    Reads the values as given, before any int32 cast, so a float cannot truncate and an int64
+    ≥ 2³¹ cannot wrap into range. The dtype is checked even when traced (it is static), the
+    range only on concrete values.
+    """
+    traced = isinstance(values, jax.core.Tracer)
+    values = values if traced else np.asarray(values)
+    if not np.issubdtype(values.dtype, np.integer):
+        raise ArgumentError(f"{name} must hold integers, got dtype {values.dtype}")
+    if not traced:
+        outside = (values < low) | (values >= high)
+        if outside.any():
+            raise ArgumentError(f"{name} holds {int(values[outside][0])}, outside {what} [{low}, {high})")
+
+
 def first_non_finite(log_p: Array, lengths: Array) -> Array:
     """int32 `[B]`: each row's first generated position whose log p is not finite, −1 if none.
 
@@ -192,14 +209,18 @@ def init_decode(
         `[B, T]` right-padded prompts, one per row (B = num_rows).
       num_rows: B.
       max_new_tokens: N, the generation slots per row.
-      prompt_lengths: real lengths of right-padded prompts (default T): an int32 scalar for a
-        `[T]` prompt (see `pad_prompt`), `[B]` for `[B, T]` prompts. May be traced.
+      prompt_lengths: real lengths of right-padded prompts (default T), each in `[1, T]`: an
+        int32 scalar for a `[T]` prompt (see `pad_prompt`), `[B]` for `[B, T]` prompts. May be
+        traced; concrete ones are checked (`ArgumentError`), since a length of 0 or past T
+        would decode from the wrong prompt token, or give NaN log p.
       record_features: static; the state then carries `features` / `next_features` and every
         `extend` / `rewind` maintains them (from the same decode steps, no second forward).
       record_twist: keep `log_twist` (needed to extend with a twisted proposal).
     """
     num_rows = check_int("num_rows", num_rows, 1)
     prompt, max_new_tokens = check_prompt(lm, prompt_tokens, max_new_tokens, shapes=(1, 2))
+    if prompt_lengths is not None:
+        _check_prompt_lengths(prompt_lengths, prompt.shape)
     prompt_cache = None
     if prompt.ndim == 1:
         # The prompt is prefilled once; its last token is fed again on top of the shared
@@ -249,6 +270,15 @@ def init_decode(
         log_twist=zeros if record_twist else None,
         prompt_cache=prompt_cache,
     )
+
+
+def _check_prompt_lengths(prompt_lengths: Any, prompt_shape: tuple[int, ...]) -> None:
+    # A [T] prompt's single length is `prompt_length` at every sampler entry point.
+    name = "prompt_length" if len(prompt_shape) == 1 else "prompt_lengths"
+    if np.shape(prompt_lengths) != prompt_shape[:-1]:
+        expected = "a scalar for a [T] prompt" if len(prompt_shape) == 1 else f"shape [B] = [{prompt_shape[0]}]"
+        raise ArgumentError(f"{name} must be {expected}, got shape {np.shape(prompt_lengths)}")
+    check_int_array(name, prompt_lengths, 1, prompt_shape[-1] + 1, "the prompt width")
 
 
 def extend(

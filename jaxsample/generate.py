@@ -71,8 +71,11 @@ def generate(
 ) -> GenerateResult:
     """Samples `num_samples` continuations of one prompt in a single jitted while-loop.
 
-    Greedy decoding is `top_k=1`. Raises `NumericalError` if a generated token's log p is not
-    finite (NaN logits). Temperature and top-p are traced: changing them does not recompile;
+    `top_k=1` decodes greedily only where the largest logit is unique: top-k keeps every token
+    whose tempered logit equals the k-th largest (as transformers' `TopKLogitsWarper` does), so
+    `top_k=1` samples uniformly among exactly tied maxima (commoner in bf16), with log q =
+    −log(number tied). Raises `NumericalError` if a generated token's log p is not finite (NaN
+    logits). Temperature and top-p are traced: changing them does not recompile;
     `max_new_tokens`, `num_samples`, `top_k` and the prompt's length bucket (see `pad_prompt`:
     powers of two) are static.
 
@@ -82,7 +85,7 @@ def generate(
       prompt_tokens: int32 `[T]`, T ≥ 1.
       max_new_tokens: N; the prompt plus N must fit the model's positions.
       temperature: τ > 0.
-      top_k: keep the k most likely tokens (0 = all).
+      top_k: keep the k most likely tokens, and any tied with the k-th (0 = all).
       top_p: nucleus mass in (0, 1].
       num_samples: S, rows decoded as one batch.
       record_features: also return each generated token's final-norm hidden state

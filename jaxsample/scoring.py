@@ -8,20 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsample.decoding import check_int_array
 from jaxsample.errors import ArgumentError
-from jaxsample.lm import LanguageModel
+from jaxsample.lm import LanguageModel, _token_ids
 from jaxsample.sampling import token_log_probs
 
 Array = jax.Array
-
-
-def _check_range(name: str, values, low: int, high: int, what: str) -> None:
-    if isinstance(values, jax.core.Tracer):
-        return
-    values = np.asarray(values)
-    outside = (values < low) | (values >= high)
-    if outside.any():
-        raise ArgumentError(f"{name} {int(values[outside][0])} is outside {what} [{low}, {high})")
 
 
 @partial(jax.jit, static_argnames="with_entropy")
@@ -75,11 +67,12 @@ def score(
     Returns:
       float32 `log_p [S, N]` (0 at positions ≥ length), or `(log_p, entropy [S, N])`.
     """
-    prompt = jnp.asarray(prompt, jnp.int32)
-    completions = jnp.asarray(completions, jnp.int32)
-    if completions.ndim != 2:
-        raise ArgumentError(f"completions must have shape [S, N], got {completions.shape}")
-    rows, slots = completions.shape
+    # Ids and lengths are checked as given, before the int32 casts: a float would truncate and
+    # an int64 ≥ 2³¹ wrap into range.
+    prompt = _token_ids(prompt, lm.vocab_size, "prompt")
+    if np.ndim(completions) != 2:
+        raise ArgumentError(f"completions must have shape [S, N], got {np.shape(completions)}")
+    rows, slots = np.shape(completions)
     if prompt.ndim == 1:
         prompt = jnp.broadcast_to(prompt, (rows, prompt.shape[0]))
     if prompt.ndim != 2 or prompt.shape[0] != rows:
@@ -92,18 +85,20 @@ def score(
             f"prompt of {width} tokens + {slots} completion tokens exceeds the {lm.max_length} "
             f"positions of model {lm.name!r}"
         )
-    lengths = jnp.asarray(lengths, jnp.int32)
-    if lengths.shape != (rows,):
-        raise ArgumentError(f"lengths must have shape [S={rows}], got {lengths.shape}")
+    if np.shape(lengths) != (rows,):
+        raise ArgumentError(f"lengths must have shape [S={rows}], got {np.shape(lengths)}")
+    check_int_array("lengths", lengths, 0, slots + 1, "the completion slots")
+    if prompt_lengths is not None:
+        check_int_array("prompt_lengths", prompt_lengths, 1, width + 1, "the prompt width")
+    ids = completions if isinstance(completions, jax.core.Tracer) else np.asarray(completions)
+    if not isinstance(ids, jax.core.Tracer):
+        # Ids after each length are ignored, so only the scored ones must be in the vocabulary
+        # (with traced lengths none is known to be scored: the dtype alone is checked).
+        scored = 0 if isinstance(lengths, jax.core.Tracer) else np.asarray(lengths)[:, None]
+        ids = ids[np.arange(slots)[None, :] < scored]
+    check_int_array("completions", ids, 0, lm.vocab_size, f"the vocabulary of model {lm.name!r}")
     prompt_lengths = jnp.broadcast_to(
         jnp.asarray(width if prompt_lengths is None else prompt_lengths, jnp.int32), (rows,)
     )
-    _check_range("lengths", lengths, 0, slots + 1, "the completion slots")
-    _check_range("prompt_lengths", prompt_lengths, 1, width + 1, "the prompt width")
-    _check_range("prompt token id", prompt, 0, lm.vocab_size, f"the vocabulary of model {lm.name!r}")
-    if not isinstance(completions, jax.core.Tracer) and not isinstance(lengths, jax.core.Tracer):
-        scored = np.arange(slots)[None, :] < np.asarray(lengths)[:, None]
-        _check_range(
-            "completion token id", np.asarray(completions)[scored], 0, lm.vocab_size, f"the vocabulary of model {lm.name!r}"
-        )
+    completions, lengths = jnp.asarray(completions, jnp.int32), jnp.asarray(lengths, jnp.int32)
     return _score(lm, prompt, prompt_lengths, completions, lengths, with_entropy)

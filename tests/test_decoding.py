@@ -107,6 +107,34 @@ def test_init_decode_checks_prompts_before_the_cast(lm):
         js.init_decode(lm, np.ones((2, 3), np.float32), 2, 4)
 
 
+PROMPTS = np.array([[1, 2, 3], [4, 1, 2]], np.int32)
+BAD_PROMPT_LENGTHS = {
+    "zero": (lambda lm: js.init_decode(lm, PROMPTS, 2, 4, prompt_lengths=np.array([3, 0])),
+             r"prompt_lengths holds 0, outside the prompt width \[1, 4\)"),
+    "negative": (lambda lm: js.init_decode(lm, PROMPTS, 2, 4, prompt_lengths=np.array([3, -1])), "holds -1"),
+    "past the prompt": (lambda lm: js.init_decode(lm, PROMPTS, 2, 4, prompt_lengths=[3, 5]), "holds 5"),
+    "float": (lambda lm: js.init_decode(lm, PROMPTS, 2, 4, prompt_lengths=np.array([3.0, 2.5])),
+              "prompt_lengths must hold integers, got dtype float64"),
+    "scalar for [B, T]": (lambda lm: js.init_decode(lm, PROMPTS, 2, 4, prompt_lengths=2),
+                          r"prompt_lengths must be shape \[B\] = \[2\], got shape \(\)"),
+    "[T] prompt": (lambda lm: js.init_decode(lm, PROMPT, 2, 4, prompt_lengths=4), "prompt_length holds 4"),
+    "[1] for [T]": (lambda lm: js.init_decode(lm, PROMPT, 2, 4, prompt_lengths=np.array([2])),
+                    r"prompt_length must be a scalar for a \[T\] prompt, got shape \(1,\)"),
+    "mcmc.init": (lambda lm: js.mcmc.init(KEY, lm, PROMPT, 2, 4, js.Proposal().validated(), prompt_length=0),
+                  "prompt_length holds 0"),
+    "smc.init": (lambda lm: js.smc.init(lm, PROMPT, 2, 4, prompt_length=9), "prompt_length holds 9"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PROMPT_LENGTHS)
+def test_init_decode_rejects_prompt_lengths_outside_the_prompt(lm, case):
+    # Unchecked, a length of 0 or past T gave NaN first-token log p ([B, T] prompts) or decoded
+    # from a wrapped / clamped prompt position ([T] prompt).
+    init, message = BAD_PROMPT_LENGTHS[case]
+    with pytest.raises(ArgumentError, match=message):
+        init(lm)
+
+
 def test_numpy_integers_are_accepted_as_counts(lm):
     prompt = np.array([1, 2, 3], np.int64)
     result = js.generate(KEY, lm, prompt, np.int64(6), top_k=np.int32(3), num_samples=np.int64(2))

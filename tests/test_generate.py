@@ -70,6 +70,13 @@ def test_proposal_log_probs_is_the_truncated_tempered_distribution():
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-6)
 
 
+def test_top_k_keeps_every_token_tied_with_the_kth():
+    # What the generate docstring states: top_k=1 is greedy only without an exact tie at the max.
+    logits = jnp.array([0.0, 5.0, 5.0, -1.0])
+    got = js.proposal_log_probs(logits, js.Proposal(top_k=1))
+    np.testing.assert_allclose(np.asarray(got), [-np.inf, -np.log(2), -np.log(2), -np.inf], atol=1e-6)
+
+
 def test_empirical_token_frequencies_follow_log_q(lm):
     # 4000 first tokens; the largest binomial std of a frequency is sqrt(0.25/4000) ≈ 0.0079,
     # and 5 std keeps the false-alarm rate below 1e-5 per category.

@@ -66,15 +66,37 @@ def test_score_ragged_prompts_equals_row_by_row(tiny):
 def test_score_rejects_bad_input(toy):
     prompt = jnp.asarray([1, 2], jnp.int32)
     completions = jnp.asarray([[1, 2, 3]], jnp.int32)
-    with pytest.raises(ArgumentError, match=r"lengths 4 is outside the completion slots \[0, 4\)"):
+    with pytest.raises(ArgumentError, match=r"lengths holds 4, outside the completion slots \[0, 4\)"):
         js.score(toy, prompt, completions, jnp.asarray([4]))
-    with pytest.raises(ArgumentError, match="completion token id 9"):
+    with pytest.raises(ArgumentError, match="completions holds 9, outside the vocabulary"):
         js.score(toy, prompt, jnp.asarray([[1, 9, 3]]), jnp.asarray([2]))
     # ids after the length are ignored, not checked
     js.score(toy, prompt, jnp.asarray([[1, 9, 3]]), jnp.asarray([1]))
-    with pytest.raises(ArgumentError, match="prompt_lengths 0 is outside"):
+    with pytest.raises(ArgumentError, match="prompt_lengths holds 0, outside"):
         js.score(toy, prompt, completions, jnp.asarray([3]), prompt_lengths=0)
     with pytest.raises(ArgumentError, match="completions must have shape"):
         js.score(toy, prompt, completions[0], jnp.asarray([3]))
     with pytest.raises(ArgumentError, match="exceeds the 24 positions"):
         js.score(toy, prompt, jnp.ones((1, 23), jnp.int32), jnp.asarray([3]))
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(completions=np.array([[1.7, 2.9, 3.0]])), "completions must hold integers, got dtype float64"),
+        (dict(completions=np.array([[2**32 + 1, 2, 3]], np.int64)), "completions holds 4294967297, outside"),
+        (dict(prompt=np.array([0.9, 2.0])), "prompt must be integer token ids, got dtype float64"),
+        (dict(prompt=np.array([2**32 + 1, 2], np.int64)), "prompt holds token id 4294967297"),
+        (dict(lengths=np.array([2.9])), "lengths must hold integers, got dtype float64"),
+        (dict(prompt_lengths=np.float32(1.5)), "prompt_lengths must hold integers, got dtype float32"),
+        (dict(prompt_lengths=np.int64(2**32 + 1)), "prompt_lengths holds 4294967297, outside"),
+    ],
+    ids=["float ids", "int64 ids", "float prompt", "int64 prompt", "float lengths", "float prompt_lengths",
+         "int64 prompt_lengths"],
+)
+def test_score_checks_ids_and_lengths_before_the_int32_cast(toy, bad, match):
+    # Cast first, a float id or length truncated and an int64 one wrapped into range.
+    args = dict(prompt=np.array([1, 2]), completions=np.array([[1, 2, 3]]), lengths=np.array([3]))
+    args.update(bad)
+    with pytest.raises(ArgumentError, match=match):
+        js.score(toy, **args)

@@ -28,7 +28,8 @@ class Twist:
       log_twist_fn: `(params, tokens int32 [S], length int32 [], features f32 [D]) -> f32 [V]`,
         pure; `tokens[:length]` is the generated prefix (pad after), `features` the model's
         features at the prefix's last position (those that produced the next-token logits).
-        `-inf` entries are legal (ψ = 0). Static: a new function object recompiles.
+        `-inf` entries are legal (ψ = 0); any other shape is an `ArgumentError` when a token
+        is drawn (`draw_tokens`). Static: a new function object recompiles.
       params: the twist's parameters (traced).
     """
 
@@ -49,7 +50,8 @@ class Proposal:
 
     Attributes:
       temperature: τ > 0, a traced float (changing it does not recompile).
-      top_k: static int; keep the k most likely tokens (0 keeps all).
+      top_k: static int; keep the k most likely tokens, and every token tied with the k-th
+        (as transformers' `TopKLogitsWarper`: `top_k=1` samples among tied maxima), 0 keeps all.
       top_p: traced float in (0, 1]; keep the smallest set of most likely tokens whose
         tempered probability reaches top_p (1 keeps all). Ties at the threshold are kept.
       twist: `None`, or a `Twist` ψ: the proposal is then q ∝ q_τ,k,p · ψ (`twisted_log_probs`),
@@ -223,6 +225,12 @@ def draw_tokens(
         log_twist = None
         if proposal.twist is not None:
             log_twist = proposal.twist.log_values(*prefixes)
+            if log_twist.shape != log_q.shape:  # static: raised while tracing
+                raise ArgumentError(
+                    "log_twist_fn(params, tokens [S], length [], features [D]) must return log ψ of "
+                    f"every token, shape [V] = [{log_q.shape[-1]}]; vmapped over {log_q.shape[0]} "
+                    f"rows it returned shape {log_twist.shape}"
+                )
             log_q = twisted_log_probs(log_q, log_twist)
         token = jax.vmap(categorical)(keys, log_q)
         token = jnp.where(forced >= 0, forced, token)

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import optax
 from tqdm.auto import tqdm
 
+from jaxsample.decoding import check_prompt
 from jaxsample.errors import ArgumentError, NumericalError
 from jaxsample.lm import LanguageModel
 from jaxsample.sampling.proposal import twisted_log_probs
@@ -385,7 +386,14 @@ def learn_twist(
     num_fit_steps = check_int("num_fit_steps", num_fit_steps, 1)
     check_real("kl_budget", kl_budget, "(0, inf)")
     check_real("learning_rate", learning_rate, "(0, inf)")
-    prompts = [jnp.asarray(p, jnp.int32) for p in prompts]
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+    checked = []
+    for index, prompt in enumerate(prompts):
+        try:  # on the ids as given: an int32 cast first would truncate floats, wrap int64s
+            checked.append(check_prompt(lm, prompt, max_new_tokens)[0])
+        except ArgumentError as error:
+            raise ArgumentError(f"prompts[{index}]: {error}") from None
+    prompts = checked
     if not prompts:
         raise ArgumentError("prompts must hold at least one prompt")
     potentials = (list(log_potential_fn) if isinstance(log_potential_fn, (list, tuple))

@@ -35,7 +35,7 @@ from jax.tree_util import Partial
 
 from jaxsample.decoding import pad_prompt
 from jaxsample.errors import ArgumentError
-from jaxsample.lm import LanguageModel
+from jaxsample.lm import LanguageModel, _token_ids
 from jaxsample.sampling import Proposal, Twist
 from jaxsample.smc.lookahead import ProposalTwist
 from jaxsample.smc.resampling import Resampler
@@ -77,19 +77,12 @@ def twisted_proposal(log_twist_fn: Optional[LogTwistFn], twist_params: Any) -> P
 
 
 def _check_reference(lm: LanguageModel, sample, max_new_tokens: int) -> Array:
-    reference = jnp.asarray(sample, jnp.int32)
-    if reference.shape != (max_new_tokens,):
+    if np.shape(sample) != (max_new_tokens,):
         raise ArgumentError(
             f"conditional_sample must have shape [max_new_tokens] = [{max_new_tokens}] (pad "
-            f"after its stop token), got {reference.shape}"
+            f"after its stop token), got {np.shape(sample)}"
         )
-    if not isinstance(reference, jax.core.Tracer):
-        values = np.asarray(reference)
-        if ((values < 0) | (values >= lm.vocab_size)).any():
-            raise ArgumentError(
-                f"conditional_sample holds token ids outside [0, {lm.vocab_size})"
-            )
-    return reference
+    return _token_ids(sample, lm.vocab_size, "conditional_sample")
 
 
 def twisted_smc(

@@ -131,6 +131,17 @@ def test_default_head_starts_at_zero_and_bad_arguments(toy):
         js.learn_twist(*args, kl_budget=0.0, num_iterations=1, num_particles=4, max_new_tokens=S)
 
 
+@pytest.mark.parametrize("prompt, match", [
+    (np.array([0.7]), r"prompts\[1\]: prompt_tokens must hold integer token ids, got dtype float64"),
+    (np.array([2**32], np.int64), r"prompts\[1\]: prompt_tokens holds token id 4294967296"),
+], ids=["float", "int64"])
+def test_prompts_are_checked_before_the_int32_cast(toy, prompt, match):
+    # Cast first, 0.7 truncated to token 0 and 2**32 wrapped to 0: learning ran silently.
+    with pytest.raises(ArgumentError, match=match):
+        js.learn_twist(jax.random.key(0), toy.lm, [tx.PROMPT, prompt], toy.log_phi, num_iterations=1,
+                       num_particles=4, max_new_tokens=S)
+
+
 def test_learning_scores_paths_with_the_samplers_proposal(toy):
     """The SIS weights of sampled paths, recomputed teacher-forced by the learner, equal the
     sampler's: for a twist that reads the slot after the prefix (pad there, as `Twist`

@@ -101,3 +101,28 @@ def test_errors(toy):
         state = js.init_decode(toy.lm, tx.PROMPT, 2, S)
         js.extend(jax.random.key(0), toy.lm, state, 1,
                   twisted_proposal(tx.table_twist_fn(), toy.optimal))
+
+
+@pytest.mark.parametrize("sample, match", [
+    (np.array([1.9, 2.5, 3.0, 3.0]), "conditional_sample must be integer token ids, got dtype float64"),
+    (np.array([2**32 + 1, 2, 3, 3], np.int64), "conditional_sample holds token id 4294967297"),
+], ids=["float", "int64"])
+def test_conditional_sample_is_checked_before_the_int32_cast(toy, sample, match):
+    # Cast first, [1.9, 2.5, ...] truncated to [1, 2, ...] and 2**32 + 1 wrapped to 1.
+    with pytest.raises(ArgumentError, match=match):
+        js.twisted_smc(jax.random.key(0), toy.lm, tx.PROMPT, None, None, toy.log_phi,
+                       num_particles=4, max_new_tokens=S, conditional_sample=sample)
+
+
+@pytest.mark.parametrize("returned, shape", [((5,), r"\(4, 5\)"), ((), r"\(4,\)"), ((1,), r"\(4, 1\)")],
+                         ids=["V+1", "scalar", "one"])
+def test_twist_of_the_wrong_shape_is_named(toy, returned, shape):
+    # Unchecked: a raw TypeError / ValueError from the draw, or ([1], broadcast) a NaN weight
+    # reported as a NumericalError.
+    def log_twist_fn(params, tokens, length, features):
+        return jnp.zeros(returned)
+
+    match = rf"log_twist_fn.* must return .* shape \[V\] = \[{toy.lm.vocab_size}\]; vmapped over 4 rows it returned shape {shape}"
+    with pytest.raises(ArgumentError, match=match):
+        js.twisted_smc(jax.random.key(0), toy.lm, tx.PROMPT, log_twist_fn, None, toy.log_phi,
+                       num_particles=4, max_new_tokens=S)
