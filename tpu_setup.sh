@@ -15,3 +15,4 @@ python3 experiments/check_device.py
 # Each process joins the run with js.parallel.initialize_distributed() (run.py --distributed
 # does it; on TPU pods JAX finds the coordinator itself). GPU clusters: the same under srun / mpirun, or set
 # JAXSAMPLE_COORDINATOR=host0:1234 JAXSAMPLE_NUM_PROCESSES=N JAXSAMPLE_PROCESS_ID=i per process.
+# Worker 0 alone writes the run directory (on its own disk) and prints the summary.

@@ -15,6 +15,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import jax  # noqa: E402
 import yaml  # noqa: E402
 
 import causalrm_experiment  # noqa: E402
@@ -36,6 +37,7 @@ from run_directory import (  # noqa: E402
     fail,
     install_interrupt_handler,
     read_saved_config,
+    share_from_process_0,
 )
 
 from jaxsample import parallel  # noqa: E402
@@ -205,32 +207,62 @@ def resumed_config(out: Path, command: str, given: dict) -> dict:
     return {"command": command, **config}
 
 
+def open_run(out: Path, command: str, config: dict, given: dict) -> RunDirectory:
+    """Checks the options and creates the run directory `out` (with --resume, reopens it)."""
+    if config["resume"]:
+        run_config = resumed_config(out, command, given)
+    else:
+        run_config = {k: v for k, v in config.items() if k not in INVOCATION}
+    COMMANDS[command].check_config(run_config)  # before anything is written
+    return RunDirectory(out, run_config, config["resume"])
+
+
+def open_shared_run(out: Path, command: str, config: dict, given: dict) -> RunDirectory:
+    """Multi-host: process 0 alone opens and writes the run directory; every other process
+    gets a replica of its config and finished units (its filesystem may not hold process 0's
+    folder), so all run the same units in the same order. Every process calls it."""
+    if jax.process_index() == 0:
+        run_dir = None
+        try:
+            run_dir = open_run(out, command, config, given)
+        finally:  # on an error too: the other processes wait for this
+            share_from_process_0(None if run_dir is None else {"config": run_dir.config, "finished": run_dir.finished})
+        return run_dir
+    shared = share_from_process_0(None)
+    if shared is None:
+        fail("process 0 could not open the run directory (its error says why)")
+    return RunDirectory.replica(shared["config"], shared["finished"])
+
+
 def main(argv: list[str] | None = None) -> int:
     command, config, given = parse(sys.argv[1:] if argv is None else argv)
-    module = COMMANDS[command]
     resume, distributed = config["resume"], config["distributed"]
     if resume and config["out"] is None:
         fail(f"--resume needs --out DIR, the run to continue (python experiments/run.py {command} --out DIR --resume)")
-    out = Path(config["out"] or default_run_dir(command))
-    config = {k: v for k, v in config.items() if k not in INVOCATION}
+    out = config["out"] or str(default_run_dir(command))
+    if distributed:
+        try:
+            parallel.initialize_distributed()
+        except (JaxsampleError, OSError) as error:
+            fail(str(error))
+        out = share_from_process_0(out)  # process 0's name: another host's clock may read another second
+    out = Path(out)
+    # Only process 0 of a multi-host run reports; the others compute alongside it.
+    reports = not distributed or jax.process_index() == 0
     resume_command = f"python experiments/run.py {command} --out {out} --resume"
     previous_handler = install_interrupt_handler(resume_command)
     run_dir = None
     try:
-        if distributed:
-            parallel.initialize_distributed()
-        if resume:
-            config = resumed_config(out, command, given)
-        module.check_config(config)  # before anything is written
-        run_dir = RunDirectory(out, config, resume)
-        if resume:
+        run_dir = (open_shared_run if distributed else open_run)(out, command, config, given)
+        if resume and reports:
             dropped = f", {run_dir.dropped} repeated record(s) dropped" if run_dir.dropped else ""
             print(f"resuming {out}: {len(run_dir.finished)} finished result(s) kept{dropped}")
         check_interrupt()
-        summary = module.run(run_dir)
+        summary = COMMANDS[command].run(run_dir)
     except Interrupted:
         finished = len(run_dir.finished) if run_dir is not None else 0
-        print(f"\ninterrupted; {finished} finished result(s) saved; continue with: {resume_command}", file=sys.stderr)
+        if reports:
+            print(f"\ninterrupted; {finished} finished result(s) saved; continue with: {resume_command}", file=sys.stderr)
         return 130
     except (JaxsampleError, OSError) as error:
         if run_dir is not None:
@@ -238,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(error))
     finally:
         signal.signal(signal.SIGINT, previous_handler)
-    print(summary)
+    if reports:
+        print(summary)
     return 0
 
 

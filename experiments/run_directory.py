@@ -8,17 +8,23 @@ cut in half, and continues with the rest: nothing already written is lost or red
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
+import jax
+import numpy as np
 import yaml
+from jax.experimental import multihost_utils
 
 from jaxsample.errors import ArgumentError, DataError
 
@@ -119,6 +125,16 @@ class RunDirectory:
         self.finished, self.dropped = self._read_finished()
         self.log = _file_logger(self.path / "log.txt")
 
+    @classmethod
+    def replica(cls, config: dict[str, Any], finished: list[dict[str, Any]]) -> "RunDirectory":
+        """A multi-host run's directory as a process other than 0 holds it: process 0's config
+        and finished units, in a temporary folder removed at exit (what the experiment writes
+        there, plots and caches, is thrown away: process 0 alone writes the run directory)."""
+        scratch = Path(tempfile.mkdtemp(prefix="jaxsample-replica-"))
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+        (scratch / "results.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in finished))
+        return cls(scratch, config, resume=True)
+
     def _read_finished(self) -> tuple[list[dict[str, Any]], int]:
         """Whole records, each key once; a line a kill cut in half and repeated keys are
         dropped from the file. Any other malformed line is a `DataError`."""
@@ -196,6 +212,15 @@ def _file_logger(path: Path) -> logging.Logger:
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     logger.addHandler(handler)
     return logger
+
+
+def share_from_process_0(value: Any) -> Any:
+    """Process 0's `value` (JSON-able; the others pass anything) in every process of a
+    multi-host run. Every process must call it, in the same order."""
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8) if jax.process_index() == 0 else np.zeros(0, np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+    data = multihost_utils.broadcast_one_to_all(data if jax.process_index() == 0 else np.zeros(size, np.uint8))
+    return json.loads(data.tobytes())
 
 
 def default_run_dir(command: str) -> Path:

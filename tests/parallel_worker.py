@@ -5,19 +5,27 @@ simulated CPU devices, and as the processes of a localhost multi-host run).
     python tests/parallel_worker.py OUT.npz generate,power,smc none data=4,model=2 ...
     JAXSAMPLE_COORDINATOR=127.0.0.1:PORT JAXSAMPLE_NUM_PROCESSES=2 JAXSAMPLE_PROCESS_ID=0 \
         python tests/parallel_worker.py --distributed OUT.npz generate,smc data=4,model=2
+
+With --distributed every process first runs `experiments/run.py POWER_COMMAND --distributed
+--mesh data=8`, which joins the multi-host run itself, as the README's multi-host command
+does (process 0 writes the run directory under the working directory's runs/).
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import jax
 
-if "--distributed" in sys.argv:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    from jaxsample import parallel
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+# The power experiment at its smallest: one problem, 8 chains (one per device of 2 x 4).
+POWER_COMMAND = ["power", "--decisions", "1", "--problems-per-k", "1", "--chains", "8", "--methods", "base"]
 
-    parallel.initialize_distributed()
+if "--distributed" in sys.argv:
+    import run
+
+    run.main([*POWER_COMMAND, "--distributed", "--mesh", "data=8"])
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

@@ -26,6 +26,7 @@ from jaxsample.errors import ArgumentError
 
 sys.path.insert(0, str(Path(__file__).parent))
 import parallel_worker  # noqa: E402
+import run  # noqa: E402  (experiments/, put on sys.path by parallel_worker)
 
 WORKER = Path(__file__).parent / "parallel_worker.py"
 ROOT = Path(__file__).parent.parent
@@ -67,7 +68,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _results(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+
+
 def test_two_processes_of_four_devices_match_one_process(reference, tmp_path):
+    """Also `experiments/run.py power --distributed` (the README's multi-host command, its
+    default --out) in both processes: one run directory, the one-process run's results."""
     out = tmp_path / "hosts.npz"
     port = _free_port()
     processes = [
@@ -75,11 +82,13 @@ def test_two_processes_of_four_devices_match_one_process(reference, tmp_path):
             [sys.executable, str(WORKER), "--distributed", str(out), "generate,smc", "data=4,model=2"],
             env=_env(4, JAXSAMPLE_COORDINATOR=f"127.0.0.1:{port}", JAXSAMPLE_NUM_PROCESSES="2",
                      JAXSAMPLE_PROCESS_ID=str(rank)),
-            cwd=ROOT,
+            cwd=tmp_path,
         )
         for rank in range(2)
     ]
     try:
+        # The one-process run, while the two processes start up and compile.
+        assert run.main([*parallel_worker.POWER_COMMAND, "--out", str(tmp_path / "one")]) == 0
         codes = [p.wait(timeout=TIMEOUT_S) for p in processes]
     finally:
         for p in processes:
@@ -89,6 +98,8 @@ def test_two_processes_of_four_devices_match_one_process(reference, tmp_path):
     results = dict(np.load(out))
     _assert_same({k: v for k, v in reference.items() if not k.startswith("power")}, results,
                  "data=4,model=2")
+    [run_dir] = (tmp_path / "runs").iterdir()
+    assert _results(run_dir) == _results(tmp_path / "one")
 
 
 # Compiles one decode step of an MLP-heavy model on a 1 x 2 (data x model) mesh and prints
