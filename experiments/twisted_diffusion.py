@@ -65,9 +65,10 @@ def diffusion_length(model) -> int:
     return model.config.seq_len
 
 
-def run_diffusion(run_dir, learning_rates, run_statistics, summarize) -> str:
-    """The diffusion units of the twisted experiment; `learning_rates`, `run_statistics` and
-    `summarize` are twisted_experiment's (passed in: that module imports this one)."""
+def run_diffusion(run_dir, methods, learning_rates, run_statistics, summarize) -> str:
+    """The diffusion units of the twisted experiment for `methods` (of `DIFFUSION_METHODS`);
+    `learning_rates`, `run_statistics` and `summarize` are twisted_experiment's (passed in:
+    that module imports this one)."""
     config = run_dir.config
     model = diffusion.load("toy-diffusion")
     problem = diffusion.load_problem("toy-diffusion")
@@ -78,9 +79,8 @@ def run_diffusion(run_dir, learning_rates, run_statistics, summarize) -> str:
     z = b * np.exp(config["lam"]) + (1.0 - b)
     exact = {"exact_accuracy": b * np.exp(config["lam"]) / z, "exact_log_z": float(np.log(z))}
     run_dir.log.info("toy-diffusion: b_hat = %.4f ± %.4f (Monte Carlo over unmasking orders)", b, b_se)
-    chosen = [m for m in DIFFUSION_METHODS if m in config["methods"].split(",")]
-    units = [("untwisted", None, 0)] if "untwisted" in chosen else []
-    if "tri" in chosen:
+    units = [("untwisted", None, 0)] if "untwisted" in methods else []
+    if "tri" in methods:
         units += [("tri", lr, it) for lr in learning_rates(config) for it in range(config["iterations"] + 1)]
     done = run_dir.done_keys()
     length = diffusion_length(model)

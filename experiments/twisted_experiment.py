@@ -46,7 +46,8 @@ LABELS = {"untwisted": "untwisted SMC", "ctl": "CTL twist", "tri": "TRI-TSMC twi
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_problem_arguments(parser, problems_per_k=1, mcmc_steps=0, decisions="2")
+    add_problem_arguments(parser, problems_per_k=1, mcmc_steps=0, decisions="2",
+                          model_help="toy-decisions (the decision task) or toy-diffusion (the masked-diffusion model)")
     parser.add_argument("--lam", type=float, default=3.0, help="log φ = λ·correct: the verifier potential's strength")
     parser.add_argument("--particles", type=int, default=16, help="particles N, for learning (SIS paths per iteration) and evaluation")
     parser.add_argument("--iterations", type=int, default=4, help="twist-learning iterations per problem and method")
@@ -57,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learning-rates", default="0.03,0.3", help="comma-separated Adam learning rates (the stability comparison)")
     parser.add_argument("--fit-steps", type=int, default=10, help="optimiser steps per learning iteration (CTL and TRI alike)")
     parser.add_argument("--hidden-size", type=int, default=32, help="width of the twist head")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+    parser.add_argument("--methods", help=f"comma-separated subset of {', '.join(METHODS)}; unset: every method the model has "
+                        f"(toy-diffusion: {', '.join(DIFFUSION_METHODS)})")
 
 
 def learning_rates(config: dict) -> list[float]:
@@ -71,7 +73,7 @@ def learning_rates(config: dict) -> list[float]:
 
 
 def check_config(config: dict) -> None:
-    selected_methods(config, METHODS)
+    methods_run(config)
     learning_rates(config)
     # toy-diffusion carries its own fixed problem; the shared problem options are checked as for toy-decisions.
     shared = dict(config, model="toy-decisions") if config["model"] == "toy-diffusion" else config
@@ -146,9 +148,17 @@ def exact_target(lm, problem, lam: float) -> dict:
 
 
 def methods_run(config) -> list[str]:
-    """The selected methods this model has: CTL is not built for the diffusion path."""
+    """The selected methods, in run order (unset: every one the model has); raises on one the
+    model lacks (CTL is not built for the diffusion path)."""
+    available = DIFFUSION_METHODS if config["model"] == "toy-diffusion" else METHODS
+    if config["methods"] is None:
+        return list(available)
     methods = selected_methods(config, METHODS)
-    return [m for m in methods if m in DIFFUSION_METHODS] if config["model"] == "toy-diffusion" else methods
+    missing = [m for m in methods if m not in available]
+    if missing:
+        raise ArgumentError(f"--methods: {', '.join(missing)} not built for --model {config['model']}; "
+                            f"choose from {', '.join(available)}")
+    return methods
 
 
 def learning_units(config, problems):
@@ -168,7 +178,7 @@ def unit_key(problem, method, lr, iteration) -> str:
 def run(run_dir: RunDirectory) -> str:
     config = run_dir.config
     if config["model"] == "toy-diffusion":
-        return run_diffusion(run_dir, learning_rates, run_statistics, summarize)
+        return run_diffusion(run_dir, methods_run(config), learning_rates, run_statistics, summarize)
     lm, problems, max_new = load_model_and_problems(config)
     done = run_dir.done_keys()
     todo = [u for u in learning_units(config, problems) if unit_key(*u) not in done]

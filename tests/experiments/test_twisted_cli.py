@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from jaxsample import tasks
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,3 +32,18 @@ def test_twisted_counts_decoded_tokens_and_reports_standard_errors(tmp_path):
     assert [r.get("learning_tokens") for r in tri] == [None, particles * trace]
     assert all(r["accuracy_se"] >= 0 and r["log_z_var_se"] >= 0 and r["log_z_se"] >= 0 for r in records)
     assert "±" in (out / "summary.md").read_text()
+
+
+def test_twisted_model_help_names_its_models():
+    twisted = run._subparser(run.build_parser(), "twisted")
+    model_help = next(a.help for a in twisted._actions if a.dest == "model")
+    assert "toy-decisions" in model_help and "toy-diffusion" in model_help
+    assert ".gguf" not in model_help  # the shared text offers models twisted refuses
+
+
+def test_twisted_refuses_an_empty_method_list(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run.main(["twisted", "--methods", ",", "--out", str(tmp_path / "run")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.startswith("error: --methods is empty")
+    assert not (tmp_path / "run").exists()

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -26,3 +27,16 @@ def test_twisted_on_toy_diffusion_runs(tmp_path):
     assert all(r["accuracy_se"] >= 0 and r["log_z_se"] >= 0 and r["log_z_var_se"] >= 0 for r in records)
     summary = (out / "summary.md").read_text()
     assert "b̂" in summary and "±" in summary and (out / "twisted_learning.png").is_file()
+
+
+@pytest.mark.parametrize("methods", ["ctl", "untwisted,ctl"])
+def test_toy_diffusion_refuses_ctl_before_the_run_starts(tmp_path, capsys, methods):
+    # ctl used to be dropped silently: alone, the run crashed plotting nothing and left files behind.
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        run.main(["twisted", "--model", "toy-diffusion", "--methods", methods, "--out", str(out)])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: --methods: ctl ") and error.count("\n") == 1
+    assert "untwisted, tri" in error
+    assert not out.exists()
