@@ -26,7 +26,7 @@ from jaxsample.errors import ArgumentError, NumericalError
 from jaxsample.lm import LanguageModel
 from jaxsample.rows import Shared, gather_rows, select_rows
 from jaxsample.sampling import Proposal, draw_tokens
-from jaxsample.validation import check_int
+from jaxsample.validation import check_int, check_int_array
 
 Array = jax.Array
 
@@ -89,46 +89,19 @@ def check_prompt(
     range.
     """
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
-    traced = isinstance(prompt_tokens, jax.core.Tracer)
-    values = prompt_tokens if traced else np.asarray(prompt_tokens)
-    if values.ndim not in shapes:
+    shape = np.shape(prompt_tokens)
+    if len(shape) not in shapes:
         expected = " or ".join({1: "[T]", 2: "[B, T]"}[n] for n in shapes)
-        raise ArgumentError(f"prompt_tokens must have shape {expected}, got {values.shape}")
-    if values.dtype == bool or not np.issubdtype(values.dtype, np.integer):
-        raise ArgumentError(f"prompt_tokens must hold integer token ids, got dtype {values.dtype}")
-    prompt_length = values.shape[-1]
-    if prompt_length < 1:
+        raise ArgumentError(f"prompt_tokens must have shape {expected}, got {shape}")
+    check_int_array("prompt_tokens", prompt_tokens, 0, lm.vocab_size, f"the vocabulary of model {lm.name!r}")
+    if shape[-1] < 1:
         raise ArgumentError("prompt_tokens must hold at least one token (e.g. BOS), got an empty prompt")
-    if prompt_length + max_new_tokens > lm.max_length:
+    if shape[-1] + max_new_tokens > lm.max_length:
         raise ArgumentError(
-            f"prompt of {prompt_length} tokens + max_new_tokens={max_new_tokens} exceeds the "
+            f"prompt of {shape[-1]} tokens + max_new_tokens={max_new_tokens} exceeds the "
             f"{lm.max_length} positions of model {lm.name!r}"
         )
-    if not traced:
-        outside = (values < 0) | (values >= lm.vocab_size)
-        if outside.any():
-            raise ArgumentError(
-                f"prompt_tokens holds token id {int(values[outside][0])}, outside the vocabulary "
-                f"[0, {lm.vocab_size}) of model {lm.name!r}"
-            )
     return jnp.asarray(prompt_tokens, jnp.int32), max_new_tokens
-
-
-def check_int_array(name: str, values: Any, low: int, high: int, what: str) -> None:
-    """Raises `ArgumentError` unless `values` hold integers in `[low, high)`.
-
-    Reads the values as given, before any int32 cast, so a float cannot truncate and an int64
-    ≥ 2³¹ cannot wrap into range. The dtype is checked even when traced (it is static), the
-    range only on concrete values.
-    """
-    traced = isinstance(values, jax.core.Tracer)
-    values = values if traced else np.asarray(values)
-    if not np.issubdtype(values.dtype, np.integer):
-        raise ArgumentError(f"{name} must hold integers, got dtype {values.dtype}")
-    if not traced:
-        outside = (values < low) | (values >= high)
-        if outside.any():
-            raise ArgumentError(f"{name} holds {int(values[outside][0])}, outside {what} [{low}, {high})")
 
 
 def first_non_finite(log_p: Array, lengths: Array) -> Array:

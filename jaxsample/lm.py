@@ -48,37 +48,22 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
 from jaxsample.errors import ArgumentError
-from jaxsample.validation import check_int, is_int
+from jaxsample.validation import check_int, check_int_array, is_int
 
 Array = jax.Array
 
 
-def _token_ids(tokens: Any, vocab_size: int, what: str) -> Array:
-    """`tokens` as int32, after checking that they are integer ids in `[0, V)`.
+def token_ids(name: str, tokens: Any, vocab_size: int) -> Array:
+    """`tokens` as int32, after `check_int_array` has checked that they are ids in `[0, V)`.
 
-    The check reads the values as given, before the cast, so a float id cannot truncate and
-    an int64 id ≥ 2³¹ cannot wrap into range; an id outside the vocabulary would otherwise
-    read the wrong embedding row (negative ids wrap) or a NaN one (ids ≥ V). The dtype is
-    always checked; traced values (inside `jit`, `vmap`, `scan`: every sampler's decode
-    loop) cannot be read and pass unchecked, so the check never adds a device-to-host copy
-    to a compiled loop.
+    An id outside the vocabulary would read the wrong embedding row (negative ids wrap) or a
+    NaN one (ids ≥ V); traced values (inside every sampler's decode loop) get the dtype check
+    only.
     """
-    traced = isinstance(tokens, jax.core.Tracer)
-    values = tokens if traced else np.asarray(tokens)
-    if not np.issubdtype(values.dtype, np.integer):
-        raise ArgumentError(f"{what} must be integer token ids, got dtype {values.dtype}")
-    if not traced:
-        outside = (values < 0) | (values >= vocab_size)
-        if outside.any():
-            index = tuple(int(i) for i in np.argwhere(outside)[0])
-            raise ArgumentError(
-                f"{what} holds token id {int(values[index])} (at index {index}), outside the "
-                f"vocabulary [0, {vocab_size}) (vocab_size={vocab_size})"
-            )
+    check_int_array(name, tokens, 0, vocab_size, "the vocabulary")
     return jnp.asarray(tokens, jnp.int32)
 
 
@@ -181,7 +166,7 @@ class LanguageModel:
           ArgumentError: tokens that are not integer ids in `[0, V)` (traced values pass
             unchecked), or a bad shape.
         """
-        tokens = _token_ids(tokens, self.vocab_size, "tokens")
+        tokens = token_ids("tokens", tokens, self.vocab_size)
         if tokens.ndim not in (1, 2):
             raise ArgumentError(f"tokens must have shape [T] or [B, T], got {tokens.shape}")
         if output == "hidden_states":
@@ -235,7 +220,7 @@ class LanguageModel:
     def embed(self, tokens: Array) -> Array:
         """Token embeddings, the residual stream entering block 0: `[B, T]` → `[B, T, D]`
         in the params' dtype."""
-        return self._layers("embed").embed(self.params, _token_ids(tokens, self.vocab_size, "tokens"))
+        return self._layers("embed").embed(self.params, token_ids("tokens", tokens, self.vocab_size))
 
     def apply_layer(self, i: int | Array, h: Array, positions: Array | None = None) -> Array:
         """Block `i` (may be traced) with causal attention among the T positions, adapters
@@ -295,7 +280,7 @@ class LanguageModel:
         `(logits [B, V], cache)`, or `(logits, features [B, D], cache)` with `with_features`
         (at each row's last real token). Every token, padding included, must be an id in
         `[0, V)` (checked when concrete; `pad_token_id` is one)."""
-        tokens = _token_ids(tokens, self.vocab_size, "prompt tokens")
+        tokens = token_ids("prompt tokens", tokens, self.vocab_size)
         return self.prefill_fn(self.params, tokens, lengths, cache, with_features=with_features, **self._hooks())
 
     def decode(self, tokens: Array, cache, *, with_features: bool = False, prefix=None):
@@ -303,7 +288,7 @@ class LanguageModel:
         `(logits, features [B, D], cache)` with `with_features` (at the fed token).
         `prefix`: a one-row prefilled cache every row continues (module docstring). Tokens
         must be ids in `[0, V)` (checked when concrete)."""
-        tokens = _token_ids(tokens, self.vocab_size, "decode tokens")
+        tokens = token_ids("decode tokens", tokens, self.vocab_size)
         shared = {} if prefix is None else {"prefix": prefix}
         return self.decode_fn(self.params, tokens, cache, with_features=with_features, **shared, **self._hooks())
 

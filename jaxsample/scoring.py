@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsample.decoding import check_int_array
 from jaxsample.errors import ArgumentError
-from jaxsample.lm import LanguageModel, _token_ids
+from jaxsample.lm import LanguageModel, token_ids
 from jaxsample.sampling import token_log_probs
+from jaxsample.validation import check_int_array
 
 Array = jax.Array
 
@@ -69,7 +69,7 @@ def score(
     """
     # Ids and lengths are checked as given, before the int32 casts: a float would truncate and
     # an int64 ≥ 2³¹ wrap into range.
-    prompt = _token_ids(prompt, lm.vocab_size, "prompt")
+    prompt = token_ids("prompt", prompt, lm.vocab_size)
     if np.ndim(completions) != 2:
         raise ArgumentError(f"completions must have shape [S, N], got {np.shape(completions)}")
     rows, slots = np.shape(completions)
@@ -95,7 +95,7 @@ def score(
         # Ids after each length are ignored, so only the scored ones must be in the vocabulary
         # (with traced lengths none is known to be scored: the dtype alone is checked).
         scored = 0 if isinstance(lengths, jax.core.Tracer) else np.asarray(lengths)[:, None]
-        ids = ids[np.arange(slots)[None, :] < scored]
+        ids = np.where(np.arange(slots)[None, :] < scored, ids, 0)
     check_int_array("completions", ids, 0, lm.vocab_size, f"the vocabulary of model {lm.name!r}")
     prompt_lengths = jnp.broadcast_to(
         jnp.asarray(width if prompt_lengths is None else prompt_lengths, jnp.int32), (rows,)

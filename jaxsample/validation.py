@@ -93,6 +93,40 @@ def check_real(name: str, value: Any, interval: str) -> Any:
     return value
 
 
+def check_int_array(name: str, values: Any, low: int | None = None, high: int | None = None, what: str = "") -> Any:
+    """Raises unless `values` hold integers in `[low, high)` (a bound of None is open); returns
+    `values` unchanged.
+
+    The one check of integer arrays (token ids, lengths, indices). It reads the values as
+    given, before any int32 cast, so a float cannot truncate and an int64 ≥ 2³¹ cannot wrap
+    into range. The dtype is checked even when traced (it is static), the range only on
+    concrete values, so the check never adds a device-to-host copy to a compiled loop.
+
+    Args:
+      name: the argument's name, as the caller's signature spells it.
+      values: an array or number of any rank.
+      low, high: the allowed range `[low, high)`.
+      what: names the range in the message, e.g. `"the vocabulary of model 'toy'"`.
+    """
+    traced = isinstance(values, jax.core.Tracer)
+    array = values if traced else np.asarray(values)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ArgumentError(f"{name} must hold integers, got dtype {array.dtype}")
+    if traced or array.size == 0:
+        return values
+    outside = np.zeros(array.shape, bool)
+    if low is not None:
+        outside |= array < low
+    if high is not None:
+        outside |= array >= high
+    if outside.any():
+        index = tuple(int(i) for i in np.argwhere(outside)[0])
+        where = f" at index {index}" if array.ndim else ""
+        interval = f"[{'-inf' if low is None else low}, {'inf' if high is None else high})"
+        raise ArgumentError(f"{name} holds {int(array[index])}{where}, outside {what + ' ' if what else ''}{interval}")
+    return values
+
+
 def check_scalar(name: str, value: Any, interval: str) -> Any:
     """`check_real` for a single number (0-d arrays included): also raises on arrays of rank ≥ 1."""
     if np.ndim(value) != 0:

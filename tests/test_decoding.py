@@ -81,11 +81,11 @@ def test_rejected_mh_proposals_with_nan_are_reported_not_hidden(lm):
 
 
 BAD_PROMPTS = {
-    "float ids": (np.array([1.0, 2.7]), "integer token ids, got dtype float64"),
-    "bool ids": (np.array([True, False]), "integer token ids, got dtype bool"),
-    "int64 id that wraps to 5 in int32": (np.array([1, 2**32 + 5], np.int64), f"{2**32 + 5}, outside"),
-    "int64 id 2^31": (np.array([2**31], np.int64), f"{2**31}, outside"),
-    "negative id": (np.array([-1, 2]), "-1, outside"),
+    "float ids": (np.array([1.0, 2.7]), "prompt_tokens must hold integers, got dtype float64"),
+    "bool ids": (np.array([True, False]), "prompt_tokens must hold integers, got dtype bool"),
+    "int64 id that wraps to 5 in int32": (np.array([1, 2**32 + 5], np.int64), f"{2**32 + 5} at index \\(1,\\), outside"),
+    "int64 id 2^31": (np.array([2**31], np.int64), f"{2**31} at index \\(0,\\), outside"),
+    "negative id": (np.array([-1, 2]), r"-1 at index \(0,\), outside"),
     "python floats": ([1.0, 2.0], "dtype float64"),
     "empty": (np.zeros((0,), np.int32), "at least one token"),
     "matrix": (np.zeros((2, 2), np.int32), r"shape \[T\], got \(2, 2\)"),
@@ -110,7 +110,7 @@ def test_init_decode_checks_prompts_before_the_cast(lm):
 PROMPTS = np.array([[1, 2, 3], [4, 1, 2]], np.int32)
 BAD_PROMPT_LENGTHS = {
     "zero": (lambda lm: js.init_decode(lm, PROMPTS, 2, 4, prompt_lengths=np.array([3, 0])),
-             r"prompt_lengths holds 0, outside the prompt width \[1, 4\)"),
+             r"prompt_lengths holds 0 at index \(1,\), outside the prompt width \[1, 4\)"),
     "negative": (lambda lm: js.init_decode(lm, PROMPTS, 2, 4, prompt_lengths=np.array([3, -1])), "holds -1"),
     "past the prompt": (lambda lm: js.init_decode(lm, PROMPTS, 2, 4, prompt_lengths=[3, 5]), "holds 5"),
     "float": (lambda lm: js.init_decode(lm, PROMPTS, 2, 4, prompt_lengths=np.array([3.0, 2.5])),

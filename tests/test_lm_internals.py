@@ -187,7 +187,7 @@ def test_wrapped_model_prefill_gives_nan_for_rows_without_a_last_token(toy):
 @pytest.mark.parametrize("bad", [-1, VOCAB, 2.0])
 def test_wrapped_model_rejects_token_ids_outside_the_vocabulary(toy, bad):
     tokens = np.asarray([1, bad])
-    message = "integer token ids" if isinstance(bad, float) else rf"token id {bad} .*vocabulary \[0, {VOCAB}\)"
+    message = r"must hold integers" if isinstance(bad, float) else rf"holds {bad} .*vocabulary \[0, {VOCAB}\)"
     with pytest.raises(ArgumentError, match=message):
         toy.logits(tokens)
     with pytest.raises(ArgumentError, match=message):

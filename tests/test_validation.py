@@ -7,7 +7,7 @@ import pytest
 
 from jaxsample.errors import ArgumentError
 from jaxsample.training.grpo import policy_loss
-from jaxsample.validation import check_int, check_real, check_scalar
+from jaxsample.validation import check_int, check_int_array, check_real, check_scalar
 
 
 @pytest.mark.parametrize("value", [3, np.int64(3), np.array(3), jnp.int32(3), np.array(3, np.int32)])
@@ -51,3 +51,31 @@ def test_check_scalar_rejects_arrays_by_shape():
         check_scalar("gamma", [0.1, 0.2], "(0, inf)")
     with pytest.raises(ArgumentError, match=r"gamma must be a number in \(0, inf\), got None"):
         check_scalar("gamma", None, "(0, inf)")
+
+
+@pytest.mark.parametrize("values", [np.array([[0, 4], [2, 1]]), [3], jnp.arange(5), np.int64(4), np.zeros(0, np.int8)])
+def test_check_int_array_returns_integers_in_range_unchanged(values):
+    assert check_int_array("ids", values, 0, 5) is values
+
+
+@pytest.mark.parametrize(
+    "values, low, high, message",
+    [
+        (np.array([[0, 4], [2, 5]]), 0, 5, r"ids holds 5 at index \(1, 1\), outside the vocabulary \[0, 5\)"),
+        (np.array([2**32 + 1], np.int64), 0, 5, r"ids holds 4294967297 at index \(0,\)"),  # 1 after an int32 cast
+        (np.int64(-3), 0, None, r"ids holds -3, outside the vocabulary \[0, inf\)"),
+        (np.array([7]), None, 5, r"ids holds 7 at index \(0,\), outside the vocabulary \[-inf, 5\)"),
+        (np.array([1.0, 2.7]), 0, 5, "ids must hold integers, got dtype float64"),  # 2.7 would truncate to 2
+        (np.array([True]), 0, 5, "ids must hold integers, got dtype bool"),
+        (None, 0, 5, "ids must hold integers, got dtype object"),
+    ],
+)
+def test_check_int_array_rejects(values, low, high, message):
+    with pytest.raises(ArgumentError, match=message):
+        check_int_array("ids", values, low, high, "the vocabulary")
+
+
+def test_check_int_array_checks_the_dtype_of_traced_values_but_not_their_range():
+    assert jax.jit(lambda v: check_int_array("ids", v, 0, 5) + 1)(jnp.array([9])).tolist() == [10]
+    with pytest.raises(ArgumentError, match="ids must hold integers, got dtype float32"):
+        jax.jit(lambda v: check_int_array("ids", v, 0, 5))(jnp.array([1.0]))

@@ -22,8 +22,7 @@ from jaxsample.lm import LanguageModel
 from jaxsample.mcmc.kernel import PowerMHInfo
 from jaxsample.mcmc.result import PowerSampleResult
 from jaxsample.sampling import Proposal
-from jaxsample.errors import ArgumentError
-from jaxsample.validation import check_int, check_real
+from jaxsample.validation import check_int, check_int_array, check_real
 
 Array = jax.Array
 
@@ -155,11 +154,8 @@ def best_of_n(
     """
     num_chains = check_int("num_chains", num_chains, 1)
     num_candidates = check_int("num_candidates", num_candidates, 1)
-    if token_budget is not None and not isinstance(token_budget, jax.core.Tracer):
-        values = np.asarray(token_budget)
-        limit = np.iinfo(np.int32).max
-        if not np.issubdtype(values.dtype, np.integer) or not np.all((values >= 0) & (values <= limit)):
-            raise ArgumentError(f"token_budget must hold integers in [0, {limit}], got {token_budget!r}")
+    if token_budget is not None:
+        check_int_array("token_budget", token_budget, 0, np.iinfo(np.int32).max + 1, "the int32 range")
     budget = jnp.iinfo(jnp.int32).max if token_budget is None else token_budget
     budget = jnp.broadcast_to(jnp.asarray(budget, jnp.int32), (num_chains,))
     # Every candidate is checked, kept or not: a NaN model is an error, not a low score.

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsample.errors import ArgumentError
-from jaxsample.validation import check_int
+from jaxsample.validation import check_int, check_int_array
 from jaxsample.models.config import ModelConfig
 from jaxsample.models.intervention import Intervention, forward_mask, prefill_mask
 from jaxsample.models.lora import LoraAdapters, check_adapters
@@ -63,8 +63,7 @@ def _check_tokens(config: ModelConfig, tokens: Array, ndim: int, what: str) -> N
     `[0, V)` is checked where they are still concrete, by `LanguageModel` (`jaxsample.lm`)."""
     if tokens.ndim != ndim:
         raise ArgumentError(f"{what} must have {ndim} dimensions, got shape {tokens.shape}")
-    if not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise ArgumentError(f"{what} must be integer token ids, got dtype {tokens.dtype}")
+    check_int_array(what, tokens)
     if ndim == 2 and tokens.shape[1] > config.max_position_embeddings:
         raise ArgumentError(
             f"{what} has {tokens.shape[1]} positions; the model supports "

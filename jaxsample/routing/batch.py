@@ -27,7 +27,7 @@ import numpy as np
 import scipy
 
 from jaxsample.errors import ArgumentError, InfeasibleError
-from jaxsample.validation import check_real
+from jaxsample.validation import check_int_array
 
 # Relative to the budget (`_within_budget`), so the budget binds alike at costs of 1e-8 and 1e3.
 _FEASIBILITY_TOL = 1e-7
@@ -72,9 +72,7 @@ def check_assignment(assignment, n: int, m: int) -> np.ndarray:
     values = np.asarray(assignment)
     if values.shape != (n,):
         raise ArgumentError(f"assignment must have shape [n] = ({n},), got {values.shape}")
-    if not np.issubdtype(values.dtype, np.integer):
-        raise ArgumentError(f"assignment must hold integer model indices, got dtype {values.dtype}")
-    check_real("assignment", values, f"[0, {m})")
+    check_int_array("assignment", values, 0, m, "the model indices")
     return values
 
 

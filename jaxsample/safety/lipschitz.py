@@ -18,7 +18,7 @@ from flax import struct
 from jax.flatten_util import ravel_pytree
 
 from jaxsample.errors import ArgumentError
-from jaxsample.validation import check_int, check_real
+from jaxsample.validation import check_int, check_int_array, check_real
 
 Array = jax.Array
 KINDS = ("analytic", "estimated")
@@ -48,12 +48,9 @@ class LipschitzBound:
 
 def check_group_ids(group_ids, size: int) -> np.ndarray:
     ids = np.asarray(group_ids)
-    if ids.shape != (size,) or not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0:
-        raise ArgumentError(
-            f"group_ids must be {size} non-negative integers (one per flattened parameter), "
-            f"got shape {ids.shape} dtype {ids.dtype}"
-        )
-    return ids
+    if ids.shape != (size,):
+        raise ArgumentError(f"group_ids must have shape [{size}], one per flattened parameter, got {ids.shape}")
+    return check_int_array("group_ids", ids, 0)
 
 
 def mlp_lipschitz_bound(

@@ -35,7 +35,7 @@ from jax.tree_util import Partial
 
 from jaxsample.decoding import pad_prompt
 from jaxsample.errors import ArgumentError
-from jaxsample.lm import LanguageModel, _token_ids
+from jaxsample.lm import LanguageModel, token_ids
 from jaxsample.sampling import Proposal, Twist
 from jaxsample.smc.lookahead import ProposalTwist
 from jaxsample.smc.resampling import Resampler
@@ -82,7 +82,7 @@ def _check_reference(lm: LanguageModel, sample, max_new_tokens: int) -> Array:
             f"conditional_sample must have shape [max_new_tokens] = [{max_new_tokens}] (pad "
             f"after its stop token), got {np.shape(sample)}"
         )
-    return _token_ids(sample, lm.vocab_size, "conditional_sample")
+    return token_ids("conditional_sample", sample, lm.vocab_size)
 
 
 def twisted_smc(

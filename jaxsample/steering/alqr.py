@@ -27,7 +27,7 @@ import numpy as np
 from jaxsample.errors import ArgumentError
 from jaxsample.lm import LanguageModel
 from jaxsample.models.intervention import Intervention
-from jaxsample.validation import check_int, check_real, is_int
+from jaxsample.validation import check_int, check_int_array, check_real, is_int
 
 Array = jax.Array
 
@@ -98,13 +98,10 @@ def last_token_states(lm: LanguageModel, prompts: Array, lengths: Array | None =
         return lm.hidden_states(prompts)[:, :, -1]
     num_prompts, width = prompts.shape
     lengths = jnp.asarray(lengths)
-    if lengths.shape != (num_prompts,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise ArgumentError(
-            f"lengths must be an integer array of shape [P] = ({num_prompts},), one per prompt, "
-            f"got shape {lengths.shape} dtype {lengths.dtype}"
-        )
+    if lengths.shape != (num_prompts,):
+        raise ArgumentError(f"lengths must have shape [P] = ({num_prompts},), one per prompt, got {lengths.shape}")
     # A length of 0 would wrap to the padded last position, one past T would read NaN.
-    check_real("lengths", lengths, f"[1, {width}]")
+    check_int_array("lengths", lengths, 1, width + 1, "the prompt width")
     hidden = lm.hidden_states(prompts)
     last = lengths.astype(jnp.int32) - 1
     return jnp.take_along_axis(hidden, last[None, :, None, None], axis=2)[:, :, 0]

@@ -56,8 +56,10 @@ def test_baseline_arguments():
     with pytest.raises(ArgumentError, match="num_candidates"):
         best_of_n(jax.random.key(0), LM, PROMPT, 0, 1, 4)
     # Cast to int32 these would truncate (2.5) or wrap (2**32 + 5 -> 5).
-    for budget in (2.5, np.int64(2**32 + 5), [4, -1, 4, 4]):
-        with pytest.raises(ArgumentError, match="token_budget must hold integers"):
+    for budget, message in ((2.5, "must hold integers, got dtype float"),
+                            (np.int64(2**32 + 5), r"holds 4294967301, outside the int32 range \[0, 2147483648\)"),
+                            ([4, -1, 4, 4], r"holds -1 at index \(1,\)")):
+        with pytest.raises(ArgumentError, match=f"token_budget {message}"):
             best_of_n(jax.random.key(0), LM, PROMPT, CANDIDATES, CHAINS, 4, token_budget=budget)
     with pytest.raises(ArgumentError, match="alpha"):
         temperature_sample(jax.random.key(0), LM, PROMPT, 0.0, 1, 4)

@@ -257,10 +257,10 @@ def test_prefill_lengths_must_hold_one_entry_per_row(lm):
 @pytest.mark.parametrize(
     "bad, message",
     [
-        (-1, r"token id -1 \(at index \((0, )?1,?\)\), outside the vocabulary \[0, 61\)"),
-        (61, r"token id 61 \(at index \((0, )?1,?\)\), outside the vocabulary \[0, 61\)"),
-        (2**32 + 1, r"token id 4294967297 .* outside the vocabulary"),  # would wrap to 1 in int32
-        (1.5, "must be integer token ids, got dtype float"),
+        (-1, r"holds -1 at index \((0, )?1,?\), outside the vocabulary \[0, 61\)"),
+        (61, r"holds 61 at index \((0, )?1,?\), outside the vocabulary \[0, 61\)"),
+        (2**32 + 1, r"holds 4294967297 .* outside the vocabulary"),  # would wrap to 1 in int32
+        (1.5, "must hold integers, got dtype float"),
     ],
 )
 def test_token_ids_outside_the_vocabulary_or_not_integers_are_rejected(lm, bad, message):
@@ -277,7 +277,7 @@ def test_token_ids_outside_the_vocabulary_or_not_integers_are_rejected(lm, bad, 
 
 def test_traced_token_ids_have_their_dtype_checked_and_their_values_unchecked(lm):
     """Values are unknown under jit (the decode loops), so no check of them runs there."""
-    with pytest.raises(ArgumentError, match="must be integer token ids, got dtype float32"):
+    with pytest.raises(ArgumentError, match="must hold integers, got dtype float32"):
         jax.jit(lambda t: lm.decode(t, lm.init_cache(2, 4)))(jnp.asarray([1.0, 2.0]))
     logits, _ = jax.jit(lambda t: lm.decode(t, lm.init_cache(2, 4)))(jnp.asarray([1, CONFIG.vocab_size]))
     assert np.isfinite(logits[0]).all()

@@ -244,10 +244,10 @@ def test_per_query_rule_tuning_and_repair():
 @pytest.mark.parametrize(
     "assignment, match",
     [
-        ([-1, -1, 0, 0], r"assignment must be a number in \[0, 2\), got -1"),
-        ([0, 2, 0, 0], r"assignment must be a number in \[0, 2\), got 2"),
+        ([-1, -1, 0, 0], r"assignment holds -1 at index \(0,\), outside the model indices \[0, 2\)"),
+        ([0, 2, 0, 0], r"assignment holds 2 at index \(1,\), outside the model indices \[0, 2\)"),
         ([0, 1], r"assignment must have shape \[n\] = \(4,\), got \(2,\)"),
-        ([0.0, 1.0, 0.0, 1.0], "assignment must hold integer model indices"),
+        ([0.0, 1.0, 0.0, 1.0], "assignment must hold integers, got dtype float64"),
     ],
 )
 def test_repair_rejects_a_malformed_assignment(assignment, match):
@@ -258,7 +258,7 @@ def test_repair_rejects_a_malformed_assignment(assignment, match):
 
 def test_worst_case_value_rejects_a_malformed_assignment_or_sigma():
     scores = np.array([[0.1, 0.9]] * 4)
-    with pytest.raises(ArgumentError, match=r"assignment must be a number in \[0, 2\), got 2"):
+    with pytest.raises(ArgumentError, match=r"assignment holds 2 at index \(2,\), outside the model indices \[0, 2\)"):
         worst_case_value([0, 1, 2, 0], scores, scores, kind="box", radius=1.0)  # model 2 read as model 1 before
     with pytest.raises(ArgumentError, match="scores and sigma must both have shape"):
         worst_case_value([0, 1, 1, 0], scores, scores[:, :1], kind="box", radius=1.0)

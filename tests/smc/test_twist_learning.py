@@ -132,8 +132,8 @@ def test_default_head_starts_at_zero_and_bad_arguments(toy):
 
 
 @pytest.mark.parametrize("prompt, match", [
-    (np.array([0.7]), r"prompts\[1\]: prompt_tokens must hold integer token ids, got dtype float64"),
-    (np.array([2**32], np.int64), r"prompts\[1\]: prompt_tokens holds token id 4294967296"),
+    (np.array([0.7]), r"prompts\[1\]: prompt_tokens must hold integers, got dtype float64"),
+    (np.array([2**32], np.int64), r"prompts\[1\]: prompt_tokens holds 4294967296 at index \(0,\), outside the vocabulary"),
 ], ids=["float", "int64"])
 def test_prompts_are_checked_before_the_int32_cast(toy, prompt, match):
     # Cast first, 0.7 truncated to token 0 and 2**32 wrapped to 0: learning ran silently.

@@ -199,10 +199,10 @@ WIDE = steering.Controller(np.ones((L, D + 3)), np.ones((L, D + 3)), np.ones(L))
         (lambda lm: steering.linearisation_error(lm, 0, STATES[0], jnp.eye(D), [[0.01]], jax.random.key(0)), r"scales must be a number or a \[S\] array"),
         (lambda lm: steering.linearisation_error(lm, 0, STATES[0], jnp.eye(D), [0.01, 0.0], jax.random.key(0)), r"scales must be a number in \(0, inf\), got 0.0"),
         # length 0 used to wrap to the padded last position, 20 > T to read NaN states
-        (lambda lm: steering.last_token_states(lm, TOKENS, jnp.array([0])), r"lengths must be a number in \[1, 7\], got 0.0"),
-        (lambda lm: steering.last_token_states(lm, TOKENS, jnp.array([20])), r"lengths must be a number in \[1, 7\], got 20.0"),
-        (lambda lm: steering.last_token_states(lm, TOKENS, jnp.array([3, 4])), r"lengths must be an integer array of shape \[P\] = \(1,\).*got shape \(2,\)"),
-        (lambda lm: steering.last_token_states(lm, TOKENS, jnp.array([2.5])), r"lengths must be an integer array.*dtype float32"),
+        (lambda lm: steering.last_token_states(lm, TOKENS, jnp.array([0])), r"lengths holds 0 at index \(0,\), outside the prompt width \[1, 8\)"),
+        (lambda lm: steering.last_token_states(lm, TOKENS, jnp.array([20])), r"lengths holds 20 at index \(0,\), outside the prompt width \[1, 8\)"),
+        (lambda lm: steering.last_token_states(lm, TOKENS, jnp.array([3, 4])), r"lengths must have shape \[P\] = \(1,\), one per prompt, got \(2,\)"),
+        (lambda lm: steering.last_token_states(lm, TOKENS, jnp.array([2.5])), "lengths must hold integers, got dtype float32"),
         # one layer's [P, D] states used to be averaged over features
         (lambda lm: steering.contrastive_directions(STATES[1], STATES[2]), r"desired must have shape \[L\+1, P, D\].*got \(2, 32\)"),
         (lambda lm: steering.contrastive_directions(STATES, STATES[:, :, :4]), r"desired and undesired must share L\+1 and D"),
