@@ -48,7 +48,7 @@ from jaxsample.training.grpo import (
     policy_loss,
     zero_variance_fraction,
 )
-from jaxsample.validation import check_choice, check_real
+from jaxsample.validation import check_choice, check_int, check_int_array, check_real
 
 Array = jax.Array
 
@@ -177,7 +177,6 @@ def pad_prompts(lm: LanguageModel, prompts: list, max_new_tokens: int) -> tuple[
     return jnp.asarray(tokens), jnp.asarray([len(p) for p in prompts], jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("group_size", "max_new_tokens"))
 def rollout(key: Array, lm: LanguageModel, prompts: Array, prompt_lengths: Array, group_size: int, max_new_tokens: int) -> Rollout:
     """G temperature-1 completions of each of B prompts in one batched decode loop.
 
@@ -185,10 +184,22 @@ def rollout(key: Array, lm: LanguageModel, prompts: Array, prompt_lengths: Array
       key: PRNG key.
       lm: the sampling policy (adapters included).
       prompts: int32 `[B, T]` right-padded (see `pad_prompts`).
-      prompt_lengths: int32 `[B]`.
+      prompt_lengths: int32 `[B]`, each in `[1, T]` (checked when concrete: a length of 0 or
+        past T would decode from a wrapped or padded position).
       group_size: G.
       max_new_tokens: N.
     """
+    if np.ndim(prompts) != 2 or np.shape(prompt_lengths) != np.shape(prompts)[:1]:
+        raise ArgumentError(
+            f"prompts must have shape [B, T] and prompt_lengths [B], got {np.shape(prompts)} and {np.shape(prompt_lengths)}"
+        )
+    check_int_array("prompt_lengths", prompt_lengths, 1, np.shape(prompts)[1] + 1, "the prompt width")
+    group_size = check_int("group_size", group_size, 1)
+    return _rollout(key, lm, prompts, prompt_lengths, group_size, max_new_tokens)
+
+
+@partial(jax.jit, static_argnames=("group_size", "max_new_tokens"))
+def _rollout(key: Array, lm: LanguageModel, prompts: Array, prompt_lengths: Array, group_size: int, max_new_tokens: int) -> Rollout:
     prompts = jnp.repeat(prompts, group_size, axis=0)
     prompt_lengths = jnp.repeat(prompt_lengths, group_size, axis=0)
     state = init_decode(lm, prompts, prompts.shape[0], max_new_tokens, prompt_lengths=prompt_lengths)

@@ -118,6 +118,18 @@ def test_lora_training_moves_only_the_adapters():
     assert float(jnp.abs(moved - lm.logits(batch.prompts[:1])).max()) > 0
 
 
+@pytest.mark.parametrize("lengths, message", [
+    ([0, 2], r"prompt_lengths holds 0 at index \(0,\), outside the prompt width \[1, 4\)"),  # decoded from position −1
+    ([2, 4], r"prompt_lengths holds 4 at index \(1,\), outside the prompt width \[1, 4\)"),
+    (np.array([1.5, 2.0]), "prompt_lengths must hold integers, got dtype float64"),
+    ([2], r"prompts must have shape \[B, T\] and prompt_lengths \[B\], got \(2, 3\) and \(1,\)"),
+])
+def test_rollout_refuses_prompt_lengths_outside_the_prompts(lengths, message):
+    prompts = jnp.ones((2, 3), jnp.int32)
+    with pytest.raises(ArgumentError, match=message):
+        rollout(jax.random.key(0), tiny_model(), prompts, lengths, GROUP_SIZE, NEW_TOKENS)
+
+
 def test_codistill_with_identical_models_and_no_kd_reproduces_grpo():
     lm = tiny_model()
     key = jax.random.key(3)
