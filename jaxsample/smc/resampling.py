@@ -98,12 +98,21 @@ def _validated(scheme: Resampler) -> Resampler:
     return resample
 
 
+def _valid(weights: Array) -> Array:
+    """The one traced validity test of every scheme: finite, non-negative, positive total.
+
+    It must test the weights themselves: after normalisation, all-negative weights (log-weights
+    passed by mistake) look like valid probabilities.
+    """
+    return jnp.all(jnp.isfinite(weights)) & jnp.all(weights >= 0) & (jnp.sum(weights) > 0)
+
+
 def _inverse_cdf(weights: Array, uniforms: Array) -> Array:
     """Ancestor of each uniform in [0, 1); identity ancestors when the weights are invalid."""
     num_particles = weights.shape[0]
     cumulative = jnp.cumsum(weights)
     total = cumulative[-1]
-    valid = (total > 0) & jnp.isfinite(total) & jnp.all(weights >= 0)
+    valid = _valid(weights)
     # Dividing by the cumsum's own last entry (not a separately rounded sum) makes the CDF
     # exactly 1.0 from the last positive weight on, so trailing zero weights get no mass.
     cdf = cumulative / jnp.where(valid, total, 1.0)
@@ -175,8 +184,7 @@ def residual(key: Array, weights: Array, num_samples: int) -> Array:
     )
     slot = jnp.arange(num_samples)
     ancestors = jnp.where(slot < num_copies, deterministic, residual_draws)
-    valid = jnp.all(jnp.isfinite(probs)) & jnp.all(probs >= 0)
-    return jnp.where(valid, ancestors, slot.astype(jnp.int32) % num_particles)
+    return jnp.where(_valid(weights), ancestors, slot.astype(jnp.int32) % num_particles)
 
 
 def conditional_multinomial(key: Array, weights: Array, num_samples: int) -> Array:

@@ -101,15 +101,17 @@ def test_invalid_weights(name):
         resample(key, jnp.array([0.5, jnp.nan, 0.5]), 3)
     with pytest.raises(NumericalError, match="all resampling weights are zero"):
         resample(key, jnp.zeros(3), 3)
-    with pytest.raises(ArgumentError, match="non-negative"):
-        resample(key, jnp.array([1.5, -0.5]), 2)
+    log_weights = jnp.log(jnp.array([0.05, 0.05, 0.9]))  # passed by mistake: all negative
+    for negative in (jnp.array([1.5, -0.5]), log_weights):
+        with pytest.raises(ArgumentError, match="non-negative"):
+            resample(key, negative, 2)
     with pytest.raises(ArgumentError, match="num_samples"):
         resample(key, jnp.ones(2), 0)
     with pytest.raises(ArgumentError, match="shape"):
         resample(key, jnp.ones((2, 2)), 2)
     # Under jit nothing can raise: invalid weights give the documented identity ancestors.
     jitted = jax.jit(resample, static_argnums=2)
-    for bad in (jnp.array([0.5, jnp.nan, 0.5]), jnp.zeros(3)):
+    for bad in (jnp.array([0.5, jnp.nan, 0.5]), jnp.zeros(3), log_weights, jnp.array([1.5, -0.5, 0.1])):
         np.testing.assert_array_equal(jitted(key, bad, 5), [0, 1, 2, 0, 1])
 
 
