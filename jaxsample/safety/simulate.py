@@ -90,13 +90,20 @@ def gradient_proposal(
 
     def propose(key, params):
         flat, unravel = ravel_pytree(params)
-        gradient, _ = ravel_pytree(jax.grad(reward_fn)(params))
+        # Draws and arithmetic in the params' precision (at least float32): the default dtype
+        # would follow jax_enable_x64, giving other draws and float64 proposals whose carry
+        # no longer matches the float32 params in `simulate`'s scan.
+        dtype = jnp.promote_types(flat.dtype, jnp.float32)
+        gradient = ravel_pytree(jax.grad(reward_fn)(params))[0].astype(dtype)
         step_key, tempt_key, noise_key = jax.random.split(key, 3)
-        step = jnp.exp(jax.random.uniform(step_key, minval=jnp.log(low), maxval=jnp.log(high)))
-        tempted = jax.random.bernoulli(tempt_key, temptation_probability)
+        log_low, log_high = jnp.log(jnp.asarray(low, dtype)), jnp.log(jnp.asarray(high, dtype))
+        step = jnp.exp(jax.random.uniform(step_key, (), dtype, log_low, log_high))
+        tempted = jax.random.bernoulli(tempt_key, jnp.asarray(temptation_probability, dtype))
         ascent = gradient / jnp.maximum(jnp.linalg.norm(gradient), 1e-12)
-        jitter = noise * jax.random.normal(noise_key, flat.shape) / jnp.sqrt(flat.shape[0])
-        return unravel(flat + step * ascent + tempted * temptation_size * direction + jitter)
+        push = jnp.where(tempted, jnp.asarray(temptation_size, dtype), 0) * direction.astype(dtype)
+        normal = jax.random.normal(noise_key, flat.shape, dtype)
+        jitter = jnp.asarray(noise, dtype) * normal / jnp.sqrt(jnp.asarray(flat.shape[0], dtype))
+        return unravel((flat + step * ascent + push + jitter).astype(flat.dtype))
 
     return propose
 

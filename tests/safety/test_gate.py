@@ -174,3 +174,21 @@ def test_unembedding_chain_on_a_transformer_never_accepts_an_unsafe_point():
         assert int((~trace.proposal_safe).sum()) > 0, f"{name}: no unsafe proposal, so the test could not fail"
         assert int(trace.false_accepts[:, -1].max()) == 0, f"{name} accepted an unsafe point"
         assert float(np.median(trace.distance[:, -1])) > 1.0
+
+
+def test_simulate_draws_the_same_under_x64():
+    # The proposal drew with the default dtype: under x64 its float64 candidates broke the
+    # scan carry of float32 params (`proposal_dataset` too), and its draws differed.
+    a = jnp.array([1.0, -2.0, 0.5, 0.0], jnp.float32)
+    s = lambda theta: a @ theta + 1.0  # noqa: E731
+    propose = safety.gradient_proposal(lambda theta: -s(theta), a, step_range=(0.05, 0.5), temptation_probability=0.5,
+                                       temptation_size=0.3, noise=0.05)
+    problem = safety.SelfImprovementProblem(jnp.zeros(4, jnp.float32), propose, lambda theta: -s(theta), s)
+    gate = safety.ball_gate(s, safety.LipschitzBound(jnp.linalg.norm(a), "analytic"), chain=True)
+    run = jax.jit(lambda key: safety.simulate(key, problem, gate, 6, record_proposals=True))
+    expected = run(jax.random.key(0))
+    with jax.enable_x64(True):
+        got = run(jax.random.key(0))
+    assert got.proposal.dtype == jnp.float32
+    for old, new in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(new, old)
