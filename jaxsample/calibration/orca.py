@@ -65,7 +65,7 @@ def init_probe(
       key: PRNG key.
       feature_size: d, the width of a step embedding.
       hidden_size: d_h of the K/Q projections (θ ~ N(0, 1/d)); None for `no_kq`.
-      eta: initial inner step size η ≥ 0 (0 makes a static linear probe).
+      eta: initial inner step size η ≥ 0 (0 makes a static linear probe); may be traced.
       tied: one projection θ_Q = θ_K (needs `hidden_size`).
     """
     feature_size = check_int("feature_size", feature_size, 1)
@@ -76,15 +76,17 @@ def init_probe(
         raise ArgumentError("tied=True ties the K and Q projections: it needs a hidden_size")
     key_w, key_k, key_q = jax.random.split(key, 3)
     width = feature_size if hidden_size is None else hidden_size
+    # Draws in float32 whatever jax_enable_x64 says (the default dtype would follow it).
+    scale = jnp.float32(np.sqrt(feature_size))
     theta = None if hidden_size is None else (
-        jax.random.normal(key_k, (hidden_size, feature_size)) / np.sqrt(feature_size),
-        jax.random.normal(key_q, (hidden_size, feature_size)) / np.sqrt(feature_size))
+        jax.random.normal(key_k, (hidden_size, feature_size), jnp.float32) / scale,
+        jax.random.normal(key_q, (hidden_size, feature_size), jnp.float32) / scale)
     return ProbeParams(
         theta_k=None if theta is None else theta[0],
         theta_q=None if theta is None or tied else theta[1],
-        w0=0.02 * jax.random.normal(key_w, (width,)),
+        w0=0.02 * jax.random.normal(key_w, (width,), jnp.float32),
         b0=jnp.float32(0.0),
-        log_eta=jnp.float32(np.log(eta)) if eta > 0 else jnp.float32(-jnp.inf),
+        log_eta=jnp.log(jnp.asarray(eta, jnp.float32)),  # log 0 = −inf: the static probe
     )
 
 
@@ -130,7 +132,7 @@ def meta_loss(params: ProbeParams, phi, labels, mask) -> Array:
     scores = jax.vmap(probe_scan, in_axes=(None, 0, 0))(params, phi, mask)
     # Zero the padded labels before squaring: masking only the product would keep the loss
     # finite but send 0 · NaN = NaN gradients back from NaN padding.
-    labels = jnp.where(mask, labels, 0.0)
+    labels = jnp.where(mask, jnp.asarray(labels, jnp.float32), 0.0)
     squared = jnp.where(mask, (scores - labels) ** 2, 0.0)
     per_problem = jnp.sum(squared, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1)
     return jnp.mean(per_problem)
@@ -148,7 +150,7 @@ def meta_train(key, params: ProbeParams, phi, labels, mask, epochs: int = 20, ba
       mask: bool `[P, n]`.
       epochs: passes over the problems.
       batch_size: problems per Adam step (1 as in the released code).
-      learning_rate: Adam learning rate.
+      learning_rate: Adam learning rate (traced: a new rate reuses the compiled epoch).
       learn_eta: False freezes log η (e.g. η = 0 for the static ablation).
 
     Returns:
@@ -157,25 +159,35 @@ def meta_train(key, params: ProbeParams, phi, labels, mask, epochs: int = 20, ba
     phi, labels, mask = _check_problems(phi, labels, mask)
     batch_size = check_int("batch_size", batch_size, 1, phi.shape[0])
     epochs = check_int("epochs", epochs, 1)
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(learning_rate))
-    frozen = jax.tree.map(lambda _: False, params)._replace(log_eta=not learn_eta)
-    optimizer = optax.multi_transform({False: optimizer, True: optax.set_to_zero()}, frozen)
-    opt_state = optimizer.init(params)
+    learning_rate = jnp.asarray(learning_rate, jnp.float32)
+    learn_eta = jnp.asarray(learn_eta, bool)
+    opt_state = _optimizer(learning_rate).init(params)
     losses = []
     for epoch_key in jax.random.split(key, epochs):
-        params, opt_state, loss = _train_epoch(optimizer, params, opt_state, epoch_key, phi, labels, mask, batch_size)
+        params, opt_state, loss = _train_epoch(params, opt_state, epoch_key, phi, labels, mask, learning_rate,
+                                               learn_eta, batch_size)
         losses.append(loss)
     return params, jnp.stack(losses)
 
 
-@partial(jax.jit, static_argnames=("optimizer", "batch_size"))
-def _train_epoch(optimizer, params, opt_state, key, phi, labels, mask, batch_size):
+def _optimizer(learning_rate) -> optax.GradientTransformation:
+    """Adam clipped at global norm 1.0. Built inside the jitted epoch from a traced rate: an
+    optimizer passed as a static argument hashes by identity, so every call recompiled."""
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(learning_rate))
+
+
+@partial(jax.jit, static_argnames="batch_size")
+def _train_epoch(params, opt_state, key, phi, labels, mask, learning_rate, learn_eta, batch_size):
     order = jax.random.permutation(key, phi.shape[0])
     batches = order[: phi.shape[0] // batch_size * batch_size].reshape(-1, batch_size)
+    optimizer = _optimizer(learning_rate)
 
     def body(carry, batch):
         params, opt_state = carry
         loss, grads = jax.value_and_grad(meta_loss)(params, phi[batch], labels[batch], mask[batch])
+        # A zero gradient leaves log η where it is (Adam's step is 0/(0 + ε)) and adds nothing
+        # to the clipped norm, as masking it out of the optimizer did.
+        grads = grads._replace(log_eta=jnp.where(learn_eta, grads.log_eta, 0.0))
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
 
@@ -328,7 +340,7 @@ def static_probe_fit(phi, labels, mask, components: int = 256, steps: int = 500,
       phi: `[P, n, d]`; labels: `[P, n]`; mask: bool `[P, n]`.
       components: PCA dimension r (capped at d).
       steps: optimisation steps.
-      learning_rate: Adam learning rate.
+      learning_rate: Adam learning rate (traced: a new rate reuses the compiled epoch).
       l2: weight penalty.
     """
     phi, labels, mask = _check_problems(phi, labels, mask)
@@ -337,7 +349,15 @@ def static_probe_fit(phi, labels, mask, components: int = 256, steps: int = 500,
     z = (x - mean) / scale
     _, _, vt = jnp.linalg.svd(z, full_matrices=False)
     basis = vt[: min(components, vt.shape[0])].T
-    features = z @ basis
+    weights, bias = _fit_logistic(z @ basis, y, jnp.asarray(learning_rate, jnp.float32),
+                                  jnp.asarray(l2, jnp.float32), steps)
+    return StaticProbe(mean, scale, basis, weights, bias)
+
+
+@partial(jax.jit, static_argnames="steps")
+def _fit_logistic(features, y, learning_rate, l2, steps):
+    """Full-batch Adam on the L2-regularised logistic loss, jitted so that its scan (a new
+    closure per call when it was built inline) compiles once per shape."""
 
     def loss(theta):
         logits = features @ theta[0] + theta[1]
@@ -351,9 +371,9 @@ def static_probe_fit(phi, labels, mask, components: int = 256, steps: int = 500,
         updates, state = optimizer.update(grads, state)
         return (optax.apply_updates(theta, updates), state), None
 
-    theta = (jnp.zeros(basis.shape[1]), jnp.float32(0.0))
+    theta = (jnp.zeros(features.shape[1], jnp.float32), jnp.float32(0.0))
     (theta, _), _ = jax.lax.scan(body, (theta, optimizer.init(theta)), None, length=steps)
-    return StaticProbe(mean, scale, basis, theta[0], theta[1])
+    return theta
 
 
 @jax.jit

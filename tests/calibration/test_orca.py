@@ -148,6 +148,50 @@ def test_meta_training_lowers_the_loss_and_can_freeze_eta():
     assert float(frozen.log_eta) == float(start.log_eta)
 
 
+def test_changing_the_learning_rate_does_not_recompile():
+    # meta_train passed a new optax chain as a static argument (hashed by identity: one compile
+    # per call); static_probe_fit built its scan inline (one compile per call).
+    phi = jax.random.normal(jax.random.key(0), (3, 5, 2))
+    labels, mask = (jnp.arange(5) >= 2) * jnp.ones((3, 1)), jnp.ones((3, 5), bool)
+    start = orca.init_probe(jax.random.key(1), 2)
+    sizes = []
+    for learning_rate in (1e-3, 1e-3, 2e-3):
+        orca.meta_train(jax.random.key(2), start, phi, labels, mask, epochs=1, learning_rate=learning_rate,
+                        learn_eta=learning_rate < 2e-3)
+        orca.static_probe_fit(phi, labels, mask, components=2, steps=3, learning_rate=learning_rate)
+        sizes.append((orca._train_epoch._cache_size(), orca._fit_logistic._cache_size()))
+    assert sizes[1:] == sizes[:1] * 2
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.01, 0.3])
+def test_init_probe_takes_a_traced_eta(eta):
+    # `if eta > 0` made a traced η a TracerBoolConversionError.
+    make = lambda eta: orca.init_probe(jax.random.key(0), 4, 3, eta=eta)  # noqa: E731
+    for got, want in zip(jax.jit(make)(eta), make(eta)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_probe_and_meta_training_are_the_same_under_x64():
+    # init_probe drew with the default dtype: float64 weights under x64 (other draws), which
+    # broke meta_train's scan carry next to the float32 b0 and log η.
+    phi = jax.random.normal(jax.random.key(0), (3, 5, 2))
+    labels, mask = (jnp.arange(5) >= 2) * jnp.ones((3, 1)), jnp.ones((3, 5), bool)
+
+    def run():
+        start = orca.init_probe(jax.random.key(1), 2, 3)
+        return start, orca.meta_train(jax.random.key(2), start, phi, labels, mask, epochs=1)
+
+    expected = run()
+    with jax.enable_x64(True):
+        got = run()
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(got))
+    for old, new in zip(expected[0], got[0]):
+        np.testing.assert_array_equal(new, old)
+    # optax computes Adam's bias correction 1 − β^t in float64 under x64: last-bit differences.
+    for old, new in zip(jax.tree.leaves(expected[1]), jax.tree.leaves(got[1])):
+        np.testing.assert_allclose(new, old, rtol=1e-5)
+
+
 def test_smooth_and_stop_indices_match_loops():
     rng = np.random.default_rng(0)
     scores = rng.random((3, 12))
