@@ -118,7 +118,7 @@ def init(grid, alpha: float, delta: float, c: float = 0.5) -> CSAState:
     return CSAState(
         grid=jnp.asarray(grid, jnp.float32),
         alpha=jnp.float32(alpha),
-        log_threshold=jnp.float32(np.log(k / delta)),
+        log_threshold=jnp.log(k / jnp.asarray(delta, jnp.float32)),  # jnp: δ may be traced (one per stream)
         max_bet=jnp.float32(c / (1.0 - alpha)),
         log_wealth=zeros,
         count=zeros,

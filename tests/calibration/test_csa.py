@@ -191,6 +191,14 @@ def test_changing_alpha_does_not_recompile():
     assert csa._scan_block._cache_size() == before
 
 
+def test_delta_can_be_traced():
+    # np.log(k / δ) made a δ per stream (vmap) a TracerArrayConversionError.
+    batched = jax.vmap(lambda delta: csa.init(GRID, 0.2, delta))(jnp.array([0.05, 0.1]))
+    for i, delta in enumerate([0.05, 0.1]):
+        for got, want in zip(batched, csa.init(GRID, 0.2, delta)):
+            np.testing.assert_array_equal(got[i], want)
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
