@@ -41,7 +41,7 @@ from jaxsample.decoding import (
 from jaxsample.errors import ArgumentError
 from jaxsample.lm import LanguageModel
 from jaxsample.progress import progress_bar, report
-from jaxsample.mcmc.cuts import CutLaw, resolve_cut_law
+from jaxsample.mcmc.cuts import CutLaw, as_jit_argument, resolve_cut_law
 from jaxsample.mcmc.kernel import PowerMHInfo, PowerMHState, build_kernel
 from jaxsample.mcmc.result import PowerSampleResult
 from jaxsample.sampling import Proposal
@@ -58,7 +58,7 @@ def _idle_info(num_steps: int, num_chains: int, dtype) -> PowerMHInfo:
 
 @partial(
     jax.jit,
-    static_argnames=("cut_law", "num_chains", "block_size", "num_mcmc_steps", "max_new_tokens",
+    static_argnames=("num_chains", "block_size", "num_mcmc_steps", "max_new_tokens",
                      "progress", "mesh"),
 )
 def _power_sample(key, lm, prompt, prompt_length, alpha, proposal, cut_law, num_chains,
@@ -129,9 +129,10 @@ def power_sample(
     Defaults follow Karan & Du (α = 4, 16 blocks of 192 tokens, 10 steps per block, τ = 1/α),
     except top-k: 0 keeps the whole vocabulary, while their code ran under transformers'
     default top_k = 50 (pass `top_k=50` to match it).
-    α, temperature, top-p and freeze_finished are traced: changing them does not recompile.
-    The prompt length, chain count, block size, step count, max_new_tokens, cut law and top-k
-    are static.
+    α, temperature, top-p, freeze_finished and the entropy-jump β are traced: changing them
+    does not recompile. The prompt length, chain count, block size, step count,
+    max_new_tokens, top-k and a cut law without float leaves (`uniform`, a function) are
+    static.
 
     Args:
       key: PRNG key.
@@ -139,7 +140,7 @@ def power_sample(
       prompt_tokens: int32 `[T]`, shared by every chain.
       alpha: α > 0, the target exponent.
       cut: "uniform" (Karan & Du), "entropy" (entropy-jump law, β = 4; Zhou et al.) or a
-        cut law (see `jaxsample.mcmc.cuts`).
+        cut law, e.g. `entropy_jump(beta)` (see `jaxsample.mcmc.cuts`).
       num_chains: C independent chains, decoded as one batch.
       block_size: B; must divide max_new_tokens (blocks end at multiples of B).
       num_mcmc_steps: MH steps per block (0 gives block-wise sampling from q).
@@ -172,7 +173,7 @@ def power_sample(
             f"of block_size), got {block_size}"
         )
     parallel.check_rows(mesh, num_chains, "num_chains")
-    cut_law = resolve_cut_law(cut)
+    cut_law = as_jit_argument(resolve_cut_law(cut))
     alpha = jnp.asarray(alpha, jnp.float32)
     proposal = Proposal(
         temperature=1.0 / alpha if temperature is None else temperature, top_k=top_k, top_p=top_p

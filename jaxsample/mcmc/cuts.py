@@ -10,17 +10,20 @@ returning the normalised log-probability of cutting at each generated position
 deterministic function of the trace, because the acceptance ratio evaluates it on both the
 current and the proposed trace (`log c(i | x') − log c(i | x)`); any law of this form,
 including ones that look at tokens at or after the cut, keeps the target exact.
-Laws are vmapped over chains by the kernel and passed to `jax.jit` as static arguments, so
-a user-defined law should be a module-level function or a hashable, value-comparable object.
+Laws are vmapped over chains by the kernel. `power_sample` passes a law that is a pytree of
+float leaves (`EntropyJump`, a `jax.tree_util.Partial` of float arrays) to `jax.jit` as a
+traced argument, so changing β reuses the compiled sampler and β may be traced or vmapped;
+any other law (a module-level function, a hashable, value-comparable object) is static.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Union
 
 import jax
 import jax.numpy as jnp
+from flax import struct
+from jax.tree_util import Partial
 
 from jaxsample.errors import ArgumentError
 from jaxsample.validation import check_real
@@ -36,7 +39,7 @@ def uniform(log_p: Array, log_q: Array, entropy: Array, tokens: Array, length: A
     return jnp.where(valid, -jnp.log(length.astype(log_p.dtype)), -jnp.inf)
 
 
-@dataclass(frozen=True)
+@struct.dataclass
 class EntropyJump:
     """c(i | x) ∝ max(H_i − H_{i−1}, 0)^β with H_{−1} := 0 (Zhou, Mehrotra & Liu).
 
@@ -44,6 +47,10 @@ class EntropyJump:
     cuts where the model's uncertainty jumps up: at decisions. When no position has a
     positive jump (W = Σ w = 0) it falls back to uniform. H here is the full-vocabulary
     entropy stored by the decoder; Zhou's code uses the top-50-renormalised entropy.
+
+    β is a pytree leaf, traced like α: `power_sample` compiles once for every β, and β may
+    be a traced value (`jax.jit(lambda b: power_sample(..., cut=EntropyJump(b)))`). With a
+    Python float β the law is also hashable, as `jaxsample.testing` requires.
     """
 
     beta: float = 4.0
@@ -52,8 +59,10 @@ class EntropyJump:
         valid = jnp.arange(entropy.shape[-1]) < length
         previous = jnp.concatenate([jnp.zeros_like(entropy[:1]), entropy[:-1]])
         jump = jnp.where(valid, entropy - previous, 0.0)
+        # A traced float64 β (x64) must not promote the float32 MH carry.
+        beta = jnp.asarray(self.beta).astype(entropy.dtype)
         # Log space: jump^β underflows float32 for small jumps at β = 4.
-        log_w = jnp.where(jump > 0, self.beta * jnp.log(jnp.where(jump > 0, jump, 1.0)), -jnp.inf)
+        log_w = jnp.where(jump > 0, beta * jnp.log(jnp.where(jump > 0, jump, 1.0)), -jnp.inf)
         log_total = jax.nn.logsumexp(log_w)
         fallback = uniform(log_p, log_q, entropy, tokens, length)
         return jnp.where(jnp.isneginf(log_total), fallback, log_w - log_total)
@@ -61,15 +70,31 @@ class EntropyJump:
 
 def entropy_jump(beta: float = 4.0) -> EntropyJump:
     """The entropy-jump cut law with exponent `beta` > 0 (default 4, as in Zhou's code)."""
-    return EntropyJump(float(check_real("beta", beta, "(0, inf)")))
+    check_real("beta", beta, "(0, inf)")
+    return EntropyJump(beta if isinstance(beta, jax.core.Tracer) else float(beta))
 
 
 def resolve_cut_law(cut: Union[str, CutLaw]) -> CutLaw:
     """`"uniform"`, `"entropy"` (β = 4) or a callable cut law → the cut law."""
-    if cut == "uniform":
+    if isinstance(cut, str) and cut == "uniform":
         return uniform
-    if cut == "entropy":
+    if isinstance(cut, str) and cut == "entropy":
         return entropy_jump()
+    if isinstance(cut, EntropyJump):
+        return entropy_jump(cut.beta)
     if callable(cut):
         return cut
     raise ArgumentError(f"cut must be 'uniform', 'entropy' or a cut-law function, got {cut!r}")
+
+
+def as_jit_argument(cut_law: CutLaw) -> CutLaw:
+    """The law as a pytree `jax.jit` can take: itself when its leaves are floats (traced),
+    else wrapped in a leafless `Partial` (static, hashed like a static argument)."""
+    if all(_is_float(leaf) for leaf in jax.tree_util.tree_leaves(cut_law)):
+        return cut_law
+    return Partial(cut_law)
+
+
+def _is_float(leaf) -> bool:
+    dtype = getattr(leaf, "dtype", None)
+    return isinstance(leaf, float) or (dtype is not None and jnp.issubdtype(dtype, jnp.floating))

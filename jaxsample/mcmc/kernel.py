@@ -115,8 +115,9 @@ def build_kernel(
       active: bool `[C]` chains to move (default all); the others keep their state and decode
         nothing.
 
-    `proposal` may hold traced temperature / top-p when `build_kernel` is called inside a
-    jitted function; `cut_law` and `top_k` are static.
+    `proposal` may hold traced temperature / top-p, and `cut_law` a traced β
+    (`EntropyJump`), when `build_kernel` is called inside a jitted function; `top_k` is
+    static.
     """
     ratio = jax.vmap(partial(log_acceptance_ratio, cut_law=cut_law), in_axes=(0, None, 0, 0))
 

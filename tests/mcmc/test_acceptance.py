@@ -7,7 +7,7 @@ import pytest
 
 import jaxsample as js
 from jaxsample.errors import ArgumentError
-from jaxsample.mcmc import Trace, entropy_jump, log_acceptance_ratio, resolve_cut_law, uniform
+from jaxsample.mcmc import EntropyJump, Trace, entropy_jump, log_acceptance_ratio, resolve_cut_law, uniform
 
 N = 5
 
@@ -42,6 +42,10 @@ def test_entropy_jump_law_by_hand():
     squared = np.array([0.25, 1.0, 0.0, 1.0])
     np.testing.assert_allclose(np.exp(trace.cut_log_probs(entropy_jump(2.0)))[:4],
                                squared / squared.sum(), rtol=1e-6)
+    # β is a traced leaf: a jitted (and vmapped) function of β gives the same laws.
+    by_beta = jax.jit(jax.vmap(lambda beta: trace.cut_log_probs(entropy_jump(beta))))
+    np.testing.assert_allclose(by_beta(jnp.array([4.0, 2.0])),
+                               [trace.cut_log_probs(entropy_jump(beta)) for beta in (4.0, 2.0)])
 
 
 def test_entropy_jump_falls_back_to_uniform_without_upward_jumps():
@@ -111,3 +115,5 @@ def test_cut_law_arguments():
         resolve_cut_law("surprisal")
     with pytest.raises(ArgumentError, match="beta"):
         entropy_jump(0.0)
+    with pytest.raises(ArgumentError, match="beta"):
+        resolve_cut_law(EntropyJump(0.0))

@@ -11,8 +11,8 @@ import pytest
 import jaxsample as js
 from jaxsample import testing
 from jaxsample.errors import ArgumentError, VerificationError
-from jaxsample.mcmc import (PowerMHState, build_kernel, entropy_jump, init, power_sample,
-                            temperature_sample, uniform)
+from jaxsample.mcmc import (EntropyJump, PowerMHState, build_kernel, entropy_jump, init,
+                            power_sample, temperature_sample, uniform)
 from jaxsample.mcmc.blocks import _power_sample
 
 # 3 tokens + stop, up to 4 tokens: 121 completions.
@@ -157,6 +157,16 @@ def test_step_is_the_same_with_and_without_jit(chains):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
 
 
+def test_entropy_jump_beta_does_not_recompile():
+    # β is a pytree leaf like α (a traced β: tests/mcmc/test_acceptance.py).
+    small = dict(num_chains=2, block_size=2, num_mcmc_steps=1, max_new_tokens=4)
+    power_sample(jax.random.key(0), BLOCK_LM, PROMPT, cut=entropy_jump(2.0), **small)
+    compiled = _power_sample._cache_size()
+    for cut in (entropy_jump(3.0), EntropyJump(4.5), "entropy"):
+        power_sample(jax.random.key(0), BLOCK_LM, PROMPT, cut=cut, **small)
+    assert _power_sample._cache_size() == compiled
+
+
 def test_a_chain_does_not_depend_on_the_other_chains(chains):
     # Same key; chains 1.. replaced by the chains of another run (other lengths, other
     # padding): chain 0's move, its diagnostics and its new state are unchanged.
@@ -211,6 +221,7 @@ def test_result_token_accounting_and_frozen_chains(block_results):
         (dict(num_chains=0), "num_chains"),
         (dict(max_new_tokens=8, block_size=4), "exceeds"),
         (dict(cut="surprisal"), "cut must be"),
+        (dict(cut=EntropyJump(-1.0)), r"beta must be a number in \(0, inf\), got -1.0"),
         (dict(temperature=0.0), "temperature"),
     ],
 )
