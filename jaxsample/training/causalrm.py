@@ -206,12 +206,15 @@ def simulate(key: Array, clean, propensity, a: float, b: float) -> Simulation:
     check_propensities(propensity)
     check_binary("clean", clean)
     clean = jnp.asarray(clean, jnp.int32)
-    propensity = check_shape_of("propensity", propensity, "clean", clean.shape)
+    propensity = check_shape_of("propensity", propensity, "clean", clean.shape).astype(jnp.float32)
+    # float32 draws and rates whatever jax_enable_x64 says: the default dtype follows it,
+    # which drew other observations and flips for the same key.
     observe_key, flip_key = jax.random.split(key)
-    observed = jax.random.uniform(observe_key, clean.shape) < propensity
-    flip = jax.random.uniform(flip_key, clean.shape) < jnp.where(clean == 1, b, a)
+    observed = jax.random.uniform(observe_key, clean.shape, jnp.float32) < propensity
+    rate = jnp.where(clean == 1, jnp.asarray(b, jnp.float32), jnp.asarray(a, jnp.float32))
+    flip = jax.random.uniform(flip_key, clean.shape, jnp.float32) < rate
     noisy = jnp.where(observed & flip, 1 - clean, clean)
-    return Simulation(clean, observed, noisy, propensity.astype(jnp.float32))
+    return Simulation(clean, observed, noisy, propensity)
 
 
 # ---------------------------------------------------------------------------------------

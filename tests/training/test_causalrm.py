@@ -235,3 +235,18 @@ def test_losses_reject_non_binary_labels_and_observations_but_stay_jittable(loss
 def test_simulate_rejects_non_binary_clean_labels_and_mismatched_propensity(clean, propensity, message):
     with pytest.raises(ArgumentError, match=message):
         causalrm.simulate(jax.random.key(0), np.asarray(clean), propensity, 0.1, 0.1)
+
+
+def test_simulate_draws_the_same_under_x64():
+    # The uniforms had the default dtype, which follows jax_enable_x64: other draws for the same key.
+    clean, propensity = np.tile([0, 1, 1, 0], 8), np.linspace(0.05, 1.0, 32)  # float64 propensities
+
+    def run():
+        return causalrm.simulate(jax.random.key(0), clean, propensity, 0.3, 0.2)
+
+    expected = run()
+    with jax.enable_x64(True):
+        got = run()
+    for old, new in zip(expected, got):
+        np.testing.assert_array_equal(new, old)
+        assert new.dtype == old.dtype
