@@ -15,7 +15,6 @@ Online baselines follow CSA's `step(state, risk, loss) -> (state, info)` interfa
 
 from __future__ import annotations
 
-from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -30,7 +29,23 @@ from jaxsample.validation import check_scalar
 Array = jax.Array
 
 arcps_init = csa.init
-build_arcps_kernel = partial(csa.build_kernel, selective=False)
+
+
+def build_arcps_kernel(sticky: bool = False):
+    """The A-RCPS round: CSA's betting e-process made marginal (vmap it over streams).
+
+    Every threshold k bets on every round with the factor 1 + λ_k (α − a_k ℓ), a_k = 1 when
+    it would act (r_t ≤ τ_k); certification and deployment as in CSA (`csa.build_kernel`
+    with `selective=False`). Start from `arcps_init` (= `csa.init`).
+
+    Args:
+      sticky: keep a certificate once wealth crossed log(K/δ); default live certificates.
+
+    Returns:
+      `step(state, risk, loss) -> (state, CSAInfo)` on a `CSAState`, with `risk` the
+      calibrated risk r_t (float `[]`) and `loss` ℓ_t ∈ [0, 1] (float `[]`).
+    """
+    return csa.build_kernel(sticky=sticky, selective=False)
 
 
 class ACIState(NamedTuple):

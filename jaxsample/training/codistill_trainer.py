@@ -75,6 +75,15 @@ class CoDistillConfig:
 
 
 class CoDistillState(NamedTuple):
+    """Both policies' training states, updated together by `codistill_update`; start from
+    `CoDistillState(init(small_lm, optimizer), init(large_lm, optimizer))`.
+
+    Attributes:
+      small: `TrainState` of the small model π_S (the one that generates): trainable
+        (params pytree or `LoraAdapters`), opt_state, step int32 `[]`.
+      large: `TrainState` of the large model π_L (trained on π_S's samples), as `small`.
+    """
+
     small: TrainState
     large: TrainState
 

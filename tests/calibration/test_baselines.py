@@ -113,6 +113,8 @@ def test_arcps_bets_on_every_round_with_the_marginal_factor():
     state, _ = step(state, 0.9, 1.0)
     assert float(state.count[0]) == 2.0
     np.testing.assert_allclose(float(state.log_wealth[0]), np.log1p(0.5 / 0.8 * 0.2), rtol=1e-6)
+    # It was a functools.partial: help() showed partial's docstring, nothing about A-RCPS.
+    assert "A-RCPS" in baselines.build_arcps_kernel.__doc__
 
 
 def test_crc_and_ltt_on_a_hand_example():

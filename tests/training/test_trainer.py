@@ -130,6 +130,12 @@ def test_rollout_refuses_prompt_lengths_outside_the_prompts(lengths, message):
         rollout(jax.random.key(0), tiny_model(), prompts, lengths, GROUP_SIZE, NEW_TOKENS)
 
 
+def test_codistill_state_documents_its_attributes():
+    # It had only the generated "CoDistillState(small, large)".
+    assert "Attributes:" in CoDistillState.__doc__
+    assert "small: `TrainState`" in CoDistillState.__doc__ and "large: `TrainState`" in CoDistillState.__doc__
+
+
 def test_codistill_with_identical_models_and_no_kd_reproduces_grpo():
     lm = tiny_model()
     key = jax.random.key(3)
