@@ -134,6 +134,21 @@ def test_budgeted_milp_equals_brute_force_worst_case(seed):
     assert worst_case_value(a, scores, sigma, kind="budgeted", radius=gamma) == pytest.approx(best, abs=1e-6)
 
 
+@pytest.mark.parametrize("kind, radius, kappa, expected", [
+    ("box", 0.5, 1.0, 4.0 - 0.5 * 1.0),
+    ("budgeted", 2.5, 1.0, 4.0 - (0.4 + 0.3 + 0.5 * 0.2)),  # the two largest whole, half the third
+    ("budgeted", 2.0, 2.0, 4.0 - 2.0 * (0.4 + 0.3)),
+    ("budgeted", 6.0, 1.0, 4.0 - 1.0),  # Γ beyond n: every deviation
+    ("ellipsoidal", 2.0, 1.0, 4.0 - 2.0 * np.sqrt(0.3)),
+])
+def test_worst_case_value_matches_hand_values(kind, radius, kappa, expected):
+    # Each query's chosen model has score 1; the other model's larger σ must be ignored.
+    scores = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    sigma = np.array([[0.4, 9.0], [9.0, 0.3], [0.2, 9.0], [9.0, 0.1]])
+    value = worst_case_value([0, 1, 0, 1], scores, sigma, kind=kind, radius=radius, kappa=kappa)
+    assert value == pytest.approx(expected, abs=1e-12)
+
+
 def test_robust_worst_case_at_least_nominal_worst_case():
     rng = np.random.default_rng(2)
     for _ in range(6):
