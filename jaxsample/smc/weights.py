@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsample.rows import gather_rows
-from jaxsample.smc.resampling import Resampler
+from jaxsample.smc.resampling import Resampler, get_resampler
 
 Array = jax.Array
 
@@ -108,13 +108,12 @@ def gather_particles(particles: Any, ancestors: Array) -> Any:
     return gather_rows(particles, ancestors)
 
 
-@partial(jax.jit, static_argnames="resampler")
 def resample_if_needed(
     key: Array,
     log_weights: Array,
     particles: Any,
     ess_threshold: float | Array,
-    resampler: Resampler,
+    resampler: str | Resampler,
 ) -> tuple[Any, Array, ResampleInfo]:
     """Resamples when `ESS < ess_threshold * N`, then resets every log-weight to `LSE - log N`.
 
@@ -129,10 +128,16 @@ def resample_if_needed(
       particles: pytree whose leaves all have leading axis N.
       ess_threshold: kappa in [0, 1]; may be traced. 0 never resamples, 1 resamples whenever
         the weights are not all equal.
-      resampler: `(key, weights [N], N) -> ancestors [N]`.
+      resampler: a `RESAMPLERS` name or a `(key, weights [N], N) -> ancestors [N]` function
+        (static).
     Returns:
       `(particles, log_weights, ResampleInfo)`.
     """
+    return _resample_if_needed(key, log_weights, particles, ess_threshold, get_resampler(resampler))
+
+
+@partial(jax.jit, static_argnames="resampler")
+def _resample_if_needed(key, log_weights, particles, ess_threshold, resampler):
     log_weights = jnp.asarray(log_weights, jnp.float32)
     num_particles = log_weights.shape[0]
     identity = jnp.arange(num_particles, dtype=jnp.int32)

@@ -4,7 +4,9 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from jaxsample.errors import ArgumentError
 from jaxsample.smc import ess, log_evidence, normalize_log_weights, resample_if_needed, systematic
 
 
@@ -53,6 +55,11 @@ def test_resample_if_needed_resamples_only_below_threshold_and_keeps_log_z():
     skewed = jnp.log(jnp.array([0.97, 0.01, 0.01, 0.01])) + 3.0
     new, lw, info = resample_if_needed(key, skewed, particles, 0.5, systematic)
     assert info.resampled and info.ess < 2.0
+    # A resampler name, as build_kernel and smc_decode take it.
+    chex.assert_trees_all_equal(resample_if_needed(key, skewed, particles, 0.5, "systematic"),
+                                (new, lw, info))
+    with pytest.raises(ArgumentError, match="unknown resampler 'sytematic'"):
+        resample_if_needed(key, skewed, particles, 0.5, "sytematic")
     np.testing.assert_array_equal(new["x"], np.asarray(info.ancestors, np.float32))
     np.testing.assert_array_equal(new["y"], np.asarray(particles["y"])[np.asarray(info.ancestors)])
     np.testing.assert_allclose(log_evidence(lw), log_evidence(skewed), rtol=1e-6)
