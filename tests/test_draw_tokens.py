@@ -77,6 +77,14 @@ def test_categorical_names_logits_of_the_wrong_shape(shape):
         categorical(jax.random.key(0), jnp.zeros(shape))
 
 
+@pytest.mark.parametrize("keys", [jax.random.key(0), KEYS[:3], jax.random.PRNGKey(0),
+                                  jax.random.split(jax.random.PRNGKey(0), 3)],
+                         ids=["one key", "3 keys", "one raw key", "3 raw keys"])
+def test_draw_tokens_names_keys_of_the_wrong_shape(keys):
+    with pytest.raises(ArgumentError, match=rf"keys must hold one PRNG key per row of logits, shape \[B\] = \[{ROWS}\]"):
+        draw_tokens(keys, LOGITS, Proposal())
+
+
 def test_categorical_is_deterministic_per_key_and_independent_of_other_rows():
     logits = 3.0 * jax.random.normal(jax.random.key(6), (4, 49152))
     keys = jax.random.split(jax.random.key(7), 4)

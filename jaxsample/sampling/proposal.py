@@ -214,6 +214,7 @@ def draw_tokens(
         with a twisted proposal.
     """
     batch, vocab = logits.shape
+    _check_keys(keys, batch)
     if proposal.twist is not None and prefixes is None:
         raise ArgumentError("a twisted proposal needs the rows' prefixes (tokens, length, features)")
     forced = jnp.full((batch,), -1, jnp.int32) if forced is None else forced
@@ -255,3 +256,13 @@ def draw_tokens(
 
     _, drawn = jax.lax.scan(draw_chunk, None, jnp.arange(chunks))
     return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(batch), drawn)
+
+
+def _check_keys(keys: Array, batch: int) -> None:
+    """Raises unless `keys` holds one key per row: typed keys `[B]` or raw uint32 keys `[B, 2]`."""
+    typed = jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
+    if (keys.shape if typed else keys.shape[:-1]) != (batch,):
+        raise ArgumentError(
+            f"keys must hold one PRNG key per row of logits, shape [B] = [{batch}] (raw uint32 "
+            f"keys: [{batch}, 2]), got {'typed' if typed else 'raw'} keys of shape {keys.shape}"
+        )
