@@ -62,7 +62,7 @@ def build_move(
     proposal: Proposal,
     lookahead: LookaheadSpec,
     cut_law: CutLaw,
-) -> Callable[[Array, Particles, Array], tuple[Particles, Array, Array]]:
+) -> Callable[[Array, Particles, Array], tuple[Particles, Array, Array, Array]]:
     """Returns `move(key, particles, cap) -> (particles, accepted, num_decoded, non_finite)`.
 
     Per particle: `accepted` bool `[N]`, `num_decoded` int32 `[N]` tokens of the proposal,

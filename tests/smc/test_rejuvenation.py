@@ -5,6 +5,7 @@ and suffix with its probability) with the acceptance ratio supplied by
 `jaxsample.smc.move_log_ratio`, in float64.
 """
 
+import typing
 from typing import NamedTuple, Optional
 
 import jax
@@ -127,3 +128,9 @@ def test_jitted_moves_keep_exact_samples_exact():
             np.testing.assert_allclose(moved.reward, rescored)
         else:
             assert statistic > 10 * threshold, (statistic, threshold)
+
+
+def test_build_move_annotation_names_the_four_returned_values():
+    # move returns (particles, accepted, num_decoded, non_finite), unpacked above.
+    returned = typing.get_type_hints(build_move)["return"]
+    assert typing.get_args(typing.get_args(returned)[1]) == (Particles, jax.Array, jax.Array, jax.Array)
