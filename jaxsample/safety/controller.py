@@ -89,16 +89,16 @@ def controller_problem(
     w_key, b_key, v_key, u_key = jax.random.split(key, 4)
     group_ids = np.repeat(np.arange(num_groups), -(-dim // num_groups))[:dim]
     column_scale = jnp.asarray(group_scale_ratio ** group_ids, jnp.float32)
-    first = jax.random.normal(w_key, (hidden, dim)) * column_scale / jnp.sqrt(jnp.sum(column_scale**2))
-    second = jax.random.normal(v_key, (1, hidden)) / jnp.sqrt(hidden)
-    bias = 0.5 * jax.random.normal(b_key, (hidden,))
+    first = jax.random.normal(w_key, (hidden, dim), jnp.float32) * column_scale / jnp.sqrt(jnp.sum(column_scale**2))
+    second = jax.random.normal(v_key, (1, hidden), jnp.float32) / jnp.sqrt(hidden)
+    bias = 0.5 * jax.random.normal(b_key, (hidden,), jnp.float32)
     weights = [first, second]
     safety = safety_network(weights, bias, margin)
 
     theta0 = jnp.zeros(dim, jnp.float32)
     toward_unsafe = -jax.grad(safety)(theta0)
     toward_unsafe /= jnp.linalg.norm(toward_unsafe)
-    other = jax.random.normal(u_key, (dim,))
+    other = jax.random.normal(u_key, (dim,), jnp.float32)
     other -= (other @ toward_unsafe) * toward_unsafe
     direction = other / jnp.linalg.norm(other) + reward_tilt * toward_unsafe
     direction /= jnp.linalg.norm(direction)

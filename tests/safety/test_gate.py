@@ -192,3 +192,21 @@ def test_simulate_draws_the_same_under_x64():
     assert got.proposal.dtype == jnp.float32
     for old, new in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
         np.testing.assert_array_equal(new, old)
+
+
+def test_controller_problem_is_the_same_under_x64():
+    # Its network was drawn with the default dtype: under x64 the same key gave another
+    # (float64) network, so another bound and other runs. (The default sizes share compiled
+    # ops with the tests above.)
+    def build():
+        controller = safety.controller_problem(jax.random.key(3), 84)
+        theta = jnp.full(84, 0.01, jnp.float32)
+        return (controller.weights, controller.bound.value,
+                controller.problem.safety(theta), controller.problem.reward(theta))
+
+    expected = build()
+    with jax.enable_x64(True):
+        got = build()
+    for old, new in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+        assert new.dtype == jnp.float32
+        np.testing.assert_array_equal(new, old)
