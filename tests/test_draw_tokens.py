@@ -94,6 +94,34 @@ def test_categorical_is_deterministic_per_key_and_independent_of_other_rows():
     assert len(set(alone)) > 1
 
 
+# Boundary cases: the mass before a token equals top_p. The hand rule (and transformers'
+# TopPLogitsWarper: it drops a token when the ascending cumulative mass up to and including it
+# is <= 1 - top_p) keeps a token only if the mass strictly before it is < top_p; the rows are
+# not sorted so the sort is exercised. Dyadic cases: the float32 probabilities are exact, so
+# every partial mass is exact and sits exactly on top_p. [0.2, 0.5, 0.3] at 0.8 is not
+# representable; in float32 the 0.2 token's mass before comes out as float32(0.8) == top_p
+# on CPU, and transformers drops it (0.19999999 <= 1 - 0.8).
+TOP_P_BOUNDARY = [
+    ([0.25, 0.5, 0.25], 0.5, [0.0, 1.0, 0.0], True),
+    ([0.125, 0.5, 0.375], 0.875, [0.0, 4 / 7, 3 / 7], True),
+    ([0.2, 0.5, 0.3], 0.8, [0.0, 0.625, 0.375], False),
+]
+
+
+@pytest.mark.parametrize("probs, top_p, expected, dyadic", TOP_P_BOUNDARY)
+def test_top_p_keeps_a_token_only_if_the_mass_before_it_is_below_top_p(probs, top_p, expected, dyadic):
+    logits = jnp.log(jnp.asarray(probs, jnp.float32))
+    if dyadic:
+        np.testing.assert_array_equal(np.exp(proposal_log_probs(logits, Proposal(top_p=1.0).validated())), probs)
+    q = np.exp(np.asarray(proposal_log_probs(logits, Proposal(top_p=top_p).validated())))
+    np.testing.assert_array_equal(q > 0, np.asarray(expected) > 0)
+    np.testing.assert_allclose(q, expected, rtol=1e-6)
+    torch = pytest.importorskip("torch")
+    warper = pytest.importorskip("transformers.generation.logits_process").TopPLogitsWarper(top_p)
+    kept = torch.isfinite(warper(None, torch.tensor(np.asarray(logits))[None]))[0].numpy()
+    np.testing.assert_array_equal(kept, q > 0)
+
+
 PROPOSALS = {
     "tempered": Proposal(temperature=0.5),
     "top_k_top_p": Proposal(temperature=1.3, top_k=20, top_p=0.8),
