@@ -135,7 +135,7 @@ def sampled_lipschitz_bound(
     direction_key, length_key = jax.random.split(key)
     directions = jax.random.normal(direction_key, (num_samples, size), jnp.float32)
     directions /= jnp.linalg.norm(directions, axis=-1, keepdims=True)
-    lengths = radius * jax.random.uniform(length_key, (num_samples, 1)) ** (1.0 / size)
+    lengths = radius * jax.random.uniform(length_key, (num_samples, 1), jnp.float32) ** (1.0 / size)
     offsets = jnp.concatenate([jnp.zeros((1, size), jnp.float32), directions * lengths])
     ids = None if group_ids is None else jnp.asarray(check_group_ids(group_ids, size))
     num_groups = None if ids is None else int(ids.max()) + 1
