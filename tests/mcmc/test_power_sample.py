@@ -167,6 +167,18 @@ def test_entropy_jump_beta_does_not_recompile():
     assert _power_sample._cache_size() == compiled
 
 
+def test_default_proposal_temperature_is_one_over_alpha():
+    # MH is exact for any proposal, so no law test sees τ; same key, α = 4: the default equals
+    # an explicit τ = 1/4 = 0.25 (exact in float32) and differs from τ = 1. α and τ are traced:
+    # the three calls share the compilation of the test above.
+    small = dict(num_chains=2, block_size=2, num_mcmc_steps=1, max_new_tokens=4)
+    default, explicit, flat = (power_sample(jax.random.key(3), BLOCK_LM, PROMPT, 4.0, cut=entropy_jump(2.0),
+                                            temperature=tau, **small) for tau in (None, 0.25, 1.0))
+    for a, b in zip(jax.tree.leaves(default), jax.tree.leaves(explicit)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(default.info.log_proposal), np.asarray(flat.info.log_proposal))
+
+
 def test_a_chain_does_not_depend_on_the_other_chains(chains):
     # Same key; chains 1.. replaced by the chains of another run (other lengths, other
     # padding): chain 0's move, its diagnostics and its new state are unchanged.
