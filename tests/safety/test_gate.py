@@ -210,3 +210,19 @@ def test_controller_problem_is_the_same_under_x64():
     for old, new in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
         assert new.dtype == jnp.float32
         np.testing.assert_array_equal(new, old)
+
+
+def test_chain_does_not_recentre_on_an_accepted_unsafe_point():
+    # s(θ) = 1 − θ_0 has Lipschitz constant 1; the invalid bound 0.1 certifies a ball of radius
+    # 10, so the unsafe [5, 0] (s = −4) gets in. It is a false accept, and the chain must stay
+    # at the old centre: re-centring there (margin −4) would reject everything afterwards.
+    gate = safety.ball_gate(lambda p: 1.0 - p[0], safety.LipschitzBound(jnp.float32(0.1), "estimated"), chain=True)
+    state = gate.init(jnp.zeros(2))
+    accepted, state = gate.accept(state, jnp.array([5.0, 0.0]))
+    assert bool(accepted) and int(state.false_accepts) == 1 and int(state.true_accepts) == 0
+    np.testing.assert_array_equal(state.centre, [0.0, 0.0])
+    assert float(state.margin) == 1.0 and int(state.transitions) == 0
+    accepted, state = gate.accept(state, jnp.array([0.5, 0.0]))
+    assert bool(accepted) and int(state.true_accepts) == 1 and int(state.transitions) == 1
+    np.testing.assert_array_equal(state.centre, [0.5, 0.0])
+    assert float(state.margin) == 0.5
