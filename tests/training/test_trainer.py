@@ -118,6 +118,20 @@ def test_lora_training_moves_only_the_adapters():
     assert float(jnp.abs(moved - lm.logits(batch.prompts[:1])).max()) > 0
 
 
+def test_rollout_mask_covers_the_completion_and_its_stop_token():
+    # The loss sees exactly the generated tokens, the stop token included (or the policy never
+    # learns when to stop, and a one-token completion drops out of the loss). Same shapes as
+    # the test above, so the rollout is compiled once.
+    lm = tiny_model()
+    prompts, lengths = pad_prompts(lm, prompt_fn(0)[0], NEW_TOKENS)
+    batch = rollout(jax.random.key(0), lm, prompts, lengths, GROUP_SIZE, NEW_TOKENS)
+    tokens, lengths, mask = (np.asarray(x) for x in (batch.tokens, batch.lengths, batch.mask))
+    np.testing.assert_array_equal(mask, np.arange(NEW_TOKENS)[None] < lengths[:, None])
+    finished = lengths < NEW_TOKENS
+    assert finished.any(), "no row stopped early, so the stop token's slot was not checked"
+    np.testing.assert_array_equal(tokens[finished, lengths[finished] - 1], sorting.EOS)
+
+
 @pytest.mark.parametrize("lengths, message", [
     ([0, 2], r"prompt_lengths holds 0 at index \(0,\), outside the prompt width \[1, 4\)"),  # decoded from position −1
     ([2, 4], r"prompt_lengths holds 4 at index \(1,\), outside the prompt width \[1, 4\)"),
