@@ -159,6 +159,15 @@ def test_clipping_and_metrics():
     np.testing.assert_allclose(metrics.clip_fraction, 0.25)
     ratio = np.array([0.5, 0.9, 1.1, 1.5])
     np.testing.assert_allclose(metrics.approx_kl, np.mean(ratio - 1 - np.log(ratio)), rtol=1e-5)
+    # Asymmetric clip (DAPO's clip-higher): ratios clip to [1 − ε_low, 1 + ε_high] = [0.8, 1.28].
+    logp = jnp.log(jnp.asarray([[0.7, 0.75, 1.25, 1.3]]))
+    asymmetric = dict(aggregation="token_mean", eps_low=0.2, eps_high=0.28)
+    loss, metrics = policy_loss(logp, logp_old, None, jnp.ones(1), mask, **asymmetric)
+    np.testing.assert_allclose(loss, -(0.7 + 0.75 + 1.25 + 1.28) / 4, rtol=1e-6)  # A > 0: only 1.3 clips
+    np.testing.assert_allclose(metrics.clip_fraction, 0.25)
+    loss, metrics = policy_loss(logp, logp_old, None, -jnp.ones(1), mask, **asymmetric)
+    np.testing.assert_allclose(loss, (0.8 + 0.8 + 1.25 + 1.3) / 4, rtol=1e-6)  # A < 0: 0.7 and 0.75 clip
+    np.testing.assert_allclose(metrics.clip_fraction, 0.5)
 
 
 def test_group_advantages_modes():
