@@ -6,7 +6,7 @@ import pytest
 from jaxsample import tasks
 from jaxsample.errors import ArgumentError
 from jaxsample.tasks import sorting
-from jaxsample.training.rewards import grade_groups, humaneval_reward
+from jaxsample.training.rewards import completion_text, grade_groups, humaneval_reward
 
 STOP = 0
 
@@ -30,6 +30,15 @@ def test_sorting_rewards_are_grouped_per_problem():
     np.testing.assert_array_equal(rewards, [[1.0, 0.0], [1.0, 0.0]])
     with pytest.raises(ArgumentError, match="groups"):
         grade_groups(sorting.grade_sorting, problems, np.zeros((3, 4), int), np.ones(3, int))
+    # Only the first `length` tokens are graded: the row [1, 2, 3, EOS] of length 3 never
+    # generated its stop token (the EOS is in a slot past its length), so it is wrong.
+    rewards = grade_groups(sorting.grade_sorting, problems[:1], np.asarray(completions[:1] * 2), np.asarray([3, 4]))
+    np.testing.assert_array_equal(rewards, [[0.0, 1.0]])
+
+
+def test_completion_text_drops_the_stop_tokens():
+    assert completion_text(CharTokenizer(), [ord("4"), ord("2"), STOP], (STOP,)) == "42"
+    assert completion_text(CharTokenizer(), [ord("4"), 7, ord("2"), STOP], (STOP, 7)) == "42"
 
 
 def test_humaneval_reward_runs_the_tests_in_the_sandbox():
