@@ -103,6 +103,19 @@ def test_stop_decisions_ignore_permuted_labels():
     assert float(orca.meta_loss(params, phi, labels, mask)) != float(orca.meta_loss(params, phi, permuted, mask))
 
 
+def test_evaluate_matches_hand_values():
+    # λ = 0.5. Problem 0 first reaches it at step 1 (right there): T = 1 of n = 4, savings
+    # 1 − 2/4. Problem 1 (n = 3, its padding slot scores high but is masked) never does: it
+    # runs to T = 2, savings 0, and is wrong there.
+    smoothed = jnp.array([[0.1, 0.9, 0.9, 0.9], [0.2, 0.3, 0.1, 0.95]])
+    labels = jnp.array([[0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0]])
+    mask = jnp.array([[True] * 4, [True, True, True, False]])
+    result = orca.evaluate(smoothed, labels, mask, 0.5)
+    np.testing.assert_array_equal(result.stops, [1, 2])
+    assert int(result.num_wrong) == 1 and float(result.error_rate) == 0.5
+    np.testing.assert_allclose(float(result.savings), (0.5 + 0.0) / 2, rtol=1e-6)
+
+
 def test_meta_gradient_matches_finite_differences():
     params = orca.init_probe(jax.random.key(10), 3, hidden_size=2, eta=0.5)
     params = params._replace(w0=params.w0 * 40.0)
