@@ -54,10 +54,10 @@ def _fit_mlp(key: Array, features: np.ndarray, labels: np.ndarray, hidden: int =
     y = jnp.asarray(labels, jnp.float32)
     k1, k2 = jax.random.split(key)
     params = {
-        "w1": jax.random.normal(k1, (x.shape[1], hidden)) / jnp.sqrt(x.shape[1]),
-        "b1": jnp.zeros(hidden),
-        "w2": jax.random.normal(k2, (hidden,)) / jnp.sqrt(hidden),
-        "b2": jnp.zeros(()),
+        "w1": jax.random.normal(k1, (x.shape[1], hidden), jnp.float32) / jnp.sqrt(x.shape[1]),
+        "b1": jnp.zeros(hidden, jnp.float32),
+        "w2": jax.random.normal(k2, (hidden,), jnp.float32) / jnp.sqrt(hidden),
+        "b2": jnp.zeros((), jnp.float32),
     }
 
     def logit(params, x):
