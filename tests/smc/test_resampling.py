@@ -66,6 +66,22 @@ def test_uniform_weights_select_every_index_once(name):
     np.testing.assert_array_equal(np.sort(np.asarray(ancestors)), np.arange(8))
 
 
+def test_stratified_offsets_are_independent_per_stratum():
+    # W = [1/4, 1/2, 1/4], M = 2: u_1 = U_1/2 picks 0 iff U_1 < 1/2, u_2 = (1 + U_2)/2 picks 2 iff
+    # U_2 >= 1/2 (exact in float32). Independent U_m give each of (0,1), (0,2), (1,1), (1,2)
+    # with probability 1/4; systematic's shared U gives (0,1) or (1,2) only.
+    keys = jax.random.split(jax.random.key(4), 4000)
+    weights = jnp.array([0.25, 0.5, 0.25])
+    outcomes = {}
+    for name in ("stratified", "systematic"):
+        ancestors = np.asarray(jax.vmap(RESAMPLERS[name], in_axes=(0, None, None))(keys, weights, 2))
+        outcomes[name] = {pair: np.mean((ancestors == pair).all(axis=1)) for pair in [(0, 1), (0, 2), (1, 1), (1, 2)]}
+    tolerance = 4 * np.sqrt(0.25 * 0.75 / len(keys))  # 4 standard errors of a frequency of 1/4
+    for frequency in outcomes["stratified"].values():
+        assert abs(frequency - 0.25) < tolerance, outcomes
+    assert outcomes["systematic"][(0, 2)] == outcomes["systematic"][(1, 1)] == 0, outcomes
+
+
 @pytest.mark.parametrize("name", SCHEMES)
 def test_jit_vmap_and_eager_agree(name):
     resample = RESAMPLERS[name]
