@@ -17,7 +17,8 @@ def test_ess_matches_direct_formula_without_overflow():
         w = np.exp(lw.astype(np.float64) - lw.max())
         direct = w.sum() ** 2 / (w**2).sum()
         np.testing.assert_allclose(ess(jnp.asarray(lw, jnp.float32)), direct, rtol=1e-4)
-    np.testing.assert_allclose(ess(jnp.zeros(10)), 10.0, rtol=1e-6)
+    for num in (10, 13, 1000, 12345):  # exactly N: κ = 1 must not resample equal weights
+        assert ess(jnp.full(num, -3.7)) == num
     np.testing.assert_allclose(ess(jnp.array([0.0, -jnp.inf, -jnp.inf])), 1.0, rtol=1e-6)
 
 
@@ -65,6 +66,20 @@ def test_resample_if_needed_resamples_only_below_threshold_and_keeps_log_z():
     np.testing.assert_allclose(log_evidence(lw), log_evidence(skewed), rtol=1e-6)
     np.testing.assert_allclose(lw, jnp.full(4, lw[0]))
     assert info.num_unique == len(set(np.asarray(info.ancestors).tolist()))
+
+
+@pytest.mark.parametrize("log_weights, kappa, expected_ess, resampled", [
+    (jnp.zeros(4), 1.0, 4.0, False),  # κ = 1 resamples only weights that are not all equal
+    (jnp.zeros(13), 1.0, 13.0, False),  # exp(log 13) rounds below 13: ESS must not go through it
+    (jnp.log(jnp.array([1.0, 1.0, 1.0, 2.0])), 1.0, 25 / 7, True),
+    (jnp.array([0.0, 0.0, -jnp.inf, -jnp.inf]), 0.5, 2.0, False),  # ESS = κN exactly: not below
+    (jnp.array([0.0, 0.0, -jnp.inf, -jnp.inf]), 0.75, 2.0, True),
+])
+def test_resample_if_needed_resamples_only_strictly_below_kappa_n(log_weights, kappa, expected_ess, resampled):
+    num = log_weights.shape[0]
+    _, _, info = resample_if_needed(jax.random.key(0), log_weights, _particles(num), kappa, systematic)
+    np.testing.assert_allclose(info.ess, expected_ess, rtol=1e-6)
+    assert bool(info.resampled) == resampled
 
 
 def test_resample_if_needed_flags_degenerate_and_nan_weights():
