@@ -150,7 +150,22 @@ def toy_domains(config, log):
     b = toy_problems(lm, task_config, rng, jax.random.fold_in(key, 1), config["ood_problems"], config["ood_decisions"], config["temperature"])
     log.info("toy traces: %d of %d in-distribution and %d of %d shifted problems solved (kept)", len(a[0]), total, len(b[0]), config["ood_problems"])
     split = round(len(a[0]) * config["train_problems"] / total)
+    check_kept(split, len(a[0]) - split, len(b[0]), config)
     return tuple(x[:split] for x in a), tuple(x[split:] for x in a), b
+
+
+def check_kept(train: int, pool: int, shifted: int, config: dict) -> None:
+    """Raises unless the solved (kept) traces leave ≥ 1 training problem, a pool whose calibration
+    and test halves are non-empty, and ≥ 1 shifted problem: the probe, LTT and the evaluation
+    cannot run on none."""
+    kept = (f"{train + pool} of {config['train_problems'] + config['pool_problems']} in-distribution and "
+            f"{shifted} of {config['ood_problems']} shifted problems solved (kept)")
+    if train < 1:
+        raise ArgumentError(f"only {kept}: none left for training; raise --train-problems")
+    if pool < 2:
+        raise ArgumentError(f"only {kept}: {pool} left for the pool, which needs 2 (calibration and test); raise --pool-problems")
+    if shifted < 1:
+        raise ArgumentError(f"only {kept}: no shifted problem to test on; raise --ood-problems")
 
 
 def fit_scorer(method, config, train, log):

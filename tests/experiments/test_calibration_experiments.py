@@ -44,3 +44,24 @@ def test_orca_command_reports_every_method_in_and_out_of_distribution(model, met
         assert len(record["in_error"]) == 3 and all(0 <= s <= 1 for s in record["ood_savings"])
     assert "ORCA TTT probe" in (out / "summary.md").read_text()
     assert (out / "orca.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("kept_in, kept_ood, flag", [(1, 1, "--train-problems"), (3, 1, "--pool-problems"), (4, 0, "--ood-problems")])
+def test_orca_toy_traces_too_few_kept_name_the_option_to_raise(monkeypatch, kept_in, kept_ood, flag):
+    import logging
+
+    import numpy as np
+
+    import orca_experiment
+    from jaxsample.errors import ArgumentError
+
+    # Stands in for sampling: only `kept` of the traces take the right option.
+    def toy_problems(lm, task_config, rng, key, count, decisions, temperature):
+        kept = kept_in if count == 4 else kept_ood
+        return np.zeros((kept, 3, 2), np.float32), np.zeros((kept, 3), np.float32), np.ones((kept, 3), bool)
+
+    monkeypatch.setattr(orca_experiment, "toy_problems", toy_problems)
+    monkeypatch.setattr(orca_experiment.js, "load", lambda name: None)
+    _, config, _ = run.parse(["orca", "--model", "toy-decisions", "--train-problems", "2", "--pool-problems", "2", "--ood-problems", "1"])
+    with pytest.raises(ArgumentError, match=f"raise {flag}"):
+        orca_experiment.toy_domains(config, logging.getLogger("orca-test"))
