@@ -119,6 +119,11 @@ def _lams(config) -> list[float]:
         raise ArgumentError(f"--lams must be comma-separated numbers, got {config['lams']!r}") from None
     if not lams or not all(np.isfinite(lams)):
         raise ArgumentError(f"--lams must hold at least one finite number, got {config['lams']!r}")
+    # Each λ is a unit keyed lam{λ:g}: a repeat would be a second record with the same key.
+    keys = [f"{lam:g}" for lam in lams]
+    for i, key in enumerate(keys):
+        if key in keys[:i]:
+            raise ArgumentError(f"--lams: {key} is repeated, got {config['lams']!r}")
     return lams
 
 
@@ -268,6 +273,7 @@ def make_setup(lm: LanguageModel, language: Language, config: dict) -> tuple[Set
     desired = steering.last_token_states(lm, prompts(1, n))
     undesired = steering.last_token_states(lm, prompts(0, n))
     E = steering.contrastive_directions(desired, undesired)
+    steer_real.check_directions(E, config)
     half = config["jacobian_prompts"] // 2
     jacobian_prompts = jnp.concatenate([prompts(0, config["jacobian_prompts"] - half), prompts(1, half)])
     A = steering.layer_jacobians(lm, jacobian_prompts)

@@ -156,6 +156,7 @@ def make_setup(lm, config: dict, log) -> tuple[dict, dict]:
     began = time.perf_counter()
     states = {side: last_token_states(lm, *encode(lm, texts[:count])) for side, texts in (("desired", desired), ("undesired", undesired))}
     E = steering.contrastive_directions(states["desired"], states["undesired"])
+    check_directions(E, config)
     states_s = time.perf_counter() - began
     began = time.perf_counter()
     jacobian_prompts, _ = encode(lm, jacobian_texts(desired, undesired, config["jacobian_prompts"]), config["jacobian_tokens"])
@@ -191,6 +192,20 @@ def make_setup(lm, config: dict, log) -> tuple[dict, dict]:
         "linearisation_error": linearity,
     }
     return setup, info
+
+
+def check_directions(E, config: dict) -> None:
+    """Raises unless some block has E_k ≠ 0 (A-LQR and the mean difference steer along those)
+    and ActAdd's block `--actadd-layer` is one of them (both settings)."""
+    norms = np.asarray(jnp.linalg.norm(E, axis=-1))
+    advice = "the desired and undesired prompts give the same states there; raise --setpoint-prompts"
+    if not np.any(norms[:-1] > 0):
+        raise ArgumentError(f"the contrastive directions E_k are zero at every block: {advice}")
+    layer = config["actadd_layer"]
+    if not norms[layer] > 0:
+        usable = [k for k in range(len(norms) - 1) if norms[k] > 0]
+        raise ArgumentError(f"E_{layer} is zero, so ActAdd at --actadd-layer {layer} has no direction: {advice}, "
+                            f"or choose a block with E_k ≠ 0 ({', '.join(map(str, usable))})")
 
 
 def alqr_controller(setup: dict, lam: float) -> steering.Controller:

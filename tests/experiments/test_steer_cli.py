@@ -49,3 +49,14 @@ def test_steer_command_rejects_bad_options(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run.main([*TINY, "--test-prompts", "1", "--out", str(tmp_path / "bad")])
     assert "--test-prompts must be at least 2" in capsys.readouterr().err
+
+
+def test_steer_refuses_a_repeated_lam():
+    from jaxsample.errors import ArgumentError
+
+    import steer_experiment
+
+    # 1 and 1.0 are the same unit lam1: the run would crash on its second record.
+    _, config, _ = run.parse([*TINY, "--lams", "0.5,1,1.0"])
+    with pytest.raises(ArgumentError, match=r"^--lams: 1 is repeated, got '0.5,1,1.0'$"):
+        steer_experiment.check_config(config)

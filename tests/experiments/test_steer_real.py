@@ -67,3 +67,18 @@ def test_steer_smollm2_setting_runs_every_method_at_matched_control_size(tmp_pat
         run.main([*argv[:-1], str(tmp_path / "bad"), "--actadd-layer", "3"])
     with pytest.raises(SystemExit):
         run.main(["steer", "--setting", "smollm2", "--top-p", "0", "--out", str(tmp_path / "bad2")])
+
+
+@pytest.mark.parametrize("zero_rows, message", [
+    ([0, 1, 2], "E_k are zero at every block: .* raise --setpoint-prompts"),
+    ([0, 1], "E_k are zero at every block"),  # the output row alone steers no block
+    ([1], r"E_1 is zero, so ActAdd at --actadd-layer 1 has no direction: .* \(0\)"),
+])
+def test_zero_contrastive_directions_are_refused_before_steering(zero_rows, message):
+    # Identical class prompts give E = 0; the mean difference then divided by zero blocks.
+    _, config, _ = run.parse(["steer", "--actadd-layer", "1"])
+    E = np.ones((3, 4), np.float32)
+    E[zero_rows] = 0
+    with pytest.raises(ArgumentError, match=message):
+        steer_real.check_directions(E, config)
+    steer_real.check_directions(np.ones((3, 4), np.float32), config)
