@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="independent seeds (models, warm-up, data)")
     parser.add_argument("--lams", default="0.1,0.5", help="comma-separated KD weights λ of the CoDistill arms (cap --caps' first value)")
     parser.add_argument("--caps", default="2,5", help="comma-separated weight caps C of the CoDistill arms (λ = --lams' first value)")
-    parser.add_argument("--no-weights-arm", action=argparse.BooleanOptionalAction, default=True, help="also run CoDistill with w ≡ 1")
+    parser.add_argument("--weights-arm", action=argparse.BooleanOptionalAction, default=True, help="also run CoDistill with w ≡ 1 (no importance correction); --no-weights-arm leaves that arm out")
 
 
 def _floats(text: str, name: str) -> list[float]:
@@ -55,6 +55,11 @@ def _floats(text: str, name: str) -> list[float]:
         raise ArgumentError(f"--{name} must be comma-separated numbers, got {text!r}") from None
     if not values or any(not v > 0 for v in values):
         raise ArgumentError(f"--{name} must hold positive numbers, got {text!r}")
+    # Arms are keyed by λ and C as {value:g}: a repeat would be a second record with the same key.
+    keys = [f"{v:g}" for v in values]
+    for i, key in enumerate(keys):
+        if key in keys[:i]:
+            raise ArgumentError(f"--{name}: {key} is repeated, got {text!r}")
     return values
 
 
@@ -72,7 +77,7 @@ def arms(config: dict) -> list[tuple[str, dict | None]]:
     result = [("S_grpo", None), ("L_grpo", None)]
     result += [(f"cd_lam{lam:g}_C{caps[0]:g}", dict(lam=lam, cap=caps[0], weight_level="token")) for lam in lams]
     result += [(f"cd_lam{lams[0]:g}_C{cap:g}", dict(lam=lams[0], cap=cap, weight_level="token")) for cap in caps[1:]]
-    if config["no_weights_arm"]:
+    if config["weights_arm"]:
         result.append((f"cd_lam{lams[0]:g}_w1", dict(lam=lams[0], cap=caps[0], weight_level="none")))
     return result
 

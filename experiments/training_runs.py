@@ -28,6 +28,7 @@ from jaxsample.training import (
     sft_update,
 )
 from jaxsample.training.rewards import grade_groups
+from jaxsample.validation import check_real
 
 # training.md §2.5: S has 1 layer of width 32, L 3 layers of width 96.
 SIZES = {"small": (32, 1), "large": (96, 3)}
@@ -61,6 +62,13 @@ def check_training_config(config: dict) -> None:
             raise ArgumentError(f"--{name.replace('_', '-')} must be >= 0, got {config[name]}")
     if not config["learning_rate"] > 0:
         raise ArgumentError(f"--learning-rate must be > 0, got {config['learning_rate']}")
+    check_real("--beta", config["beta"], "[0, inf)")
+    # With no KL estimator the loss has no KL term, so β would change nothing.
+    if config["beta"] > 0 and config["kl_kind"] == "none":
+        raise ArgumentError(
+            f"--beta {config['beta']:g} has no effect with --kl-kind none; choose a KL estimator "
+            "(--kl-kind k1_reward, k2_loss, k3_loss or k3_ratio_loss) or leave --beta at 0"
+        )
 
 
 def grpo_config(config: dict, max_new_tokens: int, lora: bool = False) -> GRPOConfig:
