@@ -37,6 +37,7 @@ from run_directory import (  # noqa: E402
     fail,
     install_interrupt_handler,
     read_saved_config,
+    set_resume_command,
     share_from_process_0,
 )
 
@@ -68,6 +69,16 @@ class _Parser(argparse.ArgumentParser):
         fail(f"{self.prog}: {message}")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where it says something: not where the help text already
+    states the default, nor for an unset (None or empty) default that the help explains."""
+
+    def _get_help_string(self, action):
+        if "(default" in (action.help or "") or action.default in (None, ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python experiments/run.py",
@@ -80,10 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=module.__doc__.splitlines()[0],
             description=module.__doc__,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=_HelpFormatter,
         )
         sub.add_argument("--config", type=Path, help="YAML file of option values (keys as the long option names, dashes or underscores); flags given on the command line win")
-        sub.add_argument("--out", type=Path, help="run directory (default runs/COMMAND-TIMESTAMP)")
+        sub.add_argument("--out", type=Path, help="run directory (default: runs/COMMAND-TIMESTAMP, with -2, -3, ... added if a run started in the same second holds that name)")
         sub.add_argument("--resume", action="store_true", help="continue the run in --out from its saved config, skipping finished work; flags that differ from the saved config are refused")
         sub.add_argument("--seed", type=int, default=0, help="PRNG seed of the whole run")
         sub.add_argument("--distributed", action="store_true", help="join a multi-host run first (jax.distributed.initialize; coordinator from JAXSAMPLE_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID, or detected on TPU pods, SLURM and Open MPI)")
@@ -207,24 +218,25 @@ def resumed_config(out: Path, command: str, given: dict) -> dict:
     return {"command": command, **config}
 
 
-def open_run(out: Path, command: str, config: dict, given: dict) -> RunDirectory:
-    """Checks the options and creates the run directory `out` (with --resume, reopens it)."""
+def open_run(out: Path, command: str, config: dict, given: dict, numbered: bool = False) -> RunDirectory:
+    """Checks the options and creates the run directory `out` (with --resume, reopens it).
+    `numbered`: `out` is the default name, numbered if another run holds it."""
     if config["resume"]:
         run_config = resumed_config(out, command, given)
     else:
         run_config = {k: v for k, v in config.items() if k not in INVOCATION}
     COMMANDS[command].check_config(run_config)  # before anything is written
-    return RunDirectory(out, run_config, config["resume"])
+    return RunDirectory(out, run_config, config["resume"], numbered)
 
 
-def open_shared_run(out: Path, command: str, config: dict, given: dict) -> RunDirectory:
+def open_shared_run(out: Path, command: str, config: dict, given: dict, numbered: bool = False) -> RunDirectory:
     """Multi-host: process 0 alone opens and writes the run directory; every other process
     gets a replica of its config and finished units (its filesystem may not hold process 0's
     folder), so all run the same units in the same order. Every process calls it."""
     if jax.process_index() == 0:
         run_dir = None
         try:
-            run_dir = open_run(out, command, config, given)
+            run_dir = open_run(out, command, config, given, numbered)
         finally:  # on an error too: the other processes wait for this
             share_from_process_0(None if run_dir is None else {"config": run_dir.config, "finished": run_dir.finished})
         return run_dir
@@ -239,12 +251,19 @@ def main(argv: list[str] | None = None) -> int:
     resume, distributed = config["resume"], config["distributed"]
     if resume and config["out"] is None:
         fail(f"--resume needs --out DIR, the run to continue (python experiments/run.py {command} --out DIR --resume)")
+    numbered = config["out"] is None
     out = config["out"] or str(default_run_dir(command))
     if distributed:
         try:
             parallel.initialize_distributed()
         except (JaxsampleError, OSError) as error:
             fail(str(error))
+        except (ValueError, RuntimeError, TypeError) as error:  # jax.distributed.initialize's own
+            fail(
+                f"--distributed could not join a multi-host run ({error}); set JAXSAMPLE_COORDINATOR=host:port, "
+                "JAXSAMPLE_NUM_PROCESSES and JAXSAMPLE_PROCESS_ID in every process (JAX finds them itself on "
+                "TPU pods, SLURM and Open MPI), or drop --distributed"
+            )
         out = share_from_process_0(out)  # process 0's name: another host's clock may read another second
     out = Path(out)
     # Only process 0 of a multi-host run reports; the others compute alongside it.
@@ -253,7 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     previous_handler = install_interrupt_handler(resume_command)
     run_dir = None
     try:
-        run_dir = (open_shared_run if distributed else open_run)(out, command, config, given)
+        run_dir = (open_shared_run if distributed else open_run)(out, command, config, given, numbered)
+        if reports and run_dir.path != out:
+            resume_command = f"python experiments/run.py {command} --out {run_dir.path} --resume"
+            set_resume_command(resume_command)
         if resume and reports:
             dropped = f", {run_dir.dropped} repeated record(s) dropped" if run_dir.dropped else ""
             print(f"resuming {out}: {len(run_dir.finished)} finished result(s) kept{dropped}")
@@ -266,8 +288,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (JaxsampleError, OSError) as error:
         if run_dir is not None:
-            run_dir.remove_if_empty()
+            run_dir.remove_if_no_results()
         fail(str(error))
+    except BaseException:
+        # any other failure too (a bug's traceback, an experiment's own exit): a new run with
+        # no result leaves no folder that blocks the same --out, nor one --resume cannot use
+        if run_dir is not None:
+            run_dir.remove_if_no_results()
+        raise
     finally:
         signal.signal(signal.SIGINT, previous_handler)
     if reports:

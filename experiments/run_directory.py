@@ -55,10 +55,16 @@ def install_interrupt_handler(resume_command: str):
             print("\ninterrupt: stopping after the current unit (Ctrl-C again to stop now)",
                   file=sys.stderr, flush=True)
         else:
-            print(f"\ninterrupted; continue with: {resume_command}", file=sys.stderr, flush=True)
+            print(f"\ninterrupted; continue with: {_interrupts['resume_command']}", file=sys.stderr, flush=True)
             os._exit(130)
 
     return signal.signal(signal.SIGINT, handler)
+
+
+def set_resume_command(resume_command: str) -> None:
+    """The command a second Ctrl-C prints, once the run's folder is known (a default --out
+    may have taken a numbered name)."""
+    _interrupts["resume_command"] = resume_command
 
 
 def check_interrupt() -> None:
@@ -104,26 +110,68 @@ class RunDirectory:
       finished: every finished unit's record, each `key` exactly once.
       created: this process created the folder (it is removed again if the run fails
         before writing a result).
+      resume: the run continues one already in the folder.
     """
 
-    def __init__(self, path: Path, config: dict[str, Any], resume: bool):
-        self.path = Path(path)
-        self.results_path = self.path / "results.jsonl"
-        if self.path.exists() and not self.path.is_dir():
-            raise ArgumentError(f"--out {self.path} is a file, not a run directory")
-        self.created = not self.path.exists()
-        if not resume:
-            # a started run's cached model or features belong to its options, not these
-            if self.path.is_dir() and any(self.path.iterdir()):
-                raise ArgumentError(
-                    f"{self.path} already holds a run ({', '.join(sorted(p.name for p in self.path.iterdir())[:4])}); "
-                    "pass --resume to continue it, or choose another --out (a new run needs a new or empty folder)"
-                )
-            self.path.mkdir(parents=True, exist_ok=True)
-            (self.path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
+    def __init__(self, path: Path, config: dict[str, Any], resume: bool, numbered: bool = False):
+        """Opens the run in `path` (`resume`) or starts a new one there. `numbered`: `path` is
+        a default name that another run may hold; a new run then takes the first free one of
+        `path`, `path-2`, `path-3`, ...."""
+        path = Path(path)
+        if path.exists() and not path.is_dir() and not numbered:
+            raise ArgumentError(f"--out {path} is a file, not a run directory")
         self.config = config
-        self.finished, self.dropped = self._read_finished()
-        self.log = _file_logger(self.path / "log.txt")
+        self.resume = resume
+        self.created = False
+        # a new run may clean up the folder once it made it or wrote config.yaml there first
+        self._owned = resume
+        self._created_parents: list[Path] = []
+        self.path = path if resume else self._make_folder(path, numbered)
+        self.results_path = self.path / "results.jsonl"
+        self.finished: list[dict[str, Any]] = []
+        self.log = None
+        try:
+            if not resume:
+                self._write_config()
+            self.finished, self.dropped = self._read_finished()
+            self.log = _file_logger(self.path / "log.txt")
+        except BaseException:
+            self.remove_if_no_results()
+            raise
+
+    def _make_folder(self, path: Path, numbered: bool) -> Path:
+        # The exclusive mkdir decides between two runs started at once: each gets its own folder.
+        self._created_parents = [p for p in path.parents if not p.exists()]
+        candidate, number = path, 1
+        while True:
+            try:
+                candidate.mkdir(parents=True)
+                self.created = self._owned = True
+                return candidate
+            except FileExistsError:
+                if not numbered:
+                    break
+                number += 1
+                candidate = path.with_name(f"{path.name}-{number}")
+        # a started run's cached model or features belong to its options, not these
+        if any(path.iterdir()):
+            raise ArgumentError(self._holds_a_run(path))
+        return path
+
+    def _write_config(self) -> None:
+        try:  # exclusive: of two runs given the same empty folder, one alone goes on
+            with open(self.path / "config.yaml", "x") as f:
+                f.write(yaml.safe_dump(self.config, sort_keys=True))
+        except FileExistsError:
+            raise ArgumentError(self._holds_a_run(self.path)) from None
+        self._owned = True
+
+    @staticmethod
+    def _holds_a_run(path: Path) -> str:
+        return (
+            f"{path} already holds a run ({', '.join(sorted(p.name for p in path.iterdir())[:4])}); "
+            "pass --resume to continue it, or choose another --out (a new run needs a new or empty folder)"
+        )
 
     @classmethod
     def replica(cls, config: dict[str, Any], finished: list[dict[str, Any]]) -> "RunDirectory":
@@ -171,7 +219,11 @@ class RunDirectory:
         """Appends one finished unit (must carry a new, unique `key`) durably as strict JSON
         (NaN and ±inf become null), then stops the run here if Ctrl-C was pressed."""
         if record["key"] in self.done_keys():
-            raise ValueError(f"unit {record['key']!r} is already in {self.results_path}")
+            # an option that lists one value twice (e.g. --decisions 1,1) gives one unit twice
+            raise ArgumentError(
+                f"unit {record['key']!r} is repeated: it is already in {self.results_path}; an option "
+                "lists the same value twice, so drop the repeat and start a new run with another --out"
+            )
         record = strict_json(record)
         with open(self.results_path, "a") as f:
             f.write(json.dumps(record, sort_keys=True, allow_nan=False) + "\n")
@@ -193,15 +245,38 @@ class RunDirectory:
         os.replace(partial, path)
         return path
 
-    def remove_if_empty(self) -> None:
-        """Deletes the folder if this process created it and no result was written."""
-        if self.created and not self.finished:
-            for name in ("config.yaml", "log.txt", "results.jsonl"):
-                (self.path / name).unlink(missing_ok=True)
-            try:
-                self.path.rmdir()
-            except OSError:  # something else was put there meanwhile: leave it
-                pass
+    def remove_if_no_results(self) -> None:
+        """Undoes a new run that failed before its first result, so that its --out can be used
+        again: removes the folder with everything in it (caches too) if this run created it,
+        and the parent folders it created if they are left empty; in a folder that was there
+        (empty) before, removes only what the run put there. A resumed run, a run with a
+        result, and a folder another run holds are left alone."""
+        if self.resume or not self._owned or self.finished or _has_content(self.results_path):
+            return
+        if self.log is not None:
+            for handler in list(self.log.handlers):
+                handler.close()
+                self.log.removeHandler(handler)
+        if self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
+            for parent in self._created_parents:  # innermost first
+                try:
+                    parent.rmdir()
+                except OSError:  # another run uses it meanwhile
+                    break
+            return
+        for child in self.path.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+
+
+def _has_content(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
 
 
 def _file_logger(path: Path) -> logging.Logger:
@@ -224,6 +299,8 @@ def share_from_process_0(value: Any) -> Any:
 
 
 def default_run_dir(command: str) -> Path:
+    """`runs/COMMAND-TIMESTAMP`: open it with `RunDirectory(..., numbered=True)`, which takes
+    `-2`, `-3`, ... when a run started in the same second holds it."""
     return Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 

@@ -53,6 +53,11 @@ def test_help_documents_every_option(capsys):
             assert action.help, f"{name}: option {action.option_strings} has no help text"
             for flag in action.option_strings:
                 assert flag in result.stdout, f"{name} --help does not mention {flag}"
+        # one default statement per option, none empty
+        help_text = " ".join(sub.format_help().split())
+        assert "(default: )" not in help_text and "(default: None)" not in help_text, name
+        out_help = help_text[help_text.index("--out OUT run"):help_text.index("--resume continue")]
+        assert out_help.count("default") == 1, out_help
 
 
 @pytest.mark.parametrize(
@@ -106,6 +111,18 @@ def test_bad_distributed_environment_is_one_line_error(environment, message, mon
         monkeypatch.setenv(name, value)
     result = Outcome(capsys, "power", "--distributed", "--out", tmp_path / "run")
     assert_one_line_error(result, message)
+
+
+def test_distributed_without_coordinator_is_one_line_error(monkeypatch, tmp_path, capsys):
+    import jax
+
+    def no_cluster(**kwargs):
+        raise ValueError("coordinator_address should be defined.")
+
+    monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
+    result = Outcome(capsys, "route", "--distributed", "--out", tmp_path / "run")
+    assert_one_line_error(result, "--distributed could not join a multi-host run (coordinator_address should be defined.); set JAXSAMPLE_COORDINATOR")
+    assert not (tmp_path / "run").exists()
 
 
 def assert_one_line_error(result, message):
@@ -257,21 +274,21 @@ def test_boolean_optional_flag_is_read_from_config_file_and_saved_config(tmp_pat
     from run_directory import RunDirectory
 
     config = tmp_path / "c.yaml"
-    config.write_text("no_weights_arm: false\n")
+    config.write_text("weights_arm: false\n")
     _, resolved, given = run.parse(["codistill", "--config", str(config)])
-    assert resolved["no_weights_arm"] is False and given == {"no_weights_arm": False}
-    config.write_text("no_weights_arm: sometimes\n")
+    assert resolved["weights_arm"] is False and given == {"weights_arm": False}
+    config.write_text("weights_arm: sometimes\n")
     assert_one_line_error(Outcome(capsys, "codistill", "--config", config),
-                          "--no-weights-arm must be true or false, got 'sometimes'")
+                          "--weights-arm must be true or false, got 'sometimes'")
 
     # The saved config.yaml holds the flag as a YAML boolean, as every codistill run saves it.
     out = tmp_path / "run"
     _, options, _ = run.parse(["codistill", "--out", str(out)])
     RunDirectory(out, {k: v for k, v in options.items() if k not in run.INVOCATION}, resume=False)
-    assert run.resumed_config(out, "codistill", {})["no_weights_arm"] is True
+    assert run.resumed_config(out, "codistill", {})["weights_arm"] is True
     with pytest.raises(SystemExit):
-        run.resumed_config(out, "codistill", {"no_weights_arm": False})
-    assert "these differ: --no-weights-arm False (saved: True)" in capsys.readouterr().err
+        run.resumed_config(out, "codistill", {"weights_arm": False})
+    assert "these differ: --weights-arm False (saved: True)" in capsys.readouterr().err
 
 
 def test_killed_run_resumes_without_losing_or_redoing_work(tmp_path):
@@ -332,6 +349,34 @@ def test_existing_run_directory_needs_resume(leftover, tmp_path, capsys):
     (out / leftover).write_text('{"key": "x"}\n')
     assert_one_line_error(Outcome(capsys, "power", *TINY, "--out", out), "--resume")
     assert (out / leftover).read_text() == '{"key": "x"}\n'
+
+
+@pytest.mark.parametrize("error", ["argument", "exit", "bug"])
+@pytest.mark.parametrize("folder", ["new", "empty"])
+def test_new_run_failing_before_its_first_result_leaves_no_folder(error, folder, monkeypatch, tmp_path, capsys):
+    # its caches included: a folder left behind blocks a new run and cannot be resumed
+    from jaxsample.errors import ArgumentError
+
+    def fails_after_caching(run_dir):
+        run_dir.write_bytes("model.msgpack", b"weights")
+        (run_dir.path / "twists").mkdir()
+        if error == "argument":
+            raise ArgumentError("num_canaries must be an integer in [1, 6], got 32")
+        if error == "exit":
+            run.fail("raise --ood-problems")
+        raise ZeroDivisionError("integer modulo by zero")
+
+    monkeypatch.setattr(run.COMMANDS["power"], "run", fails_after_caching)
+    out = tmp_path / "run"
+    if folder == "empty":
+        out.mkdir()
+    if error == "bug":
+        with pytest.raises(ZeroDivisionError):
+            run.main(["power", *TINY, "--out", str(out)])
+    else:
+        assert Outcome(capsys, "power", *TINY, "--out", out).returncode == 2
+    assert list(tmp_path.iterdir()) == ([out] if folder == "empty" else [])
+    assert not out.exists() or list(out.iterdir()) == []  # a folder given empty stays, empty
 
 
 def test_cache_files_are_written_whole_or_not_at_all(tmp_path):
