@@ -37,7 +37,7 @@ import jaxsample as js
 from jaxsample import tasks
 from jaxsample.errors import ArgumentError
 from jaxsample.validation import check_int, check_real
-from problems import add_problem_arguments, check_problem_config, load_model_and_problems, selected_methods
+from problems import decision_counts, load_model_and_problems, selected_methods
 from run_directory import RunDirectory, markdown_table
 from twisted_diffusion import DIFFUSION_METHODS, run_diffusion
 
@@ -46,8 +46,14 @@ LABELS = {"untwisted": "untwisted SMC", "ctl": "CTL twist", "tri": "TRI-TSMC twi
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_problem_arguments(parser, problems_per_k=1, mcmc_steps=0, decisions="2",
-                          model_help="toy-decisions (the decision task) or toy-diffusion (the masked-diffusion model)")
+    # Not power's shared problem options: twisted has no chains, α, MH steps or top-k, and runs
+    # the decision task only.
+    parser.add_argument("--model", default="toy-decisions",
+                        help="toy-decisions (the decision task) or toy-diffusion (the masked-diffusion model)")
+    parser.add_argument("--task", default="decisions", choices=["decisions"], help="problem family (the verifier needs the decision task's reference trace)")
+    parser.add_argument("--decisions", default="2", help="toy-decisions: comma-separated numbers of decisions K per problem")
+    parser.add_argument("--problems-per-k", type=int, default=1, help="toy-decisions: problems per value of K")
+    parser.add_argument("--max-new-tokens", type=int, default=0, help="toy-decisions: token cap per particle (0: the task's trace length)")
     parser.add_argument("--lam", type=float, default=3.0, help="log φ = λ·correct: the verifier potential's strength")
     parser.add_argument("--particles", type=int, default=16, help="particles N, for learning (SIS paths per iteration) and evaluation")
     parser.add_argument("--iterations", type=int, default=4, help="twist-learning iterations per problem and method")
@@ -69,19 +75,26 @@ def learning_rates(config: dict) -> list[float]:
         raise ArgumentError(f"--learning-rates must be comma-separated numbers: {error}") from None
     if not rates or any(not r > 0 for r in rates):
         raise ArgumentError(f"--learning-rates must be positive, got {config['learning_rates']}")
+    # Units are keyed lr{rate:g}: a repeat would be a second record with the same key.
+    keys = [f"{r:g}" for r in rates]
+    for i, key in enumerate(keys):
+        if key in keys[:i]:
+            raise ArgumentError(f"--learning-rates: {key} is repeated, got {config['learning_rates']!r}")
     return rates
 
 
 def check_config(config: dict) -> None:
     methods_run(config)
     learning_rates(config)
-    # toy-diffusion carries its own fixed problem; the shared problem options are checked as for toy-decisions.
-    shared = dict(config, model="toy-decisions") if config["model"] == "toy-diffusion" else config
-    check_problem_config(shared, positive=("iterations", "eval_runs", "fit_steps", "hidden_size", "problems_per_k"),
-                         non_negative=())
-    if config["task"] != "decisions" or config["model"] not in ("toy-decisions", "toy-diffusion"):
-        raise ArgumentError("twisted runs on --task decisions with --model toy-decisions or --model toy-diffusion "
-                            "(the verifier needs the reference trace)")
+    if config["model"] not in ("toy-decisions", "toy-diffusion"):
+        raise ArgumentError(f"twisted runs on --model toy-decisions or --model toy-diffusion (the verifier needs the "
+                            f"decision task's reference trace), got --model {config['model']}")
+    # toy-diffusion carries its own fixed problem; the problem options are checked as for toy-decisions.
+    for name in ("iterations", "eval_runs", "fit_steps", "hidden_size", "problems_per_k"):
+        check_int("--" + name.replace("_", "-"), config[name], 1)
+    for name in ("max_new_tokens", "seed"):
+        check_int("--" + name.replace("_", "-"), config[name], 0)
+    decision_counts(config)
     check_int("--particles", config["particles"], 2)
     check_real("--lam", config["lam"], "(-inf, inf)")
     check_real("--kl-budget", config["kl_budget"], "(0, inf)")

@@ -47,3 +47,31 @@ def test_twisted_refuses_an_empty_method_list(tmp_path, capsys):
     assert stop.value.code == 2
     assert capsys.readouterr().err.startswith("error: --methods is empty")
     assert not (tmp_path / "run").exists()
+
+
+UNUSED = ["--chains", "--alpha", "--top-k", "--mcmc-steps", "--stretch-length", "--num-problems", "--num-digits",
+          "--operation", "--data"]
+
+
+def test_twisted_offers_only_the_options_it_uses():
+    # It shared power's problem options: these were accepted, saved and ignored.
+    twisted = run._subparser(run.build_parser(), "twisted")
+    flags = {flag for action in twisted._actions for flag in action.option_strings}
+    assert not flags & set(UNUSED)
+    assert next(a for a in twisted._actions if a.dest == "task").choices == ["decisions"]
+    _, config, _ = run.parse(["twisted"])
+    run.COMMANDS["twisted"].check_config(config)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--learning-rates", "0.03,0.3,0.030"], r"^--learning-rates: 0.03 is repeated, got '0.03,0.3,0.030'$"),
+    (["--problems-per-k", "0"], r"^--problems-per-k must be"),
+    (["--decisions", "0"], r"^--decisions must be"),
+    (["--model", "exact"], r"^twisted runs on --model toy-decisions or --model toy-diffusion"),
+])
+def test_twisted_refuses_bad_options(args, message):
+    from jaxsample.errors import ArgumentError
+
+    _, config, _ = run.parse(["twisted", *args])
+    with pytest.raises(ArgumentError, match=message):
+        run.COMMANDS["twisted"].check_config(config)
