@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_config(config: dict) -> None:
     check_training_config(config)
     models = [m.strip() for m in config["model"].split(",") if m.strip()]
+    for i, model in enumerate(models):  # units are keyed {model}/seed{seed}
+        if model in models[:i]:
+            raise ArgumentError(f"--model: {model} is repeated, got {config['model']!r}")
     tiny = all(m in TINY for m in models)
     if config["task"] == "sorting" and not tiny:
         raise ArgumentError(f"--task sorting trains {', '.join(TINY)}; got --model {config['model']}")

@@ -24,6 +24,7 @@ import run  # noqa: E402
         # 0.1 and 0.10 are the same arm cd_lam0.1_C2: the run would crash on its second record.
         (["codistill", "--lams", "0.1,0.5,0.10"], r"^--lams: 0.1 is repeated, got '0.1,0.5,0.10'$"),
         (["codistill", "--caps", "2,2.0"], r"^--caps: 2 is repeated"),
+        (["grpo", "--model", "sort-small,sort-large,sort-small"], r"^--model: sort-small is repeated"),
         (["grpo", "--beta", "0.1"], r"^--beta 0.1 has no effect with --kl-kind none"),
         (["codistill", "--beta", "0.1"], r"^--beta 0.1 has no effect with --kl-kind none"),
         (["grpo", "--beta", "-0.1", "--kl-kind", "k3_loss"], r"^--beta must be a number in \[0, inf\)"),
