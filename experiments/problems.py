@@ -91,6 +91,16 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def check_distinct(flag: str, keys, text: str) -> None:
+    """Raises unless the values of a list option are distinct in `keys`, the form its units
+    are keyed by (a repeated value would give two units one key in results.jsonl)."""
+    seen = set()
+    for key in keys:
+        if key in seen:
+            raise ArgumentError(f"{flag}: {key} is repeated in {text!r}; give each value once")
+        seen.add(key)
+
+
 def decision_counts(config: dict) -> list[int]:
     """`--decisions` as a list of integers ≥ 1."""
     text = config["decisions"]
@@ -100,6 +110,7 @@ def decision_counts(config: dict) -> list[int]:
         counts = []
     if not counts or min(counts) < 1:
         raise ArgumentError(f"--decisions must be comma-separated integers ≥ 1 (e.g. 1,2,3), got {text!r}")
+    check_distinct("--decisions", counts, text)
     return counts
 
 
@@ -130,7 +141,24 @@ def _decision_problems(config, lm, task_config):
 def load_model_and_problems(config):
     """`(lm, problems, max_new_tokens)`; the model is placed on the run's mesh."""
     lm, problems, max_new = _load_model_and_problems(config)
+    check_generation_length(lm, problems, max_new, config)
     return parallel.shard_model(lm, experiment_mesh(config)), problems, max_new
+
+
+def check_generation_length(lm, problems, max_new: int, config: dict) -> None:
+    """Raises, naming --max-new-tokens, unless every prompt plus `max_new` tokens fits the
+    model's positions: the samplers check it too, but only in the first unit, after the
+    exact reference may have been written, and then a resumed run could only fail again."""
+    if not problems:
+        return
+    longest = max(problems, key=lambda p: len(p.prompt))
+    room = lm.max_length - len(longest.prompt)
+    if max_new > room:
+        given = f"--max-new-tokens {max_new}" if config["max_new_tokens"] else f"--max-new-tokens 0 (the task's {max_new})"
+        fix = f"give --max-new-tokens {room} or less" if room >= 1 else "the prompt alone fills the model"
+        raise ArgumentError(
+            f"{given}: problem {longest.key}'s prompt of {len(longest.prompt)} tokens + {max_new} new tokens "
+            f"exceeds the {lm.max_length} positions of model {lm.name!r}; {fix}")
 
 
 def _load_model_and_problems(config):
