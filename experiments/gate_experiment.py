@@ -32,11 +32,13 @@ from jaxsample import safety
 from jaxsample.models import init_params
 from jaxsample.errors import ArgumentError
 from jaxsample.safety import modular
+from problems import check_distinct
 from run_directory import RunDirectory, markdown_table
 
 CLASSIFIER_GATES = tuple(f"{kind}_{schedule}" for kind in safety.CLASSIFIERS for schedule in ("fixed", "annealed"))
 VERIFIER_GATES = ("ball", "chain", "group_chain")
 TRANSFORMER_GATES = ("logistic_fixed", "logistic_annealed", "ball", "chain", "group_chain")
+CANARIES = 32  # canary prompts of the transformer's safety constraint, of the p(p − 1) whose answer is not 0
 
 
 def _floats(text: str) -> list[float]:
@@ -68,11 +70,20 @@ def check_config(config: dict) -> None:
         raise ArgumentError(f"--dims must be integers >= 4, got {config['dims']!r}")
     if any(not k >= 1 for k in kappas):
         raise ArgumentError(f"--kappas must be numbers >= 1, got {config['kappas']!r}")
+    check_distinct("--dims", dims, config["dims"])
+    # units are keyed chain_kappa{k:g}: kappas equal in that form would share one key
+    check_distinct("--kappas", [f"{k:g}" for k in kappas], config["kappas"])
     for name, low in (("iterations", 1), ("runs", 1), ("train_runs", 2), ("train_steps", 1), ("modulus", 0), ("train_model_steps", 0), ("lora_rank", 1)):
         if not isinstance(config[name], int) or config[name] < low:
             raise ArgumentError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {config[name]!r}")
-    if 0 < config["modulus"] < 3:
-        raise ArgumentError(f"--modulus must be 0 (skip) or >= 3, got {config['modulus']}")
+    smallest = next(p for p in range(2, CANARIES + 2) if p * (p - 1) >= CANARIES)
+    if 0 < config["modulus"] < smallest:
+        raise ArgumentError(
+            f"--modulus must be 0 (skip the transformer) or >= {smallest} (the canary task needs {CANARIES} "
+            f"of the p(p − 1) prompts whose answer is not 0), got {config['modulus']}")
+    if not dims and not config["modulus"]:
+        raise ArgumentError("--dims is empty and --modulus 0 skips the transformer: nothing to run; "
+                            "give --dims (e.g. 84) or a --modulus (e.g. 23)")
     if kappas and 0 < config["modulus"] ** 2 < modular.LORA_REWARD_PROMPTS:
         smallest = math.isqrt(modular.LORA_REWARD_PROMPTS - 1) + 1
         raise ArgumentError(
@@ -251,7 +262,7 @@ def build_problem(run_dir, key, name, d, config, gate_names):
         info = {"d": d}
     else:
         model_config, params, accuracy = transformer_model(run_dir, jax.random.fold_in(key, 7), config)
-        task = modular.canary_task(model_config, params)
+        task = modular.canary_task(model_config, params, num_canaries=CANARIES)
         info = {"task_accuracy": accuracy}
         if name == "transformer_lora":
             lora = modular.lora_problem(jax.random.fold_in(problem_key_, 1), model_config, params, task, config["lora_rank"])

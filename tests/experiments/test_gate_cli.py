@@ -5,11 +5,14 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from jaxsample import safety
+from jaxsample.errors import ArgumentError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 import gate_experiment  # noqa: E402
+import run  # noqa: E402
 
 
 def test_late_counts_cover_the_second_half_of_the_iterations():
@@ -42,3 +45,26 @@ def test_annealed_thresholds_are_calibrated_on_the_fixed_gates_own_proposals():
     assert summary["steps_above_fixed"] > 0
     assert 0.5 <= summary["threshold_first"] <= summary["threshold_last"]
     assert summary["threshold_last"] > 0.5
+
+
+@pytest.mark.parametrize("options,message", [
+    # canary_task needs 32 of the p(p − 1) prompts: p = 6 failed after the controller units
+    (["--modulus", "6", "--kappas", ""], "--modulus must be 0 (skip the transformer) or >= 7"),
+    (["--dims", "", "--modulus", "0"], "--dims is empty and --modulus 0 skips the transformer: nothing to run"),
+    (["--dims", "8,16,8"], "--dims: 8 is repeated in '8,16,8'"),
+    # units are keyed chain_kappa{k:g}, so 1 and 1.0 (and 1.0000001) are one key
+    (["--kappas", "1,2,1.0"], "--kappas: 1 is repeated in '1,2,1.0'"),
+    (["--kappas", "1,1.0000001"], "--kappas: 1 is repeated in '1,1.0000001'"),
+])
+def test_gate_options_that_would_fail_mid_run_are_refused_up_front(options, message):
+    _, config, _ = run.parse(["gate", *options])
+    with pytest.raises(ArgumentError) as error:
+        gate_experiment.check_config(config)
+    assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize("options", [["--modulus", "7", "--kappas", ""], ["--dims", "", "--modulus", "7", "--kappas", ""],
+                                     ["--dims", "8", "--modulus", "0"], ["--kappas", "1,1.5"]])
+def test_gate_accepts_the_smallest_modulus_and_either_problem_alone(options):
+    _, config, _ = run.parse(["gate", *options])
+    gate_experiment.check_config(config)
