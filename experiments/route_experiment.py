@@ -37,11 +37,13 @@ from tqdm import tqdm
 
 from jaxsample import routing
 from jaxsample.errors import ArgumentError, InfeasibleError
+from problems import check_distinct
 from run_directory import RunDirectory, markdown_table
 
 COSTS = np.array([1.0, 3.0, 8.0, 20.0])
 ALPHA = np.array([-1.0, 0.3, 1.3, 2.3])
 CATEGORY_FREQUENCIES = np.array([0.4, 0.3, 0.15, 0.1, 0.05])
+BUDGET_PER_QUERY = 5.0  # the batch budget C_B = 5n
 CAPACITIES = {"tight": np.array([60, 40, 25, 10]), "loose": np.array([100, 100, 100, 100])}
 GRIDS = {"box": (0.0, 0.5, 1.0, 2.0), "budgeted": (0.0, 2.0, 5.0), "ellipsoidal": (0.0, 1.0, 2.0)}
 METHODS = ("milp", "box", "budgeted", "ellipsoidal", "per_query_raw", "per_query_repaired")
@@ -65,6 +67,28 @@ def check_config(config: dict) -> None:
     kinds = [k.strip() for k in config["conditions"].split(",") if k.strip()]
     if not kinds or set(kinds) - {"random", "sorted"}:
         raise ArgumentError(f"--conditions must be a subset of random, sorted; got {config['conditions']!r}")
+    check_distinct("--conditions", kinds, config["conditions"])
+    n = config["batch_size"]
+    for name, capacity in CAPACITIES.items():
+        if not servable(capacity * n // 100, n):
+            raise ArgumentError(f"--batch-size {n}: the {name} capacities {(capacity * n // 100).tolist()} cannot serve "
+                                f"a batch of {n} queries within its budget {BUDGET_PER_QUERY * n:g}; raise --batch-size")
+    # Every instance serves n // 4 queries (≥ 1: the tight capacities need n ≥ 4) and model
+    # 0's instance takes one GPU and costs the least, so --gpus instances of model 0 are the
+    # best an allocation can do: if they cannot serve a batch, allocate_instances finds
+    # nothing, and only after every condition has run.
+    if not servable(np.array([config["gpus"] * (n // 4), 0, 0, 0]), n):
+        raise ArgumentError(f"--gpus {config['gpus']}: no allocation of {config['gpus']} GPUs serves a batch of {n} "
+                            f"queries (an instance serves --batch-size // 4 = {n // 4}); give --gpus {-(-n // (n // 4))} or more")
+
+
+def servable(capacity, n: int) -> bool:
+    """Whether per-model capacities `[4]` can take a batch of n queries within the budget 5n:
+    the cheapest filling (cheapest models first) must fit both."""
+    if capacity.sum() < n:
+        return False
+    taken = np.minimum(capacity, np.maximum(n - np.concatenate([[0], np.cumsum(capacity)[:-1]]), 0))
+    return float(taken @ COSTS) <= BUDGET_PER_QUERY * n
 
 
 # ---------------------------------------------------------------------------------------
@@ -172,7 +196,7 @@ def route_all(batch, budget, capacity, radii, lam):
 def run_condition(name, seed, kind, noise, capacity_name, config):
     validation, test = condition_data(seed, kind, noise, config)
     n = config["batch_size"]
-    budget = 5.0 * n
+    budget = BUDGET_PER_QUERY * n
     capacity = CAPACITIES[capacity_name] * n // 100
     radii = {m: tune(m, validation, budget, capacity) for m in ("box", "budgeted", "ellipsoidal")}
     costs = np.broadcast_to(COSTS, (n, 4))
@@ -203,7 +227,7 @@ def allocation_rows(seed: int, config):
     validation, test = condition_data(seed, "random", "homogeneous", config)
     costs = np.broadcast_to(COSTS, (n, 4))
     g, slots = np.array([1, 1, 2, 4]), np.full(4, n // 4)
-    budget = 5.0 * n
+    budget = BUDGET_PER_QUERY * n
     start = time.perf_counter()
     chosen = routing.allocate_instances([(b["estimate"], costs) for b in validation], g, slots, config["gpus"], budget)
     seconds = time.perf_counter() - start

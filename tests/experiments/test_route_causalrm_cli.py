@@ -34,6 +34,29 @@ import pytest  # noqa: E402
 
 import route_experiment  # noqa: E402
 
+from jaxsample.errors import ArgumentError  # noqa: E402
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--conditions", "random,sorted,random"], "--conditions: random is repeated in 'random,sorted,random'"),
+    # the tight capacities 60/40/25/10 % of 3 queries are [1, 1, 0, 0]
+    (["--batch-size", "3"], "--batch-size 3: the tight capacities [1, 1, 0, 0] cannot serve a batch of 3 queries"),
+    # an instance serves 10 // 4 = 2 queries, so 4 GPUs serve 8 of 10: allocate_instances
+    # found nothing, after every condition had been written
+    (["--batch-size", "10", "--gpus", "4"], "--gpus 4: no allocation of 4 GPUs serves a batch of 10 queries"),
+])
+def test_route_options_that_would_fail_mid_run_are_refused_up_front(options, message):
+    _, config, _ = run.parse(["route", *options])
+    with pytest.raises(ArgumentError) as error:
+        route_experiment.check_config(config)
+    assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize("batch_size,gpus", [(4, 4), (10, 5), (100, 4), (100, 16)])
+def test_route_accepts_the_fewest_gpus_that_serve_a_batch(batch_size, gpus):
+    _, config, _ = run.parse(["route", "--batch-size", str(batch_size), "--gpus", str(gpus)])
+    route_experiment.check_config(config)
+
 
 @pytest.mark.parametrize("kind", ["random", "sorted"])
 @pytest.mark.parametrize("batches,validation", [(6, 2), (12, 3)])
