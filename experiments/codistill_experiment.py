@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from jaxsample.errors import ArgumentError
 from jaxsample.training import CoDistillConfig, init
+from problems import check_distinct
 from run_directory import RunDirectory, markdown_table
 from training_runs import (
     add_training_arguments,
@@ -56,10 +57,7 @@ def _floats(text: str, name: str) -> list[float]:
     if not values or any(not v > 0 for v in values):
         raise ArgumentError(f"--{name} must hold positive numbers, got {text!r}")
     # Arms are keyed by λ and C as {value:g}: a repeat would be a second record with the same key.
-    keys = [f"{v:g}" for v in values]
-    for i, key in enumerate(keys):
-        if key in keys[:i]:
-            raise ArgumentError(f"--{name}: {key} is repeated, got {text!r}")
+    check_distinct(f"--{name}", [f"{v:g}" for v in values], text)
     return values
 
 

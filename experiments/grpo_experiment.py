@@ -21,6 +21,7 @@ from jaxsample.errors import ArgumentError
 from jaxsample.models import lora
 from jaxsample.training import init
 from jaxsample.training.rewards import arithmetic_reward
+from problems import check_distinct
 from run_directory import RunDirectory, markdown_table
 from training_runs import (
     SORT_LENGTH,
@@ -51,9 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_config(config: dict) -> None:
     check_training_config(config)
     models = [m.strip() for m in config["model"].split(",") if m.strip()]
-    for i, model in enumerate(models):  # units are keyed {model}/seed{seed}
-        if model in models[:i]:
-            raise ArgumentError(f"--model: {model} is repeated, got {config['model']!r}")
+    check_distinct("--model", models, config["model"])  # units are keyed {model}/seed{seed}
     tiny = all(m in TINY for m in models)
     if config["task"] == "sorting" and not tiny:
         raise ArgumentError(f"--task sorting trains {', '.join(TINY)}; got --model {config['model']}")

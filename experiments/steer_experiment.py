@@ -36,6 +36,7 @@ from jaxsample.lm import LanguageModel
 from jaxsample.scoring import score
 from jaxsample.training.trainer import rollout
 import steer_real
+from problems import check_distinct
 from run_directory import RunDirectory, markdown_table
 
 SETTINGS = ("synthetic", "smollm2")
@@ -120,10 +121,7 @@ def _lams(config) -> list[float]:
     if not lams or not all(np.isfinite(lams)):
         raise ArgumentError(f"--lams must hold at least one finite number, got {config['lams']!r}")
     # Each λ is a unit keyed lam{λ:g}: a repeat would be a second record with the same key.
-    keys = [f"{lam:g}" for lam in lams]
-    for i, key in enumerate(keys):
-        if key in keys[:i]:
-            raise ArgumentError(f"--lams: {key} is repeated, got {config['lams']!r}")
+    check_distinct("--lams", [f"{lam:g}" for lam in lams], config["lams"])
     return lams
 
 

@@ -37,7 +37,7 @@ import jaxsample as js
 from jaxsample import tasks
 from jaxsample.errors import ArgumentError
 from jaxsample.validation import check_int, check_real
-from problems import decision_counts, load_model_and_problems, selected_methods
+from problems import check_distinct, decision_counts, load_model_and_problems, selected_methods
 from run_directory import RunDirectory, markdown_table
 from twisted_diffusion import DIFFUSION_METHODS, run_diffusion
 
@@ -76,10 +76,7 @@ def learning_rates(config: dict) -> list[float]:
     if not rates or any(not r > 0 for r in rates):
         raise ArgumentError(f"--learning-rates must be positive, got {config['learning_rates']}")
     # Units are keyed lr{rate:g}: a repeat would be a second record with the same key.
-    keys = [f"{r:g}" for r in rates]
-    for i, key in enumerate(keys):
-        if key in keys[:i]:
-            raise ArgumentError(f"--learning-rates: {key} is repeated, got {config['learning_rates']!r}")
+    check_distinct("--learning-rates", [f"{r:g}" for r in rates], config["learning_rates"])
     return rates
 
 

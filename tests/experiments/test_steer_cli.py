@@ -58,5 +58,5 @@ def test_steer_refuses_a_repeated_lam():
 
     # 1 and 1.0 are the same unit lam1: the run would crash on its second record.
     _, config, _ = run.parse([*TINY, "--lams", "0.5,1,1.0"])
-    with pytest.raises(ArgumentError, match=r"^--lams: 1 is repeated, got '0.5,1,1.0'$"):
+    with pytest.raises(ArgumentError, match=r"^--lams: 1 is repeated in '0.5,1,1.0'; give each value once$"):
         steer_experiment.check_config(config)

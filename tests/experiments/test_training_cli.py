@@ -22,7 +22,7 @@ import run  # noqa: E402
         (["codistill", "--caps", "0"], "--caps"),
         (["codistill", "--steps", "0"], "--steps"),
         # 0.1 and 0.10 are the same arm cd_lam0.1_C2: the run would crash on its second record.
-        (["codistill", "--lams", "0.1,0.5,0.10"], r"^--lams: 0.1 is repeated, got '0.1,0.5,0.10'$"),
+        (["codistill", "--lams", "0.1,0.5,0.10"], r"^--lams: 0.1 is repeated in '0.1,0.5,0.10'; give each value once$"),
         (["codistill", "--caps", "2,2.0"], r"^--caps: 2 is repeated"),
         (["grpo", "--model", "sort-small,sort-large,sort-small"], r"^--model: sort-small is repeated"),
         (["grpo", "--beta", "0.1"], r"^--beta 0.1 has no effect with --kl-kind none"),

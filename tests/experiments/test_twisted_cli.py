@@ -64,7 +64,7 @@ def test_twisted_offers_only_the_options_it_uses():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--learning-rates", "0.03,0.3,0.030"], r"^--learning-rates: 0.03 is repeated, got '0.03,0.3,0.030'$"),
+    (["--learning-rates", "0.03,0.3,0.030"], r"^--learning-rates: 0.03 is repeated in '0.03,0.3,0.030'; give each value once$"),
     (["--problems-per-k", "0"], r"^--problems-per-k must be"),
     (["--decisions", "0"], r"^--decisions must be"),
     (["--model", "exact"], r"^twisted runs on --model toy-decisions or --model toy-diffusion"),
