@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jaxsample import Proposal
 from jaxsample.decoding import pad_prompt
 from jaxsample.mcmc import uniform
+from jaxsample.mcmc.cuts import as_jit_argument
 from jaxsample.mcmc.blocks import _power_sample
 from jaxsample.models import init_params, make_language_model
 from jaxsample.smc.sampler import _run as _smc_run
@@ -81,7 +82,7 @@ def measure(shape: str, dtype, args) -> dict:
         resampler="systematic", num_rejuvenation_steps=0, lookahead=None, progress=False, mesh=None,
     ).compile()
     power = _power_sample.lower(
-        key, lm, prompt, length, alpha, proposal, uniform, args.particles, args.block_size, 2,
+        key, lm, prompt, length, alpha, proposal, as_jit_argument(uniform), args.particles, args.block_size, 2,
         args.new_tokens, jnp.asarray(False), False, None,
     ).compile()
 
