@@ -286,15 +286,13 @@ def main(argv: list[str] | None = None) -> int:
         if reports:
             print(f"\ninterrupted; {finished} finished result(s) saved; continue with: {resume_command}", file=sys.stderr)
         return 130
-    except (JaxsampleError, OSError) as error:
+    except BaseException as error:
+        # on any failure (a bad option, a bug's traceback, an experiment's own exit) a new run
+        # with no result leaves no folder that blocks the same --out, nor one --resume cannot use
         if run_dir is not None:
             run_dir.remove_if_no_results()
-        fail(str(error))
-    except BaseException:
-        # any other failure too (a bug's traceback, an experiment's own exit): a new run with
-        # no result leaves no folder that blocks the same --out, nor one --resume cannot use
-        if run_dir is not None:
-            run_dir.remove_if_no_results()
+        if isinstance(error, (JaxsampleError, OSError)):
+            fail(str(error))
         raise
     finally:
         signal.signal(signal.SIGINT, previous_handler)
