@@ -133,7 +133,9 @@ def _assignment_constraints(problem: RoutingProblem, num_extra: int) -> list[sci
 
 
 def _solve(problem: RoutingProblem, objective: np.ndarray, extra_constraints=(), extra_bounds=None):
-    """Maximises `objective · [x, extra]` under the assignment constraints; returns the solution.
+    """Maximises `objective · [x, extra]` under the assignment constraints.
+
+    Returns the checked assignment (int `[n]`) and the values of the extra variables.
 
     Raises `RuntimeError` when HiGHS reports success but its rounded assignment breaks the
     budget or a capacity (HiGHS checks feasibility only up to its own tolerances).
@@ -167,7 +169,7 @@ def _solve(problem: RoutingProblem, objective: np.ndarray, extra_constraints=(),
         )
     if not result.success:
         raise RuntimeError(f"HiGHS failed on the routing MILP: {result.message}")
-    assignment = _to_assignment(result.x, n, m)
+    assignment = np.argmax(result.x[: n * m].reshape(n, m), axis=1)
     cost = problem.costs[np.arange(n), assignment].sum()
     load = np.bincount(assignment, minlength=m)
     if not _within_budget(cost, problem.budget) or np.any(load > problem.capacity):
@@ -175,11 +177,12 @@ def _solve(problem: RoutingProblem, objective: np.ndarray, extra_constraints=(),
             f"HiGHS returned an assignment that breaks the routing constraints: cost {cost:g} for budget "
             f"{problem.budget:g}, loads {load.tolist()} for capacity {problem.capacity.tolist()}"
         )
-    return result.x
+    return assignment, result.x[n * m :]
 
 
-def _to_assignment(solution: np.ndarray, n: int, m: int) -> np.ndarray:
-    return np.argmax(solution[: n * m].reshape(n, m), axis=1)
+def _indicator(assignment: np.ndarray, m: int) -> np.ndarray:
+    """The 0/1 vector x (`[n * M]`) of an assignment."""
+    return np.eye(m)[assignment].ravel()
 
 
 def route_batch(scores, costs, budget: float, capacity) -> np.ndarray:
@@ -195,8 +198,7 @@ def route_batch(scores, costs, budget: float, capacity) -> np.ndarray:
       int `[n]`, the model of each query.
     """
     problem = check_problem(scores, costs, budget, capacity)
-    n, m = problem.scores.shape
-    return _to_assignment(_solve(problem, problem.scores.ravel()), n, m)
+    return _solve(problem, problem.scores.ravel())[0]
 
 
 def _check_uncertainty(sigma, shape, name: str, radius: float) -> np.ndarray:
@@ -243,11 +245,11 @@ def route_budgeted(scores, sigma, costs, budget: float, capacity, gamma: float, 
         scipy.sparse.csr_matrix((np.ones(k), diagonal), shape=(k, k)),
         scipy.sparse.csr_matrix(np.ones((k, 1))),
     ])
-    solution = _solve(
+    assignment, _ = _solve(
         problem, objective, [scipy.optimize.LinearConstraint(rows, 0, np.inf)],
         extra_bounds=(np.zeros(k + 1), np.full(k + 1, np.inf)),
     )
-    return _to_assignment(solution, n, m)
+    return assignment
 
 
 class EllipsoidalInfo(NamedTuple):
@@ -302,20 +304,20 @@ def route_ellipsoidal(
 
 
 def _ellipsoidal_kelley(problem, variance, rho, max_solves, tol):
-    n, m = problem.scores.shape
+    m = problem.scores.shape[1]
     objective = np.concatenate([problem.scores.ravel(), [-rho]])
     bounds = ([0.0], [float(np.sqrt(variance.sum()))])
     cuts: list[scipy.optimize.LinearConstraint] = []
     for num_solves in range(1, max_solves + 1):
-        incumbent = _solve(problem, objective, cuts, extra_bounds=bounds)
-        x = incumbent[: n * m]
+        assignment, (norm_bound,) = _solve(problem, objective, cuts, extra_bounds=bounds)
+        x = _indicator(assignment, m)
         norm = float(np.sqrt(variance @ x))
-        gap = rho * (norm - incumbent[-1])
+        gap = rho * (norm - norm_bound)
         if gap <= tol:
             break
         # s − Σ σ² x* x / ‖σ∘x*‖ ≥ 0 (the incumbent has norm > s ≥ 0 here)
         cuts.append(scipy.optimize.LinearConstraint(np.concatenate([-variance * x / norm, [1.0]])[None], 0, np.inf))
-    return _to_assignment(incumbent, n, m), EllipsoidalInfo(num_solves, max(float(gap), 0.0), gap <= tol)
+    return assignment, EllipsoidalInfo(num_solves, max(float(gap), 0.0), gap <= tol)
 
 
 class _HullPoint(NamedTuple):
@@ -324,18 +326,19 @@ class _HullPoint(NamedTuple):
 
     t: float
     value: float
-    x: np.ndarray
+    assignment: np.ndarray
     slope: float
 
 
 def _ellipsoidal_hull(problem, variance, rho, max_solves, tol):
-    n, m = problem.scores.shape
+    m = problem.scores.shape[1]
     scores = problem.scores.ravel()
 
     def solve(slope):
         objective = -variance if slope == np.inf else scores - slope * variance
-        x = _solve(problem, objective)
-        return _HullPoint(float(variance @ x), float(scores @ x), x, slope)
+        assignment, _ = _solve(problem, objective)
+        x = _indicator(assignment, m)
+        return _HullPoint(float(variance @ x), float(scores @ x), assignment, slope)
 
     def robust_value(t, value):
         return value - rho * np.sqrt(max(t, 0.0))
@@ -377,7 +380,7 @@ def _ellipsoidal_hull(problem, variance, rho, max_solves, tol):
         open_segment(high, point)
         open_segment(point, low)
     gap = max([closed_slack] + [-bound - best_value for bound, *_ in pending])
-    return _to_assignment(best.x, n, m), EllipsoidalInfo(solves, float(gap), bool(gap <= tol))
+    return best.assignment, EllipsoidalInfo(solves, float(gap), bool(gap <= tol))
 
 
 def worst_case_value(assignment, scores, sigma, *, kind: str, radius: float, kappa: float = 1.0) -> float:
