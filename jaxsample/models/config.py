@@ -157,7 +157,7 @@ class ModelConfig:
             )
         object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
         for name, value, override in (
-            ("bos_token_id", self.bos_token_id, ""),
+            ("bos_token_id", self.bos_token_id, "; js.load(..., bos_token_id=...) replaces it"),
             ("pad_token_id", self.pad_token_id, "; js.load(..., pad_token_id=...) replaces it"),
         ):
             if value is not None and not 0 <= value < self.vocab_size:

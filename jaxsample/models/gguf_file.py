@@ -95,7 +95,7 @@ def unpermute_rows(weights: np.ndarray, num_heads: int) -> np.ndarray:
 
 def gguf_config(reader: gguf.GGUFReader, overridden: Collection[str] = ()) -> tuple[ModelConfig, tuple[int, ...]]:
     """(ModelConfig, extra stop token ids) from GGUF metadata; the token ids named in
-    `overridden` ("eos_token_id", "pad_token_id") are left unset for the caller to replace
+    `overridden` ("eos_token_id", "pad_token_id", "bos_token_id") are left unset for the caller to replace
     (with "eos_token_id", the extra stop ids too)."""
     try:
         config = _config_from_metadata(reader, overridden)
@@ -135,6 +135,7 @@ def _config_from_metadata(reader: gguf.GGUFReader, overridden: Collection[str]) 
         qkv_bias = o_bias = "blk.0.attn_q.bias" in tensor_names
     eos = None if "eos_token_id" in overridden else _field(reader, "tokenizer.ggml.eos_token_id")
     pad = None if "pad_token_id" in overridden else _field(reader, "tokenizer.ggml.padding_token_id")
+    bos = None if "bos_token_id" in overridden else _field(reader, "tokenizer.ggml.bos_token_id")
     theta = float(_field(reader, f"{arch}.rope.freq_base", 10000.0))
     rope_freq_factors = _rope_freq_factors(reader, arch, head_dim, theta)
     return ModelConfig(
@@ -155,7 +156,7 @@ def _config_from_metadata(reader: gguf.GGUFReader, overridden: Collection[str]) 
         o_bias=o_bias,
         mlp_bias=arch == "llama" and "blk.0.ffn_gate.bias" in tensor_names,
         eos_token_ids=() if eos is None else (int(eos),),
-        bos_token_id=_optional_int(_field(reader, "tokenizer.ggml.bos_token_id")),
+        bos_token_id=_optional_int(bos),
         pad_token_id=_optional_int(pad),
     )
 

@@ -179,6 +179,7 @@ def load(
     *,
     eos_token_ids: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
+    bos_token_id: int | None = None,
     check_finite: bool = True,
 ) -> LanguageModel:
     """Loads a Qwen2 / Llama checkpoint as a `LanguageModel`.
@@ -192,6 +193,9 @@ def load(
       eos_token_ids: the stop tokens, replacing those of the checkpoint (for checkpoints that
         declare none, or declare the wrong ones).
       pad_token_id: the pad token, replacing the checkpoint's.
+      bos_token_id: the beginning-of-sequence id kept in the config, replacing the
+        checkpoint's (the samplers never use it; this rescues a checkpoint whose id lies
+        outside the vocabulary).
       check_finite: scan every weight for NaN / inf (after the dtype cast) and refuse the
         checkpoint naming the tensor; `False` skips the scan (faster on large models).
 
@@ -215,7 +219,9 @@ def load(
         path = resolve(name)
     stop_ids = None if eos_token_ids is None else _stop_token_ids(eos_token_ids)
     overridden = frozenset(
-        key for key, value in (("eos_token_id", stop_ids), ("pad_token_id", pad_token_id)) if value is not None
+        key
+        for key, value in (("eos_token_id", stop_ids), ("pad_token_id", pad_token_id), ("bos_token_id", bos_token_id))
+        if value is not None
     )
     if path.is_dir():
         config, params, tokenizer, extra_eos = _load_directory(path, dtype, check_finite, overridden)
@@ -226,7 +232,7 @@ def load(
     if stop_ids is not None:
         ids = tuple(check_int("eos_token_ids", t, 0, config.vocab_size - 1) for t in stop_ids)
         config = dataclasses.replace(config, eos_token_ids=ids)
-    if pad_token_id is not None:
-        pad = check_int("pad_token_id", pad_token_id, 0, config.vocab_size - 1)
-        config = dataclasses.replace(config, pad_token_id=pad)
+    for name, value in (("pad_token_id", pad_token_id), ("bos_token_id", bos_token_id)):
+        if value is not None:
+            config = dataclasses.replace(config, **{name: check_int(name, value, 0, config.vocab_size - 1)})
     return make_language_model(config, params, tokenizer, name=name, extra_eos_token_ids=extra_eos)

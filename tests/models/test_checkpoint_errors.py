@@ -180,13 +180,15 @@ def test_tied_checkpoint_lm_head_must_equal_the_embedding(copy):
 @pytest.mark.parametrize("key, value, override", [
     ("pad_token_id", -1, {"pad_token_id": 0}),
     ("eos_token_id", [1, 128009], {"eos_token_ids": [1]}),
+    ("bos_token_id", 128000, {"bos_token_id": 1}),
 ])
 def test_overrides_rescue_out_of_vocabulary_ids_in_config_json(copy, key, value, override):
     _edit_config(copy, lambda c: c.update({key: value}))
-    with pytest.raises(ConfigError, match=r"outside the vocabulary \[0, 40\); js.load\(\.\.\., (pad_token_id|eos_token_ids)="):
+    with pytest.raises(ConfigError, match=r"outside the vocabulary \[0, 40\); js.load\(\.\.\., (pad|eos|bos)_token_ids?="):
         models.load(copy)
     lm = models.load(copy, **override)
-    assert (lm.pad_token_id == 0) if key == "pad_token_id" else (lm.eos_token_ids == (1,))
+    expected = {"pad_token_id": lm.pad_token_id == 0, "eos_token_id": lm.eos_token_ids == (1,), "bos_token_id": lm.config.bos_token_id == 1}
+    assert expected[key]
 
 
 def test_generation_config_stop_ids_are_checked_against_the_vocabulary(copy):

@@ -148,6 +148,16 @@ def test_unknown_tensor_in_gguf(tmp_path):
         models.load(path)
 
 
+@pytest.mark.parametrize("name, override", [("bos", "bos_token_id"), ("pad", "pad_token_id")])
+def test_gguf_special_id_outside_the_vocabulary_is_refused_and_the_override_replaces_it(tmp_path, name, override):
+    add = {"bos": GGUFWriter.add_bos_token_id, "pad": GGUFWriter.add_pad_token_id}[name]
+    path = write_gguf(tmp_path / "tiny.gguf", "qwen2", QWEN2, seed=0, quantized={},
+                      configure=lambda writer: add(writer, VOCAB + 4))
+    with pytest.raises(ConfigError, match=rf"{override} {VOCAB + 4} is outside the vocabulary.*js.load\(\.\.\., {override}="):
+        models.load(path)
+    assert getattr(models.load(path, **{override: 5}).config, override) == 5
+
+
 LLAMA3_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 100}
 # head_dim 8, θ = 10⁴: wavelengths 6.3, 63, 628, 6283 against the thresholds 100/4 and 100/1
