@@ -190,6 +190,25 @@ def parse(argv: list[str]) -> tuple[str, dict, dict]:
     return args.command, config, given
 
 
+# Options an earlier version saved under another name (old name → new name, value map) or
+# saved although the command never read them, so folders made before the change still resume.
+_RENAMED_OPTIONS = {"codistill": {"no_weights_arm": ("weights_arm", lambda value: not value)}}
+_RETIRED_OPTIONS = {
+    "twisted": ("chains", "alpha", "top_k", "mcmc_steps", "stretch_length", "num_problems", "num_digits",
+                "operation", "data"),
+}
+
+
+def _upgrade_saved_config(command: str, saved: dict) -> dict:
+    saved = dict(saved)
+    for old, (new, convert) in _RENAMED_OPTIONS.get(command, {}).items():
+        if old in saved and new not in saved and isinstance(saved[old], bool):
+            saved[new] = convert(saved.pop(old))
+    for old in _RETIRED_OPTIONS.get(command, ()):
+        saved.pop(old, None)
+    return saved
+
+
 def resumed_config(out: Path, command: str, given: dict) -> dict:
     """The saved config of the run in `out`, checked, with no option changed by `given`."""
     saved = read_saved_config(out)
@@ -201,6 +220,7 @@ def resumed_config(out: Path, command: str, given: dict) -> dict:
             f"python experiments/run.py {saved_command} --out {out} --resume"
             if saved_command in COMMANDS else f"{source} is corrupted: 'command' is {saved_command!r}"
         )
+    saved = _upgrade_saved_config(command, saved)
     options = _run_options(_subparser(build_parser(), command))
     missing = sorted(set(options) - set(saved))
     if missing:

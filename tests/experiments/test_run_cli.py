@@ -430,3 +430,32 @@ def test_ctrl_c_stops_between_units_saves_everything_and_resumes_each_unit_once(
     assert after[: len(second)] == second
     keys = [json.loads(line)["key"] for line in after]
     assert len(keys) == len(set(keys)) == problems * 4
+
+
+def _saved_config(command, **changes):
+    _, config, _ = run.parse([command])
+    saved = {k: v for k, v in config.items() if k not in run.INVOCATION}
+    saved.update(changes)
+    return saved
+
+
+@pytest.mark.parametrize("command, old_keys, expected", [
+    ("codistill", {"no_weights_arm": True}, {"weights_arm": False}),
+    ("codistill", {"no_weights_arm": False}, {"weights_arm": True}),
+    ("twisted", {"chains": 4, "alpha": 4.0, "top_k": 0, "mcmc_steps": 2, "stretch_length": 0, "num_problems": 1,
+                 "num_digits": 2, "operation": "add", "data": None}, {}),
+])
+def test_run_folders_of_earlier_versions_resume(tmp_path, command, old_keys, expected):
+    """codistill saved `no_weights_arm` before it became --weights-arm/--no-weights-arm, and
+    twisted saved nine options it never read; their folders resume with the same meaning."""
+    current = _saved_config(command)
+    old = {k: v for k, v in current.items() if k not in expected} | old_keys
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert run.resumed_config(tmp_path, command, {}) == current | expected
+
+
+def test_run_folder_with_an_unknown_option_is_still_refused(tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(_saved_config("twisted", bogus=1)))
+    with pytest.raises(SystemExit):
+        run.resumed_config(tmp_path, "twisted", {})
+    assert "unknown option 'bogus'" in capsys.readouterr().err
