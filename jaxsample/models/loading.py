@@ -232,7 +232,7 @@ def load(
     if stop_ids is not None:
         ids = tuple(check_int("eos_token_ids", t, 0, config.vocab_size - 1) for t in stop_ids)
         config = dataclasses.replace(config, eos_token_ids=ids)
-    for name, value in (("pad_token_id", pad_token_id), ("bos_token_id", bos_token_id)):
+    for field, value in (("pad_token_id", pad_token_id), ("bos_token_id", bos_token_id)):
         if value is not None:
-            config = dataclasses.replace(config, **{name: check_int(name, value, 0, config.vocab_size - 1)})
+            config = dataclasses.replace(config, **{field: check_int(field, value, 0, config.vocab_size - 1)})
     return make_language_model(config, params, tokenizer, name=name, extra_eos_token_ids=extra_eos)
