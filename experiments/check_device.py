@@ -122,8 +122,8 @@ def check_power_mh(num_chains: int) -> dict:
     kernel = testing.mh_transition_matrix(space, uniform, js.Proposal(1.0 / alpha),
                                           testing.power_log_ratio(alpha, uniform))
     mixing = testing.total_variation(kernel.law_after(steps), target)
-    result = js.power_sample(jax.random.key(0), lm, jnp.array([0], jnp.int32), alpha, "uniform",
-                             num_chains, block_size=new_tokens, num_mcmc_steps=steps,
+    result = js.power_sample(jax.random.key(0), lm, jnp.array([0], jnp.int32), alpha, cut="uniform",
+                             num_chains=num_chains, block_size=new_tokens, num_mcmc_steps=steps,
                              max_new_tokens=new_tokens)
     check = testing.chain_histogram_tv(result, target, bias=mixing)
     return {"passed": bool(check.tv <= check.bound), "tv": check.tv, "bound": check.bound,

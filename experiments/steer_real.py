@@ -303,7 +303,7 @@ def measure_cost(lm, setup: dict, lam: float, config: dict) -> dict:
     key = jax.random.key(config["seed"])
 
     def call(model):
-        return lambda: js.generate(key, model, prompt, new_tokens, config["temperature"], top_p=config["top_p"], num_samples=samples).tokens
+        return lambda: js.generate(key, model, prompt, new_tokens, temperature=config["temperature"], top_p=config["top_p"], num_samples=samples).tokens
 
     timings = interleaved_timings({"plain": call(lm), "alqr": call(steered)}, samples=config["timing_samples"], min_sample_s=0)
     tokens = samples * new_tokens

@@ -62,6 +62,7 @@ def generate(
     lm: LanguageModel,
     prompt_tokens: Array,
     max_new_tokens: int,
+    *,
     temperature: float | Array = 1.0,
     top_k: int = 0,
     top_p: float | Array = 1.0,

@@ -34,7 +34,7 @@ def _full_log_probs(lm, seq):
 
 def test_log_p_log_q_entropy_match_recomputation(lm):
     proposal = js.Proposal(temperature=0.6, top_k=4, top_p=0.85)
-    result = js.generate(jax.random.key(0), lm, PROMPT, 12, 0.6, 4, 0.85, num_samples=16)
+    result = js.generate(jax.random.key(0), lm, PROMPT, 12, temperature=0.6, top_k=4, top_p=0.85, num_samples=16)
     # One batched forward over the padded rows: the model is causal, so the logits before a
     # row's length do not see its padding.
     sequences = jnp.concatenate([jnp.broadcast_to(PROMPT, (16, len(PROMPT))), result.tokens], axis=1)
@@ -82,7 +82,7 @@ def test_empirical_token_frequencies_follow_log_q(lm):
     # and 5 std keeps the false-alarm rate below 1e-5 per category.
     samples = 4000
     proposal = js.Proposal(temperature=1.3, top_k=0, top_p=0.8)
-    result = js.generate(jax.random.key(3), lm, PROMPT, 1, 1.3, 0, 0.8, num_samples=samples)
+    result = js.generate(jax.random.key(3), lm, PROMPT, 1, temperature=1.3, top_k=0, top_p=0.8, num_samples=samples)
     q = np.exp(np.asarray(js.proposal_log_probs(lm.logits(PROMPT)[-1], proposal)))
     freq = np.bincount(np.asarray(result.tokens[:, 0]), minlength=VOCAB) / samples
     np.testing.assert_array_less(np.abs(freq - q), 5 * np.sqrt(q * (1 - q) / samples) + 1e-9)
@@ -90,8 +90,8 @@ def test_empirical_token_frequencies_follow_log_q(lm):
 
 def test_same_key_same_result_with_and_without_jit(lm):
     proposal = js.Proposal(0.9, 0, 1.0).validated()
-    a = js.generate(jax.random.key(5), lm, PROMPT, 8, 0.9, num_samples=3)
-    b = js.generate(jax.random.key(5), lm, PROMPT, 8, 0.9, num_samples=3)
+    a = js.generate(jax.random.key(5), lm, PROMPT, 8, temperature=0.9, num_samples=3)
+    b = js.generate(jax.random.key(5), lm, PROMPT, 8, temperature=0.9, num_samples=3)
     chex.assert_trees_all_equal(a, b)
     with jax.disable_jit():
         state = js.init_decode(lm, PROMPT, 3, 8)
@@ -125,10 +125,10 @@ def test_rewind_then_extend_matches_fresh_decoding(lm):
 def test_temperature_and_top_p_changes_do_not_recompile(lm):
     from jaxsample.generate import _generate
 
-    js.generate(jax.random.key(0), lm, PROMPT, 6, 0.7, 0, 0.9, num_samples=2)
+    js.generate(jax.random.key(0), lm, PROMPT, 6, temperature=0.7, top_k=0, top_p=0.9, num_samples=2)
     before = _generate._cache_size()
     for temperature, top_p in [(0.3, 0.5), (1.7, 1.0), (0.9, 0.99)]:
-        js.generate(jax.random.key(1), lm, PROMPT, 6, temperature, 0, top_p, num_samples=2)
+        js.generate(jax.random.key(1), lm, PROMPT, 6, temperature=temperature, top_k=0, top_p=top_p, num_samples=2)
     assert _generate._cache_size() == before
 
 
@@ -182,10 +182,10 @@ def test_prompt_lengths_in_one_bucket_share_a_compilation_and_match_unpadded(lm)
     from jaxsample.generate import _generate
 
     proposal = js.Proposal(0.8).validated()
-    js.generate(jax.random.key(0), lm, jnp.array([1, 2]), 6, 0.8, num_samples=3)
+    js.generate(jax.random.key(0), lm, jnp.array([1, 2]), 6, temperature=0.8, num_samples=3)
     compiled = _generate._cache_size()
     for prompt in ([1, 2, 3], [4, 1, 2, 2, 3]):
-        padded = js.generate(jax.random.key(9), lm, jnp.array(prompt), 6, 0.8, num_samples=3)
+        padded = js.generate(jax.random.key(9), lm, jnp.array(prompt), 6, temperature=0.8, num_samples=3)
         state = js.init_decode(lm, jnp.array(prompt), 3, 6)
         state, _ = js.extend(jax.random.key(9), lm, state, 6, proposal)
         np.testing.assert_array_equal(padded.tokens, state.tokens)

@@ -70,6 +70,7 @@ def base_sample(
     key: Array,
     lm: LanguageModel,
     prompt_tokens: Array,
+    *,
     num_chains: int = 1,
     max_new_tokens: int = 3072,
     temperature: float | Array = 1.0,
@@ -92,6 +93,7 @@ def temperature_sample(
     lm: LanguageModel,
     prompt_tokens: Array,
     alpha: float | Array = 4.0,
+    *,
     num_chains: int = 1,
     max_new_tokens: int = 3072,
     top_k: int = 0,
@@ -100,8 +102,8 @@ def temperature_sample(
 ) -> PowerSampleResult:
     """C independent completions at temperature τ = 1/α (power sampling's proposal)."""
     check_real("alpha", alpha, "(0, inf)")
-    return base_sample(key, lm, prompt_tokens, num_chains, max_new_tokens,
-                       1.0 / jnp.asarray(alpha, jnp.float32), top_k, top_p, mesh)
+    return base_sample(key, lm, prompt_tokens, num_chains=num_chains, max_new_tokens=max_new_tokens,
+                       temperature=1.0 / jnp.asarray(alpha, jnp.float32), top_k=top_k, top_p=top_p, mesh=mesh)
 
 
 @jax.jit
@@ -134,6 +136,7 @@ def best_of_n(
     lm: LanguageModel,
     prompt_tokens: Array,
     num_candidates: int,
+    *,
     num_chains: int = 1,
     max_new_tokens: int = 3072,
     temperature: float | Array = 1.0,

@@ -112,6 +112,7 @@ def power_sample(
     lm: LanguageModel,
     prompt_tokens: Array,
     alpha: float | Array = 4.0,
+    *,
     cut: Union[str, CutLaw] = "uniform",
     num_chains: int = 1,
     block_size: int = 192,

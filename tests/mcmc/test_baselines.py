@@ -16,7 +16,7 @@ CHAINS, CANDIDATES = 4, 8
 @pytest.fixture(scope="module")
 def candidates():
     # best_of_n decodes its C·M candidates exactly as base_sample decodes C·M chains.
-    return base_sample(jax.random.key(0), LM, PROMPT, CHAINS * CANDIDATES, 4)
+    return base_sample(jax.random.key(0), LM, PROMPT, num_chains=CHAINS * CANDIDATES, max_new_tokens=4)
 
 
 def _per_chain(x):
@@ -25,7 +25,7 @@ def _per_chain(x):
 
 @pytest.mark.parametrize("budget", [None, 1, [3, 6, 9, 1000]])
 def test_best_of_n_picks_highest_mean_log_likelihood_within_budget(candidates, budget):
-    result = best_of_n(jax.random.key(0), LM, PROMPT, CANDIDATES, CHAINS, 4,
+    result = best_of_n(jax.random.key(0), LM, PROMPT, CANDIDATES, num_chains=CHAINS, max_new_tokens=4,
                        token_budget=budget)
     lengths = _per_chain(candidates.lengths)
     spent = np.cumsum(lengths, axis=1)
@@ -45,8 +45,8 @@ def test_best_of_n_picks_highest_mean_log_likelihood_within_budget(candidates, b
 
 
 def test_temperature_sample_is_base_sample_at_one_over_alpha():
-    low = temperature_sample(jax.random.key(1), LM, PROMPT, 4.0, 16, 4)
-    base = base_sample(jax.random.key(1), LM, PROMPT, 16, 4, temperature=0.25)
+    low = temperature_sample(jax.random.key(1), LM, PROMPT, 4.0, num_chains=16, max_new_tokens=4)
+    base = base_sample(jax.random.key(1), LM, PROMPT, num_chains=16, max_new_tokens=4, temperature=0.25)
     np.testing.assert_array_equal(low.tokens, base.tokens)
     np.testing.assert_array_equal(low.tokens_decoded, low.lengths)
     assert low.info.accepted.shape == (1, 0, 16)
@@ -54,14 +54,14 @@ def test_temperature_sample_is_base_sample_at_one_over_alpha():
 
 def test_baseline_arguments():
     with pytest.raises(ArgumentError, match="num_candidates"):
-        best_of_n(jax.random.key(0), LM, PROMPT, 0, 1, 4)
+        best_of_n(jax.random.key(0), LM, PROMPT, 0, num_chains=1, max_new_tokens=4)
     # Cast to int32 these would truncate (2.5) or wrap (2**32 + 5 -> 5).
     for budget, message in ((2.5, "must hold integers, got dtype float"),
                             (np.int64(2**32 + 5), r"holds 4294967301, outside the int32 range \[0, 2147483648\)"),
                             ([4, -1, 4, 4], r"holds -1 at index \(1,\)")):
         with pytest.raises(ArgumentError, match=f"token_budget {message}"):
-            best_of_n(jax.random.key(0), LM, PROMPT, CANDIDATES, CHAINS, 4, token_budget=budget)
+            best_of_n(jax.random.key(0), LM, PROMPT, CANDIDATES, num_chains=CHAINS, max_new_tokens=4, token_budget=budget)
     with pytest.raises(ArgumentError, match="alpha"):
-        temperature_sample(jax.random.key(0), LM, PROMPT, 0.0, 1, 4)
+        temperature_sample(jax.random.key(0), LM, PROMPT, 0.0, num_chains=1, max_new_tokens=4)
     with pytest.raises(ArgumentError, match="exceeds"):
-        base_sample(jax.random.key(0), LM, PROMPT, 1, 5)
+        base_sample(jax.random.key(0), LM, PROMPT, num_chains=1, max_new_tokens=5)

@@ -33,14 +33,14 @@ def test_long_chains_reach_power_target(cut):
     pi = testing.power_target(SPACE, alpha)
     mixing = testing.total_variation(kernel.law_after(num_steps), pi)
     assert mixing < 1e-3
-    result = power_sample(jax.random.key(0), LM, PROMPT, alpha, cut, num_chains,
+    result = power_sample(jax.random.key(0), LM, PROMPT, alpha, cut=cut, num_chains=num_chains,
                           block_size=4, num_mcmc_steps=num_steps, max_new_tokens=4)
     testing.assert_tv_below(result, pi, bias=mixing)
 
 
 def test_low_temperature_samples_fail_the_same_bound():
     alpha, num_chains = 2.0, 16384
-    result = temperature_sample(jax.random.key(0), LM, PROMPT, alpha, num_chains, max_new_tokens=4)
+    result = temperature_sample(jax.random.key(0), LM, PROMPT, alpha, num_chains=num_chains, max_new_tokens=4)
     # Exact TV(q-law, π) = 0.30.
     with pytest.raises(VerificationError, match="too far from the target"):
         testing.assert_tv_below(result, testing.power_target(SPACE, alpha))
@@ -94,9 +94,9 @@ def test_karan_du_example_is_power_not_low_temperature():
                               num_mcmc_steps=40)
     p_a = sum(mass for state, mass in zip(law.states, law.probs) if state[0] == 0)
     assert abs(p_a - 0.16 / 0.285) < 1e-4
-    mh = power_sample(jax.random.key(2), lm, PROMPT, alpha, "uniform", num_chains,
+    mh = power_sample(jax.random.key(2), lm, PROMPT, alpha, cut="uniform", num_chains=num_chains,
                       block_size=1, num_mcmc_steps=40, max_new_tokens=2)
-    low = temperature_sample(jax.random.key(2), lm, PROMPT, alpha, num_chains, max_new_tokens=2)
+    low = temperature_sample(jax.random.key(2), lm, PROMPT, alpha, num_chains=num_chains, max_new_tokens=2)
     for result, expected in [(mh, p_a), (low, 0.16 / 0.41)]:
         first_is_a = (np.asarray(result.tokens[:, 0]) == 0).astype(float)[:, None]
         testing.assert_unbiased(first_is_a, expected, failure_prob=1e-6)
@@ -193,10 +193,10 @@ def test_a_chain_does_not_depend_on_the_other_chains(chains):
 def test_same_key_same_result_and_alpha_tau_do_not_recompile(block_results):
     first = block_results["default"]
     compiled = _power_sample._cache_size()
-    again = power_sample(jax.random.key(1), BLOCK_LM, PROMPT, BLOCK_ALPHA, "uniform", **BLOCKS)
+    again = power_sample(jax.random.key(1), BLOCK_LM, PROMPT, BLOCK_ALPHA, cut="uniform", **BLOCKS)
     for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    other = power_sample(jax.random.key(10), BLOCK_LM, PROMPT, 3.0, "uniform", temperature=0.9,
+    other = power_sample(jax.random.key(10), BLOCK_LM, PROMPT, 3.0, cut="uniform", temperature=0.9,
                          top_p=0.8, **BLOCKS)
     assert not np.array_equal(np.asarray(first.tokens), np.asarray(other.tokens))
     assert _power_sample._cache_size() == compiled
