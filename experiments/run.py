@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.add_argument("--config", type=Path, help="YAML file of option values (keys as the long option names, dashes or underscores); flags given on the command line win")
         sub.add_argument("--out", type=Path, help="run directory (default: runs/COMMAND-TIMESTAMP, with -2, -3, ... added if a run started in the same second holds that name)")
-        sub.add_argument("--resume", action="store_true", help="continue the run in --out from its saved config, skipping finished work; flags that differ from the saved config are refused")
+        sub.add_argument("--resume", action="store_true", help="continue the run in --out from its saved config, skipping finished work; flags that differ from the saved config are refused, except --mesh (a run may continue on other devices)")
         sub.add_argument("--seed", type=int, default=0, help="PRNG seed of the whole run")
         sub.add_argument("--distributed", action="store_true", help="join a multi-host run first (jax.distributed.initialize; coordinator from JAXSAMPLE_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID, or detected on TPU pods, SLURM and Open MPI)")
         module.add_arguments(sub)
@@ -190,6 +190,8 @@ def parse(argv: list[str]) -> tuple[str, dict, dict]:
     return args.command, config, given
 
 
+# Saved options a resumed run may change: they place the work on devices, and change no draw.
+_PLACEMENT_OPTIONS = ("mesh",)
 # Options an earlier version saved under another name (old name → new name, value map) or
 # saved although the command never read them, so folders made before the change still resume.
 _RENAMED_OPTIONS = {"codistill": {"no_weights_arm": ("weights_arm", lambda value: not value)}}
@@ -226,6 +228,8 @@ def resumed_config(out: Path, command: str, given: dict) -> dict:
     if missing:
         fail(f"{source} is corrupted or from another version: option(s) {', '.join(missing)} missing")
     config = coerce_options(_subparser(build_parser(), command), saved, source)
+    # The mesh changes where rows run, not what they draw: a run may continue on other devices.
+    config.update({k: given[k] for k in _PLACEMENT_OPTIONS if k in given})
     changed = [
         f"{options[k].option_strings[0]} {given[k]} (saved: {config[k]})"
         for k in sorted(given) if given[k] != config[k]

@@ -459,3 +459,13 @@ def test_run_folder_with_an_unknown_option_is_still_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run.resumed_config(tmp_path, "twisted", {})
     assert "unknown option 'bogus'" in capsys.readouterr().err
+
+
+def test_resume_may_move_a_run_to_another_mesh(tmp_path, capsys):
+    """The mesh places rows on devices and changes no draw, so a pre-empted run can continue
+    on another slice; any other changed option is still refused."""
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(_saved_config("power", mesh="data=8")))
+    assert run.resumed_config(tmp_path, "power", {"mesh": "data=2"})["mesh"] == "data=2"
+    with pytest.raises(SystemExit):
+        run.resumed_config(tmp_path, "power", {"mesh": "data=2", "chains": 8})
+    assert "these differ: --chains 8 (saved: 32)" in capsys.readouterr().err
