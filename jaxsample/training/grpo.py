@@ -99,14 +99,24 @@ def group_advantages(rewards: Array, mode: str = "grpo", eps: float = 1e-6) -> A
     if mode == "dr_grpo":
         return centred
     if mode == "grpo":
-        std = rewards.std(axis=1, ddof=1, keepdims=True)
+        std = _sample_std(centred, axis=1)
         constant = _constant_groups(rewards)[:, None]
     else:
-        std = rewards.std(ddof=1)
+        std = _sample_std(rewards - rewards.mean(), axis=None)
         constant = jnp.all(rewards == rewards[0, 0])
     # Tested on the rewards, not on std == 0: float rounding can leave a tiny std that would
     # blow the zero advantages of identical rewards up to O(1) noise (and eps = 0 gives 0/0).
     return jnp.where(constant, 0.0, centred / jnp.where(constant, 1.0, std + eps))
+
+
+def _sample_std(deviations: Array, axis) -> Array:
+    """The ddof-1 std of mean-zero `deviations` along `axis` (kept as size 1), from the
+    deviations scaled to [−1, 1]: their squares overflow float32 once |r| ≳ 1.8e19."""
+    scale = jnp.max(jnp.abs(deviations), axis=axis, keepdims=True)
+    scale = jnp.where(scale > 0, scale, 1.0)
+    unit = deviations / scale
+    count = unit.size if axis is None else unit.shape[axis]
+    return scale * jnp.sqrt(jnp.sum(unit * unit, axis=axis, keepdims=True) / (count - 1))
 
 
 def _constant_groups(rewards: Array) -> Array:

@@ -190,6 +190,17 @@ def test_group_advantages_modes():
     np.testing.assert_allclose(zero_variance_fraction(rewards), 1 / 3)
 
 
+@pytest.mark.parametrize("scale", [1e-30, 1e20, 1e30])
+def test_group_advantages_are_scale_free_where_squares_leave_float32(scale):
+    """grpo and batch_std advantages do not depend on the rewards' unit: at 1e20 and 1e30
+    the squared deviations overflow float32 (the std became inf and the advantages 0), and
+    at 1e-30 they underflow."""
+    rewards = jnp.asarray([[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 1.0, 1.0]])
+    for mode in ("grpo", "batch_std"):
+        np.testing.assert_allclose(group_advantages(rewards * scale, mode, eps=0.0),
+                                   group_advantages(rewards, mode, eps=0.0), rtol=1e-6)
+
+
 def test_k1_reward_to_go_sums_the_future():
     logp = jnp.log(jnp.asarray([[0.5, 0.25, 1.0]]))
     logp_ref = jnp.log(jnp.asarray([[0.25, 0.25, 0.5]]))
