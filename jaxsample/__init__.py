@@ -11,7 +11,7 @@ twisted SMC over its unmasking), `steering` (A-LQR and its baselines), `routing`
 query routing) and `testing` (exact enumeration and statistical checks for your own kernels).
 """
 
-from jaxsample import calibration, errors, mcmc, models, parallel, safety, smc, tasks, training
+from jaxsample import calibration, errors, mcmc, models, parallel, safety, sampling, smc, tasks, training
 from jaxsample.decoding import DecodeState, extend, init_decode, rewind, select_rows, take_rows
 from jaxsample.generate import GenerateResult, generate
 from jaxsample.lm import LanguageModel
@@ -56,6 +56,7 @@ __all__ = [
     "save_pretrained",
     "select_rows",
     "safety",
+    "sampling",
     "smc",
     "smc_decode",
     "take_rows",
