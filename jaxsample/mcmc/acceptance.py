@@ -14,6 +14,11 @@ the current suffix to the proposal's length, or dropping the cut term (log n −
 uniform cuts), breaks detailed balance. The prefix terms cancel and are never re-scored.
 The stored ℓq_t is the exact log-prob of a fixed per-token map (temperature, top-k, top-p),
 so it equals the reverse proposal's probability whatever the cut.
+
+log r itself is summed from the per-token terms α ℓp_t − ℓq_t, differenced position by
+position: under τ = 1/α each term is log Z_α(h) = O(1) while α Σ ℓp and Σ ℓq are each
+≈ α Σ ℓp, so adding the power and proposal parts in float32 loses the result to rounding
+(errors of 0.05 in log r at α = 50, N = 3072).
 """
 
 from __future__ import annotations
@@ -61,7 +66,8 @@ class LogRatio(NamedTuple):
     """log r and its three components (scalars, or `[B]` when vmapped).
 
     Attributes:
-      log_ratio: power + proposal + cut; `-inf` where the sum is NaN (NaN → reject).
+      log_ratio: power + proposal + cut, the first two summed per token as α ℓp − ℓq (see
+        the module docstring); `-inf` where NaN (NaN → reject).
       log_power: α (Σ ℓp' − Σ ℓp) over the suffixes from the cut.
       log_proposal: Σ ℓq − Σ ℓq' over the suffixes from the cut.
       log_cut: log c(i | x') − log c(i | x).
@@ -73,9 +79,17 @@ class LogRatio(NamedTuple):
     log_cut: Array
 
 
-def _suffix_sum(values: Array, cut: Array, length: Array) -> Array:
-    position = jnp.arange(values.shape[-1])
-    return jnp.sum(jnp.where((position >= cut) & (position < length), values, 0.0))
+def _suffix_change(
+    current: Array, proposed: Array, cut: Array, current_length: Array, proposed_length: Array
+) -> Array:
+    """Σ_{t≥i} proposed_t − Σ_{t≥i} current_t, differenced per position before the sum: the
+    two traces' terms are of like size at each position, so no large partial sums cancel."""
+    position = jnp.arange(current.shape[-1])
+
+    def suffix(values, length):
+        return jnp.where((position >= cut) & (position < length), values, 0.0)
+
+    return jnp.sum(suffix(proposed, proposed_length) - suffix(current, current_length))
 
 
 def log_acceptance_ratio(
@@ -93,15 +107,13 @@ def log_acceptance_ratio(
     Returns:
       `LogRatio`; dtype follows the traces (float32 from the decoder, float64 in exact tests).
     """
-    log_power = alpha * (
-        _suffix_sum(proposed.log_p, cut, proposed.length)
-        - _suffix_sum(current.log_p, cut, current.length)
-    )
-    log_proposal = _suffix_sum(current.log_q, cut, current.length) - _suffix_sum(
-        proposed.log_q, cut, proposed.length
-    )
+    def change(current_values, proposed_values):
+        return _suffix_change(current_values, proposed_values, cut, current.length, proposed.length)
+
+    log_power = alpha * change(current.log_p, proposed.log_p)
+    log_proposal = -change(current.log_q, proposed.log_q)
     log_cut = proposed.cut_log_probs(cut_law)[cut] - current.cut_log_probs(cut_law)[cut]
-    total = log_power + log_proposal + log_cut
+    total = change(alpha * current.log_p - current.log_q, alpha * proposed.log_p - proposed.log_q) + log_cut
     return LogRatio(
         log_ratio=jnp.where(jnp.isnan(total), -jnp.inf, total),
         log_power=log_power,

@@ -117,3 +117,28 @@ def test_cut_law_arguments():
         entropy_jump(0.0)
     with pytest.raises(ArgumentError, match="beta"):
         resolve_cut_law(EntropyJump(0.0))
+
+
+@pytest.mark.parametrize("alpha", [4.0, 50.0])
+def test_log_ratio_keeps_float32_precision_on_long_suffixes(alpha):
+    # A context-free model (one next-token law everywhere, flat enough that q = p^α / Z with
+    # τ = 1/α still mixes at α = 50): the proposed suffix is the current one sorted,
+    # so the exact log r of these float32 inputs is 0. α Σ ℓp and Σ ℓq are each ≈ α Σ ℓp
+    # (10⁴–10⁵ here) and were summed apart, leaving an error of order ε·|α Σ ℓp|. Per token,
+    # c(v) = α ℓp(v) − ℓq(v) = log Z_α up to rounding; the position-wise differences
+    # d_t = c(x'_t) − c(x_t) have |d_t| ≤ D = spread of c over the drawn tokens and sum to 0,
+    # so rounding each d_t (ε/2 · D) and summing N of them ((N − 1) ε · N D) leave ≤ N² ε D.
+    n, cut, vocab = 1024, 7, 32
+    logits = -0.02 * jnp.arange(vocab, dtype=jnp.float32)
+    log_p_v, _ = js.token_log_probs(logits)
+    log_q_v = js.proposal_log_probs(logits, js.Proposal(temperature=1.0 / alpha).validated())
+    tokens = jax.random.categorical(jax.random.key(1), log_q_v, shape=(n,))
+    rearranged = tokens.at[cut:].set(jnp.sort(tokens[cut:]))
+
+    def trace(tokens):
+        return Trace(tokens, log_p_v[tokens], log_q_v[tokens], jnp.zeros(n), jnp.int32(n))
+
+    ratio = log_acceptance_ratio(jnp.int32(cut), jnp.float32(alpha), trace(tokens), trace(rearranged), uniform)
+    per_token = np.asarray(jnp.float32(alpha) * log_p_v - log_q_v)[np.asarray(tokens)]
+    bound = n**2 * np.finfo(np.float32).eps * (per_token.max() - per_token.min())
+    assert abs(float(ratio.log_ratio)) <= bound
