@@ -205,3 +205,38 @@ def test_samplers_share_compilations_across_prompt_lengths(lm):
         if prompt == [1, 2]:
             compiled = (_power_sample._cache_size(), _run._cache_size())
     assert (_power_sample._cache_size(), _run._cache_size()) == compiled
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1e-40, 2.0**-126, 1e-30])
+@pytest.mark.parametrize("truncation", [dict(), dict(top_k=2), dict(top_p=0.5)])
+def test_tiny_temperatures_give_the_greedy_law_not_nan(temperature, truncation):
+    # Logits of an LLM's size (tens): logits / τ overflowed float32 for τ < 30 / 3.4e38 and
+    # gave NaN log q. The limit is greedy among the tied maxima, also for a traced τ that
+    # float32 cannot hold (0, or the subnormal 1e-40, flushed to 0 on CPU).
+    logits = jnp.array([[10.0, 30.0, 30.0, -jnp.inf, 20.0], [-25.0, 31.0, 29.0, 0.0, 30.5]])
+    got = jax.jit(js.proposal_log_probs)(logits, js.Proposal(jnp.float32(temperature), **truncation))
+    assert not np.isnan(got).any()
+    np.testing.assert_allclose(np.exp(got), [[0, 0.5, 0.5, 0, 0], [0, 1, 0, 0, 0]], rtol=1e-6, atol=0)
+
+
+def test_generate_at_the_smallest_temperature_decodes_greedily():
+    # τ = 2⁻¹²⁶, the smallest accepted, on logits up to ~80: every token is the argmax, with
+    # log q = 0 (the old logits / τ overflowed: NaN log q and token 0 at every step).
+    lm = js.LanguageModel.from_logits_fn(lambda tokens: 10.0 * _logits_fn(tokens), VOCAB, EOS, max_length=24)
+    result = js.generate(jax.random.key(0), lm, PROMPT, 8, temperature=2.0**-126, num_samples=2)
+    greedy = js.generate(jax.random.key(1), lm, PROMPT, 8, temperature=1.0, top_k=1, num_samples=2)
+    np.testing.assert_array_equal(result.tokens, greedy.tokens)
+    np.testing.assert_array_equal(result.log_q, 0.0)
+
+
+@pytest.mark.parametrize("temperature", [1e-46, 1e-40, 1e38, 1e39])
+def test_temperatures_float32_cannot_hold_are_refused(lm, temperature):
+    # 1e-46 rounds to 0 in float32 and 1e-40 is subnormal (flushed to 0); above 2¹²⁶ the
+    # reciprocal XLA multiplies by is subnormal. The bounds themselves are accepted.
+    with pytest.raises(ArgumentError, match=r"temperature must lie in \[1.175e-38, 8.507e\+37\]"):
+        js.generate(jax.random.key(0), lm, PROMPT, 4, temperature=temperature)
+    with pytest.raises(ArgumentError, match="temperature"):
+        js.power_sample(jax.random.key(0), lm, PROMPT, alpha=2.0, num_chains=2, block_size=4,
+                        num_mcmc_steps=1, max_new_tokens=4, temperature=temperature)
+    for bound in (2.0**-126, 2.0**126):
+        assert js.Proposal(bound).validated().temperature == bound

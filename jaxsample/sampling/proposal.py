@@ -12,6 +12,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from jaxsample.errors import ArgumentError
@@ -49,7 +50,8 @@ class Proposal:
     """Tempered, truncated, optionally twisted sampling distribution over the next token.
 
     Attributes:
-      temperature: τ > 0, a traced float (changing it does not recompile).
+      temperature: τ > 0, a traced float (changing it does not recompile); a concrete τ must
+        lie in [2⁻¹²⁶, 2¹²⁶] ≈ [1.2e-38, 8.5e37], where τ and 1/τ are normal float32 numbers.
       top_k: static int; keep the k most likely tokens, and every token tied with the k-th
         (as transformers' `TopKLogitsWarper`: `top_k=1` samples among tied maxima), 0 keeps all.
       top_p: traced float in (0, 1]; keep the smallest set of most likely tokens whose
@@ -68,10 +70,31 @@ class Proposal:
         if self.twist is not None and not isinstance(self.twist, Twist):
             raise ArgumentError(f"twist must be None or a Twist, got {self.twist!r}")
         return self.replace(
-            temperature=jnp.asarray(check_real("temperature", self.temperature, "(0, inf)"), jnp.float32),
+            temperature=_float32_temperature(self.temperature),
             top_k=check_int("top_k", self.top_k, 0),
             top_p=jnp.asarray(check_real("top_p", self.top_p, "(0, 1]"), jnp.float32),
         )
+
+
+# τ and 1/τ must both be normal float32 numbers: XLA divides by multiplying with 1/τ, and
+# CPUs flush subnormals to 0. A smaller τ (1e-46 rounds to 0) would act as τ = 0 (greedy); a
+# larger one makes 1/τ = 0, and a masked logit −inf · 0 = NaN.
+_TEMPERATURE_RANGE = (float(np.finfo(np.float32).tiny), 1.0 / float(np.finfo(np.float32).tiny))
+
+
+def _float32_temperature(temperature: Array | float) -> Array:
+    """τ as float32, refusing a concrete τ outside `_TEMPERATURE_RANGE` (ArgumentError)."""
+    check_real("temperature", temperature, "(0, inf)")
+    if not isinstance(temperature, jax.core.Tracer):
+        low, high = _TEMPERATURE_RANGE
+        values = np.asarray(temperature, np.float64)
+        outside = (values < low) | (values > high)
+        if np.any(outside):
+            raise ArgumentError(
+                f"temperature must lie in [{low:.4g}, {high:.4g}] (τ and 1/τ normal float32 "
+                f"numbers), got {float(values[outside][0])!r}"
+            )
+    return jnp.asarray(temperature, jnp.float32)
 
 
 def token_log_probs(logits: Array) -> tuple[Array, Array]:
@@ -99,7 +122,13 @@ def proposal_log_probs(logits: Array, proposal: Proposal) -> Array:
     Returns:
       float32 `[..., V]`, `-inf` outside the support.
     """
-    scores = logits.astype(jnp.float32) / proposal.temperature
+    # Centred first: logits / τ overflows float32 once τ < |logit| / 3.4e38 (NaN log q), while
+    # (logits − max) / τ keeps the maxima at exactly 0 and sends the rest to ≤ 0 or −inf, the
+    # greedy limit. The maxima are set to 0 rather than divided: a traced τ too small for
+    # float32 (see `_TEMPERATURE_RANGE`) makes 1/τ = inf, and them 0 · inf = NaN.
+    logits = logits.astype(jnp.float32)
+    peak = jnp.max(logits, axis=-1, keepdims=True)
+    scores = jnp.where(logits == peak, 0.0, (logits - peak) / proposal.temperature)
     if proposal.top_k:
         kth = jax.lax.top_k(scores, min(proposal.top_k, scores.shape[-1]))[0][..., -1:]
         scores = jnp.where(scores < kth, -jnp.inf, scores)
