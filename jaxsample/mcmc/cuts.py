@@ -18,7 +18,7 @@ any other law (a module-level function, a hashable, value-comparable object) is 
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Protocol, Union
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,30 @@ from jaxsample.errors import ArgumentError
 from jaxsample.validation import check_real
 
 Array = jax.Array
-CutLaw = Callable[[Array, Array, Array, Array, Array], Array]
+
+
+class CutLaw(Protocol):
+    """A cut law c(i | x): any callable with this `__call__`, a function (`uniform`) or an
+    object (`EntropyJump`). See the module docstring for what makes a law valid."""
+
+    def __call__(self, log_p: Array, log_q: Array, entropy: Array, tokens: Array, length: Array, /) -> Array:
+        """log c(· | x) for one chain's trace x (N = max_new_tokens slots; vmapped over chains).
+
+        Args:
+          log_p: float `[N]` log p(x_t | x_<t), untempered; 0 after `length`.
+          log_q: float `[N]` log q(x_t | x_<t) under the proposal; 0 after `length`.
+          entropy: float `[N]` entropy of p(· | x_<t); 0 after `length`.
+          tokens: int `[N]` the trace; pad after `length`.
+          length: int `[]` generated tokens (a final stop token included), in [0, N]; the
+            result is used only when it is ≥ 1 (SMC can hold empty particles).
+
+        Returns:
+          float `[N]` (the dtype of `log_p`: float32 in the samplers, float64 in
+          `jaxsample.testing`): log c(i | x), normalised over i < `length` (logsumexp 0),
+          `-inf` at i ≥ `length`. Must be deterministic in the trace and traceable
+          (it runs under `jit` and `vmap`).
+        """
+        ...
 
 
 def uniform(log_p: Array, log_q: Array, entropy: Array, tokens: Array, length: Array) -> Array:
@@ -51,6 +74,10 @@ class EntropyJump:
     β is a pytree leaf, traced like α: `power_sample` compiles once for every β, and β may
     be a traced value (`jax.jit(lambda b: power_sample(..., cut=EntropyJump(b)))`). With a
     Python float β the law is also hashable, as `jaxsample.testing` requires.
+
+    Attributes:
+      beta: β > 0, the exponent on the entropy jumps (default 4): larger β concentrates
+        the cuts on the largest jumps. A float or a float `[]` array (traced).
     """
 
     beta: float = 4.0

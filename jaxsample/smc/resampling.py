@@ -27,7 +27,7 @@ systematic.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,27 @@ from jaxsample.errors import ArgumentError, NumericalError
 from jaxsample.validation import check_int
 
 Array = jax.Array
-Resampler = Callable[[Array, Array, int], Array]
+
+
+class Resampler(Protocol):
+    """A resampling scheme: any callable with this `__call__` (`multinomial`, `stratified`,
+    `systematic`, `residual`, or your own); `get_resampler` accepts one in place of a name."""
+
+    def __call__(self, key: Array, weights: Array, num_samples: int, /) -> Array:
+        """Ancestor indices drawn in proportion to `weights`.
+
+        Args:
+          key: PRNG key.
+          weights: float `[N]` unnormalised, finite, non-negative, with a positive total.
+          num_samples: M, a Python int (static under `jit`).
+
+        Returns:
+          int32 `[M]` ancestor indices in [0, N). SMC's estimates stay unbiased when particle
+          i appears M · w_i / Σw times in expectation, as in every scheme here. Must run
+          under `jit` and `vmap`; the built-in schemes return `arange(M) % N` for invalid
+          traced weights (see the module docstring).
+        """
+        ...
 
 # float32 u_m = (m + U) / M can round up to 1.0; keep every uniform strictly inside [0, 1).
 _BELOW_ONE = float(np.nextafter(np.float32(1.0), np.float32(0.0)))
