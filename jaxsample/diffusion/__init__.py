@@ -27,7 +27,6 @@ from jaxsample.diffusion.twisted import (
 from jaxsample.diffusion import checkpoint
 from jaxsample.diffusion.checkpoint import load, load_problem, save
 from jaxsample.diffusion.twist_learning import (
-    TRIInfo,
     UnmaskingPaths,
     init_linear_twist,
     learn_diffusion_twist,
@@ -43,7 +42,6 @@ __all__ = [
     "DiffusionSMCResult",
     "DiffusionSMCState",
     "MaskedDiffusionLM",
-    "TRIInfo",
     "UnmaskResult",
     "UnmaskingPaths",
     "build_kernel",

@@ -24,7 +24,7 @@ import optax
 from jaxsample.diffusion.model import MaskedDiffusionLM
 from jaxsample.diffusion.twisted import LogTwistFn, twisted_diffusion_smc
 from jaxsample.smc.trust_region import solve_trust_region_beta, tempered_log_weights, trust_region_kl
-from jaxsample.smc.twist_learning import fit_steps, init_adam
+from jaxsample.smc.twist_learning import TwistInfo, fit_steps, init_adam
 from jaxsample.smc.weights import ess, log_evidence
 from jaxsample.validation import check_int, check_real
 
@@ -44,8 +44,14 @@ def linear_log_twist(params: dict, tokens: Array, step: Array, features: Array) 
 
 
 class UnmaskingPaths(NamedTuple):
-    """N unmasking paths: parents int32 `[T, N, T]` (x_t before step t); choices int32 `[T, N]`
-    (position · V + token drawn at step t); log_weights f32 `[N]`; log_potential f32 `[N]`."""
+    """N unmasking paths of one SIS pass, the data of a twist fit.
+
+    Attributes:
+      parents: int32 `[T, N, T]` x_t before step t.
+      choices: int32 `[T, N]` position · V + token drawn at step t.
+      log_weights: f32 `[N]` SIS log-weights lw_i = log p(X^i) φ(x_0^i) − log q_θ(X^i).
+      log_potential: f32 `[N]` log φ(x_0^i) of each clean sequence.
+    """
 
     parents: Array
     choices: Array
@@ -80,18 +86,6 @@ def path_log_q(model: MaskedDiffusionLM, log_twist_fn: LogTwistFn, params: Any, 
     return jnp.sum(log_q, axis=0)
 
 
-class TRIInfo(NamedTuple):
-    """One TRI iteration: beta, kl (spent), ess and log_z of the SIS pass before the update,
-    mean_log_potential (unweighted mean log φ of its samples), loss (after the fit)."""
-
-    beta: Array
-    kl: Array
-    ess: Array
-    log_z: Array
-    mean_log_potential: Array
-    loss: Array
-
-
 @partial(jax.jit, static_argnames=("log_twist_fn", "optimizer", "num_fit_steps"))
 def _fit(model, params, opt_state, paths, weights, *, log_twist_fn, optimizer, num_fit_steps):
     def loss_fn(p):
@@ -103,8 +97,13 @@ def _fit(model, params, opt_state, paths, weights, *, log_twist_fn, optimizer, n
 
 def tri_iteration(key: Array, model: MaskedDiffusionLM, log_potential_fn, params: Any, opt_state: Any, *,
                   log_twist_fn: LogTwistFn, optimizer: optax.GradientTransformation, kl_budget: float,
-                  num_particles: int, num_fit_steps: int) -> tuple[Any, Any, TRIInfo]:
-    """One TRI-TSMC iteration (module docstring): `(params, opt_state, TRIInfo)`."""
+                  num_particles: int, num_fit_steps: int) -> tuple[Any, Any, TwistInfo]:
+    """One TRI-TSMC iteration (module docstring).
+
+    Returns:
+      `(params, opt_state, info)`; info is a `jaxsample.smc.TwistInfo` of f32 `[]` fields,
+      as the autoregressive twist learner reports (one target here, so no mean over prompts).
+    """
     run = twisted_diffusion_smc(key, model, log_potential_fn, num_particles=num_particles,
                                 log_twist_fn=log_twist_fn, twist_params=params, ess_threshold=0.0,
                                 return_infos=True)
@@ -116,8 +115,9 @@ def tri_iteration(key: Array, model: MaskedDiffusionLM, log_potential_fn, params
     weights = jnp.exp(tempered_log_weights(result.log_weights, beta))
     params, opt_state, loss = _fit(model, params, opt_state, paths, weights, log_twist_fn=log_twist_fn,
                                    optimizer=optimizer, num_fit_steps=num_fit_steps)
-    info = TRIInfo(beta, trust_region_kl(result.log_weights, beta), ess(result.log_weights),
-                   log_evidence(result.log_weights), jnp.mean(log_potential), loss)
+    info = TwistInfo(beta=beta, kl=trust_region_kl(result.log_weights, beta), ess=ess(result.log_weights),
+                     log_z=log_evidence(result.log_weights), mean_log_potential=jnp.mean(log_potential),
+                     loss=loss)
     return params, opt_state, info
 
 
