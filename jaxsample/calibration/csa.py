@@ -35,6 +35,21 @@ from jaxsample.calibration.isotonic import isotonic_fit, isotonic_predict
 from jaxsample.errors import ArgumentError
 from jaxsample.validation import check_int, check_scalar
 
+__all__ = [
+    "CSAInfo",
+    "CSAState",
+    "build_kernel",
+    "calibrated_risks",
+    "check_grid",
+    "check_stream",
+    "check_unit_interval",
+    "deploy",
+    "init",
+    "isotonic_refits",
+    "predictable_bet",
+    "run_stream",
+]
+
 Array = jax.Array
 
 
@@ -82,6 +97,11 @@ class CSAInfo(NamedTuple):
 
 
 def check_unit_interval(name: str, value) -> None:
+    """Raises `ArgumentError` naming `name` unless `value` is one number in the open (0, 1).
+
+    The check of α, δ and c shared by CSA, its baselines and the CSA experiment's options;
+    a traced value passes unchecked.
+    """
     check_scalar(name, value, "(0, 1)")
 
 

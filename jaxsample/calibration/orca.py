@@ -34,6 +34,25 @@ from jaxsample.calibration.ltt import binomial_p_value, fixed_sequence
 from jaxsample.errors import ArgumentError
 from jaxsample.validation import check_int, check_scalar
 
+__all__ = [
+    "Evaluation",
+    "ProbeParams",
+    "StaticProbe",
+    "evaluate",
+    "init_probe",
+    "lambda_grid",
+    "ltt_calibrate",
+    "meta_loss",
+    "meta_train",
+    "probe_scan",
+    "smooth",
+    "static_probe_fit",
+    "static_probe_scores",
+    "stop_indices",
+    "stop_losses",
+    "ttt_scores",
+]
+
 Array = jax.Array
 
 
@@ -286,9 +305,15 @@ def _stop_losses(smoothed, labels, mask, lambdas) -> Array:
 
 
 class Evaluation(NamedTuple):
-    """Attributes: error_rate (fraction wrong at the stop, float32), num_wrong int32 (the
-    count: compare it, not the rounded rate, with δ·P), savings (mean 1 − (T+1)/n), stops
-    int32 `[P]`."""
+    """Stopping at λ on P problems (`evaluate`).
+
+    Attributes:
+      error_rate: float32 `[]` fraction of problems whose answer at the stop is wrong.
+      num_wrong: int32 `[]` their count: compare it, not the rounded rate, with δ·P.
+      savings: float32 `[]` mean fraction of steps saved, 1 − (T + 1) / n, with T the stop
+        index and n the problem's real steps.
+      stops: int32 `[P]` stop index T of each problem (its last real step when λ is never reached).
+    """
 
     error_rate: Array
     num_wrong: Array
@@ -319,9 +344,15 @@ def ttt_scores(params: ProbeParams, phi, mask) -> Array:
 
 
 class StaticProbe(NamedTuple):
-    """Standardise → PCA → logistic regression (the non-TTT baseline).
+    """Standardise → PCA → logistic regression (the non-TTT baseline; a reconstruction,
+    see the module docstring). float32 throughout.
 
-    Attributes: mean, scale `[d]`; components `[d, r]`; weights `[r]`; bias `[]`.
+    Attributes:
+      mean: `[d]` feature means over the training step embeddings.
+      scale: `[d]` feature standard deviations (+ 1e-6).
+      components: `[d, r]` the top r principal directions of the standardised features.
+      weights: `[r]` logistic-regression weights on the projected features.
+      bias: `[]` its intercept.
     """
 
     mean: Array
