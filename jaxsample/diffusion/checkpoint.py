@@ -54,7 +54,18 @@ def load(name_or_path: str | Path = "toy-diffusion") -> MaskedDiffusionLM:
 
 
 def load_problem(name_or_path: str | Path = "toy-diffusion") -> DecisionProblem:
-    """The fixed decision problem whose traces the checkpoint models."""
+    """The fixed decision problem whose traces the checkpoint models.
+
+    Args:
+      name_or_path: a shipped name (`toy-diffusion`) or a checkpoint directory.
+
+    Returns:
+      `jaxsample.tasks.DecisionProblem` (its task config and K item values), read from the
+      checkpoint's decision_task.json.
+
+    Raises:
+      ModelNotFoundError: no such checkpoint. CheckpointError: it holds no decision_task.json.
+    """
     path = resolve(name_or_path) / "decision_task.json"
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: this checkpoint was not trained on a decision problem")

@@ -66,6 +66,7 @@ class DiffusionConfig:
 
     @property
     def mask_id(self) -> int:
+        """The MASK token id, V."""
         return self.vocab_size
 
     @property
@@ -75,6 +76,7 @@ class DiffusionConfig:
         return np.diff(edges).astype(np.int32)
 
     def block_config(self) -> ModelConfig:
+        """The `ModelConfig` of the shared `DecoderLayer` blocks (Llama layout, V + 1 tokens)."""
         return ModelConfig(model_type="llama", vocab_size=self.vocab_size + 1,
                            hidden_size=self.hidden_size, intermediate_size=self.mlp_size,
                            num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
@@ -82,6 +84,7 @@ class DiffusionConfig:
                            max_position_embeddings=self.seq_len)
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (a checkpoint's config.json)."""
         return dataclasses.asdict(self)
 
 
@@ -112,7 +115,12 @@ class Denoiser(nn.Module):
 
 @flax.struct.dataclass
 class MaskedDiffusionLM:
-    """A denoiser and its parameters (a pytree: params are traced, the config is static)."""
+    """A denoiser and its parameters (a pytree: params are traced, the config is static).
+
+    Attributes:
+      params: the `Denoiser`'s flax params pytree (float32 from `init_model` / `load`).
+      config: its `DiffusionConfig` (static).
+    """
 
     params: Any
     config: DiffusionConfig = flax.struct.field(pytree_node=False)
@@ -131,11 +139,21 @@ class MaskedDiffusionLM:
 
     @property
     def feature_size(self) -> int:
+        """D, the width of `logits_and_features`' features."""
         return self.config.hidden_size
 
 
 def init_model(key: Array, config: DiffusionConfig) -> MaskedDiffusionLM:
-    """A randomly initialised model."""
+    """A randomly initialised model (flax default initialisers).
+
+    Args:
+      key: PRNG key.
+      config: the architecture.
+
+    Returns:
+      `MaskedDiffusionLM` with float32 params: embed `[V + 1, D]` (MASK included),
+      position_embed `[T, D]`, layer_0 … layer_{L−1}, norm, head (kernel `[D, V]`, bias `[V]`).
+    """
     dummy = jnp.full((1, config.seq_len), config.mask_id, jnp.int32)
     params = Denoiser(config).init(key, dummy)["params"]
     return MaskedDiffusionLM(params=params, config=config)

@@ -24,8 +24,13 @@ Array = jax.Array
 
 
 class UnmaskResult(NamedTuple):
-    """Attributes: tokens int32 `[S, T]` (clean); log_probs f32 `[S, K]`, Σ over the positions
-    unmasked at step k of log p_θ(x_0^i | x_t)."""
+    """S samples of ancestral unmasking in K steps.
+
+    Attributes:
+      tokens: int32 `[S, T]` clean sequences x_0.
+      log_probs: f32 `[S, K]` at step k, Σ over the positions i unmasked then of
+        log p_θ(x_0^i | x_t).
+    """
 
     tokens: Array
     log_probs: Array

@@ -42,8 +42,14 @@ LogTwistFn = Callable[[Any, Array, Array, Array], Array]
 
 
 class DiffusionSMCState(NamedTuple):
-    """tokens int32 `[N, T]` (x_t); log_weights f32 `[N]`; log_twist f32 `[N]`, log ψ_t(x_t)
-    (0 for the all-MASK start); step int32 `[]`, steps taken."""
+    """N particles partway down the unmasking path.
+
+    Attributes:
+      tokens: int32 `[N, T]` the partially masked states x_t (MASK = V).
+      log_weights: f32 `[N]` unnormalised log-weights (`-inf`: a dead particle).
+      log_twist: f32 `[N]` log ψ_t(x_t) of each particle (0 for the all-MASK start).
+      step: int32 `[]` steps taken (positions unmasked), in [0, T].
+    """
 
     tokens: Array
     log_weights: Array
@@ -52,9 +58,15 @@ class DiffusionSMCState(NamedTuple):
 
 
 class DiffusionSMCInfo(NamedTuple):
-    """ess f32 `[]` after the reweighting (before resampling); resampled bool `[]`;
-    ancestors int32 `[N]`; nan_or_inf bool `[]` (a NaN/+inf weight: the caller raises);
-    position int32 `[N]`, the position each (post-resampling) particle unmasked."""
+    """What one step did.
+
+    Attributes:
+      ess: f32 `[]` ESS in [0, N] after the reweighting, before resampling.
+      resampled: bool `[]` whether the step resampled (ESS < κ N).
+      ancestors: int32 `[N]` each particle's ancestor (the identity when not resampled).
+      nan_or_inf: bool `[]` a NaN / +inf log-weight appeared (`twisted_diffusion_smc` raises).
+      position: int32 `[N]` the position each (post-resampling) particle unmasked.
+    """
 
     ess: Array
     resampled: Array
@@ -64,9 +76,16 @@ class DiffusionSMCInfo(NamedTuple):
 
 
 class DiffusionSMCResult(NamedTuple):
-    """tokens int32 `[N, T]` clean; log_weights f32 `[N]`, unnormalised (softmax them for
-    the particles' weights; log Ẑ = logsumexp − log N); log_z f32 `[]` (log Ẑ); ess f32 `[T]`
-    per step; resampled bool `[T]`."""
+    """The particles after the T unmasking steps of `twisted_diffusion_smc`.
+
+    Attributes:
+      tokens: int32 `[N, T]` clean sequences x_0.
+      log_weights: f32 `[N]` unnormalised (softmax them for the particles' weights;
+        log Ẑ = logsumexp − log N).
+      log_z: f32 `[]` log Ẑ (Ẑ is unbiased for Z = E_p[φ(x_0)]).
+      ess: f32 `[T]` ESS at each step, before its resampling.
+      resampled: bool `[T]` whether each step resampled.
+    """
 
     tokens: Array
     log_weights: Array

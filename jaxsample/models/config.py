@@ -75,14 +75,31 @@ class ModelConfig:
 
     Attributes:
       model_type: "qwen2" or "llama".
-      qkv_bias: q/k/v projections have biases (always for Qwen2; Llama `attention_bias`).
-      o_bias: the output projection has a bias (Llama `attention_bias`; never for Qwen2).
-      mlp_bias: gate/up/down projections have biases (Llama `mlp_bias`; never for Qwen2).
-      rope_scaling: `None` for plain RoPE, or the llama3 remap.
+      vocab_size: V, rows of the embedding and of the LM head.
+      hidden_size: D, the residual-stream width.
+      intermediate_size: F, the gated MLP's inner width.
+      num_hidden_layers: L decoder layers.
+      num_attention_heads: N query heads.
+      num_key_value_heads: K key/value heads; N must be a multiple of K.
+      head_dim: H, per-head width (even, for rotate-half RoPE); transformers' default D / N.
+      max_position_embeddings: the longest sequence (prompt + generated tokens) the model
+        accepts; it becomes `LanguageModel.max_length` and bounds the KV-cache capacity.
+      rms_norm_eps: ε > 0 in every RMSNorm, x / sqrt(mean(x²) + ε).
+      rope_theta: RoPE base θ > 0: inverse frequencies θ^(−2j/H), j < H/2.
+      rope_scaling: `None` for plain RoPE, or the llama3 remap (`Llama3RopeScaling`).
       rope_freq_factors: `None`, or H/2 per-dimension divisors of the RoPE inverse
         frequencies (the `rope_freqs` tensor of Llama-3.x GGUF files: llama.cpp's form of
         the llama3 remap). Exclusive with `rope_scaling`.
+      tie_word_embeddings: the LM head reuses the `[V, D]` embedding (no `lm_head` params).
+      qkv_bias: q/k/v projections have biases (always for Qwen2; Llama `attention_bias`).
+      o_bias: the output projection has a bias (Llama `attention_bias`; never for Qwen2).
+      mlp_bias: gate/up/down projections have biases (Llama `mlp_bias`; never for Qwen2).
       eos_token_ids: stop tokens from config.json (may be empty; generation_config.json can add).
+      bos_token_id: beginning-of-sequence id in [0, V), or `None`; kept for round trips,
+        never used by the samplers (BOS, where a model wants one, comes from the tokenizer
+        or the chat template).
+      pad_token_id: pad id in [0, V), or `None`; the loaded `LanguageModel` falls back to
+        the tokenizer's, then to the first stop token.
     """
 
     model_type: str

@@ -26,6 +26,7 @@ class Tokenizer:
       hf: the underlying transformers tokenizer (for anything this wrapper does not cover).
       eos_token_ids: stop tokens known to the tokenizer (its eos token).
       bos_token_id, pad_token_id: special ids, or None.
+      source: where it came from (a checkpoint directory or GGUF path), for messages.
     """
 
     def __init__(self, hf_tokenizer: Any, source: str = ""):
@@ -43,6 +44,8 @@ class Tokenizer:
 
     @property
     def hf(self) -> Any:
+        """The underlying transformers tokenizer, for anything this wrapper does not cover
+        (a lazy GGUF tokenizer builds it here, on first use)."""
         if self._hf is None:
             self._hf = self._build()
         return self._hf
@@ -73,15 +76,19 @@ class Tokenizer:
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
+        """The tokenizer's eos id as a 1-tuple, or `()` when it has none. The model's stop set
+        (`LanguageModel.eos_token_ids`) comes from its config and generation config instead."""
         eos = self.hf.eos_token_id
         return () if eos is None else (int(eos),)
 
     @property
     def bos_token_id(self) -> int | None:
+        """The tokenizer's beginning-of-sequence id, or None."""
         return self.hf.bos_token_id
 
     @property
     def pad_token_id(self) -> int | None:
+        """The tokenizer's pad id, or None; `js.load` uses it when the config sets none."""
         return self.hf.pad_token_id
 
     def __len__(self) -> int:

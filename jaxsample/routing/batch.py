@@ -38,7 +38,14 @@ _HIGHS_RETRIES = ({}, {"presolve": False}, {"mip_feasibility_tolerance": 1e-9}, 
 
 
 class RoutingProblem(NamedTuple):
-    """A validated batch: predicted quality, costs `[n, M]`, budget, capacity `[M]`."""
+    """A validated batch of n queries and M models (`check_problem`).
+
+    Attributes:
+      scores: float64 `[n, M]` predicted quality a_ij of model j on query i (finite).
+      costs: float64 `[n, M]` cost c_ij ≥ 0 of sending query i to model j.
+      budget: float, the limit on the total cost Σ_ij c_ij x_ij.
+      capacity: int64 `[M]` most queries model j may take, in [0, n].
+    """
 
     scores: np.ndarray
     costs: np.ndarray

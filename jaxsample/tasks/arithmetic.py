@@ -29,7 +29,13 @@ _FRACTION = re.compile(r"\\\w*frac")  # \frac, \dfrac, \tfrac: \frac6{2} shows o
 
 @dataclass(frozen=True)
 class ArithmeticProblem:
-    """`a op b` with op in {"+", "*"}."""
+    """The question "What is a op b?"; `answer` is its exact int value.
+
+    Attributes:
+      a: the left operand.
+      b: the right operand.
+      operation: "+" or "*" (a key of `OPERATIONS`; anything else raises `ArgumentError`).
+    """
 
     a: int
     b: int
@@ -42,10 +48,12 @@ class ArithmeticProblem:
 
     @property
     def answer(self) -> int:
+        """The exact result a op b."""
         return OPERATIONS[self.operation](self.a, self.b)
 
     @property
     def question(self) -> str:
+        """The question, `What is a op b?` (the start of the user message)."""
         return f"What is {self.a} {self.operation} {self.b}?"
 
 

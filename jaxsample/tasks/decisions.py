@@ -98,6 +98,7 @@ class DecisionTaskConfig:
         return 2 + self.max_decisions * self.item_length
 
     def trace_length(self, num_decisions: int) -> int:
+        """Tokens of the trace of a problem with `num_decisions` items: K (L + 2)."""
         return num_decisions * self.item_length
 
     @property
@@ -106,10 +107,12 @@ class DecisionTaskConfig:
         return self.prompt_length + self.trace_length(self.max_decisions)
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (`from_dict` reads it back)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> "DecisionTaskConfig":
+        """The config of a `to_dict` dict; raises `ConfigError` on an unknown field."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(fields) - known)
         if unknown:
@@ -125,22 +128,27 @@ class DecisionVocabulary:
 
     @property
     def num_options(self) -> int:
+        """1 + W: the right option and the W wrong ones."""
         return 1 + self.config.num_wrong
 
     @property
     def first_digit(self) -> int:
+        """Token id of digit 0 (the digits follow the options)."""
         return RIGHT + self.num_options
 
     @property
     def size(self) -> int:
+        """V, the vocabulary size: specials, options, digits."""
         return self.first_digit + self.config.num_symbols
 
     @property
     def option_ids(self) -> np.ndarray:
+        """int `[1 + W]` token ids of R, W1, …, WW."""
         return RIGHT + np.arange(self.num_options)
 
     @property
     def digit_ids(self) -> np.ndarray:
+        """int `[m]` token ids of the digits 0 … m − 1."""
         return self.first_digit + np.arange(self.config.num_symbols)
 
     def tokens(self) -> list[str]:
@@ -176,6 +184,7 @@ class DecisionProblem:
 
     @property
     def num_decisions(self) -> int:
+        """K, the items of this problem."""
         return len(self.items)
 
     @property

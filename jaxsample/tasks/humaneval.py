@@ -64,8 +64,15 @@ _PYTHON_TAGS = ("", "python", "py", "python3")
 
 @dataclass(frozen=True)
 class HumanEvalProblem:
-    """One problem: `prompt` (signature + docstring), its `test` code defining
-    `check(candidate)`, the function name `entry_point` and a `canonical_solution` body."""
+    """One HumanEval problem (the fields of a HumanEval.jsonl record).
+
+    Attributes:
+      task_id: the problem's id, e.g. "HumanEval/0".
+      prompt: Python source: imports, the function signature and its docstring.
+      entry_point: the name of the function to complete.
+      canonical_solution: the reference function body (continues `prompt`).
+      test: Python source defining `check(candidate)`, which asserts on the function.
+    """
 
     task_id: str
     prompt: str
@@ -126,7 +133,13 @@ def extract_code(text: str) -> str:
 
 
 def humaneval_messages(problem: HumanEvalProblem) -> list[dict[str, str]]:
-    """A chat prompt asking for the complete function."""
+    """A chat prompt asking for the complete function.
+
+    Returns:
+      `[{"role": "user", "content": ...}]`: one user message holding `problem.prompt` in a
+      ```python block, for `Tokenizer.apply_chat_template`; the reply is read back with
+      `extract_code`.
+    """
     return [{"role": "user", "content": (
         "Complete the following Python function. Reply with the complete function in a "
         f"```python code block.\n\n```python\n{problem.prompt}```")}]

@@ -22,7 +22,17 @@ SYSTEM_PROMPT = "Solve the problem step by step. Put the final answer in \\boxed
 
 @dataclass(frozen=True)
 class MathProblem:
-    """One problem; `answer` is the reference final answer (LaTeX)."""
+    """One MATH-style problem (the fields of HuggingFaceH4/MATH-500; the optional ones are
+    carried along, never graded).
+
+    Attributes:
+      problem: the problem statement (LaTeX), the user message of `math_messages`.
+      answer: the reference final answer (LaTeX) that `grade_math` compares against.
+      solution: the worked reference solution (LaTeX), or None.
+      level: difficulty as given (MATH's 1–5, or a label such as "Level 3"), or None.
+      subject: the MATH subject, e.g. "Algebra", or None.
+      unique_id: the record's id (e.g. "test/algebra/1.json"), unique within a file, or None.
+    """
 
     problem: str
     answer: str
@@ -153,7 +163,17 @@ def extract_boxed(text: str) -> str | None:
 
 
 def math_messages(problem: MathProblem, system: str | None = SYSTEM_PROMPT) -> list[dict[str, str]]:
-    """Chat messages: the system instruction (None to omit it) and the problem."""
+    """Chat messages for a MATH problem.
+
+    Args:
+      problem: the problem; its `problem` text is the user message.
+      system: the system instruction (default `SYSTEM_PROMPT`: answer in `\\boxed{}`), or
+        None / "" to omit the system message.
+
+    Returns:
+      `[{"role": "system", ...}, {"role": "user", ...}]` (the system message only when
+      `system` is set), for `Tokenizer.apply_chat_template`.
+    """
     return ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": problem.problem}]
 

@@ -126,6 +126,7 @@ class SandboxLimits:
 
     @property
     def cpu_seconds(self) -> int:
+        """The RLIMIT_CPU in force: `cpu_s`, or ceil(timeout_s) + 1 when it is None."""
         return math.ceil(self.timeout_s) + 1 if self.cpu_s is None else self.cpu_s
 
 

@@ -21,12 +21,17 @@ VOCAB_SIZE = 14
 
 @dataclass(frozen=True)
 class SortingProblem:
-    """Attributes: digits, the unsorted list (each in 0–9)."""
+    """One list to sort.
+
+    Attributes:
+      digits: the unsorted digits, each in 0–9 (they are their own token ids).
+    """
 
     digits: tuple[int, ...]
 
     @property
     def prompt(self) -> list[int]:
+        """The prompt token ids: `<bos>`, the digits, `<sep>`."""
         return [BOS, *self.digits, SEP]
 
     @property

@@ -31,7 +31,12 @@ LogRatioFn = Callable[[jax.Array, Trace, Trace], jax.Array]
 
 class PowerLogRatio(NamedTuple):
     """The library's exact log r for π ∝ p^α (`jaxsample.mcmc.log_acceptance_ratio`) as a
-    `LogRatioFn`; hashable, so equal instances share one compiled program."""
+    `LogRatioFn`; hashable, so equal instances share one compiled program.
+
+    Attributes:
+      alpha: α, the power of the target (a Python float: part of the hash).
+      cut_law: the `jaxsample.mcmc.CutLaw` c(i | x) whose ratio enters log r; hashable.
+    """
 
     alpha: float
     cut_law: CutLaw

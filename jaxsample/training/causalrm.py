@@ -222,7 +222,12 @@ def simulate(key: Array, clean, propensity, a: float, b: float) -> Simulation:
 
 
 class MLPHead(nn.Module):
-    """A logit head on features: linear when `hidden` is empty, else LeakyReLU MLP."""
+    """A logit head on features: `[..., d] -> [...]`, linear when `hidden` is empty, else a
+    LeakyReLU MLP.
+
+    Attributes:
+      hidden: widths of the hidden Dense layers, in order (default (256, 64)).
+    """
 
     hidden: Sequence[int] = (256, 64)
 
@@ -234,13 +239,21 @@ class MLPHead(nn.Module):
 
 
 class FittedHead(NamedTuple):
-    """A trained head: `logits(features)`; `history` holds the validation loss per check."""
+    """A trained head (`fit_head`); `logits(features [..., d]) -> float32 [...]` applies it.
+
+    Attributes:
+      module: the `MLPHead` (its `hidden` widths).
+      params: its flax params pytree (float32) at the best validation check (the initial
+        params when no check ran).
+      history: validation loss (float) at every check, in order, up to early stopping.
+    """
 
     module: MLPHead
     params: dict
     history: list
 
     def logits(self, features) -> Array:
+        """float32 logits `[...]` of features `[..., d]`."""
         return self.module.apply({"params": self.params}, jnp.asarray(features, jnp.float32))
 
 

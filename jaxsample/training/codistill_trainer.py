@@ -66,6 +66,7 @@ class CoDistillConfig:
     weight_level: str = struct.field(pytree_node=False, default="token")
 
     def validated(self) -> "CoDistillConfig":
+        """Checks every field (`grpo`'s too), raising `ArgumentError` naming the one out of range."""
         self.grpo.validated()
         check_real("lam", self.lam, "[0, inf]")
         check_real("cap", self.cap, "(0, inf]")
@@ -89,7 +90,16 @@ class CoDistillState(NamedTuple):
 
 
 class CoDistillInfo(NamedTuple):
-    """Attributes: small / large `UpdateInfo`, mean KD reward per token, `ImportanceWeightStats`."""
+    """Diagnostics of one `codistill_update` (per-epoch values averaged over the μ epochs).
+
+    Attributes:
+      small: `UpdateInfo` of the small model π_S.
+      large: `UpdateInfo` of the large model π_L.
+      kd_reward: float32 `[]` mean over real tokens of the KD reward
+        log π_L^old − log π_S (`kd_reward`, a reconstruction).
+      weights: `ImportanceWeightStats` of π_L's behaviour-correction weights, each field a
+        float32 `[]`.
+    """
 
     small: UpdateInfo
     large: UpdateInfo

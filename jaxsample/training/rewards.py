@@ -32,7 +32,17 @@ def grade_groups(grade: Callable[[Any, np.ndarray], float], problems: Sequence, 
 
 
 def completion_text(tokenizer: Any, tokens: np.ndarray, stop_ids: Sequence[int]) -> str:
-    """The decoded completion without its stop token."""
+    """The decoded text of one completion, stop tokens removed.
+
+    Args:
+      tokenizer: anything with `decode(ids) -> str` (e.g. `jaxsample.models.Tokenizer`).
+      tokens: int `[n]` the completion's generated tokens (cut at its length, pad excluded).
+      stop_ids: the model's stop tokens (`LanguageModel.eos_token_ids`); every occurrence is
+        dropped before decoding, not only the final one.
+
+    Returns:
+      The decoded string.
+    """
     return tokenizer.decode([int(t) for t in tokens if int(t) not in stop_ids])
 
 

@@ -74,7 +74,13 @@ class Rollout(NamedTuple):
 
 
 class TrainState(NamedTuple):
-    """Attributes: trainable (params pytree or `LoraAdapters`), opt_state, step (int32 [])."""
+    """The state `fit` carries (and checkpoints) between updates.
+
+    Attributes:
+      trainable: what the optimizer updates: the params pytree, or `LoraAdapters`.
+      opt_state: the optax state of `trainable`.
+      step: int32 `[]` updates made so far (one per `grpo_update`, whatever μ).
+    """
 
     trainable: Any
     opt_state: Any
@@ -126,7 +132,20 @@ class GRPOConfig:
 
 
 class UpdateInfo(NamedTuple):
-    """Per-update diagnostics (float32 scalars; loss metrics averaged over the μ epochs)."""
+    """Per-update diagnostics: float32 `[]` each, the per-epoch ones averaged over the μ epochs.
+
+    Attributes:
+      loss: the GRPO loss −J (`policy_loss`) before each epoch's step.
+      reward: mean task reward over the B·G completions of the rollout.
+      zero_variance_fraction: fraction of the B groups whose G rewards are all equal (they
+        carry no GRPO signal; `zero_variance_fraction`).
+      clip_fraction: masked token mean of "the clipped branch of the min is active".
+      mean_ratio: masked token mean of ρ = π_θ / π_old (1 on-policy).
+      approx_kl: k3 estimate of KL(π_old ‖ π_θ), masked token mean of ρ − 1 − log ρ.
+      kl: masked token mean of the reference-KL estimator of `kl_kind` (0 for "none").
+      entropy: masked token mean of the next-token entropy of π_θ.
+      grad_norm: global L2 norm of the loss gradient w.r.t. the trainable pytree.
+    """
 
     loss: Array
     reward: Array
@@ -294,9 +313,11 @@ class Checkpointer:
         )
 
     def latest_step(self) -> int | None:
+        """The step of the newest checkpoint in the directory, or None when there is none."""
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any) -> None:
+        """Saves `state` as checkpoint `step` and waits until it is written."""
         self.manager.save(step, args=self._ocp.args.StandardSave(state))
         self.manager.wait_until_finished()
 
