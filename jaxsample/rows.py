@@ -46,8 +46,8 @@ def select_rows(mask: Array, new: Any, old: Any) -> Any:
 def gather_rows(tree: Any, indices: Array) -> Any:
     """Rows `indices` (int32 `[B']`) of every row-leading leaf.
 
-    A large leaf with as many rows out as in (resampling) is gathered in place, in
-    `_IN_PLACE_SLICES` slices of its non-row elements: each slice's rows all come from that
+    A large leaf with as many rows out as in (resampling) is gathered in place, in about
+    `_IN_PLACE_SLICES` slices along its non-row axes: each slice's rows all come from that
     same slice, so it is read whole before being overwritten, and the peak holds the leaf
     plus one slice instead of twice the leaf (a KV cache is most of the state).
     """
@@ -58,12 +58,21 @@ def gather_rows(tree: Any, indices: Array) -> Any:
 def _gather(x: Array, indices: Array) -> Array:
     if x.ndim < 2 or x.size < _IN_PLACE_SIZE or indices.shape[0] != x.shape[0]:
         return jnp.take(x, indices, axis=0)
-    width = math.prod(x.shape[1:])
-    slices = math.gcd(width, _IN_PLACE_SLICES)
-    flat = x.reshape(x.shape[0], slices, width // slices)
+    # The slices run along the non-row axes before the last two, merged (axis 1 alone for
+    # fewer axes): a KV cache [B, L, S, K, H] keeps its kv-head axis whole, which a
+    # tensor-parallel model axis splits (`jaxsample.parallel`); merged into the sliced axis,
+    # GSPMD would gather the whole cache's heads onto every device.
+    split = max(2, x.ndim - 2)
+    length = math.prod(x.shape[1:split])
+    flat = x.reshape(x.shape[0], length, *x.shape[split:])
+    width = -(-length // _IN_PLACE_SLICES)
 
-    def gather_slice(i, flat):
-        part = jax.lax.dynamic_index_in_dim(flat, i, axis=1, keepdims=True)
-        return jax.lax.dynamic_update_index_in_dim(flat, jnp.take(part, indices, axis=0), i, axis=1)
+    def gather_slice(start, flat, size):
+        part = jax.lax.dynamic_slice_in_dim(flat, start, size, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(flat, jnp.take(part, indices, axis=0), start, axis=1)
 
-    return jax.lax.fori_loop(0, slices, gather_slice, flat).reshape(x.shape)
+    whole = length // width
+    flat = jax.lax.fori_loop(0, whole, lambda i, flat: gather_slice(i * width, flat, width), flat)
+    if length % width:  # the shorter last slice
+        flat = gather_slice(whole * width, flat, length % width)
+    return flat.reshape(x.shape)

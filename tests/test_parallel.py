@@ -103,36 +103,56 @@ def test_two_processes_of_four_devices_match_one_process(reference, tmp_path):
 
 
 # Compiles one decode step of an MLP-heavy model on a 1 x 2 (data x model) mesh and prints
-# the all-gathers in it, for the model as `shard_model` returns it and with MLP blocks forced.
+# the all-gathers in it, for the model as `shard_model` returns it and with MLP blocks forced;
+# and one resampling gather of a KV cache [B, L, S, K, H] laid out as the samplers lay it out
+# (`constrain_rows`: rows over data, kv heads over model), with each all-gather's dimension.
 _GATHERS = """
 import dataclasses, json, re, jax, jax.numpy as jnp
 from jaxsample import parallel
 from jaxsample.models import ModelConfig, decoder, init_params, make_language_model
+from jaxsample.rows import gather_rows
 config = ModelConfig(model_type="qwen2", vocab_size=48, hidden_size=32, intermediate_size=32768,
                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                      max_position_embeddings=64, qkv_bias=True, eos_token_ids=(0,))
 lm = make_language_model(config, init_params(jax.random.key(0), config))
 sharded = parallel.shard_model(lm, parallel.make_mesh(data=1, model=2))
 forced = sharded.replace(decode_fn=dataclasses.replace(sharded.decode_fn, mlp_chunks=2))
+def gathers(compiled):
+    return re.findall(r"= ([a-z0-9]+[[][0-9,]*[]])[^ ]* all-gather[(].*dimensions=[{]([0-9]+)[}]", compiled.as_text())
 def gathered_shapes(model):
     step = jax.jit(lambda m, t, c: m.decode(t, c)).lower(model, jnp.ones((2,), jnp.int32), lm.init_cache(2, 8))
-    return re.findall(r"= ([a-z0-9]+[[][0-9,]*[]])[^ ]* all-gather[(]", step.compile().as_text())
+    return [shape for shape, _ in gathers(step.compile())]
+def resample_gathers(data):
+    mesh = parallel.make_mesh(data=data, model=2)
+    place = lambda tree: parallel.constrain_rows(tree, mesh)
+    resample = jax.jit(lambda cache, rows: place(gather_rows(place(cache), rows)))
+    return gathers(resample.lower(jax.ShapeDtypeStruct((8, 2, 41, 4, 32), jnp.float32), jnp.arange(8)).compile())
 print(json.dumps({"default_chunks": decoder.default_mlp_chunks(32, 32768, jnp.float32),
-                  "sharded": gathered_shapes(sharded), "forced": gathered_shapes(forced)}))
+                  "sharded": gathered_shapes(sharded), "forced": gathered_shapes(forced),
+                  "resample_1x2": resample_gathers(1), "resample_2x2": resample_gathers(2)}))
 """
 
 
-def test_tensor_parallel_decoding_keeps_the_mlp_whole():
+def test_tensor_parallel_decoding_keeps_the_mlp_whole_and_resampling_keeps_heads_split():
     """On CPU the decode step runs a large MLP in column blocks of its intermediate features,
     which the model axis splits; GSPMD would gather each whole stacked matrix onto every
-    device for them, so `shard_model` binds one block when the model axis is split."""
-    done = subprocess.run([sys.executable, "-c", _GATHERS], env=_env(2), capture_output=True, text=True,
+    device for them, so `shard_model` binds one block when the model axis is split.
+
+    Resampling gathers a KV cache's rows in place, in slices along its layer and slot axes:
+    slices across its kv heads (split over the model axis) made GSPMD gather every head of
+    the cache onto every device (f32[8,2,41,4,32] on 1 x 2, per data device on 2 x 2)."""
+    done = subprocess.run([sys.executable, "-c", _GATHERS], env=_env(4), capture_output=True, text=True,
                           timeout=TIMEOUT_S, check=True)
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found["default_chunks"] == 2  # without a split model axis, this model decodes in 2 blocks
     assert found["sharded"] == []
     # The check can fail: forced blocks gather the gate, up and down stacks whole.
     assert sorted(found["forced"]) == ["f32[2,32,32768]", "f32[2,32,32768]", "f32[2,32768,32]"]
+    assert found["resample_1x2"] == []
+    # Across data devices the ancestors' rows are gathered (dimension 0), each device's 2 of
+    # the 4 kv heads only.
+    assert found["resample_2x2"] and all(dim == "0" and shape.endswith(",2,32]")
+                                         for shape, dim in found["resample_2x2"]), found["resample_2x2"]
 
 
 def test_mesh_arguments_are_checked():
