@@ -95,3 +95,21 @@ def test_power_and_proposal_terms_are_log_normaliser_differences(top_k):
     after_cut = np.arange(4)[None, :] >= cut[:, None]
     expected = np.sum(np.where(after_cut, log_z[y] - log_z[x], 0.0), axis=1)
     np.testing.assert_allclose(measured, expected, rtol=0, atol=1e-12)
+
+
+def test_total_variation_of_a_sharp_power_target_stays_within_one():
+    # At α = 1000 the target's probabilities sum to 1 + 1e-14, and a law on a state the
+    # target gives probability 0 lies at TV 1: the unnormalised sum made it 1 + 6e-15, which
+    # chain_histogram_tv then refused as a bias.
+    pi = testing.power_target(SPACE, 1000.0)
+    assert pi.probs.sum() > 1 + 1e-14
+    state = int(np.argmin(pi.probs))
+    assert pi.probs[state] == 0
+    tv = testing.total_variation(np.eye(len(pi.probs))[state], pi)
+    assert tv == 1.0
+    check = testing.chain_histogram_tv(SPACE.tokens([SPACE.sequences[state]] * 8), pi, bias=tv)
+    assert check.tv == 1.0 <= check.bound
+    # Normalising needs a law's total: an empty or negative one is refused, not divided by.
+    for bad in (np.zeros(len(pi.probs)), -np.eye(len(pi.probs))[state]):
+        with pytest.raises(js.errors.ArgumentError, match="p must hold non-negative probabilities"):
+            testing.total_variation(bad, pi)
