@@ -34,6 +34,7 @@ import jaxsample as js
 from jaxsample import tasks
 from jaxsample.calibration import baselines, csa, isotonic_predict
 from jaxsample.errors import ArgumentError
+from jaxsample.validation import check_scalar
 from run_directory import RunDirectory, markdown_table
 
 METHODS = ("csa", "csa_sticky", "arcps", "crc", "ltt", "aci_selective", "aci_marginal")
@@ -104,7 +105,7 @@ def check_config(config: dict) -> None:
     if not config["refit_every"] <= config["calibration_rounds"] < rounds:
         raise ArgumentError(f"--calibration-rounds must lie in [--refit-every, rounds) = [{config['refit_every']}, {rounds}), got {config['calibration_rounds']}")
     for name in ("alpha", "delta", "c"):
-        csa.check_unit_interval(f"--{name}", config[name])
+        check_scalar(f"--{name}", config[name], "(0, 1)")
     if not 0 <= config["grid_low"] < config["grid_high"]:
         raise ArgumentError(f"--grid-low must be ≥ 0 and < --grid-high, got {config['grid_low']} and {config['grid_high']}")
     if config["aci_gamma"] <= 0:

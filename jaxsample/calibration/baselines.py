@@ -76,7 +76,7 @@ def aci_init(grid, alpha: float, gamma: float = 0.01, threshold: float | None = 
       threshold: starting τ inside the grid's range.
     """
     grid = csa.check_grid(grid)
-    csa.check_unit_interval("alpha", alpha)
+    check_scalar("alpha", alpha, "(0, 1)")
     check_scalar("gamma", gamma, "(0, inf)")
     start = grid[len(grid) // 2] if threshold is None else threshold
     check_scalar("threshold", start, f"[{grid[0]}, {grid[-1]}]")
@@ -100,7 +100,7 @@ def _check_offline(risks, losses, grid, alpha):
     risks, losses = csa.check_stream(risks, losses, "risks")
     if risks.ndim != 1:
         raise ArgumentError(f"risks and losses must be 1-D calibration arrays, got shape {risks.shape}")
-    csa.check_unit_interval("alpha", alpha)
+    check_scalar("alpha", alpha, "(0, 1)")
     grid = csa.check_grid(grid)
     return risks, losses, grid, risks[:, None] <= grid[None, :]
 
@@ -135,7 +135,7 @@ def ltt_fit(risks, losses, grid, alpha: float, delta: float) -> int:
       delta: error probability in (0, 1).
     """
     risks, losses, grid, acts = _check_offline(risks, losses, grid, alpha)
-    csa.check_unit_interval("delta", delta)
+    check_scalar("delta", delta, "(0, 1)")
     if not np.all((losses == 0) | (losses == 1)):
         raise ArgumentError("ltt_fit needs binary losses (0 or 1) for its binomial p-values")
     p_values = binomial_p_value((acts * losses[:, None]).sum(axis=0), acts.sum(axis=0), alpha)

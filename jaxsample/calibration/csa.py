@@ -42,7 +42,6 @@ __all__ = [
     "calibrated_risks",
     "check_grid",
     "check_stream",
-    "check_unit_interval",
     "deploy",
     "init",
     "isotonic_refits",
@@ -96,15 +95,6 @@ class CSAInfo(NamedTuple):
     bet: Array
 
 
-def check_unit_interval(name: str, value) -> None:
-    """Raises `ArgumentError` naming `name` unless `value` is one number in the open (0, 1).
-
-    The check of α, δ and c shared by CSA, its baselines and the CSA experiment's options;
-    a traced value passes unchecked.
-    """
-    check_scalar(name, value, "(0, 1)")
-
-
 def check_grid(grid) -> np.ndarray:
     """`grid` as a float array `[K]`, K ≥ 1, finite and strictly increasing; else ArgumentError."""
     array = np.asarray(grid, np.float64)
@@ -130,9 +120,9 @@ def init(grid, alpha: float, delta: float, c: float = 0.5) -> CSAState:
       c: bet cap c ∈ (0, 1); bets lie in [0, c / (1 − α)].
     """
     grid = check_grid(grid)
-    check_unit_interval("alpha", alpha)
-    check_unit_interval("delta", delta)
-    check_unit_interval("c", c)
+    check_scalar("alpha", alpha, "(0, 1)")
+    check_scalar("delta", delta, "(0, 1)")
+    check_scalar("c", c, "(0, 1)")
     k = grid.size
     zeros = jnp.zeros(k, jnp.float32)
     return CSAState(
