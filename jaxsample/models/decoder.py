@@ -590,7 +590,13 @@ def _check_mlp_chunks(config: ModelConfig, params: Params, chunks: int | None) -
 class DecodeStep:
     """`decode_step` with the config and `mlp_chunks` bound, for `LanguageModel.decode_fn`.
     Equal for equal fields, so models of one architecture share compiled programs. E.g.
-    `lm.replace(decode_fn=DecodeStep(lm.config, mlp_chunks=1))` decodes every MLP whole."""
+    `lm.replace(decode_fn=DecodeStep(lm.config, mlp_chunks=1))` decodes every MLP whole.
+
+    Attributes:
+      config: the architecture.
+      mlp_chunks: blocks of the intermediate features each MLP runs in (a divisor of
+        `intermediate_size`); None: `default_mlp_chunks` (1 except on CPU).
+    """
 
     config: ModelConfig
     mlp_chunks: int | None = None
