@@ -92,7 +92,8 @@ def generate(
       record_features: also return each generated token's final-norm hidden state
         (`.features [S, N, D]`), from the same decode steps.
       mesh: a `jaxsample.parallel` mesh: samples split over its data axis (S must be a
-        multiple of it), the model over its model axis; same key, same samples.
+        multiple of it), the model over its model axis; same key, same samples (in bf16 up
+        to rare roundings on a model axis: see `jaxsample.parallel`).
     """
     num_samples = check_int("num_samples", num_samples, 1)
     proposal = Proposal(temperature=temperature, top_k=top_k, top_p=top_p).validated()

@@ -11,6 +11,16 @@ A mesh has two axes:
   replicated instead (correct, only less parallel). With the model axis split, the decode
   step runs each MLP whole (no CPU column blocks, which would gather the split matrices).
 
+Same key, same samples: with float32 weights, integer results on any mesh match one device's
+and float results agree to float32 reassociation. The model axis splits the sums of the
+attention-output and down projections; each device's partial sum stays float32 and is
+rounded once after the all-reduce, as one device rounds its whole sum. In bf16 a
+reassociated sum can still round to the neighbouring bf16 value, and the difference flows
+on through the later layers, so logits can differ slightly and, rarely, a draw: on a tiny
+random bf16 model (meshes 4x2, 2x4, 1x8), at most 3 of 3072 positions' logits differed, by
+at most 1.25 bf16 ulps of their row's largest logit, and no token of 400 sampled 16-token rows
+changed. A data axis alone changed nothing.
+
     mesh = js.parallel.make_mesh(data=4, model=2)
     result = js.generate(key, lm, prompt, 64, num_samples=32, mesh=mesh)
 

@@ -1,8 +1,9 @@
-"""Runs generate, power_sample and smc_decode on a tiny random Qwen2 under several meshes and
-saves every result leaf to an .npz (`tests/test_parallel.py` starts it in subprocesses with
-simulated CPU devices, and as the processes of a localhost multi-host run).
+"""Runs generate, power_sample and smc_decode on a tiny random Qwen2 (and its bf16 copy's
+logits) under several meshes and saves every result leaf to an .npz (`tests/test_parallel.py`
+starts it in subprocesses with simulated CPU devices, and as the processes of a localhost
+multi-host run).
 
-    python tests/parallel_worker.py OUT.npz generate,power,smc none data=4,model=2 ...
+    python tests/parallel_worker.py OUT.npz generate,power,smc,bf16 none data=4,model=2 ...
     JAXSAMPLE_COORDINATOR=127.0.0.1:PORT JAXSAMPLE_NUM_PROCESSES=2 JAXSAMPLE_PROCESS_ID=0 \
         python tests/parallel_worker.py --distributed OUT.npz generate,smc data=4,model=2
 
@@ -52,12 +53,20 @@ def reward(tokens, length):
     return jnp.sum(jnp.where(inside, jnp.cos(tokens.astype(jnp.float32)), 0.0))
 
 
+def bf16_logits(key, lm, prompt, mesh):
+    """Logits of the bf16 model on 8 random rows of 24 tokens (placed on `mesh`)."""
+    del prompt
+    lm = lm.replace(params=jax.tree.map(lambda x: x.astype(jnp.bfloat16), lm.params))
+    return parallel.shard_model(lm, mesh).logits(jax.random.randint(key, (ROWS, 24), 0, CONFIG.vocab_size))
+
+
 SAMPLERS = {
     "generate": lambda key, lm, prompt, mesh: js.generate(
         key, lm, prompt, 12, num_samples=ROWS, mesh=mesh),
     "power": lambda key, lm, prompt, mesh: js.power_sample(
         key, lm, prompt, alpha=2.0, num_chains=ROWS, block_size=6, num_mcmc_steps=3,
         max_new_tokens=12, mesh=mesh),
+    "bf16": bf16_logits,
     "smc": lambda key, lm, prompt, mesh: js.smc_decode(
         key, lm, prompt, jax.tree_util.Partial(reward), num_particles=ROWS, max_new_tokens=12,
         alpha=2.0, lam=0.5, block_size=4, num_rejuvenation_steps=1, mesh=mesh),

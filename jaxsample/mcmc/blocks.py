@@ -157,7 +157,8 @@ def power_sample(
       progress: show a tqdm bar of MH steps while the jitted program runs (static: the
         callbacks are compiled in only when True).
       mesh: a `jaxsample.parallel` mesh: chains split over its data axis (C must be a
-        multiple of it), the model over its model axis; same key, same chains.
+        multiple of it), the model over its model axis; same key, same chains (in bf16 up to
+        rare roundings on a model axis: see `jaxsample.parallel`).
 
     Returns:
       `PowerSampleResult` with each chain's final completion, per-step diagnostics

@@ -6,6 +6,7 @@ checkpoint name map is a transpose away. Projection kernels are `[in, out]`.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -158,19 +159,27 @@ class RMSNorm(nn.Module):
         return scale * normed.astype(x.dtype)
 
 
-def _dense(features: int, use_bias: bool, dtype: Any, name: str) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=dtype, name=name)
+def _dense(features: int, use_bias: bool, dtype: Any, name: str, accumulate: bool = False) -> nn.Dense:
+    """A projection in `dtype`; `accumulate=True` returns its sum over the input features
+    unrounded, in `at_least_float32(dtype)`, for `_project` to round once.
+
+    The attention-output and down projections accumulate: a tensor-parallel model axis
+    splits their input features (`jaxsample.parallel`), so each device holds a partial sum
+    and the all-reduce adds them. Rounded to bf16 per device first, the sum would differ
+    from one device's by several bf16 roundings."""
+    dot_general = partial(jax.lax.dot_general, preferred_element_type=at_least_float32(dtype)) if accumulate else None
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=dtype, dot_general=dot_general, name=name)
 
 
 def _project(dense: nn.Dense, x: Array, lora: dict | None) -> Array:
     """`dense(x)`, plus the unmerged low-rank update `scaling · (x A) B` when `lora` holds
-    this projection (see `jaxsample.models.lora`)."""
+    this projection (see `jaxsample.models.lora`), in the projection's dtype."""
     y = dense(x)
-    if lora is None or dense.name not in lora["weights"]:
-        return y
-    weights = lora["weights"][dense.name]
-    update = (x @ weights["lora_A"].astype(x.dtype)) @ weights["lora_B"].astype(x.dtype)
-    return y + (lora["scaling"] * update).astype(y.dtype)
+    if lora is not None and dense.name in lora["weights"]:
+        weights = lora["weights"][dense.name]
+        update = (x @ weights["lora_A"].astype(x.dtype)) @ weights["lora_B"].astype(x.dtype)
+        y = y + (lora["scaling"] * update).astype(y.dtype)
+    return y.astype(dense.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -184,7 +193,7 @@ class SelfAttention(nn.Module):
         self.q_proj = _dense(c.num_attention_heads * c.head_dim, c.qkv_bias, self.param_dtype, "q_proj")
         self.k_proj = _dense(c.num_key_value_heads * c.head_dim, c.qkv_bias, self.param_dtype, "k_proj")
         self.v_proj = _dense(c.num_key_value_heads * c.head_dim, c.qkv_bias, self.param_dtype, "v_proj")
-        self.o_proj = _dense(c.hidden_size, c.o_bias, self.param_dtype, "o_proj")
+        self.o_proj = _dense(c.hidden_size, c.o_bias, self.param_dtype, "o_proj", accumulate=True)
 
     def project(self, x: Array, positions: Array, lora: dict | None = None) -> tuple[Array, Array, Array]:
         """`x [B, T, D]` → rotated q `[B, T, N, H]`, rotated k and v `[B, T, K, H]`."""
@@ -213,7 +222,8 @@ class GatedMLP(nn.Module):
         c = self.config
         gate = _project(_dense(c.intermediate_size, c.mlp_bias, self.param_dtype, "gate_proj"), x, lora)
         up = _project(_dense(c.intermediate_size, c.mlp_bias, self.param_dtype, "up_proj"), x, lora)
-        return _project(_dense(c.hidden_size, c.mlp_bias, self.param_dtype, "down_proj"), nn.silu(gate) * up, lora)
+        down = _dense(c.hidden_size, c.mlp_bias, self.param_dtype, "down_proj", accumulate=True)
+        return _project(down, nn.silu(gate) * up, lora)
 
 
 class DecoderLayer(nn.Module):

@@ -190,7 +190,8 @@ def smc_decode(
         SMC targets π restricted to the sequences the proposal can reach.
       progress: show a tqdm bar of SMC blocks while the jitted loop runs (static).
       mesh: a `jaxsample.parallel` mesh: particles split over its data axis (N must be a
-        multiple of it), the model over its model axis; same key, same particles.
+        multiple of it), the model over its model axis; same key, same particles (in bf16
+        up to rare roundings on a model axis: see `jaxsample.parallel`).
 
     Returns:
       `SMCResult`.
