@@ -61,9 +61,12 @@ def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
     Args:
       data: size of the data axis (default: all devices left after `model`).
       model: size of the tensor-parallel axis.
-      devices: the devices to use, in mesh order (default `jax.devices()`).
+      devices: distinct devices to use, in mesh order (default `jax.devices()`).
     """
     devices = list(jax.devices() if devices is None else devices)
+    repeated = next((d for i, d in enumerate(devices) if d in devices[:i]), None)
+    if repeated is not None:
+        raise ArgumentError(f"devices must be distinct, got {repeated} twice")
     if not isinstance(model, int) or model < 1:
         raise ArgumentError(f"mesh model size must be a positive int, got {model!r}")
     if data is None:

@@ -181,6 +181,8 @@ def test_mesh_arguments_are_checked():
         parallel.parse_mesh("data=0")
     with pytest.raises(ArgumentError, match="needs 2 devices"):
         parallel.make_mesh(data=2, model=1, devices=jax.devices()[:1])
+    with pytest.raises(ArgumentError, match="devices must be distinct, got .* twice"):
+        parallel.make_mesh(data=2, devices=jax.devices()[:1] * 2)
     two_rows = Mesh(np.asarray(jax.devices()[:1] * 2).reshape(2, 1), (parallel.DATA, parallel.MODEL))
     with pytest.raises(ArgumentError, match="num_samples=3 must be a multiple"):
         parallel.check_rows(two_rows, 3, "num_samples")
