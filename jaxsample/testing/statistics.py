@@ -46,7 +46,8 @@ def total_variation(p, q) -> float:
     Each law is divided by its total first: laws exact up to rounding (`power_target` at
     α = 1000 sums to 1 + 1e-14) gave TV > 1 on nearly disjoint supports, which
     `chain_histogram_tv` then refused as a bias. What rounding the normalised sums keep
-    (an ulp) is clipped.
+    (an ulp) is clipped. Rounding-size negative entries, as in a least-squares
+    `stationary_distribution`, are taken as they are.
     """
     p, q = _normalised("p", p), _normalised("q", q)
     if p.shape != q.shape:
@@ -57,8 +58,8 @@ def total_variation(p, q) -> float:
 def _normalised(name: str, law) -> np.ndarray:
     probs = np.asarray(getattr(law, "probs", law), np.float64)
     total = probs.sum()
-    if not (np.all(probs >= 0) and 0 < total < np.inf):
-        raise ArgumentError(f"{name} must hold non-negative probabilities with a positive finite total")
+    if not 0 < total < np.inf:
+        raise ArgumentError(f"{name} must be a law with a positive finite total, got total {float(total)!r}")
     return probs / total
 
 

@@ -109,7 +109,7 @@ def test_total_variation_of_a_sharp_power_target_stays_within_one():
     assert tv == 1.0
     check = testing.chain_histogram_tv(SPACE.tokens([SPACE.sequences[state]] * 8), pi, bias=tv)
     assert check.tv == 1.0 <= check.bound
-    # Normalising needs a law's total: an empty or negative one is refused, not divided by.
+    # Normalising needs a law's total: a zero or negative one is refused, not divided by.
     for bad in (np.zeros(len(pi.probs)), -np.eye(len(pi.probs))[state]):
-        with pytest.raises(js.errors.ArgumentError, match="p must hold non-negative probabilities"):
+        with pytest.raises(js.errors.ArgumentError, match="p must be a law with a positive finite total"):
             testing.total_variation(bad, pi)
