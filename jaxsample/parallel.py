@@ -45,6 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxsample.errors import ArgumentError
 from jaxsample.models.decoder import DecodeStep
 from jaxsample.rows import Shared, is_shared
+from jaxsample.validation import check_int
 
 DATA = "data"
 MODEL = "model"
@@ -60,19 +61,17 @@ def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
 
     Args:
       data: size of the data axis (default: all devices left after `model`).
-      model: size of the tensor-parallel axis.
+      model: size of the tensor-parallel axis, at most the number of devices.
       devices: distinct devices to use, in mesh order (default `jax.devices()`).
     """
     devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ArgumentError("devices must list at least one device, got none")
     repeated = next((d for i, d in enumerate(devices) if d in devices[:i]), None)
     if repeated is not None:
         raise ArgumentError(f"devices must be distinct, got {repeated} twice")
-    if not isinstance(model, int) or model < 1:
-        raise ArgumentError(f"mesh model size must be a positive int, got {model!r}")
-    if data is None:
-        data = len(devices) // model
-    if not isinstance(data, int) or data < 1:
-        raise ArgumentError(f"mesh data size must be a positive int, got {data!r}")
+    model = check_int("model", model, 1, len(devices))
+    data = len(devices) // model if data is None else check_int("data", data, 1)
     if data * model > len(devices):
         raise ArgumentError(
             f"mesh data={data} x model={model} needs {data * model} devices; {len(devices)} available"
@@ -83,16 +82,18 @@ def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
 
 def parse_mesh(spec: str) -> tuple[int, int]:
     """Parses `"data=D,model=M"` (either part optional, default 1) into `(D, M)`."""
-    sizes = {DATA: 1, MODEL: 1}
+    sizes = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
-        match = re.fullmatch(r"(data|model)=(\d+)", part)
+        match = re.fullmatch(r"(data|model)=([0-9]+)", part)
         if match is None or int(match.group(2)) < 1:
             raise ArgumentError(
                 f"mesh spec {spec!r}: each part must be data=D or model=M with a positive integer, "
                 f"got {part!r}"
             )
+        if match.group(1) in sizes:
+            raise ArgumentError(f"mesh spec {spec!r}: {match.group(1)} is given twice")
         sizes[match.group(1)] = int(match.group(2))
-    return sizes[DATA], sizes[MODEL]
+    return sizes.get(DATA, 1), sizes.get(MODEL, 1)
 
 
 def _divisible(size: int, mesh: Mesh) -> bool:

@@ -177,12 +177,23 @@ def test_tensor_parallel_decoding_keeps_the_mlp_whole_and_resampling_keeps_heads
 def test_mesh_arguments_are_checked():
     assert parallel.parse_mesh("data=4,model=2") == (4, 2)
     assert parallel.parse_mesh("model=2") == (1, 2)
-    with pytest.raises(ArgumentError, match="data=D or model=M"):
-        parallel.parse_mesh("data=0")
+    for spec in ["data=0", "data=\u0663"]:  # \u0663: an Arabic-Indic 3, which int() would read
+        with pytest.raises(ArgumentError, match="data=D or model=M"):
+            parallel.parse_mesh(spec)
+    with pytest.raises(ArgumentError, match="'data=2,data=4': data is given twice"):
+        parallel.parse_mesh("data=2,data=4")
     with pytest.raises(ArgumentError, match="needs 2 devices"):
         parallel.make_mesh(data=2, model=1, devices=jax.devices()[:1])
     with pytest.raises(ArgumentError, match="devices must be distinct, got .* twice"):
         parallel.make_mesh(data=2, devices=jax.devices()[:1] * 2)
+    one = jax.devices()[:1]
+    assert parallel.make_mesh(data=np.int64(1), model=np.int32(1), devices=one).shape == {"data": 1, "model": 1}
+    with pytest.raises(ArgumentError, match=r"model must be an integer in \[1, 1\], got 2"):
+        parallel.make_mesh(model=2, devices=one)  # named before data is derived from it (0)
+    with pytest.raises(ArgumentError, match=r"data must be an integer in \[1, inf\], got True"):
+        parallel.make_mesh(data=True, devices=one)
+    with pytest.raises(ArgumentError, match="devices must list at least one device"):
+        parallel.make_mesh(devices=[])
     two_rows = Mesh(np.asarray(jax.devices()[:1] * 2).reshape(2, 1), (parallel.DATA, parallel.MODEL))
     with pytest.raises(ArgumentError, match="num_samples=3 must be a multiple"):
         parallel.check_rows(two_rows, 3, "num_samples")
