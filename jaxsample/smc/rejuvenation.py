@@ -46,10 +46,9 @@ def move_log_ratio(
     base = jax.vmap(partial(log_acceptance_ratio, cut_law=cut_law), in_axes=(0, None, 0, 0))(
         cut, target.alpha, Trace.of(current.decode), Trace.of(proposed.decode)
     )
+    # log_ratio sums α ℓp − ℓq per token: the power and proposal parts apart cancel in float32
     total = (
-        base.log_power
-        + base.log_proposal
-        + base.log_cut
+        base.log_ratio
         + target.log_potential_change(current.reward, proposed.reward)
         + (proposed.log_value - current.log_value)
     )

@@ -134,3 +134,22 @@ def test_build_move_annotation_names_the_four_returned_values():
     # move returns (particles, accepted, num_decoded, non_finite), unpacked above.
     returned = typing.get_type_hints(build_move)["return"]
     assert typing.get_args(typing.get_args(returned)[1]) == (Particles, jax.Array, jax.Array, jax.Array)
+
+
+def test_move_log_ratio_keeps_float32_precision_on_long_suffixes():
+    """The move's MH part is the MCMC log r summed per token as α ℓp − ℓq: adding the
+    separately summed power and proposal parts cancelled in float32 (the twin of
+    tests/mcmc/test_acceptance.py's check, through the SMC move). One next-token law, the
+    proposed suffix the current one sorted: the exact log r is 0."""
+    n, cut, vocab, alpha = 1024, 7, 32, 50.0
+    logits = -0.02 * jnp.arange(vocab, dtype=jnp.float32)
+    log_p_v = jax.nn.log_softmax(logits)
+    log_q_v = jax.nn.log_softmax(alpha * logits)  # τ = 1/α
+    tokens = jax.random.categorical(jax.random.key(1), log_q_v, shape=(n,))
+
+    def trace(tokens):
+        return Trace(tokens, log_p_v[tokens], log_q_v[tokens], jnp.zeros(n), jnp.int32(n))
+
+    ratio = SMCMoveRatio(alpha, 0.0, None)(jnp.int32(cut), trace(tokens), trace(tokens.at[cut:].set(jnp.sort(tokens[cut:]))))
+    per_token = np.asarray(jnp.float32(alpha) * log_p_v - log_q_v)[np.asarray(tokens)]
+    assert abs(float(ratio)) <= n**2 * np.finfo(np.float32).eps * (per_token.max() - per_token.min())
