@@ -8,14 +8,18 @@ and V = 1 once a particle is finished (stop token or `max_new_tokens`). With the
 each π_t is the t-token marginal of π. Any positive estimate V_hat keeps SMC exact as long
 as the value stored with a particle is the one divided out at its next increment (the
 weights telescope to γ_T / Π q), so the stored log V_hat travels with the particle and is
-never re-estimated.
+never re-estimated. A prefix whose potential λ r is −inf (a broken hard constraint) has
+weight 0 whatever V is; it stores log V_hat = 0, like a finished one.
 
 A lookahead is either
 - `Lookahead(num_rollouts=M, horizon=h)`: V_hat = mean over M rollouts of h tokens from the
   proposal q of Π (p^α G / q) along the rollout; a rollout that stops or reaches
   `max_new_tokens` contributes its exact remainder (1), a rollout cut at h tokens counts the
-  remainder as 1. Costs up to N·M·h decoded tokens per evaluation and, while it runs, M
-  copies of every particle's own (generated) cache.
+  remainder as 1. When every rollout's ratio is 0 (each broke a hard constraint), V_hat is
+  1/(M + 1) of the rollouts' mean ratio without the reward change: V_hat = 0 would end a
+  particle whose own future may still hold mass and bias Z_hat low. Costs up to N·M·h
+  decoded tokens per evaluation and, while it runs, M copies of every particle's own
+  (generated) cache.
 - a function `log_value_fn(tokens int32 [S], length int32 []) -> f32 []`: a deterministic
   log V (an exact value in tests, or a learned value model).
 - `ProposalTwist()`: twisted SMC (Zhao et al. 2024). V_hat(y_{1:t}) = ψ_t(y_{1:t}), the twist
@@ -102,10 +106,14 @@ def estimate_log_value(
       proposal: the rollout distribution q (the SMC proposal).
       lookahead: see the module docstring; `None` gives log V = 0.
     Returns:
-      `(log_value f32 [B], num_decoded int32 [B])`; log_value is 0 for finished rows.
+      `(log_value f32 [B], num_decoded int32 [B])`; log_value is 0 for finished rows and for
+      rows whose log-potential λ r is −inf (weight 0).
     """
     batch = decode.length.shape[0]
     done = finished(decode)
+    # Where λ r = −inf the particle's weight is 0 whatever V is; storing 0 there, as for a
+    # finished row, keeps −inf − (−inf) = NaN out of the rollout ratios and the increments.
+    settled = done | jnp.isneginf(target.log_potential(reward))
     if lookahead is None:
         return jnp.zeros((batch,), jnp.float32), jnp.zeros((batch,), jnp.int32)
     if isinstance(lookahead, ProposalTwist):
@@ -113,25 +121,29 @@ def estimate_log_value(
             raise ArgumentError("ProposalTwist() needs a twisted proposal and record_twist=True")
         last = jnp.take_along_axis(decode.log_twist, jnp.maximum(decode.length - 1, 0)[:, None], 1)
         log_value = jnp.where(decode.length > 0, last[:, 0], 0.0)
-        return jnp.where(done, 0.0, log_value), jnp.zeros((batch,), jnp.int32)
+        return jnp.where(settled, 0.0, log_value), jnp.zeros((batch,), jnp.int32)
     if not isinstance(lookahead, Lookahead):
         log_value = jnp.asarray(jax.vmap(lookahead)(decode.tokens, decode.length), jnp.float32)
         if log_value.shape != (batch,):
             raise ArgumentError(
                 f"log_value_fn must return one scalar per sequence, got shape {log_value.shape}"
             )
-        return jnp.where(done, 0.0, log_value), jnp.zeros((batch,), jnp.int32)
+        return jnp.where(settled, 0.0, log_value), jnp.zeros((batch,), jnp.int32)
 
     num_rollouts, horizon = lookahead
     rows = jnp.repeat(jnp.arange(batch), num_rollouts)
     start = take_rows(decode, rows)
     rollout, decoded = extend(key, lm, start, start.length + horizon, proposal)
-    rollout_reward = target.reward(rollout)
-    log_ratio = target.log_weight(
-        rollout.log_p, rollout.log_q, start.length, rollout.length
-    ) + target.log_potential_change(reward[rows], rollout_reward)
-    log_value = jax.nn.logsumexp(log_ratio.reshape(batch, num_rollouts), axis=1) - jnp.log(
-        jnp.float32(num_rollouts)
+    log_base = target.log_weight(rollout.log_p, rollout.log_q, start.length, rollout.length)
+    log_ratio = log_base + target.log_potential_change(reward[rows], target.reward(rollout))
+    log_mean = lambda x: (  # noqa: E731
+        jax.nn.logsumexp(x.reshape(batch, num_rollouts), axis=1) - jnp.log(jnp.float32(num_rollouts))
     )
+    log_value = log_mean(log_ratio)
+    # Every rollout broke a hard constraint (ratio 0). V_hat = 0 would kill a particle whose
+    # future may still hold mass, biasing Z_hat low, while any V_hat > 0 keeps SMC exact: take
+    # 1/(M + 1) of the rollouts' mean ratio without the reward, below what one success gives.
+    fallback = log_mean(log_base) - jnp.log(jnp.float32(num_rollouts + 1))
+    log_value = jnp.where(jnp.isneginf(log_value), fallback, log_value)
     decoded = jnp.sum(decoded.reshape(batch, num_rollouts), axis=1)
-    return jnp.where(done, 0.0, log_value), jnp.where(done, 0, decoded)
+    return jnp.where(settled, 0.0, log_value), jnp.where(done, 0, decoded)

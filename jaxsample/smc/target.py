@@ -82,6 +82,10 @@ class RewardTarget:
         # change the SMC loop carry's type.
         return reward.astype(decode.log_p.dtype)
 
+    def log_potential(self, reward: Array) -> Array:
+        """λ r, the log-potential of a prefix with reward r; exactly 0 when λ = 0."""
+        return jnp.where(self.lam == 0, 0.0, self.lam * reward)
+
     def log_potential_change(self, old_reward: Array, new_reward: Array) -> Array:
         """λ (r_new − r_old); exactly 0 when λ = 0 (no 0 · inf = NaN for hard constraints)."""
         return jnp.where(self.lam == 0, 0.0, self.lam * (new_reward - old_reward))

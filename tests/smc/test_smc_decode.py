@@ -120,6 +120,24 @@ def test_nan_reward_raises_numerical_error(lm):
                    max_new_tokens=S, lam=1.0, ess_threshold=0.0)
 
 
+def test_rollout_lookahead_with_a_hard_constraint_runs_and_nan_still_raises(lm):
+    # A broken prefix (reward −inf) gets weight 0; it used to put −inf − (−inf) = NaN into its
+    # rollouts' ratios and raise NumericalError. A NaN reward stays an error.
+    def no_zeros(tokens, length):
+        return jnp.where(jnp.any((jnp.arange(S) < length) & (tokens == 0)), -jnp.inf, 0.0)
+
+    def nan_after_one(tokens, length):
+        return jnp.where(length >= 2, jnp.nan, no_zeros(tokens, length))
+
+    options = dict(num_particles=64, max_new_tokens=S, lam=1.0,
+                   lookahead=Lookahead(num_rollouts=4, horizon=2))
+    result = smc_decode(jax.random.key(0), lm, PROMPT, no_zeros, **options)
+    assert np.isfinite(result.log_z) and not result.all_zero
+    assert np.isneginf(result.log_weights[np.isneginf(result.rewards)]).all()
+    with pytest.raises(NumericalError, match="NaN or \\+inf"):
+        smc_decode(jax.random.key(0), lm, PROMPT, nan_after_one, **options)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(alpha=0.0), r"alpha must be a number in \(0, inf\), got 0.0"),
     (dict(alpha=float("inf")), r"alpha must be a number in \(0, inf\), got inf"),
