@@ -99,9 +99,7 @@ def generate(
     proposal = Proposal(temperature=temperature, top_k=top_k, top_p=top_p).validated()
     prompt, max_new_tokens = check_prompt(lm, prompt_tokens, max_new_tokens)
     parallel.check_rows(mesh, num_samples, "num_samples")
-    result = _generate(
-        key, parallel.shard_model(lm, mesh), *pad_prompt(lm, prompt, max_new_tokens), proposal,
-        max_new_tokens, num_samples, record_features, mesh,
-    )
+    inputs = (key, parallel.shard_model(lm, mesh), *pad_prompt(lm, prompt, max_new_tokens), proposal)
+    result = _generate(*parallel.place_inputs(inputs, mesh), max_new_tokens, num_samples, record_features, mesh)
     check_finite_log_p(lm, result.log_p, result.lengths, rows="sample")
     return result

@@ -24,11 +24,13 @@ changed. A data axis alone changed nothing.
     mesh = js.parallel.make_mesh(data=4, model=2)
     result = js.generate(key, lm, prompt, 64, num_samples=32, mesh=mesh)
 
-The samplers place the params with `shard_model`, constrain their decode state with
-`constrain_rows` inside the jitted program (GSPMD propagates the layout through the loop)
-and return results replicated on every device, so every process of a multi-host run can
-read them. Multi-host: call `initialize_distributed()` first in every process, then build
-the mesh from the global device list (`make_mesh` does); each process runs the same program.
+The samplers place the params with `shard_model` and any input committed to other devices
+with `place_inputs` (a prompt cut from a result on another mesh), constrain their decode
+state with `constrain_rows` inside the jitted program (GSPMD propagates the layout through
+the loop) and return results replicated on every device, so every process of a multi-host
+run can read them. Multi-host: call `initialize_distributed()` first in every process, then
+build the mesh from the global device list (`make_mesh` does); each process runs the same
+program.
 """
 
 from __future__ import annotations
@@ -142,6 +144,24 @@ def shard_model(lm, mesh: Mesh | None):
         # for which GSPMD would gather whole matrices onto every device.
         lm = lm.replace(decode_fn=dataclasses.replace(lm.decode_fn, mlp_chunks=1))
     return lm
+
+
+def place_inputs(tree: Any, mesh: Mesh | None) -> Any:
+    """`tree` (a sampler's inputs) with each array committed off `mesh`, to another mesh or
+    device (a prompt cut from an earlier result, a key folded with one), copied onto it,
+    replicated: jit refuses one program's inputs on different devices. Arrays already on
+    `mesh` (the params `shard_model` placed), uncommitted arrays and tracers are left as they
+    are. Identity without a mesh."""
+    if mesh is None:
+        return tree
+    replicated = NamedSharding(mesh, P())
+
+    def place(x):
+        elsewhere = (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.committed
+                     and getattr(x.sharding, "mesh", None) != mesh)
+        return jax.device_put(x, replicated) if elsewhere else x
+
+    return jax.tree.map(place, tree)
 
 
 def check_rows(mesh: Mesh | None, num_rows: int, what: str) -> None:

@@ -73,6 +73,26 @@ SAMPLERS = {
 }
 
 
+def follow_up(key, lm, prompt, mesh):
+    """Calls whose key, prompt and token budget come from the generate sampler's result; on a
+    mesh they run on a 2 x 2 mesh of the last 4 devices, so their inputs start out on another
+    mesh (jit refused such inputs)."""
+    first = SAMPLERS["generate"](key, lm, prompt, mesh)
+    key, prompt = jax.random.fold_in(key, first.lengths[0]), jnp.concatenate([prompt, first.tokens[0, :2]])
+    second = None if mesh is None else parallel.make_mesh(data=2, model=2, devices=jax.devices()[-4:])
+    return {
+        "generate": js.generate(key, lm, prompt, 4, num_samples=4, mesh=second),
+        "power": js.power_sample(key, lm, prompt, alpha=2.0, num_chains=4, block_size=4, num_mcmc_steps=1,
+                                 max_new_tokens=4, mesh=second),
+        "best_of_n": js.best_of_n(key, lm, prompt, 2, num_chains=4, max_new_tokens=4,
+                                  token_budget=first.lengths[:4], mesh=second),
+        "smc": js.smc_decode(key, lm, prompt, num_particles=4, max_new_tokens=4, block_size=4, mesh=second),
+    }
+
+
+SAMPLERS["follow_up"] = follow_up
+
+
 def run_all(lm, mesh, samplers=tuple(SAMPLERS)) -> dict[str, np.ndarray]:
     """`{"sampler.leaf": array}` for every result leaf of each sampler in `samplers`."""
     prompt = jnp.asarray([1, 5, 9, 2], jnp.int32)

@@ -61,7 +61,8 @@ def _sample(key, lm, prompt_tokens, num_rows, max_new_tokens, temperature, top_k
     """Validates, decodes `num_rows` rows from the proposal and checks their log p."""
     prompt, max_new_tokens, proposal = _checked(lm, prompt_tokens, max_new_tokens, temperature, top_k, top_p)
     parallel.check_rows(mesh, num_rows, f"the {rows} count")
-    state = _decode(key, parallel.shard_model(lm, mesh), prompt, proposal, num_rows, max_new_tokens, mesh)
+    inputs = parallel.place_inputs((key, parallel.shard_model(lm, mesh), prompt, proposal), mesh)
+    state = _decode(*inputs, num_rows, max_new_tokens, mesh)
     check_finite_log_p(lm, state.log_p, state.length, rows=rows)
     return state
 
@@ -164,4 +165,4 @@ def best_of_n(
     # Every candidate is checked, kept or not: a NaN model is an error, not a low score.
     state = _sample(key, lm, prompt_tokens, num_chains * num_candidates, max_new_tokens,
                     temperature, top_k, top_p, "candidate", mesh)
-    return _select_best(state, budget)
+    return _select_best(state, parallel.place_inputs(budget, mesh))

@@ -180,9 +180,10 @@ def power_sample(
     proposal = Proposal(
         temperature=1.0 / alpha if temperature is None else temperature, top_k=top_k, top_p=top_p
     ).validated()
-    args = (key, parallel.shard_model(lm, mesh), *pad_prompt(lm, prompt, max_new_tokens), alpha, proposal, cut_law,
-            num_chains, block_size, num_mcmc_steps, max_new_tokens,
-            jnp.asarray(freeze_finished, bool), progress, mesh)
+    args = parallel.place_inputs((
+        key, parallel.shard_model(lm, mesh), *pad_prompt(lm, prompt, max_new_tokens), alpha, proposal, cut_law,
+        num_chains, block_size, num_mcmc_steps, max_new_tokens, jnp.asarray(freeze_finished, bool), progress, mesh,
+    ), mesh)
     if progress:
         with progress_bar((max_new_tokens // block_size) * num_mcmc_steps, "power_sample MH steps"):
             result = jax.block_until_ready(_power_sample(*args))

@@ -213,9 +213,10 @@ def smc_decode(
     ).validated()
 
     parallel.check_rows(mesh, num_particles, "num_particles")
+    inputs = (key, parallel.shard_model(lm, mesh), *pad_prompt(lm, prompt, max_new_tokens), target, proposal,
+              jnp.asarray(ess_threshold, jnp.float32))
     run = partial(
-        _run, key, parallel.shard_model(lm, mesh), *pad_prompt(lm, prompt, max_new_tokens), target, proposal,
-        jnp.asarray(ess_threshold, jnp.float32),
+        _run, *parallel.place_inputs(inputs, mesh),
         num_particles=num_particles, max_new_tokens=max_new_tokens, block_size=block_size,
         resampler=resampler, num_rejuvenation_steps=num_rejuvenation_steps,
         lookahead=lookahead, progress=progress, mesh=mesh,
