@@ -12,7 +12,7 @@ from jaxsample import parallel
 from jaxsample.decoding import check_finite_log_p, check_prompt, extend, init_decode, pad_prompt
 from jaxsample.lm import LanguageModel
 from jaxsample.sampling import Proposal
-from jaxsample.validation import check_int
+from jaxsample.validation import check_int, check_key
 
 Array = jax.Array
 
@@ -95,6 +95,7 @@ def generate(
         multiple of it), the model over its model axis; same key, same samples (in bf16 up
         to rare roundings on a model axis: see `jaxsample.parallel`).
     """
+    check_key("key", key)
     num_samples = check_int("num_samples", num_samples, 1)
     proposal = Proposal(temperature=temperature, top_k=top_k, top_p=top_p).validated()
     prompt, max_new_tokens = check_prompt(lm, prompt_tokens, max_new_tokens)

@@ -14,6 +14,7 @@ from collections.abc import Collection
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxsample.errors import ArgumentError
@@ -132,3 +133,25 @@ def check_scalar(name: str, value: Any, interval: str) -> Any:
     if np.ndim(value) != 0:
         raise ArgumentError(f"{name} must be a number in {interval}, got an array of shape {np.shape(value)}")
     return check_real(name, value, interval)
+
+
+def check_key(name: str, key: Any) -> Any:
+    """Returns `key`; raises unless it is one PRNG key: a typed key (`jax.random.key(seed)`,
+    shape []) or a raw key of the default implementation (`jax.random.PRNGKey(seed)`, uint32
+    [2]). Only the dtype and shape are read, so traced keys are checked too."""
+    raw = jax.eval_shape(jax.random.PRNGKey, 0)
+    dtype = getattr(key, "dtype", None)
+    if dtype is None:
+        got = repr(key)
+    elif jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        if key.shape == ():
+            return key
+        got = f"typed keys of shape {key.shape}"
+    elif dtype == raw.dtype and key.shape == raw.shape:
+        return key
+    else:
+        got = f"an array of dtype {dtype} and shape {key.shape}"
+    raise ArgumentError(
+        f"{name} must be one PRNG key, jax.random.key(seed) or a raw jax.random.PRNGKey(seed) "
+        f"({raw.dtype}{list(raw.shape)}), got {got}"
+    )

@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxsample as js
 from jaxsample.errors import ArgumentError
 from jaxsample.training.grpo import policy_loss
-from jaxsample.validation import check_int, check_int_array, check_real, check_scalar
+from jaxsample.validation import check_int, check_int_array, check_key, check_real, check_scalar
 
 
 @pytest.mark.parametrize("value", [3, np.int64(3), np.array(3), jnp.int32(3), np.array(3, np.int32)])
@@ -79,3 +80,43 @@ def test_check_int_array_checks_the_dtype_of_traced_values_but_not_their_range()
     assert jax.jit(lambda v: check_int_array("ids", v, 0, 5) + 1)(jnp.array([9])).tolist() == [10]
     with pytest.raises(ArgumentError, match="ids must hold integers, got dtype float32"):
         jax.jit(lambda v: check_int_array("ids", v, 0, 5))(jnp.array([1.0]))
+
+
+@pytest.mark.parametrize("key", [jax.random.key(0), jax.random.PRNGKey(0), np.zeros(2, np.uint32)])
+def test_check_key_accepts_typed_and_raw_keys_concrete_or_traced(key):
+    assert check_key("key", key) is key
+    jax.jit(lambda k: check_key("key", k))(key)
+
+
+@pytest.mark.parametrize(
+    "key, shown",
+    [(0, "got 0"), ([0, 0], r"got \[0, 0\]"), (None, "got None"),
+     (jnp.asarray([0, 0]), r"got an array of dtype int32 and shape \(2,\)"),
+     (jax.random.split(jax.random.key(0)), r"got typed keys of shape \(2,\)"),
+     (jax.random.split(jax.random.PRNGKey(0)), r"got an array of dtype uint32 and shape \(2, 2\)")],
+)
+def test_check_key_rejects(key, shown):
+    with pytest.raises(ArgumentError, match=r"key must be one PRNG key, jax.random.key\(seed\) or a raw "
+                                            r"jax.random.PRNGKey\(seed\) \(uint32\[2\]\), " + shown):
+        check_key("key", key)
+
+
+def test_sampler_entry_points_name_a_bad_key():
+    """Each refuses a seed or list in place of a key before compiling (JAX raised 'invalid
+    PRNG key data' or 'unexpected PRNG key type' from inside its random functions)."""
+    lm = js.LanguageModel.from_logits_fn(lambda tokens: jnp.zeros(tokens.shape + (4,)), 4, 3, max_length=16)
+    prompt = jnp.asarray([1, 2])
+    calls = [
+        lambda key: js.generate(key, lm, prompt, 4),
+        lambda key: js.power_sample(key, lm, prompt, max_new_tokens=4, block_size=4),
+        lambda key: js.base_sample(key, lm, prompt, max_new_tokens=4),
+        lambda key: js.temperature_sample(key, lm, prompt, max_new_tokens=4),
+        lambda key: js.best_of_n(key, lm, prompt, 2, max_new_tokens=4),
+        lambda key: js.smc_decode(key, lm, prompt, num_particles=2, max_new_tokens=4),
+        lambda key: js.twisted_smc(key, lm, prompt, None, None, lambda tokens, length: 0.0, num_particles=2,
+                                   max_new_tokens=4),
+    ]
+    for call in calls:
+        for key in (0, [0, 0]):
+            with pytest.raises(ArgumentError, match="key must be one PRNG key"):
+                call(key)

@@ -22,7 +22,7 @@ from jaxsample.lm import LanguageModel
 from jaxsample.mcmc.kernel import PowerMHInfo
 from jaxsample.mcmc.result import PowerSampleResult
 from jaxsample.sampling import Proposal
-from jaxsample.validation import check_int, check_int_array, check_real
+from jaxsample.validation import check_int, check_int_array, check_key, check_real
 
 Array = jax.Array
 
@@ -59,6 +59,7 @@ def _checked(lm, prompt_tokens, max_new_tokens, temperature, top_k, top_p):
 
 def _sample(key, lm, prompt_tokens, num_rows, max_new_tokens, temperature, top_k, top_p, rows, mesh):
     """Validates, decodes `num_rows` rows from the proposal and checks their log p."""
+    check_key("key", key)
     prompt, max_new_tokens, proposal = _checked(lm, prompt_tokens, max_new_tokens, temperature, top_k, top_p)
     parallel.check_rows(mesh, num_rows, f"the {rows} count")
     inputs = parallel.place_inputs((key, parallel.shard_model(lm, mesh), prompt, proposal), mesh)

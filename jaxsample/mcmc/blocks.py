@@ -45,7 +45,7 @@ from jaxsample.mcmc.cuts import CutLaw, as_jit_argument, resolve_cut_law
 from jaxsample.mcmc.kernel import PowerMHInfo, PowerMHState, build_kernel
 from jaxsample.mcmc.result import PowerSampleResult
 from jaxsample.sampling import Proposal
-from jaxsample.validation import check_int, check_real
+from jaxsample.validation import check_int, check_key, check_real
 
 Array = jax.Array
 
@@ -164,6 +164,7 @@ def power_sample(
       `PowerSampleResult` with each chain's final completion, per-step diagnostics
       (`info` `[K, S, C]`) and token counts.
     """
+    check_key("key", key)
     check_real("alpha", alpha, "(0, inf)")
     num_chains = check_int("num_chains", num_chains, 1)
     block_size = check_int("block_size", block_size, 1)

@@ -22,7 +22,7 @@ from jaxsample.smc.lookahead import LookaheadSpec, check_lookahead, finished
 from jaxsample.smc.resampling import Resampler
 from jaxsample.smc.target import RewardFn, RewardTarget, make_target
 from jaxsample.smc.weights import log_evidence, normalize_log_weights
-from jaxsample.validation import check_int, check_real
+from jaxsample.validation import check_int, check_key, check_real
 
 Array = jax.Array
 
@@ -202,7 +202,7 @@ def smc_decode(
         particle and position), or a log-weight became NaN or +inf (e.g. from the reward).
     """
     prompt, num_particles, max_new_tokens, block_size = check_arguments(
-        lm, prompt_tokens, num_particles, max_new_tokens, block_size, ess_threshold)
+        key, lm, prompt_tokens, num_particles, max_new_tokens, block_size, ess_threshold)
     num_rejuvenation_steps = check_int("num_rejuvenation_steps", num_rejuvenation_steps, 0)
     check_lookahead(lookahead)  # before jit hashes it as a static argument
     target = make_target(alpha, lam, reward_fn)
@@ -224,9 +224,10 @@ def smc_decode(
     return execute(lm, run, max_new_tokens, block_size, progress, "smc_decode blocks")
 
 
-def check_arguments(lm, prompt_tokens, num_particles, max_new_tokens, block_size, ess_threshold):
+def check_arguments(key, lm, prompt_tokens, num_particles, max_new_tokens, block_size, ess_threshold):
     """Validates the arguments every SMC entry point shares; returns them normalised:
     `(prompt int32 [T], num_particles, max_new_tokens, block_size)`."""
+    check_key("key", key)
     num_particles = check_int("num_particles", num_particles, 1)
     prompt, max_new_tokens = check_prompt(lm, prompt_tokens, max_new_tokens)
     block_size = check_int("block_size", block_size, 1, max_new_tokens)

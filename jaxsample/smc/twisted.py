@@ -131,7 +131,7 @@ def twisted_smc(
       `.rewards` = log φ of each final particle.
     """
     prompt, num_particles, max_new_tokens, block_size = check_arguments(
-        lm, prompt_tokens, num_particles, max_new_tokens, block_size, ess_threshold)
+        key, lm, prompt_tokens, num_particles, max_new_tokens, block_size, ess_threshold)
     target = make_target(1.0, 1.0, terminal_potential(lm, log_potential_fn))
     proposal = twisted_proposal(log_twist_fn, twist_params)
     reference = None
