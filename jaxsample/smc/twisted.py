@@ -119,8 +119,8 @@ def twisted_smc(
       max_new_tokens: S; a sequence without a stop token is scored by φ at S tokens.
       block_size: tokens between reweightings / resamplings.
       ess_threshold: κ: resample when ESS < κ N (traced).
-      resampler: a scheme name or function; default "systematic", or "multinomial" (the only
-        one allowed) with `conditional_sample`.
+      resampler: a scheme name or function; `None` picks "systematic", or with
+        `conditional_sample` "multinomial" (the only scheme conditional SMC allows).
       conditional_sample: optional int32 `[S]` exact draw from σ (pad after its stop token):
         conditional SMC with particle 0 clamped to it, whose log Z_hat is biased up
         (E log Z_hat ≥ log Z), while plain SMC's is biased down.
