@@ -85,7 +85,7 @@ def generate(
       lm: the model.
       prompt_tokens: int32 `[T]`, T ≥ 1.
       max_new_tokens: N; the prompt plus N must fit the model's positions.
-      temperature: τ > 0.
+      temperature: τ in [2⁻¹²⁶, 2¹²⁶], where τ and 1/τ are normal float32 numbers.
       top_k: keep the k most likely tokens, and any tied with the k-th (0 = all).
       top_p: nucleus mass in (0, 1].
       num_samples: S, rows decoded as one batch.

@@ -82,8 +82,20 @@ def base_sample(
 ) -> PowerSampleResult:
     """C independent completions from the proposal (default: the base model p).
 
-    `mesh`: a `jaxsample.parallel` mesh (chains over its data axis, the model over its
-    model axis), as in `power_sample`.
+    Args:
+      key: PRNG key.
+      lm: the model.
+      prompt_tokens: int32 `[T]`, T ≥ 1.
+      num_chains: C, completions decoded as one batch.
+      max_new_tokens: N (default 3072, `power_sample`'s); the prompt plus N must fit the
+        model's positions.
+      temperature, top_k, top_p: the proposal (see `Proposal`); traced, except top_k.
+      mesh: a `jaxsample.parallel` mesh (chains over its data axis, the model over its
+        model axis), as in `power_sample`.
+
+    Returns:
+      `PowerSampleResult` with no MH steps (`info` leaves `[1, 0, C]`); `tokens_decoded` =
+      `lengths`.
     """
     num_chains = check_int("num_chains", num_chains, 1)
     state = _sample(key, lm, prompt_tokens, num_chains, max_new_tokens, temperature, top_k, top_p, "chain", mesh)
@@ -102,7 +114,8 @@ def temperature_sample(
     top_p: float | Array = 1.0,
     mesh: Mesh | None = None,
 ) -> PowerSampleResult:
-    """C independent completions at temperature τ = 1/α (power sampling's proposal)."""
+    """C independent completions at temperature τ = 1/α (power sampling's proposal, the
+    "power of sums" baseline); `base_sample` with `temperature=1/alpha`, α > 0."""
     check_real("alpha", alpha, "(0, inf)")
     return base_sample(key, lm, prompt_tokens, num_chains=num_chains, max_new_tokens=max_new_tokens,
                        temperature=1.0 / jnp.asarray(alpha, jnp.float32), top_k=top_k, top_p=top_p, mesh=mesh)
@@ -156,6 +169,7 @@ def best_of_n(
     an upper bound — make it large enough (budget / shortest plausible completion).
     `tokens_decoded` counts the candidates kept; all `num_candidates` are decoded.
     `mesh`: candidates over the data axis (C x num_candidates must be a multiple of it).
+    The other arguments and the result are as in `base_sample`.
     """
     num_chains = check_int("num_chains", num_chains, 1)
     num_candidates = check_int("num_candidates", num_candidates, 1)
