@@ -13,7 +13,7 @@ query routing) and `testing` (exact enumeration and statistical checks for your 
 
 from jaxsample import calibration, errors, mcmc, models, parallel, safety, sampling, smc, tasks, training
 from jaxsample.decoding import DecodeState, extend, init_decode, rewind, select_rows, take_rows
-from jaxsample.generate import GenerateResult, generate
+from jaxsample.generation import GenerateResult, generate
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc import PowerSampleResult, base_sample, best_of_n, power_sample, temperature_sample
 from jaxsample.models import ModelConfig, Tokenizer, load, register_model, registered_models, save_pretrained

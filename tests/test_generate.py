@@ -123,7 +123,7 @@ def test_rewind_then_extend_matches_fresh_decoding(lm):
 
 
 def test_temperature_and_top_p_changes_do_not_recompile(lm):
-    from jaxsample.generate import _generate
+    from jaxsample.generation import _generate
 
     js.generate(jax.random.key(0), lm, PROMPT, 6, temperature=0.7, top_k=0, top_p=0.9, num_samples=2)
     before = _generate._cache_size()
@@ -179,7 +179,7 @@ def test_out_of_vocabulary_prompt_raises(lm, prompt):
 
 
 def test_prompt_lengths_in_one_bucket_share_a_compilation_and_match_unpadded(lm):
-    from jaxsample.generate import _generate
+    from jaxsample.generation import _generate
 
     proposal = js.Proposal(0.8).validated()
     js.generate(jax.random.key(0), lm, jnp.array([1, 2]), 6, temperature=0.8, num_samples=3)
