@@ -4,6 +4,13 @@ Normaliser convention (LLaMPPL): log-weights start at 0 and, at every resampling
 reset to `LSE(lw) - log N`. Then `log Z_hat = LSE(lw) - log N` at any time, with no separate
 running sum to keep in step with the weights.
 
+Compensated running weights: a step adds its increments to the pair `(log_weights, residual)`
+with `two_sum`, whose sum is the running log-weight to about 2⁻⁴⁸ of its magnitude. A
+float32 log-weight alone rounds every increment to half its ulp (0.004 at 1e5, 0.5 at
+1e7), so a large offset that enters the weights and later leaves them (a constant in a
+twist or a value) erased the increments added in between. `centered` then gives the small
+log-weights that the ESS, resampling and log Z_hat are computed from.
+
 Degenerate weights: when every log-weight is `-inf` no particle is possible. `ess` is then 0,
 `log_evidence` is `-inf`, normalised log-weights stay `-inf` (never NaN) and
 `resample_if_needed` leaves the particles untouched. NaN or +inf log-weights are an error:
@@ -37,6 +44,33 @@ def _shift_by_max(log_weights: Array) -> tuple[Array, Array]:
     top = jnp.max(log_weights, axis=-1, keepdims=True)
     top = jnp.where(jnp.isfinite(top), top, 0.0)
     return log_weights - top, top
+
+
+def two_sum(a: Array, b: Array) -> tuple[Array, Array]:
+    """`(s, e)`: s = a + b rounded and e its rounding error, s + e = a + b exactly (Knuth's
+    TwoSum, any order of magnitude); e = 0 where s is ±inf or NaN, which s carries on."""
+    s = a + b
+    b_rounded = s - a
+    error = (a - (s - b_rounded)) + (b - b_rounded)
+    return s, jnp.where(jnp.isfinite(s), error, 0.0)
+
+
+def add_log_weights(log_weights: Array, residual: Array, *increments: Array) -> tuple[Array, Array]:
+    """The running log-weights `log_weights + residual` plus every increment, as a new pair
+    `(log_weights, residual)` with `log_weights` the float32 rounding of the sum; each
+    increment is added exactly (`two_sum`), so a large one does not round the small ones."""
+    for increment in increments:
+        log_weights, error = two_sum(log_weights, increment)
+        residual = residual + error
+    return two_sum(log_weights, residual)
+
+
+def centered(log_weights: Array, residual: Array) -> tuple[Array, Array]:
+    """`(lw + residual − top, top)` with top = max lw (0 if not finite), f32 `[N]` and `[]`:
+    the running log-weights less one common offset, small enough near the maximum for
+    float32 to resolve the differences that the ESS, resampling and log Z_hat depend on."""
+    shifted, top = _shift_by_max(log_weights)
+    return shifted + residual, top[..., 0]
 
 
 @jax.jit

@@ -1,5 +1,7 @@
 """`smc_decode` end to end: special cases, determinism, recompilation, errors."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,6 +138,33 @@ def test_rollout_lookahead_with_a_hard_constraint_runs_and_nan_still_raises(lm):
     assert np.isneginf(result.log_weights[np.isneginf(result.rewards)]).all()
     with pytest.raises(NumericalError, match="NaN or \\+inf"):
         smc_decode(jax.random.key(0), lm, PROMPT, nan_after_one, **options)
+
+
+def test_a_constant_value_offset_leaves_log_z_unchanged():
+    # log V_hat ≡ C on unfinished prefixes (V = 1 at the end) multiplies every weight by e^C
+    # from the first block to the last, which all particles share (this toy never stops
+    # early): the same draws, resamplings and log Z_hat for every C. With the running
+    # log-weights a lone float32 near C, each block's increments were rounded at ulp(C)/2,
+    # 0.004 at C = 1e5 and 0.5 at 1e7 (the ESS moved by 2e-4 relative, log Z_hat by 0.005,
+    # and at 1e7 a resampling changed). The compensated weights leave the float32 rounding of
+    # log-weights below 16 (ulp 2e-6): a few roundings in each of 4 blocks, within 2e-5.
+    rng = np.random.default_rng(0)
+    never_stops = testing.tabular_lm(
+        {prefix: [*rng.normal(scale=2.0, size=3), -np.inf] for n in range(S) for prefix in
+         itertools.product(range(3), repeat=n)}, vocab_size=4, eos_token_id=3, max_new_tokens=S)
+    runs = {}
+    for offset in (None, 0.0, 1e5, 1e7):
+        lookahead = None if offset is None else (lambda t, n, c=offset: jnp.float32(c))
+        runs[offset] = smc_decode(jax.random.key(1), never_stops, PROMPT, num_particles=16,
+                                  max_new_tokens=S, alpha=3.0, temperature=1.0,
+                                  lookahead=lookahead)
+    assert runs[None].resampled.any()
+    for result in runs.values():
+        np.testing.assert_array_equal(result.tokens, runs[None].tokens)
+        np.testing.assert_array_equal(result.resampled, runs[None].resampled)
+        np.testing.assert_allclose(result.ess, runs[None].ess, rtol=1e-5)
+        np.testing.assert_allclose(result.log_z, runs[None].log_z, atol=2e-5)
+        np.testing.assert_allclose(result.log_weights, runs[None].log_weights, atol=2e-5)
 
 
 @pytest.mark.parametrize("kwargs, message", [
