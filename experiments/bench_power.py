@@ -49,7 +49,8 @@ def reference_power_mh(model, prompt_ids, alpha: float, block_size: int, max_new
         return suffix, alpha * log_p, log_q
 
     context = prompt_ids.shape[1]
-    sequence, target, proposal = prompt_ids, torch.zeros(0), torch.zeros(0)
+    empty = torch.zeros(0, device=prompt_ids.device)
+    sequence, target, proposal = prompt_ids, empty, empty
     decoded = 0
     for _ in range(max_new_tokens // block_size):
         suffix, t, q = propose(sequence, block_size)
@@ -62,7 +63,7 @@ def reference_power_mh(model, prompt_ids, alpha: float, block_size: int, max_new
             new_suffix, new_t, new_q = propose(sequence[:, : context + cut], generated - cut)
             decoded += generated - cut
             log_r = new_t.sum() + proposal[cut:].sum() - target[cut:].sum() - new_q.sum()
-            if torch.log(torch.rand(1, generator=generator)) < log_r:
+            if torch.rand((), generator=generator).log().item() < log_r.item():
                 sequence = torch.cat([sequence[:, : context + cut], new_suffix[None]], dim=1)
                 target = torch.cat([target[:cut], new_t])
                 proposal = torch.cat([proposal[:cut], new_q])
