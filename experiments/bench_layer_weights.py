@@ -10,6 +10,8 @@ weights) applied to B rows, interleaved:
 - `stacked`: the weights as `[L, D, F]` arrays, layer l sliced inside a layer loop (the ports'
   layout);
 - `separate`: L separate arrays per matrix, the layers unrolled (no slicing);
+- `unrolled`: the stacked layout with the layers unrolled, layer l's matrices static slices
+  of the stack (what `lax.scan(..., unroll=True)` over the layers compiles to);
 - `blocks`: the stacked layout read as the decoder's decode step reads it
   (`jaxsample.models.decoder.default_mlp_chunks`, or `--blocks`): layer l's MLP in column
   blocks of the intermediate features, each block's slices taken from the stack in turn, so
@@ -18,7 +20,7 @@ weights) applied to B rows, interleaved:
 All compute the same function (their largest output difference from `separate` is
 reported) and read the same bytes; equal times mean the slice is read in place. Rerun with
 `XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true` on a GPU to see whether GEMMs reading
-the slice in place close the gap there.
+the slice in place close the gap there (on an H200 with jax 0.11.2 it did not).
 
     python experiments/bench_layer_weights.py --layers 30 --hidden 576 --intermediate 1536 --batches 1,8
 """
@@ -76,12 +78,21 @@ def contenders(layers: int, hidden: int, intermediate: int, batch: int, steps: i
         return jax.lax.fori_loop(0, steps, one_step, h)
 
     @jax.jit
+    def run_unrolled(h, gate, up, down):
+        def one_step(_, h):
+            for i in range(layers):
+                h = mlp(h, gate[i], up[i], down[i])
+            return h
+
+        return jax.lax.fori_loop(0, steps, one_step, h)
+
+    @jax.jit
     def run_blocks(h, gate, up, down):
         layer_loop = lambda h: jax.lax.fori_loop(0, layers, lambda i, h: mlp_in_blocks(h, gate, up, down, i, blocks), h)  # noqa: E731
         return jax.lax.fori_loop(0, steps, lambda _, h: layer_loop(h), h)
 
     return {"stacked": lambda: run_stacked(h, *stacked), "separate": lambda: run_separate(h, separate),
-            "blocks": lambda: run_blocks(h, *stacked)}
+            "unrolled": lambda: run_unrolled(h, *stacked), "blocks": lambda: run_blocks(h, *stacked)}
 
 
 def main(argv=None):
@@ -108,16 +119,19 @@ def main(argv=None):
         runs = contenders(args.layers, args.hidden, args.intermediate, batch, args.steps, dtype, blocks)
         reference = runs["separate"]().astype(jnp.float32)
         difference = max(float(jnp.max(jnp.abs(runs[name]().astype(jnp.float32) - reference)))
-                         for name in ("stacked", "blocks"))
+                         for name in ("stacked", "unrolled", "blocks"))
         timings = interleaved_timings(runs, args.samples, args.min_sample_s)
         ms = {name: 1e3 * t["median_s"] / args.steps for name, t in timings.items()}
         rows.append({"batch": batch, "ms_per_pass": ms, "gb_per_s": {k: weight_bytes / v / 1e6 for k, v in ms.items()},
                      "stacked_over_separate": ms["stacked"] / ms["separate"],
+                     "unrolled_over_separate": ms["unrolled"] / ms["separate"],
                      "stacked_over_blocks": ms["stacked"] / ms["blocks"],
                      "max_abs_difference": difference, "timings": timings})
-        lines.append(f"B={batch}: stacked {ms['stacked']:.2f} ms, separate {ms['separate']:.2f} ms, {blocks} blocks "
-                     f"{ms['blocks']:.2f} ms per pass over {weight_bytes / 1e6:.0f} MB of weights: stacked/separate "
-                     f"{rows[-1]['stacked_over_separate']:.2f}x, stacked/blocks {rows[-1]['stacked_over_blocks']:.2f}x")
+        lines.append(f"B={batch}: stacked {ms['stacked']:.2f} ms, separate {ms['separate']:.2f} ms, unrolled "
+                     f"{ms['unrolled']:.2f} ms, {blocks} blocks {ms['blocks']:.2f} ms per pass over "
+                     f"{weight_bytes / 1e6:.0f} MB of weights: stacked/separate {rows[-1]['stacked_over_separate']:.2f}x, "
+                     f"unrolled/separate {rows[-1]['unrolled_over_separate']:.2f}x, "
+                     f"stacked/blocks {rows[-1]['stacked_over_blocks']:.2f}x")
     result = {**machine(), "layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate, "blocks": blocks,
               "dtype": args.dtype, "steps": args.steps, "weight_bytes": weight_bytes, "rows": rows}
     report(result, "\n".join(lines), args.json)

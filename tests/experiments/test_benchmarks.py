@@ -166,7 +166,7 @@ def test_bench_smc_and_bench_generate_report_their_ratios(tmp_path):
     assert generate["speedup"] == pytest.approx(generate["jax_tokens_per_s"] / generate["transformers_tokens_per_s"])
 
 
-def test_bench_layer_weights_times_the_three_layouts_over_the_same_bytes(tmp_path):
+def test_bench_layer_weights_times_the_four_layouts_over_the_same_bytes(tmp_path):
     result = _run(bench_layer_weights.main, tmp_path, "--layers", 3, "--hidden", 16, "--intermediate", 32,
                   "--batches", "1,2", "--steps", 2, "--blocks", 4, *QUICK)
     assert result["weight_bytes"] == 3 * 3 * 16 * 32 * 4
@@ -174,11 +174,12 @@ def test_bench_layer_weights_times_the_three_layouts_over_the_same_bytes(tmp_pat
     assert [row["batch"] for row in result["rows"]] == [1, 2]
     for row in result["rows"]:
         assert row["stacked_over_blocks"] == pytest.approx(row["ms_per_pass"]["stacked"] / row["ms_per_pass"]["blocks"])
-        for layout in ("stacked", "separate", "blocks"):
+        for layout in ("stacked", "separate", "unrolled", "blocks"):
             _timed(row["timings"][layout])
             assert row["ms_per_pass"][layout] == pytest.approx(1e3 * row["timings"][layout]["median_s"] / 2)
         assert row["max_abs_difference"] < 1e-4  # the same function, float32
         assert row["stacked_over_separate"] == pytest.approx(row["ms_per_pass"]["stacked"] / row["ms_per_pass"]["separate"])
+        assert row["unrolled_over_separate"] == pytest.approx(row["ms_per_pass"]["unrolled"] / row["ms_per_pass"]["separate"])
 
 
 def test_bench_draw_times_both_token_draws_per_vocabulary_and_batch(tmp_path):
