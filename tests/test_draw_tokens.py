@@ -167,6 +167,20 @@ def test_each_row_is_its_own_categorical_draw(name, monkeypatch):
         np.testing.assert_allclose(draw.log_twist[row], log_twist[row, expected], **close)
 
 
+@pytest.mark.parametrize("offset", [1e4, 1e8, -1e8])
+def test_twisted_log_probs_ignore_a_constant_in_the_twist(offset):
+    # q ∝ q·ψ is unchanged by ψ -> e^c ψ. Added to log q before normalising, c = 1e8 rounded
+    # log q to multiples of 8 (ulp(1e8)). The twist takes multiples of 8 so that log ψ + c
+    # is exact in float32 and the function is given the same ψ up to the constant.
+    log_q = proposal_log_probs(LOGITS, Proposal(temperature=1.0, top_k=20).validated())
+    log_twist = 8.0 * jax.random.randint(jax.random.key(3), log_q.shape, -1, 2)
+    expected = twisted_log_probs(log_q, log_twist)
+    np.testing.assert_allclose(twisted_log_probs(log_q, log_twist + offset), expected, rtol=1e-5, atol=1e-5)
+    # A large log ψ where q is 0 (top-k cut) is not on q's support and shifts nothing.
+    off_support = jnp.where(jnp.isneginf(log_q), 1e30, log_twist)
+    np.testing.assert_allclose(twisted_log_probs(log_q, off_support), expected, rtol=1e-5, atol=1e-5)
+
+
 def _draw_temp_bytes(rows, vocab):
     logits = jax.ShapeDtypeStruct((rows, vocab), jnp.float32)
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), rows))

@@ -151,9 +151,13 @@ def twisted_log_probs(log_q: Array, log_twist: Array) -> Array:
 
     Where ψ vanishes on the whole support of q (N_ψ = Σ_v q(v) ψ(v) = 0) the row keeps q
     unchanged: every token then has ψ = 0, so a twisted-SMC weight, which carries log ψ of
-    the sampled token, becomes `-inf` instead of NaN.
+    the sampled token, becomes `-inf` instead of NaN. log ψ is first shifted by its largest
+    value on q's support (q ∝ q·ψ does not change), so that a large constant in it does not
+    round log q away in float32 (ulp(1e8) = 8).
     """
-    scores = log_q + log_twist
+    on_support = jnp.where(jnp.isneginf(log_q), -jnp.inf, log_twist)
+    peak = jnp.max(on_support, axis=-1, keepdims=True)
+    scores = log_q + (log_twist - jnp.where(jnp.isfinite(peak), peak, 0.0))
     log_norm = jax.nn.logsumexp(scores, axis=-1, keepdims=True)
     dead = jnp.isneginf(log_norm)
     return jnp.where(dead, log_q, scores - jnp.where(dead, 0.0, log_norm))
