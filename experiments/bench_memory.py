@@ -12,11 +12,18 @@ peak of at most 1.2 x (the generated part of every row's cache + one prompt cach
 
 Only shapes are needed: the programs are lowered with abstract weights, so a 7B shape costs
 no memory here. The model shapes are `bench_decode.SHAPES`.
+
+What fills the peak: each program's `--largest` biggest buffers other than parameters and
+constants, read from XLA's buffer assignment of that compilation (`xla_dump_to`), with the
+instructions and shapes of the values that share each (`largest_buffers`).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import tempfile
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +50,38 @@ def peak_bytes(compiled, params_bytes: int) -> dict:
             "peak_without_weights": total - params_bytes}
 
 
+def compile_with_report(lowered, largest: int):
+    """`lowered.compile()` and the `largest` biggest buffers of its program that are neither
+    parameters nor constants, from the buffer assignment XLA writes when the compilation
+    dumps (`xla_dump_to`). Values that share one slice of an allocation (XLA reuses memory
+    once a value is dead) count once: a list of `{"bytes", "allocation", "values",
+    "instructions", "shapes"}` with up to 4 of the slice's instructions (`copy.12`,
+    `dynamic-update-slice_fusion`, ...) and the distinct shapes it holds."""
+    with tempfile.TemporaryDirectory() as directory:
+        compiled = lowered.compile({"xla_dump_to": directory})
+        dumps = sorted(Path(directory).glob("*after_optimizations-buffer-assignment.txt"))
+        if len(dumps) != 1:
+            raise RuntimeError(f"expected one XLA buffer assignment in the dump, found {len(dumps)}")
+        text = dumps[0].read_text()
+    slices, kind = {}, None
+    for line in text.splitlines():
+        if header := re.match(r"allocation (\d+): size \d+, (.*):$", line):
+            number, description = header.groups()
+            kept = not re.match(r"(parameter|constant|thread-local)", description)
+            kind = (number, description.split(",")[0]) if kept else None
+        elif kind and (value := re.match(r" value: <\d+ (\S+) @\d+> \(size=(\d+),offset=(\d+)\): (.*)$", line)):
+            name, size, offset, shape = value.groups()
+            if shape.startswith("("):  # a tuple: a table of pointers to other buffers
+                continue
+            entry = slices.setdefault((kind, int(offset), int(size)), {"names": [], "shapes": []})
+            entry["names"].append(name)
+            entry["shapes"].append(re.sub(r"\{[^}]*\}", "", shape))
+    biggest = sorted(slices.items(), key=lambda item: -item[0][2])[:largest]
+    return compiled, [{"bytes": size, "allocation": f"{number} ({description})", "values": len(entry["names"]),
+                       "instructions": entry["names"][:4], "shapes": sorted(set(entry["shapes"]))}
+                      for ((number, description), _, size), entry in biggest]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--particles", type=int, default=64, help="SMC particles = MH chains")
@@ -52,6 +91,7 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and KV cache")
     parser.add_argument("--shapes", default="tiny,qwen2.5-0.5b",
                         help=f"comma-separated model shapes: {', '.join(SHAPES)}")
+    parser.add_argument("--largest", type=int, default=8, help="biggest buffers of each program to report (parameters and constants excluded)")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
 
@@ -76,23 +116,24 @@ def measure(shape: str, dtype, args) -> dict:
     key = jax.random.key(0)
     alpha = jnp.float32(4.0)
     proposal = Proposal(temperature=1.0 / alpha).validated()
-    smc = _smc_run.lower(
+    smc, smc_slices = compile_with_report(_smc_run.lower(
         key, lm, prompt, length, make_target(alpha, 0.0, None), proposal, jnp.float32(0.5),
         num_particles=args.particles, max_new_tokens=args.new_tokens, block_size=args.block_size,
         resampler="systematic", num_rejuvenation_steps=0, lookahead=None, progress=False, mesh=None,
-    ).compile()
-    power = _power_sample.lower(
+    ), args.largest)
+    power, power_slices = compile_with_report(_power_sample.lower(
         key, lm, prompt, length, alpha, proposal, as_jit_argument(uniform), args.particles, args.block_size, 2,
         args.new_tokens, jnp.asarray(False), False, None,
-    ).compile()
+    ), args.largest)
 
     kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
     generated = args.particles * args.new_tokens * kv_per_token
     one_prompt = prompt.shape[0] * kv_per_token
     rows = {}
-    for name, compiled in (("smc_decode", smc), ("power_sample", power)):
+    for name, compiled, slices in (("smc_decode", smc, smc_slices), ("power_sample", power, power_slices)):
         stats = peak_bytes(compiled, params_bytes)
         stats["ratio_to_goal_base"] = stats["peak_without_weights"] / (generated + one_prompt)
+        stats["largest_buffers"] = slices
         rows[name] = stats
     return {"layers": config.num_hidden_layers, "prompt_bucket": int(prompt.shape[0]),
             "kv_bytes_per_token": kv_per_token, "generated_cache_bytes": generated,
@@ -107,7 +148,9 @@ def summary(shape: str, result: dict) -> str:
              f"{base / 2**20:.0f} MiB; goal: peak <= {1.2 * base / 2**20:.0f} MiB"]
     for name, stats in result["programs"].items():
         lines.append(f"  {name}: peak {stats['peak_without_weights'] / 2**20:.0f} MiB = "
-                     f"{stats['ratio_to_goal_base']:.2f}x the goal base")
+                     f"{stats['ratio_to_goal_base']:.2f}x the goal base; largest buffers:")
+        lines += [f"    {b['bytes'] / 2**20:8.1f} MiB  {' '.join(b['shapes'])}  ({', '.join(b['instructions'])}"
+                  f"{', ...' if b['values'] > len(b['instructions']) else ''})" for b in stats["largest_buffers"]]
     return "\n".join(lines)
 
 

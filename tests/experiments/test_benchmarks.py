@@ -153,6 +153,16 @@ def test_bench_memory_rows_hold_no_copy_of_the_prompt_cache(tmp_path):
     assert power["peak_without_weights"] < 0.5 * 2 * shape["per_row_full_cache_bytes"]
     base = shape["generated_cache_bytes"] + shape["one_prompt_cache_bytes"]
     assert smc["ratio_to_goal_base"] == pytest.approx(smc["peak_without_weights"] / base)
+    # What fills the peak, from XLA's buffer assignment: the rows' generated-part K and V
+    # caches ([rows, layers, slots, kv heads, head dim]; slots: the new tokens + 1) are among
+    # each program's largest buffers, largest first.
+    c = bench_decode.SHAPES["tiny"]
+    cache = f"f32[{rows},{c['num_hidden_layers']},{new + 1},{c['num_key_value_heads']},{c['head_dim']}]"
+    for program in (smc, power):
+        buffers = program["largest_buffers"]
+        assert len(buffers) == 8 and [b["bytes"] for b in buffers] == sorted((b["bytes"] for b in buffers), reverse=True)
+        assert any(cache in b["shapes"] and b["bytes"] == shape["generated_cache_bytes"] // 2 * (new + 1) // new
+                   for b in buffers), buffers
 
 
 def test_bench_smc_and_bench_generate_report_their_ratios(tmp_path):
