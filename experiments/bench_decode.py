@@ -23,6 +23,10 @@ stop tokens suppressed. Reported per (shape, batch):
 - transformers' `generate` (same shape, dtype and batch; sampling, EOS suppressed) ms per step,
   over `--transformers-new-tokens` steps (default `--new-tokens`; fewer fit a GPU session's
   time limit: its steps cost about the same at these short contexts, host-bound);
+- with `--also-unrolled`: the same decode loop with the layers unrolled in the program
+  (`DecodeStep(unroll_layers=True)`: static slices of the stacked weights instead of the
+  layer scan's dynamic ones), its ms per step, roofline fraction, compile time and kernels
+  (`unrolled_*`), timed in the same run;
 - with `--matmuls-alone`: the step's weight matmuls alone (`matmuls_alone_ms_per_step`),
   timed in the same run: the same projections and logit matrix on the same rows through
   XLA's own dot kernels, each weight matrix whole in its own array (no slicing, attention,
@@ -44,6 +48,7 @@ transformers forward over the prompt) is subtracted from the whole call's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import re
 import time
@@ -53,7 +58,7 @@ import jax.numpy as jnp
 
 from jaxsample import Proposal
 from jaxsample.decoding import extend, init_decode
-from jaxsample.models import ModelConfig, init_params, make_language_model
+from jaxsample.models import DecodeStep, ModelConfig, init_params, make_language_model
 from timing import add_timing_options, interleaved_timings, machine, matmul_gflops, positive_int, positive_ints, report
 
 # Published config.json values (hf.co/Qwen/Qwen2.5-*, hf.co/HuggingFaceTB/SmolLM2-135M-Instruct).
@@ -286,6 +291,7 @@ def main(argv=None):
     parser.add_argument("--transformers-new-tokens", type=int, help="decode steps per transformers generate call (default: --new-tokens)")
     parser.add_argument("--transformers-batches", default="all", help="batch sizes at which transformers' generate is timed too: 'all', 'none' or a comma-separated subset of --batches")
     parser.add_argument("--transformers-shapes", default="all", help="shapes at which transformers' generate is timed: 'all', 'none' or a comma-separated subset of --shapes")
+    parser.add_argument("--also-unrolled", action="store_true", help="also time the decode loop with the layers unrolled (DecodeStep(unroll_layers=True))")
     parser.add_argument("--matmuls-alone", action="store_true", help="also time the step's weight matmuls alone, each matrix whole (a second copy of the layer weights; for CPU-sized shapes)")
     parser.add_argument("--bandwidth-gbs", type=float, default=0.0, help="roofline bandwidth in GB/s (0: measure it in this run; an H200 copies at ~4300)")
     parser.add_argument("--peak-gflops", type=float, default=0.0, help="compute peak in GFLOP/s (0: measure it in this run with a square matmul)")
@@ -322,6 +328,10 @@ def main(argv=None):
         for batch in args.batches:
             run_jax, prefill, compiled_text = jax_contender(lm, batch, args.prompt_tokens, args.new_tokens)
             contenders = {"jax": run_jax, "jax_prefill": prefill}
+            if args.also_unrolled:
+                unrolled_lm = lm.replace(decode_fn=dataclasses.replace(lm.decode_fn, unroll_layers=True))
+                contenders["jax_unrolled"], _, unrolled_text = jax_contender(unrolled_lm, batch, args.prompt_tokens,
+                                                                             args.new_tokens)
             if args.matmuls_alone:
                 contenders["matmuls_alone"] = matmuls_alone_contender(lm, batch, args.new_tokens)
             with_torch = str(batch) in torch_batches and shape in torch_shapes
@@ -354,6 +364,13 @@ def main(argv=None):
                 "timings": timings,
                 "wall_s": time.perf_counter() - began,
             }
+            if args.also_unrolled:
+                unrolled_s = (timings["jax_unrolled"]["median_s"] - timings["jax_prefill"]["median_s"]) / args.new_tokens
+                row.update({"unrolled_ms_per_step": 1e3 * unrolled_s,
+                            "unrolled_roofline_fraction": nbytes / unrolled_s / 1e9 / bandwidth,
+                            "unrolled_compile_s": timings["jax_unrolled"]["first_call_s"] - timings["jax_unrolled"]["median_s"],
+                            "unrolled_kernels_per_step": kernels_per_step(unrolled_text()),
+                            "unrolled_over_scan": unrolled_s / step_s})
             if args.matmuls_alone:
                 row["matmuls_alone_ms_per_step"] = 1e3 * timings["matmuls_alone"]["median_s"] / args.new_tokens
                 row["step_over_matmuls_alone"] = row["ms_per_step"] / row["matmuls_alone_ms_per_step"]
@@ -370,6 +387,9 @@ def main(argv=None):
                   f"{row['gflop_per_s']:.0f} GFLOP/s = {row['compute_fraction']:.0%} of {peak_gflops:.0f} "
                   f"({row['bound']}-bound), "
                   f"compile {row['compile_s']:.1f} s, {row['kernels_per_step']} kernels/step"
+                  + (f"; unrolled {row['unrolled_ms_per_step']:.2f} ms/step = {row['unrolled_roofline_fraction']:.0%}, "
+                     f"compile {row['unrolled_compile_s']:.1f} s, {row['unrolled_kernels_per_step']} kernels/step"
+                     if args.also_unrolled else "")
                   + (f"; matmuls alone {row['matmuls_alone_ms_per_step']:.2f} ms/step" if args.matmuls_alone else "")
                   + (f"; transformers {row['transformers_ms_per_step']:.2f} ms/step" if with_torch else ""),
                   flush=True)
@@ -379,14 +399,15 @@ def main(argv=None):
         del lm, params
     result = {**header, "rows": rows}
     table = ["| shape | batch | ms/step | GB/s | roofline | GFLOP/s | of compute peak | compile s | kernels/step "
-             "| matmuls alone ms/step | transformers ms/step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| unrolled ms/step | matmuls alone ms/step | transformers ms/step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hf = f"{r['transformers_ms_per_step']:.2f}" if "transformers_ms_per_step" in r else "—"
         alone = f"{r['matmuls_alone_ms_per_step']:.2f}" if "matmuls_alone_ms_per_step" in r else "—"
+        unrolled = f"{r['unrolled_ms_per_step']:.2f}" if "unrolled_ms_per_step" in r else "—"
         table.append(f"| {r['shape']} | {r['batch']} | {r['ms_per_step']:.2f} | {r['gb_per_s']:.1f} | "
                      f"{r['roofline_fraction']:.0%} | {r['gflop_per_s']:.0f} | {r['compute_fraction']:.0%} | "
-                     f"{r['compile_s']:.1f} | {r['kernels_per_step']} | {alone} | {hf} |")
+                     f"{r['compile_s']:.1f} | {r['kernels_per_step']} | {unrolled} | {alone} | {hf} |")
     report(result, "\n".join(table), args.json)
 
 

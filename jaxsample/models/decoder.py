@@ -475,7 +475,7 @@ def _chunked_mlp(config: ModelConfig, params: Params, layer: Array, lora: dict |
     return mlp
 
 
-@functools.partial(jax.jit, static_argnames=("config", "with_features", "mlp_chunks"))
+@functools.partial(jax.jit, static_argnames=("config", "with_features", "mlp_chunks", "unroll_layers"))
 def decode_step(
     params: Params,
     config: ModelConfig,
@@ -486,6 +486,7 @@ def decode_step(
     with_features: bool = False,
     prefix: KVCache | None = None,
     mlp_chunks: int | None = None,
+    unroll_layers: bool = False,
 ):
     """Appends one token per row at slot `cache.length` and returns the next-token logits.
 
@@ -504,6 +505,11 @@ def decode_step(
         `prefix.length + s`, and every row attends to the prefix without a copy of it.
       mlp_chunks: run each MLP in this many blocks of the intermediate features (a divisor
         of `intermediate_size`); None: `default_mlp_chunks`, 1 except on CPU.
+      unroll_layers: run the layers one after another in the program (layer l's weights a
+        static slice of the stack) instead of one `lax.scan` over them (a dynamic slice per
+        layer, which XLA:CPU and XLA:GPU copy before the matmuls read it). Same results; a
+        larger program. Whether it reads the weights in place is what
+        `experiments/bench_decode.py --layer-loops scan,unrolled` measures.
 
     Returns:
       (float32 `[B, V]` logits, [float32 `[B, D]` features,] the cache with `length + 1`).
@@ -567,7 +573,13 @@ def decode_step(
         xs["prefix_k"], xs["prefix_v"] = prefix.k[0], prefix.v[0]
     h = embed(params, config, tokens[:, None])
     carry = None if intervention is None else intervention.init_carry(h)
-    (h, k_all, v_all, _, _), _ = jax.lax.scan(body, (h, cache.k, cache.v, jnp.int32(0), carry), xs)
+    state = (h, cache.k, cache.v, jnp.int32(0), carry)
+    if unroll_layers:
+        for index in range(config.num_hidden_layers):
+            state, _ = body(state, jax.tree.map(lambda leaf: leaf[index], xs))
+    else:
+        state, _ = jax.lax.scan(body, state, xs)
+    h, k_all, v_all, _, _ = state
     features = final_norm(params, config, h[:, 0])
     logits = jnp.where((slots < capacity)[:, None], unembed(params, config, features), jnp.nan)
     if with_features:
@@ -596,13 +608,16 @@ class DecodeStep:
       config: the architecture.
       mlp_chunks: blocks of the intermediate features each MLP runs in (a divisor of
         `intermediate_size`); None: `default_mlp_chunks` (1 except on CPU).
+      unroll_layers: the layers unrolled in the program instead of one scan (`decode_step`).
     """
 
     config: ModelConfig
     mlp_chunks: int | None = None
+    unroll_layers: bool = False
 
     def __call__(self, params: Params, *args, **kwargs):
-        return decode_step(params, self.config, *args, mlp_chunks=self.mlp_chunks, **kwargs)
+        return decode_step(params, self.config, *args, mlp_chunks=self.mlp_chunks,
+                           unroll_layers=self.unroll_layers, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -190,6 +190,36 @@ def test_decoding_the_mlp_in_blocks_matches_decoding_it_whole(chunks):
     np.testing.assert_allclose(blocks[0][1], reference, atol=ATOL, rtol=0)
 
 
+def _add_layer_vector(layer, h, vectors):
+    return h + vectors[layer]
+
+
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_unrolled_layers_decode_as_the_layer_scan(chunks):
+    """`decode_step(unroll_layers=True)` (static slices of the stacked layers, no scan) gives
+    the scan's logits, features and cache, with LoRA, an intervention on two of the three
+    blocks, a shared prefix and the MLP whole or in blocks."""
+    config = dataclasses.replace(CONFIG, mlp_bias=True)
+    params = random_params(config, 11)
+    adapters = lora.init_lora(jax.random.key(12), config, 3, 6.0, ("q_proj", "gate_proj", "down_proj"))
+    adapters = adapters.replace(weights=jax.tree.map(lambda x: 0.3 * jnp.sin(jnp.arange(x.size) + 1.0).reshape(x.shape),
+                                                     adapters.weights))
+    vectors = 0.5 * jnp.cos(jnp.arange(3 * config.hidden_size, dtype=jnp.float32)).reshape(3, -1)
+    intervention = models.Intervention(fn=_add_layer_vector, params=vectors, layers=(0, 2))
+    lm = models.make_language_model(config, params).with_adapters(adapters)
+    rng = np.random.default_rng(13)
+    _, prefix = lm.prefill(jnp.asarray(rng.integers(0, config.vocab_size, size=(1, 5))), jnp.asarray([5]), lm.init_cache(1, 8))
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, size=(2, 4)))
+    _, cache = lm.prefill(tokens[:, :-1], jnp.asarray([3, 1]), lm.init_cache(2, 8))
+    decode = functools.partial(models.decode_step, params, config, tokens[:, -1], cache, adapters,
+                               with_features=True, prefix=prefix, mlp_chunks=chunks)
+    scanned, unrolled = (decode(intervention=intervention, unroll_layers=unroll) for unroll in (False, True))
+    for name, a, b in zip(("logits", "features"), unrolled[:2], scanned[:2]):
+        np.testing.assert_allclose(a, b, atol=ATOL, rtol=0, err_msg=name)
+    chex.assert_trees_all_close(unrolled[2], scanned[2], atol=ATOL, rtol=0)
+    assert np.abs(np.asarray(scanned[0]) - np.asarray(decode(unroll_layers=False, intervention=None)[0])).max() > 0.1
+
+
 def test_mlp_blocks_hold_one_block_of_weights_at_a_time():
     """The layer scan no longer copies a layer's whole gate, up and down matrices (XLA:CPU
     copies a dynamic slice before the matmul reads it): the compiled step's scratch shrinks by
