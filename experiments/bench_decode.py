@@ -58,7 +58,7 @@ import jax.numpy as jnp
 
 from jaxsample import Proposal
 from jaxsample.decoding import extend, init_decode
-from jaxsample.models import DecodeStep, ModelConfig, init_params, make_language_model
+from jaxsample.models import ModelConfig, init_params, make_language_model
 from timing import add_timing_options, interleaved_timings, machine, matmul_gflops, positive_int, positive_ints, report
 
 # Published config.json values (hf.co/Qwen/Qwen2.5-*, hf.co/HuggingFaceTB/SmolLM2-135M-Instruct).
