@@ -26,7 +26,9 @@ stop tokens suppressed. Reported per (shape, batch):
 - with `--also-unrolled`: the same decode loop with the layers unrolled in the program
   (`DecodeStep(unroll_layers=True)`: static slices of the stacked weights instead of the
   layer scan's dynamic ones), its ms per step, roofline fraction, compile time and kernels
-  (`unrolled_*`), timed in the same run;
+  (`unrolled_*`), timed in the same run; with `--also-unstacked`, likewise the unrolled
+  loop reading `unstack_layers`' per-layer arrays (`unstacked_*`; a second copy of the
+  layer weights);
 - with `--matmuls-alone`: the step's weight matmuls alone (`matmuls_alone_ms_per_step`),
   timed in the same run: the same projections and logit matrix on the same rows through
   XLA's own dot kernels, each weight matrix whole in its own array (no slicing, attention,
@@ -58,7 +60,7 @@ import jax.numpy as jnp
 
 from jaxsample import Proposal
 from jaxsample.decoding import extend, init_decode
-from jaxsample.models import ModelConfig, init_params, make_language_model
+from jaxsample.models import ModelConfig, init_params, make_language_model, unstack_layers
 from timing import add_timing_options, interleaved_timings, machine, matmul_gflops, positive_int, positive_ints, report
 
 # Published config.json values (hf.co/Qwen/Qwen2.5-*, hf.co/HuggingFaceTB/SmolLM2-135M-Instruct).
@@ -172,7 +174,9 @@ def kernels_per_step(hlo: str) -> int:
     return max(cost(callee(a, "body")) + cost(callee(a, "condition")) for a in loops)
 
 
-def jax_contender(lm, batch: int, prompt_tokens: int, new_tokens: int):
+def jax_contender(lm, batch: int, prompt_tokens: int, new_tokens: int, decode_lm=None):
+    """Prefill with `lm`, then the decode loop with `decode_lm` (default `lm`)."""
+    decode_lm = lm if decode_lm is None else decode_lm
     proposal = Proposal(temperature=1.0).validated()
     prompt = jnp.arange(1, prompt_tokens + 1, dtype=jnp.int32) % lm.vocab_size
 
@@ -184,11 +188,11 @@ def jax_contender(lm, batch: int, prompt_tokens: int, new_tokens: int):
 
     def run():
         state = start(lm, prompt, batch, new_tokens)
-        return decode(jax.random.key(0), lm, state).tokens
+        return decode(jax.random.key(0), decode_lm, state).tokens
 
     prefill_only = lambda: start(lm, prompt, batch, new_tokens).next_logits  # noqa: E731
     # After the timed calls this is the executable they ran, not a new compilation.
-    compiled_text = lambda: decode.lower(jax.random.key(0), lm, start(lm, prompt, batch, new_tokens)).compile().as_text()  # noqa: E731
+    compiled_text = lambda: decode.lower(jax.random.key(0), decode_lm, start(lm, prompt, batch, new_tokens)).compile().as_text()  # noqa: E731
     return run, prefill_only, compiled_text
 
 
@@ -292,6 +296,7 @@ def main(argv=None):
     parser.add_argument("--transformers-batches", default="all", help="batch sizes at which transformers' generate is timed too: 'all', 'none' or a comma-separated subset of --batches")
     parser.add_argument("--transformers-shapes", default="all", help="shapes at which transformers' generate is timed: 'all', 'none' or a comma-separated subset of --shapes")
     parser.add_argument("--also-unrolled", action="store_true", help="also time the decode loop with the layers unrolled (DecodeStep(unroll_layers=True))")
+    parser.add_argument("--also-unstacked", action="store_true", help="also time the unrolled decode loop on per-layer weight arrays (unstack_layers; a second copy of the layer weights)")
     parser.add_argument("--matmuls-alone", action="store_true", help="also time the step's weight matmuls alone, each matrix whole (a second copy of the layer weights; for CPU-sized shapes)")
     parser.add_argument("--bandwidth-gbs", type=float, default=0.0, help="roofline bandwidth in GB/s (0: measure it in this run; an H200 copies at ~4300)")
     parser.add_argument("--peak-gflops", type=float, default=0.0, help="compute peak in GFLOP/s (0: measure it in this run with a square matmul)")
@@ -328,10 +333,16 @@ def main(argv=None):
         for batch in args.batches:
             run_jax, prefill, compiled_text = jax_contender(lm, batch, args.prompt_tokens, args.new_tokens)
             contenders = {"jax": run_jax, "jax_prefill": prefill}
+            unrolled_step = dataclasses.replace(lm.decode_fn, unroll_layers=True)
+            layouts = {}
             if args.also_unrolled:
-                unrolled_lm = lm.replace(decode_fn=dataclasses.replace(lm.decode_fn, unroll_layers=True))
-                contenders["jax_unrolled"], _, unrolled_text = jax_contender(unrolled_lm, batch, args.prompt_tokens,
-                                                                             args.new_tokens)
+                layouts["unrolled"] = lm.replace(decode_fn=unrolled_step)
+            if args.also_unstacked:  # a second copy of the layer weights, until the row is done
+                layouts["unstacked"] = lm.replace(params=unstack_layers(lm.params), decode_fn=unrolled_step)
+            layout_texts = {}
+            for name, decode_lm in layouts.items():
+                contenders[f"jax_{name}"], _, layout_texts[name] = jax_contender(
+                    lm, batch, args.prompt_tokens, args.new_tokens, decode_lm)
             if args.matmuls_alone:
                 contenders["matmuls_alone"] = matmuls_alone_contender(lm, batch, args.new_tokens)
             with_torch = str(batch) in torch_batches and shape in torch_shapes
@@ -364,13 +375,14 @@ def main(argv=None):
                 "timings": timings,
                 "wall_s": time.perf_counter() - began,
             }
-            if args.also_unrolled:
-                unrolled_s = (timings["jax_unrolled"]["median_s"] - timings["jax_prefill"]["median_s"]) / args.new_tokens
-                row.update({"unrolled_ms_per_step": 1e3 * unrolled_s,
-                            "unrolled_roofline_fraction": nbytes / unrolled_s / 1e9 / bandwidth,
-                            "unrolled_compile_s": timings["jax_unrolled"]["first_call_s"] - timings["jax_unrolled"]["median_s"],
-                            "unrolled_kernels_per_step": kernels_per_step(unrolled_text()),
-                            "unrolled_over_scan": unrolled_s / step_s})
+            for name, text in layout_texts.items():
+                layout = timings[f"jax_{name}"]
+                layout_s = (layout["median_s"] - timings["jax_prefill"]["median_s"]) / args.new_tokens
+                row.update({f"{name}_ms_per_step": 1e3 * layout_s,
+                            f"{name}_roofline_fraction": nbytes / layout_s / 1e9 / bandwidth,
+                            f"{name}_compile_s": layout["first_call_s"] - layout["median_s"],
+                            f"{name}_kernels_per_step": kernels_per_step(text()),
+                            f"{name}_over_scan": layout_s / step_s})
             if args.matmuls_alone:
                 row["matmuls_alone_ms_per_step"] = 1e3 * timings["matmuls_alone"]["median_s"] / args.new_tokens
                 row["step_over_matmuls_alone"] = row["ms_per_step"] / row["matmuls_alone_ms_per_step"]
@@ -387,27 +399,28 @@ def main(argv=None):
                   f"{row['gflop_per_s']:.0f} GFLOP/s = {row['compute_fraction']:.0%} of {peak_gflops:.0f} "
                   f"({row['bound']}-bound), "
                   f"compile {row['compile_s']:.1f} s, {row['kernels_per_step']} kernels/step"
-                  + (f"; unrolled {row['unrolled_ms_per_step']:.2f} ms/step = {row['unrolled_roofline_fraction']:.0%}, "
-                     f"compile {row['unrolled_compile_s']:.1f} s, {row['unrolled_kernels_per_step']} kernels/step"
-                     if args.also_unrolled else "")
+                  + "".join(f"; {name} {row[name + '_ms_per_step']:.2f} ms/step = {row[name + '_roofline_fraction']:.0%}, "
+                            f"compile {row[name + '_compile_s']:.1f} s, {row[name + '_kernels_per_step']} kernels/step"
+                            for name in layout_texts)
                   + (f"; matmuls alone {row['matmuls_alone_ms_per_step']:.2f} ms/step" if args.matmuls_alone else "")
                   + (f"; transformers {row['transformers_ms_per_step']:.2f} ms/step" if with_torch else ""),
                   flush=True)
+            del contenders, layouts, layout_texts  # frees an unstacked copy of the weights
             rows.append(row)
             if args.json:  # written after every row: a run cut short keeps what it measured
                 report({**header, "rows": rows}, "", args.json, quiet=True)
         del lm, params
     result = {**header, "rows": rows}
     table = ["| shape | batch | ms/step | GB/s | roofline | GFLOP/s | of compute peak | compile s | kernels/step "
-             "| unrolled ms/step | matmuls alone ms/step | transformers ms/step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| unrolled ms/step | unstacked ms/step | matmuls alone ms/step | transformers ms/step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hf = f"{r['transformers_ms_per_step']:.2f}" if "transformers_ms_per_step" in r else "—"
         alone = f"{r['matmuls_alone_ms_per_step']:.2f}" if "matmuls_alone_ms_per_step" in r else "—"
-        unrolled = f"{r['unrolled_ms_per_step']:.2f}" if "unrolled_ms_per_step" in r else "—"
+        unrolled, unstacked = (f"{r[k]:.2f}" if k in r else "—" for k in ("unrolled_ms_per_step", "unstacked_ms_per_step"))
         table.append(f"| {r['shape']} | {r['batch']} | {r['ms_per_step']:.2f} | {r['gb_per_s']:.1f} | "
                      f"{r['roofline_fraction']:.0%} | {r['gflop_per_s']:.0f} | {r['compute_fraction']:.0%} | "
-                     f"{r['compile_s']:.1f} | {r['kernels_per_step']} | {unrolled} | {alone} | {hf} |")
+                     f"{r['compile_s']:.1f} | {r['kernels_per_step']} | {unrolled} | {unstacked} | {alone} | {hf} |")
     report(result, "\n".join(table), args.json)
 
 

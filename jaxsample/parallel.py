@@ -46,6 +46,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxsample.errors import ArgumentError
 from jaxsample.models.decoder import DecodeStep
+from jaxsample.models.layout import check_stacked_layers
 from jaxsample.rows import Shared, is_shared
 from jaxsample.validation import check_int
 
@@ -125,6 +126,7 @@ def _param_spec(path, leaf, mesh: Mesh, config) -> P:
 def param_shardings(mesh: Mesh, params: Any, config) -> Any:
     """`NamedSharding`s of a decoder params pytree (`jaxsample.models` layout), tensor-parallel
     over the mesh's model axis; leaves it does not recognise (norms, adapters) are replicated."""
+    check_stacked_layers(params, "param_shardings")
     return jax.tree_util.tree_map_with_path(
         lambda path, leaf: NamedSharding(mesh, _param_spec(path, leaf, mesh, config)), params
     )

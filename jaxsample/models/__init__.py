@@ -23,8 +23,10 @@ from jaxsample.models.decoder import (
     init_params,
     prefill,
     unembed,
+    with_unstacked_layers,
 )
 from jaxsample.models.intervention import Intervention
+from jaxsample.models.layout import unstack_layers
 from jaxsample.models.lora import LoraAdapters, init_lora, load_adapters, merge, save_adapters
 from jaxsample.models.loading import load, make_language_model
 from jaxsample.models.registry import register_model, registered_models
@@ -60,4 +62,6 @@ __all__ = [
     "save_adapters",
     "save_pretrained",
     "unembed",
+    "unstack_layers",
+    "with_unstacked_layers",
 ]

@@ -24,6 +24,7 @@ from safetensors.numpy import save_file
 from jaxsample.errors import ArgumentError, CheckpointError, ConfigError
 from jaxsample.models.config import ModelConfig
 from jaxsample.models.decoder import init_params
+from jaxsample.models.layout import check_stacked_layers
 
 # safetensors dtype names the port reads; anything else (ints, float8, ...) is an error.
 SUPPORTED_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(jnp.bfloat16)}
@@ -297,6 +298,7 @@ def safetensors_entries(directory: Path) -> tuple[list[TensorEntry], str]:
 
 def to_hf_tensors(params: dict, config: ModelConfig) -> dict[str, np.ndarray]:
     """The params as Hugging Face-named numpy arrays (`[out, in]` projections)."""
+    check_stacked_layers(params, "to_hf_tensors")
     tensors = {}
     for name, slot in hf_layout(config).items():
         leaf = params

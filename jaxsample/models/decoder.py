@@ -29,6 +29,7 @@ from jaxsample.errors import ArgumentError
 from jaxsample.validation import check_int, check_int_array
 from jaxsample.models.config import ModelConfig
 from jaxsample.models.intervention import Intervention, forward_mask, prefill_mask
+from jaxsample.models.layout import check_stacked_layers, unstack_layers, unstacked_layers
 from jaxsample.models.lora import LoraAdapters, check_adapters
 from jaxsample.models.modules import DecoderLayer, GatedMLP, RMSNorm, at_least_float32, decode_attention
 
@@ -143,6 +144,7 @@ def apply_layer(
     Returns:
       `[B, T, D]`, the residual stream leaving the layer.
     """
+    check_stacked_layers(params, "apply_layer")
     positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), h.shape[:2])
     layer_params = jax.tree.map(lambda x: x[i], params["layers"])
     lora = None if adapters is None else adapters.layer(i)
@@ -174,6 +176,7 @@ def apply_layer_at_last(
     Returns:
       `[B, D]`, the residual stream leaving the layer at the last position.
     """
+    check_stacked_layers(params, "apply_layer_at_last")
     batch, length = last.shape[0], context.shape[1] + 1
     positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (batch, length))
     layer = _layer(config, params)
@@ -244,7 +247,8 @@ def _causal_layers(
     """
     _check_hooks(config, adapters, intervention)
     layer = _layer(config, params)
-    xs = {"params": params["layers"]}
+    unstacked = unstacked_layers(config, params)
+    xs = {} if unstacked is not None else {"params": params["layers"]}
     if adapters is not None:
         xs["lora"] = adapters.weights
     if intervention is not None:
@@ -259,8 +263,25 @@ def _causal_layers(
         return (out, carry), (kv if keep_kv else None, out if keep_outputs else None)
 
     carry = None if intervention is None else intervention.init_carry(h)
-    (h, _), stacked = jax.lax.scan(body, (h, carry), xs)
+    (h, _), stacked = _over_layers(body, (h, carry), xs, unstacked, unroll=unstacked is not None)
     return h, stacked
+
+
+def _over_layers(body, state, xs, unstacked, unroll: bool):
+    """`lax.scan(body, state, xs)` over the layers, or, with `unroll`, the layers one after
+    another in the program, layer l's inputs static slices of `xs` and, for unstacked
+    params, its own `unstacked[l]` as `x["params"]`. Returns `(state, ys stacked [L, ...])`."""
+    if not unroll:
+        return jax.lax.scan(body, state, xs)
+    count = len(unstacked) if unstacked is not None else jax.tree.leaves(xs)[0].shape[0]
+    ys = []
+    for index in range(count):
+        x = jax.tree.map(lambda leaf: leaf[index], xs)
+        if unstacked is not None:
+            x["params"] = unstacked[index]
+        state, y = body(state, x)
+        ys.append(y)
+    return state, jax.tree.map(lambda *leaves: jnp.stack(leaves), *ys)
 
 
 FORWARD_OUTPUTS = ("logits", "features", "logits_and_features", "hidden_states")
@@ -508,8 +529,10 @@ def decode_step(
       unroll_layers: run the layers one after another in the program (layer l's weights a
         static slice of the stack) instead of one `lax.scan` over them (a dynamic slice per
         layer, which XLA:CPU and XLA:GPU copy before the matmuls read it). Same results; a
-        larger program. Whether it reads the weights in place is what
-        `experiments/bench_decode.py --layer-loops scan,unrolled` measures.
+        larger program. With it, `params["layers"]` may also be `unstack_layers`' tuple of
+        per-layer dicts (whole arrays, nothing sliced; the MLP then runs whole). Which reads
+        the weights in place is what `experiments/bench_decode.py --also-unrolled
+        --also-unstacked` measures.
 
     Returns:
       (float32 `[B, V]` logits, [float32 `[B, D]` features,] the cache with `length + 1`).
@@ -529,7 +552,10 @@ def decode_step(
     offset = jnp.int32(0) if prefix is None else prefix.length[0]
     prefix_visible = None if prefix is None else jnp.arange(prefix.k.shape[2]) < offset  # [P]
     layer = _layer(config, params)
-    chunks = _check_mlp_chunks(config, params, mlp_chunks)
+    unstacked = unstacked_layers(config, params)
+    if unstacked is not None:
+        _check_unstacked_decode(unroll_layers, mlp_chunks)
+    chunks = 1 if unstacked is not None else _check_mlp_chunks(config, params, mlp_chunks)
 
     widths = filled_widths(capacity)
     # Attend over the narrowest width that holds every row's slots: the rest are empty.
@@ -566,25 +592,39 @@ def decode_step(
         return (out, k_all, v_all, i + 1, carry), None
 
     # The chunked MLP slices its weights itself: the scan must not copy them whole.
-    xs = {"params": params["layers"] if chunks == 1 else {k: v for k, v in params["layers"].items() if k != "mlp"}}
+    xs = {} if unstacked is not None else {
+        "params": params["layers"] if chunks == 1 else {k: v for k, v in params["layers"].items() if k != "mlp"}}
     if adapters is not None:
         xs["lora"] = adapters.weights
     if prefix is not None:
         xs["prefix_k"], xs["prefix_v"] = prefix.k[0], prefix.v[0]
     h = embed(params, config, tokens[:, None])
     carry = None if intervention is None else intervention.init_carry(h)
-    state = (h, cache.k, cache.v, jnp.int32(0), carry)
-    if unroll_layers:
-        for index in range(config.num_hidden_layers):
-            state, _ = body(state, jax.tree.map(lambda leaf: leaf[index], xs))
-    else:
-        state, _ = jax.lax.scan(body, state, xs)
-    h, k_all, v_all, _, _ = state
+    (h, k_all, v_all, _, _), _ = _over_layers(body, (h, cache.k, cache.v, jnp.int32(0), carry), xs, unstacked,
+                                              unroll=unroll_layers)
     features = final_norm(params, config, h[:, 0])
     logits = jnp.where((slots < capacity)[:, None], unembed(params, config, features), jnp.nan)
     if with_features:
         return logits, features.astype(at_least_float32(features.dtype)), KVCache(k_all, v_all, slots + 1)
     return logits, KVCache(k_all, v_all, slots + 1)
+
+
+def with_unstacked_layers(lm):
+    """`lm` (a decoder `LanguageModel`) holding `unstack_layers(lm.params)` and decoding with
+    `DecodeStep(unroll_layers=True)`: the samplers' forward, prefill and decode loop read each
+    layer's weights as whole arrays. The returned model keeps no stacked copy (drop `lm` to
+    free it); its layer-wise functions and mesh placement need the stacked model."""
+    if not isinstance(lm.decode_fn, DecodeStep):
+        raise ArgumentError(f"with_unstacked_layers needs a decoder model (decode_fn a DecodeStep), got {lm.decode_fn!r}")
+    return lm.replace(params=unstack_layers(lm.params), decode_fn=dataclasses.replace(lm.decode_fn, unroll_layers=True))
+
+
+def _check_unstacked_decode(unroll_layers: bool, mlp_chunks: int | None) -> None:
+    if not unroll_layers:
+        raise ArgumentError("params with unstacked layers (a sequence of per-layer dicts, unstack_layers) "
+                            "decode only with unroll_layers=True")
+    if mlp_chunks not in (None, 1):
+        raise ArgumentError(f"unstacked layers run each MLP whole (mlp_chunks None or 1), got mlp_chunks={mlp_chunks}")
 
 
 def _check_mlp_chunks(config: ModelConfig, params: Params, chunks: int | None) -> int:

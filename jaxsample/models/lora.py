@@ -29,6 +29,7 @@ from safetensors.numpy import save_file
 
 from jaxsample.errors import ArgumentError, CheckpointError, ConfigError
 from jaxsample.models.config import ModelConfig
+from jaxsample.models.layout import check_stacked_layers
 
 Array = jax.Array
 
@@ -179,6 +180,7 @@ def _architecture_differences(theirs: ModelConfig, ours: ModelConfig) -> list[tu
 
 def merge(params: Any, adapters: LoraAdapters) -> Any:
     """Params with the adapters folded in: `W + (α/r) A B` for every target, every layer."""
+    check_stacked_layers(params, "merge")
     layers = dict(params["layers"])
     groups = {t: ("self_attn" if t in ATTENTION_TARGETS else "mlp") for t in TARGETS}
     for target, pair in adapters.weights.items():

@@ -46,7 +46,7 @@ def _timed(timings):
 def test_bench_decode_reports_every_shape_and_batch_against_the_roofline(tmp_path):
     result = _run(bench_decode.main, tmp_path, "--shapes", "tiny", "--batches", "1,2", "--prompt-tokens", 8,
                   "--new-tokens", 8, "--transformers-batches", "1", "--transformers-new-tokens", 4, "--matmul-size", 256,
-                  "--matmuls-alone", "--also-unrolled", *QUICK)
+                  "--matmuls-alone", "--also-unrolled", "--also-unstacked", *QUICK)
     assert [(r["shape"], r["batch"]) for r in result["rows"]] == [("tiny", 1), ("tiny", 2)]
     for row in result["rows"]:
         _timed(row["timings"]["jax"])
@@ -64,11 +64,12 @@ def test_bench_decode_reports_every_shape_and_batch_against_the_roofline(tmp_pat
         assert row["compute_fraction"] == pytest.approx(row["gflop_per_s"] / result["compute_peak_gflops"])
         assert row["kernels_per_step"] >= c["num_hidden_layers"]  # the layer loop's body runs once per layer
         _timed(row["timings"]["matmuls_alone"])
-        _timed(row["timings"]["jax_unrolled"])
-        assert row["unrolled_over_scan"] == pytest.approx(row["unrolled_ms_per_step"] / row["ms_per_step"])
-        assert row["unrolled_roofline_fraction"] == pytest.approx(row["roofline_fraction"] / row["unrolled_over_scan"])
-        # Unrolled, the layers' kernels stand in the decode loop's body once each.
-        assert row["unrolled_kernels_per_step"] >= c["num_hidden_layers"]
+        for layout in ("unrolled", "unstacked"):
+            _timed(row["timings"][f"jax_{layout}"])
+            assert row[f"{layout}_over_scan"] == pytest.approx(row[f"{layout}_ms_per_step"] / row["ms_per_step"])
+            assert row[f"{layout}_roofline_fraction"] == pytest.approx(row["roofline_fraction"] / row[f"{layout}_over_scan"])
+            # Unrolled, the layers' kernels stand in the decode loop's body once each.
+            assert row[f"{layout}_kernels_per_step"] >= c["num_hidden_layers"]
         assert row["step_over_matmuls_alone"] == pytest.approx(row["ms_per_step"] / row["matmuls_alone_ms_per_step"])
     assert result["roofline_bandwidth_gbs"] == result["memory_read_gbs"]  # no --bandwidth-gbs given
     assert "transformers" in result["rows"][0]["timings"] and "transformers" not in result["rows"][1]["timings"]
@@ -175,10 +176,14 @@ def test_bench_smc_and_bench_generate_report_their_ratios(tmp_path):
     for name in ("plain", "smc_ess_half", "smc_always"):
         _timed(smc["timings"][name])
     assert smc["cost_ratio_ess_half"] == pytest.approx(smc["plain_tokens_per_s"] / smc["smc_ess_half_tokens_per_s"])
-    generate = _run(bench_generate.main, tmp_path, "--model", "toy-decisions", "--batch", 2, "--new-tokens", 8, *QUICK)
-    _timed(generate["timings"]["plain"])
-    _timed(generate["timings"]["transformers"])
+    generate = _run(bench_generate.main, tmp_path, "--model", "toy-decisions", "--batch", 2, "--new-tokens", 8,
+                    "--unstacked", *QUICK)
+    for name in ("plain", "unstacked", "transformers"):
+        _timed(generate["timings"][name])
     assert generate["speedup"] == pytest.approx(generate["jax_tokens_per_s"] / generate["transformers_tokens_per_s"])
+    timings = generate["timings"]
+    assert generate["unstacked_speedup"] == pytest.approx(timings["transformers"]["median_s"] / timings["unstacked"]["median_s"])
+    assert generate["unstacked_ratio_to_plain"] == pytest.approx(timings["unstacked"]["median_s"] / timings["plain"]["median_s"])
 
 
 def test_bench_layer_weights_times_the_four_layouts_over_the_same_bytes(tmp_path):

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsample import models
+import jaxsample as js
+from jaxsample import models, parallel
 from jaxsample.errors import ArgumentError
 from jaxsample.models import lora
 
@@ -214,10 +215,65 @@ def test_unrolled_layers_decode_as_the_layer_scan(chunks):
     decode = functools.partial(models.decode_step, params, config, tokens[:, -1], cache, adapters,
                                with_features=True, prefix=prefix, mlp_chunks=chunks)
     scanned, unrolled = (decode(intervention=intervention, unroll_layers=unroll) for unroll in (False, True))
-    for name, a, b in zip(("logits", "features"), unrolled[:2], scanned[:2]):
-        np.testing.assert_allclose(a, b, atol=ATOL, rtol=0, err_msg=name)
-    chex.assert_trees_all_close(unrolled[2], scanned[2], atol=ATOL, rtol=0)
+    variants = {"unrolled": unrolled}
+    if chunks == 1:  # unstacked layers run each MLP whole
+        variants["unstacked"] = models.decode_step(models.unstack_layers(params), config, tokens[:, -1], cache, adapters,
+                                                   intervention, True, prefix, unroll_layers=True)
+    for variant, outputs in variants.items():
+        for name, a, b in zip(("logits", "features"), outputs[:2], scanned[:2]):
+            np.testing.assert_allclose(a, b, atol=ATOL, rtol=0, err_msg=f"{variant} {name}")
+        chex.assert_trees_all_close(outputs[2], scanned[2], atol=ATOL, rtol=0)
     assert np.abs(np.asarray(scanned[0]) - np.asarray(decode(unroll_layers=False, intervention=None)[0])).max() > 0.1
+
+
+def test_a_model_with_unstacked_layers_runs_forward_prefill_and_generate_as_the_stacked_one():
+    """`with_unstacked_layers`: per-layer weight arrays, the layers unrolled in forward,
+    prefill and the decode loop; the same hidden states, logits, cache and generations."""
+    params = random_params(CONFIG, 5)
+    adapters = lora.init_lora(jax.random.key(6), CONFIG, 2, 4.0, ("v_proj", "up_proj"))
+    adapters = adapters.replace(weights=jax.tree.map(lambda x: 0.3 * jnp.sin(jnp.arange(x.size) + 2.0).reshape(x.shape),
+                                                     adapters.weights))
+    vectors = 0.5 * jnp.cos(jnp.arange(3 * CONFIG.hidden_size, dtype=jnp.float32)).reshape(3, -1)
+    stacked = models.make_language_model(CONFIG, params).with_adapters(adapters).with_intervention(
+        models.Intervention(fn=_add_layer_vector, params=vectors, layers=(1,), positions="all"))
+    unstacked = models.with_unstacked_layers(stacked)
+    assert isinstance(unstacked.params["layers"], tuple) and unstacked.decode_fn.unroll_layers
+    tokens = jnp.asarray(np.random.default_rng(7).integers(1, CONFIG.vocab_size, size=(2, 6)))
+    for output in ("logits", "hidden_states"):
+        np.testing.assert_allclose(unstacked.forward(tokens, output=output), stacked.forward(tokens, output=output),
+                                   atol=ATOL, rtol=0, err_msg=output)
+    lengths = jnp.asarray([6, 3])
+    ours, theirs = (lm.prefill(tokens, lengths, lm.init_cache(2, 10)) for lm in (unstacked, stacked))
+    chex.assert_trees_all_close(ours, theirs, atol=ATOL, rtol=0)
+    ours, theirs = (js.generate(jax.random.key(8), lm, tokens[0], 8, num_samples=4) for lm in (unstacked, stacked))
+    np.testing.assert_array_equal(ours.tokens, theirs.tokens)
+    np.testing.assert_allclose(ours.log_p, theirs.log_p, atol=ATOL, rtol=0)
+
+
+def test_unstacked_layers_are_refused_where_they_cannot_be_read():
+    params = random_params(CONFIG, 3)
+    unstacked = models.unstack_layers(params)
+    assert len(unstacked["layers"]) == CONFIG.num_hidden_layers
+    chex.assert_trees_all_equal(unstacked["layers"][1], jax.tree.map(lambda leaf: leaf[1], params["layers"]))
+    cache = models.init_cache(CONFIG, 2, 8)
+    decode = functools.partial(models.decode_step, config=CONFIG, tokens=jnp.ones((2,), jnp.int32), cache=cache)
+    with pytest.raises(ArgumentError, match=r"unstacked layers .* decode only with unroll_layers=True"):
+        decode(unstacked)
+    with pytest.raises(ArgumentError, match=r"unstacked layers run each MLP whole .* got mlp_chunks=4"):
+        decode(unstacked, unroll_layers=True, mlp_chunks=4)
+    with pytest.raises(ArgumentError, match=r"unstacked params hold 2 layers, the config 3"):
+        decode({**unstacked, "layers": unstacked["layers"][:2]}, unroll_layers=True)
+    h = jnp.zeros((1, 2, CONFIG.hidden_size))
+    stack_readers = {
+        "apply_layer": lambda: models.apply_layer(unstacked, CONFIG, 0, h, jnp.arange(2)),
+        "apply_layer_at_last": lambda: models.decoder.apply_layer_at_last(unstacked, CONFIG, 0, h[:, :1], h[:, 1], jnp.arange(2)),
+        "merge": lambda: lora.merge(unstacked, lora.init_lora(jax.random.key(0), CONFIG, 2, 4.0, ("q_proj",))),
+        "to_hf_tensors": lambda: models.checkpoint.to_hf_tensors(unstacked, CONFIG),
+        "param_shardings": lambda: parallel.param_shardings(parallel.make_mesh(data=1), unstacked, CONFIG),
+    }
+    for name, call in stack_readers.items():
+        with pytest.raises(ArgumentError, match=rf"{name} takes stacked layer params"):
+            call()
 
 
 def test_mlp_blocks_hold_one_block_of_weights_at_a_time():
