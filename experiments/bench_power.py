@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxsample as js
+from jaxsample import models
 from jaxsample.models.registry import resolve
 from timing import add_timing_options, interleaved_timings, machine, report
 
@@ -92,6 +93,7 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations of both")
     parser.add_argument("--chains", type=int, default=8, help="MH chains (JAX: one batch; reference: one after another)")
     parser.add_argument("--reference-chains", type=int, help="chains the reference loop is timed on (default: --chains)")
+    parser.add_argument("--unstacked", action="store_true", help="also time js.power_sample on models.with_unstacked_layers(lm) (per-layer weight arrays; a second copy of them)")
     parser.add_argument("--alpha", type=float, default=4.0, help="power α (proposal temperature 1/α)")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per block")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="generation length (a multiple of the block size)")
@@ -130,12 +132,14 @@ def main(argv=None):
     generator = torch.Generator()
     decoded = {}
 
-    def run_jax():
-        result = js.power_sample(jax.random.key(0), lm, prompt, alpha=args.alpha, num_chains=args.chains,
-                                 block_size=args.block_size, num_mcmc_steps=args.mcmc_steps,
-                                 max_new_tokens=args.max_new_tokens)
-        decoded["jax"] = result.tokens_decoded
-        return result.tokens
+    def jax_runner(model, name):
+        def run():
+            result = js.power_sample(jax.random.key(0), model, prompt, alpha=args.alpha, num_chains=args.chains,
+                                     block_size=args.block_size, num_mcmc_steps=args.mcmc_steps,
+                                     max_new_tokens=args.max_new_tokens)
+            decoded[name] = result.tokens_decoded
+            return result.tokens
+        return run
 
     def run_torch():
         # Reseeded per call, so that every call makes the same cuts and decodes as many tokens.
@@ -147,7 +151,10 @@ def main(argv=None):
                                    args.mcmc_steps, generator)
                 for _ in range(reference_chains))
 
-    timings = interleaved_timings({"jax": run_jax, "transformers": run_torch}, args.samples, args.min_sample_s)
+    contenders = {"jax": jax_runner(lm, "jax"), "transformers": run_torch}
+    if args.unstacked:
+        contenders["jax_unstacked"] = jax_runner(models.with_unstacked_layers(lm), "jax_unstacked")
+    timings = interleaved_timings(contenders, args.samples, args.min_sample_s)
     jax_tokens = int(np.sum(np.asarray(decoded["jax"])))
     jax_rate = jax_tokens / timings["jax"]["median_s"]
     torch_rate = decoded["transformers"] / timings["transformers"]["median_s"]
@@ -162,11 +169,16 @@ def main(argv=None):
         "speedup": jax_rate / torch_rate,
         "timings": timings,
     }
+    if args.unstacked:
+        unstacked_rate = int(np.sum(np.asarray(decoded["jax_unstacked"]))) / timings["jax_unstacked"]["median_s"]
+        result.update(unstacked_tokens_per_s=unstacked_rate, unstacked_speedup=unstacked_rate / torch_rate)
     summary = (f"js.power_sample decodes {result['speedup']:.1f}x the tokens/s of the transformers reference loop "
                f"({jax_rate:.0f} vs {torch_rate:.0f} tokens/s; spreads {timings['jax']['spread']:.0%} / "
                f"{timings['transformers']['spread']:.0%}"
                + (f"; reference timed on {reference_chains} of the {args.chains} chains" if reference_chains < args.chains else "")
-               + ")")
+               + ")"
+               + (f"; on unstacked layers {result['unstacked_speedup']:.1f}x ({result['unstacked_tokens_per_s']:.0f} tokens/s, "
+                  f"spread {timings['jax_unstacked']['spread']:.0%})" if args.unstacked else ""))
     report(result, summary, args.json)
 
 

@@ -96,7 +96,7 @@ def test_bench_decode_matmuls_alone_do_the_steps_matmul_flops(tied):
 def test_bench_power_counts_every_decoded_token_of_both_loops(tmp_path, reference_chains):
     chains, block, new, steps = 2, 4, 8, 1
     result = _run(bench_power.main, tmp_path, "--model", "random:tiny", "--chains", chains, "--block-size", block,
-                  "--max-new-tokens", new, "--mcmc-steps", steps, "--reference-chains", reference_chains, *QUICK)
+                  "--max-new-tokens", new, "--mcmc-steps", steps, "--reference-chains", reference_chains, "--unstacked", *QUICK)
     assert (result["chains"], result["reference_chains"]) == (chains, reference_chains)
     caps = range(block, new + 1, block)
     for loop, timed_chains in (("jax", chains), ("transformers", reference_chains)):
@@ -107,6 +107,10 @@ def test_bench_power_counts_every_decoded_token_of_both_loops(tmp_path, referenc
         rate = result[f"{loop}_tokens_per_call"] / result["timings"][loop]["median_s"]
         assert result[f"{loop}_tokens_per_s"] == pytest.approx(rate)
     assert result["speedup"] == pytest.approx(result["jax_tokens_per_s"] / result["transformers_tokens_per_s"])
+    # The same chains on per-layer weight arrays decode the same tokens.
+    _timed(result["timings"]["jax_unstacked"])
+    assert result["unstacked_tokens_per_s"] == pytest.approx(result["jax_tokens_per_call"] / result["timings"]["jax_unstacked"]["median_s"])
+    assert result["unstacked_speedup"] == pytest.approx(result["unstacked_tokens_per_s"] / result["transformers_tokens_per_s"])
 
 
 def _open_loop(body):
