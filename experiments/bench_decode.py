@@ -27,8 +27,8 @@ stop tokens suppressed. Reported per (shape, batch):
   (`DecodeStep(unroll_layers=True)`: static slices of the stacked weights instead of the
   layer scan's dynamic ones), its ms per step, roofline fraction, compile time and kernels
   (`unrolled_*`), timed in the same run; with `--also-unstacked`, likewise the unrolled
-  loop reading `unstack_layers`' per-layer arrays (`unstacked_*`; a second copy of the
-  layer weights);
+  loop reading per-layer weight arrays (`models.with_unstacked_layers`; `unstacked_*`; a
+  second copy of the layer weights);
 - with `--matmuls-alone`: the step's weight matmuls alone (`matmuls_alone_ms_per_step`),
   timed in the same run: the same projections and logit matrix on the same rows through
   XLA's own dot kernels, each weight matrix whole in its own array (no slicing, attention,
@@ -60,7 +60,7 @@ import jax.numpy as jnp
 
 from jaxsample import Proposal
 from jaxsample.decoding import extend, init_decode
-from jaxsample.models import ModelConfig, init_params, make_language_model, unstack_layers
+from jaxsample.models import ModelConfig, init_params, make_language_model, with_unstacked_layers
 from timing import add_timing_options, interleaved_timings, machine, matmul_gflops, positive_int, positive_ints, report
 
 # Published config.json values (hf.co/Qwen/Qwen2.5-*, hf.co/HuggingFaceTB/SmolLM2-135M-Instruct).
@@ -333,12 +333,11 @@ def main(argv=None):
         for batch in args.batches:
             run_jax, prefill, compiled_text = jax_contender(lm, batch, args.prompt_tokens, args.new_tokens)
             contenders = {"jax": run_jax, "jax_prefill": prefill}
-            unrolled_step = dataclasses.replace(lm.decode_fn, unroll_layers=True)
             layouts = {}
             if args.also_unrolled:
-                layouts["unrolled"] = lm.replace(decode_fn=unrolled_step)
+                layouts["unrolled"] = lm.replace(decode_fn=dataclasses.replace(lm.decode_fn, unroll_layers=True))
             if args.also_unstacked:  # a second copy of the layer weights, until the row is done
-                layouts["unstacked"] = lm.replace(params=unstack_layers(lm.params), decode_fn=unrolled_step)
+                layouts["unstacked"] = with_unstacked_layers(lm)
             layout_texts = {}
             for name, decode_lm in layouts.items():
                 contenders[f"jax_{name}"], _, layout_texts[name] = jax_contender(

@@ -263,15 +263,16 @@ def _causal_layers(
         return (out, carry), (kv if keep_kv else None, out if keep_outputs else None)
 
     carry = None if intervention is None else intervention.init_carry(h)
-    (h, _), stacked = _over_layers(body, (h, carry), xs, unstacked, unroll=unstacked is not None)
+    (h, _), stacked = _over_layers(body, (h, carry), xs, unstacked)
     return h, stacked
 
 
-def _over_layers(body, state, xs, unstacked, unroll: bool):
-    """`lax.scan(body, state, xs)` over the layers, or, with `unroll`, the layers one after
-    another in the program, layer l's inputs static slices of `xs` and, for unstacked
-    params, its own `unstacked[l]` as `x["params"]`. Returns `(state, ys stacked [L, ...])`."""
-    if not unroll:
+def _over_layers(body, state, xs, unstacked, unroll: bool = False):
+    """`lax.scan(body, state, xs)` over the layers, or, with `unroll` or unstacked params,
+    the layers one after another in the program, layer l's inputs static slices of `xs` and,
+    for unstacked params, its own `unstacked[l]` as `x["params"]`. Returns
+    `(state, ys stacked [L, ...])`."""
+    if not unroll and unstacked is None:
         return jax.lax.scan(body, state, xs)
     count = len(unstacked) if unstacked is not None else jax.tree.leaves(xs)[0].shape[0]
     ys = []
