@@ -1,7 +1,7 @@
 """Decode speed against the memory roofline, with transformers' `generate` on the same shapes.
 
-For each model shape (random weights built from the published config values; nothing is
-downloaded) and batch size, the jitted decode loop (`jaxsample.decoding.extend`, the loop
+For each model shape (random weights built from the published config values, in the
+per-layer layout `load` gives; nothing is downloaded) and batch size, the jitted decode loop (`jaxsample.decoding.extend`, the loop
 every sampler runs) decodes `--new-tokens` tokens per row after a `--prompt-tokens` prompt,
 stop tokens suppressed. Reported per (shape, batch):
 
@@ -23,20 +23,17 @@ stop tokens suppressed. Reported per (shape, batch):
 - transformers' `generate` (same shape, dtype and batch; sampling, EOS suppressed) ms per step,
   over `--transformers-new-tokens` steps (default `--new-tokens`; fewer fit a GPU session's
   time limit: its steps cost about the same at these short contexts, host-bound);
-- with `--also-unrolled`: the same decode loop with the layers unrolled in the program
-  (`DecodeStep(unroll_layers=True)`: static slices of the stacked weights instead of the
-  layer scan's dynamic ones), its ms per step, roofline fraction, compile time and kernels
-  (`unrolled_*`), timed in the same run; with `--also-unstacked`, likewise the unrolled
-  loop reading per-layer weight arrays (`models.with_unstacked_layers`; `unstacked_*`; a
-  second copy of the layer weights);
+- with `--also-stacked`: the same decode loop on the stacked layout (`models.stack_layers`:
+  one layer scan, a dynamic slice of each weight per layer; a second copy of the layer
+  weights), its ms per step, roofline fraction, compile time and kernels (`stacked_*`),
+  timed in the same run;
 - with `--matmuls-alone`: the step's weight matmuls alone (`matmuls_alone_ms_per_step`),
   timed in the same run: the same projections and logit matrix on the same rows through
   XLA's own dot kernels, each weight matrix whole in its own array (no slicing, attention,
   norms, cache or draw). The step's time over it (`step_over_matmuls_alone`) says how much
   the rest costs; below 1 the step issues its matmuls better than whole (the CPU step's MLP
   blocks). transformers' step over it (`transformers_over_matmuls_alone`) is the speedup a
-  step made of these matmuls and nothing else would have. It holds a second copy of the
-  layer weights: for CPU-sized shapes.
+  step made of these matmuls and nothing else would have.
 
 Both sides' steps exclude the prompt: the time of a prefill-only call (`init_decode`; one
 transformers forward over the prompt) is subtracted from the whole call's.
@@ -50,7 +47,6 @@ transformers forward over the prompt) is subtracted from the whole call's.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import re
 import time
@@ -60,7 +56,7 @@ import jax.numpy as jnp
 
 from jaxsample import Proposal
 from jaxsample.decoding import extend, init_decode
-from jaxsample.models import ModelConfig, init_params, make_language_model, with_unstacked_layers
+from jaxsample.models import ModelConfig, init_params, make_language_model, stack_layers, unstack_layers
 from timing import add_timing_options, interleaved_timings, machine, matmul_gflops, positive_int, positive_ints, report
 
 # Published config.json values (hf.co/Qwen/Qwen2.5-*, hf.co/HuggingFaceTB/SmolLM2-135M-Instruct).
@@ -89,9 +85,9 @@ def model_config(shape: str, max_positions: int) -> ModelConfig:
 
 
 def random_params(config: ModelConfig, dtype) -> dict:
-    """`init_params` layout, N(0, 0.02²) leaf by leaf (one draw per leaf: a single draw over
-    7B elements would overflow threefry's 32-bit counter)."""
-    shapes = jax.eval_shape(functools.partial(init_params, config=config, dtype=dtype), jax.random.key(0))
+    """Per-layer params (`load`'s layout), N(0, 0.02²) leaf by leaf (one draw per leaf: a
+    single draw over 7B elements would overflow threefry's 32-bit counter)."""
+    shapes = jax.eval_shape(lambda key: unstack_layers(init_params(key, config, dtype)), jax.random.key(0))
     leaves, treedef = jax.tree.flatten(shapes)
     draw = jax.jit(lambda key, shape: 0.02 * jax.random.normal(key, shape, dtype), static_argnums=1)
     return jax.tree.unflatten(treedef, [draw(jax.random.key(i), leaf.shape) for i, leaf in enumerate(leaves)])
@@ -198,11 +194,11 @@ def jax_contender(lm, batch: int, prompt_tokens: int, new_tokens: int, decode_lm
 
 def step_matmuls(lm):
     """One decode step's weight matmuls alone, `h [B, D] -> h [B, D]`: per layer q, k, v, o
-    and the gated MLP, then the logit matrix, each layer's kernels copied out of the stack
-    into separate arrays first. Biases, norms, attention, the cache and the draw are left
+    and the gated MLP, then the logit matrix, each matrix its own array (the per-layer
+    params). Biases, norms, attention, the cache and the draw are left
     out; tanh keeps random weights' activations finite."""
     config, params = lm.config, lm.params
-    layers = [jax.tree.map(lambda w, i=i: w[i].copy(), params["layers"]) for i in range(config.num_hidden_layers)]
+    layers = params["layers"]
     tied = "lm_head" not in params
     logit_matrix = params["embed_tokens"]["embedding"] if tied else params["lm_head"]["kernel"]
 
@@ -295,9 +291,8 @@ def main(argv=None):
     parser.add_argument("--transformers-new-tokens", type=int, help="decode steps per transformers generate call (default: --new-tokens)")
     parser.add_argument("--transformers-batches", default="all", help="batch sizes at which transformers' generate is timed too: 'all', 'none' or a comma-separated subset of --batches")
     parser.add_argument("--transformers-shapes", default="all", help="shapes at which transformers' generate is timed: 'all', 'none' or a comma-separated subset of --shapes")
-    parser.add_argument("--also-unrolled", action="store_true", help="also time the decode loop with the layers unrolled (DecodeStep(unroll_layers=True))")
-    parser.add_argument("--also-unstacked", action="store_true", help="also time the unrolled decode loop on per-layer weight arrays (unstack_layers; a second copy of the layer weights)")
-    parser.add_argument("--matmuls-alone", action="store_true", help="also time the step's weight matmuls alone, each matrix whole (a second copy of the layer weights; for CPU-sized shapes)")
+    parser.add_argument("--also-stacked", action="store_true", help="also time the decode loop on stacked layer params (one layer scan; a second copy of the layer weights)")
+    parser.add_argument("--matmuls-alone", action="store_true", help="also time the step's weight matmuls alone, each matrix whole")
     parser.add_argument("--bandwidth-gbs", type=float, default=0.0, help="roofline bandwidth in GB/s (0: measure it in this run; an H200 copies at ~4300)")
     parser.add_argument("--peak-gflops", type=float, default=0.0, help="compute peak in GFLOP/s (0: measure it in this run with a square matmul)")
     parser.add_argument("--matmul-size", type=positive_int, default=2048, help="side of the square matmul that measures the compute peak (GPUs need ~8192 to reach theirs)")
@@ -323,7 +318,7 @@ def main(argv=None):
     header = {**header, "roofline_bandwidth_gbs": bandwidth,
               "measured_matmul_gflops": measured_gflops, "matmul_size": args.matmul_size,
               "compute_peak_gflops": peak_gflops,
-              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+              "layout": "per-layer", "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "transformers_new_tokens": torch_new_tokens}
     for shape in shapes:
         config = model_config(shape, args.prompt_tokens + args.new_tokens)
@@ -334,10 +329,8 @@ def main(argv=None):
             run_jax, prefill, compiled_text = jax_contender(lm, batch, args.prompt_tokens, args.new_tokens)
             contenders = {"jax": run_jax, "jax_prefill": prefill}
             layouts = {}
-            if args.also_unrolled:
-                layouts["unrolled"] = lm.replace(decode_fn=dataclasses.replace(lm.decode_fn, unroll_layers=True))
-            if args.also_unstacked:  # a second copy of the layer weights, until the row is done
-                layouts["unstacked"] = with_unstacked_layers(lm)
+            if args.also_stacked:  # a second copy of the layer weights, until the row is done
+                layouts["stacked"] = lm.replace(params=stack_layers(lm.params))
             layout_texts = {}
             for name, decode_lm in layouts.items():
                 contenders[f"jax_{name}"], _, layout_texts[name] = jax_contender(
@@ -381,7 +374,7 @@ def main(argv=None):
                             f"{name}_roofline_fraction": nbytes / layout_s / 1e9 / bandwidth,
                             f"{name}_compile_s": layout["first_call_s"] - layout["median_s"],
                             f"{name}_kernels_per_step": kernels_per_step(text()),
-                            f"{name}_over_scan": layout_s / step_s})
+                            f"{name}_over_per_layer": layout_s / step_s})
             if args.matmuls_alone:
                 row["matmuls_alone_ms_per_step"] = 1e3 * timings["matmuls_alone"]["median_s"] / args.new_tokens
                 row["step_over_matmuls_alone"] = row["ms_per_step"] / row["matmuls_alone_ms_per_step"]
@@ -404,22 +397,22 @@ def main(argv=None):
                   + (f"; matmuls alone {row['matmuls_alone_ms_per_step']:.2f} ms/step" if args.matmuls_alone else "")
                   + (f"; transformers {row['transformers_ms_per_step']:.2f} ms/step" if with_torch else ""),
                   flush=True)
-            del contenders, layouts, layout_texts  # frees an unstacked copy of the weights
+            del contenders, layouts, layout_texts  # frees the stacked copy of the weights
             rows.append(row)
             if args.json:  # written after every row: a run cut short keeps what it measured
                 report({**header, "rows": rows}, "", args.json, quiet=True)
         del lm, params
     result = {**header, "rows": rows}
     table = ["| shape | batch | ms/step | GB/s | roofline | GFLOP/s | of compute peak | compile s | kernels/step "
-             "| unrolled ms/step | unstacked ms/step | matmuls alone ms/step | transformers ms/step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| stacked ms/step | matmuls alone ms/step | transformers ms/step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hf = f"{r['transformers_ms_per_step']:.2f}" if "transformers_ms_per_step" in r else "—"
         alone = f"{r['matmuls_alone_ms_per_step']:.2f}" if "matmuls_alone_ms_per_step" in r else "—"
-        unrolled, unstacked = (f"{r[k]:.2f}" if k in r else "—" for k in ("unrolled_ms_per_step", "unstacked_ms_per_step"))
+        stacked = f"{r['stacked_ms_per_step']:.2f}" if "stacked_ms_per_step" in r else "—"
         table.append(f"| {r['shape']} | {r['batch']} | {r['ms_per_step']:.2f} | {r['gb_per_s']:.1f} | "
                      f"{r['roofline_fraction']:.0%} | {r['gflop_per_s']:.0f} | {r['compute_fraction']:.0%} | "
-                     f"{r['compile_s']:.1f} | {r['kernels_per_step']} | {unrolled} | {unstacked} | {alone} | {hf} |")
+                     f"{r['compile_s']:.1f} | {r['kernels_per_step']} | {stacked} | {alone} | {hf} |")
     report(result, "\n".join(table), args.json)
 
 

@@ -6,9 +6,9 @@ both so every row decodes exactly `--new-tokens` tokens. All contenders are time
 interleaved (`timing.interleaved_timings`: warm-up excluded, median over `--samples`
 samples of at least `--min-sample-s` seconds each, with the spread).
 
-`--unstacked` adds a row for `js.generate` on `models.with_unstacked_layers(lm)` (per-layer
-weight arrays, the layers unrolled), with its speedup over transformers and its time over
-plain `js.generate`'s. `--features` adds a row for `js.generate(record_features=True)`, `--intervention` one for
+`js.load` gives per-layer params (the layers unrolled in the program); `--stacked` adds a row
+for `js.generate` on them stacked (`models.stack_layers`: one layer scan), with its speedup
+over transformers and its time over plain `js.generate`'s. `--features` adds a row for `js.generate(record_features=True)`, `--intervention` one for
 generation under an empty intervention (a zero vector added after every block) and `--alqr`
 one under an A-LQR rank-one feedback controller at every block, each timed
 against plain `js.generate` in the same run, the contenders interleaved round by round;
@@ -55,7 +55,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=8, help="sequences decoded together")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per sequence")
     add_timing_options(parser, samples=5, min_sample_s=2.0)
-    parser.add_argument("--unstacked", action="store_true", help="also time js.generate on models.with_unstacked_layers(lm) (a second copy of the layer weights)")
+    parser.add_argument("--stacked", action="store_true", help="also time js.generate on the layers stacked (models.stack_layers; a second copy of the layer weights)")
     parser.add_argument("--features", action="store_true", help="also time generation that records features, against plain generation")
     parser.add_argument("--intervention", action="store_true", help="also time generation under an empty (zero) intervention after every block, against plain generation")
     parser.add_argument("--alqr", action="store_true", help="also time generation under an A-LQR rank-one feedback controller at every block (random directions: the cost does not depend on them), against plain generation")
@@ -83,8 +83,8 @@ def main(argv=None):
         return run
 
     contenders = {"plain": generator(lm_no_stop)}
-    if args.unstacked:
-        contenders["unstacked"] = generator(models.with_unstacked_layers(lm_no_stop))
+    if args.stacked:
+        contenders["stacked"] = generator(lm_no_stop.replace(params=models.stack_layers(lm.params)))
     if args.features:
         contenders["features"] = generator(lm_no_stop, record_features=True)
     if args.intervention:
@@ -119,11 +119,11 @@ def main(argv=None):
         summaries.append(f"js.generate is {result['speedup']:.2f}x transformers' generate "
                          f"({result['jax_tokens_per_s']:.0f} vs {result['transformers_tokens_per_s']:.0f} tokens/s; "
                          f"spreads {timings['plain']['spread']:.0%} / {timings['transformers']['spread']:.0%})")
-    if "unstacked" in timings and "transformers" in timings:
-        result["unstacked_speedup"] = timings["transformers"]["median_s"] / timings["unstacked"]["median_s"]
-        summaries.append(f"on unstacked layers: {result['unstacked_speedup']:.2f}x transformers' generate "
-                         f"({tokens / timings['unstacked']['median_s']:.0f} tokens/s; spread {timings['unstacked']['spread']:.0%})")
-    for name in ("unstacked", "features", "intervention", "alqr"):
+    if "stacked" in timings and "transformers" in timings:
+        result["stacked_speedup"] = timings["transformers"]["median_s"] / timings["stacked"]["median_s"]
+        summaries.append(f"on stacked layers: {result['stacked_speedup']:.2f}x transformers' generate "
+                         f"({tokens / timings['stacked']['median_s']:.0f} tokens/s; spread {timings['stacked']['spread']:.0%})")
+    for name in ("stacked", "features", "intervention", "alqr"):
         if name in timings:
             row = timings[name]
             result[f"{name}_ratio_to_plain"] = row["median_s"] / plain

@@ -46,15 +46,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxsample.errors import ArgumentError
 from jaxsample.models.decoder import DecodeStep
-from jaxsample.models.layout import check_stacked_layers
 from jaxsample.rows import Shared, is_shared
 from jaxsample.validation import check_int
 
 DATA = "data"
 MODEL = "model"
 
-# Projections split along their output features (kernel [L, in, out], bias [L, out]) and
-# along their input features (kernel [L, in, out]).
+# Projections split along their output features (kernel [(L,) in, out], bias [(L,) out]) and
+# along their input features (kernel [(L,) in, out]); L leads in stacked params only.
 _COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 _ROW_PARALLEL = ("o_proj", "down_proj")
 
@@ -124,9 +123,9 @@ def _param_spec(path, leaf, mesh: Mesh, config) -> P:
 
 
 def param_shardings(mesh: Mesh, params: Any, config) -> Any:
-    """`NamedSharding`s of a decoder params pytree (`jaxsample.models` layout), tensor-parallel
-    over the mesh's model axis; leaves it does not recognise (norms, adapters) are replicated."""
-    check_stacked_layers(params, "param_shardings")
+    """`NamedSharding`s of a decoder params pytree (`jaxsample.models` layout, per-layer or
+    stacked), tensor-parallel over the mesh's model axis; leaves it does not recognise (norms,
+    adapters) are replicated."""
     return jax.tree_util.tree_map_with_path(
         lambda path, leaf: NamedSharding(mesh, _param_spec(path, leaf, mesh, config)), params
     )

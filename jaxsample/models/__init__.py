@@ -23,10 +23,9 @@ from jaxsample.models.decoder import (
     init_params,
     prefill,
     unembed,
-    with_unstacked_layers,
 )
 from jaxsample.models.intervention import Intervention
-from jaxsample.models.layout import unstack_layers
+from jaxsample.models.layout import stack_layers, unstack_layers
 from jaxsample.models.lora import LoraAdapters, init_lora, load_adapters, merge, save_adapters
 from jaxsample.models.loading import load, make_language_model
 from jaxsample.models.registry import register_model, registered_models
@@ -61,7 +60,7 @@ __all__ = [
     "registered_models",
     "save_adapters",
     "save_pretrained",
+    "stack_layers",
     "unembed",
     "unstack_layers",
-    "with_unstacked_layers",
 ]

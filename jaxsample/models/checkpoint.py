@@ -3,7 +3,7 @@
 `assemble_params` is shared by every source (safetensors directories, GGUF files): it takes
 tensors under their Hugging Face names and layout (`[out, in]` projections), checks the set
 of names, every shape and every dtype against `jax.eval_shape(init_params)`, and builds the
-stacked params pytree. Any mismatch is a `CheckpointError` naming the file and tensor.
+per-layer params pytree. Any mismatch is a `CheckpointError` naming the file and tensor.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from safetensors.numpy import save_file
 from jaxsample.errors import ArgumentError, CheckpointError, ConfigError
 from jaxsample.models.config import ModelConfig
 from jaxsample.models.decoder import init_params
-from jaxsample.models.layout import check_stacked_layers
+from jaxsample.models.layout import unstacked_layers
 
 # safetensors dtype names the port reads; anything else (ints, float8, ...) is an error.
 SUPPORTED_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(jnp.bfloat16)}
@@ -53,13 +53,14 @@ class TensorEntry:
 @dataclasses.dataclass(frozen=True)
 class _Slot:
     path: tuple[str, ...]  # params path
-    layer: int | None  # index on the stacked layer axis
+    layer: int | None  # the layer it belongs to
     transpose: bool  # HF [out, in] ↔ JAX [in, out]
     hf_shape: tuple[int, ...]
 
 
 def hf_layout(config: ModelConfig) -> dict[str, _Slot]:
-    """Maps every Hugging Face tensor name of `config`'s model to its place in the params."""
+    """Maps every Hugging Face tensor name of `config`'s model to its place in the params
+    (the path of its stacked leaf and its layer)."""
     shapes = jax.eval_shape(lambda: init_params(jax.random.key(0), config))
     layout: dict[str, _Slot] = {}
     for key_path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
@@ -141,7 +142,8 @@ def assemble_params(
     source: str = "",
     check_finite: bool = True,
 ) -> dict:
-    """Builds the params pytree from Hugging Face-named tensors, strictly.
+    """Builds the params pytree, per-layer layout (`jaxsample.models.layout`), from Hugging
+    Face-named tensors, strictly.
 
     Args:
       config: the model's configuration.
@@ -187,33 +189,32 @@ def assemble_params(
     embed_name = "model.embed_tokens.weight"
     target = dtype if dtype is not None else SUPPORTED_DTYPES[by_name[embed_name].dtype]
 
-    # Stacked leaves are filled in place to avoid holding every tensor twice.
-    buffers: dict[tuple[str, ...], np.ndarray] = {}
+    params: dict = {"layers": tuple({} for _ in range(config.num_hidden_layers))}
     for name, slot in layout.items():
         entry = by_name[name]
         array = _read(entry)
         if slot.transpose:
             array = array.T
         with np.errstate(over="ignore"):  # overflow in the cast is reported by check_finite
-            if slot.layer is None:
-                buffers[slot.path] = np.ascontiguousarray(array, dtype=target)
-                written = buffers[slot.path]
-            else:
-                if slot.path not in buffers:
-                    buffers[slot.path] = np.empty((config.num_hidden_layers,) + array.shape, target)
-                buffers[slot.path][slot.layer] = array
-                written = buffers[slot.path][slot.layer]
+            array = np.ascontiguousarray(array, dtype=target)
         if check_finite:
-            _check_finite(written, name, entry.file)
+            _check_finite(array, name, entry.file)
         if name == embed_name:
             _check_tied_head(ignored, array)
-    params: dict = {}
-    for path, array in buffers.items():
+        path = _params_path(slot, per_layer=True)
         node = params
         for key in path[:-1]:
-            node = node.setdefault(key, {})
+            node = node[key] if isinstance(key, int) else node.setdefault(key, {})
         node[path[-1]] = jnp.asarray(array)
     return params
+
+
+def _params_path(slot: _Slot, per_layer: bool) -> tuple:
+    """Where `slot`'s tensor lives in the params: `("layers", l, ...)` for per-layer params,
+    `("layers", ...)` (index `slot.layer` of the leaf) for stacked ones."""
+    if slot.layer is None or not per_layer:
+        return slot.path
+    return (slot.path[0], slot.layer) + slot.path[1:]
 
 
 def _read(entry: TensorEntry) -> np.ndarray:
@@ -297,14 +298,15 @@ def safetensors_entries(directory: Path) -> tuple[list[TensorEntry], str]:
 
 
 def to_hf_tensors(params: dict, config: ModelConfig) -> dict[str, np.ndarray]:
-    """The params as Hugging Face-named numpy arrays (`[out, in]` projections)."""
-    check_stacked_layers(params, "to_hf_tensors")
+    """The params (either layer layout) as Hugging Face-named numpy arrays (`[out, in]`
+    projections)."""
+    per_layer = unstacked_layers(config, params) is not None
     tensors = {}
     for name, slot in hf_layout(config).items():
         leaf = params
-        for key in slot.path:
+        for key in _params_path(slot, per_layer):
             leaf = leaf[key]
-        array = np.asarray(leaf if slot.layer is None else leaf[slot.layer])
+        array = np.asarray(leaf if slot.layer is None or per_layer else leaf[slot.layer])
         tensors[name] = np.ascontiguousarray(array.T if slot.transpose else array)
     return tensors
 

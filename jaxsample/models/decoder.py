@@ -1,15 +1,18 @@
 """The Qwen2 / Llama decoder as pure functions over a params pytree, with a KV cache.
 
-Params layout (HF-like names; the L layers are stacked on a leading axis so the layer loop
-is one `lax.scan` and compiles once whatever the depth):
+Params layout (HF-like names):
 
     {"embed_tokens": {"embedding": [V, D]},
-     "layers": {"input_layernorm": {"scale": [L, D]},
-                "self_attn": {"q_proj": {"kernel": [L, D, N*H], "bias": [L, N*H]}, ...},
-                "post_attention_layernorm": {"scale": [L, D]},
-                "mlp": {"gate_proj": {"kernel": [L, D, F]}, ...}},
+     "layers": ({"input_layernorm": {"scale": [D]},
+                 "self_attn": {"q_proj": {"kernel": [D, N*H], "bias": [N*H]}, ...},
+                 "post_attention_layernorm": {"scale": [D]},
+                 "mlp": {"gate_proj": {"kernel": [D, F]}, ...}},
+                ...),                        # L per-layer dicts (what `load` gives)
      "norm": {"scale": [D]},
      "lm_head": {"kernel": [D, V]}}          # absent when embeddings are tied
+
+or "layers" one dict of the same leaves stacked on a leading `[L, ...]` axis (what
+`init_params` gives): `layout` says what each layout costs; every function reads both.
 
 Activations run in the params' dtype; RMSNorm, RoPE angles, attention scores/softmax and
 the returned logits are float32 (float64 for float64 params). All public functions are jitted with `config` static.
@@ -29,7 +32,7 @@ from jaxsample.errors import ArgumentError
 from jaxsample.validation import check_int, check_int_array
 from jaxsample.models.config import ModelConfig
 from jaxsample.models.intervention import Intervention, forward_mask, prefill_mask
-from jaxsample.models.layout import check_stacked_layers, unstack_layers, unstacked_layers
+from jaxsample.models.layout import layer_params, unstacked_layers
 from jaxsample.models.lora import LoraAdapters, check_adapters
 from jaxsample.models.modules import DecoderLayer, GatedMLP, RMSNorm, at_least_float32, decode_attention
 
@@ -144,11 +147,9 @@ def apply_layer(
     Returns:
       `[B, T, D]`, the residual stream leaving the layer.
     """
-    check_stacked_layers(params, "apply_layer")
     positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), h.shape[:2])
-    layer_params = jax.tree.map(lambda x: x[i], params["layers"])
     lora = None if adapters is None else adapters.layer(i)
-    out, _ = _layer(config, params).apply({"params": layer_params}, h, positions, lora=lora)
+    out, _ = _layer(config, params).apply({"params": layer_params(config, params, i)}, h, positions, lora=lora)
     return out
 
 
@@ -176,24 +177,23 @@ def apply_layer_at_last(
     Returns:
       `[B, D]`, the residual stream leaving the layer at the last position.
     """
-    check_stacked_layers(params, "apply_layer_at_last")
     batch, length = last.shape[0], context.shape[1] + 1
     positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (batch, length))
     layer = _layer(config, params)
-    layer_params = {"params": jax.tree.map(lambda x: x[i], params["layers"])}
+    weights = {"params": layer_params(config, params, i)}
     lora = None if adapters is None else adapters.layer(i)
 
     def project(module, h):
         return module.self_attn.project(module.input_layernorm(h), positions[:, :-1], lora)
 
-    _, context_k, context_v = layer.apply(layer_params, context, method=project)
+    _, context_k, context_v = layer.apply(weights, context, method=project)
 
     def attend(q, k, v):
         keys = jnp.concatenate([context_k, k], axis=1)
         values = jnp.concatenate([context_v, v], axis=1)
         return decode_attention(q, keys, values, jnp.ones((batch, length), bool)), None
 
-    out, _ = layer.apply(layer_params, last[:, None], positions[:, -1:], attend, lora=lora)
+    out, _ = layer.apply(weights, last[:, None], positions[:, -1:], attend, lora=lora)
     return out[:, 0]
 
 
@@ -267,19 +267,16 @@ def _causal_layers(
     return h, stacked
 
 
-def _over_layers(body, state, xs, unstacked, unroll: bool = False):
-    """`lax.scan(body, state, xs)` over the layers, or, with `unroll` or unstacked params,
-    the layers one after another in the program, layer l's inputs static slices of `xs` and,
-    for unstacked params, its own `unstacked[l]` as `x["params"]`. Returns
+def _over_layers(body, state, xs, unstacked):
+    """`lax.scan(body, state, xs)` over stacked layers, or, for per-layer params
+    (`unstacked`), the layers one after another in the program, layer l's `x` the static
+    slices `xs[l]` and its own `unstacked[l]` as `x["params"]`. Returns
     `(state, ys stacked [L, ...])`."""
-    if not unroll and unstacked is None:
+    if unstacked is None:
         return jax.lax.scan(body, state, xs)
-    count = len(unstacked) if unstacked is not None else jax.tree.leaves(xs)[0].shape[0]
     ys = []
-    for index in range(count):
-        x = jax.tree.map(lambda leaf: leaf[index], xs)
-        if unstacked is not None:
-            x["params"] = unstacked[index]
+    for index, params in enumerate(unstacked):
+        x = {**jax.tree.map(lambda leaf: leaf[index], xs), "params": params}
         state, y = body(state, x)
         ys.append(y)
     return state, jax.tree.map(lambda *leaves: jnp.stack(leaves), *ys)
@@ -497,7 +494,7 @@ def _chunked_mlp(config: ModelConfig, params: Params, layer: Array, lora: dict |
     return mlp
 
 
-@functools.partial(jax.jit, static_argnames=("config", "with_features", "mlp_chunks", "unroll_layers"))
+@functools.partial(jax.jit, static_argnames=("config", "with_features", "mlp_chunks"))
 def decode_step(
     params: Params,
     config: ModelConfig,
@@ -508,7 +505,6 @@ def decode_step(
     with_features: bool = False,
     prefix: KVCache | None = None,
     mlp_chunks: int | None = None,
-    unroll_layers: bool = False,
 ):
     """Appends one token per row at slot `cache.length` and returns the next-token logits.
 
@@ -525,15 +521,9 @@ def decode_step(
       prefix: a one-row `KVCache` shared by every row (a prompt prefilled once), or None.
         Its `length` `[1]` slots come before each row's own: row slot s holds position
         `prefix.length + s`, and every row attends to the prefix without a copy of it.
-      mlp_chunks: run each MLP in this many blocks of the intermediate features (a divisor
-        of `intermediate_size`); None: `default_mlp_chunks`, 1 except on CPU.
-      unroll_layers: run the layers one after another in the program (layer l's weights a
-        static slice of the stack) instead of one `lax.scan` over them (a dynamic slice per
-        layer, which XLA:CPU and XLA:GPU copy before the matmuls read it). Same results; a
-        larger program. With it, `params["layers"]` may also be `unstack_layers`' tuple of
-        per-layer dicts (whole arrays, nothing sliced; the MLP then runs whole). Which reads
-        the weights in place is what `experiments/bench_decode.py --also-unrolled
-        --also-unstacked` measures.
+      mlp_chunks: run each MLP of stacked params in this many blocks of the intermediate
+        features (a divisor of `intermediate_size`); None: `default_mlp_chunks`, 1 except on
+        CPU. Per-layer params run each MLP whole (None or 1).
 
     Returns:
       (float32 `[B, V]` logits, [float32 `[B, D]` features,] the cache with `length + 1`).
@@ -554,8 +544,8 @@ def decode_step(
     prefix_visible = None if prefix is None else jnp.arange(prefix.k.shape[2]) < offset  # [P]
     layer = _layer(config, params)
     unstacked = unstacked_layers(config, params)
-    if unstacked is not None:
-        _check_unstacked_decode(unroll_layers, mlp_chunks)
+    if unstacked is not None and mlp_chunks not in (None, 1):
+        raise ArgumentError(f"per-layer params run each MLP whole (mlp_chunks None or 1), got mlp_chunks={mlp_chunks}")
     chunks = 1 if unstacked is not None else _check_mlp_chunks(config, params, mlp_chunks)
 
     widths = filled_widths(capacity)
@@ -601,31 +591,12 @@ def decode_step(
         xs["prefix_k"], xs["prefix_v"] = prefix.k[0], prefix.v[0]
     h = embed(params, config, tokens[:, None])
     carry = None if intervention is None else intervention.init_carry(h)
-    (h, k_all, v_all, _, _), _ = _over_layers(body, (h, cache.k, cache.v, jnp.int32(0), carry), xs, unstacked,
-                                              unroll=unroll_layers)
+    (h, k_all, v_all, _, _), _ = _over_layers(body, (h, cache.k, cache.v, jnp.int32(0), carry), xs, unstacked)
     features = final_norm(params, config, h[:, 0])
     logits = jnp.where((slots < capacity)[:, None], unembed(params, config, features), jnp.nan)
     if with_features:
         return logits, features.astype(at_least_float32(features.dtype)), KVCache(k_all, v_all, slots + 1)
     return logits, KVCache(k_all, v_all, slots + 1)
-
-
-def with_unstacked_layers(lm):
-    """`lm` (a decoder `LanguageModel`) holding `unstack_layers(lm.params)` and decoding with
-    `DecodeStep(unroll_layers=True)`: the samplers' forward, prefill and decode loop read each
-    layer's weights as whole arrays. The returned model keeps no stacked copy (drop `lm` to
-    free it); its layer-wise functions and mesh placement need the stacked model."""
-    if not isinstance(lm.decode_fn, DecodeStep):
-        raise ArgumentError(f"with_unstacked_layers needs a decoder model (decode_fn a DecodeStep), got {lm.decode_fn!r}")
-    return lm.replace(params=unstack_layers(lm.params), decode_fn=dataclasses.replace(lm.decode_fn, unroll_layers=True))
-
-
-def _check_unstacked_decode(unroll_layers: bool, mlp_chunks: int | None) -> None:
-    if not unroll_layers:
-        raise ArgumentError("params with unstacked layers (a sequence of per-layer dicts, unstack_layers) "
-                            "decode only with unroll_layers=True")
-    if mlp_chunks not in (None, 1):
-        raise ArgumentError(f"unstacked layers run each MLP whole (mlp_chunks None or 1), got mlp_chunks={mlp_chunks}")
 
 
 def _check_mlp_chunks(config: ModelConfig, params: Params, chunks: int | None) -> int:
@@ -649,16 +620,13 @@ class DecodeStep:
       config: the architecture.
       mlp_chunks: blocks of the intermediate features each MLP runs in (a divisor of
         `intermediate_size`); None: `default_mlp_chunks` (1 except on CPU).
-      unroll_layers: the layers unrolled in the program instead of one scan (`decode_step`).
     """
 
     config: ModelConfig
     mlp_chunks: int | None = None
-    unroll_layers: bool = False
 
     def __call__(self, params: Params, *args, **kwargs):
-        return decode_step(params, self.config, *args, mlp_chunks=self.mlp_chunks,
-                           unroll_layers=self.unroll_layers, **kwargs)
+        return decode_step(params, self.config, *args, mlp_chunks=self.mlp_chunks, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)

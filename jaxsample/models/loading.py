@@ -51,7 +51,7 @@ def make_language_model(
 
     Args:
       config: the architecture.
-      params: the params pytree (`init_params` layout).
+      params: the params pytree, per-layer or stacked (`jaxsample.models.layout`).
       tokenizer: optional `Tokenizer`.
       name: a name for logs.
       extra_eos_token_ids: stop tokens beyond the config's (e.g. generation_config.json's).
@@ -182,7 +182,9 @@ def load(
     bos_token_id: int | None = None,
     check_finite: bool = True,
 ) -> LanguageModel:
-    """Loads a Qwen2 / Llama checkpoint as a `LanguageModel`.
+    """Loads a Qwen2 / Llama checkpoint as a `LanguageModel` with per-layer params (one dict
+    of whole arrays per layer, the layers unrolled in the program: `jaxsample.models.layout`;
+    `lm.replace(params=stack_layers(lm.params))` gives one layer scan instead).
 
     Args:
       path_or_name: a Hugging Face directory (config.json, optional generation_config.json,

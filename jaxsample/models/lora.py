@@ -1,8 +1,8 @@
 """LoRA adapters for the Qwen2 / Llama decoder, kept apart from the base params.
 
 An adapter adds a low-rank update to chosen projections: `W x + (α/r) · B(A x)`, A `[in, r]`,
-B `[r, out]` (JAX `[in, out]` orientation), per layer, stacked on a leading layer axis like
-the decoder's params so the layer scan reads them alongside. They run unmerged in the
+B `[r, out]` (JAX `[in, out]` orientation), per layer, stacked on a leading layer axis (the
+layer scan of stacked params reads them alongside; per-layer params take static slices). They run unmerged in the
 forward, prefill and decode steps (`lm.with_adapters(adapters)`); `merge` folds them into
 the params. `save_adapters` / `load_adapters` use peft's layout: `adapter_model.safetensors`
 with keys `base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_{A|B}.weight`
@@ -29,7 +29,6 @@ from safetensors.numpy import save_file
 
 from jaxsample.errors import ArgumentError, CheckpointError, ConfigError
 from jaxsample.models.config import ModelConfig
-from jaxsample.models.layout import check_stacked_layers
 
 Array = jax.Array
 
@@ -179,19 +178,29 @@ def _architecture_differences(theirs: ModelConfig, ours: ModelConfig) -> list[tu
 
 
 def merge(params: Any, adapters: LoraAdapters) -> Any:
-    """Params with the adapters folded in: `W + (α/r) A B` for every target, every layer."""
-    check_stacked_layers(params, "merge")
-    layers = dict(params["layers"])
-    groups = {t: ("self_attn" if t in ATTENTION_TARGETS else "mlp") for t in TARGETS}
-    for target, pair in adapters.weights.items():
-        group = dict(layers[groups[target]])
-        projection = dict(group[target])
-        kernel = projection["kernel"]
-        delta = jnp.einsum("lir,lro->lio", pair["lora_A"], pair["lora_B"]) * adapters.scaling
-        projection["kernel"] = (kernel + delta).astype(kernel.dtype)
-        group[target] = projection
-        layers[groups[target]] = group
+    """Params (either layer layout) with the adapters folded in: `W + (α/r) A B` for every
+    target, every layer."""
+    deltas = {target: jnp.einsum("lir,lro->lio", pair["lora_A"], pair["lora_B"]) * adapters.scaling
+              for target, pair in adapters.weights.items()}
+    if isinstance(params["layers"], (tuple, list)):
+        layers = tuple(_merged(layer, {t: d[index] for t, d in deltas.items()})
+                       for index, layer in enumerate(params["layers"]))
+    else:
+        layers = _merged(params["layers"], deltas)
     return {**params, "layers": layers}
+
+
+def _merged(layers: dict, deltas: dict[str, Any]) -> dict:
+    """`layers` (one layer's dict or the stacked one) with `deltas[target]` added to each
+    target's kernel."""
+    layers = dict(layers)
+    for target, delta in deltas.items():
+        group_name = "self_attn" if target in ATTENTION_TARGETS else "mlp"
+        group = dict(layers[group_name])
+        kernel = group[target]["kernel"]
+        group[target] = {**group[target], "kernel": (kernel + delta).astype(kernel.dtype)}
+        layers[group_name] = group
+    return layers
 
 
 def _peft_name(layer: int, target: str, matrix: str) -> str:

@@ -46,7 +46,7 @@ def _timed(timings):
 def test_bench_decode_reports_every_shape_and_batch_against_the_roofline(tmp_path):
     result = _run(bench_decode.main, tmp_path, "--shapes", "tiny", "--batches", "1,2", "--prompt-tokens", 8,
                   "--new-tokens", 8, "--transformers-batches", "1", "--transformers-new-tokens", 4, "--matmul-size", 256,
-                  "--matmuls-alone", "--also-unrolled", "--also-unstacked", *QUICK)
+                  "--matmuls-alone", "--also-stacked", *QUICK)
     assert [(r["shape"], r["batch"]) for r in result["rows"]] == [("tiny", 1), ("tiny", 2)]
     for row in result["rows"]:
         _timed(row["timings"]["jax"])
@@ -64,12 +64,10 @@ def test_bench_decode_reports_every_shape_and_batch_against_the_roofline(tmp_pat
         assert row["compute_fraction"] == pytest.approx(row["gflop_per_s"] / result["compute_peak_gflops"])
         assert row["kernels_per_step"] >= c["num_hidden_layers"]  # the layer loop's body runs once per layer
         _timed(row["timings"]["matmuls_alone"])
-        for layout in ("unrolled", "unstacked"):
-            _timed(row["timings"][f"jax_{layout}"])
-            assert row[f"{layout}_over_scan"] == pytest.approx(row[f"{layout}_ms_per_step"] / row["ms_per_step"])
-            assert row[f"{layout}_roofline_fraction"] == pytest.approx(row["roofline_fraction"] / row[f"{layout}_over_scan"])
-            # Unrolled, the layers' kernels stand in the decode loop's body once each.
-            assert row[f"{layout}_kernels_per_step"] >= c["num_hidden_layers"]
+        _timed(row["timings"]["jax_stacked"])
+        assert row["stacked_over_per_layer"] == pytest.approx(row["stacked_ms_per_step"] / row["ms_per_step"])
+        assert row["stacked_roofline_fraction"] == pytest.approx(row["roofline_fraction"] / row["stacked_over_per_layer"])
+        assert row["stacked_kernels_per_step"] >= c["num_hidden_layers"]
         assert row["step_over_matmuls_alone"] == pytest.approx(row["ms_per_step"] / row["matmuls_alone_ms_per_step"])
     assert result["roofline_bandwidth_gbs"] == result["memory_read_gbs"]  # no --bandwidth-gbs given
     assert "transformers" in result["rows"][0]["timings"] and "transformers" not in result["rows"][1]["timings"]
@@ -96,7 +94,7 @@ def test_bench_decode_matmuls_alone_do_the_steps_matmul_flops(tied):
 def test_bench_power_counts_every_decoded_token_of_both_loops(tmp_path, reference_chains):
     chains, block, new, steps = 2, 4, 8, 1
     result = _run(bench_power.main, tmp_path, "--model", "random:tiny", "--chains", chains, "--block-size", block,
-                  "--max-new-tokens", new, "--mcmc-steps", steps, "--reference-chains", reference_chains, "--unstacked", *QUICK)
+                  "--max-new-tokens", new, "--mcmc-steps", steps, "--reference-chains", reference_chains, "--stacked", *QUICK)
     assert (result["chains"], result["reference_chains"]) == (chains, reference_chains)
     caps = range(block, new + 1, block)
     for loop, timed_chains in (("jax", chains), ("transformers", reference_chains)):
@@ -108,9 +106,9 @@ def test_bench_power_counts_every_decoded_token_of_both_loops(tmp_path, referenc
         assert result[f"{loop}_tokens_per_s"] == pytest.approx(rate)
     assert result["speedup"] == pytest.approx(result["jax_tokens_per_s"] / result["transformers_tokens_per_s"])
     # The same chains on per-layer weight arrays decode the same tokens.
-    _timed(result["timings"]["jax_unstacked"])
-    assert result["unstacked_tokens_per_s"] == pytest.approx(result["jax_tokens_per_call"] / result["timings"]["jax_unstacked"]["median_s"])
-    assert result["unstacked_speedup"] == pytest.approx(result["unstacked_tokens_per_s"] / result["transformers_tokens_per_s"])
+    _timed(result["timings"]["jax_stacked"])
+    assert result["stacked_tokens_per_s"] == pytest.approx(result["jax_tokens_per_call"] / result["timings"]["jax_stacked"]["median_s"])
+    assert result["stacked_speedup"] == pytest.approx(result["stacked_tokens_per_s"] / result["transformers_tokens_per_s"])
 
 
 def _open_loop(body):
@@ -181,13 +179,13 @@ def test_bench_smc_and_bench_generate_report_their_ratios(tmp_path):
         _timed(smc["timings"][name])
     assert smc["cost_ratio_ess_half"] == pytest.approx(smc["plain_tokens_per_s"] / smc["smc_ess_half_tokens_per_s"])
     generate = _run(bench_generate.main, tmp_path, "--model", "toy-decisions", "--batch", 2, "--new-tokens", 8,
-                    "--unstacked", *QUICK)
-    for name in ("plain", "unstacked", "transformers"):
+                    "--stacked", *QUICK)
+    for name in ("plain", "stacked", "transformers"):
         _timed(generate["timings"][name])
     assert generate["speedup"] == pytest.approx(generate["jax_tokens_per_s"] / generate["transformers_tokens_per_s"])
     timings = generate["timings"]
-    assert generate["unstacked_speedup"] == pytest.approx(timings["transformers"]["median_s"] / timings["unstacked"]["median_s"])
-    assert generate["unstacked_ratio_to_plain"] == pytest.approx(timings["unstacked"]["median_s"] / timings["plain"]["median_s"])
+    assert generate["stacked_speedup"] == pytest.approx(timings["transformers"]["median_s"] / timings["stacked"]["median_s"])
+    assert generate["stacked_ratio_to_plain"] == pytest.approx(timings["stacked"]["median_s"] / timings["plain"]["median_s"])
 
 
 def test_bench_layer_weights_times_the_four_layouts_over_the_same_bytes(tmp_path):

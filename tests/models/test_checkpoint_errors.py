@@ -66,7 +66,9 @@ def test_valid_checkpoint_loads_exactly(saved):
     directory, params = saved
     lm = models.load(directory)
     assert lm.config == CONFIG
-    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), lm.params, params)))
+    assert isinstance(lm.params["layers"], tuple), "load gives per-layer params"
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), lm.params,
+                                            models.unstack_layers(params))))
 
 
 def test_missing_tensor(copy):
@@ -242,7 +244,7 @@ def test_non_finite_weights_name_the_tensor(copy):
     _edit_tensors(copy, poison)
     with pytest.raises(CheckpointError, match=rf"tensor '{Q_PROJ}' holds 1 non-finite value\(s\).*check_finite=False"):
         models.load(copy)
-    assert np.isnan(models.load(copy, check_finite=False).params["layers"]["self_attn"]["q_proj"]["kernel"][1]).any()
+    assert np.isnan(models.load(copy, check_finite=False).params["layers"][1]["self_attn"]["q_proj"]["kernel"]).any()
 
 
 def test_weights_that_overflow_the_requested_dtype_are_refused(copy):

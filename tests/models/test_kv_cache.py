@@ -196,10 +196,10 @@ def _add_layer_vector(layer, h, vectors):
 
 
 @pytest.mark.parametrize("chunks", [1, 4])
-def test_unrolled_layers_decode_as_the_layer_scan(chunks):
-    """`decode_step(unroll_layers=True)` (static slices of the stacked layers, no scan) gives
-    the scan's logits, features and cache, with LoRA, an intervention on two of the three
-    blocks, a shared prefix and the MLP whole or in blocks."""
+def test_per_layer_params_decode_as_the_layer_scan(chunks):
+    """Per-layer params (the layers unrolled, each weight a whole array) give the stacked
+    scan's logits, features and cache, with LoRA, an intervention on two of the three blocks,
+    a shared prefix, and the stacked MLP whole or in blocks."""
     config = dataclasses.replace(CONFIG, mlp_bias=True)
     params = random_params(config, 11)
     adapters = lora.init_lora(jax.random.key(12), config, 3, 6.0, ("q_proj", "gate_proj", "down_proj"))
@@ -212,23 +212,19 @@ def test_unrolled_layers_decode_as_the_layer_scan(chunks):
     _, prefix = lm.prefill(jnp.asarray(rng.integers(0, config.vocab_size, size=(1, 5))), jnp.asarray([5]), lm.init_cache(1, 8))
     tokens = jnp.asarray(rng.integers(0, config.vocab_size, size=(2, 4)))
     _, cache = lm.prefill(tokens[:, :-1], jnp.asarray([3, 1]), lm.init_cache(2, 8))
-    decode = functools.partial(models.decode_step, params, config, tokens[:, -1], cache, adapters,
-                               with_features=True, prefix=prefix, mlp_chunks=chunks)
-    scanned, unrolled = (decode(intervention=intervention, unroll_layers=unroll) for unroll in (False, True))
-    variants = {"unrolled": unrolled}
-    if chunks == 1:  # unstacked layers run each MLP whole
-        variants["unstacked"] = models.decode_step(models.unstack_layers(params), config, tokens[:, -1], cache, adapters,
-                                                   intervention, True, prefix, unroll_layers=True)
-    for variant, outputs in variants.items():
-        for name, a, b in zip(("logits", "features"), outputs[:2], scanned[:2]):
-            np.testing.assert_allclose(a, b, atol=ATOL, rtol=0, err_msg=f"{variant} {name}")
-        chex.assert_trees_all_close(outputs[2], scanned[2], atol=ATOL, rtol=0)
-    assert np.abs(np.asarray(scanned[0]) - np.asarray(decode(unroll_layers=False, intervention=None)[0])).max() > 0.1
+    decode = functools.partial(models.decode_step, config=config, tokens=tokens[:, -1], cache=cache, adapters=adapters,
+                               with_features=True, prefix=prefix)
+    scanned = decode(params, intervention=intervention, mlp_chunks=chunks)
+    per_layer = decode(models.unstack_layers(params), intervention=intervention)
+    for name, a, b in zip(("logits", "features"), per_layer[:2], scanned[:2]):
+        np.testing.assert_allclose(a, b, atol=ATOL, rtol=0, err_msg=name)
+    chex.assert_trees_all_close(per_layer[2], scanned[2], atol=ATOL, rtol=0)
+    assert np.abs(np.asarray(scanned[0]) - np.asarray(decode(params, intervention=None)[0])).max() > 0.1
 
 
-def test_a_model_with_unstacked_layers_runs_forward_prefill_and_generate_as_the_stacked_one():
-    """`with_unstacked_layers`: per-layer weight arrays, the layers unrolled in forward,
-    prefill and the decode loop; the same hidden states, logits, cache and generations."""
+def test_a_model_with_per_layer_params_runs_forward_prefill_and_generate_as_the_stacked_one():
+    """Per-layer params: the layers unrolled in forward, prefill and the decode loop; the same
+    hidden states, logits, cache and generations as the stacked layer scan."""
     params = random_params(CONFIG, 5)
     adapters = lora.init_lora(jax.random.key(6), CONFIG, 2, 4.0, ("v_proj", "up_proj"))
     adapters = adapters.replace(weights=jax.tree.map(lambda x: 0.3 * jnp.sin(jnp.arange(x.size) + 2.0).reshape(x.shape),
@@ -236,44 +232,58 @@ def test_a_model_with_unstacked_layers_runs_forward_prefill_and_generate_as_the_
     vectors = 0.5 * jnp.cos(jnp.arange(3 * CONFIG.hidden_size, dtype=jnp.float32)).reshape(3, -1)
     stacked = models.make_language_model(CONFIG, params).with_adapters(adapters).with_intervention(
         models.Intervention(fn=_add_layer_vector, params=vectors, layers=(1,), positions="all"))
-    unstacked = models.with_unstacked_layers(stacked)
-    assert isinstance(unstacked.params["layers"], tuple) and unstacked.decode_fn.unroll_layers
+    per_layer = stacked.replace(params=models.unstack_layers(params))
     tokens = jnp.asarray(np.random.default_rng(7).integers(1, CONFIG.vocab_size, size=(2, 6)))
     for output in ("logits", "hidden_states"):
-        np.testing.assert_allclose(unstacked.forward(tokens, output=output), stacked.forward(tokens, output=output),
+        np.testing.assert_allclose(per_layer.forward(tokens, output=output), stacked.forward(tokens, output=output),
                                    atol=ATOL, rtol=0, err_msg=output)
     lengths = jnp.asarray([6, 3])
-    ours, theirs = (lm.prefill(tokens, lengths, lm.init_cache(2, 10)) for lm in (unstacked, stacked))
+    ours, theirs = (lm.prefill(tokens, lengths, lm.init_cache(2, 10)) for lm in (per_layer, stacked))
     chex.assert_trees_all_close(ours, theirs, atol=ATOL, rtol=0)
-    ours, theirs = (js.generate(jax.random.key(8), lm, tokens[0], 8, num_samples=4) for lm in (unstacked, stacked))
+    ours, theirs = (js.generate(jax.random.key(8), lm, tokens[0], 8, num_samples=4) for lm in (per_layer, stacked))
     np.testing.assert_array_equal(ours.tokens, theirs.tokens)
     np.testing.assert_allclose(ours.log_p, theirs.log_p, atol=ATOL, rtol=0)
 
 
-def test_unstacked_layers_are_refused_where_they_cannot_be_read():
+def test_the_layer_wise_functions_lora_merge_export_and_sharding_read_per_layer_params_as_stacked_ones():
     params = random_params(CONFIG, 3)
-    unstacked = models.unstack_layers(params)
-    assert len(unstacked["layers"]) == CONFIG.num_hidden_layers
-    chex.assert_trees_all_equal(unstacked["layers"][1], jax.tree.map(lambda leaf: leaf[1], params["layers"]))
+    per_layer = models.unstack_layers(params)
+    assert len(per_layer["layers"]) == CONFIG.num_hidden_layers
+    chex.assert_trees_all_equal(per_layer["layers"][1], jax.tree.map(lambda leaf: leaf[1], params["layers"]))
+    chex.assert_trees_all_equal(models.stack_layers(per_layer), params)
+    assert models.unstack_layers(per_layer) is per_layer and models.stack_layers(params) is params
+    rng = np.random.default_rng(4)
+    h = jnp.asarray(rng.normal(size=(1, 3, CONFIG.hidden_size)), jnp.float32)
+    layer_wise = {
+        "apply_layer": lambda p, i: models.apply_layer(p, CONFIG, i, h, jnp.arange(3)),
+        "apply_layer_at_last": lambda p, i: models.decoder.apply_layer_at_last(p, CONFIG, i, h[:, :2], h[:, 2], jnp.arange(3)),
+    }
+    for name, fn in layer_wise.items():
+        outputs = [fn(per_layer, i) for i in range(CONFIG.num_hidden_layers)]
+        for i, output in enumerate(outputs):
+            np.testing.assert_allclose(output, fn(params, i), atol=ATOL, rtol=0, err_msg=f"{name} layer {i}")
+        assert np.abs(np.asarray(outputs[0]) - np.asarray(outputs[1])).max() > 0.1, name
+    adapters = lora.init_lora(jax.random.key(0), CONFIG, 2, 4.0, ("q_proj", "down_proj"))
+    adapters = adapters.replace(weights=jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size) + 3.0).reshape(x.shape),
+                                                     adapters.weights))
+    chex.assert_trees_all_close(models.stack_layers(lora.merge(per_layer, adapters)), lora.merge(params, adapters),
+                                atol=1e-6, rtol=0)
+    exported, expected = (models.checkpoint.to_hf_tensors(p, CONFIG) for p in (per_layer, params))
+    chex.assert_trees_all_equal(exported, expected)
+    mesh = parallel.make_mesh(data=1)
+    shardings = parallel.param_shardings(mesh, per_layer, CONFIG)
+    stacked_spec = parallel.param_shardings(mesh, params, CONFIG)["layers"]["mlp"]["down_proj"]["kernel"].spec
+    assert tuple(shardings["layers"][1]["mlp"]["down_proj"]["kernel"].spec) == tuple(stacked_spec)[1:] == ("model", None)
+
+
+def test_per_layer_params_of_the_wrong_depth_or_with_mlp_blocks_are_refused():
+    per_layer = models.unstack_layers(random_params(CONFIG, 3))
     cache = models.init_cache(CONFIG, 2, 8)
     decode = functools.partial(models.decode_step, config=CONFIG, tokens=jnp.ones((2,), jnp.int32), cache=cache)
-    with pytest.raises(ArgumentError, match=r"unstacked layers .* decode only with unroll_layers=True"):
-        decode(unstacked)
-    with pytest.raises(ArgumentError, match=r"unstacked layers run each MLP whole .* got mlp_chunks=4"):
-        decode(unstacked, unroll_layers=True, mlp_chunks=4)
-    with pytest.raises(ArgumentError, match=r"unstacked params hold 2 layers, the config 3"):
-        decode({**unstacked, "layers": unstacked["layers"][:2]}, unroll_layers=True)
-    h = jnp.zeros((1, 2, CONFIG.hidden_size))
-    stack_readers = {
-        "apply_layer": lambda: models.apply_layer(unstacked, CONFIG, 0, h, jnp.arange(2)),
-        "apply_layer_at_last": lambda: models.decoder.apply_layer_at_last(unstacked, CONFIG, 0, h[:, :1], h[:, 1], jnp.arange(2)),
-        "merge": lambda: lora.merge(unstacked, lora.init_lora(jax.random.key(0), CONFIG, 2, 4.0, ("q_proj",))),
-        "to_hf_tensors": lambda: models.checkpoint.to_hf_tensors(unstacked, CONFIG),
-        "param_shardings": lambda: parallel.param_shardings(parallel.make_mesh(data=1), unstacked, CONFIG),
-    }
-    for name, call in stack_readers.items():
-        with pytest.raises(ArgumentError, match=rf"{name} takes stacked layer params"):
-            call()
+    with pytest.raises(ArgumentError, match=r"per-layer params run each MLP whole .* got mlp_chunks=4"):
+        decode(per_layer, mlp_chunks=4)
+    with pytest.raises(ArgumentError, match=r"per-layer params hold 2 layers, the config 3"):
+        decode({**per_layer, "layers": per_layer["layers"][:2]})
 
 
 def test_mlp_blocks_hold_one_block_of_weights_at_a_time():
