@@ -50,50 +50,46 @@ cat "$OUT/environment.txt"
 
 # Steps in order of what the issue's goals need. The decode benchmark writes its JSON after
 # every row, so a decode step cut off by its limit keeps the rows it measured.
-# The limits are the H200 run of 2026-12-04 (jax 0.11.2, results/gpu/) plus a margin:
-# check_device ~55 s, bench_decode 113 s, bench_memory ~57 s, bench_power ~45 s, bench_smc
-# under 30 s, bench_layer_weights 21 s before its `unrolled` contender, 6-10 s of XLA
-# compilation per decode program. transformers is timed over 32-token calls, and the power-MH
-# reference loop on 2 of the 8 chains (it runs chains one after another, so its tokens/s does
-# not depend on how many).
+# The limits are the two H200 runs of 2026-12-04 (jax 0.11.2, results/gpu/ and
+# results/gpu-per-layer/) plus a margin: check_device ~55 s, bench_decode ~45 s per 7B row and
+# ~30 s per 1.5B row with both layouts and transformers, bench_memory ~60 s, bench_power ~50 s
+# (33 s of it compiling power_sample over 24 unrolled layers), bench_smc under 30 s. A decode
+# program compiles in 8-12 s (the 7B per-layer one at batch 32 in 24 s). transformers is timed
+# over 32-token calls, and the power-MH reference loop on 2 of the 8 chains (it runs chains
+# one after another, so its tokens/s does not depend on how many).
 
 # 0. Correctness on this GPU: port parity with transformers, greedy decode, power MH and SMC
 # against exact enumeration (the CPU suite's checks; pytest is not needed).
 step check_device 65 python $B/check_device.py --json "$OUT/check_device.json"
-# 1. Decode speed vs the roofline at the goals' shapes and batches (7B, 1.5B x batch 1, 32),
-# transformers' generate on the same shapes, and the decode loop with its layers unrolled
-# (static weight slices: does XLA:GPU then read the weights in place? see step 5) and on
-# per-layer weight arrays (models.with_unstacked_layers; 1.64x faster per step on the CPU).
+# 1. Decode speed vs the roofline at the goals' shapes and batches (7B, 1.5B x batch 1, 32) on
+# the per-layer params `load` gives, transformers' generate on the same shapes, and the decode
+# loop on stacked params (one layer scan; 2.2x slower per step at 7B on 2026-12-04).
 DECODE="--dtype bfloat16 --prompt-tokens 64 --new-tokens 128 --bandwidth-gbs 4300 --matmul-size 8192 --transformers-new-tokens 32 --samples 3 --min-sample-s 0.5"
 step bench_decode 195 python $B/bench_decode.py --shapes qwen2.5-7b,qwen2.5-1.5b --batches 1,32 \
-  --transformers-batches 1,32 --also-unrolled --also-unstacked $DECODE --json "$OUT/bench_decode.json"
+  --transformers-batches 1,32 --also-stacked $DECODE --json "$OUT/bench_decode.json"
 # 2. Peak memory of SMC / power sampling (compiled, not run): 64 rows, 1024-token prompt, 512 new,
 # with each program's largest buffers from XLA's buffer assignment (on 2026-12-04 the GPU
-# programs held about one generated-part cache more than the CPU's: which buffer is it?).
+# programs, stacked params, held about two generated-part caches where the CPU's hold one;
+# the largest buffers were K and V copies transposed to [B, K, L, S, H] and [B, K, H, L, S]
+# by transpose and scatter fusions).
 step bench_memory 70 python $B/bench_memory.py --dtype bfloat16 --shapes qwen2.5-0.5b,qwen2.5-7b \
   --json "$OUT/bench_memory.json"
 # 3. Power MH end to end vs the transformers reference loop (random Qwen2.5-0.5B weights).
-step bench_power 60 python $B/bench_power.py --model random:qwen2.5-0.5b --dtype bfloat16 \
+step bench_power 90 python $B/bench_power.py --model random:qwen2.5-0.5b --dtype bfloat16 \
   --chains 8 --reference-chains 2 --block-size 16 --max-new-tokens 32 --mcmc-steps 2 --samples 2 --min-sample-s 0 \
   --json "$OUT/bench_power.json"
 # 4. SMC cost per token vs plain sampling (embedded toy model).
 step bench_smc 35 python $B/bench_smc.py --particles 64 --new-tokens 40 --samples 3 --min-sample-s 0.5 \
   --json "$OUT/bench_smc.json"
-# 5. XLA:GPU copies each layer's weights out of the stacked params before its matmuls too:
-# on 2026-12-04 a pass over 7B-sized MLP weights took 8.65 ms stacked (sliced in a layer
-# loop) against 3.24 ms as separate arrays (2.67x; dynamic-slice fusion, an XLA flag, changed
-# nothing: 8.61 ms; 37 MLP blocks, the CPU remedy, 24.9 ms). `unrolled` (static slices of the
-# stack, layers unrolled: what lax.scan(unroll=True) compiles to) says whether unrolling the
-# decode step's layer scan reads the weights in place, or the params must be kept unstacked.
-LAYERS="--layers 28 --hidden 3584 --intermediate 18944 --dtype bfloat16 --batches 1,32 --steps 8 --blocks 37 --samples 3 --min-sample-s 0.3"
-step bench_layer_weights 35 python $B/bench_layer_weights.py $LAYERS --json "$OUT/bench_layer_weights.json"
-# 6. The token draw (two-stage Gumbel-max vs over the whole vocabulary) at a 152k vocabulary.
+# 5. The token draw (two-stage Gumbel-max vs over the whole vocabulary) at a 152k vocabulary.
 step bench_draw 20 python $B/bench_draw.py --vocab 151936 --batches 1,64 --samples 3 --min-sample-s 0.2 \
   --json "$OUT/bench_draw.json"
-# The rest of the decode table (Qwen2.5-0.5B, batches 8 and 64) was measured on 2026-12-04
-# (results/gpu/bench_decode_more.json, bench_decode_extra.json) and does not fit in the 8
-# minutes beside the unrolled loop; with device time left:
+# Not in the 8 minutes; with device time left: the rest of the decode table (stacked params
+# only on 2026-12-04, results/gpu/bench_decode_more.json, bench_decode_extra.json)
 #   bench_decode.py --shapes qwen2.5-0.5b,qwen2.5-1.5b,qwen2.5-7b --batches 8,64 $DECODE
+# and why stacked params decode slower (bench_layer_weights.py: a pass over 7B-sized MLP
+# weights sliced from a stack took 8.66 ms, as separate arrays 3.22 ms, static slices 8.99 ms)
+#   bench_layer_weights.py --layers 28 --hidden 3584 --intermediate 18944 --dtype bfloat16 --batches 1,32
 # The issue's goals against what this run measured (reads the JSON; no device work).
 python $B/goals.py "$OUT" | tee "$OUT/goals.md"
 echo "done $(date -u +%T); JSON in $OUT"

@@ -19,7 +19,7 @@ def test_each_goal_is_judged_from_what_the_benchmarks_wrote(tmp_path, capsys):
     first, second = decode["rows"]
     decode["rows"] = [{**first, "shape": "qwen2.5-7b", "batch": 1, "roofline_fraction": 0.61},
                       {**second, "shape": "qwen2.5-1.5b", "batch": 1, "roofline_fraction": 0.39}]
-    (tmp_path / "bench_decode.json").write_text(json.dumps(decode))
+    (tmp_path / "bench_decode.json").write_text(json.dumps({**decode, "layout": "per-layer"}))
 
     met = {goal: verdict for goal, _, verdict in goals.goal_rows(tmp_path)}
     assert met == {
@@ -62,3 +62,32 @@ def test_the_power_row_says_when_the_reference_ran_fewer_chains(tmp_path):
     (tmp_path / "bench_power.json").write_text(json.dumps({**power, "reference_chains": 2}))
     measured = {goal: m for goal, m, _ in goals.goal_rows(tmp_path)}["power MH: ≥ 50× the transformers loop"]
     assert measured.endswith("16 chains, the reference timed on 2)")
+
+
+def test_decode_goals_take_per_layer_numbers_over_stacked_ones_from_any_decode_file(tmp_path):
+    """JSON from before per-layer params were the default timed them as `unstacked_*` beside
+    the stacked scan; a shape measured only stacked is judged on that and says so."""
+    decode = json.loads((RESULTS / "bench_decode_smollm2_cpu_matmuls_alone.json").read_text())
+    first, second = decode["rows"]
+    stacked_only = {**decode, "rows": [{**first, "shape": "qwen2.5-7b", "batch": 1, "roofline_fraction": 0.3},
+                                       {**second, "shape": "qwen2.5-1.5b", "batch": 1, "roofline_fraction": 0.41}]}
+    with_per_layer = {**decode, "rows": [{**first, "shape": "qwen2.5-7b", "batch": 1, "roofline_fraction": 0.3,
+                                          "unstacked_ms_per_step": first["ms_per_step"] / 2,
+                                          "unstacked_roofline_fraction": 0.6, "unstacked_kernels_per_step": 7}]}
+    (tmp_path / "bench_decode.json").write_text(json.dumps(stacked_only))
+    (tmp_path / "bench_decode_layouts.json").write_text(json.dumps(with_per_layer))
+    measured = {goal: (m, met) for goal, m, met in goals.goal_rows(tmp_path)}
+    seven, met = measured["decode qwen2.5-7b batch 1: ≥ 60% of the roofline"]
+    assert met == "yes" and seven.startswith(f"60.0% ({first['ms_per_step'] / 2:.2f} ms/step, ")
+    assert "7 kernels/step" in seven and "stacked" not in seven
+    assert f"{2 * first['gb_per_s']:.0f} GB/s" in seven
+    one_and_a_half, met = measured["decode qwen2.5-1.5b batch 1: ≥ 40% of the roofline"]
+    assert met == "yes" and one_and_a_half.startswith("41.0% (") and one_and_a_half.endswith("; stacked params)")
+
+
+def test_the_power_goal_takes_the_per_layer_contender_of_json_written_when_load_gave_stacked_params(tmp_path):
+    power = json.loads((RESULTS / "bench_power_smollm2_c16.json").read_text())
+    power.update(unstacked_speedup=2 * power["speedup"], unstacked_tokens_per_s=2 * power["jax_tokens_per_s"])
+    (tmp_path / "bench_power.json").write_text(json.dumps(power))
+    measured = {goal: m for goal, m, _ in goals.goal_rows(tmp_path)}["power MH: ≥ 50× the transformers loop"]
+    assert measured.startswith(f"{2 * power['speedup']:.1f}× ({2 * power['jax_tokens_per_s']:.0f} vs ")
