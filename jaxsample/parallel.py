@@ -174,10 +174,10 @@ def check_rows(mesh: Mesh | None, num_rows: int, what: str) -> None:
 
 
 def _spec(leaf, mesh: Mesh, rows: str | None) -> P:
-    # Rows (None: a Shared part, on every data device) and, for KV caches ([B, L, S, K, H]),
+    # Rows (None: a Shared part, on every data device) and, for KV caches ([B, L, K, S, H]),
     # kv heads over the model axis.
-    if leaf.ndim == 5 and _divisible(leaf.shape[3], mesh):
-        return P(rows, None, None, MODEL, None)
+    if leaf.ndim == 5 and _divisible(leaf.shape[2], mesh):
+        return P(rows, None, MODEL, None, None)
     return P(rows) if leaf.ndim else P()
 
 

@@ -8,7 +8,6 @@ which passes `Shared` parts through untouched, so they are never copied per row.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -47,7 +46,7 @@ def gather_rows(tree: Any, indices: Array) -> Any:
     """Rows `indices` (int32 `[B']`) of every row-leading leaf.
 
     A large leaf with as many rows out as in (resampling) is gathered in place, in about
-    `_IN_PLACE_SLICES` slices along its non-row axes: each slice's rows all come from that
+    `_IN_PLACE_SLICES` slices along one non-row axis: each slice's rows all come from that
     same slice, so it is read whole before being overwritten, and the peak holds the leaf
     plus one slice instead of twice the leaf (a KV cache is most of the state).
     """
@@ -58,21 +57,20 @@ def gather_rows(tree: Any, indices: Array) -> Any:
 def _gather(x: Array, indices: Array) -> Array:
     if x.ndim < 2 or x.size < _IN_PLACE_SIZE or indices.shape[0] != x.shape[0]:
         return jnp.take(x, indices, axis=0)
-    # The slices run along the non-row axes before the last two, merged (axis 1 alone for
-    # fewer axes): a KV cache [B, L, S, K, H] keeps its kv-head axis whole, which a
-    # tensor-parallel model axis splits (`jaxsample.parallel`); merged into the sliced axis,
-    # GSPMD would gather the whole cache's heads onto every device.
-    split = max(2, x.ndim - 2)
-    length = math.prod(x.shape[1:split])
-    flat = x.reshape(x.shape[0], length, *x.shape[split:])
+    # The slices run along the axis before the last (axis 1 for fewer axes): a KV cache
+    # [B, L, K, S, H] is sliced along its slots and keeps its kv-head axis whole, which a
+    # tensor-parallel model axis splits (`jaxsample.parallel`); sliced across it, GSPMD
+    # would gather the whole cache's heads onto every device.
+    axis = max(1, x.ndim - 2)
+    length = x.shape[axis]
     width = -(-length // _IN_PLACE_SLICES)
 
-    def gather_slice(start, flat, size):
-        part = jax.lax.dynamic_slice_in_dim(flat, start, size, axis=1)
-        return jax.lax.dynamic_update_slice_in_dim(flat, jnp.take(part, indices, axis=0), start, axis=1)
+    def gather_slice(start, x, size):
+        part = jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+        return jax.lax.dynamic_update_slice_in_dim(x, jnp.take(part, indices, axis=0), start, axis=axis)
 
     whole = length // width
-    flat = jax.lax.fori_loop(0, whole, lambda i, flat: gather_slice(i * width, flat, width), flat)
+    x = jax.lax.fori_loop(0, whole, lambda i, x: gather_slice(i * width, x, width), x)
     if length % width:  # the shorter last slice
-        flat = gather_slice(whole * width, flat, length % width)
-    return flat.reshape(x.shape)
+        x = gather_slice(whole * width, x, length % width)
+    return x

@@ -44,8 +44,11 @@ class KVCache(NamedTuple):
     """Per-row KV cache (all leaves batch-leading; see `jaxsample.lm`).
 
     Attributes:
-      k: `[B, L, S, K, H]` rotated keys, in the activation dtype (S = capacity).
-      v: `[B, L, S, K, H]` values.
+      k: `[B, L, K, S, H]` rotated keys, in the activation dtype (S = capacity). The kv heads
+        come before the slots so that a layer's `[B, K, S, H]` is what attention's batched
+        dots read (batch axes B and K leading): XLA:GPU held transposed copies of the whole
+        cache for them when the slots came first.
+      v: `[B, L, K, S, H]` values.
       length: int32 `[B]` filled slots per row; slots ≥ length are stale and never read.
     """
 
@@ -189,8 +192,8 @@ def apply_layer_at_last(
     _, context_k, context_v = layer.apply(weights, context, method=project)
 
     def attend(q, k, v):
-        keys = jnp.concatenate([context_k, k], axis=1)
-        values = jnp.concatenate([context_v, v], axis=1)
+        keys = jnp.concatenate([context_k, k], axis=1).swapaxes(1, 2)
+        values = jnp.concatenate([context_v, v], axis=1).swapaxes(1, 2)
         return decode_attention(q, keys, values, jnp.ones((batch, length), bool)), None
 
     out, _ = layer.apply(weights, last[:, None], positions[:, -1:], attend, lora=lora)
@@ -339,8 +342,8 @@ def init_cache(config: ModelConfig, batch_size: int, capacity: int, dtype=jnp.fl
     shape = (
         batch_size,
         config.num_hidden_layers,
-        capacity,
         config.num_key_value_heads,
+        capacity,
         config.head_dim,
     )
     return KVCache(
@@ -381,8 +384,8 @@ def prefill(
     _check_tokens(config, tokens, 2, "prompt tokens")
     batch, length = tokens.shape
     _check_cache(cache, batch, "prompt tokens")
-    if length > cache.k.shape[2]:
-        raise ArgumentError(f"prompt length {length} exceeds the cache capacity {cache.k.shape[2]}")
+    if length > cache.k.shape[3]:
+        raise ArgumentError(f"prompt length {length} exceeds the cache capacity {cache.k.shape[3]}")
     lengths = jnp.asarray(lengths, jnp.int32)
     if lengths.shape != (batch,):
         raise ArgumentError(
@@ -394,9 +397,9 @@ def prefill(
     h, ((k, v), _) = _causal_layers(
         params, config, embed(params, config, tokens), positions, True, adapters, intervention, edit_mask
     )
-    # Scan stacks per-layer k/v as [L, B, T, K, H]; the cache is batch-leading.
-    k_cache = jax.lax.dynamic_update_slice(cache.k, k.swapaxes(0, 1).astype(cache.k.dtype), (0,) * 5)
-    v_cache = jax.lax.dynamic_update_slice(cache.v, v.swapaxes(0, 1).astype(cache.v.dtype), (0,) * 5)
+    # The layers stack k/v as [L, B, T, K, H]; the cache is [B, L, K, S, H].
+    k_cache = jax.lax.dynamic_update_slice(cache.k, k.transpose(1, 0, 3, 2, 4).astype(cache.k.dtype), (0,) * 5)
+    v_cache = jax.lax.dynamic_update_slice(cache.v, v.transpose(1, 0, 3, 2, 4).astype(cache.v.dtype), (0,) * 5)
     valid = (lengths >= 1) & (lengths <= length)
     last = jnp.take_along_axis(h, jnp.clip(lengths - 1, 0, length - 1)[:, None, None], axis=1)
     features = final_norm(params, config, last[:, 0])
@@ -536,12 +539,12 @@ def decode_step(
     _check_hooks(config, adapters, intervention)
     if prefix is not None and prefix.k.shape[0] != 1:
         raise ArgumentError(f"a shared prefix cache has one row, got {prefix.k.shape[0]}")
-    capacity = cache.k.shape[2]
+    capacity = cache.k.shape[3]
     slots = cache.length
     rows = jnp.arange(batch)
     visible = jnp.arange(capacity)[None, :] <= slots[:, None]  # [B, S]
     offset = jnp.int32(0) if prefix is None else prefix.length[0]
-    prefix_visible = None if prefix is None else jnp.arange(prefix.k.shape[2]) < offset  # [P]
+    prefix_visible = None if prefix is None else jnp.arange(prefix.k.shape[3]) < offset  # [P]
     layer = _layer(config, params)
     unstacked = unstacked_layers(config, params)
     if unstacked is not None and mlp_chunks not in (None, 1):
@@ -559,7 +562,7 @@ def decode_step(
 
         def attend_within(width):
             def attend_slots(q, k_new, v_new):
-                window = (batch, 1, width) + k_new.shape[3:]
+                window = (batch, 1, k_new.shape[2], width, k_new.shape[4])
                 # Start indices share i's dtype: Python ints become int64 under x64.
                 zero = jnp.zeros((), i.dtype)
                 start = (zero, i, zero, zero, zero)
@@ -571,8 +574,9 @@ def decode_step(
 
         def attend(q, k, v):
             # The write stays outside the width branches, so the cache is updated in place.
-            k_new = k_all.at[rows, i, slots].set(k[:, 0].astype(k_all.dtype), mode="drop")
-            v_new = v_all.at[rows, i, slots].set(v[:, 0].astype(v_all.dtype), mode="drop")
+            # Row b writes [K, H] at [b, i, :, slots[b]].
+            k_new = k_all.at[rows, i, :, slots].set(k[:, 0].astype(k_all.dtype), mode="drop")
+            v_new = v_all.at[rows, i, :, slots].set(v[:, 0].astype(v_all.dtype), mode="drop")
             attended = jax.lax.switch(width_index, [attend_within(w) for w in widths], q, k_new, v_new)
             return attended, (k_new, v_new)
 

@@ -117,31 +117,31 @@ def decode_attention(
 
     Args:
       q: `[B, 1, N, H]` (already rotated).
-      keys, values: `[B, S, K, H]`, the rows' own slots.
+      keys, values: `[B, K, S, H]`, the rows' own slots (kv heads first, as the cache holds
+        them: the batched dots' batch axes B and K lead).
       visible: bool `[B, S]`, the slots each row may read.
-      prefix: `(keys [P, K, H], values [P, K, H], visible bool [P])` or None.
+      prefix: `(keys [K, P, H], values [K, P, H], visible bool [P])` or None.
 
     Returns:
       `[B, 1, N, H]` in `q.dtype`; scores and softmax in float32, one softmax over both parts.
     """
-    keys, values = keys.astype(q.dtype), values.astype(q.dtype)
-    if prefix is None:
-        return grouped_attention(q, keys, values, visible[:, None, :])
-    prefix_keys, prefix_values, prefix_visible = prefix[0].astype(q.dtype), prefix[1].astype(q.dtype), prefix[2]
     batch, _, num_heads, head_dim = q.shape
-    num_kv = keys.shape[2]
+    num_kv = keys.shape[1]
     q = q.reshape(batch, num_kv, num_heads // num_kv, head_dim)
+    keys, values = keys.astype(q.dtype), values.astype(q.dtype)
     accumulate = at_least_float32(q.dtype)
     scale = np.float32(head_dim**-0.5)
-    shared = jnp.einsum("bkgh,pkh->bkgp", q, prefix_keys, preferred_element_type=accumulate) * scale
-    own = jnp.einsum("bkgh,bskh->bkgs", q, keys, preferred_element_type=accumulate) * scale
-    scores = jnp.concatenate(
-        [jnp.where(prefix_visible, shared, _MASKED), jnp.where(visible[:, None, None, :], own, _MASKED)], axis=-1
-    )
+    own = jnp.einsum("bkgh,bksh->bkgs", q, keys, preferred_element_type=accumulate) * scale
+    scores = jnp.where(visible[:, None, None, :], own, _MASKED)
+    if prefix is not None:
+        prefix_keys, prefix_values, prefix_visible = prefix[0].astype(q.dtype), prefix[1].astype(q.dtype), prefix[2]
+        shared = jnp.einsum("bkgh,kph->bkgp", q, prefix_keys, preferred_element_type=accumulate) * scale
+        scores = jnp.concatenate([jnp.where(prefix_visible, shared, _MASKED), scores], axis=-1)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    split = prefix_keys.shape[0]
-    out = jnp.einsum("bkgp,pkh->bkgh", probs[..., :split], prefix_values, preferred_element_type=accumulate)
-    out = out + jnp.einsum("bkgs,bskh->bkgh", probs[..., split:], values, preferred_element_type=accumulate)
+    split = 0 if prefix is None else prefix_keys.shape[1]
+    out = jnp.einsum("bkgs,bksh->bkgh", probs[..., split:], values, preferred_element_type=accumulate)
+    if prefix is not None:
+        out = out + jnp.einsum("bkgp,kph->bkgh", probs[..., :split], prefix_values, preferred_element_type=accumulate)
     return out.astype(q.dtype).reshape(batch, 1, num_heads, head_dim)
 
 
