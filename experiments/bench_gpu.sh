@@ -69,9 +69,9 @@ step bench_decode 195 python $B/bench_decode.py --shapes qwen2.5-7b,qwen2.5-1.5b
   --transformers-batches 1,32 --also-stacked $DECODE --json "$OUT/bench_decode.json"
 # 2. Peak memory of SMC / power sampling (compiled, not run): 64 rows, 1024-token prompt, 512 new,
 # with each program's largest buffers from XLA's buffer assignment (on 2026-12-04 the GPU
-# programs, stacked params, held about two generated-part caches where the CPU's hold one;
-# the largest buffers were K and V copies transposed to [B, K, L, S, H] and [B, K, H, L, S]
-# by transpose and scatter fusions).
+# programs held about two generated-part caches where the CPU's hold one: K and V copies
+# transposed to [B, K, L, S, H] and [B, K, H, L, S] beside the [B, L, S, K, H] cache; the
+# cache is [B, L, K, S, H] since: are the copies gone?).
 step bench_memory 70 python $B/bench_memory.py --dtype bfloat16 --shapes qwen2.5-0.5b,qwen2.5-7b \
   --json "$OUT/bench_memory.json"
 # 3. Power MH end to end vs the transformers reference loop (random Qwen2.5-0.5B weights).
