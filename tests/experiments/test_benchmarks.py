@@ -162,10 +162,10 @@ def test_bench_memory_rows_hold_no_copy_of_the_prompt_cache(tmp_path):
     base = shape["generated_cache_bytes"] + shape["one_prompt_cache_bytes"]
     assert smc["ratio_to_goal_base"] == pytest.approx(smc["peak_without_weights"] / base)
     # What fills the peak, from XLA's buffer assignment: the rows' generated-part K and V
-    # caches ([rows, layers, slots, kv heads, head dim]; slots: the new tokens + 1) are among
+    # caches ([rows, layers, kv heads, slots, head dim]; slots: the new tokens + 1) are among
     # each program's largest buffers, largest first.
     c = bench_decode.SHAPES["tiny"]
-    cache = f"f32[{rows},{c['num_hidden_layers']},{new + 1},{c['num_key_value_heads']},{c['head_dim']}]"
+    cache = f"f32[{rows},{c['num_hidden_layers']},{c['num_key_value_heads']},{new + 1},{c['head_dim']}]"
     for program in (smc, power):
         buffers = program["largest_buffers"]
         assert len(buffers) == 8 and [b["bytes"] for b in buffers] == sorted((b["bytes"] for b in buffers), reverse=True)
