@@ -26,7 +26,11 @@ stop tokens suppressed. Reported per (shape, batch):
 - with `--also-stacked`: the same decode loop on the stacked layout (`models.stack_layers`:
   one layer scan, a dynamic slice of each weight per layer; a second copy of the layer
   weights), its ms per step, roofline fraction, compile time and kernels (`stacked_*`),
-  timed in the same run;
+  timed in the same run; with `--also-filled-widths`, likewise the loop attending over the
+  narrowest power-of-two width that holds the filled slots, picked per layer
+  (`DecodeStep(attend_over_capacity=False)`; `filled_widths_*`), where the default reads a
+  cache that is cheap beside the weights whole (`decoder.attention_widths`): on a GPU each
+  per-layer pick is a host-device sync;
 - with `--matmuls-alone`: the step's weight matmuls alone (`matmuls_alone_ms_per_step`),
   timed in the same run: the same projections and logit matrix on the same rows through
   XLA's own dot kernels, each weight matrix whole in its own array (no slicing, attention,
@@ -56,7 +60,7 @@ import jax.numpy as jnp
 
 from jaxsample import Proposal
 from jaxsample.decoding import extend, init_decode
-from jaxsample.models import ModelConfig, init_params, make_language_model, stack_layers, unstack_layers
+from jaxsample.models import DecodeStep, ModelConfig, init_params, make_language_model, stack_layers, unstack_layers
 from timing import add_timing_options, interleaved_timings, machine, matmul_gflops, positive_int, positive_ints, report
 
 # Published config.json values (hf.co/Qwen/Qwen2.5-*, hf.co/HuggingFaceTB/SmolLM2-135M-Instruct).
@@ -292,6 +296,7 @@ def main(argv=None):
     parser.add_argument("--transformers-batches", default="all", help="batch sizes at which transformers' generate is timed too: 'all', 'none' or a comma-separated subset of --batches")
     parser.add_argument("--transformers-shapes", default="all", help="shapes at which transformers' generate is timed: 'all', 'none' or a comma-separated subset of --shapes")
     parser.add_argument("--also-stacked", action="store_true", help="also time the decode loop on stacked layer params (one layer scan; a second copy of the layer weights)")
+    parser.add_argument("--also-filled-widths", action="store_true", help="also time the decode loop picking the attention width per layer (DecodeStep(attend_over_capacity=False))")
     parser.add_argument("--matmuls-alone", action="store_true", help="also time the step's weight matmuls alone, each matrix whole")
     parser.add_argument("--bandwidth-gbs", type=float, default=0.0, help="roofline bandwidth in GB/s (0: measure it in this run; an H200 copies at ~4300)")
     parser.add_argument("--peak-gflops", type=float, default=0.0, help="compute peak in GFLOP/s (0: measure it in this run with a square matmul)")
@@ -331,6 +336,8 @@ def main(argv=None):
             layouts = {}
             if args.also_stacked:  # a second copy of the layer weights, until the row is done
                 layouts["stacked"] = lm.replace(params=stack_layers(lm.params))
+            if args.also_filled_widths:
+                layouts["filled_widths"] = lm.replace(decode_fn=DecodeStep(lm.config, attend_over_capacity=False))
             layout_texts = {}
             for name, decode_lm in layouts.items():
                 contenders[f"jax_{name}"], _, layout_texts[name] = jax_contender(
@@ -374,7 +381,7 @@ def main(argv=None):
                             f"{name}_roofline_fraction": nbytes / layout_s / 1e9 / bandwidth,
                             f"{name}_compile_s": layout["first_call_s"] - layout["median_s"],
                             f"{name}_kernels_per_step": kernels_per_step(text()),
-                            f"{name}_over_per_layer": layout_s / step_s})
+                            f"{name}_over_default": layout_s / step_s})
             if args.matmuls_alone:
                 row["matmuls_alone_ms_per_step"] = 1e3 * timings["matmuls_alone"]["median_s"] / args.new_tokens
                 row["step_over_matmuls_alone"] = row["ms_per_step"] / row["matmuls_alone_ms_per_step"]
@@ -404,15 +411,15 @@ def main(argv=None):
         del lm, params
     result = {**header, "rows": rows}
     table = ["| shape | batch | ms/step | GB/s | roofline | GFLOP/s | of compute peak | compile s | kernels/step "
-             "| stacked ms/step | matmuls alone ms/step | transformers ms/step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| stacked ms/step | filled widths ms/step | matmuls alone ms/step | transformers ms/step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hf = f"{r['transformers_ms_per_step']:.2f}" if "transformers_ms_per_step" in r else "—"
         alone = f"{r['matmuls_alone_ms_per_step']:.2f}" if "matmuls_alone_ms_per_step" in r else "—"
-        stacked = f"{r['stacked_ms_per_step']:.2f}" if "stacked_ms_per_step" in r else "—"
+        stacked, filled = (f"{r[k]:.2f}" if k in r else "—" for k in ("stacked_ms_per_step", "filled_widths_ms_per_step"))
         table.append(f"| {r['shape']} | {r['batch']} | {r['ms_per_step']:.2f} | {r['gb_per_s']:.1f} | "
                      f"{r['roofline_fraction']:.0%} | {r['gflop_per_s']:.0f} | {r['compute_fraction']:.0%} | "
-                     f"{r['compile_s']:.1f} | {r['kernels_per_step']} | {stacked} | {alone} | {hf} |")
+                     f"{r['compile_s']:.1f} | {r['kernels_per_step']} | {stacked} | {filled} | {alone} | {hf} |")
     report(result, "\n".join(table), args.json)
 
 

@@ -63,10 +63,13 @@ cat "$OUT/environment.txt"
 step check_device 65 python $B/check_device.py --json "$OUT/check_device.json"
 # 1. Decode speed vs the roofline at the goals' shapes and batches (7B, 1.5B x batch 1, 32) on
 # the per-layer params `load` gives, transformers' generate on the same shapes, and the decode
-# loop on stacked params (one layer scan; 2.2x slower per step at 7B on 2026-12-04).
+# loop picking its attention width per layer (--also-filled-widths: a lax.switch per layer,
+# which XLA:GPU runs as a host-device sync; on 2026-12-04 every step did, and its ~2.2 ms above
+# the roofline time at both 7B and 1.5B, 28 layers each, fits 28 syncs; the default now reads
+# such small caches whole, with no switch). Stacked params were 2.2x slower at 7B that day.
 DECODE="--dtype bfloat16 --prompt-tokens 64 --new-tokens 128 --bandwidth-gbs 4300 --matmul-size 8192 --transformers-new-tokens 32 --samples 3 --min-sample-s 0.5"
 step bench_decode 195 python $B/bench_decode.py --shapes qwen2.5-7b,qwen2.5-1.5b --batches 1,32 \
-  --transformers-batches 1,32 --also-stacked $DECODE --json "$OUT/bench_decode.json"
+  --transformers-batches 1,32 --also-filled-widths $DECODE --json "$OUT/bench_decode.json"
 # 2. Peak memory of SMC / power sampling (compiled, not run): 64 rows, 1024-token prompt, 512 new,
 # with each program's largest buffers from XLA's buffer assignment (on 2026-12-04 the GPU
 # programs held about two generated-part caches where the CPU's hold one: K and V copies

@@ -425,6 +425,28 @@ def filled_widths(capacity: int) -> tuple[int, ...]:
     return tuple(widths)
 
 
+# A step reads its whole cache when that costs at most this fraction of its weight read.
+CAPACITY_READ_FRACTION = 0.125
+
+
+def attention_widths(params: Params, cache: KVCache, attend_over_capacity: bool | None) -> tuple[int, ...]:
+    """The widths `decode_step` picks from: `filled_widths`, or the capacity alone with
+    `attend_over_capacity` (None: off the CPU, when reading the whole cache's K and V costs
+    at most `CAPACITY_READ_FRACTION` of reading the weights). Picking among several is a
+    `conditional` per layer, which XLA:GPU runs by copying the branch index to the host and
+    waiting for the device (`ConditionalThunk`): a sync per layer and step, after which the
+    device idles while the host launches the next kernels. XLA:CPU's conditionals cost
+    nothing of the kind (SmolLM2 at batch 8 and 96 slots decodes 3-5% slower reading them
+    all, `results/bench_decode_smollm2_cpu_widths.json`)."""
+    capacity = cache.k.shape[3]
+    if attend_over_capacity is None:
+        cache_bytes = 2 * cache.k.size * cache.k.dtype.itemsize
+        weight_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(params))
+        attend_over_capacity = (jax.default_backend() != "cpu"
+                                and cache_bytes <= CAPACITY_READ_FRACTION * weight_bytes)
+    return (capacity,) if attend_over_capacity else filled_widths(capacity)
+
+
 # XLA:CPU copies a dynamic slice of the stacked layer weights before a matmul reads it.
 # Copied and read in slices of at most this size, the MLP's weights stay in the core's cache
 # between the copy and the matmul. Chosen from decode-step sweeps of 1-32 blocks at the
@@ -497,7 +519,7 @@ def _chunked_mlp(config: ModelConfig, params: Params, layer: Array, lora: dict |
     return mlp
 
 
-@functools.partial(jax.jit, static_argnames=("config", "with_features", "mlp_chunks"))
+@functools.partial(jax.jit, static_argnames=("config", "with_features", "mlp_chunks", "attend_over_capacity"))
 def decode_step(
     params: Params,
     config: ModelConfig,
@@ -508,13 +530,14 @@ def decode_step(
     with_features: bool = False,
     prefix: KVCache | None = None,
     mlp_chunks: int | None = None,
+    attend_over_capacity: bool | None = None,
 ):
     """Appends one token per row at slot `cache.length` and returns the next-token logits.
 
     Rows write at their own slot (a per-row scatter into the cache carried through the
     layer scan, which XLA updates in place), so rows may have any lengths, e.g. after
-    rewinding some of them with `cache._replace(length=shorter)`. Attention reads only the
-    first `filled_widths` slots that hold every row's filled ones.
+    rewinding some of them with `cache._replace(length=shorter)`. Attention reads the first
+    of `attention_widths` slots that hold every row's filled ones.
 
     Args:
       tokens: int `[B]`.
@@ -527,6 +550,9 @@ def decode_step(
       mlp_chunks: run each MLP of stacked params in this many blocks of the intermediate
         features (a divisor of `intermediate_size`); None: `default_mlp_chunks`, 1 except on
         CPU. Per-layer params run each MLP whole (None or 1).
+      attend_over_capacity: attend over every slot (masked) instead of the narrowest of
+        `filled_widths` that holds the rows' filled ones; None: when the whole cache is
+        cheap to read beside the weights (`attention_widths`). Same results.
 
     Returns:
       (float32 `[B, V]` logits, [float32 `[B, D]` features,] the cache with `length + 1`).
@@ -551,7 +577,7 @@ def decode_step(
         raise ArgumentError(f"per-layer params run each MLP whole (mlp_chunks None or 1), got mlp_chunks={mlp_chunks}")
     chunks = 1 if unstacked is not None else _check_mlp_chunks(config, params, mlp_chunks)
 
-    widths = filled_widths(capacity)
+    widths = attention_widths(params, cache, attend_over_capacity)
     # Attend over the narrowest width that holds every row's slots: the rest are empty.
     width_index = jnp.sum(jnp.asarray(widths) > jnp.max(slots)) - 1
 
@@ -616,7 +642,7 @@ def _check_mlp_chunks(config: ModelConfig, params: Params, chunks: int | None) -
 
 @dataclasses.dataclass(frozen=True)
 class DecodeStep:
-    """`decode_step` with the config and `mlp_chunks` bound, for `LanguageModel.decode_fn`.
+    """`decode_step` with the config and its options bound, for `LanguageModel.decode_fn`.
     Equal for equal fields, so models of one architecture share compiled programs. E.g.
     `lm.replace(decode_fn=DecodeStep(lm.config, mlp_chunks=1))` decodes every MLP whole.
 
@@ -624,13 +650,16 @@ class DecodeStep:
       config: the architecture.
       mlp_chunks: blocks of the intermediate features each MLP runs in (a divisor of
         `intermediate_size`); None: `default_mlp_chunks` (1 except on CPU).
+      attend_over_capacity: attend over every cache slot; None: `attention_widths`' rule.
     """
 
     config: ModelConfig
     mlp_chunks: int | None = None
+    attend_over_capacity: bool | None = None
 
     def __call__(self, params: Params, *args, **kwargs):
-        return decode_step(params, self.config, *args, mlp_chunks=self.mlp_chunks, **kwargs)
+        return decode_step(params, self.config, *args, mlp_chunks=self.mlp_chunks,
+                           attend_over_capacity=self.attend_over_capacity, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,7 +46,7 @@ def _timed(timings):
 def test_bench_decode_reports_every_shape_and_batch_against_the_roofline(tmp_path):
     result = _run(bench_decode.main, tmp_path, "--shapes", "tiny", "--batches", "1,2", "--prompt-tokens", 8,
                   "--new-tokens", 8, "--transformers-batches", "1", "--transformers-new-tokens", 4, "--matmul-size", 256,
-                  "--matmuls-alone", "--also-stacked", *QUICK)
+                  "--matmuls-alone", "--also-stacked", "--also-filled-widths", *QUICK)
     assert [(r["shape"], r["batch"]) for r in result["rows"]] == [("tiny", 1), ("tiny", 2)]
     for row in result["rows"]:
         _timed(row["timings"]["jax"])
@@ -64,10 +64,11 @@ def test_bench_decode_reports_every_shape_and_batch_against_the_roofline(tmp_pat
         assert row["compute_fraction"] == pytest.approx(row["gflop_per_s"] / result["compute_peak_gflops"])
         assert row["kernels_per_step"] >= c["num_hidden_layers"]  # the layer loop's body runs once per layer
         _timed(row["timings"]["matmuls_alone"])
-        _timed(row["timings"]["jax_stacked"])
-        assert row["stacked_over_per_layer"] == pytest.approx(row["stacked_ms_per_step"] / row["ms_per_step"])
-        assert row["stacked_roofline_fraction"] == pytest.approx(row["roofline_fraction"] / row["stacked_over_per_layer"])
-        assert row["stacked_kernels_per_step"] >= c["num_hidden_layers"]
+        for variant in ("stacked", "filled_widths"):
+            _timed(row["timings"][f"jax_{variant}"])
+            assert row[f"{variant}_over_default"] == pytest.approx(row[f"{variant}_ms_per_step"] / row["ms_per_step"])
+            assert row[f"{variant}_roofline_fraction"] == pytest.approx(row["roofline_fraction"] / row[f"{variant}_over_default"])
+            assert row[f"{variant}_kernels_per_step"] >= c["num_hidden_layers"]
         assert row["step_over_matmuls_alone"] == pytest.approx(row["ms_per_step"] / row["matmuls_alone_ms_per_step"])
     assert result["roofline_bandwidth_gbs"] == result["memory_read_gbs"]  # no --bandwidth-gbs given
     assert "transformers" in result["rows"][0]["timings"] and "transformers" not in result["rows"][1]["timings"]

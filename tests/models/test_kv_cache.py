@@ -155,19 +155,46 @@ def test_decode_step_updates_a_donated_cache_in_place(lm):
 
 
 @pytest.mark.parametrize("lengths", [(3, 40), (3, 100), (150, 7)])
-def test_decode_attending_over_the_filled_width_matches_forward(params, lengths):
-    """A 200-slot cache attends over 64, 128 or 200 slots, whichever holds every row."""
+def test_decode_attending_over_the_filled_width_or_the_capacity_matches_forward(params, lengths):
+    """A 200-slot cache attends over 64, 128 or 200 slots, whichever holds every row, or
+    over all 200."""
     config = dataclasses.replace(CONFIG, max_position_embeddings=256)
-    lm = models.make_language_model(config, params)
     assert models.decoder.filled_widths(200) == (200, 128, 64)
     rng = np.random.default_rng(4)
     sequences = rng.integers(0, CONFIG.vocab_size, size=(2, max(lengths) + 1))
-    _, cache = lm.prefill(jnp.asarray(sequences[:, :-1]), jnp.asarray(lengths), lm.init_cache(2, 200))
     fed = jnp.asarray([sequences[row, n] for row, n in enumerate(lengths)])
-    logits, _ = lm.decode(fed, cache)
-    for row, n in enumerate(lengths):
-        reference = models.forward(params, config, jnp.asarray(sequences[row, : n + 1])[None])[0, -1]
-        np.testing.assert_allclose(logits[row], reference, atol=ATOL, rtol=0)
+    for over_capacity in (False, True):
+        lm = models.make_language_model(config, params)
+        lm = lm.replace(decode_fn=models.DecodeStep(config, attend_over_capacity=over_capacity))
+        _, cache = lm.prefill(jnp.asarray(sequences[:, :-1]), jnp.asarray(lengths), lm.init_cache(2, 200))
+        logits, _ = lm.decode(fed, cache)
+        for row, n in enumerate(lengths):
+            reference = models.forward(params, config, jnp.asarray(sequences[row, : n + 1])[None])[0, -1]
+            np.testing.assert_allclose(logits[row], reference, atol=ATOL, rtol=0, err_msg=f"{over_capacity} {row}")
+
+
+def test_a_cache_cheap_to_read_beside_the_weights_is_read_whole_without_a_conditional_per_layer(monkeypatch):
+    """XLA:GPU syncs the host with the device at every `conditional`; the width switch is one
+    per layer, so off the CPU it is left out when reading the whole cache costs at most 1/8
+    of the weights' read. On the CPU (no sync) the switch stays."""
+    config = dataclasses.replace(CONFIG, vocab_size=2048, max_position_embeddings=256)
+    params = jax.eval_shape(lambda: models.unstack_layers(models.init_params(jax.random.key(0), config)))
+    weight_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(params))
+    slot_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
+    cheap = int(models.decoder.CAPACITY_READ_FRACTION * weight_bytes // slot_bytes)  # row-slots at the bound
+    assert 64 < cheap < 256, cheap
+    tokens = jax.ShapeDtypeStruct((1,), jnp.int32)
+    cache = jax.eval_shape(lambda: models.init_cache(config, 1, cheap))
+    if jax.default_backend() == "cpu":
+        assert models.decoder.attention_widths(params, cache, None) == models.decoder.filled_widths(cheap)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    for capacity, expected in ((cheap, (cheap,)), (cheap + 1, models.decoder.filled_widths(cheap + 1))):
+        cache = jax.eval_shape(lambda capacity=capacity: models.init_cache(config, 1, capacity))
+        assert models.decoder.attention_widths(params, cache, None) == expected
+        step = jax.jit(functools.partial(models.decode_step, config=config))
+        text = step.lower(params, tokens=tokens, cache=cache).compile().as_text()
+        conditionals = len(re.findall(r" conditional\(", text))
+        assert conditionals == (0 if len(expected) == 1 else config.num_hidden_layers), (capacity, conditionals)
 
 
 @pytest.mark.parametrize("chunks", [4, 40])
