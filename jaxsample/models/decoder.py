@@ -12,7 +12,7 @@ Params layout (HF-like names):
      "lm_head": {"kernel": [D, V]}}          # absent when embeddings are tied
 
 or "layers" one dict of the same leaves stacked on a leading `[L, ...]` axis (what
-`init_params` gives): `layout` says what each layout costs; every function reads both.
+`init_params` gives): `jaxsample.models.layout` says what each costs; every function reads both.
 
 Activations run in the params' dtype; RMSNorm, RoPE angles, attention scores/softmax and
 the returned logits are float32 (float64 for float64 params). All public functions are jitted with `config` static.
@@ -536,8 +536,8 @@ def decode_step(
 
     Rows write at their own slot (a per-row scatter into the cache carried through the
     layer scan, which XLA updates in place), so rows may have any lengths, e.g. after
-    rewinding some of them with `cache._replace(length=shorter)`. Attention reads the first
-    of `attention_widths` slots that hold every row's filled ones.
+    rewinding some of them with `cache._replace(length=shorter)`. Attention reads the
+    narrowest of `attention_widths` that holds every row's filled slots.
 
     Args:
       tokens: int `[B]`.
