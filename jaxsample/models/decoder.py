@@ -431,18 +431,18 @@ CAPACITY_READ_FRACTION = 0.125
 
 def attention_widths(params: Params, cache: KVCache, attend_over_capacity: bool | None) -> tuple[int, ...]:
     """The widths `decode_step` picks from: `filled_widths`, or the capacity alone with
-    `attend_over_capacity` (None: off the CPU, when reading the whole cache's K and V costs
+    `attend_over_capacity` (None: on a GPU, when reading the whole cache's K and V costs
     at most `CAPACITY_READ_FRACTION` of reading the weights). Picking among several is a
     `conditional` per layer, which XLA:GPU runs by copying the branch index to the host and
     waiting for the device (`ConditionalThunk`): a sync per layer and step, after which the
-    device idles while the host launches the next kernels. XLA:CPU's conditionals cost
-    nothing of the kind (SmolLM2 at batch 8 and 96 slots decodes 3-5% slower reading them
+    device idles while the host launches the next kernels. Other backends' conditionals
+    cost nothing of the kind (XLA:CPU's: SmolLM2 at batch 8 and 96 slots decodes 3-5% slower reading them
     all, `results/bench_decode_smollm2_cpu_widths.json`)."""
     capacity = cache.k.shape[3]
     if attend_over_capacity is None:
         cache_bytes = 2 * cache.k.size * cache.k.dtype.itemsize
         weight_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(params))
-        attend_over_capacity = (jax.default_backend() != "cpu"
+        attend_over_capacity = (jax.default_backend() == "gpu"
                                 and cache_bytes <= CAPACITY_READ_FRACTION * weight_bytes)
     return (capacity,) if attend_over_capacity else filled_widths(capacity)
 
@@ -551,8 +551,8 @@ def decode_step(
         features (a divisor of `intermediate_size`); None: `default_mlp_chunks`, 1 except on
         CPU. Per-layer params run each MLP whole (None or 1).
       attend_over_capacity: attend over every slot (masked) instead of the narrowest of
-        `filled_widths` that holds the rows' filled ones; None: when the whole cache is
-        cheap to read beside the weights (`attention_widths`). Same results.
+        `filled_widths` that holds the rows' filled ones; None: on a GPU when the whole
+        cache is cheap to read beside the weights (`attention_widths`). Same results.
 
     Returns:
       (float32 `[B, V]` logits, [float32 `[B, D]` features,] the cache with `length + 1`).
