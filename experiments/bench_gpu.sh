@@ -51,10 +51,11 @@ cat "$OUT/environment.txt"
 # Steps in order of what the goals need. The decode benchmark writes its JSON after
 # every row, so a decode step cut off by its limit keeps the rows it measured.
 # The limits are the two H200 runs of 2026-12-04 (jax 0.11.2, results/gpu/ and
-# results/gpu-per-layer/) plus a margin: check_device ~55 s, bench_decode ~45 s per 7B row and
-# ~30 s per 1.5B row with both layouts and transformers, bench_memory ~60 s, bench_power ~50 s
-# (33 s of it compiling power_sample over 24 unrolled layers), bench_smc under 30 s. A decode
-# program compiles in 8-12 s (the 7B per-layer one at batch 32 in 24 s). transformers is timed
+# results/gpu-per-layer/): check_device ~55 s; bench_decode, with two per-layer programs per
+# row (each compiling in 10-24 s) and transformers, an estimated 30-45 s per 1.5B row and 55-70 s
+# per 7B row (the second run's 7B batch-1 row took 67 s with three programs); bench_memory
+# ~60 s; bench_power ~60 s (34 s of it compiling power_sample over 24 unrolled layers);
+# bench_smc under 30 s. transformers is timed
 # over 32-token calls, and the power-MH reference loop on 2 of the 8 chains (it runs chains
 # one after another, so its tokens/s does not depend on how many).
 
@@ -67,8 +68,9 @@ step check_device 65 python $B/check_device.py --json "$OUT/check_device.json"
 # which XLA:GPU runs as a host-device sync; on 2026-12-04 every step did, and its ~2.2 ms above
 # the roofline time at both 7B and 1.5B, 28 layers each, fits 28 syncs; the default now reads
 # such small caches whole, with no switch). Stacked params were 2.2x slower at 7B that day.
+# 1.5B first: its launch-bound step is what the switch decides.
 DECODE="--dtype bfloat16 --prompt-tokens 64 --new-tokens 128 --bandwidth-gbs 4300 --matmul-size 8192 --transformers-new-tokens 32 --samples 3 --min-sample-s 0.5"
-step bench_decode 195 python $B/bench_decode.py --shapes qwen2.5-7b,qwen2.5-1.5b --batches 1,32 \
+step bench_decode 215 python $B/bench_decode.py --shapes qwen2.5-1.5b,qwen2.5-7b --batches 1,32 \
   --transformers-batches 1,32 --also-filled-widths $DECODE --json "$OUT/bench_decode.json"
 # 2. Peak memory of SMC / power sampling (compiled, not run): 64 rows, 1024-token prompt, 512 new,
 # with each program's largest buffers from XLA's buffer assignment (on 2026-12-04 the GPU
@@ -78,7 +80,7 @@ step bench_decode 195 python $B/bench_decode.py --shapes qwen2.5-7b,qwen2.5-1.5b
 step bench_memory 70 python $B/bench_memory.py --dtype bfloat16 --shapes qwen2.5-0.5b,qwen2.5-7b \
   --json "$OUT/bench_memory.json"
 # 3. Power MH end to end vs the transformers reference loop (random Qwen2.5-0.5B weights).
-step bench_power 90 python $B/bench_power.py --model random:qwen2.5-0.5b --dtype bfloat16 \
+step bench_power 75 python $B/bench_power.py --model random:qwen2.5-0.5b --dtype bfloat16 \
   --chains 8 --reference-chains 2 --block-size 16 --max-new-tokens 32 --mcmc-steps 2 --samples 2 --min-sample-s 0 \
   --json "$OUT/bench_power.json"
 # 4. SMC cost per token vs plain sampling (embedded toy model).
