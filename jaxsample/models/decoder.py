@@ -15,7 +15,8 @@ or "layers" one dict of the same leaves stacked on a leading `[L, ...]` axis (wh
 `init_params` gives): `jaxsample.models.layout` says what each costs; every function reads both.
 
 Activations run in the params' dtype; RMSNorm, RoPE angles, attention scores/softmax and
-the returned logits are float32 (float64 for float64 params). All public functions are jitted with `config` static.
+the returned logits are float32 (float64 for float64 params). All public functions are jitted with `config` static
+(`apply_layer` and `apply_layer_at_last` pick the layer's weights, then call a jitted function).
 """
 
 from __future__ import annotations
@@ -136,11 +137,12 @@ def embed(params: Params, config: ModelConfig, tokens: Array) -> Array:
     return _embedder(config, _dtype(params)).apply({"params": params["embed_tokens"]}, tokens)
 
 
-@functools.partial(jax.jit, static_argnames="config")
 def apply_layer(
-    params: Params, config: ModelConfig, i: Array, h: Array, positions: Array, adapters: LoraAdapters | None = None
+    params: Params, config: ModelConfig, i: int | Array, h: Array, positions: Array, adapters: LoraAdapters | None = None
 ) -> Array:
-    """Decoder layer `i` (int, may be traced) with causal attention among the T positions.
+    """Decoder layer `i` with causal attention among the T positions. `i` is a Python int
+    (that layer's weights are read as they are; one compiled program serves every layer) or
+    an int array, which may be traced (`layout.layer_params` selects the layer).
 
     Args:
       h: `[B, T, D]` residual stream entering the layer.
@@ -150,13 +152,18 @@ def apply_layer(
     Returns:
       `[B, T, D]`, the residual stream leaving the layer.
     """
+    return _apply_layer(layer_params(config, params, i), config, _dtype(params), i, h, positions, adapters)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def _apply_layer(weights: Params, config: ModelConfig, dtype, i: Array, h: Array, positions: Array,
+                 adapters: LoraAdapters | None) -> Array:
     positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), h.shape[:2])
     lora = None if adapters is None else adapters.layer(i)
-    out, _ = _layer(config, params).apply({"params": layer_params(config, params, i)}, h, positions, lora=lora)
+    out, _ = DecoderLayer(config, dtype).apply({"params": weights}, h, positions, lora=lora)
     return out
 
 
-@functools.partial(jax.jit, static_argnames="config")
 def apply_layer_at_last(
     params: Params,
     config: ModelConfig,
@@ -166,7 +173,8 @@ def apply_layer_at_last(
     positions: Array,
     adapters: LoraAdapters | None = None,
 ) -> Array:
-    """Decoder layer `i`'s output at the last of T positions, computing only that position.
+    """Decoder layer `i`'s output at the last of T positions, computing only that position
+    (`i` as in `apply_layer`).
 
     Equals `apply_layer(..., concat(context, last))[:, -1]`. The T − 1 earlier positions
     enter only through their keys and values, so a change of `last` (a Jacobian column)
@@ -180,10 +188,17 @@ def apply_layer_at_last(
     Returns:
       `[B, D]`, the residual stream leaving the layer at the last position.
     """
+    return _apply_layer_at_last(layer_params(config, params, i), config, _dtype(params), i, context, last,
+                                positions, adapters)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def _apply_layer_at_last(weights: Params, config: ModelConfig, dtype, i: Array, context: Array, last: Array,
+                         positions: Array, adapters: LoraAdapters | None) -> Array:
     batch, length = last.shape[0], context.shape[1] + 1
     positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (batch, length))
-    layer = _layer(config, params)
-    weights = {"params": layer_params(config, params, i)}
+    layer = DecoderLayer(config, dtype)
+    weights = {"params": weights}
     lora = None if adapters is None else adapters.layer(i)
 
     def project(module, h):

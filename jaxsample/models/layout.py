@@ -17,9 +17,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsample.errors import ArgumentError
 from jaxsample.models.config import ModelConfig
+from jaxsample.validation import check_int
 
 Params = Any
 
@@ -56,9 +58,13 @@ def unstacked_layers(config: ModelConfig, params: Params):
 
 
 def layer_params(config: ModelConfig, params: Params, index) -> Params:
-    """Layer `index`'s params dict (an int, may be traced) in either layout. Per-layer params
-    select with `lax.switch`, which copies that one layer's weights."""
+    """Layer `index`'s params dict in either layout. A Python int picks it as it is (per-layer)
+    or as a static slice (stacked); an int array, which may be traced, selects per-layer
+    params with `lax.switch` (copying that one layer's weights) and slices stacked ones."""
     layers = unstacked_layers(config, params)
+    if isinstance(index, (int, np.integer)):
+        index = check_int("layer", index, 0, config.num_hidden_layers - 1)
+        return layers[index] if layers is not None else jax.tree.map(lambda leaf: leaf[index], params["layers"])
     if layers is None:
         return jax.tree.map(lambda leaf: leaf[index], params["layers"])
     return jax.lax.switch(index, [lambda layer=layer: layer for layer in layers])

@@ -286,10 +286,15 @@ def test_the_layer_wise_functions_lora_merge_export_and_sharding_read_per_layer_
         "apply_layer_at_last": lambda p, i: models.decoder.apply_layer_at_last(p, CONFIG, i, h[:, :2], h[:, 2], jnp.arange(3)),
     }
     for name, fn in layer_wise.items():
-        outputs = [fn(per_layer, i) for i in range(CONFIG.num_hidden_layers)]
+        outputs = [fn(per_layer, i) for i in range(CONFIG.num_hidden_layers)]  # Python ints
+        traced = jax.jit(fn)  # the index traced: lax.switch over per-layer params
         for i, output in enumerate(outputs):
             np.testing.assert_allclose(output, fn(params, i), atol=ATOL, rtol=0, err_msg=f"{name} layer {i}")
+            np.testing.assert_allclose(traced(per_layer, i), output, atol=ATOL, rtol=0, err_msg=f"{name} traced {i}")
         assert np.abs(np.asarray(outputs[0]) - np.asarray(outputs[1])).max() > 0.1, name
+        for layout in (per_layer, params):
+            with pytest.raises(ArgumentError, match=r"layer must be an integer in \[0, 2\], got 3"):
+                fn(layout, 3)
     adapters = lora.init_lora(jax.random.key(0), CONFIG, 2, 4.0, ("q_proj", "down_proj"))
     adapters = adapters.replace(weights=jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size) + 3.0).reshape(x.shape),
                                                      adapters.weights))
