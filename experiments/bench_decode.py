@@ -88,11 +88,15 @@ def model_config(shape: str, max_positions: int) -> ModelConfig:
     return ModelConfig(max_position_embeddings=max_positions, eos_token_ids=(0,), **SHAPES[shape])
 
 
+def param_shapes(config: ModelConfig, dtype) -> dict:
+    """The shapes and dtypes of per-layer params (`load`'s layout), nothing allocated."""
+    return jax.eval_shape(lambda key: unstack_layers(init_params(key, config, dtype)), jax.random.key(0))
+
+
 def random_params(config: ModelConfig, dtype) -> dict:
-    """Per-layer params (`load`'s layout), N(0, 0.02²) leaf by leaf (one draw per leaf: a
-    single draw over 7B elements would overflow threefry's 32-bit counter)."""
-    shapes = jax.eval_shape(lambda key: unstack_layers(init_params(key, config, dtype)), jax.random.key(0))
-    leaves, treedef = jax.tree.flatten(shapes)
+    """Per-layer params, N(0, 0.02²) leaf by leaf (one draw per leaf: a single draw over 7B
+    elements would overflow threefry's 32-bit counter)."""
+    leaves, treedef = jax.tree.flatten(param_shapes(config, dtype))
     draw = jax.jit(lambda key, shape: 0.02 * jax.random.normal(key, shape, dtype), static_argnums=1)
     return jax.tree.unflatten(treedef, [draw(jax.random.key(i), leaf.shape) for i, leaf in enumerate(leaves)])
 
@@ -333,14 +337,14 @@ def main(argv=None):
         for batch in args.batches:
             run_jax, prefill, compiled_text = jax_contender(lm, batch, args.prompt_tokens, args.new_tokens)
             contenders = {"jax": run_jax, "jax_prefill": prefill}
-            layouts = {}
+            variants = {}
             if args.also_stacked:  # a second copy of the layer weights, until the row is done
-                layouts["stacked"] = lm.replace(params=stack_layers(lm.params))
+                variants["stacked"] = lm.replace(params=stack_layers(lm.params))
             if args.also_filled_widths:
-                layouts["filled_widths"] = lm.replace(decode_fn=DecodeStep(lm.config, attend_over_capacity=False))
-            layout_texts = {}
-            for name, decode_lm in layouts.items():
-                contenders[f"jax_{name}"], _, layout_texts[name] = jax_contender(
+                variants["filled_widths"] = lm.replace(decode_fn=DecodeStep(lm.config, attend_over_capacity=False))
+            variant_texts = {}
+            for name, decode_lm in variants.items():
+                contenders[f"jax_{name}"], _, variant_texts[name] = jax_contender(
                     lm, batch, args.prompt_tokens, args.new_tokens, decode_lm)
             if args.matmuls_alone:
                 contenders["matmuls_alone"] = matmuls_alone_contender(lm, batch, args.new_tokens)
@@ -374,14 +378,14 @@ def main(argv=None):
                 "timings": timings,
                 "wall_s": time.perf_counter() - began,
             }
-            for name, text in layout_texts.items():
-                layout = timings[f"jax_{name}"]
-                layout_s = (layout["median_s"] - timings["jax_prefill"]["median_s"]) / args.new_tokens
-                row.update({f"{name}_ms_per_step": 1e3 * layout_s,
-                            f"{name}_roofline_fraction": nbytes / layout_s / 1e9 / bandwidth,
-                            f"{name}_compile_s": layout["first_call_s"] - layout["median_s"],
+            for name, text in variant_texts.items():
+                variant = timings[f"jax_{name}"]
+                variant_s = (variant["median_s"] - timings["jax_prefill"]["median_s"]) / args.new_tokens
+                row.update({f"{name}_ms_per_step": 1e3 * variant_s,
+                            f"{name}_roofline_fraction": nbytes / variant_s / 1e9 / bandwidth,
+                            f"{name}_compile_s": variant["first_call_s"] - variant["median_s"],
                             f"{name}_kernels_per_step": kernels_per_step(text()),
-                            f"{name}_over_default": layout_s / step_s})
+                            f"{name}_over_default": variant_s / step_s})
             if args.matmuls_alone:
                 row["matmuls_alone_ms_per_step"] = 1e3 * timings["matmuls_alone"]["median_s"] / args.new_tokens
                 row["step_over_matmuls_alone"] = row["ms_per_step"] / row["matmuls_alone_ms_per_step"]
@@ -400,11 +404,11 @@ def main(argv=None):
                   f"compile {row['compile_s']:.1f} s, {row['kernels_per_step']} kernels/step"
                   + "".join(f"; {name} {row[name + '_ms_per_step']:.2f} ms/step = {row[name + '_roofline_fraction']:.0%}, "
                             f"compile {row[name + '_compile_s']:.1f} s, {row[name + '_kernels_per_step']} kernels/step"
-                            for name in layout_texts)
+                            for name in variant_texts)
                   + (f"; matmuls alone {row['matmuls_alone_ms_per_step']:.2f} ms/step" if args.matmuls_alone else "")
                   + (f"; transformers {row['transformers_ms_per_step']:.2f} ms/step" if with_torch else ""),
                   flush=True)
-            del contenders, layouts, layout_texts  # frees the stacked copy of the weights
+            del contenders, variants, variant_texts  # frees the stacked copy of the weights
             rows.append(row)
             if args.json:  # written after every row: a run cut short keeps what it measured
                 report({**header, "rows": rows}, "", args.json, quiet=True)

@@ -33,11 +33,11 @@ from jaxsample.decoding import pad_prompt
 from jaxsample.mcmc import uniform
 from jaxsample.mcmc.cuts import as_jit_argument
 from jaxsample.mcmc.blocks import _power_sample
-from jaxsample.models import init_params, make_language_model, unstack_layers
+from jaxsample.models import make_language_model
 from jaxsample.smc.sampler import _run as _smc_run
 from jaxsample.smc.target import make_target
 
-from bench_decode import SHAPES, model_config
+from bench_decode import SHAPES, model_config, param_shapes
 from timing import machine, report
 
 
@@ -109,8 +109,7 @@ def main(argv=None):
 
 def measure(shape: str, dtype, args) -> dict:
     config = model_config(shape, args.prompt_tokens + args.new_tokens)
-    # The per-layer layout `load` gives.
-    params = jax.eval_shape(lambda key: unstack_layers(init_params(key, config, dtype)), jax.random.key(0))
+    params = param_shapes(config, dtype)
     lm = make_language_model(config, params)
     params_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     prompt, length = pad_prompt(lm, jnp.ones((args.prompt_tokens,), jnp.int32), args.new_tokens)

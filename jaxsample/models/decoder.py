@@ -451,8 +451,8 @@ def attention_widths(params: Params, cache: KVCache, attend_over_capacity: bool 
     `conditional` per layer, which XLA:GPU runs by copying the branch index to the host and
     waiting for the device (`ConditionalThunk`): a sync per layer and step, after which the
     device idles while the host launches the next kernels. Other backends' conditionals
-    cost nothing of the kind (XLA:CPU's: SmolLM2 at batch 8 and 96 slots decodes 3-5% slower reading them
-    all, `results/bench_decode_smollm2_cpu_widths.json`)."""
+    cost nothing of the kind (on XLA:CPU, SmolLM2 at batch 8 and 96 slots decodes 3-5%
+    slower reading them all, `results/bench_decode_smollm2_cpu_widths.json`)."""
     capacity = cache.k.shape[3]
     if attend_over_capacity is None:
         cache_bytes = 2 * cache.k.size * cache.k.dtype.itemsize

@@ -30,9 +30,9 @@ def unstack_layers(params: Params) -> Params:
     """`params` with stacked `[L, ...]` layer leaves split into a tuple of L per-layer dicts
     (copies: the layer weights are held twice while both exist); per-layer params are
     returned as they are."""
-    layers = params["layers"]
-    if _is_per_layer(layers):
+    if is_per_layer(params):
         return params
+    layers = params["layers"]
     count = jax.tree.leaves(layers)[0].shape[0]
     return {**params, "layers": tuple(jax.tree.map(lambda leaf: leaf[index], layers) for index in range(count))}
 
@@ -41,17 +41,16 @@ def stack_layers(params: Params) -> Params:
     """`params` with per-layer dicts stacked into `[L, ...]` leaves (copies); stacked params
     are returned as they are. For a smaller decode program that compiles faster and runs
     slower, or a checkpoint of the stacked layout."""
-    layers = params["layers"]
-    if not _is_per_layer(layers):
+    if not is_per_layer(params):
         return params
-    return {**params, "layers": jax.tree.map(lambda *leaves: jnp.stack(leaves), *layers)}
+    return {**params, "layers": jax.tree.map(lambda *leaves: jnp.stack(leaves), *params["layers"])}
 
 
 def unstacked_layers(config: ModelConfig, params: Params):
     """`params["layers"]` when it is the per-layer tuple of dicts, else None (stacked)."""
-    layers = params["layers"]
-    if not _is_per_layer(layers):
+    if not is_per_layer(params):
         return None
+    layers = params["layers"]
     if len(layers) != config.num_hidden_layers:
         raise ArgumentError(f"per-layer params hold {len(layers)} layers, the config {config.num_hidden_layers}")
     return layers
@@ -62,13 +61,16 @@ def layer_params(config: ModelConfig, params: Params, index) -> Params:
     or as a static slice (stacked); an int array, which may be traced, selects per-layer
     params with `lax.switch` (copying that one layer's weights) and slices stacked ones."""
     layers = unstacked_layers(config, params)
-    if isinstance(index, (int, np.integer)):
+    static = isinstance(index, (int, np.integer))
+    if static:
         index = check_int("layer", index, 0, config.num_hidden_layers - 1)
-        return layers[index] if layers is not None else jax.tree.map(lambda leaf: leaf[index], params["layers"])
     if layers is None:
         return jax.tree.map(lambda leaf: leaf[index], params["layers"])
+    if static:
+        return layers[index]
     return jax.lax.switch(index, [lambda layer=layer: layer for layer in layers])
 
 
-def _is_per_layer(layers) -> bool:
-    return isinstance(layers, (tuple, list))
+def is_per_layer(params: Params) -> bool:
+    """Whether `params["layers"]` is the per-layer sequence of dicts (else stacked)."""
+    return isinstance(params["layers"], (tuple, list))

@@ -29,6 +29,7 @@ from safetensors.numpy import save_file
 
 from jaxsample.errors import ArgumentError, CheckpointError, ConfigError
 from jaxsample.models.config import ModelConfig
+from jaxsample.models.layout import is_per_layer
 
 Array = jax.Array
 
@@ -182,7 +183,7 @@ def merge(params: Any, adapters: LoraAdapters) -> Any:
     target, every layer."""
     deltas = {target: jnp.einsum("lir,lro->lio", pair["lora_A"], pair["lora_B"]) * adapters.scaling
               for target, pair in adapters.weights.items()}
-    if isinstance(params["layers"], (tuple, list)):
+    if is_per_layer(params):
         layers = tuple(_merged(layer, {t: d[index] for t, d in deltas.items()})
                        for index, layer in enumerate(params["layers"]))
     else:
