@@ -14,6 +14,9 @@ reference runs its chains one after another, so its tokens/s does not depend on 
 Tokens/s counts every token decoded: block extensions and all proposals, accepted or
 rejected. The contenders are timed interleaved (`timing.interleaved_timings`). `js.load`
 gives per-layer params; `--stacked` also times the stacked layout (`models.stack_layers`).
+`--lockstep` also times the same chains moved in lockstep (`testing.lockstep_power_sample`:
+`build_kernel` steps, each as long as the batch's longest proposal), the loop `power_sample`
+ran before its chains moved on their own.
 
     python experiments/bench_power.py --chains 8 --block-size 16 --max-new-tokens 32 --mcmc-steps 2
 """
@@ -29,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxsample as js
-from jaxsample import models
+from jaxsample import models, testing
 from jaxsample.models.registry import resolve
 from timing import add_timing_options, interleaved_timings, machine, report
 
@@ -95,6 +98,7 @@ def main(argv=None):
     parser.add_argument("--chains", type=int, default=8, help="MH chains (JAX: one batch; reference: one after another)")
     parser.add_argument("--reference-chains", type=int, help="chains the reference loop is timed on (default: --chains)")
     parser.add_argument("--stacked", action="store_true", help="also time js.power_sample on the model's layers stacked (models.stack_layers: one layer scan; a second copy of the layer weights)")
+    parser.add_argument("--lockstep", action="store_true", help="also time the chains moved in lockstep (testing.lockstep_power_sample: the same chains, each MH step as long as the longest proposal)")
     parser.add_argument("--alpha", type=float, default=4.0, help="power α (proposal temperature 1/α)")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per block")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="generation length (a multiple of the block size)")
@@ -133,11 +137,11 @@ def main(argv=None):
     generator = torch.Generator()
     decoded = {}
 
-    def jax_runner(model, name):
+    def jax_runner(model, name, sampler=js.power_sample):
         def run():
-            result = js.power_sample(jax.random.key(0), model, prompt, alpha=args.alpha, num_chains=args.chains,
-                                     block_size=args.block_size, num_mcmc_steps=args.mcmc_steps,
-                                     max_new_tokens=args.max_new_tokens)
+            result = sampler(jax.random.key(0), model, prompt, alpha=args.alpha, num_chains=args.chains,
+                             block_size=args.block_size, num_mcmc_steps=args.mcmc_steps,
+                             max_new_tokens=args.max_new_tokens)
             decoded[name] = result.tokens_decoded
             return result.tokens
         return run
@@ -155,6 +159,8 @@ def main(argv=None):
     contenders = {"jax": jax_runner(lm, "jax"), "transformers": run_torch}
     if args.stacked:
         contenders["jax_stacked"] = jax_runner(lm.replace(params=models.stack_layers(lm.params)), "jax_stacked")
+    if args.lockstep:
+        contenders["jax_lockstep"] = jax_runner(lm, "jax_lockstep", testing.lockstep_power_sample)
     timings = interleaved_timings(contenders, args.samples, args.min_sample_s)
     jax_tokens = int(np.sum(np.asarray(decoded["jax"])))
     jax_rate = jax_tokens / timings["jax"]["median_s"]
@@ -173,13 +179,22 @@ def main(argv=None):
     if args.stacked:
         stacked_rate = int(np.sum(np.asarray(decoded["jax_stacked"]))) / timings["jax_stacked"]["median_s"]
         result.update(stacked_tokens_per_s=stacked_rate, stacked_speedup=stacked_rate / torch_rate)
+    if args.lockstep:
+        lockstep_tokens = int(np.sum(np.asarray(decoded["jax_lockstep"])))
+        if lockstep_tokens != jax_tokens:
+            raise RuntimeError(f"the lockstep loop decoded {lockstep_tokens} tokens and power_sample {jax_tokens}: "
+                               "they should run the same chains")
+        lockstep_rate = jax_tokens / timings["jax_lockstep"]["median_s"]
+        result.update(lockstep_tokens_per_s=lockstep_rate, lockstep_speedup=lockstep_rate / torch_rate)
     summary = (f"js.power_sample decodes {result['speedup']:.1f}x the tokens/s of the transformers reference loop "
                f"({jax_rate:.0f} vs {torch_rate:.0f} tokens/s; spreads {timings['jax']['spread']:.0%} / "
                f"{timings['transformers']['spread']:.0%}"
                + (f"; reference timed on {reference_chains} of the {args.chains} chains" if reference_chains < args.chains else "")
                + ")"
                + (f"; on stacked layers {result['stacked_speedup']:.1f}x ({result['stacked_tokens_per_s']:.0f} tokens/s, "
-                  f"spread {timings['jax_stacked']['spread']:.0%})" if args.stacked else ""))
+                  f"spread {timings['jax_stacked']['spread']:.0%})" if args.stacked else "")
+               + (f"; chains in lockstep {result['lockstep_speedup']:.1f}x ({result['lockstep_tokens_per_s']:.0f} tokens/s, "
+                  f"spread {timings['jax_lockstep']['spread']:.0%})" if args.lockstep else ""))
     report(result, summary, args.json)
 
 

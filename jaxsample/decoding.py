@@ -268,7 +268,8 @@ def extend(
     row's randomness does not depend on the other rows.
 
     Args:
-      key: PRNG key.
+      key: PRNG key, or a batch of keys, one per row (typed `[B]` or raw `[B, 2]`), that
+        replace `fold_in(key, r)`.
       lm: the model.
       state: rows to extend.
       limit: int32 scalar or `[B]`, the length cap (≤ N); traced.
@@ -283,21 +284,76 @@ def extend(
     Returns:
       `(state, num_decoded int32[B])`, the tokens each row decoded.
     """
+    batch = state.tokens.shape[0]
+    limit = row_limits(state, limit)
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    row_keys = key if key.ndim == (1 if typed else 2) else fold_in_rows(key, batch)
+    final = jax.lax.while_loop(
+        lambda s: jnp.any(extendable(s, limit)),
+        lambda s: advance(lm, s, row_keys, limit, proposal, forced),
+        state,
+    )
+    return final, final.length - state.length
+
+
+def fold_in_rows(key: Array, num_rows: int) -> Array:
+    """PRNG keys `[B]`: `fold_in(key, r)` for each row r, so that a row's randomness does not
+    depend on the other rows."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(num_rows))
+
+
+def row_limits(state: DecodeState, limit: Array | int) -> Array:
+    """int32 `[B]`: a scalar or per-row length cap, at most the N slots."""
     batch, slots = state.tokens.shape
-    if proposal.twist is not None and state.log_twist is None:
+    return jnp.broadcast_to(jnp.minimum(jnp.asarray(limit, jnp.int32), slots), (batch,))
+
+
+def extendable(state: DecodeState, limit: Array) -> Array:
+    """bool `[B]`: the rows `advance` samples a token for (unfinished, below `limit` `[B]`)."""
+    return ~state.done & (state.length < limit)
+
+
+def advance(
+    lm: LanguageModel,
+    s: DecodeState,
+    row_keys: Array | None,
+    limit: Array,
+    proposal: Proposal | None,
+    forced: Array | None = None,
+    refeed: Array | None = None,
+) -> DecodeState:
+    """One model step for every row: the body of `extend`'s loop, and a rewind's recompute.
+
+    Rows that are `extendable` (and not refeeding) sample their next token with
+    `fold_in(row_keys[r], length)` and feed it. Rows with `refeed` (bool `[B]`, after
+    `truncate`) instead feed their last kept token again at its own slot, which recomputes
+    their `next_logits` (and `next_features`); they sample nothing. The other rows keep
+    their state. Every row goes through the one `lm.decode` call, so samplers that
+    restart some rows while others decode (`jaxsample.mcmc.power_sample`) pay one model
+    step per iteration.
+
+    Args:
+      lm: the model.
+      s: the rows.
+      row_keys: PRNG keys `[B]`, one per row (unused when `proposal` is None).
+      limit: int32 `[B]` length caps (`row_limits`).
+      proposal: the sampling distribution (see `extend`), or None when no row draws.
+      forced: as in `extend`.
+      refeed: bool `[B]` rows to refeed (default none).
+    """
+    if proposal is not None and proposal.twist is not None and s.log_twist is None:
         raise ArgumentError(
             "a twisted proposal records log ψ per token: build the state with "
             "init_decode(..., record_twist=True)"
         )
-    limit = jnp.broadcast_to(jnp.minimum(jnp.asarray(limit, jnp.int32), slots), (batch,))
+    batch, slots = s.tokens.shape
     rows = jnp.arange(batch)
-    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, rows)
-
-    def active(s: DecodeState) -> Array:
-        return ~s.done & (s.length < limit)
-
-    def body(s: DecodeState) -> DecodeState:
-        is_active = active(s)
+    refeed = jnp.zeros((batch,), bool) if refeed is None else refeed
+    is_active = jnp.zeros((batch,), bool) if proposal is None else extendable(s, limit) & ~refeed
+    fed = is_active | refeed
+    feed = jnp.where(refeed, last_kept_token(s), lm.pad_token_id)
+    cache = s.cache._replace(length=jnp.where(refeed, refeed_slot(s), s.cache.length))
+    if proposal is not None:
         keys = jax.vmap(jax.random.fold_in)(row_keys, s.length)
         clamp = None
         if forced is not None:
@@ -306,37 +362,35 @@ def extend(
         if proposal.twist is not None:
             prefixes = (s.tokens, s.length, s.next_logits if s.next_features is None else s.next_features)
         draw = draw_tokens(keys, s.next_logits, proposal, clamp, prefixes)
-        token = draw.token
-        slot = jnp.where(is_active, s.length, slots)  # out of range: dropped
+        feed = jnp.where(is_active, draw.token, feed)
+    slot = jnp.where(is_active, s.length, slots)  # out of range: dropped
 
-        def write(buffer, value):
-            return buffer.at[rows, slot].set(value, mode="drop")
+    def write(buffer, value):
+        return buffer.at[rows, slot].set(value, mode="drop")
 
-        recording = s.features is not None
-        decoded = lm.decode(
-            jnp.where(is_active, token, lm.pad_token_id), s.cache, with_features=recording, prefix=_prefix(s)
+    recording = s.features is not None
+    decoded = lm.decode(feed, cache, with_features=recording, prefix=_prefix(s))
+    logits, new_cache = decoded[0], decoded[-1]
+    s = s._replace(
+        cache=new_cache._replace(length=jnp.where(fed, new_cache.length, s.cache.length)),
+        next_logits=jnp.where(fed[:, None], logits.astype(jnp.float32), s.next_logits),
+    )
+    if recording:
+        s = s._replace(
+            features=s.features.at[rows, slot].set(decoded[1], mode="drop"),
+            next_features=jnp.where(fed[:, None], decoded[1], s.next_features),
         )
-        logits, cache = decoded[0], decoded[-1]
-        cache = cache._replace(length=jnp.where(is_active, cache.length, s.cache.length))
-        if recording:
-            s = s._replace(
-                features=s.features.at[rows, slot].set(decoded[1], mode="drop"),
-                next_features=jnp.where(is_active[:, None], decoded[1], s.next_features),
-            )
-        return s._replace(
-            tokens=write(s.tokens, token),
-            log_p=write(s.log_p, draw.log_p),
-            log_q=write(s.log_q, draw.log_q),
-            entropy=write(s.entropy, draw.entropy),
-            length=s.length + is_active,
-            done=s.done | (is_active & lm.is_stop(token)),
-            cache=cache,
-            next_logits=jnp.where(is_active[:, None], logits, s.next_logits),
-            log_twist=s.log_twist if proposal.twist is None else write(s.log_twist, draw.log_twist),
-        )
-
-    final = jax.lax.while_loop(lambda s: jnp.any(active(s)), body, state)
-    return final, final.length - state.length
+    if proposal is None:
+        return s
+    return s._replace(
+        tokens=write(s.tokens, draw.token),
+        log_p=write(s.log_p, draw.log_p),
+        log_q=write(s.log_q, draw.log_q),
+        entropy=write(s.entropy, draw.entropy),
+        length=s.length + is_active,
+        done=s.done | (is_active & lm.is_stop(draw.token)),
+        log_twist=s.log_twist if proposal.twist is None else write(s.log_twist, draw.log_twist),
+    )
 
 
 def rewind(lm: LanguageModel, state: DecodeState, new_length: Array) -> DecodeState:
@@ -346,32 +400,44 @@ def rewind(lm: LanguageModel, state: DecodeState, new_length: Array) -> DecodeSt
     recorded) are recomputed with one decode step on the last kept token (the prompt's last
     token when `new_length` is 0).
     """
+    state = truncate(lm, state, new_length)
+    batch = state.tokens.shape[0]
+    return advance(lm, state, None, state.length, None, refeed=jnp.ones((batch,), bool))
+
+
+def truncate(lm: LanguageModel, state: DecodeState, new_length: Array) -> DecodeState:
+    """`rewind` without its model step: rows keep their first `new_length` tokens (int32
+    `[B]`; positions from there on are cleared), but `next_logits`, `next_features` and the
+    cache's length are stale until `advance(..., refeed=...)` feeds the last kept token again.
+
+    A row truncated to its own length is unchanged.
+    """
     new_length = jnp.asarray(new_length, jnp.int32)
     keep = jnp.arange(state.tokens.shape[1])[None, :] < new_length[:, None]
-    last_kept = jnp.take_along_axis(
-        state.tokens, jnp.maximum(new_length - 1, 0)[:, None], axis=1
-    )[:, 0]
-    feed = jnp.where(new_length > 0, last_kept, state.last_prompt_token)
-    # The fed token's slot: with a shared prompt, row slot 0 holds the prompt's last token.
-    slot = new_length if state.prompt_cache is not None else state.prompt_length + new_length - 1
-    recording = state.features is not None
-    decoded = lm.decode(feed, state.cache._replace(length=slot), with_features=recording, prefix=_prefix(state))
-    logits, cache = decoded[0], decoded[-1]
-    if recording:
-        state = state._replace(
-            features=jnp.where(keep[:, :, None], state.features, 0.0), next_features=decoded[1]
-        )
+    state = state._replace(length=new_length)
     return state._replace(
         tokens=jnp.where(keep, state.tokens, lm.pad_token_id),
         log_p=jnp.where(keep, state.log_p, 0.0),
         log_q=jnp.where(keep, state.log_q, 0.0),
         entropy=jnp.where(keep, state.entropy, 0.0),
-        length=new_length,
-        done=(new_length > 0) & lm.is_stop(last_kept),
-        cache=cache,
-        next_logits=logits.astype(jnp.float32),
+        done=(new_length > 0) & lm.is_stop(last_kept_token(state)),
+        features=None if state.features is None else jnp.where(keep[:, :, None], state.features, 0.0),
         log_twist=None if state.log_twist is None else jnp.where(keep, state.log_twist, 0.0),
     )
+
+
+def last_kept_token(state: DecodeState) -> Array:
+    """int32 `[B]`: each row's last generated token, the prompt's last token for an empty row."""
+    last = jnp.take_along_axis(state.tokens, jnp.maximum(state.length - 1, 0)[:, None], axis=1)[:, 0]
+    return jnp.where(state.length > 0, last, state.last_prompt_token)
+
+
+def refeed_slot(state: DecodeState) -> Array:
+    """int32 `[B]`: the cache slot that holds each row's `last_kept_token`."""
+    # With a shared prompt, row slot 0 holds the prompt's last token.
+    if state.prompt_cache is not None:
+        return state.length
+    return state.prompt_length + state.length - 1
 
 
 def _prefix(state: DecodeState):

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 import jaxsample as js
+from jaxsample import decoding
+from jaxsample.rows import select_rows
 from jaxsample.errors import ArgumentError, NumericalError
 
 VOCAB = 6
@@ -120,6 +122,31 @@ def test_rewind_then_extend_matches_fresh_decoding(lm):
     np.testing.assert_array_equal(rewound.cache.length, fresh.cache.length)
     # A row cut at its full length keeps its stop token; every shorter cut reopens it.
     np.testing.assert_array_equal(rewound.done, state.done & (cut == state.length))
+
+
+def test_one_advance_refeeds_cut_rows_while_the_others_draw(lm):
+    # power_sample restarts some chains while the others decode, in one model step.
+    proposal = js.Proposal(1.0).validated()
+    state = js.init_decode(lm, PROMPT, 4, 10)
+    state, _ = js.extend(jax.random.key(1), lm, state, 6, proposal)
+    cut = jnp.minimum(jnp.array([0, 2, 6, 6]), state.length)
+    refeed = cut < state.length
+    keys = decoding.fold_in_rows(jax.random.key(2), 4)
+    limit = decoding.row_limits(state, 10)
+    assert np.any(refeed) and np.any(decoding.extendable(state, limit) & ~refeed)
+    mixed = decoding.advance(lm, decoding.truncate(lm, state, cut), keys, limit, proposal, refeed=refeed)
+    expected = select_rows(refeed, js.rewind(lm, state, cut), decoding.advance(lm, state, keys, limit, proposal))
+    chex.assert_trees_all_close(mixed, expected, atol=1e-6)
+
+
+def test_extend_takes_one_key_or_a_key_per_row(lm):
+    proposal = js.Proposal(1.0).validated()
+    state = js.init_decode(lm, PROMPT, 4, 10)
+    expected, _ = js.extend(jax.random.key(3), lm, state, 10, proposal)
+    row_keys = decoding.fold_in_rows(jax.random.key(3), 4)
+    for key in (jax.random.PRNGKey(3), row_keys, jax.random.key_data(row_keys)):
+        chex.assert_trees_all_equal(js.extend(key, lm, state, 10, proposal)[0], expected)
+    assert len({tuple(row) for row in np.asarray(expected.tokens)}) > 1
 
 
 def test_temperature_and_top_p_changes_do_not_recompile(lm):

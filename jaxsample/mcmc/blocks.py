@@ -16,14 +16,21 @@ output differs from π even with infinitely many steps. Measured with `jaxsample
 on a 31-completion toy (α = 2, 2 blocks of 2 tokens, 25 steps): the exact output law is
 at TV 0.0002 from π by default and 0.22 with the early stop (tests/mcmc/test_power_sample.py).
 
-The whole loop is one jitted program: `lax.scan` over blocks and steps, with a `lax.cond`
-skipping blocks once every chain is frozen.
+The whole sampler is one jitted program, one `lax.while_loop` of decode steps (`advance`)
+in which every chain runs its own schedule of moves: block k's extension, then its MH steps,
+then block k+1's. A chain whose proposal has ended is judged and starts its next move (a
+cut, and one step that refeeds its last kept token) while the others go on decoding. With
+C chains in lockstep, each MH step would last as long as the longest of C proposals (about
+the whole block for uniform cuts, against half of it on average), so most rows idle for half
+the step; here a chain waits only at the end, for the chain with the most work. Each
+move's randomness is that of the lockstep loop of `build_kernel` steps (keys per block, step
+and chain), so both give the same chains (`jaxsample.testing.lockstep_power_sample`).
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Union
+from typing import NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -31,18 +38,23 @@ from jax.sharding import Mesh
 
 from jaxsample import parallel
 from jaxsample.decoding import (
+    DecodeState,
+    advance,
     check_finite_log_p,
     check_prompt,
-    extend,
+    extendable,
+    fold_in_rows,
     init_decode,
     pad_prompt,
     raise_on_non_finite,
+    truncate,
 )
 from jaxsample.errors import ArgumentError
 from jaxsample.lm import LanguageModel
+from jaxsample.rows import select_rows
 from jaxsample.progress import progress_bar, report
 from jaxsample.mcmc.cuts import CutLaw, as_jit_argument, resolve_cut_law
-from jaxsample.mcmc.kernel import PowerMHInfo, PowerMHState, build_kernel
+from jaxsample.mcmc.kernel import PowerMHInfo, draw_cuts, judge_moves, move_keys
 from jaxsample.mcmc.result import PowerSampleResult
 from jaxsample.sampling import Proposal
 from jaxsample.validation import check_int, check_key, check_real
@@ -50,10 +62,30 @@ from jaxsample.validation import check_int, check_key, check_real
 Array = jax.Array
 
 
-def _idle_info(num_steps: int, num_chains: int, dtype) -> PowerMHInfo:
-    zeros = jnp.zeros((num_steps, num_chains), dtype)
-    never = jnp.zeros((num_steps, num_chains), jnp.int32)
-    return PowerMHInfo(never, zeros, zeros, zeros, zeros, never.astype(bool), never, never - 1)
+class _Chains(NamedTuple):
+    """The loop state of `_power_sample` (C chains, K blocks, S MH steps per block).
+
+    Attributes:
+      current: each chain's current completion.
+      proposed: the move in progress: the extension of `current` to the block cap, or an MH
+        proposal cut from it at `cut`.
+      move: int32 `[C]` the move in progress, b (S + 1) + k: block b's extension (k = 0) or
+        its MH step k − 1; K (S + 1) once the chain has made all its moves (or is frozen).
+      refeed: bool `[C]` the proposal was just cut and its last kept token is fed next.
+      cut: int32 `[C]` the MH move's cut.
+      info: `PowerMHInfo` `[K, S, C]`.
+      active: bool `[K, C]` the chain moved in block b (not frozen).
+      extended: int32 `[K, C]` tokens of block b's extension.
+    """
+
+    current: DecodeState
+    proposed: DecodeState
+    move: Array
+    refeed: Array
+    cut: Array
+    info: PowerMHInfo
+    active: Array
+    extended: Array
 
 
 @partial(
@@ -63,47 +95,110 @@ def _idle_info(num_steps: int, num_chains: int, dtype) -> PowerMHInfo:
 )
 def _power_sample(key, lm, prompt, prompt_length, alpha, proposal, cut_law, num_chains,
                   block_size, num_mcmc_steps, max_new_tokens, freeze_finished, progress, mesh):
-    step = build_kernel(lm, cut_law, proposal)
+    num_blocks, moves_per_block = max_new_tokens // block_size, num_mcmc_steps + 1
+    total_moves = num_blocks * moves_per_block
+    chains = jnp.arange(num_chains)
+
+    def block_keys(block):
+        extend_key, mh_key = jax.random.split(jax.random.fold_in(key, block))
+        steps = jax.vmap(lambda step: move_keys(jax.random.fold_in(mh_key, step), num_chains))
+        return fold_in_rows(extend_key, num_chains), steps(jnp.arange(num_mcmc_steps))
+
+    extension_keys, mh_keys = jax.vmap(block_keys)(jnp.arange(num_blocks))
+    # [K, S + 1, C]: move k of block b draws its tokens from proposal_keys[b, k, chain].
+    proposal_keys = jnp.concatenate([extension_keys[:, None], mh_keys.proposal], axis=1)
+
+    def block_and_step(move):
+        return move // moves_per_block, move % moves_per_block
+
+    def mh_key_index(move):
+        """Index of the MH keys `[K, S, C]` of each chain's move (clamped where it is none)."""
+        block, k = block_and_step(move)
+        return jnp.minimum(block, num_blocks - 1), jnp.maximum(k - 1, 0), chains
+
+    def cap(move):
+        return (jnp.minimum(move // moves_per_block, num_blocks - 1) + 1) * block_size
+
+    def move_ended(chains_state: _Chains):
+        """bool `[C]`: the chain's proposal is complete (stop token or block cap)."""
+        move = chains_state.move
+        return (move < total_moves) & ~extendable(chains_state.proposed, cap(move))
+
+    def start(chains_state: _Chains, starting):
+        """Starts move `chains_state.move` of the `starting` chains."""
+        current, move = chains_state.current, chains_state.move
+        block, k = block_and_step(move)
+        opens_block = starting & (k == 0)
+        frozen = opens_block & freeze_finished & current.done
+        active = chains_state.active.at[jnp.where(opens_block & ~frozen, block, num_blocks), chains].set(
+            True, mode="drop")
+        mh = starting & (k > 0)
+        cut = chains_state.cut
+        if num_mcmc_steps:
+            cut = jnp.where(mh, draw_cuts(cut_law, mh_keys.cut[mh_key_index(move)], current), cut)
+        # An extension starts from the current completion as it is (truncated to its length).
+        proposed = select_rows(starting, truncate(lm, current, jnp.where(mh, cut, current.length)),
+                               chains_state.proposed)
+        return chains_state._replace(
+            proposed=proposed, move=jnp.where(frozen, total_moves, move), refeed=mh, cut=cut, active=active)
+
+    def finish(chains_state: _Chains):
+        """Judges every move that has ended and starts the chain's next one."""
+        current, proposed, move = chains_state.current, chains_state.proposed, chains_state.move
+        ended = move_ended(chains_state)
+        block, k = block_and_step(move)
+        extension = ended & (k == 0)
+        extended = chains_state.extended.at[jnp.where(extension, block, num_blocks), chains].set(
+            proposed.length - current.length, mode="drop")
+        info, accepted = chains_state.info, extension
+        if num_mcmc_steps:
+            mh = ended & (k > 0)
+            verdict = judge_moves(cut_law, alpha, chains_state.cut, current, proposed,
+                                  mh_keys.accept[mh_key_index(move)], mh)
+            at = (jnp.where(mh, block, num_blocks), jnp.maximum(k - 1, 0), chains)
+            info = jax.tree.map(lambda all_, one: all_.at[at].set(one, mode="drop"), info, verdict)
+            accepted = extension | verdict.accepted
+        current = select_rows(accepted, proposed, current)
+        move = move + ended
+        chains_state = chains_state._replace(current=current, move=move, info=info, extended=extended)
+        chains_state = start(chains_state, ended & (move < total_moves))
+        if progress:
+            block, k = block_and_step(chains_state.move)
+            report(jnp.min(block * num_mcmc_steps + jnp.maximum(k - 1, 0)))
+        return chains_state
+
+    def decode_step(chains_state: _Chains):
+        block, k = block_and_step(jnp.minimum(chains_state.move, total_moves - 1))
+        proposed = advance(lm, chains_state.proposed, proposal_keys[block, k, chains],
+                           cap(chains_state.move), proposal, refeed=chains_state.refeed)
+        chains_state = chains_state._replace(proposed=proposed, refeed=jnp.zeros_like(chains_state.refeed))
+        return jax.lax.cond(jnp.any(move_ended(chains_state)), finish, lambda c: c, chains_state)
+
     decode = init_decode(lm, prompt, num_chains, max_new_tokens, prompt_lengths=prompt_length)
     decode = parallel.constrain_rows(decode, mesh)
-
-    def run_block(decode, block, active):
-        cap = (block + 1) * block_size
-        extend_key, mh_key = jax.random.split(jax.random.fold_in(key, block))
-        decode, extended = extend(extend_key, lm, decode, cap, proposal)
-
-        def mh_step(state, index):
-            if progress:
-                report(block * num_mcmc_steps + index)
-            return step(jax.random.fold_in(mh_key, index), state, alpha, cap, active)
-
-        state, info = jax.lax.scan(mh_step, PowerMHState(decode), jnp.arange(num_mcmc_steps))
-        return state.decode, info, extended
-
-    def skip_block(decode, block, active):
-        del block, active
-        idle = _idle_info(num_mcmc_steps, num_chains, decode.log_p.dtype)
-        return decode, idle, jnp.zeros((num_chains,), jnp.int32)
-
-    def one_block(decode, block):
-        active = ~(decode.done & freeze_finished)
-        decode, info, extended = jax.lax.cond(
-            jnp.any(active), run_block, skip_block, decode, block, active
-        )
-        if progress:
-            report((block + 1) * num_mcmc_steps)
-        return decode, (info, active, extended)
-
-    num_blocks = max_new_tokens // block_size
-    decode, (info, active, extended) = jax.lax.scan(one_block, decode, jnp.arange(num_blocks))
+    zeros = jnp.zeros((num_blocks, num_mcmc_steps, num_chains), decode.log_p.dtype)
+    never = jnp.zeros((num_blocks, num_mcmc_steps, num_chains), jnp.int32)
+    chains_state = _Chains(
+        current=decode,
+        proposed=decode,
+        move=jnp.zeros((num_chains,), jnp.int32),
+        refeed=jnp.zeros((num_chains,), bool),
+        cut=jnp.zeros((num_chains,), jnp.int32),
+        info=PowerMHInfo(never, zeros, zeros, zeros, zeros, never.astype(bool), never, never - 1),
+        active=jnp.zeros((num_blocks, num_chains), bool),
+        extended=jnp.zeros((num_blocks, num_chains), jnp.int32),
+    )
+    chains_state = start(chains_state, jnp.ones((num_chains,), bool))
+    chains_state = jax.lax.while_loop(lambda c: jnp.any(c.move < total_moves), decode_step, chains_state)
+    current, info = chains_state.current, chains_state.info
     return parallel.replicate(PowerSampleResult(
-        tokens=decode.tokens,
-        lengths=decode.length,
-        done=decode.done,
-        log_p=decode.log_p,
+        tokens=current.tokens,
+        lengths=current.length,
+        done=current.done,
+        log_p=current.log_p,
         info=info,
-        active=active,
-        tokens_decoded=jnp.sum(extended, axis=0) + jnp.sum(info.tokens_decoded, axis=(0, 1)),
+        active=chains_state.active,
+        tokens_decoded=jnp.sum(chains_state.extended, axis=0) + jnp.sum(info.tokens_decoded, axis=(0, 1)),
     ), mesh)
 
 

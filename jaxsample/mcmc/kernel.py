@@ -20,7 +20,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxsample.decoding import DecodeState, extend, first_non_finite, init_decode, rewind, select_rows
+from jaxsample.decoding import (DecodeState, extend, first_non_finite, fold_in_rows, init_decode, rewind,
+                                select_rows)
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc.acceptance import Trace, log_acceptance_ratio
 from jaxsample.mcmc.cuts import CutLaw
@@ -99,15 +100,63 @@ def init(
     return PowerMHState(state)
 
 
+class MoveKeys(NamedTuple):
+    """The randomness of one MH step for C chains (PRNG keys, all `[C]`).
+
+    Attributes:
+      cut: the chain's cut draw.
+      accept: the chain's accept uniform.
+      proposal: the chain's proposal stream (token j from `fold_in(proposal, j)`, as `extend`).
+    """
+
+    cut: Array
+    accept: Array
+    proposal: Array
+
+
+def move_keys(key: Array, num_chains: int) -> MoveKeys:
+    """Splits one MH step's key per chain, so that a chain's randomness does not depend on
+    the other chains, nor on when the other chains make their moves."""
+    cut_key, proposal_key = jax.random.split(key)
+    split_keys = jax.vmap(jax.random.split)(fold_in_rows(cut_key, num_chains))
+    return MoveKeys(split_keys[:, 0], split_keys[:, 1], fold_in_rows(proposal_key, num_chains))
+
+
+def draw_cuts(cut_law: CutLaw, keys: Array, current: DecodeState) -> Array:
+    """int32 `[C]`: each chain's cut i ~ c(· | x) from its key (`MoveKeys.cut`)."""
+    log_c = jax.vmap(lambda trace: trace.cut_log_probs(cut_law))(Trace.of(current))
+    return jax.vmap(jax.random.categorical)(keys, log_c).astype(jnp.int32)
+
+
+def judge_moves(
+    cut_law: CutLaw, alpha: Array, cut: Array, current: DecodeState, proposed: DecodeState,
+    accept_keys: Array, moving: Array,
+) -> PowerMHInfo:
+    """The accept/reject of C proposals (`proposed` cut from `current` at `cut`), with their
+    diagnostics; chains not `moving` (bool `[C]`) are rejected and decoded nothing."""
+    ratio = jax.vmap(partial(log_acceptance_ratio, cut_law=cut_law), in_axes=(0, None, 0, 0))
+    log_r = ratio(cut, alpha, Trace.of(current), Trace.of(proposed))
+    log_u = jnp.log(jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(accept_keys))
+    return PowerMHInfo(
+        cut=cut,
+        log_ratio=log_r.log_ratio,
+        log_power=log_r.log_power,
+        log_proposal=log_r.log_proposal,
+        log_cut=log_r.log_cut,
+        accepted=moving & (log_u < log_r.log_ratio),
+        tokens_decoded=jnp.where(moving, proposed.length - cut, 0),
+        non_finite=jnp.where(moving, first_non_finite(proposed.log_p, proposed.length), -1),
+    )
+
+
 def build_kernel(
     lm: LanguageModel, cut_law: CutLaw, proposal: Proposal
 ) -> Callable[..., tuple[PowerMHState, PowerMHInfo]]:
     """Returns `step(key, state, alpha, cap, active=None) -> (state, info)`.
 
     Args of `step`:
-      key: PRNG key; chain r's cut and uniform come from `fold_in(split(key)[0], r)` and its
-        proposal from `split(key)[1]` folded per row, so a chain's randomness does not
-        depend on the other chains.
+      key: PRNG key, split per chain by `move_keys`, so a chain's randomness does not depend
+        on the other chains.
       state: `PowerMHState`; every active chain must lie in the cap's state space (length ≤
         cap, and a chain without a stop token has length == cap).
       alpha: α > 0, traced.
@@ -115,42 +164,25 @@ def build_kernel(
       active: bool `[C]` chains to move (default all); the others keep their state and decode
         nothing.
 
+    The chains move in lockstep: a step decodes for as long as its longest proposal.
+    `power_sample` instead lets each chain start its next move as soon as its proposal ends
+    (same keys, same chains).
+
     `proposal` may hold traced temperature / top-p, and `cut_law` a traced β
     (`EntropyJump`), when `build_kernel` is called inside a jitted function; `top_k` is
     static.
     """
-    ratio = jax.vmap(partial(log_acceptance_ratio, cut_law=cut_law), in_axes=(0, None, 0, 0))
 
     def step(key, state: PowerMHState, alpha, cap, active=None):
         current = state.decode
         num_chains = current.length.shape[0]
         active = jnp.ones((num_chains,), bool) if active is None else active
-        cut_key, proposal_key = jax.random.split(key)
-        chains = jnp.arange(num_chains)
-        chain_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(cut_key, chains)
-        split_keys = jax.vmap(jax.random.split)(chain_keys)
-
-        traces = Trace.of(current)
-        log_c = jax.vmap(lambda trace: trace.cut_log_probs(cut_law))(traces)
-        cut = jax.vmap(jax.random.categorical)(split_keys[:, 0], log_c).astype(jnp.int32)
+        keys = move_keys(key, num_chains)
+        cut = draw_cuts(cut_law, keys.cut, current)
         # Inactive chains rewind to their own length with a cap at that length: a no-op.
         proposed = rewind(lm, current, jnp.where(active, cut, current.length))
-        proposed, tokens_decoded = extend(
-            proposal_key, lm, proposed, jnp.where(active, cap, current.length), proposal
-        )
-        log_r = ratio(cut, alpha, traces, Trace.of(proposed))
-        log_u = jnp.log(jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(split_keys[:, 1]))
-        accepted = active & (log_u < log_r.log_ratio)
-        info = PowerMHInfo(
-            cut=cut,
-            log_ratio=log_r.log_ratio,
-            log_power=log_r.log_power,
-            log_proposal=log_r.log_proposal,
-            log_cut=log_r.log_cut,
-            accepted=accepted,
-            tokens_decoded=tokens_decoded,
-            non_finite=jnp.where(active, first_non_finite(proposed.log_p, proposed.length), -1),
-        )
-        return PowerMHState(select_rows(accepted, proposed, current)), info
+        proposed, _ = extend(keys.proposal, lm, proposed, jnp.where(active, cap, current.length), proposal)
+        info = judge_moves(cut_law, alpha, cut, current, proposed, keys.accept, active)
+        return PowerMHState(select_rows(info.accepted, proposed, current)), info
 
     return step

@@ -21,6 +21,8 @@ ratio or SMC variant can be checked in a few lines:
   `value_function` (the optimal twist ψ* and lookahead value V).
 - Exact kernels: `mh_transition_matrix` (-> `ExactKernel`), `power_log_ratio`,
   `assert_stationary`, `stationary_distribution`, `sampler_law` (block-wise samplers).
+- Reference loops: `lockstep_power_sample`, block-wise power MH with the chains moved in
+  lockstep by `build_kernel` steps; `power_sample` must give the same chains.
 - Model ports: `rerandomize_torch_model` redraws a transformers model's weights so that
   a logit comparison against a port tests every term; `transformers_model`,
   `transformers_logits` and `transformers_greedy` give the PyTorch reference's outputs.
@@ -41,6 +43,7 @@ from jaxsample.testing.kernels import (
     sampler_law,
     stationary_distribution,
 )
+from jaxsample.testing.lockstep import lockstep_power_sample
 from jaxsample.testing.ports import (
     rerandomize_torch_model,
     transformers_greedy,
@@ -82,6 +85,7 @@ __all__ = [
     "empirical_distribution",
     "enumerate_completions",
     "karan_du_example",
+    "lockstep_power_sample",
     "mh_transition_matrix",
     "power_log_ratio",
     "power_target",

@@ -11,7 +11,7 @@ import pytest
 import jaxsample as js
 from jaxsample import testing
 from jaxsample.errors import ArgumentError, VerificationError
-from jaxsample.mcmc import (EntropyJump, PowerMHState, build_kernel, entropy_jump, init,
+from jaxsample.mcmc import (EntropyJump, PowerMHInfo, PowerMHState, build_kernel, entropy_jump, init,
                             power_sample, temperature_sample, uniform)
 from jaxsample.mcmc.blocks import _power_sample
 
@@ -100,6 +100,42 @@ def test_karan_du_example_is_power_not_low_temperature():
     for result, expected in [(mh, p_a), (low, 0.16 / 0.41)]:
         first_is_a = (np.asarray(result.tokens[:, 0]) == 0).astype(float)[:, None]
         testing.assert_unbiased(first_is_a, expected, failure_prob=1e-6)
+
+
+def _tiny_transformer():
+    from jaxsample import models
+    from tests.models.test_kv_cache import CONFIG, random_params
+    return models.make_language_model(CONFIG, random_params(CONFIG, 0), name="tiny")
+
+
+@pytest.mark.parametrize("model, cut, freeze_finished, num_mcmc_steps", [
+    ("tabular", "uniform", False, 3),
+    ("tabular", "entropy", True, 3),
+    ("tabular", "uniform", True, 0),
+    ("transformer", "uniform", False, 2),
+])
+def test_chains_equal_the_lockstep_kernel_loop(model, cut, freeze_finished, num_mcmc_steps):
+    # power_sample starts each chain's next move as soon as its proposal ends; every move's
+    # keys are those of the lockstep loop of build_kernel steps, so the chains are the same.
+    if model == "tabular":
+        lm, prompt, settings = BLOCK_LM, PROMPT, dict(num_chains=256, block_size=2, max_new_tokens=4)
+    else:
+        lm, prompt, settings = _tiny_transformer(), jnp.array([3, 1, 4, 1, 5], jnp.int32), dict(
+            num_chains=16, block_size=4, max_new_tokens=8)
+    settings.update(cut=cut, freeze_finished=freeze_finished, num_mcmc_steps=num_mcmc_steps)
+    result = power_sample(jax.random.key(5), lm, prompt, 2.0, **settings)
+    expected = testing.lockstep_power_sample(jax.random.key(5), lm, prompt, 2.0, **settings)
+    for name in ("tokens", "lengths", "done", "log_p", "active", "tokens_decoded"):
+        np.testing.assert_array_equal(getattr(result, name), getattr(expected, name), err_msg=name)
+    moved = np.broadcast_to(np.asarray(result.active)[:, None], result.info.accepted.shape)
+    for name, value, reference in zip(PowerMHInfo._fields, result.info, expected.info):
+        np.testing.assert_array_equal(np.asarray(value)[moved], np.asarray(reference)[moved], err_msg=name)
+    assert not np.any(np.asarray(result.info.accepted)[~moved])
+    assert not np.any(np.asarray(result.info.tokens_decoded)[~moved])
+    # The draws differ between chains: the equality is not that of a constant.
+    assert len({tuple(row) for row in np.asarray(result.tokens)}) > 3
+    if num_mcmc_steps:
+        assert 0 < np.mean(np.asarray(result.info.accepted)[moved]) < 1
 
 
 def test_decoder_values_are_the_exact_model_values():
