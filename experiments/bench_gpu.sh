@@ -95,6 +95,9 @@ step bench_draw 20 python $B/bench_draw.py --vocab 151936 --batches 1,64 --sampl
 # and why stacked params decode slower (bench_layer_weights.py: a pass over 7B-sized MLP
 # weights sliced from a stack took 8.66 ms, as separate arrays 3.22 ms, static slices 8.99 ms)
 #   bench_layer_weights.py --layers 28 --hidden 3584 --intermediate 18944 --dtype bfloat16 --batches 1,32
+# and what power_sample's own per-chain schedule gains over chains in lockstep (a second
+# ~34 s compilation; 1.15x at 2 MH steps per block and 1.35x at 8 on CPU, 2026-12-04)
+#   bench_power.py --model random:qwen2.5-0.5b --dtype bfloat16 --chains 8 --reference-chains 2 --mcmc-steps 8 --lockstep
 # The goals against what this run measured (reads the JSON; no device work).
 python $B/goals.py "$OUT" | tee "$OUT/goals.md"
 echo "done $(date -u +%T); JSON in $OUT"
