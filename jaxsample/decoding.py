@@ -315,7 +315,7 @@ def extendable(state: DecodeState, limit: Array) -> Array:
 
 def advance(
     lm: LanguageModel,
-    s: DecodeState,
+    state: DecodeState,
     row_keys: Array | None,
     limit: Array,
     proposal: Proposal | None,
@@ -334,62 +334,63 @@ def advance(
 
     Args:
       lm: the model.
-      s: the rows.
+      state: the rows.
       row_keys: PRNG keys `[B]`, one per row (unused when `proposal` is None).
       limit: int32 `[B]` length caps (`row_limits`).
       proposal: the sampling distribution (see `extend`), or None when no row draws.
       forced: as in `extend`.
       refeed: bool `[B]` rows to refeed (default none).
     """
-    if proposal is not None and proposal.twist is not None and s.log_twist is None:
+    if proposal is not None and proposal.twist is not None and state.log_twist is None:
         raise ArgumentError(
             "a twisted proposal records log ψ per token: build the state with "
             "init_decode(..., record_twist=True)"
         )
-    batch, slots = s.tokens.shape
+    batch, slots = state.tokens.shape
     rows = jnp.arange(batch)
     refeed = jnp.zeros((batch,), bool) if refeed is None else refeed
-    is_active = jnp.zeros((batch,), bool) if proposal is None else extendable(s, limit) & ~refeed
+    is_active = jnp.zeros((batch,), bool) if proposal is None else extendable(state, limit) & ~refeed
     fed = is_active | refeed
-    feed = jnp.where(refeed, last_kept_token(s), lm.pad_token_id)
-    cache = s.cache._replace(length=jnp.where(refeed, refeed_slot(s), s.cache.length))
+    feed = jnp.where(refeed, last_kept_token(state), lm.pad_token_id)
+    cache = state.cache._replace(length=jnp.where(refeed, refeed_slot(state), state.cache.length))
     if proposal is not None:
-        keys = jax.vmap(jax.random.fold_in)(row_keys, s.length)
+        keys = jax.vmap(jax.random.fold_in)(row_keys, state.length)
         clamp = None
         if forced is not None:
-            clamp = jnp.take_along_axis(forced, jnp.minimum(s.length, slots - 1)[:, None], axis=1)[:, 0]
+            clamp = jnp.take_along_axis(forced, jnp.minimum(state.length, slots - 1)[:, None], axis=1)[:, 0]
         prefixes = None
         if proposal.twist is not None:
-            prefixes = (s.tokens, s.length, s.next_logits if s.next_features is None else s.next_features)
-        draw = draw_tokens(keys, s.next_logits, proposal, clamp, prefixes)
+            hidden = state.next_logits if state.next_features is None else state.next_features
+            prefixes = (state.tokens, state.length, hidden)
+        draw = draw_tokens(keys, state.next_logits, proposal, clamp, prefixes)
         feed = jnp.where(is_active, draw.token, feed)
-    slot = jnp.where(is_active, s.length, slots)  # out of range: dropped
+    slot = jnp.where(is_active, state.length, slots)  # out of range: dropped
 
     def write(buffer, value):
         return buffer.at[rows, slot].set(value, mode="drop")
 
-    recording = s.features is not None
-    decoded = lm.decode(feed, cache, with_features=recording, prefix=_prefix(s))
+    recording = state.features is not None
+    decoded = lm.decode(feed, cache, with_features=recording, prefix=_prefix(state))
     logits, new_cache = decoded[0], decoded[-1]
-    s = s._replace(
-        cache=new_cache._replace(length=jnp.where(fed, new_cache.length, s.cache.length)),
-        next_logits=jnp.where(fed[:, None], logits.astype(jnp.float32), s.next_logits),
+    state = state._replace(
+        cache=new_cache._replace(length=jnp.where(fed, new_cache.length, state.cache.length)),
+        next_logits=jnp.where(fed[:, None], logits.astype(jnp.float32), state.next_logits),
     )
     if recording:
-        s = s._replace(
-            features=s.features.at[rows, slot].set(decoded[1], mode="drop"),
-            next_features=jnp.where(fed[:, None], decoded[1], s.next_features),
+        state = state._replace(
+            features=state.features.at[rows, slot].set(decoded[1], mode="drop"),
+            next_features=jnp.where(fed[:, None], decoded[1], state.next_features),
         )
     if proposal is None:
-        return s
-    return s._replace(
-        tokens=write(s.tokens, draw.token),
-        log_p=write(s.log_p, draw.log_p),
-        log_q=write(s.log_q, draw.log_q),
-        entropy=write(s.entropy, draw.entropy),
-        length=s.length + is_active,
-        done=s.done | (is_active & lm.is_stop(draw.token)),
-        log_twist=s.log_twist if proposal.twist is None else write(s.log_twist, draw.log_twist),
+        return state
+    return state._replace(
+        tokens=write(state.tokens, draw.token),
+        log_p=write(state.log_p, draw.log_p),
+        log_q=write(state.log_q, draw.log_q),
+        entropy=write(state.entropy, draw.entropy),
+        length=state.length + is_active,
+        done=state.done | (is_active & lm.is_stop(draw.token)),
+        log_twist=state.log_twist if proposal.twist is None else write(state.log_twist, draw.log_twist),
     )
 
 
