@@ -21,7 +21,7 @@ class PowerSampleResult(NamedTuple):
       done: bool `[C]` the completion ended with a stop token (else it has N tokens).
       log_p: float32 `[C, N]` base log p of each token (untempered, full vocab); 0 after.
       info: `PowerMHInfo` with leaves `[K, S, C]`, every MH step of every block (baselines:
-        K = 1, S = 0).
+        K = 1, S = 0); zeros (`non_finite` −1) in the blocks where a chain was frozen.
       active: bool `[K, C]` the chain was still running in block k (not terminated after
         block k − 1's MH steps); inactive chains are frozen and decode nothing.
       tokens_decoded: int32 `[C]` every token sampled for the chain: block extensions and all
