@@ -25,6 +25,10 @@ the whole block for uniform cuts, against half of it on average), so most rows i
 the step; here a chain waits only at the end, for the chain with the most work. Each
 move's randomness is that of the lockstep loop of `build_kernel` steps (keys per block, step
 and chain), so both give the same chains (`jaxsample.testing.lockstep_power_sample`).
+The bookkeeping (ratio, cut, per-row selects of the state) runs in every decode step in
+which some chain's move ends, where lockstep runs it once per MH step: with thousands of
+chains on a model whose forward costs next to nothing, that costs more than the idle rows
+it saves (16,384 chains on a tabular toy: 10 s against 6.8 s in lockstep).
 """
 
 from __future__ import annotations
