@@ -38,14 +38,12 @@ def _decode(key, lm, prompt, proposal, num_rows, max_new_tokens, mesh) -> Decode
 
 def _without_mcmc(tokens, lengths, done, log_p, tokens_decoded) -> PowerSampleResult:
     num_chains = lengths.shape[0]
-    zeros = jnp.zeros((1, 0, num_chains), log_p.dtype)
-    never = jnp.zeros((1, 0, num_chains), jnp.int32)
     return PowerSampleResult(
         tokens=tokens,
         lengths=lengths,
         done=done,
         log_p=log_p,
-        info=PowerMHInfo(never, zeros, zeros, zeros, zeros, never.astype(bool), never, never - 1),
+        info=PowerMHInfo.idle((1, 0, num_chains), log_p.dtype),
         active=jnp.ones((1, num_chains), bool),
         tokens_decoded=tokens_decoded,
     )

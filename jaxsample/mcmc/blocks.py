@@ -180,15 +180,13 @@ def _power_sample(key, lm, prompt, prompt_length, alpha, proposal, cut_law, num_
 
     decode = init_decode(lm, prompt, num_chains, max_new_tokens, prompt_lengths=prompt_length)
     decode = parallel.constrain_rows(decode, mesh)
-    zeros = jnp.zeros((num_blocks, num_mcmc_steps, num_chains), decode.log_p.dtype)
-    never = jnp.zeros((num_blocks, num_mcmc_steps, num_chains), jnp.int32)
     chains_state = _Chains(
         current=decode,
         proposed=decode,
         move=jnp.zeros((num_chains,), jnp.int32),
         refeed=jnp.zeros((num_chains,), bool),
         cut=jnp.zeros((num_chains,), jnp.int32),
-        info=PowerMHInfo(never, zeros, zeros, zeros, zeros, never.astype(bool), never, never - 1),
+        info=PowerMHInfo.idle((num_blocks, num_mcmc_steps, num_chains), decode.log_p.dtype),
         active=jnp.zeros((num_blocks, num_chains), bool),
         extended=jnp.zeros((num_blocks, num_chains), jnp.int32),
     )

@@ -69,6 +69,13 @@ class PowerMHInfo(NamedTuple):
     tokens_decoded: Array
     non_finite: Array
 
+    @classmethod
+    def idle(cls, shape: tuple[int, ...], dtype) -> "PowerMHInfo":
+        """Entries of `shape` for moves never made: zeros, not accepted, `non_finite` −1;
+        `dtype` for the float fields."""
+        zeros, never = jnp.zeros(shape, dtype), jnp.zeros(shape, jnp.int32)
+        return cls(never, zeros, zeros, zeros, zeros, never.astype(bool), never, never - 1)
+
 
 def init(
     key: Array,

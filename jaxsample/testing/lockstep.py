@@ -53,9 +53,7 @@ def _lockstep(key, lm, prompt, prompt_length, alpha, proposal, cut_law, num_chai
 
     def skip_block(decode, block, active):
         del block, active
-        zeros = jnp.zeros((num_mcmc_steps, num_chains), decode.log_p.dtype)
-        never = jnp.zeros((num_mcmc_steps, num_chains), jnp.int32)
-        idle = PowerMHInfo(never, zeros, zeros, zeros, zeros, never.astype(bool), never, never - 1)
+        idle = PowerMHInfo.idle((num_mcmc_steps, num_chains), decode.log_p.dtype)
         return decode, idle, jnp.zeros((num_chains,), jnp.int32)
 
     def one_block(decode, block):
