@@ -9,7 +9,8 @@ resampling); `select_rows` picks per row between two states (MH accept/reject).
 Rows that continue one `[T]` prompt share its KV cache (`prompt_cache`): it is prefilled
 once, and every row's own cache holds only the prompt's last token and the generated part,
 so the memory of B rows is one prompt plus B generations, and resampling or accept/reject
-moves only the generated part.
+moves only the generated part. P prompts `[P, T]` continued by several rows each (a batch
+of problems with C chains each) are prefilled once per prompt in the same way.
 
 Generation-relative indexing everywhere: position j is the j-th generated token.
 """
@@ -55,8 +56,9 @@ class DecodeState(NamedTuple):
       log_twist: float32 `[B, N]` log ψ(x_<j, x_j) of each generated token under the
         proposal's twist, recorded when it was sampled (0 after length); `None` unless
         `init_decode(..., record_twist=True)`.
-      prompt_cache: `Shared` one-row cache of the prompt without its last token, continued
-        by every row (see `jaxsample.lm`), or None when each row holds its own prompt.
+      prompt_cache: `Shared` cache of the prompt(s) without the last token: one row,
+        continued by every row, or P rows, each continued by B / P consecutive rows (see
+        `jaxsample.lm`); None when each row holds its own prompt.
     """
 
     tokens: Array
@@ -76,7 +78,8 @@ class DecodeState(NamedTuple):
 
 
 def check_prompt(
-    lm: LanguageModel, prompt_tokens: Any, max_new_tokens: Any, shapes: tuple[int, ...] = (1,)
+    lm: LanguageModel, prompt_tokens: Any, max_new_tokens: Any, shapes: tuple[int, ...] = (1,),
+    name: str = "prompt_tokens",
 ) -> tuple[Array, int]:
     """Validates a prompt and the generation length; returns `(prompt int32, max_new_tokens)`.
 
@@ -92,10 +95,10 @@ def check_prompt(
     shape = np.shape(prompt_tokens)
     if len(shape) not in shapes:
         expected = " or ".join({1: "[T]", 2: "[B, T]"}[n] for n in shapes)
-        raise ArgumentError(f"prompt_tokens must have shape {expected}, got {shape}")
-    check_int_array("prompt_tokens", prompt_tokens, 0, lm.vocab_size, f"the vocabulary of model {lm.name!r}")
+        raise ArgumentError(f"{name} must have shape {expected}, got {shape}")
+    check_int_array(name, prompt_tokens, 0, lm.vocab_size, f"the vocabulary of model {lm.name!r}")
     if shape[-1] < 1:
-        raise ArgumentError("prompt_tokens must hold at least one token (e.g. BOS), got an empty prompt")
+        raise ArgumentError(f"{name} must hold at least one token (e.g. BOS), got an empty prompt")
     if shape[-1] + max_new_tokens > lm.max_length:
         raise ArgumentError(
             f"prompt of {shape[-1]} tokens + max_new_tokens={max_new_tokens} exceeds the "
@@ -159,10 +162,36 @@ def pad_prompt(lm: LanguageModel, prompt: Array, max_new_tokens: int) -> tuple[A
       `(tokens int32 [T_bucket], length int32 [])`; padding holds the pad id and is never read.
     """
     length = prompt.shape[0]
-    bucket = max(16, 1 << max(length - 1, 0).bit_length())
-    bucket = max(length, min(bucket, lm.max_length - max_new_tokens))
-    padded = jnp.pad(jnp.asarray(prompt, jnp.int32), (0, bucket - length), constant_values=lm.pad_token_id)
+    padded = jnp.pad(jnp.asarray(prompt, jnp.int32), (0, _bucket(lm, length, max_new_tokens) - length),
+                     constant_values=lm.pad_token_id)
     return padded, jnp.asarray(length, jnp.int32)
+
+
+def pad_prompts(lm: LanguageModel, prompt_tokens: Any, max_new_tokens: int) -> tuple[Array, Array]:
+    """Checks and right-pads one prompt `[T]`, or a batch of P prompts (a sequence of `[T_p]`
+    token arrays or lists, or a `[P, T]` array), to `pad_prompt`'s bucket of the longest.
+
+    Returns:
+      `(tokens int32 [T_bucket], length int32 [])` for one prompt, `(tokens int32
+      [P, T_bucket], lengths int32 [P])` for a batch.
+    """
+    listed = isinstance(prompt_tokens, (list, tuple)) and len(prompt_tokens) and np.ndim(prompt_tokens[0]) > 0
+    if not listed and np.ndim(prompt_tokens) != 2:
+        return pad_prompt(lm, check_prompt(lm, prompt_tokens, max_new_tokens)[0], max_new_tokens)
+    prompts = [check_prompt(lm, prompt, max_new_tokens, name=f"prompt_tokens[{p}]")[0]
+               for p, prompt in enumerate(prompt_tokens)]
+    if not prompts:
+        raise ArgumentError("prompt_tokens: the batch of prompts is empty")
+    lengths = [prompt.shape[0] for prompt in prompts]
+    width = _bucket(lm, max(lengths), max_new_tokens)
+    padded = jnp.stack([jnp.pad(prompt, (0, width - prompt.shape[0]), constant_values=lm.pad_token_id)
+                        for prompt in prompts])
+    return padded, jnp.asarray(lengths, jnp.int32)
+
+
+def _bucket(lm: LanguageModel, length: int, max_new_tokens: int) -> int:
+    bucket = max(16, 1 << max(length - 1, 0).bit_length())
+    return max(length, min(bucket, lm.max_length - max_new_tokens))
 
 
 def init_decode(
@@ -179,11 +208,13 @@ def init_decode(
     Args:
       lm: the model.
       prompt_tokens: int32 `[T]` shared by every row (prefilled once into `prompt_cache`), or
-        `[B, T]` right-padded prompts, one per row (B = num_rows).
+        `[P, T]` right-padded prompts, P dividing B: rows `p·B/P … (p+1)·B/P − 1` continue
+        prompt p. With several rows per prompt each prompt is prefilled once into
+        `prompt_cache`; with one (P = B), each row holds its prompt in its own cache.
       num_rows: B.
       max_new_tokens: N, the generation slots per row.
       prompt_lengths: real lengths of right-padded prompts (default T), each in `[1, T]`: an
-        int32 scalar for a `[T]` prompt (see `pad_prompt`), `[B]` for `[B, T]` prompts. May be
+        int32 scalar for a `[T]` prompt (see `pad_prompt`), `[P]` for `[P, T]` prompts. May be
         traced; concrete ones are checked (`ArgumentError`), since a length of 0 or past T
         would decode from the wrong prompt token, or give NaN log p.
       record_features: static; the state then carries `features` / `next_features` and every
@@ -195,32 +226,27 @@ def init_decode(
     if prompt_lengths is not None:
         _check_prompt_lengths(prompt_lengths, prompt.shape)
     prompt_cache = None
-    if prompt.ndim == 1:
-        # The prompt is prefilled once; its last token is fed again on top of the shared
+    prompts = prompt.reshape(-1, prompt.shape[-1])  # [P, T]
+    if num_rows % prompts.shape[0]:
+        raise ArgumentError(f"num_rows={num_rows} must be a multiple of the {prompts.shape[0]} prompts given")
+    rows_per_prompt = num_rows // prompts.shape[0]
+    lengths = jnp.broadcast_to(
+        jnp.asarray(prompt.shape[-1] if prompt_lengths is None else prompt_lengths, jnp.int32), prompts.shape[:1])
+    last_tokens = jnp.take_along_axis(prompts, (lengths - 1)[:, None], axis=1)[:, 0]
+    if prompt.ndim == 1 or rows_per_prompt > 1:
+        # Each prompt is prefilled once; its last token is fed again on top of the shared
         # prefix so that every row's cache starts with it (a rewind to 0 refeeds it there).
-        length = jnp.asarray(prompt.shape[0] if prompt_lengths is None else prompt_lengths, jnp.int32)
-        last_token = prompt[length - 1]
-        _, prefix = lm.prefill(prompt[None], length[None], lm.init_cache(1, prompt.shape[0]))
-        prefix = prefix._replace(length=length[None] - 1)
-        decoded = lm.decode(
-            last_token[None], lm.init_cache(1, max_new_tokens + 1), with_features=record_features, prefix=prefix
-        )
-        prefilled = jax.tree.map(lambda x: jnp.repeat(x, num_rows, axis=0), decoded)
+        _, prefix = lm.prefill(prompts, lengths, lm.init_cache(prompts.shape[0], prompt.shape[-1]))
+        prefix = prefix._replace(length=lengths - 1)
+        decoded = lm.decode(last_tokens, lm.init_cache(prompts.shape[0], max_new_tokens + 1),
+                            with_features=record_features, prefix=prefix)
+        prefilled = jax.tree.map(lambda x: jnp.repeat(x, rows_per_prompt, axis=0), decoded)
         prompt_cache = Shared(prefix)
-        prompt_length = jnp.full((num_rows,), length, jnp.int32)
-        last = jnp.full((num_rows,), last_token, jnp.int32)
     else:
-        if prompt.shape[0] != num_rows:
-            raise ArgumentError(f"{prompt.shape[0]} prompts given for num_rows={num_rows}")
-        lengths = (
-            jnp.full((num_rows,), prompt.shape[1], jnp.int32)
-            if prompt_lengths is None
-            else jnp.asarray(prompt_lengths, jnp.int32)
-        )
         capacity = prompt.shape[1] + max_new_tokens
         prefilled = lm.prefill(prompt, lengths, lm.init_cache(num_rows, capacity), with_features=record_features)
-        prompt_length = lengths
-        last = jnp.take_along_axis(prompt, (lengths - 1)[:, None], axis=1)[:, 0]
+    prompt_length = jnp.repeat(lengths, rows_per_prompt)
+    last = jnp.repeat(last_tokens, rows_per_prompt)
     logits, cache = prefilled[0], prefilled[-1]
     features = next_features = None
     if record_features:
@@ -249,7 +275,7 @@ def _check_prompt_lengths(prompt_lengths: Any, prompt_shape: tuple[int, ...]) ->
     # A [T] prompt's single length is `prompt_length` at every sampler entry point.
     name = "prompt_length" if len(prompt_shape) == 1 else "prompt_lengths"
     if np.shape(prompt_lengths) != prompt_shape[:-1]:
-        expected = "a scalar for a [T] prompt" if len(prompt_shape) == 1 else f"shape [B] = [{prompt_shape[0]}]"
+        expected = "a scalar for a [T] prompt" if len(prompt_shape) == 1 else f"shape [P] = [{prompt_shape[0]}]"
         raise ArgumentError(f"{name} must be {expected}, got shape {np.shape(prompt_lengths)}")
     check_int_array(name, prompt_lengths, 1, prompt_shape[-1] + 1, "the prompt width")
 
@@ -449,6 +475,9 @@ def take_rows(state: DecodeState, indices: Array) -> DecodeState:
     """Gathers rows `indices` (int32 `[B']`) of every per-row array — SMC resampling.
 
     Only the rows' own part moves (the shared prompt cache stays); with as many rows out as
-    in, the cache is gathered in place (`jaxsample.rows.gather_rows`).
+    in, the cache is gathered in place (`jaxsample.rows.gather_rows`). Rows of several
+    prompts (`init_decode` with `[P, T]` prompts) would leave their prompt: refused.
     """
+    if state.prompt_cache is not None and state.prompt_cache.value.length.shape[0] > 1:
+        raise ArgumentError("take_rows moves rows between prompts: rows of several shared prompts cannot be resampled")
     return gather_rows(state, indices)

@@ -16,11 +16,12 @@ masked, never read. Resampling particles gathers every leaf (`jaxsample.rows.gat
   `[B, V]` float32 (NaN for a row whose length is outside `[1, T]`).
 - `decode(tokens [B], cache, prefix=None)` writes each row's token at slot `length`,
   increments it and returns the next-token logits `[B, V]` float32 (NaN for a row already
-  at capacity, whose write is dropped). `prefix` is a one-row
-  cache from `prefill` shared by every row (one copy of a prompt for all MH chains or SMC
-  particles): its `length` slots precede each row's own, so row slot s is position
-  `prefix.length + s`. Row operations (resampling, accept/reject) never touch it; the decode
-  loop keeps it in `DecodeState.prompt_cache`, wrapped in `Shared`.
+  at capacity, whose write is dropped). `prefix` is a cache from `prefill` of G rows
+  (G divides B) shared by groups of B / G consecutive rows (one copy of a prompt for all MH
+  chains or SMC particles; G prompts for G groups of chains): prefix row g's `length[g]`
+  slots precede each of its rows' own, so their slot s is position `prefix.length[g] + s`.
+  Row operations (resampling, accept/reject) never touch it; the decode loop keeps it in
+  `DecodeState.prompt_cache`, wrapped in `Shared`.
 
 Model internals (one forward, behind static switches; nothing changes for callers that do
 not ask, so samplers without them compile to the same programs):
@@ -286,9 +287,14 @@ class LanguageModel:
     def decode(self, tokens: Array, cache, *, with_features: bool = False, prefix=None):
         """Appends one token per row `[B]`; returns `(next-token logits [B, V], cache)`, or
         `(logits, features [B, D], cache)` with `with_features` (at the fed token).
-        `prefix`: a one-row prefilled cache every row continues (module docstring). Tokens
+        `prefix`: a prefilled cache of G rows, each continued by B / G consecutive rows
+        (module docstring). Tokens
         must be ids in `[0, V)` (checked when concrete)."""
         tokens = token_ids("decode tokens", tokens, self.vocab_size)
+        if prefix is not None and tokens.shape[0] % prefix.length.shape[0]:
+            raise ArgumentError(
+                f"a shared prefix's rows must divide the {tokens.shape[0]} decoded rows (each "
+                f"continues one prefix row), got {prefix.length.shape[0]} prefix rows")
         shared = {} if prefix is None else {"prefix": prefix}
         return self.decode_fn(self.params, tokens, cache, with_features=with_features, **shared, **self._hooks())
 
@@ -370,15 +376,18 @@ class LanguageModel:
         def outputs(cache, valid, with_features, prefix=None):
             tokens, length = cache.tokens, cache.length
             if prefix is not None:
-                # The rows' slots follow the shared prefix: one buffer per row, prefix first.
+                # The rows' slots follow their prefix: one buffer per row, prefix first.
                 # P + S wide, so that a row placed after a full prefix (length P) fits whole:
                 # a narrower buffer would make dynamic_update_slice shift the row left, over
                 # the prefix's last token.
+                rows_per_prefix = tokens.shape[0] // prefix.tokens.shape[0]
                 width = prefix.tokens.shape[1] + cache.tokens.shape[1]
-                base = jnp.zeros((width,), jnp.int32).at[: prefix.tokens.shape[1]].set(prefix.tokens[0])
-                place = lambda row: jax.lax.dynamic_update_slice(base, row, (prefix.length[0],))
-                tokens = jax.vmap(place)(cache.tokens)
-                length = prefix.length[0] + cache.length
+                bases = jnp.zeros((prefix.tokens.shape[0], width), jnp.int32).at[:, : prefix.tokens.shape[1]].set(
+                    prefix.tokens)
+                place = lambda base, row, at: jax.lax.dynamic_update_slice(base, row, (at,))
+                offsets = jnp.repeat(prefix.length, rows_per_prefix)
+                tokens = jax.vmap(place)(jnp.repeat(bases, rows_per_prefix, axis=0), cache.tokens, offsets)
+                length = offsets + cache.length
             logits = at_last(batched(tokens), length, valid)
             if not with_features:
                 return logits, cache

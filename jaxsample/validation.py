@@ -135,6 +135,23 @@ def check_scalar(name: str, value: Any, interval: str) -> Any:
     return check_real(name, value, interval)
 
 
+def check_keys(name: str, keys: Any, count: int) -> Any:
+    """Returns `keys`; raises unless they are `count` PRNG keys: typed `[count]`
+    (`jax.random.split(key, count)`) or raw `[count, 2]` of the default implementation."""
+    raw = jax.eval_shape(jax.random.PRNGKey, 0)
+    dtype = getattr(keys, "dtype", None)
+    if dtype is not None and (
+        (jnp.issubdtype(dtype, jax.dtypes.prng_key) and keys.shape == (count,))
+        or (dtype == raw.dtype and keys.shape == (count, *raw.shape))
+    ):
+        return keys
+    got = repr(keys) if dtype is None else f"dtype {dtype} and shape {keys.shape}"
+    raise ArgumentError(
+        f"{name} must be {count} PRNG keys, e.g. jax.random.split(key, {count}) (typed [{count}] "
+        f"or raw [{count}, 2]), got {got}"
+    )
+
+
 def check_key(name: str, key: Any) -> Any:
     """Returns `key`; raises unless it is one PRNG key: a typed key (`jax.random.key(seed)`,
     shape []) or a raw key of the default implementation (`jax.random.PRNGKey(seed)`, uint32

@@ -1,4 +1,4 @@
-"""Runs generate, power_sample and smc_decode on a tiny random Qwen2 (and its bf16 copy's
+"""Runs generate, power_sample (on one prompt and on a batch of two) and smc_decode on a tiny random Qwen2 (and its bf16 copy's
 logits) under several meshes and saves every result leaf to an .npz (`tests/test_parallel.py`
 starts it in subprocesses with simulated CPU devices, and as the processes of a localhost
 multi-host run).
@@ -66,6 +66,10 @@ SAMPLERS = {
     "power": lambda key, lm, prompt, mesh: js.power_sample(
         key, lm, prompt, alpha=2.0, num_chains=ROWS, block_size=6, num_mcmc_steps=3,
         max_new_tokens=12, mesh=mesh),
+    # Two prompts of 4 chains each (rows split over the data axis across the prompts' groups).
+    "power_batch": lambda key, lm, prompt, mesh: js.power_sample(
+        jax.random.split(key, 2), lm, [prompt, prompt[:2]], alpha=2.0, num_chains=ROWS // 2, block_size=6,
+        num_mcmc_steps=3, max_new_tokens=12, mesh=mesh),
     "bf16": bf16_logits,
     "smc": lambda key, lm, prompt, mesh: js.smc_decode(
         key, lm, prompt, jax.tree_util.Partial(reward), num_particles=ROWS, max_new_tokens=12,

@@ -96,6 +96,8 @@ BAD_PROMPTS = {
 @pytest.mark.parametrize("case", BAD_PROMPTS)
 def test_every_sampler_rejects_non_integer_and_out_of_range_prompts(lm, sampler, case):
     prompt, message = BAD_PROMPTS[case]
+    if (sampler, case) == ("power_sample", "matrix"):  # a batch of 2 prompts, which needs 2 keys
+        message = "key must be 2 PRNG keys"
     with pytest.raises(ArgumentError, match=message):
         SAMPLERS[sampler](lm, prompt, 4)
 
@@ -116,7 +118,7 @@ BAD_PROMPT_LENGTHS = {
     "float": (lambda lm: js.init_decode(lm, PROMPTS, 2, 4, prompt_lengths=np.array([3.0, 2.5])),
               "prompt_lengths must hold integers, got dtype float64"),
     "scalar for [B, T]": (lambda lm: js.init_decode(lm, PROMPTS, 2, 4, prompt_lengths=2),
-                          r"prompt_lengths must be shape \[B\] = \[2\], got shape \(\)"),
+                          r"prompt_lengths must be shape \[P\] = \[2\], got shape \(\)"),
     "[T] prompt": (lambda lm: js.init_decode(lm, PROMPT, 2, 4, prompt_lengths=4), "prompt_length holds 4"),
     "[1] for [T]": (lambda lm: js.init_decode(lm, PROMPT, 2, 4, prompt_lengths=np.array([2])),
                     r"prompt_length must be a scalar for a \[T\] prompt, got shape \(1,\)"),
@@ -124,6 +126,20 @@ BAD_PROMPT_LENGTHS = {
                   "prompt_length holds 0"),
     "smc.init": (lambda lm: js.smc.init(lm, PROMPT, 2, 4, prompt_length=9), "prompt_length holds 9"),
 }
+
+
+def test_init_decode_shares_each_of_several_prompts_within_its_group_of_rows(lm):
+    lengths = np.array([3, 2])
+    own = js.init_decode(lm, PROMPTS, 2, 4, prompt_lengths=lengths)  # one row per prompt
+    shared = js.init_decode(lm, PROMPTS, 6, 4, prompt_lengths=lengths)  # three rows per prompt
+    assert own.prompt_cache is None and shared.prompt_cache.value.length.shape == (2,)
+    np.testing.assert_array_equal(shared.prompt_length, [3, 3, 3, 2, 2, 2])
+    np.testing.assert_array_equal(shared.last_prompt_token, [3, 3, 3, 1, 1, 1])
+    np.testing.assert_allclose(shared.next_logits, np.repeat(own.next_logits, 3, axis=0), atol=1e-6)
+    with pytest.raises(ArgumentError, match="num_rows=5 must be a multiple of the 2 prompts given"):
+        js.init_decode(lm, PROMPTS, 5, 4)
+    with pytest.raises(ArgumentError, match="take_rows moves rows between prompts"):
+        js.decoding.take_rows(shared, jnp.arange(6))
 
 
 @pytest.mark.parametrize("case", BAD_PROMPT_LENGTHS)

@@ -172,6 +172,21 @@ def test_wrapped_model_rows_decode_on_a_prefix_of_any_length_as_the_full_sequenc
     assert np.isnan(logits).all()
 
 
+def test_wrapped_model_rows_continue_their_groups_prefix(toy):
+    """A two-row prefix (kept lengths 3 and 5) continued by two rows each."""
+    prompts = _tokens(3, (2, 5), VOCAB)
+    kept = jnp.asarray([3, 5])
+    _, prefix = toy.prefill(prompts, kept, toy.init_cache(2, 5))
+    rows = _tokens(4, (4, 3), VOCAB)
+    cache = toy.init_cache(4, 3)
+    for step in range(3):
+        logits, cache = toy.decode(rows[:, step], cache, prefix=prefix)
+        for row in range(4):
+            group = row // 2
+            full = _toy_logits(jnp.concatenate([prompts[group, : int(kept[group])], rows[row, : step + 1]]))[-1]
+            np.testing.assert_array_equal(logits[row], full)
+
+
 def test_wrapped_model_prefill_gives_nan_for_rows_without_a_last_token(toy):
     """As the Flax ports: a length outside [1, T] has no last token, so NaN, not a wrapped
     read of the last slot (length 0) or of a slot past the prompt."""

@@ -45,11 +45,10 @@ from jaxsample.decoding import (
     DecodeState,
     advance,
     check_finite_log_p,
-    check_prompt,
     extendable,
     fold_in_rows,
     init_decode,
-    pad_prompt,
+    pad_prompts,
     raise_on_non_finite,
     truncate,
 )
@@ -61,7 +60,7 @@ from jaxsample.mcmc.cuts import CutLaw, as_jit_argument, resolve_cut_law
 from jaxsample.mcmc.kernel import PowerMHInfo, draw_cuts, judge_moves, move_keys
 from jaxsample.mcmc.result import PowerSampleResult
 from jaxsample.sampling import Proposal
-from jaxsample.validation import check_int, check_key, check_real
+from jaxsample.validation import check_int, check_key, check_keys, check_real
 
 Array = jax.Array
 
@@ -97,20 +96,29 @@ class _Chains(NamedTuple):
     static_argnames=("num_chains", "block_size", "num_mcmc_steps", "max_new_tokens",
                      "progress", "mesh"),
 )
-def _power_sample(key, lm, prompt, prompt_length, alpha, proposal, cut_law, num_chains,
+def _power_sample(keys, lm, prompt, prompt_length, alpha, proposal, cut_law, num_chains,
                   block_size, num_mcmc_steps, max_new_tokens, freeze_finished, progress, mesh):
     num_blocks, moves_per_block = max_new_tokens // block_size, num_mcmc_steps + 1
     total_moves = num_blocks * moves_per_block
-    chains = jnp.arange(num_chains)
+    num_rows = keys.shape[0] * num_chains
+    chains = jnp.arange(num_rows)
 
-    def block_keys(block):
-        extend_key, mh_key = jax.random.split(jax.random.fold_in(key, block))
-        steps = jax.vmap(lambda step: move_keys(jax.random.fold_in(mh_key, step), num_chains))
-        return fold_in_rows(extend_key, num_chains), steps(jnp.arange(num_mcmc_steps))
+    def prompt_keys(key):
+        """One prompt's chain keys: `[K, S + 1, C]` for the moves' tokens, `[K, S, C]` MoveKeys."""
+        def block_keys(block):
+            extend_key, mh_key = jax.random.split(jax.random.fold_in(key, block))
+            steps = jax.vmap(lambda step: move_keys(jax.random.fold_in(mh_key, step), num_chains))
+            return fold_in_rows(extend_key, num_chains), steps(jnp.arange(num_mcmc_steps))
 
-    extension_keys, mh_keys = jax.vmap(block_keys)(jnp.arange(num_blocks))
-    # [K, S + 1, C]: move k of block b draws its tokens from proposal_keys[b, k, chain].
-    proposal_keys = jnp.concatenate([extension_keys[:, None], mh_keys.proposal], axis=1)
+        extension_keys, mh_keys = jax.vmap(block_keys)(jnp.arange(num_blocks))
+        return jnp.concatenate([extension_keys[:, None], mh_keys.proposal], axis=1), mh_keys
+
+    def prompt_major_rows(x):  # [P, K, S(+1), C, ...] -> [K, S(+1), P·C, ...]
+        return jnp.moveaxis(x, 0, 2).reshape(*x.shape[1:3], num_rows, *x.shape[4:])
+
+    # Each prompt's chains draw as in a run of that prompt alone.
+    proposal_keys, mh_keys = jax.tree.map(prompt_major_rows, jax.vmap(prompt_keys)(keys))
+    # [K, S + 1, P·C]: move k of block b draws its tokens from proposal_keys[b, k, chain].
 
     def block_and_step(move):
         return move // moves_per_block, move % moves_per_block
@@ -178,19 +186,19 @@ def _power_sample(key, lm, prompt, prompt_length, alpha, proposal, cut_law, num_
         chains_state = chains_state._replace(proposed=proposed, refeed=jnp.zeros_like(chains_state.refeed))
         return jax.lax.cond(jnp.any(move_ended(chains_state)), finish, lambda c: c, chains_state)
 
-    decode = init_decode(lm, prompt, num_chains, max_new_tokens, prompt_lengths=prompt_length)
+    decode = init_decode(lm, prompt, num_rows, max_new_tokens, prompt_lengths=prompt_length)
     decode = parallel.constrain_rows(decode, mesh)
     chains_state = _Chains(
         current=decode,
         proposed=decode,
-        move=jnp.zeros((num_chains,), jnp.int32),
-        refeed=jnp.zeros((num_chains,), bool),
-        cut=jnp.zeros((num_chains,), jnp.int32),
-        info=PowerMHInfo.idle((num_blocks, num_mcmc_steps, num_chains), decode.log_p.dtype),
-        active=jnp.zeros((num_blocks, num_chains), bool),
-        extended=jnp.zeros((num_blocks, num_chains), jnp.int32),
+        move=jnp.zeros((num_rows,), jnp.int32),
+        refeed=jnp.zeros((num_rows,), bool),
+        cut=jnp.zeros((num_rows,), jnp.int32),
+        info=PowerMHInfo.idle((num_blocks, num_mcmc_steps, num_rows), decode.log_p.dtype),
+        active=jnp.zeros((num_blocks, num_rows), bool),
+        extended=jnp.zeros((num_blocks, num_rows), jnp.int32),
     )
-    chains_state = start(chains_state, jnp.ones((num_chains,), bool))
+    chains_state = start(chains_state, jnp.ones((num_rows,), bool))
     chains_state = jax.lax.while_loop(lambda c: jnp.any(c.move < total_moves), decode_step, chains_state)
     current, info = chains_state.current, chains_state.info
     return parallel.replicate(PowerSampleResult(
@@ -233,9 +241,12 @@ def power_sample(
     static.
 
     Args:
-      key: PRNG key.
+      key: PRNG key; for a batch of P prompts, P keys (`jax.random.split(key, P)`).
       lm: the model.
-      prompt_tokens: int32 `[T]`, shared by every chain.
+      prompt_tokens: int32 `[T]`, shared by every chain, or a batch of P prompts (a list of
+        `[T_p]` prompts, or `[P, T]`) with C chains each, decoded as one batch of P·C rows
+        (prompt-major: rows p·C … p·C + C − 1 continue prompt p, prefilled once). Prompt p's
+        chains are those a run of prompt p alone with key p gives.
       alpha: α > 0, the target exponent.
       cut: "uniform" (Karan & Du), "entropy" (entropy-jump law, β = 4; Zhou et al.) or a
         cut law, e.g. `entropy_jump(beta)` (see `jaxsample.mcmc.cuts`).
@@ -259,27 +270,28 @@ def power_sample(
 
     Returns:
       `PowerSampleResult` with each chain's final completion, per-step diagnostics
-      (`info` `[K, S, C]`) and token counts.
+      (`info` `[K, S, C]`; `[K, S, P·C]` for P prompts) and token counts.
     """
-    check_key("key", key)
     check_real("alpha", alpha, "(0, inf)")
     num_chains = check_int("num_chains", num_chains, 1)
     block_size = check_int("block_size", block_size, 1)
     num_mcmc_steps = check_int("num_mcmc_steps", num_mcmc_steps, 0)
-    prompt, max_new_tokens = check_prompt(lm, prompt_tokens, max_new_tokens)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+    prompt, prompt_length = pad_prompts(lm, prompt_tokens, max_new_tokens)
+    keys = jnp.expand_dims(check_key("key", key), 0) if prompt.ndim == 1 else check_keys("key", key, prompt.shape[0])
     if max_new_tokens % block_size:
         raise ArgumentError(
             f"block_size must divide max_new_tokens={max_new_tokens} (blocks end at multiples "
             f"of block_size), got {block_size}"
         )
-    parallel.check_rows(mesh, num_chains, "num_chains")
+    parallel.check_rows(mesh, keys.shape[0] * num_chains, "num_chains" if prompt.ndim == 1 else "prompts × num_chains")
     cut_law = as_jit_argument(resolve_cut_law(cut))
     alpha = jnp.asarray(alpha, jnp.float32)
     proposal = Proposal(
         temperature=1.0 / alpha if temperature is None else temperature, top_k=top_k, top_p=top_p
     ).validated()
     args = parallel.place_inputs((
-        key, parallel.shard_model(lm, mesh), *pad_prompt(lm, prompt, max_new_tokens), alpha, proposal, cut_law,
+        keys, parallel.shard_model(lm, mesh), prompt, prompt_length, alpha, proposal, cut_law,
         num_chains, block_size, num_mcmc_steps, max_new_tokens, jnp.asarray(freeze_finished, bool), progress, mesh,
     ), mesh)
     if progress:

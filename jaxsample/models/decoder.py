@@ -559,9 +559,10 @@ def decode_step(
       cache: `KVCache` with B rows.
       adapters, intervention: as in `forward` (the fed token is edited for either positions).
       with_features: also return the final-norm hidden state at the fed token.
-      prefix: a one-row `KVCache` shared by every row (a prompt prefilled once), or None.
-        Its `length` `[1]` slots come before each row's own: row slot s holds position
-        `prefix.length + s`, and every row attends to the prefix without a copy of it.
+      prefix: a `KVCache` of G rows (prompts prefilled once), or None. Rows
+        `g·B/G … (g+1)·B/G − 1` continue prefix row g (G divides B; G = 1: one prompt for
+        every row): its `length[g]` slots come before each of those rows' own, so their slot s
+        holds position `prefix.length[g] + s`, and they attend to it without a copy of it.
       mlp_chunks: run each MLP of stacked params in this many blocks of the intermediate
         features (a divisor of `intermediate_size`); None: `default_mlp_chunks`, 1 except on
         CPU. Per-layer params run each MLP whole (None or 1).
@@ -578,14 +579,12 @@ def decode_step(
     batch = tokens.shape[0]
     _check_cache(cache, batch, "decode tokens")
     _check_hooks(config, adapters, intervention)
-    if prefix is not None and prefix.k.shape[0] != 1:
-        raise ArgumentError(f"a shared prefix cache has one row, got {prefix.k.shape[0]}")
     capacity = cache.k.shape[3]
     slots = cache.length
     rows = jnp.arange(batch)
     visible = jnp.arange(capacity)[None, :] <= slots[:, None]  # [B, S]
-    offset = jnp.int32(0) if prefix is None else prefix.length[0]
-    prefix_visible = None if prefix is None else jnp.arange(prefix.k.shape[3]) < offset  # [P]
+    offset = jnp.int32(0) if prefix is None else jnp.repeat(prefix.length, batch // prefix.k.shape[0])  # [B]
+    prefix_visible = None if prefix is None else jnp.arange(prefix.k.shape[3]) < prefix.length[:, None]  # [G, P]
     layer = _layer(config, params)
     unstacked = unstacked_layers(config, params)
     if unstacked is not None and mlp_chunks not in (None, 1):
@@ -633,7 +632,7 @@ def decode_step(
     if adapters is not None:
         xs["lora"] = adapters.weights
     if prefix is not None:
-        xs["prefix_k"], xs["prefix_v"] = prefix.k[0], prefix.v[0]
+        xs["prefix_k"], xs["prefix_v"] = jnp.moveaxis(prefix.k, 1, 0), jnp.moveaxis(prefix.v, 1, 0)
     h = embed(params, config, tokens[:, None])
     carry = None if intervention is None else intervention.init_carry(h)
     (h, k_all, v_all, _, _), _ = _over_layers(body, (h, cache.k, cache.v, jnp.int32(0), carry), xs, unstacked)

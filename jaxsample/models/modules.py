@@ -113,14 +113,15 @@ def decode_attention(
     q: Array, keys: Array, values: Array, visible: Array, prefix: tuple[Array, Array, Array] | None = None
 ) -> Array:
     """Attention of one new token per row over the row's cache slots and, optionally, a
-    prefix shared by every row (read once for the batch, never copied per row).
+    prefix shared by a group of rows (read once per group, never copied per row).
 
     Args:
       q: `[B, 1, N, H]` (already rotated).
       keys, values: `[B, K, S, H]`, the rows' own slots (kv heads first, as the cache holds
         them: the batched dots' batch axes B and K lead).
       visible: bool `[B, S]`, the slots each row may read.
-      prefix: `(keys [K, P, H], values [K, P, H], visible bool [P])` or None.
+      prefix: `(keys [G, K, P, H], values [G, K, P, H], visible bool [G, P])` or None: G
+        prefixes, each read by B / G consecutive rows (G = 1: one prefix for every row).
 
     Returns:
       `[B, 1, N, H]` in `q.dtype`; scores and softmax in float32, one softmax over both parts.
@@ -135,13 +136,18 @@ def decode_attention(
     scores = jnp.where(visible[:, None, None, :], own, _MASKED)
     if prefix is not None:
         prefix_keys, prefix_values, prefix_visible = prefix[0].astype(q.dtype), prefix[1].astype(q.dtype), prefix[2]
-        shared = jnp.einsum("bkgh,kph->bkgp", q, prefix_keys, preferred_element_type=accumulate) * scale
-        scores = jnp.concatenate([jnp.where(prefix_visible, shared, _MASKED), scores], axis=-1)
+        groups = prefix_keys.shape[0]
+        by_group = lambda x: x.reshape(groups, batch // groups, *x.shape[1:])
+        shared = jnp.einsum("crkgh,ckph->crkgp", by_group(q), prefix_keys, preferred_element_type=accumulate)
+        shared = jnp.where(prefix_visible[:, None, None, None, :], shared * scale, _MASKED)
+        scores = jnp.concatenate([shared.reshape(batch, *shared.shape[2:]), scores], axis=-1)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    split = 0 if prefix is None else prefix_keys.shape[1]
+    split = 0 if prefix is None else prefix_keys.shape[2]
     out = jnp.einsum("bkgs,bksh->bkgh", probs[..., split:], values, preferred_element_type=accumulate)
     if prefix is not None:
-        out = out + jnp.einsum("bkgp,kph->bkgh", probs[..., :split], prefix_values, preferred_element_type=accumulate)
+        from_prefix = jnp.einsum("crkgp,ckph->crkgh", by_group(probs[..., :split]), prefix_values,
+                                 preferred_element_type=accumulate)
+        out = out + from_prefix.reshape(out.shape)
     return out.astype(q.dtype).reshape(batch, 1, num_heads, head_dim)
 
 

@@ -138,6 +138,41 @@ def test_chains_equal_the_lockstep_kernel_loop(model, cut, freeze_finished, num_
         assert 0 < np.mean(np.asarray(result.info.accepted)[moved]) < 1
 
 
+@pytest.mark.parametrize("model", ["tabular", "transformer"])
+def test_a_batch_of_prompts_gives_each_prompt_the_chains_of_its_own_run(model):
+    # One batch of P·C rows, each prompt prefilled once; prompt p's rows draw with key p.
+    if model == "tabular":
+        lm, prompts, settings = BLOCK_LM, [[0], [1], [0]], dict(num_chains=64, block_size=2, max_new_tokens=4)
+    else:
+        lm, prompts, settings = _tiny_transformer(), [[3, 1, 4, 1, 5], [2, 7], [9, 2, 6, 5, 3, 5, 8]], dict(
+            num_chains=4, block_size=4, max_new_tokens=8)
+    settings.update(num_mcmc_steps=2)
+    keys = jax.random.split(jax.random.key(11), len(prompts))
+    batch = power_sample(keys, lm, prompts, 2.0, **settings)
+    chains = settings["num_chains"]
+    assert batch.tokens.shape == (len(prompts) * chains, settings["max_new_tokens"])
+    assert batch.info.accepted.shape[-1] == len(prompts) * chains
+    for p, prompt in enumerate(prompts):
+        alone = power_sample(keys[p], lm, jnp.asarray(prompt, jnp.int32), 2.0, **settings)
+        rows = slice(p * chains, (p + 1) * chains)
+        for name in ("tokens", "lengths", "done", "tokens_decoded"):
+            np.testing.assert_array_equal(getattr(batch, name)[rows], getattr(alone, name), err_msg=f"{name} of prompt {p}")
+        np.testing.assert_allclose(batch.log_p[rows], alone.log_p, atol=1e-5, err_msg=f"log_p of prompt {p}")
+        np.testing.assert_array_equal(batch.info.accepted[..., rows], alone.info.accepted, err_msg=f"accepted of {p}")
+    if model == "transformer":  # the prompts' chains differ: rows did not all read one prompt
+        assert len({tuple(row) for row in np.asarray(batch.tokens)}) > chains
+
+
+def test_a_batch_of_prompts_needs_a_key_per_prompt_and_prompts():
+    settings = dict(num_chains=2, block_size=2, max_new_tokens=4)
+    with pytest.raises(ArgumentError, match=r"key must be 2 PRNG keys, e.g. jax.random.split\(key, 2\)"):
+        power_sample(jax.random.key(0), BLOCK_LM, [[0], [1]], **settings)
+    with pytest.raises(ArgumentError, match="batch of prompts is empty"):
+        power_sample(jax.random.key(0), BLOCK_LM, np.zeros((0, 3), np.int32), **settings)
+    with pytest.raises(ArgumentError, match=r"prompt_tokens\[1\] holds 7"):
+        power_sample(jax.random.split(jax.random.key(0), 2), BLOCK_LM, [[0], [7]], **settings)
+
+
 def test_decoder_values_are_the_exact_model_values():
     proposal = js.Proposal(temperature=0.5, top_k=3).validated()
     state = init(jax.random.key(3), LM, PROMPT, CHAINS, 4, proposal).decode

@@ -136,8 +136,28 @@ def test_rows_decoding_on_a_shared_prefix_match_forward(params, lm):
         deltas.append(np.abs(logits[row] - reference[-1]).max())
     print(f"\nshared-prefix decode vs forward: max|Δlogit| = {max(deltas):.2e}")
     assert max(deltas) <= ATOL
-    with pytest.raises(ArgumentError, match="one row"):
+    with pytest.raises(ArgumentError, match="must divide the 3 decoded rows"):
         lm.decode(jnp.asarray(fed), cache, prefix=lm.init_cache(2, 12))
+
+
+def test_groups_of_rows_decoding_on_their_own_prefixes_match_forward(params, lm):
+    """Two prompts of different lengths in one two-row prefix: rows 0-1 continue the first,
+    rows 2-3 the second, each at its own positions."""
+    rng = np.random.default_rng(4)
+    prompts = rng.integers(0, CONFIG.vocab_size, size=(2, 9))
+    kept = np.asarray([6, 9])
+    _, prefix = lm.prefill(jnp.asarray(prompts), jnp.asarray(kept), lm.init_cache(2, 9))
+    continuations = rng.integers(0, CONFIG.vocab_size, size=(4, 5))
+    cache = lm.init_cache(4, 5)
+    deltas = []
+    for step in range(5):
+        logits, cache = lm.decode(jnp.asarray(continuations[:, step]), cache, prefix=prefix)
+        for row in range(4):
+            group = row // 2
+            reference = _forward(params, np.concatenate([prompts[group, : kept[group]], continuations[row, : step + 1]]))
+            deltas.append(np.abs(logits[row] - reference[-1]).max())
+    print(f"\ngrouped-prefix decode vs forward: max|Δlogit| = {max(deltas):.2e}")
+    assert max(deltas) <= ATOL
 
 
 def test_decode_step_updates_a_donated_cache_in_place(lm):
