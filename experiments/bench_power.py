@@ -16,7 +16,9 @@ rejected. The contenders are timed interleaved (`timing.interleaved_timings`). `
 gives per-layer params; `--stacked` also times the stacked layout (`models.stack_layers`).
 `--lockstep` also times the same chains moved in lockstep (`testing.lockstep_power_sample`:
 `build_kernel` steps, each as long as the batch's longest proposal), the loop `power_sample`
-ran before its chains moved on their own.
+ran before its chains moved on their own. `--prompts P` runs P problems with `--chains` chains
+each as one batch (`power_sample` on a batch of prompts) and also times them one prompt after
+another, the same chains (`batch_gain` is the ratio); the reference runs the first prompt's.
 
     python experiments/bench_power.py --chains 8 --block-size 16 --max-new-tokens 32 --mcmc-steps 2
 """
@@ -98,6 +100,7 @@ def main(argv=None):
     parser.add_argument("--chains", type=int, default=8, help="MH chains (JAX: one batch; reference: one after another)")
     parser.add_argument("--reference-chains", type=int, help="chains the reference loop is timed on (default: --chains)")
     parser.add_argument("--stacked", action="store_true", help="also time js.power_sample on the model's layers stacked (models.stack_layers: one layer scan; a second copy of the layer weights)")
+    parser.add_argument("--prompts", type=int, default=1, help="problems run as one batch of prompts x chains, also timed one prompt after another")
     parser.add_argument("--lockstep", action="store_true", help="also time the chains moved in lockstep (testing.lockstep_power_sample: the same chains, each MH step as long as the longest proposal)")
     parser.add_argument("--alpha", type=float, default=4.0, help="power α (proposal temperature 1/α)")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per block")
@@ -109,6 +112,8 @@ def main(argv=None):
     reference_chains = args.chains if args.reference_chains is None else args.reference_chains
     if not 1 <= reference_chains <= args.chains:
         parser.error(f"--reference-chains must be between 1 and --chains ({args.chains}), got {reference_chains}")
+    if args.prompts < 1 or (args.prompts > 1 and (args.lockstep or args.stacked)):
+        parser.error(f"--prompts must be ≥ 1, and 1 with --lockstep or --stacked, got {args.prompts}")
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -119,11 +124,16 @@ def main(argv=None):
         path = Path(args.model) if Path(args.model).exists() else resolve(args.model)
     lm = js.load(path, dtype=args.dtype)
     lm = lm.replace(eos_token_ids=(lm.vocab_size,))  # no token stops: fixed lengths
+    factors = [(17, 23), (41, 7), (123, 45), (9, 99), (64, 3), (250, 12), (8, 8), (31, 1000)]
+    if args.prompts > len(factors):
+        parser.error(f"--prompts is at most {len(factors)}, got {args.prompts}")
     if lm.tokenizer is None:
-        prompt = np.arange(1, 33) % lm.vocab_size
+        prompts = [(np.arange(1, 33) + p) % lm.vocab_size for p in range(args.prompts)]
     else:
-        prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": "What is 17 * 23? Think step by step."}])
-    prompt = jnp.asarray(prompt, jnp.int32)
+        prompts = [lm.tokenizer.apply_chat_template([{"role": "user", "content": f"What is {a} * {b}? Think step by step."}])
+                   for a, b in factors[: args.prompts]]
+    prompts = [jnp.asarray(prompt, jnp.int32) for prompt in prompts]
+    prompt = prompts[0]
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
@@ -137,14 +147,24 @@ def main(argv=None):
     generator = torch.Generator()
     decoded = {}
 
+    settings = dict(alpha=args.alpha, num_chains=args.chains, block_size=args.block_size,
+                    num_mcmc_steps=args.mcmc_steps, max_new_tokens=args.max_new_tokens)
+    keys = jax.random.split(jax.random.key(0), args.prompts)
+
     def jax_runner(model, name, sampler=js.power_sample):
         def run():
-            result = sampler(jax.random.key(0), model, prompt, alpha=args.alpha, num_chains=args.chains,
-                             block_size=args.block_size, num_mcmc_steps=args.mcmc_steps,
-                             max_new_tokens=args.max_new_tokens)
+            if args.prompts == 1:
+                result = sampler(jax.random.key(0), model, prompt, **settings)
+            else:
+                result = sampler(keys, model, prompts, **settings)
             decoded[name] = result.tokens_decoded
             return result.tokens
         return run
+
+    def run_per_prompt():
+        results = [js.power_sample(key, lm, one, **settings) for key, one in zip(keys, prompts)]
+        decoded["jax_per_prompt"] = [result.tokens_decoded for result in results]
+        return [result.tokens for result in results]
 
     def run_torch():
         # Reseeded per call, so that every call makes the same cuts and decodes as many tokens.
@@ -161,6 +181,8 @@ def main(argv=None):
         contenders["jax_stacked"] = jax_runner(lm.replace(params=models.stack_layers(lm.params)), "jax_stacked")
     if args.lockstep:
         contenders["jax_lockstep"] = jax_runner(lm, "jax_lockstep", testing.lockstep_power_sample)
+    if args.prompts > 1:
+        contenders["jax_per_prompt"] = run_per_prompt
     timings = interleaved_timings(contenders, args.samples, args.min_sample_s)
     jax_tokens = int(np.sum(np.asarray(decoded["jax"])))
     jax_rate = jax_tokens / timings["jax"]["median_s"]
@@ -168,7 +190,8 @@ def main(argv=None):
     result = {
         **machine(),
         "torch_threads": torch.get_num_threads(),
-        "model": args.model, "dtype": args.dtype, "chains": args.chains, "reference_chains": reference_chains,
+        "model": args.model, "dtype": args.dtype, "prompts": args.prompts, "chains": args.chains,
+        "reference_chains": reference_chains,
         "alpha": args.alpha,
         "block_size": args.block_size, "max_new_tokens": args.max_new_tokens, "mcmc_steps": args.mcmc_steps,
         "jax_tokens_per_call": jax_tokens, "transformers_tokens_per_call": decoded["transformers"],
@@ -186,6 +209,13 @@ def main(argv=None):
                                "they should run the same chains")
         lockstep_rate = jax_tokens / timings["jax_lockstep"]["median_s"]
         result.update(lockstep_tokens_per_s=lockstep_rate, lockstep_speedup=lockstep_rate / torch_rate)
+    if args.prompts > 1:
+        per_prompt_tokens = int(np.sum(np.asarray(decoded["jax_per_prompt"])))
+        if per_prompt_tokens != jax_tokens:
+            raise RuntimeError(f"one prompt at a time decoded {per_prompt_tokens} tokens and the batch {jax_tokens}: "
+                               "they should run the same chains")
+        per_prompt_rate = jax_tokens / timings["jax_per_prompt"]["median_s"]
+        result.update(per_prompt_tokens_per_s=per_prompt_rate, batch_gain=jax_rate / per_prompt_rate)
     summary = (f"js.power_sample decodes {result['speedup']:.1f}x the tokens/s of the transformers reference loop "
                f"({jax_rate:.0f} vs {torch_rate:.0f} tokens/s; spreads {timings['jax']['spread']:.0%} / "
                f"{timings['transformers']['spread']:.0%}"
@@ -194,7 +224,10 @@ def main(argv=None):
                + (f"; on stacked layers {result['stacked_speedup']:.1f}x ({result['stacked_tokens_per_s']:.0f} tokens/s, "
                   f"spread {timings['jax_stacked']['spread']:.0%})" if args.stacked else "")
                + (f"; chains in lockstep {result['lockstep_speedup']:.1f}x ({result['lockstep_tokens_per_s']:.0f} tokens/s, "
-                  f"spread {timings['jax_lockstep']['spread']:.0%})" if args.lockstep else ""))
+                  f"spread {timings['jax_lockstep']['spread']:.0%})" if args.lockstep else "")
+               + (f"; {args.prompts} prompts x {args.chains} chains in one batch: {result['batch_gain']:.2f}x one prompt "
+                  f"after another ({result['per_prompt_tokens_per_s']:.0f} tokens/s, spread "
+                  f"{timings['jax_per_prompt']['spread']:.0%})" if args.prompts > 1 else ""))
     report(result, summary, args.json)
 
 

@@ -27,7 +27,7 @@ from jaxsample.errors import ArgumentError, NumericalError
 from jaxsample.lm import LanguageModel
 from jaxsample.rows import Shared, gather_rows, select_rows
 from jaxsample.sampling import Proposal, draw_tokens
-from jaxsample.validation import check_int, check_int_array
+from jaxsample.validation import check_int, check_int_array, check_key, check_keys
 
 Array = jax.Array
 
@@ -92,7 +92,11 @@ def check_prompt(
     range.
     """
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
-    shape = np.shape(prompt_tokens)
+    try:
+        shape = np.shape(prompt_tokens)
+    except ValueError:  # a ragged nest of lists
+        raise ArgumentError(f"{name} must be one prompt, an array of token ids, got {type(prompt_tokens).__name__} "
+                            "of ragged rows") from None
     if len(shape) not in shapes:
         expected = " or ".join({1: "[T]", 2: "[B, T]"}[n] for n in shapes)
         raise ArgumentError(f"{name} must have shape {expected}, got {shape}")
@@ -187,6 +191,27 @@ def pad_prompts(lm: LanguageModel, prompt_tokens: Any, max_new_tokens: int) -> t
     padded = jnp.stack([jnp.pad(prompt, (0, width - prompt.shape[0]), constant_values=lm.pad_token_id)
                         for prompt in prompts])
     return padded, jnp.asarray(lengths, jnp.int32)
+
+
+def prompts_and_keys(lm: LanguageModel, key: Any, prompt_tokens: Any, max_new_tokens: int) -> tuple[Array, Array, Any]:
+    """The one prompt and key check of samplers that take one prompt or a batch of them.
+
+    Returns:
+      `(tokens, lengths, keys)`: `pad_prompts`' tokens and lengths, and the keys `[P]` that
+      each prompt's rows draw from (`prompt_row_keys`): one key for one prompt `[T]`
+      (P = 1), P keys (`jax.random.split(key, P)`) for a batch of P prompts.
+    """
+    tokens, lengths = pad_prompts(lm, prompt_tokens, max_new_tokens)
+    if tokens.ndim == 1:
+        return tokens, lengths, jnp.expand_dims(check_key("key", key), 0)
+    return tokens, lengths, check_keys("key", key, tokens.shape[0])
+
+
+def prompt_row_keys(keys: Array, rows_per_prompt: int) -> Array:
+    """PRNG keys `[P·R]`, prompt-major: row r of prompt p gets `fold_in(keys[p], r)`, the key
+    of row r in a run of prompt p alone with key p (`extend`'s per-row keys)."""
+    rows = jax.vmap(fold_in_rows, in_axes=(0, None))(keys, rows_per_prompt)
+    return rows.reshape(-1, *keys.shape[1:])
 
 
 def _bucket(lm: LanguageModel, length: int, max_new_tokens: int) -> int:

@@ -9,16 +9,17 @@ import jax
 from jax.sharding import Mesh
 
 from jaxsample import parallel
-from jaxsample.decoding import check_finite_log_p, check_prompt, extend, init_decode, pad_prompt
+from jaxsample.decoding import check_finite_log_p, extend, init_decode, prompt_row_keys, prompts_and_keys
 from jaxsample.lm import LanguageModel
 from jaxsample.sampling import Proposal
-from jaxsample.validation import check_int, check_key
+from jaxsample.validation import check_int
 
 Array = jax.Array
 
 
 class GenerateResult(NamedTuple):
-    """Samples of one prompt (S samples, N = max_new_tokens).
+    """Samples of one prompt (S samples, N = max_new_tokens; P·S rows, prompt-major, for a
+    batch of P prompts).
 
     Attributes:
       tokens: int32 `[S, N]`; positions after the first stop token hold the pad id.
@@ -41,11 +42,13 @@ class GenerateResult(NamedTuple):
 
 
 @partial(jax.jit, static_argnames=("max_new_tokens", "num_samples", "record_features", "mesh"))
-def _generate(key, lm, prompt, prompt_length, proposal, max_new_tokens, num_samples, record_features, mesh):
+def _generate(keys, lm, prompt, prompt_length, proposal, max_new_tokens, num_samples, record_features, mesh):
     state = init_decode(
-        lm, prompt, num_samples, max_new_tokens, prompt_lengths=prompt_length, record_features=record_features
+        lm, prompt, keys.shape[0] * num_samples, max_new_tokens, prompt_lengths=prompt_length,
+        record_features=record_features,
     )
-    state, _ = extend(key, lm, parallel.constrain_rows(state, mesh), max_new_tokens, proposal)
+    row_keys = prompt_row_keys(keys, num_samples)
+    state, _ = extend(row_keys, lm, parallel.constrain_rows(state, mesh), max_new_tokens, proposal)
     return parallel.replicate(GenerateResult(
         tokens=state.tokens,
         lengths=state.length,
@@ -70,7 +73,8 @@ def generate(
     record_features: bool = False,
     mesh: Mesh | None = None,
 ) -> GenerateResult:
-    """Samples `num_samples` continuations of one prompt in a single jitted while-loop.
+    """Samples `num_samples` continuations of one prompt, or of each of a batch of prompts,
+    in a single jitted while-loop.
 
     `top_k=1` decodes greedily only where the largest logit is unique: top-k keeps every token
     whose tempered logit equals the k-th largest (as transformers' `TopKLogitsWarper` does), so
@@ -81,9 +85,11 @@ def generate(
     powers of two) are static.
 
     Args:
-      key: PRNG key.
+      key: PRNG key; for a batch of P prompts, P keys (`jax.random.split(key, P)`).
       lm: the model.
-      prompt_tokens: int32 `[T]`, T ≥ 1.
+      prompt_tokens: int32 `[T]`, T ≥ 1, or a batch of P prompts (a list of `[T_p]` prompts,
+        or `[P, T]`), each prefilled once: rows p·S … p·S + S − 1 continue prompt p, and are
+        the samples of a call on prompt p alone with key p.
       max_new_tokens: N; the prompt plus N must fit the model's positions.
       temperature: τ in [2⁻¹²⁶, 2¹²⁶], where τ and 1/τ are normal float32 numbers.
       top_k: keep the k most likely tokens, and any tied with the k-th (0 = all).
@@ -91,16 +97,16 @@ def generate(
       num_samples: S, rows decoded as one batch.
       record_features: also return each generated token's final-norm hidden state
         (`.features [S, N, D]`), from the same decode steps.
-      mesh: a `jaxsample.parallel` mesh: samples split over its data axis (S must be a
+      mesh: a `jaxsample.parallel` mesh: samples split over its data axis (P·S must be a
         multiple of it), the model over its model axis; same key, same samples (in bf16 up
         to rare roundings on a model axis: see `jaxsample.parallel`).
     """
-    check_key("key", key)
     num_samples = check_int("num_samples", num_samples, 1)
     proposal = Proposal(temperature=temperature, top_k=top_k, top_p=top_p).validated()
-    prompt, max_new_tokens = check_prompt(lm, prompt_tokens, max_new_tokens)
-    parallel.check_rows(mesh, num_samples, "num_samples")
-    inputs = (key, parallel.shard_model(lm, mesh), *pad_prompt(lm, prompt, max_new_tokens), proposal)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+    prompt, prompt_length, keys = prompts_and_keys(lm, key, prompt_tokens, max_new_tokens)
+    parallel.check_rows(mesh, keys.shape[0] * num_samples, "num_samples" if prompt.ndim == 1 else "prompts × num_samples")
+    inputs = (keys, parallel.shard_model(lm, mesh), prompt, prompt_length, proposal)
     result = _generate(*parallel.place_inputs(inputs, mesh), max_new_tokens, num_samples, record_features, mesh)
     check_finite_log_p(lm, result.log_p, result.lengths, rows="sample")
     return result

@@ -38,6 +38,16 @@ SAMPLERS = {
 }
 
 
+BATCHABLE = {  # (key, lm, prompt or batch of prompts) -> result
+    "generate": lambda key, lm, prompt: js.generate(key, lm, prompt, 4, num_samples=3),
+    "base_sample": lambda key, lm, prompt: js.base_sample(key, lm, prompt, num_chains=3, max_new_tokens=4),
+    "temperature_sample": lambda key, lm, prompt: js.temperature_sample(key, lm, prompt, 2.0, num_chains=3,
+                                                                        max_new_tokens=4),
+    "best_of_n": lambda key, lm, prompt: js.best_of_n(key, lm, prompt, 3, num_chains=3, max_new_tokens=4,
+                                                      token_budget=6),
+}
+
+
 @pytest.fixture(scope="module")
 def lm():
     return js.LanguageModel.from_logits_fn(_logits_fn, VOCAB, EOS, max_length=24)
@@ -80,6 +90,30 @@ def test_rejected_mh_proposals_with_nan_are_reported_not_hidden(lm):
         js.decoding.raise_on_non_finite(broken, np.asarray(info.non_finite)[None, None], "chain", ("block", "MH step"))
 
 
+@pytest.mark.parametrize("sampler", BATCHABLE)
+def test_a_batch_of_prompts_gives_each_prompt_the_rows_of_its_own_call(lm, sampler):
+    prompts = [np.array([1, 2, 3]), np.array([4, 1]), np.array([2, 2, 0, 1, 3])]
+    keys = jax.random.split(KEY, len(prompts))
+    batch = BATCHABLE[sampler](keys, lm, prompts)
+    assert batch.tokens.shape == (9, 4)
+    for p, prompt in enumerate(prompts):
+        alone, rows = BATCHABLE[sampler](keys[p], lm, prompt), slice(3 * p, 3 * p + 3)
+        for name in ("tokens", "lengths", "done") + (("tokens_decoded",) if sampler != "generate" else ()):
+            np.testing.assert_array_equal(getattr(batch, name)[rows], getattr(alone, name), err_msg=f"{name}, prompt {p}")
+        np.testing.assert_allclose(batch.log_p[rows], alone.log_p, atol=1e-6, err_msg=f"log_p, prompt {p}")
+    assert len({tuple(row) for row in np.asarray(batch.tokens)}) > 3
+
+
+def test_best_of_n_budgets_broadcast_over_prompts_and_chains(lm):
+    keys, prompts = jax.random.split(KEY, 2), [[1, 2, 3], [4, 1]]
+    per_prompt = js.best_of_n(keys, lm, prompts, 4, num_chains=2, max_new_tokens=4, token_budget=[[4], [16]])
+    first, second = (js.best_of_n(keys[p], lm, prompts[p], 4, num_chains=2, max_new_tokens=4, token_budget=budget)
+                     for p, budget in enumerate((4, 16)))
+    np.testing.assert_array_equal(per_prompt.tokens_decoded, np.concatenate([first.tokens_decoded, second.tokens_decoded]))
+    with pytest.raises(ArgumentError, match=r"token_budget must broadcast to \[P, C\] = \[2, 2\] \(prompts, chains\), got shape \(3,\)"):
+        js.best_of_n(keys, lm, prompts, 4, num_chains=2, max_new_tokens=4, token_budget=[1, 2, 3])
+
+
 BAD_PROMPTS = {
     "float ids": (np.array([1.0, 2.7]), "prompt_tokens must hold integers, got dtype float64"),
     "bool ids": (np.array([True, False]), "prompt_tokens must hold integers, got dtype bool"),
@@ -96,7 +130,7 @@ BAD_PROMPTS = {
 @pytest.mark.parametrize("case", BAD_PROMPTS)
 def test_every_sampler_rejects_non_integer_and_out_of_range_prompts(lm, sampler, case):
     prompt, message = BAD_PROMPTS[case]
-    if (sampler, case) == ("power_sample", "matrix"):  # a batch of 2 prompts, which needs 2 keys
+    if case == "matrix" and sampler != "smc_decode":  # a batch of 2 prompts, which needs 2 keys
         message = "key must be 2 PRNG keys"
     with pytest.raises(ArgumentError, match=message):
         SAMPLERS[sampler](lm, prompt, 4)

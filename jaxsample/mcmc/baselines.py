@@ -17,22 +17,25 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxsample import parallel
-from jaxsample.decoding import DecodeState, check_finite_log_p, check_prompt, extend, init_decode, pad_prompt
+from jaxsample.decoding import DecodeState, check_finite_log_p, extend, init_decode, prompt_row_keys, prompts_and_keys
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc.kernel import PowerMHInfo
 from jaxsample.mcmc.result import PowerSampleResult
 from jaxsample.sampling import Proposal
-from jaxsample.validation import check_int, check_int_array, check_key, check_real
+from jaxsample.errors import ArgumentError
+from jaxsample.validation import check_int, check_int_array, check_real
 
 Array = jax.Array
 
 
 @partial(jax.jit, static_argnames=("num_rows", "max_new_tokens", "mesh"))
-def _decode(key, lm, prompt, proposal, num_rows, max_new_tokens, mesh) -> DecodeState:
-    """The decoded rows, without their cache and next logits (replicated over `mesh`)."""
+def _decode(keys, lm, prompt, proposal, num_rows, max_new_tokens, mesh) -> DecodeState:
+    """The decoded rows (`num_rows` per prompt), without their cache and next logits
+    (replicated over `mesh`)."""
     tokens, length = prompt
-    state = init_decode(lm, tokens, num_rows, max_new_tokens, prompt_lengths=length)
-    state = extend(key, lm, parallel.constrain_rows(state, mesh), max_new_tokens, proposal)[0]
+    state = init_decode(lm, tokens, keys.shape[0] * num_rows, max_new_tokens, prompt_lengths=length)
+    row_keys = prompt_row_keys(keys, num_rows)
+    state = extend(row_keys, lm, parallel.constrain_rows(state, mesh), max_new_tokens, proposal)[0]
     return parallel.replicate(state._replace(cache=None, next_logits=None, prompt_cache=None), mesh)
 
 
@@ -49,21 +52,28 @@ def _without_mcmc(tokens, lengths, done, log_p, tokens_decoded) -> PowerSampleRe
     )
 
 
-def _checked(lm, prompt_tokens, max_new_tokens, temperature, top_k, top_p):
-    prompt, max_new_tokens = check_prompt(lm, prompt_tokens, max_new_tokens)
+def _prompted(lm, key, prompt_tokens, max_new_tokens):
+    """`(prompts_and_keys(...), max_new_tokens)`, checked."""
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+    return prompts_and_keys(lm, key, prompt_tokens, max_new_tokens), max_new_tokens
+
+
+def _sample(lm, prompted, num_rows, max_new_tokens, temperature, top_k, top_p, rows, mesh):
+    """Decodes `num_rows` rows per prompt of `_prompted`'s from the proposal and checks their log p."""
+    tokens, length, keys = prompted
     proposal = Proposal(temperature=temperature, top_k=top_k, top_p=top_p).validated()
-    return pad_prompt(lm, prompt, max_new_tokens), max_new_tokens, proposal
-
-
-def _sample(key, lm, prompt_tokens, num_rows, max_new_tokens, temperature, top_k, top_p, rows, mesh):
-    """Validates, decodes `num_rows` rows from the proposal and checks their log p."""
-    check_key("key", key)
-    prompt, max_new_tokens, proposal = _checked(lm, prompt_tokens, max_new_tokens, temperature, top_k, top_p)
-    parallel.check_rows(mesh, num_rows, f"the {rows} count")
-    inputs = parallel.place_inputs((key, parallel.shard_model(lm, mesh), prompt, proposal), mesh)
+    parallel.check_rows(mesh, keys.shape[0] * num_rows, f"the {rows} count" + ("" if tokens.ndim == 1 else " × prompts"))
+    inputs = parallel.place_inputs((keys, parallel.shard_model(lm, mesh), (tokens, length), proposal), mesh)
     state = _decode(*inputs, num_rows, max_new_tokens, mesh)
     check_finite_log_p(lm, state.log_p, state.length, rows=rows)
     return state
+
+
+def _broadcasts(shape: tuple[int, ...], to: tuple[int, ...]) -> bool:
+    try:
+        return np.broadcast_shapes(shape, to) == to
+    except ValueError:
+        return False
 
 
 def base_sample(
@@ -81,10 +91,12 @@ def base_sample(
     """C independent completions from the proposal (default: the base model p).
 
     Args:
-      key: PRNG key.
+      key: PRNG key; for a batch of P prompts, P keys (`jax.random.split(key, P)`).
       lm: the model.
-      prompt_tokens: int32 `[T]`, T ≥ 1.
-      num_chains: C, completions decoded as one batch.
+      prompt_tokens: int32 `[T]`, T ≥ 1, or a batch of P prompts (a list of `[T_p]` prompts,
+        or `[P, T]`) with C completions each, as in `power_sample`: P·C rows, prompt-major,
+        prompt p's those of a call on it alone with key p.
+      num_chains: C, completions (per prompt) decoded as one batch.
       max_new_tokens: N (default 3072, `power_sample`'s); the prompt plus N must fit the
         model's positions.
       temperature, top_k, top_p: the proposal (see `Proposal`); traced, except top_k.
@@ -92,11 +104,12 @@ def base_sample(
         model axis), as in `power_sample`.
 
     Returns:
-      `PowerSampleResult` with no MH steps (`info` leaves `[1, 0, C]`); `tokens_decoded` =
-      `lengths`.
+      `PowerSampleResult` with no MH steps (`info` leaves `[1, 0, C]`, or `[1, 0, P·C]`);
+      `tokens_decoded` = `lengths`.
     """
     num_chains = check_int("num_chains", num_chains, 1)
-    state = _sample(key, lm, prompt_tokens, num_chains, max_new_tokens, temperature, top_k, top_p, "chain", mesh)
+    prompted, max_new_tokens = _prompted(lm, key, prompt_tokens, max_new_tokens)
+    state = _sample(lm, prompted, num_chains, max_new_tokens, temperature, top_k, top_p, "chain", mesh)
     return _without_mcmc(state.tokens, state.length, state.done, state.log_p, state.length)
 
 
@@ -162,20 +175,25 @@ def best_of_n(
 
     The mean is Σ log p / length over the completion, its stop token included.
     Compute matching: pass `token_budget` (int32 scalar or `[C]`, e.g. a power-sampling
-    result's `tokens_decoded`); candidates are then taken in sampling order while their
+    result's `tokens_decoded`; for P prompts, anything that broadcasts to `[P, C]`); candidates are then taken in sampling order while their
     cumulative tokens fit the budget (at least one per chain), so `num_candidates` is only
     an upper bound — make it large enough (budget / shortest plausible completion).
     `tokens_decoded` counts the candidates kept; all `num_candidates` are decoded.
-    `mesh`: candidates over the data axis (C x num_candidates must be a multiple of it).
+    `mesh`: candidates over the data axis (P × C × num_candidates must be a multiple of it).
     The other arguments and the result are as in `base_sample`.
     """
     num_chains = check_int("num_chains", num_chains, 1)
     num_candidates = check_int("num_candidates", num_candidates, 1)
     if token_budget is not None:
         check_int_array("token_budget", token_budget, 0, np.iinfo(np.int32).max + 1, "the int32 range")
+    prompted, max_new_tokens = _prompted(lm, key, prompt_tokens, max_new_tokens)
+    chains = (prompted[2].shape[0], num_chains)
     budget = jnp.iinfo(jnp.int32).max if token_budget is None else token_budget
-    budget = jnp.broadcast_to(jnp.asarray(budget, jnp.int32), (num_chains,))
+    if not _broadcasts(np.shape(budget), chains):
+        raise ArgumentError(f"token_budget must broadcast to [P, C] = {list(chains)} (prompts, chains), "
+                            f"got shape {np.shape(budget)}")
+    budget = jnp.broadcast_to(jnp.asarray(budget, jnp.int32), chains).reshape(-1)
     # Every candidate is checked, kept or not: a NaN model is an error, not a low score.
-    state = _sample(key, lm, prompt_tokens, num_chains * num_candidates, max_new_tokens,
+    state = _sample(lm, prompted, num_chains * num_candidates, max_new_tokens,
                     temperature, top_k, top_p, "candidate", mesh)
     return _select_best(state, parallel.place_inputs(budget, mesh))

@@ -48,7 +48,7 @@ from jaxsample.decoding import (
     extendable,
     fold_in_rows,
     init_decode,
-    pad_prompts,
+    prompts_and_keys,
     raise_on_non_finite,
     truncate,
 )
@@ -60,7 +60,7 @@ from jaxsample.mcmc.cuts import CutLaw, as_jit_argument, resolve_cut_law
 from jaxsample.mcmc.kernel import PowerMHInfo, draw_cuts, judge_moves, move_keys
 from jaxsample.mcmc.result import PowerSampleResult
 from jaxsample.sampling import Proposal
-from jaxsample.validation import check_int, check_key, check_keys, check_real
+from jaxsample.validation import check_int, check_real
 
 Array = jax.Array
 
@@ -277,8 +277,7 @@ def power_sample(
     block_size = check_int("block_size", block_size, 1)
     num_mcmc_steps = check_int("num_mcmc_steps", num_mcmc_steps, 0)
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
-    prompt, prompt_length = pad_prompts(lm, prompt_tokens, max_new_tokens)
-    keys = jnp.expand_dims(check_key("key", key), 0) if prompt.ndim == 1 else check_keys("key", key, prompt.shape[0])
+    prompt, prompt_length, keys = prompts_and_keys(lm, key, prompt_tokens, max_new_tokens)
     if max_new_tokens % block_size:
         raise ArgumentError(
             f"block_size must divide max_new_tokens={max_new_tokens} (blocks end at multiples "

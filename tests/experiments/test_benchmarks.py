@@ -112,6 +112,17 @@ def test_bench_power_counts_every_decoded_token_of_both_loops(tmp_path, referenc
     assert result["stacked_speedup"] == pytest.approx(result["stacked_tokens_per_s"] / result["transformers_tokens_per_s"])
 
 
+def test_bench_power_times_a_batch_of_prompts_against_one_prompt_after_another(tmp_path):
+    result = _run(bench_power.main, tmp_path, "--model", "random:tiny", "--prompts", 2, "--chains", 2, "--block-size", 4,
+                  "--max-new-tokens", 4, "--mcmc-steps", 1, *QUICK)
+    assert result["prompts"] == 2
+    # Per chain of either prompt: the block, then one proposal from its cut to the cap.
+    assert 2 * 2 * (4 + 1) <= result["jax_tokens_per_call"] <= 2 * 2 * (4 + 4)
+    _timed(result["timings"]["jax_per_prompt"])
+    assert result["per_prompt_tokens_per_s"] == pytest.approx(result["jax_tokens_per_call"] / result["timings"]["jax_per_prompt"]["median_s"])
+    assert result["batch_gain"] == pytest.approx(result["jax_tokens_per_s"] / result["per_prompt_tokens_per_s"])
+
+
 def _open_loop(body):
     """HLO of `body` in a loop whose trip count the compiler cannot know (like a decode loop)."""
     loop = lambda x, stop: jax.lax.while_loop(lambda c: c[1] < stop, lambda c: (body(c[0]), c[1] + 1), (x, 0))[0]  # noqa: E731
