@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import jaxsample as js
 from jaxsample import mcmc, parallel
-from jaxsample.decoding import pad_prompt
+from jaxsample.decoding import pad_prompts
 from jaxsample.errors import ArgumentError
 from problems import (
     add_mesh_argument,
@@ -62,66 +62,91 @@ def check_config(config: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Samplers (jitted once per prompt length; α and τ are traced)
+# Samplers (jitted once per batch size and prompt length bucket; α and τ are traced). Each
+# takes a batch of problems, one key per problem, and gives every problem the draws of a run
+# of it alone (`--batch-problems` changes only the speed).
 
 
 @partial(jax.jit, static_argnames=("cut_law", "num_chains", "num_steps", "max_new_tokens", "top_k", "mesh"))
-def mh_trajectory(key, lm, prompt, prompt_length, alpha, cut_law, num_chains, num_steps, max_new_tokens, top_k, mesh):
-    """C chains of single-block MH; the completion of every chain after every step."""
+def mh_trajectory(keys, lm, prompts, prompt_lengths, alpha, cut_law, num_chains, num_steps, max_new_tokens, top_k, mesh):
+    """C chains of single-block MH per prompt (rows prompt-major); the completion of every
+    chain after every step."""
     proposal = js.Proposal(temperature=1.0 / alpha, top_k=top_k, top_p=jnp.float32(1.0))
-    init_key, run_key = jax.random.split(key)
-    state = mcmc.init(init_key, lm, prompt, num_chains, max_new_tokens, proposal, prompt_length=prompt_length)
+    init_keys, run_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
+    state = mcmc.init(init_keys, lm, prompts, num_chains, max_new_tokens, proposal, prompt_length=prompt_lengths)
     state = parallel.constrain_rows(state, mesh)
     step = mcmc.build_kernel(lm, cut_law, proposal)
 
     def body(state, index):
-        state, info = step(jax.random.fold_in(run_key, index), state, alpha, max_new_tokens)
+        state, info = step(jax.vmap(jax.random.fold_in, (0, None))(run_keys, index), state, alpha, max_new_tokens)
         return state, (state.decode.tokens, info.accepted, info.tokens_decoded)
 
     _, (tokens, accepted, decoded) = jax.lax.scan(body, state, jnp.arange(num_steps))
     return parallel.replicate((state.decode.tokens, state.decode.length, tokens, accepted, decoded), mesh)
 
 
-def run_mh(key, lm, problem, cut, config, max_new):
+def run_mh(keys, lm, problems, cut, config, max_new):
     cut_law = mcmc.resolve_cut_law("uniform" if cut == "mh_uniform" else "entropy")
-    prompt, prompt_length = pad_prompt(lm, jnp.asarray(problem.prompt, jnp.int32), max_new)
-    init_tokens, init_lengths, tokens, accepted, decoded = mh_trajectory(
-        key, lm, prompt, prompt_length, jnp.float32(config["alpha"]), cut_law,
+    prompts, prompt_lengths = pad_prompts(lm, [problem.prompt for problem in problems], max_new)
+    outputs = mh_trajectory(
+        keys, lm, prompts, prompt_lengths, jnp.float32(config["alpha"]), cut_law,
         config["chains"], config["mcmc_steps"], max_new, config["top_k"], experiment_mesh(config))
-    states = np.concatenate([np.asarray(init_tokens)[None], np.asarray(tokens)])
-    passed = grades(problem, states)
-    accuracy = passed.mean(axis=1)
-    spent = np.mean(np.asarray(init_lengths)) + np.concatenate([[0.0], np.cumsum(np.asarray(decoded).mean(axis=1))])
-    return {
-        "accuracy": float(accuracy[-1]),
-        "tokens": float(spent[-1]),
-        "acceptance": float(np.asarray(accepted).mean()) if config["mcmc_steps"] else float("nan"),
-        "curve": [[float(t), float(a)] for t, a in zip(spent, accuracy)],
-        "answers": answers(problem, states[-1], passed[-1]),
-    }
+    init_tokens, init_lengths, tokens, accepted, decoded = (np.asarray(x) for x in outputs)
+    records = []
+    for rows, problem in zip(_problem_rows(problems, config["chains"]), problems):
+        states = np.concatenate([init_tokens[None, rows], tokens[:, rows]])
+        passed = grades(problem, states)
+        accuracy = passed.mean(axis=1)
+        spent = np.mean(init_lengths[rows]) + np.concatenate([[0.0], np.cumsum(decoded[:, rows].mean(axis=1))])
+        records.append({
+            "accuracy": float(accuracy[-1]),
+            "tokens": float(spent[-1]),
+            "acceptance": float(accepted[:, rows].mean()) if config["mcmc_steps"] else float("nan"),
+            "curve": [[float(t), float(a)] for t, a in zip(spent, accuracy)],
+            "answers": answers(problem, states[-1], passed[-1]),
+        })
+    return records
 
 
-def run_method(method, key, lm, problem, config, max_new, budget):
-    """One sampling, MH or best-of-N unit. `budget` holds the problem's `base_length` (mean
+def _problem_rows(problems, chains):
+    """Each problem's rows of a batch (prompt-major)."""
+    return [slice(i * chains, (i + 1) * chains) for i in range(len(problems))]
+
+
+def run_method(method, keys, lm, problems, config, max_new, budgets):
+    """One sampling, MH or best-of-N method on a batch of problems (`keys` `[P]`, one per
+    problem); a record per problem. `budgets` holds each problem's `base_length` (mean
     base-sample length, if base ran) and `matched_tokens` (best-of-N's token budget)."""
-    prompt = jnp.asarray(problem.prompt, jnp.int32)
+    if method in ("mh_uniform", "mh_entropy"):
+        return run_mh(keys, lm, problems, method, config, max_new)
     common = dict(num_chains=config["chains"], max_new_tokens=max_new, top_k=config["top_k"],
                   mesh=experiment_mesh(config))
-    if method in ("mh_uniform", "mh_entropy"):
-        return run_mh(key, lm, problem, method, config, max_new)
+    prompts = [jnp.asarray(problem.prompt, jnp.int32) for problem in problems]
+    if method == "best_of_n":
+        return _best_of_n(keys, lm, problems, prompts, common, max_new, budgets)
     if method == "base":
-        result = mcmc.base_sample(key, lm, prompt, **common)
-    elif method == "temperature":
-        result = mcmc.temperature_sample(key, lm, prompt, alpha=config["alpha"], **common)
+        result = mcmc.base_sample(keys, lm, prompts, **common)
     else:
-        # Compute-matched: as many candidates as the matched budget pays for.
-        mean_length = max(budget.get("base_length", float(max_new)), 1.0)
-        candidates = max(1, math.ceil(budget["matched_tokens"] / mean_length))
-        result = mcmc.best_of_n(key, lm, prompt, num_candidates=candidates, token_budget=int(round(budget["matched_tokens"])), **common)
-        record = record_from_result(problem, result)
-        record["candidates"] = candidates
-        return record
-    return record_from_result(problem, result)
+        result = mcmc.temperature_sample(keys, lm, prompts, alpha=config["alpha"], **common)
+    return [record_from_result(problem, result.tokens[rows], result.tokens_decoded[rows])
+            for rows, problem in zip(_problem_rows(problems, config["chains"]), problems)]
+
+
+def _best_of_n(keys, lm, problems, prompts, common, max_new, budgets):
+    """Compute-matched: as many candidates as each problem's matched budget pays for. The
+    candidate count shapes the batch, so problems run together only when their counts agree."""
+    candidates = [max(1, math.ceil(budget["matched_tokens"] / max(budget.get("base_length", float(max_new)), 1.0)))
+                  for budget in budgets]
+    records = [None] * len(problems)
+    for count in sorted(set(candidates)):
+        same = [i for i, c in enumerate(candidates) if c == count]
+        result = mcmc.best_of_n(
+            keys[jnp.asarray(same)], lm, [prompts[i] for i in same], num_candidates=count,
+            token_budget=[[int(round(budgets[i]["matched_tokens"]))] for i in same], **common)
+        for rows, i in zip(_problem_rows(same, common["num_chains"]), same):
+            records[i] = record_from_result(problems[i], result.tokens[rows], result.tokens_decoded[rows])
+            records[i]["candidates"] = count
+    return records
 
 
 # ---------------------------------------------------------------------------------------
@@ -133,42 +158,57 @@ def run(run_dir: RunDirectory) -> str:
     lm, problems, max_new = load_model_and_problems(config)
     methods = selected_methods(config, METHODS)
 
-    def run_unit(method, key, problem, budget):
-        return run_method(method, key, lm, problem, config, max_new, budget)
+    def run_batch(method, keys, batch, budgets):
+        return run_method(method, keys, lm, batch, config, max_new, budgets)
 
-    run_units(run_dir, "power", lm, problems, methods, run_unit, known=METHODS, matched=MATCHED)
+    run_units(run_dir, "power", lm, problems, methods, run_batch, known=METHODS, matched=MATCHED)
     return summarize(run_dir, methods, "power sampling")
 
 
-def run_units(run_dir: RunDirectory, command: str, lm, problems, methods, run_unit, *, known, matched) -> None:
-    """Runs every (problem, method) unit the run directory has not finished, in order: the
-    exact reference, then `run_unit(method, key, problem, budget) -> record` for each method.
+def run_units(run_dir: RunDirectory, command: str, lm, problems, methods, run_batch, *, known, matched) -> None:
+    """Runs every (problem, method) unit the run directory has not finished: for each batch of
+    `--batch-problems` problems in order, the exact references, then each method on the batch's
+    problems that still need it, as one `run_batch(method, keys [P], problems, budgets) ->
+    records`.
 
     A unit's key depends on the seed, the problem and the method's place in `known` only, so
-    resumed and fresh runs draw the same. `budget` holds what the problem's finished units
-    set for the baselines that match the `matched` methods' token budget (`budget_fields`).
+    resumed, fresh and differently batched runs draw the same. `budgets` hold what each
+    problem's finished units set for the baselines that match the `matched` methods' token
+    budget (`budget_fields`).
     """
     config = run_dir.config
     done = run_dir.done_keys()
-    todo = [(p, m) for p in problems for m in ["exact", *methods] if f"{p.key}/{m}" not in done]
-    run_dir.log.info("model %s, %d problems, methods %s, %d units to do", lm.name, len(problems), methods, len(todo))
+    size = config["batch_problems"]
+    units = ["exact", *methods]
+    todo = sum(f"{p.key}/{m}" not in done for p in problems for m in units)
+    run_dir.log.info("model %s, %d problems in batches of %d, methods %s, %d units to do",
+                     lm.name, len(problems), size, methods, todo)
     key = jax.random.key(config["seed"])
     budgets = {}
     for record in run_dir.finished:
         budgets.setdefault(record["problem"], {}).update(budget_fields(record, matched))
-    with tqdm(todo, desc=f"{command} [{lm.name}]", unit="run") as bar:
-        for problem, method in bar:
-            bar.set_postfix(problem=problem.key, method=method)
-            budget = budgets.setdefault(problem.key, {})
-            if method == "exact":
-                record = exact_record(lm, problem, config["alpha"])
-            else:
-                problem_key = jax.random.fold_in(key, zlib.crc32(problem.key.encode()))
-                record = run_unit(method, jax.random.fold_in(problem_key, known.index(method)), problem, budget)
-            record.update(key=f"{problem.key}/{method}", problem=problem.key, group=problem.group, method=method)
-            budget.update(budget_fields(record, matched))
-            run_dir.append(record)
-            run_dir.log.info("%s %s accuracy=%.3f tokens=%.1f", problem.key, method, record.get("accuracy", float("nan")), record.get("tokens", float("nan")))
+    with tqdm(total=todo, desc=f"{command} [{lm.name}]", unit="run") as bar:
+        for start in range(0, len(problems), size):
+            for method in units:
+                batch = [p for p in problems[start:start + size] if f"{p.key}/{method}" not in done]
+                if not batch:
+                    continue
+                bar.set_postfix(problems=f"{batch[0].key}..{batch[-1].key}" if len(batch) > 1 else batch[0].key,
+                                method=method)
+                if method == "exact":
+                    records = [exact_record(lm, problem, config["alpha"]) for problem in batch]
+                else:
+                    keys = jnp.stack([
+                        jax.random.fold_in(jax.random.fold_in(key, zlib.crc32(p.key.encode())), known.index(method))
+                        for p in batch])
+                    records = run_batch(method, keys, batch, [budgets.setdefault(p.key, {}) for p in batch])
+                for problem, record in zip(batch, records):
+                    record.update(key=f"{problem.key}/{method}", problem=problem.key, group=problem.group, method=method)
+                    budgets.setdefault(problem.key, {}).update(budget_fields(record, matched))
+                    run_dir.append(record)
+                    run_dir.log.info("%s %s accuracy=%.3f tokens=%.1f", problem.key, method,
+                                     record.get("accuracy", float("nan")), record.get("tokens", float("nan")))
+                bar.update(len(batch))
 
 
 def budget_fields(record, matched_methods) -> dict:

@@ -36,8 +36,9 @@ def add_problem_arguments(
 
 
 def add_mesh_argument(parser: argparse.ArgumentParser) -> None:
-    """`--mesh`, for the commands whose samplers take a mesh (power, smc)."""
+    """`--mesh` and `--batch-problems`, where rows run (power, smc): neither changes what they draw."""
     parser.add_argument("--mesh", default="", help="device mesh data=D,model=M: chains/particles split over D devices, the model tensor-parallel over M (default: one device; see README, multi-device)")
+    parser.add_argument("--batch-problems", type=int, default=1, help="problems sampled together, as one batch of problems x chains rows (each prompt prefilled once); every problem draws what it draws alone. SMC methods run one problem at a time")
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,6 +82,7 @@ def check_problem_config(config: dict, positive=("chains", "problems_per_k", "nu
         raise ArgumentError("--data FILE goes with --task math500 (and only with it)")
     if config["task"] == "decisions" and config["model"] not in ("toy-decisions", "exact"):
         raise ArgumentError("--task decisions runs on --model toy-decisions or --model exact")
+    check_int("--batch-problems", config["batch_problems"], 1)
     mesh = experiment_mesh(config)
     for name in ("chains", "particles"):
         if mesh is not None and name in config:
@@ -251,13 +253,14 @@ def answers(problem: Problem, tokens, passed, weights=None) -> list[dict]:
     return rows
 
 
-def record_from_result(problem: Problem, result) -> dict:
-    """Accuracy, tokens per answer and the answers of a `PowerSampleResult`-like result."""
-    passed = grades(problem, result.tokens)
+def record_from_result(problem: Problem, tokens, tokens_decoded) -> dict:
+    """Accuracy, tokens per answer and the answers of a problem's rows of a sampler's result
+    (`tokens` `[C, N]`, `tokens_decoded` `[C]`)."""
+    passed = grades(problem, tokens)
     value = float(passed.mean())
-    tokens = float(np.mean(np.asarray(result.tokens_decoded)))
-    return {"accuracy": value, "tokens": tokens, "acceptance": float("nan"), "curve": [[tokens, value]],
-            "answers": answers(problem, result.tokens, passed)}
+    spent = float(np.mean(np.asarray(tokens_decoded)))
+    return {"accuracy": value, "tokens": spent, "acceptance": float("nan"), "curve": [[spent, value]],
+            "answers": answers(problem, tokens, passed)}
 
 
 def exact_record(lm, problem: Problem, alpha: float) -> dict:

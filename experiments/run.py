@@ -191,7 +191,7 @@ def parse(argv: list[str]) -> tuple[str, dict, dict]:
 
 
 # Saved options a resumed run may change: they place the work on devices, and change no draw.
-_PLACEMENT_OPTIONS = ("mesh",)
+_PLACEMENT_OPTIONS = ("mesh", "batch_problems")
 # Options an earlier version saved under another name (old name → new name, value map) or
 # saved although the command never read them, so folders made before the change still resume.
 _RENAMED_OPTIONS = {"codistill": {"no_weights_arm": ("weights_arm", lambda value: not value)}}
@@ -224,6 +224,8 @@ def resumed_config(out: Path, command: str, given: dict) -> dict:
         )
     saved = _upgrade_saved_config(command, saved)
     options = _run_options(_subparser(build_parser(), command))
+    # A placement option newer than the folder takes its default (it changes no draw).
+    saved |= {k: options[k].default for k in _PLACEMENT_OPTIONS if k in options and k not in saved}
     missing = sorted(set(options) - set(saved))
     if missing:
         fail(f"{source} is corrupted or from another version: option(s) {', '.join(missing)} missing")

@@ -138,12 +138,13 @@ def run(run_dir: RunDirectory) -> str:
         raise ArgumentError(f"--block-size {block_size} must divide the trace length {max_new}")
     methods = selected_methods(config, METHODS)
 
-    def run_unit(method, key, problem, budget):
-        if method in ("power_smc", "reward_smc", "reward_smc_rejuv"):
-            reward = reward_for(problem, lm, item_length, max_new)
-            return run_smc(key, lm, problem, method, config, max_new, block_size, reward)
-        return run_method(method, key, lm, problem, config, max_new, budget)
+    def run_batch(method, keys, batch, budgets):
+        if method in ("power_smc", "reward_smc", "reward_smc_rejuv"):  # resampling stays within one problem
+            return [run_smc(key, lm, problem, method, config, max_new, block_size,
+                            reward_for(problem, lm, item_length, max_new))
+                    for key, problem in zip(keys, batch)]
+        return run_method(method, keys, lm, batch, config, max_new, budgets)
 
-    run_units(run_dir, "smc", lm, problems, methods, run_unit, known=METHODS, matched=MATCHED)
+    run_units(run_dir, "smc", lm, problems, methods, run_batch, known=METHODS, matched=MATCHED)
     return summarize(run_dir, methods, "SMC decoding")
 

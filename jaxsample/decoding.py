@@ -202,9 +202,19 @@ def prompts_and_keys(lm: LanguageModel, key: Any, prompt_tokens: Any, max_new_to
       (P = 1), P keys (`jax.random.split(key, P)`) for a batch of P prompts.
     """
     tokens, lengths = pad_prompts(lm, prompt_tokens, max_new_tokens)
-    if tokens.ndim == 1:
-        return tokens, lengths, jnp.expand_dims(check_key("key", key), 0)
-    return tokens, lengths, check_keys("key", key, tokens.shape[0])
+    return tokens, lengths, prompt_keys(key, tokens)
+
+
+def prompt_keys(key: Any, prompt_tokens: Array) -> Array:
+    """Checked keys `[P]`: one key for one prompt `[T]`, P keys for prompts `[P, T]`."""
+    if np.ndim(prompt_tokens) == 1:
+        return jnp.expand_dims(check_key("key", key), 0)
+    return check_keys("key", key, prompt_tokens.shape[0])
+
+
+def is_key_batch(key: Array) -> bool:
+    """Whether `key` is a batch of PRNG keys (typed `[B]` or raw `[B, 2]`) rather than one."""
+    return key.ndim == (1 if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else 2)
 
 
 def prompt_row_keys(keys: Array, rows_per_prompt: int) -> Array:
@@ -337,8 +347,7 @@ def extend(
     """
     batch = state.tokens.shape[0]
     limit = row_limits(state, limit)
-    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-    row_keys = key if key.ndim == (1 if typed else 2) else fold_in_rows(key, batch)
+    row_keys = key if is_key_batch(key) else fold_in_rows(key, batch)
     final = jax.lax.while_loop(
         lambda s: jnp.any(extendable(s, limit)),
         lambda s: advance(lm, s, row_keys, limit, proposal, forced),

@@ -20,8 +20,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxsample.decoding import (DecodeState, extend, first_non_finite, fold_in_rows, init_decode, rewind,
-                                select_rows)
+from jaxsample.decoding import (DecodeState, extend, first_non_finite, fold_in_rows, init_decode, is_key_batch,
+                                prompt_keys, prompt_row_keys, rewind, select_rows)
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc.acceptance import Trace, log_acceptance_ratio
 from jaxsample.mcmc.cuts import CutLaw
@@ -90,20 +90,23 @@ def init(
     """Starts C chains from completions drawn from `proposal`.
 
     Args:
-      key: PRNG key.
+      key: PRNG key; P keys for P prompts.
       lm: the model.
-      prompt_tokens: int32 `[T]`, shared by every chain.
-      num_chains: C.
+      prompt_tokens: int32 `[T]`, shared by every chain, or `[P, T]`: P prompts with C
+        chains each, prompt-major (rows p·C … p·C + C − 1 continue prompt p and are the
+        chains of prompt p alone with key p; `step` then takes P keys too).
+      num_chains: C (per prompt).
       max_new_tokens: N, the slots per chain.
       proposal: the sampling distribution q.
       cap: the initial length cap (default N); chains stop at a stop token or `cap`.
       prompt_length: the real length of a right-padded prompt (`jaxsample.decoding.pad_prompt`;
-        default T); may be traced.
+        default T), `[P]` for P prompts (`pad_prompts`); may be traced.
 
     The tokens this decodes are `state.decode.length`.
     """
-    state = init_decode(lm, prompt_tokens, num_chains, max_new_tokens, prompt_lengths=prompt_length)
-    state, _ = extend(key, lm, state, max_new_tokens if cap is None else cap, proposal)
+    keys = prompt_keys(key, prompt_tokens)
+    state = init_decode(lm, prompt_tokens, keys.shape[0] * num_chains, max_new_tokens, prompt_lengths=prompt_length)
+    state, _ = extend(prompt_row_keys(keys, num_chains), lm, state, max_new_tokens if cap is None else cap, proposal)
     return PowerMHState(state)
 
 
@@ -123,7 +126,11 @@ class MoveKeys(NamedTuple):
 
 def move_keys(key: Array, num_chains: int) -> MoveKeys:
     """Splits one MH step's key per chain, so that a chain's randomness does not depend on
-    the other chains, nor on when the other chains make their moves."""
+    the other chains, nor on when the other chains make their moves. With P keys (one per
+    prompt), the C chains are P groups of C / P, prompt-major, each split from its key."""
+    if is_key_batch(key):
+        per_prompt = jax.vmap(move_keys, in_axes=(0, None))(key, num_chains // key.shape[0])
+        return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), per_prompt)
     cut_key, proposal_key = jax.random.split(key)
     split_keys = jax.vmap(jax.random.split)(fold_in_rows(cut_key, num_chains))
     return MoveKeys(split_keys[:, 0], split_keys[:, 1], fold_in_rows(proposal_key, num_chains))
@@ -163,7 +170,7 @@ def build_kernel(
 
     Args of `step`:
       key: PRNG key, split per chain by `move_keys`, so a chain's randomness does not depend
-        on the other chains.
+        on the other chains; P keys for chains of P prompts (`init`).
       state: `PowerMHState`; every active chain must lie in the cap's state space (length ≤
         cap, and a chain without a stop token has length == cap).
       alpha: α > 0, traced.

@@ -340,6 +340,17 @@ def test_mesh_option_splits_chains_over_devices(finished_run, tmp_path):
     assert sorted(two, key=lambda r: r["key"]) == sorted(one, key=lambda r: r["key"])
 
 
+def test_batched_problems_draw_what_each_problem_draws_alone(finished_run, tmp_path):
+    """`--batch-problems 2` samples both problems of a K in one batch per method (best-of-N
+    too, where their candidate counts agree): every record is the one-at-a-time run's."""
+    assert run.main(["power", *TINY, "--problems-per-k", "2", "--batch-problems", "2", "--out", str(tmp_path / "b")]) == 0
+    fields = ("key", "accuracy", "tokens", "acceptance", "curve", "candidates", "exact")
+    batched = [{f: r.get(f) for f in fields} for r in read_results(tmp_path / "b")]
+    alone = [{f: r.get(f) for f in fields} for r in read_results(finished_run)]
+    assert len(batched) == len(alone) > 2
+    assert sorted(batched, key=lambda r: r["key"]) == sorted(alone, key=lambda r: r["key"])
+
+
 @pytest.mark.parametrize("leftover", ["results.jsonl", "model.msgpack"])
 def test_existing_run_directory_needs_resume(leftover, tmp_path, capsys):
     # also a run killed after caching its model but before its first result: a new run with
@@ -461,7 +472,7 @@ def test_run_folder_with_an_unknown_option_is_still_refused(tmp_path, capsys):
     assert "unknown option 'bogus'" in capsys.readouterr().err
 
 
-def test_resume_may_move_a_run_to_another_mesh(tmp_path, capsys):
+def test_resume_may_move_a_run_to_another_mesh_or_batch(tmp_path, capsys):
     """The mesh places rows on devices and changes no draw, so a pre-empted run can continue
     on another slice; any other changed option is still refused."""
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(_saved_config("power", mesh="data=8")))
@@ -469,3 +480,9 @@ def test_resume_may_move_a_run_to_another_mesh(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run.resumed_config(tmp_path, "power", {"mesh": "data=2", "chains": 8})
     assert "these differ: --chains 8 (saved: 32)" in capsys.readouterr().err
+    # So does the problem batch; a folder saved before the option existed resumes unbatched.
+    old = _saved_config("power")
+    del old["batch_problems"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert run.resumed_config(tmp_path, "power", {})["batch_problems"] == 1
+    assert run.resumed_config(tmp_path, "power", {"batch_problems": 4})["batch_problems"] == 4

@@ -163,6 +163,30 @@ def test_a_batch_of_prompts_gives_each_prompt_the_chains_of_its_own_run(model):
         assert len({tuple(row) for row in np.asarray(batch.tokens)}) > chains
 
 
+def test_kernel_steps_on_a_batch_of_prompts_are_each_prompts_own_steps():
+    lm, prompts = _tiny_transformer(), [[3, 1, 4, 1, 5], [2, 7]]
+    tokens, lengths = js.decoding.pad_prompts(lm, prompts, 6)
+    proposal = js.Proposal(temperature=0.5).validated()
+    init_keys, step_keys = jax.random.split(jax.random.key(2), (2, len(prompts)))
+    step = build_kernel(lm, uniform, proposal)
+    state = init(init_keys, lm, tokens, 3, 6, proposal, prompt_length=lengths)
+    batch, infos = state, []
+    for index in range(2):
+        batch, info = step(jax.vmap(jax.random.fold_in, (0, None))(step_keys, index), batch, 2.0, 6)
+        infos.append(info)
+    for p, prompt in enumerate(prompts):
+        padded, length = js.decoding.pad_prompt(lm, jnp.asarray(prompt, jnp.int32), 6)
+        alone = init(init_keys[p], lm, padded, 3, 6, proposal, prompt_length=length)
+        rows = slice(3 * p, 3 * p + 3)
+        np.testing.assert_array_equal(state.decode.tokens[rows], alone.decode.tokens, err_msg=f"init of prompt {p}")
+        for index in range(2):
+            alone, info = step(jax.random.fold_in(step_keys[p], index), alone, 2.0, 6)
+            for name in ("cut", "accepted", "tokens_decoded"):
+                np.testing.assert_array_equal(getattr(infos[index], name)[rows], getattr(info, name), err_msg=name)
+        np.testing.assert_array_equal(batch.decode.tokens[rows], alone.decode.tokens, err_msg=f"prompt {p}")
+    assert np.asarray(jnp.stack([i.accepted for i in infos])).any()
+
+
 def test_a_batch_of_prompts_needs_a_key_per_prompt_and_prompts():
     settings = dict(num_chains=2, block_size=2, max_new_tokens=4)
     with pytest.raises(ArgumentError, match=r"key must be 2 PRNG keys, e.g. jax.random.split\(key, 2\)"):
