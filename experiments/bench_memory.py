@@ -6,6 +6,8 @@ random model, and reads the peak from XLA's memory analysis of the compiled prog
 (`jitted.lower(...).compile().memory_analysis()`: temporaries + outputs + non-parameter
 arguments − aliased bytes; the weights are excluded). The goal of a shared prompt cache is a
 peak of at most 1.2 x (the generated part of every row's cache + one prompt cache).
+`--prompts P` also compiles `power_sample` on a batch of P prompts with `--particles` / P
+chains each, whose base is the generated part + P prompt caches (each prompt held once).
 
     python experiments/bench_memory.py --particles 64 --prompt-tokens 1024 --new-tokens 512 \
         --shapes tiny,qwen2.5-0.5b
@@ -87,6 +89,7 @@ def main(argv=None):
     parser.add_argument("--particles", type=int, default=64, help="SMC particles = MH chains")
     parser.add_argument("--prompt-tokens", type=int, default=1024, help="prompt length")
     parser.add_argument("--new-tokens", type=int, default=512, help="generated tokens per row")
+    parser.add_argument("--prompts", type=int, default=1, help="also compile power_sample on this many prompts (a divisor of --particles) with --particles / P chains each")
     parser.add_argument("--block-size", type=int, default=64, help="SMC block size = MH block size")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and KV cache")
     parser.add_argument("--shapes", default="tiny,qwen2.5-0.5b",
@@ -94,6 +97,8 @@ def main(argv=None):
     parser.add_argument("--largest", type=int, default=8, help="biggest buffers of each program to report (parameters and constants excluded)")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
+    if args.prompts < 1 or args.particles % args.prompts:
+        parser.error(f"--prompts must divide --particles ({args.particles}), got {args.prompts}")
 
     dtype = jnp.dtype(args.dtype)
     results, lines = {}, []
@@ -102,7 +107,7 @@ def main(argv=None):
             parser.error(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
         results[shape] = measure(shape, dtype, args)
         lines.append(summary(shape, results[shape]))
-    result = {**machine(), "particles": args.particles, "prompt_tokens": args.prompt_tokens,
+    result = {**machine(), "particles": args.particles, "prompts": args.prompts, "prompt_tokens": args.prompt_tokens,
               "new_tokens": args.new_tokens, "dtype": args.dtype, "shapes": results}
     report(result, "\n".join(lines), args.json)
 
@@ -116,23 +121,31 @@ def measure(shape: str, dtype, args) -> dict:
     key = jax.random.key(0)
     alpha = jnp.float32(4.0)
     proposal = Proposal(temperature=1.0 / alpha).validated()
-    smc, smc_slices = compile_with_report(_smc_run.lower(
+    smc = compile_with_report(_smc_run.lower(
         key, lm, prompt, length, make_target(alpha, 0.0, None), proposal, jnp.float32(0.5),
         num_particles=args.particles, max_new_tokens=args.new_tokens, block_size=args.block_size,
         resampler="systematic", num_rejuvenation_steps=0, lookahead=None, progress=False, mesh=None,
     ), args.largest)
-    power, power_slices = compile_with_report(_power_sample.lower(
-        key, lm, prompt, length, alpha, proposal, as_jit_argument(uniform), args.particles, args.block_size, 2,
-        args.new_tokens, jnp.asarray(False), False, None,
-    ), args.largest)
+    def power_program(keys, prompts, lengths):
+        return compile_with_report(_power_sample.lower(
+            keys, lm, prompts, lengths, alpha, proposal, as_jit_argument(uniform), args.particles // keys.shape[0],
+            args.block_size, 2, args.new_tokens, jnp.asarray(False), False, None,
+        ), args.largest)
+
+    programs = [("smc_decode", 1, *smc), ("power_sample", 1, *power_program(key[None], prompt, length))]
+    if args.prompts > 1:
+        batch = (jax.random.split(key, args.prompts), jnp.tile(prompt, (args.prompts, 1)),
+                 jnp.full((args.prompts,), length))
+        programs.append((f"power_sample_{args.prompts}_prompts", args.prompts, *power_program(*batch)))
 
     kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
     generated = args.particles * args.new_tokens * kv_per_token
     one_prompt = prompt.shape[0] * kv_per_token
     rows = {}
-    for name, compiled, slices in (("smc_decode", smc, smc_slices), ("power_sample", power, power_slices)):
+    for name, prompts, compiled, slices in programs:
         stats = peak_bytes(compiled, params_bytes)
-        stats["ratio_to_goal_base"] = stats["peak_without_weights"] / (generated + one_prompt)
+        stats["prompts"] = prompts
+        stats["ratio_to_goal_base"] = stats["peak_without_weights"] / (generated + prompts * one_prompt)
         stats["largest_buffers"] = slices
         rows[name] = stats
     return {"layers": config.num_hidden_layers, "prompt_bucket": int(prompt.shape[0]),
@@ -147,8 +160,10 @@ def summary(shape: str, result: dict) -> str:
     lines = [f"{shape} ({result['layers']} layers): goal base (generated cache + one prompt cache) "
              f"{base / 2**20:.0f} MiB; goal: peak <= {1.2 * base / 2**20:.0f} MiB"]
     for name, stats in result["programs"].items():
+        prompts = stats.get("prompts", 1)
         lines.append(f"  {name}: peak {stats['peak_without_weights'] / 2**20:.0f} MiB = "
-                     f"{stats['ratio_to_goal_base']:.2f}x the goal base; largest buffers:")
+                     f"{stats['ratio_to_goal_base']:.2f}x the goal base"
+                     + (f" (with {prompts} prompt caches)" if prompts > 1 else "") + "; largest buffers:")
         lines += [f"    {b['bytes'] / 2**20:8.1f} MiB  {' '.join(b['shapes'])}  ({', '.join(b['instructions'])}"
                   f"{', ...' if b['values'] > len(b['instructions']) else ''})" for b in stats["largest_buffers"]]
     return "\n".join(lines)

@@ -162,7 +162,7 @@ def test_kernels_per_step_needs_an_open_ended_loop():
 def test_bench_memory_rows_hold_no_copy_of_the_prompt_cache(tmp_path):
     rows, prompt, new = 64, 256, 64
     result = _run(bench_memory.main, tmp_path, "--shapes", "tiny", "--particles", rows, "--prompt-tokens", prompt,
-                  "--new-tokens", new, "--block-size", 32)
+                  "--new-tokens", new, "--block-size", 32, "--prompts", 4)
     shape = result["shapes"]["tiny"]
     assert shape["generated_cache_bytes"] == rows * new * shape["kv_bytes_per_token"]
     assert shape["per_row_full_cache_bytes"] == rows * (prompt + new) * shape["kv_bytes_per_token"]
@@ -173,6 +173,11 @@ def test_bench_memory_rows_hold_no_copy_of_the_prompt_cache(tmp_path):
     assert power["peak_without_weights"] < 0.5 * 2 * shape["per_row_full_cache_bytes"]
     base = shape["generated_cache_bytes"] + shape["one_prompt_cache_bytes"]
     assert smc["ratio_to_goal_base"] == pytest.approx(smc["peak_without_weights"] / base)
+    # 4 prompts with 16 chains each hold 4 prompt caches, not one per row (63 more here).
+    batch = shape["programs"]["power_sample_4_prompts"]
+    extra = batch["peak_without_weights"] - power["peak_without_weights"]
+    assert 3 * shape["one_prompt_cache_bytes"] <= extra < 0.25 * (rows - 4) * shape["one_prompt_cache_bytes"]
+    assert batch["ratio_to_goal_base"] == pytest.approx(batch["peak_without_weights"] / (base + 3 * shape["one_prompt_cache_bytes"]))
     # What fills the peak, from XLA's buffer assignment: the rows' generated-part K and V
     # caches ([rows, layers, kv heads, slots, head dim]; slots: the new tokens + 1) are among
     # each program's largest buffers, largest first.
