@@ -98,6 +98,9 @@ step bench_draw 20 python $B/bench_draw.py --vocab 151936 --batches 1,64 --sampl
 # and what power_sample's own per-chain schedule gains over chains in lockstep (a second
 # ~34 s compilation; 1.15x at 2 MH steps per block and 1.35x at 8 on CPU, 2026-12-04)
 #   bench_power.py --model random:qwen2.5-0.5b --dtype bfloat16 --chains 8 --reference-chains 2 --mcmc-steps 8 --lockstep
+# and what a batch of problems gains over one problem after another (8 prompts x 8 chains;
+# 2.17x at 4 x 4 on CPU, 2026-12-04)
+#   bench_power.py --model random:qwen2.5-0.5b --dtype bfloat16 --prompts 8 --chains 8 --reference-chains 2
 # The goals against what this run measured (reads the JSON; no device work).
 python $B/goals.py "$OUT" | tee "$OUT/goals.md"
 echo "done $(date -u +%T); JSON in $OUT"

@@ -104,6 +104,12 @@ def test_a_batch_of_prompts_gives_each_prompt_the_rows_of_its_own_call(lm, sampl
     assert len({tuple(row) for row in np.asarray(batch.tokens)}) > 3
 
 
+def test_smc_decode_takes_one_prompt(lm):
+    with pytest.raises(ArgumentError, match=r"prompt_tokens must be one prompt \[T\] of token ids, got a list of rows of "
+                                            "different lengths"):
+        js.smc_decode(KEY, lm, [[1, 2, 3], [4, 1]], num_particles=4, max_new_tokens=4)
+
+
 def test_best_of_n_budgets_broadcast_over_prompts_and_chains(lm):
     keys, prompts = jax.random.split(KEY, 2), [[1, 2, 3], [4, 1]]
     per_prompt = js.best_of_n(keys, lm, prompts, 4, num_chains=2, max_new_tokens=4, token_budget=[[4], [16]])
