@@ -202,19 +202,18 @@ def main(argv=None):
     if args.stacked:
         stacked_rate = int(np.sum(np.asarray(decoded["jax_stacked"]))) / timings["jax_stacked"]["median_s"]
         result.update(stacked_tokens_per_s=stacked_rate, stacked_speedup=stacked_rate / torch_rate)
+    def same_chains_rate(name, what):
+        """tokens/s of contender `name`, which must decode the very tokens power_sample did."""
+        tokens = int(np.sum(np.asarray(decoded[name])))
+        if tokens != jax_tokens:
+            raise RuntimeError(f"{what} decoded {tokens} tokens and power_sample {jax_tokens}: they should run the same chains")
+        return jax_tokens / timings[name]["median_s"]
+
     if args.lockstep:
-        lockstep_tokens = int(np.sum(np.asarray(decoded["jax_lockstep"])))
-        if lockstep_tokens != jax_tokens:
-            raise RuntimeError(f"the lockstep loop decoded {lockstep_tokens} tokens and power_sample {jax_tokens}: "
-                               "they should run the same chains")
-        lockstep_rate = jax_tokens / timings["jax_lockstep"]["median_s"]
+        lockstep_rate = same_chains_rate("jax_lockstep", "the lockstep loop")
         result.update(lockstep_tokens_per_s=lockstep_rate, lockstep_speedup=lockstep_rate / torch_rate)
     if args.prompts > 1:
-        per_prompt_tokens = int(np.sum(np.asarray(decoded["jax_per_prompt"])))
-        if per_prompt_tokens != jax_tokens:
-            raise RuntimeError(f"one prompt at a time decoded {per_prompt_tokens} tokens and the batch {jax_tokens}: "
-                               "they should run the same chains")
-        per_prompt_rate = jax_tokens / timings["jax_per_prompt"]["median_s"]
+        per_prompt_rate = same_chains_rate("jax_per_prompt", "one prompt at a time")
         result.update(per_prompt_tokens_per_s=per_prompt_rate, batch_gain=jax_rate / per_prompt_rate)
     summary = (f"js.power_sample decodes {result['speedup']:.1f}x the tokens/s of the transformers reference loop "
                f"({jax_rate:.0f} vs {torch_rate:.0f} tokens/s; spreads {timings['jax']['spread']:.0%} / "
