@@ -246,7 +246,8 @@ def power_sample(
       prompt_tokens: int32 `[T]`, shared by every chain, or a batch of P prompts (a list of
         `[T_p]` prompts, or `[P, T]`) with C chains each, decoded as one batch of P·C rows
         (prompt-major: rows p·C … p·C + C − 1 continue prompt p, prefilled once). Prompt p's
-        chains are those a run of prompt p alone with key p gives.
+        chains are those a run of prompt p alone with key p gives (same keys; the floats up
+        to rounding, as a wider batch or prompt bucket may round differently).
       alpha: α > 0, the target exponent.
       cut: "uniform" (Karan & Du), "entropy" (entropy-jump law, β = 4; Zhou et al.) or a
         cut law, e.g. `entropy_jump(beta)` (see `jaxsample.mcmc.cuts`).
