@@ -46,8 +46,8 @@ from jaxsample.decoding import (
     advance,
     check_finite_log_p,
     extendable,
-    fold_in_rows,
     init_decode,
+    prompt_row_keys,
     prompts_and_keys,
     raise_on_non_finite,
     truncate,
@@ -66,7 +66,8 @@ Array = jax.Array
 
 
 class _Chains(NamedTuple):
-    """The loop state of `_power_sample` (C chains, K blocks, S MH steps per block).
+    """The loop state of `_power_sample` (C chains, P·C for P prompts; K blocks, S MH steps
+    per block).
 
     Attributes:
       current: each chain's current completion.
@@ -103,22 +104,15 @@ def _power_sample(keys, lm, prompt, prompt_length, alpha, proposal, cut_law, num
     num_rows = keys.shape[0] * num_chains
     chains = jnp.arange(num_rows)
 
-    def prompt_keys(key):
-        """One prompt's chain keys: `[K, S + 1, C]` for the moves' tokens, `[K, S, C]` MoveKeys."""
-        def block_keys(block):
-            extend_key, mh_key = jax.random.split(jax.random.fold_in(key, block))
-            steps = jax.vmap(lambda step: move_keys(jax.random.fold_in(mh_key, step), num_chains))
-            return fold_in_rows(extend_key, num_chains), steps(jnp.arange(num_mcmc_steps))
+    def block_keys(block):
+        # Per prompt key, as in a run of that prompt alone; rows prompt-major.
+        extend_keys, mh_keys = jax.vmap(lambda key: jax.random.split(jax.random.fold_in(key, block)), out_axes=1)(keys)
+        steps = jax.vmap(lambda step: move_keys(jax.vmap(jax.random.fold_in, (0, None))(mh_keys, step), num_rows))
+        return prompt_row_keys(extend_keys, num_chains), steps(jnp.arange(num_mcmc_steps))
 
-        extension_keys, mh_keys = jax.vmap(block_keys)(jnp.arange(num_blocks))
-        return jnp.concatenate([extension_keys[:, None], mh_keys.proposal], axis=1), mh_keys
-
-    def prompt_major_rows(x):  # [P, K, S(+1), C, ...] -> [K, S(+1), P·C, ...]
-        return jnp.moveaxis(x, 0, 2).reshape(*x.shape[1:3], num_rows, *x.shape[4:])
-
-    # Each prompt's chains draw as in a run of that prompt alone.
-    proposal_keys, mh_keys = jax.tree.map(prompt_major_rows, jax.vmap(prompt_keys)(keys))
+    extension_keys, mh_keys = jax.vmap(block_keys)(jnp.arange(num_blocks))
     # [K, S + 1, P·C]: move k of block b draws its tokens from proposal_keys[b, k, chain].
+    proposal_keys = jnp.concatenate([extension_keys[:, None], mh_keys.proposal], axis=1)
 
     def block_and_step(move):
         return move // moves_per_block, move % moves_per_block
