@@ -193,16 +193,37 @@ def pad_prompts(lm: LanguageModel, prompt_tokens: Any, max_new_tokens: int) -> t
     return padded, jnp.asarray(lengths, jnp.int32)
 
 
-def prompts_and_keys(lm: LanguageModel, key: Any, prompt_tokens: Any, max_new_tokens: int) -> tuple[Array, Array, Any]:
-    """The one prompt and key check of samplers that take one prompt or a batch of them.
+class Prompts(NamedTuple):
+    """Checked prompts of a sampler call (`prompts_and_keys`).
 
-    Returns:
-      `(tokens, lengths, keys)`: `pad_prompts`' tokens and lengths, and the keys `[P]` that
-      each prompt's rows draw from (`prompt_row_keys`): one key for one prompt `[T]`
-      (P = 1), P keys (`jax.random.split(key, P)`) for a batch of P prompts.
+    Attributes:
+      tokens: int32 `[T_bucket]` one padded prompt, or `[P, T_bucket]` (`pad_prompts`).
+      lengths: int32 `[]`, or `[P]`.
+      keys: PRNG keys `[P]` each prompt's rows draw from (`prompt_row_keys`).
+      max_new_tokens: the checked generation length.
     """
+
+    tokens: Array
+    lengths: Array
+    keys: Array
+    max_new_tokens: int
+
+    @property
+    def batched(self) -> bool:
+        return self.tokens.ndim == 2
+
+    @property
+    def num_prompts(self) -> int:
+        return self.keys.shape[0]
+
+
+def prompts_and_keys(lm: LanguageModel, key: Any, prompt_tokens: Any, max_new_tokens: Any) -> Prompts:
+    """The one prompt, key and length check of samplers that take one prompt or a batch of
+    them: one key for one prompt `[T]` (P = 1), P keys (`jax.random.split(key, P)`) for a
+    batch of P prompts."""
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
     tokens, lengths = pad_prompts(lm, prompt_tokens, max_new_tokens)
-    return tokens, lengths, prompt_keys(key, tokens)
+    return Prompts(tokens, lengths, prompt_keys(key, tokens), max_new_tokens)
 
 
 def prompt_keys(key: Any, prompt_tokens: Array) -> Array:

@@ -103,10 +103,9 @@ def generate(
     """
     num_samples = check_int("num_samples", num_samples, 1)
     proposal = Proposal(temperature=temperature, top_k=top_k, top_p=top_p).validated()
-    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
-    prompt, prompt_length, keys = prompts_and_keys(lm, key, prompt_tokens, max_new_tokens)
-    parallel.check_rows(mesh, keys.shape[0] * num_samples, "num_samples" if prompt.ndim == 1 else "prompts × num_samples")
-    inputs = (keys, parallel.shard_model(lm, mesh), prompt, prompt_length, proposal)
-    result = _generate(*parallel.place_inputs(inputs, mesh), max_new_tokens, num_samples, record_features, mesh)
+    prompts = prompts_and_keys(lm, key, prompt_tokens, max_new_tokens)
+    parallel.check_rows(mesh, prompts.num_prompts * num_samples, "prompts × num_samples" if prompts.batched else "num_samples")
+    inputs = (prompts.keys, parallel.shard_model(lm, mesh), prompts.tokens, prompts.lengths, proposal)
+    result = _generate(*parallel.place_inputs(inputs, mesh), prompts.max_new_tokens, num_samples, record_features, mesh)
     check_finite_log_p(lm, result.log_p, result.lengths, rows="sample")
     return result

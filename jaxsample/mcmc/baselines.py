@@ -17,7 +17,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxsample import parallel
-from jaxsample.decoding import DecodeState, check_finite_log_p, extend, init_decode, prompt_row_keys, prompts_and_keys
+from jaxsample.decoding import (DecodeState, Prompts, check_finite_log_p, extend, init_decode, prompt_row_keys,
+                                prompts_and_keys)
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc.kernel import PowerMHInfo
 from jaxsample.mcmc.result import PowerSampleResult
@@ -52,19 +53,12 @@ def _without_mcmc(tokens, lengths, done, log_p, tokens_decoded) -> PowerSampleRe
     )
 
 
-def _prompted(lm, key, prompt_tokens, max_new_tokens):
-    """`(prompts_and_keys(...), max_new_tokens)`, checked."""
-    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
-    return prompts_and_keys(lm, key, prompt_tokens, max_new_tokens), max_new_tokens
-
-
-def _sample(lm, prompted, num_rows, max_new_tokens, temperature, top_k, top_p, rows, mesh):
-    """Decodes `num_rows` rows per prompt of `_prompted`'s from the proposal and checks their log p."""
-    tokens, length, keys = prompted
+def _sample(lm, prompts: Prompts, num_rows, temperature, top_k, top_p, rows, mesh):
+    """Decodes `num_rows` rows per prompt (`prompts_and_keys`) from the proposal and checks their log p."""
     proposal = Proposal(temperature=temperature, top_k=top_k, top_p=top_p).validated()
-    parallel.check_rows(mesh, keys.shape[0] * num_rows, f"the {rows} count" + ("" if tokens.ndim == 1 else " × prompts"))
-    inputs = parallel.place_inputs((keys, parallel.shard_model(lm, mesh), (tokens, length), proposal), mesh)
-    state = _decode(*inputs, num_rows, max_new_tokens, mesh)
+    parallel.check_rows(mesh, prompts.num_prompts * num_rows, f"the {rows} count" + (" × prompts" if prompts.batched else ""))
+    inputs = (prompts.keys, parallel.shard_model(lm, mesh), (prompts.tokens, prompts.lengths), proposal)
+    state = _decode(*parallel.place_inputs(inputs, mesh), num_rows, prompts.max_new_tokens, mesh)
     check_finite_log_p(lm, state.log_p, state.length, rows=rows)
     return state
 
@@ -108,8 +102,8 @@ def base_sample(
       `tokens_decoded` = `lengths`.
     """
     num_chains = check_int("num_chains", num_chains, 1)
-    prompted, max_new_tokens = _prompted(lm, key, prompt_tokens, max_new_tokens)
-    state = _sample(lm, prompted, num_chains, max_new_tokens, temperature, top_k, top_p, "chain", mesh)
+    prompts = prompts_and_keys(lm, key, prompt_tokens, max_new_tokens)
+    state = _sample(lm, prompts, num_chains, temperature, top_k, top_p, "chain", mesh)
     return _without_mcmc(state.tokens, state.length, state.done, state.log_p, state.length)
 
 
@@ -186,14 +180,13 @@ def best_of_n(
     num_candidates = check_int("num_candidates", num_candidates, 1)
     if token_budget is not None:
         check_int_array("token_budget", token_budget, 0, np.iinfo(np.int32).max + 1, "the int32 range")
-    prompted, max_new_tokens = _prompted(lm, key, prompt_tokens, max_new_tokens)
-    chains = (prompted[2].shape[0], num_chains)
+    prompts = prompts_and_keys(lm, key, prompt_tokens, max_new_tokens)
+    chains = (prompts.num_prompts, num_chains)
     budget = jnp.iinfo(jnp.int32).max if token_budget is None else token_budget
     if not _broadcasts(np.shape(budget), chains):
         raise ArgumentError(f"token_budget must broadcast to [P, C] = {list(chains)} (prompts, chains), "
                             f"got shape {np.shape(budget)}")
     budget = jnp.broadcast_to(jnp.asarray(budget, jnp.int32), chains).reshape(-1)
     # Every candidate is checked, kept or not: a NaN model is an error, not a low score.
-    state = _sample(lm, prompted, num_chains * num_candidates, max_new_tokens,
-                    temperature, top_k, top_p, "candidate", mesh)
+    state = _sample(lm, prompts, num_chains * num_candidates, temperature, top_k, top_p, "candidate", mesh)
     return _select_best(state, parallel.place_inputs(budget, mesh))

@@ -271,21 +271,21 @@ def power_sample(
     num_chains = check_int("num_chains", num_chains, 1)
     block_size = check_int("block_size", block_size, 1)
     num_mcmc_steps = check_int("num_mcmc_steps", num_mcmc_steps, 0)
-    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
-    prompt, prompt_length, keys = prompts_and_keys(lm, key, prompt_tokens, max_new_tokens)
+    prompts = prompts_and_keys(lm, key, prompt_tokens, max_new_tokens)
+    max_new_tokens = prompts.max_new_tokens
     if max_new_tokens % block_size:
         raise ArgumentError(
             f"block_size must divide max_new_tokens={max_new_tokens} (blocks end at multiples "
             f"of block_size), got {block_size}"
         )
-    parallel.check_rows(mesh, keys.shape[0] * num_chains, "num_chains" if prompt.ndim == 1 else "prompts × num_chains")
+    parallel.check_rows(mesh, prompts.num_prompts * num_chains, "prompts × num_chains" if prompts.batched else "num_chains")
     cut_law = as_jit_argument(resolve_cut_law(cut))
     alpha = jnp.asarray(alpha, jnp.float32)
     proposal = Proposal(
         temperature=1.0 / alpha if temperature is None else temperature, top_k=top_k, top_p=top_p
     ).validated()
     args = parallel.place_inputs((
-        keys, parallel.shard_model(lm, mesh), prompt, prompt_length, alpha, proposal, cut_law,
+        prompts.keys, parallel.shard_model(lm, mesh), prompts.tokens, prompts.lengths, alpha, proposal, cut_law,
         num_chains, block_size, num_mcmc_steps, max_new_tokens, jnp.asarray(freeze_finished, bool), progress, mesh,
     ), mesh)
     if progress:
