@@ -114,6 +114,19 @@ def test_rewound_rows_continue_from_their_new_length(params, lm):
     )
 
 
+def _decode_on_prefix(params, lm, prefix, row_prompts, continuations, capacity):
+    """Feeds `continuations[:, step]` to fresh rows on `prefix`, step by step; returns the
+    max |Δlogit| against the forward of each row's `row_prompts[row]` + continuation so far,
+    per row and step, and the cache."""
+    cache, deltas = lm.init_cache(len(row_prompts), capacity), []
+    for step in range(continuations.shape[1]):
+        logits, cache = lm.decode(jnp.asarray(continuations[:, step]), cache, prefix=prefix)
+        for row, prompt in enumerate(row_prompts):
+            reference = _forward(params, np.concatenate([prompt, continuations[row, : step + 1]]))[-1]
+            deltas.append(np.abs(logits[row] - reference).max())
+    return deltas, cache
+
+
 def test_rows_decoding_on_a_shared_prefix_match_forward(params, lm):
     """Rows continue one prefilled prefix (no copy of it per row), rewind and diverge."""
     rng = np.random.default_rng(3)
@@ -121,13 +134,7 @@ def test_rows_decoding_on_a_shared_prefix_match_forward(params, lm):
     _, prefix = lm.prefill(jnp.asarray(prompt)[None], jnp.asarray([9]), lm.init_cache(1, 12))
     prefix = prefix._replace(length=jnp.asarray([6], jnp.int32))  # rows continue prompt[:6]
     continuations = rng.integers(0, CONFIG.vocab_size, size=(3, 7))
-    cache = lm.init_cache(3, 8)
-    deltas = []
-    for step in range(7):
-        logits, cache = lm.decode(jnp.asarray(continuations[:, step]), cache, prefix=prefix)
-        for row in range(3):
-            reference = _forward(params, np.concatenate([prompt[:6], continuations[row, : step + 1]]))[-1]
-            deltas.append(np.abs(logits[row] - reference).max())
+    deltas, cache = _decode_on_prefix(params, lm, prefix, [prompt[:6]] * 3, continuations, 8)
     cache = cache._replace(length=jnp.asarray([7, 2, 0], jnp.int32))
     fed = rng.integers(0, CONFIG.vocab_size, size=3)
     logits, _ = lm.decode(jnp.asarray(fed), cache, prefix=prefix)
@@ -148,14 +155,8 @@ def test_groups_of_rows_decoding_on_their_own_prefixes_match_forward(params, lm)
     kept = np.asarray([6, 9])
     _, prefix = lm.prefill(jnp.asarray(prompts), jnp.asarray(kept), lm.init_cache(2, 9))
     continuations = rng.integers(0, CONFIG.vocab_size, size=(4, 5))
-    cache = lm.init_cache(4, 5)
-    deltas = []
-    for step in range(5):
-        logits, cache = lm.decode(jnp.asarray(continuations[:, step]), cache, prefix=prefix)
-        for row in range(4):
-            group = row // 2
-            reference = _forward(params, np.concatenate([prompts[group, : kept[group]], continuations[row, : step + 1]]))
-            deltas.append(np.abs(logits[row] - reference[-1]).max())
+    row_prompts = [prompts[row // 2, : kept[row // 2]] for row in range(4)]
+    deltas, _ = _decode_on_prefix(params, lm, prefix, row_prompts, continuations, 5)
     print(f"\ngrouped-prefix decode vs forward: max|Δlogit| = {max(deltas):.2e}")
     assert max(deltas) <= ATOL
 
