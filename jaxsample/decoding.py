@@ -92,13 +92,13 @@ def check_prompt(
     range.
     """
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+    expected = " or ".join({1: "[T]", 2: "[P, T]"}[n] for n in shapes)
     try:
         shape = np.shape(prompt_tokens)
     except ValueError:  # a ragged nest of lists
-        raise ArgumentError(f"{name} must be one prompt [T] of token ids, got a {type(prompt_tokens).__name__} "
-                            "of rows of different lengths") from None
+        raise ArgumentError(f"{name} must have shape {expected}, got a {type(prompt_tokens).__name__} "
+                            "of rows of different lengths (pad them: decoding.pad_prompts)") from None
     if len(shape) not in shapes:
-        expected = " or ".join({1: "[T]", 2: "[P, T]"}[n] for n in shapes)
         raise ArgumentError(f"{name} must have shape {expected}, got {shape}")
     check_int_array(name, prompt_tokens, 0, lm.vocab_size, f"the vocabulary of model {lm.name!r}")
     if shape[-1] < 1:

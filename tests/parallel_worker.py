@@ -1,6 +1,6 @@
-"""Runs generate, power_sample (on one prompt and on a batch of two) and smc_decode on a tiny random Qwen2 (and its bf16 copy's
-logits) under several meshes and saves every result leaf to an .npz (`tests/test_parallel.py`
-starts it in subprocesses with simulated CPU devices, and as the processes of a localhost
+"""Runs generate, power_sample and smc_decode (the last two also on a batch of two prompts) on a tiny
+random Qwen2 (and its bf16 copy's logits) under several meshes and saves every result leaf to an
+.npz (`tests/test_parallel.py` starts it in subprocesses with simulated CPU devices, and as the processes of a localhost
 multi-host run).
 
     python tests/parallel_worker.py OUT.npz generate,power,smc,bf16 none data=4,model=2 ...
@@ -74,6 +74,10 @@ SAMPLERS = {
     "smc": lambda key, lm, prompt, mesh: js.smc_decode(
         key, lm, prompt, jax.tree_util.Partial(reward), num_particles=ROWS, max_new_tokens=12,
         alpha=2.0, lam=0.5, block_size=4, num_rejuvenation_steps=1, mesh=mesh),
+    # Two prompts' runs of 4 particles in one loop, the rows of both split over the data axis.
+    "smc_batch": lambda key, lm, prompt, mesh: js.smc_decode(
+        jax.random.split(key, 2), lm, [prompt, prompt[:2]], jax.tree_util.Partial(reward), num_particles=ROWS // 2,
+        max_new_tokens=12, alpha=2.0, lam=0.5, block_size=4, num_rejuvenation_steps=1, mesh=mesh),
 }
 
 

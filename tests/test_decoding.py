@@ -104,10 +104,10 @@ def test_a_batch_of_prompts_gives_each_prompt_the_rows_of_its_own_call(lm, sampl
     assert len({tuple(row) for row in np.asarray(batch.tokens)}) > 3
 
 
-def test_smc_decode_takes_one_prompt(lm):
-    with pytest.raises(ArgumentError, match=r"prompt_tokens must be one prompt \[T\] of token ids, got a list of rows of "
-                                            "different lengths"):
-        js.smc_decode(KEY, lm, [[1, 2, 3], [4, 1]], num_particles=4, max_new_tokens=4)
+def test_init_decode_refuses_ragged_rows(lm):
+    with pytest.raises(ArgumentError, match=r"prompt_tokens must have shape \[T\] or \[P, T\], got a list of rows of "
+                                            r"different lengths \(pad them: decoding.pad_prompts\)"):
+        js.decoding.init_decode(lm, [[1, 2, 3], [4, 1]], 4, 4)
 
 
 def test_best_of_n_budgets_broadcast_over_prompts_and_chains(lm):
@@ -136,7 +136,7 @@ BAD_PROMPTS = {
 @pytest.mark.parametrize("case", BAD_PROMPTS)
 def test_every_sampler_rejects_non_integer_and_out_of_range_prompts(lm, sampler, case):
     prompt, message = BAD_PROMPTS[case]
-    if case == "matrix" and sampler != "smc_decode":  # a batch of 2 prompts, which needs 2 keys
+    if case == "matrix":  # a batch of 2 prompts, which needs 2 keys
         message = "key must be 2 PRNG keys"
     with pytest.raises(ArgumentError, match=message):
         SAMPLERS[sampler](lm, prompt, 4)

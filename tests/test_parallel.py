@@ -76,7 +76,7 @@ def test_mesh_of_8_simulated_devices_matches_one_device(reference, tmp_path):
     """Also every sampler called with a key, prompt and token budget taken from a result on
     another mesh (`parallel_worker.follow_up`)."""
     out = tmp_path / "mesh.npz"
-    subprocess.run([sys.executable, str(WORKER), str(out), "generate,power,power_batch,smc,bf16,follow_up", "data=4,model=2"],
+    subprocess.run([sys.executable, str(WORKER), str(out), "generate,power,power_batch,smc,smc_batch,bf16,follow_up", "data=4,model=2"],
                    env=_env(8), check=True, timeout=TIMEOUT_S, cwd=ROOT)
     results = dict(np.load(out))
     _assert_same({k: v for k, v in reference.items() if k != "bf16"}, results, "data=4,model=2")

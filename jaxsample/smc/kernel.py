@@ -38,7 +38,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxsample.decoding import extend, first_non_finite, init_decode
+from jaxsample.decoding import extend, first_non_finite, init_decode, is_key_batch, prompt_row_keys
 from jaxsample.errors import ArgumentError
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc import CutLaw, uniform
@@ -54,11 +54,12 @@ Array = jax.Array
 
 
 class SMCState(NamedTuple):
-    """N particles of reward-guided SMC decoding.
+    """N particles of reward-guided SMC decoding (P·N of P prompts: rows prompt-major).
 
     Attributes:
       particles: per-particle decode state, reward and stored log value (`Particles`).
-      log_weights: f32 `[N]` unnormalised log-weights; log Z_hat = LSE − log N.
+      log_weights: f32 `[N]` unnormalised log-weights; log Z_hat = LSE − log N (over each
+        prompt's N).
       step: int32 `[]` blocks done.
       log_weight_residual: f32 `[N]` the rounding error of `log_weights`: the running
         log-weight is `log_weights + log_weight_residual` (`weights.add_log_weights`), so an
@@ -72,10 +73,11 @@ class SMCState(NamedTuple):
 
 
 class SMCInfo(NamedTuple):
-    """What one SMC step did.
+    """What one SMC step did: with P keys (P prompts' particles), every field gains a leading
+    axis P, one entry per prompt.
 
     Attributes:
-      ancestors: int32 `[N]` (`arange(N)` when not resampled).
+      ancestors: int32 `[N]` (`arange(N)` when not resampled), within the prompt's particles.
       ess: f32 `[]` ESS of the reweighted particles, before any resampling.
       resampled: bool `[]`.
       num_unique: int32 `[]` distinct ancestors (N when not resampled).
@@ -87,7 +89,7 @@ class SMCInfo(NamedTuple):
       all_zero: bool `[]` every log-weight is -inf (log Z_hat = -inf; nothing resampled).
       nan_or_inf: bool `[]` a log-weight is NaN or +inf (an error; `smc_decode` raises
         NumericalError).
-      non_finite: int32 `[N]` per particle, the first generated position whose log p is not
+      non_finite: int32 `[N]` (`[P, N]`) per particle, the first generated position whose log p is not
         finite (NaN logits) in its extension or in a rejuvenation proposal, −1 if none (an
         error; `smc_decode` raises NumericalError).
     """
@@ -114,22 +116,26 @@ def init(
     record_twist: bool = False,
     record_features: bool = False,
 ) -> SMCState:
-    """N empty particles of one prompt (prefilled once; its cache is shared by every particle).
+    """N empty particles of one prompt, or of each of P prompts (each prefilled once; its
+    cache is shared by its particles).
 
     Args:
       lm: the model.
-      prompt_tokens: int32 `[T]`, T ≥ 1, possibly right-padded (`jaxsample.decoding.pad_prompt`).
-      num_particles: N.
+      prompt_tokens: int32 `[T]`, T ≥ 1, possibly right-padded (`jaxsample.decoding.pad_prompt`),
+        or `[P, T]` (`pad_prompts`): P·N rows, prompt-major. Step them with P keys.
+      num_particles: N, per prompt.
       max_new_tokens: S, generation slots per particle.
-      prompt_length: the real prompt length of a padded prompt (default T); may be traced.
+      prompt_length: the real prompt length of a padded prompt (default T; `[P]` for P
+        prompts); may be traced.
       record_twist: keep per-token log ψ (needed with a twisted proposal).
       record_features: carry the model's hidden features (a twist head reads them).
     """
+    num_rows = num_particles * (prompt_tokens.shape[0] if jnp.ndim(prompt_tokens) == 2 else 1)
     decode = init_decode(
-        lm, prompt_tokens, num_particles, max_new_tokens, prompt_lengths=prompt_length,
+        lm, prompt_tokens, num_rows, max_new_tokens, prompt_lengths=prompt_length,
         record_twist=record_twist, record_features=record_features,
     )
-    zeros = jnp.zeros((num_particles,), jnp.float32)
+    zeros = jnp.zeros((num_rows,), jnp.float32)
     return SMCState(
         particles=Particles(decode=decode, reward=zeros, log_value=zeros),
         log_weights=zeros,
@@ -152,6 +158,13 @@ def build_kernel(
     conditional_sample: Array | None = None,
 ) -> Callable[[Array, SMCState], tuple[SMCState, SMCInfo]]:
     """Returns the pure `step(key, state) -> (state, info)` of block-wise SMC.
+
+    With P keys, `state` holds P prompts' particles (`init` with `[P, T]` prompts) and each
+    prompt's N particles are weighted, resampled and rejuvenated among themselves, drawing
+    from that prompt's key what a state of its particles alone draws from it. A prompt
+    whose particles have all finished no longer changes: its increments are 0, so its ESS
+    stays what it was after its last step, which did not call for a resampling (the ESS of
+    equal weights is exactly N), and nothing moves without one.
 
     Args:
       lm: the model.
@@ -188,30 +201,38 @@ def build_kernel(
     resampler = get_resampler(resampler)
     move = build_move(lm, target, proposal, lookahead, cut_law)
 
-    def rejuvenate(key, particles, cap):
-        def one_move(carry, move_key):
+    def rejuvenate(keys, particles, cap, moving):
+        def one_move(carry, move_keys):
             particles, accepted, decoded, non_finite = carry
-            particles, step_accepted, step_decoded, step_non_finite = move(move_key, particles, cap)
-            accepted = accepted + jnp.sum(step_accepted, dtype=jnp.int32)
+            particles, step_accepted, step_decoded, step_non_finite = move(move_keys, particles, cap, moving)
             non_finite = jnp.where(non_finite >= 0, non_finite, step_non_finite)
-            return (particles, accepted, decoded + jnp.sum(step_decoded, dtype=jnp.int32), non_finite), None
+            return (particles, accepted + step_accepted, decoded + step_decoded, non_finite), None
 
-        keys = jax.random.split(key, num_rejuvenation_steps)
-        zero = jnp.zeros((), jnp.int32)
-        none = jnp.full(particles.reward.shape, -1, jnp.int32)
+        rows = particles.reward.shape[0]
+        zero = jnp.zeros((rows,), jnp.int32)
+        move_keys = jax.vmap(lambda k: jax.random.split(k, num_rejuvenation_steps), out_axes=1)(keys)
         (particles, accepted, decoded, non_finite), _ = jax.lax.scan(
-            one_move, (particles, zero, zero, none), keys
+            one_move, (particles, zero, zero, zero - 1), move_keys
         )
-        total_moves = num_rejuvenation_steps * particles.reward.shape[0]
-        return particles, accepted / jnp.float32(total_moves), decoded, non_finite
+        return particles, accepted, decoded, non_finite
 
-    def skip_rejuvenation(key, particles, cap):
-        del key, cap
-        none = jnp.full(particles.reward.shape, -1, jnp.int32)
-        return particles, jnp.float32(jnp.nan), jnp.zeros((), jnp.int32), none
+    def skip_rejuvenation(keys, particles, cap, moving):
+        del keys, cap, moving
+        zero = jnp.zeros(particles.reward.shape, jnp.int32)
+        return particles, zero, zero, zero - 1
 
     def step(key: Array, state: SMCState) -> tuple[SMCState, SMCInfo]:
-        extend_key, value_key, resample_key, move_key = jax.random.split(key, 4)
+        group_keys = key if is_key_batch(key) else jnp.expand_dims(key, 0)
+        num_groups, rows = group_keys.shape[0], state.log_weights.shape[0]
+        if rows % num_groups:
+            raise ArgumentError(f"{num_groups} keys for {rows} particles: each prompt's group needs one key")
+        if conditional_sample is not None and num_groups > 1:
+            raise ArgumentError("conditional SMC clamps one reference sequence: it takes one prompt's particles")
+        group_size = rows // num_groups
+        by_group = lambda x: x.reshape(num_groups, group_size)  # noqa: E731
+        per_group = lambda x: jnp.sum(by_group(x), axis=1)  # noqa: E731
+        extend_keys, value_keys, resample_keys, move_keys = jnp.unstack(
+            jax.vmap(lambda k: jax.random.split(k, 4))(group_keys), axis=1)
         old = state.particles
         slots = old.decode.tokens.shape[1]
         cap = jnp.minimum((state.step + 1) * block_size, slots).astype(jnp.int32)
@@ -220,10 +241,11 @@ def build_kernel(
         if conditional_sample is not None:
             forced = jnp.full_like(old.decode.tokens, -1).at[0].set(conditional_sample)
 
-        decode, decoded = extend(extend_key, lm, old.decode, cap, proposal, forced)
+        decode, decoded = extend(
+            prompt_row_keys(extend_keys, group_size), lm, old.decode, cap, proposal, forced)
         reward = jnp.where(frozen, old.reward, target.reward(decode))
         log_value, value_decoded = estimate_log_value(
-            value_key, lm, decode, reward, target, proposal, lookahead
+            value_keys, lm, decode, reward, target, proposal, lookahead
         )
         log_value = jnp.where(frozen, old.log_value, log_value)
         increments = (
@@ -238,28 +260,33 @@ def build_kernel(
             *(jnp.where(unchanged, 0.0, increment) for increment in increments),
         )
 
-        # Resampling and log Z_hat see the weights less their common offset `top`.
-        shifted, top = centered(log_weights, residual)
+        # Resampling and log Z_hat see the weights less their group's common offset `top`.
+        shifted, top = centered(by_group(log_weights), by_group(residual))
         particles = Particles(decode, reward, log_value)
         particles, shifted, resampling = resample_if_needed(
-            resample_key, shifted, particles, ess_threshold, resampler
+            resample_keys, shifted, particles, ess_threshold, resampler
         )
-        reset, reset_residual = two_sum(top, shifted)
-        log_weights = jnp.where(resampling.resampled, reset, log_weights)
-        residual = jnp.where(resampling.resampled, reset_residual, residual)
+        reset, reset_residual = two_sum(top[:, None], shifted)
+        resampled_rows = jnp.repeat(resampling.resampled, group_size)
+        log_weights = jnp.where(resampled_rows, reset.reshape(-1), log_weights)
+        residual = jnp.where(resampled_rows, reset_residual.reshape(-1), residual)
         extended_non_finite = first_non_finite(decode.log_p, decode.length)
         if num_rejuvenation_steps:
-            particles, acceptance_rate, move_decoded, moved_non_finite = jax.lax.cond(
-                resampling.resampled, rejuvenate, skip_rejuvenation, move_key, particles, cap
+            particles, accepted, move_decoded, moved_non_finite = jax.lax.cond(
+                jnp.any(resampling.resampled), rejuvenate, skip_rejuvenation,
+                move_keys, particles, cap, resampled_rows,
             )
+            total_moves = jnp.float32(num_rejuvenation_steps * group_size)
+            acceptance_rate = jnp.where(resampling.resampled, per_group(accepted) / total_moves, jnp.nan)
         else:
-            acceptance_rate, move_decoded = jnp.float32(jnp.nan), jnp.zeros((), jnp.int32)
+            acceptance_rate = jnp.full((num_groups,), jnp.nan, jnp.float32)
             moved_non_finite = jnp.full_like(extended_non_finite, -1)
+            move_decoded = jnp.zeros_like(extended_non_finite)
 
-        log_z_before = log_evidence(state.log_weights)
-        log_z = log_evidence(log_weights)
+        log_z_before = log_evidence(by_group(state.log_weights))
+        log_z = log_evidence(by_group(log_weights))
         # From the centered weights: log_z - log_z_before would round at ulp(log_z).
-        shifted_before, top_before = centered(state.log_weights, state.log_weight_residual)
+        shifted_before, top_before = centered(by_group(state.log_weights), by_group(state.log_weight_residual))
         log_z_increment = jnp.where(
             jnp.isneginf(log_z) & jnp.isneginf(log_z_before), 0.0,
             (top - top_before) + (log_evidence(shifted) - log_evidence(shifted_before)),
@@ -272,11 +299,13 @@ def build_kernel(
             log_z=log_z,
             log_z_increment=log_z_increment,
             acceptance_rate=acceptance_rate,
-            num_decoded=jnp.sum(decoded) + jnp.sum(value_decoded) + move_decoded,
+            num_decoded=per_group(decoded + value_decoded + move_decoded),
             all_zero=resampling.all_zero,
             nan_or_inf=resampling.nan_or_inf,
-            non_finite=jnp.where(extended_non_finite >= 0, extended_non_finite, moved_non_finite),
+            non_finite=by_group(jnp.where(extended_non_finite >= 0, extended_non_finite, moved_non_finite)),
         )
+        if not is_key_batch(key):
+            info = jax.tree.map(lambda x: x[0], info)
         return SMCState(particles, log_weights, state.step + 1, residual), info
 
     return step

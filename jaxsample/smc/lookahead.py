@@ -35,9 +35,10 @@ from typing import Callable, NamedTuple, Union
 import jax
 import jax.numpy as jnp
 
-from jaxsample.decoding import DecodeState, extend, take_rows
+from jaxsample.decoding import DecodeState, extend, is_key_batch, prompt_row_keys
 from jaxsample.errors import ArgumentError
 from jaxsample.lm import LanguageModel
+from jaxsample.rows import gather_rows
 from jaxsample.sampling import Proposal
 from jaxsample.smc.target import RewardTarget
 from jaxsample.validation import check_int
@@ -98,7 +99,8 @@ def estimate_log_value(
     """log V_hat of every row's current prefix.
 
     Args:
-      key: PRNG key for the rollouts.
+      key: PRNG key for the rollouts, or P keys for rows that are P groups of B / P
+        (prompt-major): group p's rollouts draw what they would in a run of its rows alone.
       lm: the model.
       decode: the particles' decode state (B rows).
       reward: f32 `[B]`, r of each row's current prefix.
@@ -131,9 +133,12 @@ def estimate_log_value(
         return jnp.where(settled, 0.0, log_value), jnp.zeros((batch,), jnp.int32)
 
     num_rollouts, horizon = lookahead
+    group_keys = key if is_key_batch(key) else jnp.expand_dims(key, 0)
+    rollout_keys = prompt_row_keys(group_keys, batch * num_rollouts // group_keys.shape[0])
+    # A row's M copies are consecutive, so every group of rows keeps its shared prompt.
     rows = jnp.repeat(jnp.arange(batch), num_rollouts)
-    start = take_rows(decode, rows)
-    rollout, decoded = extend(key, lm, start, start.length + horizon, proposal)
+    start = gather_rows(decode, rows)
+    rollout, decoded = extend(rollout_keys, lm, start, start.length + horizon, proposal)
     log_base = target.log_weight(rollout.log_p, rollout.log_q, start.length, rollout.length)
     log_ratio = log_base + target.log_potential_change(reward[rows], target.reward(rollout))
     log_mean = lambda x: (  # noqa: E731

@@ -25,7 +25,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxsample.decoding import extend, first_non_finite, rewind, select_rows
+from jaxsample.decoding import extend, first_non_finite, is_key_batch, prompt_row_keys, rewind, select_rows
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc import CutLaw, Trace, log_acceptance_ratio
 from jaxsample.sampling import Proposal
@@ -61,45 +61,60 @@ def build_move(
     proposal: Proposal,
     lookahead: LookaheadSpec,
     cut_law: CutLaw,
-) -> Callable[[Array, Particles, Array], tuple[Particles, Array, Array, Array]]:
-    """Returns `move(key, particles, cap) -> (particles, accepted, num_decoded, non_finite)`.
+) -> Callable[..., tuple[Particles, Array, Array, Array]]:
+    """Returns `move(key, particles, cap, moving=None) -> (particles, accepted, num_decoded,
+    non_finite)`.
 
     Per particle: `accepted` bool `[N]`, `num_decoded` int32 `[N]` tokens of the proposal,
     `non_finite` int32 `[N]` the proposal's first generated position whose log p is not
     finite (NaN logits; such a move is rejected), −1 if none.
 
-    `cap` (int32 scalar, traced) is the current block cap L; every particle must lie in its
-    state space. Memory: the proposal is a second copy of every particle's decode state
+    `key` is one PRNG key, or P keys for particles that are P groups of N / P (prompt-major):
+    each group then moves as it would alone with its key. `cap` (int32 scalar, traced) is
+    the current block cap L; every particle must lie in its state space. `moving` (bool
+    `[N]`, default all) selects the particles that move; the others stay as they are and
+    decode nothing. Memory: the proposal is a second copy of every particle's decode state
     (its own cache included; the prompt cache is shared) until the accept/reject selects
     per row.
     """
 
-    def move(key, particles: Particles, cap):
-        cut_key, regenerate_key, value_key, accept_key = jax.random.split(key, 4)
+    def move(key, particles: Particles, cap, moving=None):
+        group_keys = key if is_key_batch(key) else jnp.expand_dims(key, 0)
+        num_groups = group_keys.shape[0]
+        cut_keys, regenerate_keys, value_keys, accept_keys = jnp.unstack(
+            jax.vmap(lambda k: jax.random.split(k, 4))(group_keys), axis=1)
         current = particles.decode
+        group_size = current.length.shape[0] // num_groups
+        by_group = lambda x: x.reshape(num_groups, group_size, *x.shape[1:])  # noqa: E731
         log_c = jax.vmap(lambda trace: trace.cut_log_probs(cut_law))(Trace.of(current))
-        cut = jax.random.categorical(cut_key, log_c, axis=-1).astype(jnp.int32)
-        movable = current.length > 0
+        cut = jax.vmap(partial(jax.random.categorical, axis=-1))(cut_keys, by_group(log_c))
+        cut = cut.reshape(-1).astype(jnp.int32)
         # An empty particle (none exist after the first block) rewinds to itself: a no-op.
+        movable = current.length > 0
+        if moving is not None:
+            movable = movable & moving
         cut = jnp.where(movable, cut, current.length)
         decode = rewind(lm, current, cut)
         decode, decoded = extend(
-            regenerate_key, lm, decode, jnp.where(movable, cap, current.length), proposal
+            prompt_row_keys(regenerate_keys, group_size), lm, decode,
+            jnp.where(movable, cap, current.length), proposal,
         )
         reward = target.reward(decode)
         log_value, value_decoded = estimate_log_value(
-            value_key, lm, decode, reward, target, proposal, lookahead
+            value_keys, lm, decode, reward, target, proposal, lookahead
         )
         proposed = Particles(decode, reward, log_value)
         log_r = move_log_ratio(target, cut, particles, proposed, cut_law)
-        log_u = jnp.log(jax.random.uniform(accept_key, log_r.shape, jnp.float32))
-        accepted = movable & (log_u < log_r)
+        uniforms = jax.vmap(lambda k: jax.random.uniform(k, (group_size,), jnp.float32))(accept_keys)
+        accepted = movable & (jnp.log(uniforms.reshape(-1)) < log_r)
         moved = Particles(
             decode=select_rows(accepted, decode, current),
             reward=jnp.where(accepted, reward, particles.reward),
             log_value=jnp.where(accepted, log_value, particles.log_value),
         )
         non_finite = jnp.where(movable, first_non_finite(decode.log_p, decode.length), -1)
+        if moving is not None:
+            value_decoded = jnp.where(moving, value_decoded, 0)
         return moved, accepted, decoded + value_decoded, non_finite
 
     return move

@@ -1,9 +1,9 @@
-"""`smc_decode`: reward-guided SMC decoding of one prompt, end to end."""
+"""`smc_decode`: reward-guided SMC decoding of one prompt, or a batch of them, end to end."""
 
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +11,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxsample import parallel
-from jaxsample.decoding import check_finite_log_p, check_prompt, pad_prompt, raise_on_non_finite
-from jaxsample.errors import NumericalError
+from jaxsample.decoding import first_non_finite, prompts_and_keys, raise_on_non_finite
+from jaxsample.errors import ArgumentError, NumericalError
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc import uniform
 from jaxsample.progress import progress_bar, report
@@ -22,7 +22,7 @@ from jaxsample.smc.lookahead import LookaheadSpec, check_lookahead, finished
 from jaxsample.smc.resampling import Resampler
 from jaxsample.smc.target import RewardFn, RewardTarget, make_target
 from jaxsample.smc.weights import log_evidence, normalize_log_weights
-from jaxsample.validation import check_int, check_key, check_real
+from jaxsample.validation import check_int, check_real
 
 Array = jax.Array
 
@@ -79,12 +79,16 @@ class SMCResult(NamedTuple):
     ),
 )
 def _run(
-    key, lm, prompt, prompt_length, target: RewardTarget, proposal: Proposal, ess_threshold,
+    keys, lm, prompts, prompt_lengths, target: RewardTarget, proposal: Proposal, ess_threshold,
     conditional_sample=None, *,
     num_particles, max_new_tokens, block_size, resampler, num_rejuvenation_steps, lookahead,
     progress, mesh=None,
 ):
-    run_key, sample_key = jax.random.split(key)
+    """P independent SMC runs in one loop, one per key (`prompts` `[T]` for P = 1, else
+    `[P, T]`). Returns `(steps [P], history [P, K], log_p [P, N, S], SMCResult)` with every
+    result field given a leading axis P."""
+    num_prompts = keys.shape[0]
+    run_keys, sample_keys = jnp.unstack(jax.vmap(jax.random.split)(keys), axis=1)
     step = build_kernel(
         lm, proposal, target, block_size=block_size, ess_threshold=ess_threshold,
         resampler=resampler, num_rejuvenation_steps=num_rejuvenation_steps,
@@ -92,49 +96,59 @@ def _run(
     )
     # A twist reads the model's features; they are recorded only when it needs them.
     state = init(
-        lm, prompt, num_particles, max_new_tokens, prompt_length,
+        lm, prompts, num_particles, max_new_tokens, prompt_lengths,
         record_twist=proposal.twist is not None, record_features=proposal.twist is not None,
     )
     state = state._replace(particles=parallel.constrain_rows(state.particles, mesh))
     num_blocks = -(-max_new_tokens // block_size)
-    info_shape = jax.eval_shape(step, run_key, state)[1]
+    by_prompt = lambda x: x.reshape(num_prompts, num_particles, *x.shape[1:])  # noqa: E731
+    step_keys = lambda state: jax.vmap(jax.random.fold_in, in_axes=(0, None))(run_keys, state.step)  # noqa: E731
+    info_shape = jax.eval_shape(step, step_keys(state), state)[1]
     history = jax.tree.map(lambda x: jnp.zeros((num_blocks,) + x.shape, x.dtype), info_shape)
 
+    def unfinished(state):  # bool [P]: alone, the prompt's run would go on
+        return ~jnp.all(by_prompt(finished(state.particles.decode)), axis=1)
+
     def running(carry):
-        state, history = carry
-        last_invalid = history.nan_or_inf[jnp.maximum(state.step - 1, 0)]
-        all_finished = jnp.all(finished(state.particles.decode))
-        return (state.step < num_blocks) & ~all_finished & ~last_invalid
+        state, history, _ = carry
+        # A NaN weight ends every run: the call raises.
+        last_invalid = jnp.any(history.nan_or_inf[jnp.maximum(state.step - 1, 0)])
+        return (state.step < num_blocks) & jnp.any(unfinished(state)) & ~last_invalid
 
     def body(carry):
-        state, history = carry
-        new_state, info = step(jax.random.fold_in(run_key, state.step), state)
+        state, history, steps = carry
+        steps = steps + unfinished(state)
+        new_state, info = step(step_keys(state), state)
         history = jax.tree.map(lambda h, x: h.at[state.step].set(x), history, info)
         if progress:
             report(new_state.step)
-        return new_state, history
+        return new_state, history, steps
 
-    state, history = jax.lax.while_loop(running, body, (state, history))
-    log_weights, _ = normalize_log_weights(state.log_weights)
-    all_zero = jnp.all(jnp.isneginf(log_weights))
-    sample_index = jnp.where(
-        all_zero, 0, jax.random.categorical(sample_key, jnp.where(all_zero, 0.0, log_weights))
-    ).astype(jnp.int32)
+    steps = jnp.zeros((num_prompts,), jnp.int32)
+    state, history, steps = jax.lax.while_loop(running, body, (state, history, steps))
+    history = jax.tree.map(lambda h: jnp.swapaxes(h, 0, 1), history)
+    log_weights, _ = normalize_log_weights(by_prompt(state.log_weights))
+    all_zero = jnp.all(jnp.isneginf(log_weights), axis=1)
+
+    def draw(key, log_weights, all_zero):
+        drawn = jax.random.categorical(key, jnp.where(all_zero, 0.0, log_weights))
+        return jnp.where(all_zero, 0, drawn).astype(jnp.int32)
+
     decode = state.particles.decode
-    return parallel.replicate((state.step, history, decode.log_p, SMCResult(
-        tokens=decode.tokens,
-        lengths=decode.length,
-        done=decode.done,
-        rewards=state.particles.reward,
+    return parallel.replicate((steps, history, by_prompt(decode.log_p), SMCResult(
+        tokens=by_prompt(decode.tokens),
+        lengths=by_prompt(decode.length),
+        done=by_prompt(decode.done),
+        rewards=by_prompt(state.particles.reward),
         log_weights=log_weights,
-        log_z=log_evidence(state.log_weights),
-        sample_index=sample_index,
+        log_z=log_evidence(by_prompt(state.log_weights)),
+        sample_index=jax.vmap(draw)(sample_keys, log_weights, all_zero),
         ess=history.ess,
         num_unique=history.num_unique,
         resampled=history.resampled,
         acceptance_rate=history.acceptance_rate,
         log_z_history=history.log_z,
-        num_decoded=jnp.sum(history.num_decoded),
+        num_decoded=jnp.sum(history.num_decoded, axis=1),
         all_zero=all_zero,
     )), mesh)
 
@@ -142,8 +156,8 @@ def _run(
 def smc_decode(
     key: Array,
     lm: LanguageModel,
-    prompt_tokens: Array,
-    reward_fn: Optional[RewardFn] = None,
+    prompt_tokens: Array | Sequence[Array],
+    reward_fn: Optional[RewardFn] | Sequence[RewardFn] = None,
     *,
     num_particles: int,
     max_new_tokens: int,
@@ -159,23 +173,32 @@ def smc_decode(
     top_p: float | Array = 1.0,
     progress: bool = False,
     mesh: Mesh | None = None,
-) -> SMCResult:
+) -> SMCResult | list[SMCResult]:
     """Samples π(y) ∝ p(y | prompt)^α exp(λ r(y)) with block-wise SMC in one jitted loop.
 
     Special cases: λ = 0, α > 1 with the default τ = 1/α is Power-SMC (every increment is
     then log Σ_v p(v|prefix)^α, independent of the sampled token); N = 1 and λ = 0 is plain
     sampling from the proposal (the single weight never triggers a resampling).
 
+    A batch of P prompts (a list, or a `[P, T]` array) with P keys (`jax.random.split(key,
+    P)`) runs P independent SMC runs in one loop: P·N rows per model step, each prompt
+    prefilled once and shared by its N particles, which are weighted, resampled and
+    rejuvenated among themselves. Run p returns what `smc_decode(keys[p], lm,
+    prompts[p], rewards[p], ...)` returns (floats up to the rounding of a batched matmul)
+    and stops where that run would; the loop runs until the last one stops.
+
     Args:
-      key: PRNG key; the same key gives the same result.
+      key: PRNG key; the same key gives the same result. P keys for P prompts.
       lm: the model.
-      prompt_tokens: int32 `[T]`, T ≥ 1.
+      prompt_tokens: int32 `[T]`, T ≥ 1; or P prompts (a sequence of `[T_p]`, or `[P, T]`).
       reward_fn: `(tokens int32 [S], length int32 []) -> f32 []`, pure, scoring any prefix
         (pad after `length`); it is evaluated after every block, and its value on the final
         sequence is the terminal reward (truncated sequences included). A new function
         object recompiles; `jax.tree_util.Partial(fn, *arrays)` passes the arrays as traced
         arguments, so per-problem rewards of one shape share a compilation. `None`: r = 0.
-      num_particles: N.
+        With P prompts: one reward for all, or a sequence of P such `Partial`s of one `fn`
+        with arrays of one shape (`jaxsample.smc.target.stack_rewards`).
+      num_particles: N, per prompt.
       max_new_tokens: S.
       alpha: α > 0 (traced).
       lam: λ, finite (traced); must be 0 without `reward_fn`.
@@ -189,20 +212,25 @@ def smc_decode(
       top_k, top_p: proposal truncation. The weights keep the full p, so with truncation
         SMC targets π restricted to the sequences the proposal can reach.
       progress: show a tqdm bar of SMC blocks while the jitted loop runs (static).
-      mesh: a `jaxsample.parallel` mesh: particles split over its data axis (N must be a
+      mesh: a `jaxsample.parallel` mesh: particles split over its data axis (P·N must be a
         multiple of it), the model over its model axis; same key, same particles (in bf16
         up to rare roundings on a model axis: see `jaxsample.parallel`).
 
     Returns:
-      `SMCResult`.
+      `SMCResult`; a list of P for P prompts.
 
     Raises:
       ArgumentError: an argument out of range.
       NumericalError: a particle's log p is not finite at a generated position (naming the
-        particle and position), or a log-weight became NaN or +inf (e.g. from the reward).
+        prompt of a batch, the particle and position), or a log-weight became NaN or +inf
+        (e.g. from the reward).
     """
-    prompt, num_particles, max_new_tokens, block_size = check_arguments(
+    prompts, num_particles, block_size = check_arguments(
         key, lm, prompt_tokens, num_particles, max_new_tokens, block_size, ess_threshold)
+    max_new_tokens = prompts.max_new_tokens
+    if isinstance(reward_fn, (list, tuple)) and len(reward_fn) != prompts.num_prompts:
+        raise ArgumentError(
+            f"reward_fn: {len(reward_fn)} per-prompt rewards for {prompts.num_prompts} prompts")
     num_rejuvenation_steps = check_int("num_rejuvenation_steps", num_rejuvenation_steps, 0)
     check_lookahead(lookahead)  # before jit hashes it as a static argument
     target = make_target(alpha, lam, reward_fn)
@@ -212,8 +240,8 @@ def smc_decode(
         top_p=top_p,
     ).validated()
 
-    parallel.check_rows(mesh, num_particles, "num_particles")
-    inputs = (key, parallel.shard_model(lm, mesh), *pad_prompt(lm, prompt, max_new_tokens), target, proposal,
+    parallel.check_rows(mesh, num_particles * prompts.num_prompts, "num_particles × prompts")
+    inputs = (prompts.keys, parallel.shard_model(lm, mesh), prompts.tokens, prompts.lengths, target, proposal,
               jnp.asarray(ess_threshold, jnp.float32))
     run = partial(
         _run, *parallel.place_inputs(inputs, mesh),
@@ -221,43 +249,55 @@ def smc_decode(
         resampler=resampler, num_rejuvenation_steps=num_rejuvenation_steps,
         lookahead=lookahead, progress=progress, mesh=mesh,
     )
-    return execute(lm, run, max_new_tokens, block_size, progress, "smc_decode blocks")
+    return execute(lm, run, prompts.batched, max_new_tokens, block_size, progress, "smc_decode blocks")
 
 
 def check_arguments(key, lm, prompt_tokens, num_particles, max_new_tokens, block_size, ess_threshold):
     """Validates the arguments every SMC entry point shares; returns them normalised:
-    `(prompt int32 [T], num_particles, max_new_tokens, block_size)`."""
-    check_key("key", key)
+    `(Prompts, num_particles, block_size)` (`jaxsample.decoding.prompts_and_keys`)."""
     num_particles = check_int("num_particles", num_particles, 1)
-    prompt, max_new_tokens = check_prompt(lm, prompt_tokens, max_new_tokens)
-    block_size = check_int("block_size", block_size, 1, max_new_tokens)
+    prompts = prompts_and_keys(lm, key, prompt_tokens, max_new_tokens)
+    block_size = check_int("block_size", block_size, 1, prompts.max_new_tokens)
     check_real("ess_threshold", ess_threshold, "[0, 1]")
-    return prompt, num_particles, max_new_tokens, block_size
+    return prompts, num_particles, block_size
 
 
-def execute(lm, run, max_new_tokens, block_size, progress, label) -> SMCResult:
+def execute(lm, run, batched, max_new_tokens, block_size, progress, label) -> SMCResult | list[SMCResult]:
     """Runs a partially applied `_run`, raises `NumericalError` on a non-finite log p or a
-    NaN / +inf log-weight and trims the per-step histories to the steps that ran."""
+    NaN / +inf log-weight and trims each run's per-step histories to the steps it ran; one
+    `SMCResult`, or a list of P for a batch of prompts."""
     if progress:
         with progress_bar(-(-max_new_tokens // block_size), label):
             num_steps, history, log_p, result = jax.block_until_ready(run())
     else:
         num_steps, history, log_p, result = run()
-    num_steps = int(num_steps)
-    check_finite_log_p(lm, log_p, result.lengths, rows="particle")
-    raise_on_non_finite(lm, history.non_finite[:num_steps], rows="particle", steps=("SMC step",))
-    invalid_steps = np.flatnonzero(np.asarray(history.nan_or_inf[:num_steps]))
-    if invalid_steps.size:
+    num_steps = np.asarray(num_steps)
+    ran = np.arange(history.nan_or_inf.shape[1]) < num_steps[:, None]
+    # Errors name the prompt of a batch: its index leads the reported position.
+    named = (lambda x: x) if batched else (lambda x: x[0])  # noqa: E731
+    prompt_axis = ("prompt",) if batched else ()
+    first_bad = first_non_finite(log_p.reshape(-1, log_p.shape[-1]), result.lengths.reshape(-1))
+    raise_on_non_finite(lm, named(first_bad.reshape(log_p.shape[:2])), rows="particle", steps=prompt_axis)
+    non_finite = np.where(ran[:, :, None], np.asarray(history.non_finite), -1)
+    raise_on_non_finite(lm, named(non_finite), rows="particle", steps=(*prompt_axis, "SMC step"))
+    invalid = np.argwhere(ran & np.asarray(history.nan_or_inf))
+    if invalid.size:
+        prompt, step = (int(i) for i in invalid[0])
         raise NumericalError(
-            f"a log-weight became NaN or +inf at SMC step {int(invalid_steps[0])} (tokens up to "
-            f"{min((int(invalid_steps[0]) + 1) * block_size, max_new_tokens)}); check the "
+            f"a log-weight became NaN or +inf at SMC step {step}{f' of prompt {prompt}' if batched else ''} "
+            f"(tokens up to {min((step + 1) * block_size, max_new_tokens)}); check the "
             "reward / potential / twist functions and the model's logits for NaN / inf"
         )
-    trim = lambda x: x[:num_steps]  # noqa: E731
-    return result._replace(
-        ess=trim(result.ess),
-        num_unique=trim(result.num_unique),
-        resampled=trim(result.resampled),
-        acceptance_rate=trim(result.acceptance_rate),
-        log_z_history=trim(result.log_z_history),
-    )
+
+    def run_of(prompt):
+        trim = lambda x: x[prompt, :num_steps[prompt]]  # noqa: E731
+        return jax.tree.map(lambda x: x[prompt], result)._replace(
+            ess=trim(result.ess),
+            num_unique=trim(result.num_unique),
+            resampled=trim(result.resampled),
+            acceptance_rate=trim(result.acceptance_rate),
+            log_z_history=trim(result.log_z_history),
+        )
+
+    runs = [run_of(prompt) for prompt in range(num_steps.shape[0])]
+    return runs if batched else runs[0]

@@ -14,7 +14,7 @@ restricted to the sequences the proposal can reach.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +54,10 @@ class RewardTarget:
     sampler. A plain function is wrapped in an argument-free `Partial` (static: a new
     function object recompiles).
 
+    Per-prompt rewards (`make_target` with a sequence of P rewards): `reward_fn` is one
+    `Partial` whose arrays are stacked `[P, ...]`, and the rows are P groups, prompt-major;
+    group p is scored with prompt p's arrays.
+
     Attributes:
       alpha: α > 0, the exponent on the base model's probability.
       lam: λ, the reward's inverse temperature (any sign).
@@ -64,6 +68,7 @@ class RewardTarget:
     alpha: Array
     lam: Array
     reward_fn: Optional[Partial] = None
+    per_prompt: bool = struct.field(pytree_node=False, default=False)
 
     def reward(self, decode: DecodeState) -> Array:
         """r of every row's current prefix, `[B]` in the dtype of `decode.log_p` (f32 in the
@@ -72,7 +77,14 @@ class RewardTarget:
         batch = decode.length.shape[0]
         if self.reward_fn is None:
             return jnp.zeros((batch,), decode.log_p.dtype)
-        reward = jax.vmap(self.reward_fn)(decode.tokens, decode.length)
+        if self.per_prompt:
+            num_prompts = jax.tree.leaves(self.reward_fn)[0].shape[0]
+            grouped = lambda x: x.reshape(num_prompts, -1, *x.shape[1:])  # noqa: E731
+            score_group = lambda fn, tokens, length: jax.vmap(fn)(tokens, length)  # noqa: E731
+            reward = jax.vmap(score_group)(
+                self.reward_fn, grouped(decode.tokens), grouped(decode.length)).reshape(-1)
+        else:
+            reward = jax.vmap(self.reward_fn)(decode.tokens, decode.length)
         if jnp.shape(reward) != (batch,):
             raise ArgumentError(
                 "reward_fn(tokens [S], length []) must return one scalar per sequence; "
@@ -102,11 +114,18 @@ class RewardTarget:
         return jnp.sum(jnp.where(inside, self.alpha * log_p - log_q, 0.0), axis=-1)
 
 
-def make_target(alpha, lam, reward_fn: Optional[RewardFn]) -> RewardTarget:
-    """Validates concrete α, λ and returns the target with float32 leaves."""
+def make_target(alpha, lam, reward_fn: Optional[RewardFn] | Sequence[RewardFn]) -> RewardTarget:
+    """Validates concrete α, λ and returns the target with float32 leaves.
+
+    `reward_fn` may be one function for every prompt, or a sequence of P, one per prompt of
+    a batch (`stack_rewards`)."""
     check_real("alpha", alpha, "(0, inf)")
     check_real("lam", lam, "(-inf, inf)")
-    if reward_fn is not None and not callable(reward_fn):
+    per_prompt = isinstance(reward_fn, (list, tuple))
+    if per_prompt:
+        reward_fn = stack_rewards(reward_fn)
+        per_prompt = bool(jax.tree.leaves(reward_fn))  # argument-free: one reward for all
+    elif reward_fn is not None and not callable(reward_fn):
         raise ArgumentError(
             f"reward_fn must be a function (tokens, length) -> float, got {reward_fn!r}"
         )
@@ -114,4 +133,34 @@ def make_target(alpha, lam, reward_fn: Optional[RewardFn]) -> RewardTarget:
         raise ArgumentError(f"lam={float(lam)} has no effect without a reward_fn")
     if reward_fn is not None and not isinstance(reward_fn, Partial):
         reward_fn = Partial(reward_fn)
-    return RewardTarget(jnp.asarray(alpha, jnp.float32), jnp.asarray(lam, jnp.float32), reward_fn)
+    return RewardTarget(jnp.asarray(alpha, jnp.float32), jnp.asarray(lam, jnp.float32), reward_fn, per_prompt)
+
+
+def stack_rewards(reward_fns: Sequence[RewardFn]) -> Partial:
+    """One `Partial` whose arrays are the P rewards' arrays stacked `[P, ...]`.
+
+    Each reward must be `jax.tree_util.Partial(fn, *arrays)` of the same `fn` with arrays of
+    the same shapes and dtypes (pad per-problem data, such as reference answers, to one
+    width), so that one compiled sampler scores every prompt's rows with its own arrays.
+    """
+    if not reward_fns:
+        raise ArgumentError("reward_fn: the sequence of per-prompt rewards is empty")
+    for index, fn in enumerate(reward_fns):
+        if not isinstance(fn, Partial):
+            raise ArgumentError(
+                f"reward_fn[{index}] must be a jax.tree_util.Partial(fn, *arrays): per-prompt "
+                f"rewards batched together share one fn and differ in their arrays; got {fn!r}")
+    first = jax.tree.structure(reward_fns[0])
+    first_shapes = [(jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(reward_fns[0])]
+    for index, fn in enumerate(reward_fns[1:], 1):
+        if jax.tree.structure(fn) != first:
+            raise ArgumentError(
+                f"reward_fn[{index}] is not a Partial of the same function and arguments as "
+                f"reward_fn[0]: {fn.func!r} with {len(fn.args)} arrays against "
+                f"{reward_fns[0].func!r} with {len(reward_fns[0].args)}")
+        shapes = [(jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(fn)]
+        if shapes != first_shapes:
+            raise ArgumentError(
+                f"reward_fn[{index}]'s arrays have shapes and dtypes {shapes}, reward_fn[0]'s "
+                f"{first_shapes}: pad per-prompt arrays to one shape")
+    return jax.tree.map(lambda *arrays: jnp.stack(arrays), *reward_fns)

@@ -26,14 +26,13 @@ and the first is Z: every final log-weight equals log Z and the ESS is N at ever
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from jaxsample.decoding import pad_prompt
 from jaxsample.errors import ArgumentError
 from jaxsample.lm import LanguageModel, token_ids
 from jaxsample.sampling import Proposal, Twist
@@ -88,7 +87,7 @@ def _check_reference(lm: LanguageModel, sample, max_new_tokens: int) -> Array:
 def twisted_smc(
     key: Array,
     lm: LanguageModel,
-    prompt_tokens: Array,
+    prompt_tokens: Array | Sequence[Array],
     log_twist_fn: Optional[LogTwistFn],
     twist_params: Any,
     log_potential_fn: LogPotentialFn,
@@ -100,13 +99,14 @@ def twisted_smc(
     resampler: str | Resampler | None = None,
     conditional_sample: Optional[Array] = None,
     progress: bool = False,
-) -> SMCResult:
+) -> SMCResult | list[SMCResult]:
     """Samples σ(s) ∝ p(s | prompt) φ(s) with twisted SMC; log Z_hat estimates Σ_s p(s) φ(s).
 
     Args:
       key: PRNG key.
       lm: the (frozen) model.
-      prompt_tokens: int32 `[T]`.
+      prompt_tokens: int32 `[T]`, or P prompts with P keys: P runs in one loop, as
+        `smc_decode` runs them (one `SMCResult` each).
       log_twist_fn: `(twist_params, tokens [S], length [], features [D]) -> log ψ [V]`, the
         twist of every candidate next token after `tokens[:length]` (pure; a new function
         object recompiles). `features` f32 `[lm.feature_size]` are the model's hidden
@@ -130,19 +130,22 @@ def twisted_smc(
       `SMCResult`: `.tokens .lengths .log_weights` (normalised) `.log_z .ess` (per step) and
       `.rewards` = log φ of each final particle.
     """
-    prompt, num_particles, max_new_tokens, block_size = check_arguments(
+    prompts, num_particles, block_size = check_arguments(
         key, lm, prompt_tokens, num_particles, max_new_tokens, block_size, ess_threshold)
+    max_new_tokens = prompts.max_new_tokens
     target = make_target(1.0, 1.0, terminal_potential(lm, log_potential_fn))
     proposal = twisted_proposal(log_twist_fn, twist_params)
     reference = None
     if conditional_sample is not None:
+        if prompts.batched:
+            raise ArgumentError("conditional_sample clamps one reference sequence: pass one prompt [T], not a batch")
         reference = _check_reference(lm, conditional_sample, max_new_tokens)
         resampler = "multinomial" if resampler is None else resampler
     run = partial(
-        _run, key, lm, *pad_prompt(lm, prompt, max_new_tokens), target, proposal,
+        _run, prompts.keys, lm, prompts.tokens, prompts.lengths, target, proposal,
         jnp.asarray(ess_threshold, jnp.float32), reference,
         num_particles=num_particles, max_new_tokens=max_new_tokens, block_size=block_size,
         resampler="systematic" if resampler is None else resampler, num_rejuvenation_steps=0,
         lookahead=None if log_twist_fn is None else ProposalTwist(), progress=progress,
     )
-    return execute(lm, run, max_new_tokens, block_size, progress, "twisted_smc blocks")
+    return execute(lm, run, prompts.batched, max_new_tokens, block_size, progress, "twisted_smc blocks")

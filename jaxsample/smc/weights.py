@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxsample.errors import ArgumentError
 from jaxsample.rows import gather_rows
 from jaxsample.smc.resampling import Resampler, get_resampler
 
@@ -118,10 +119,10 @@ def log_evidence(log_weights: Array) -> Array:
 
 
 class ResampleInfo(NamedTuple):
-    """What `resample_if_needed` did.
+    """What `resample_if_needed` did (fields per group `[P]` when the weights are `[P, N]`).
 
     Attributes:
-      ancestors: int32 `[N]`; `arange(N)` when not resampled.
+      ancestors: int32 `[N]` (`[P, N]`, within each group); `arange(N)` when not resampled.
       ess: f32 `[]`, the ESS of the incoming weights (the resampling criterion).
       resampled: bool `[]`.
       num_unique: int32 `[]`, distinct ancestors (N when not resampled). ESS resets to N
@@ -159,51 +160,69 @@ def resample_if_needed(
     ESS is high. The KV cache is gathered in place, a slice at a time, and the shared prompt
     cache is not gathered at all.
 
+    Groups: with `[P, N]` log-weights and P keys, the particles are P groups of N (one per
+    prompt, group-major rows), and each group is resampled, or not, on its own ESS, from
+    its own key, among its own particles: group p draws what one group alone would with
+    `key[p]`. The resampler is vmapped over the groups.
+
     Args:
-      key: PRNG key for the resampler.
-      log_weights: f32 `[N]` unnormalised log-weights.
-      particles: pytree whose leaves all have leading axis N.
+      key: PRNG key for the resampler; P keys (typed `[P]` or raw `[P, 2]`) for P groups.
+      log_weights: f32 `[N]` unnormalised log-weights, or `[P, N]` for P groups.
+      particles: pytree whose leaves all have leading axis N (P·N for P groups).
       ess_threshold: kappa in [0, 1]; may be traced. 0 never resamples, 1 resamples whenever
         the weights are not all equal.
       resampler: a `RESAMPLERS` name or a `(key, weights [N], N) -> ancestors [N]` function
         (static).
     Returns:
-      `(particles, log_weights, ResampleInfo)`.
+      `(particles, log_weights, ResampleInfo)`, the weights in the shape given.
     """
-    return _resample_if_needed(key, log_weights, particles, ess_threshold, get_resampler(resampler))
+    log_weights = jnp.asarray(log_weights, jnp.float32)
+    grouped = log_weights.ndim == 2
+    if not grouped:
+        key, log_weights = jnp.expand_dims(key, 0), log_weights[None]
+    if key.shape[0] != log_weights.shape[0]:
+        raise ArgumentError(
+            f"resample_if_needed: {key.shape[0]} keys for {log_weights.shape[0]} groups of particles")
+    particles, log_weights, info = _resample_if_needed(
+        key, log_weights, particles, ess_threshold, get_resampler(resampler))
+    if grouped:
+        return particles, log_weights, info
+    return particles, log_weights[0], jax.tree.map(lambda x: x[0], info)
 
 
 @partial(jax.jit, static_argnames="resampler")
-def _resample_if_needed(key, log_weights, particles, ess_threshold, resampler):
-    log_weights = jnp.asarray(log_weights, jnp.float32)
-    num_particles = log_weights.shape[0]
-    identity = jnp.arange(num_particles, dtype=jnp.int32)
+def _resample_if_needed(keys, log_weights, particles, ess_threshold, resampler):
+    num_groups, num_particles = log_weights.shape
+    identity = jnp.broadcast_to(jnp.arange(num_particles, dtype=jnp.int32), log_weights.shape)
     log_total = _logsumexp(log_weights)
-    nan_or_inf = jnp.any(jnp.isnan(log_weights) | jnp.isposinf(log_weights))
+    nan_or_inf = jnp.any(jnp.isnan(log_weights) | jnp.isposinf(log_weights), axis=-1)
     all_zero = jnp.isneginf(log_total) & ~nan_or_inf
     current_ess = ess(log_weights)
     resample = (current_ess < ess_threshold * num_particles) & ~all_zero & ~nan_or_inf
 
     def do_resample(operand):
         particles, log_weights = operand
-        weights = jnp.exp(log_weights - log_total)
-        ancestors = resampler(key, weights, num_particles)
-        reset = jnp.full_like(log_weights, log_total - jnp.log(jnp.float32(num_particles)))
-        return gather_particles(particles, ancestors), reset, ancestors
+        weights = jnp.exp(log_weights - log_total[:, None])
+        drawn = jax.vmap(lambda key, w: resampler(key, w, num_particles))(keys, weights)
+        ancestors = jnp.where(resample[:, None], drawn, identity)
+        reset = jnp.where(
+            resample[:, None], (log_total - jnp.log(jnp.float32(num_particles)))[:, None], log_weights)
+        first_row = num_particles * jnp.arange(num_groups, dtype=jnp.int32)[:, None]
+        return gather_particles(particles, (first_row + ancestors).reshape(-1)), reset, ancestors
 
     def keep(operand):
         particles, log_weights = operand
         return particles, log_weights, identity
 
     particles, log_weights, ancestors = jax.lax.cond(
-        resample, do_resample, keep, (particles, log_weights)
+        jnp.any(resample), do_resample, keep, (particles, log_weights)
     )
-    num_unique = jnp.sum(jnp.zeros(num_particles, jnp.int32).at[ancestors].set(1))
+    counts = jax.vmap(lambda a: jnp.zeros(num_particles, jnp.int32).at[a].set(1))(ancestors)
     info = ResampleInfo(
         ancestors=ancestors,
         ess=current_ess,
         resampled=resample,
-        num_unique=num_unique,
+        num_unique=jnp.sum(counts, axis=-1),
         all_zero=all_zero,
         nan_or_inf=nan_or_inf,
     )

@@ -188,7 +188,7 @@ def test_argument_errors(lm, kwargs, message):
         smc_decode(jax.random.key(0), lm, PROMPT, **args)
 
 
-def test_prompt_must_be_one_sequence(lm):
-    with pytest.raises(ArgumentError, match=r"shape \[T\]"):
+def test_a_batch_of_prompts_needs_a_key_each(lm):
+    with pytest.raises(ArgumentError, match=r"key must be 2 PRNG keys"):
         smc_decode(jax.random.key(0), lm, jnp.zeros((2, 1), jnp.int32), num_particles=2,
                    max_new_tokens=S)
