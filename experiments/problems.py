@@ -38,7 +38,7 @@ def add_problem_arguments(
 def add_mesh_argument(parser: argparse.ArgumentParser) -> None:
     """`--mesh` and `--batch-problems`, where rows run (power, smc): neither changes what they draw."""
     parser.add_argument("--mesh", default="", help="device mesh data=D,model=M: chains/particles split over D devices, the model tensor-parallel over M (default: one device; see README, multi-device)")
-    parser.add_argument("--batch-problems", type=int, default=1, help="problems sampled together, as one batch of problems x chains rows (each prompt prefilled once); every problem draws what it draws alone. SMC methods run one problem at a time")
+    parser.add_argument("--batch-problems", type=int, default=1, help="problems sampled together, as one batch of problems x chains rows (each prompt prefilled once); every problem draws what it draws alone. SMC methods run all --runs of the batch's problems as one batch of runs x particles rows")
 
 
 @functools.lru_cache(maxsize=None)

@@ -83,39 +83,57 @@ def item_verifier(item_length: int):
 
 
 def contains_answer(answer, tokens, length):
-    """r = 1 once the answer's token sequence appears within the first `length` tokens."""
-    width = answer.shape[0]
-    starts = jnp.arange(tokens.shape[0] - width + 1)
-    windows = tokens[starts[:, None] + jnp.arange(width)[None, :]]
-    found = jnp.all(windows == answer, axis=1) & (starts + width <= length)
+    """r = 1 once the answer's token sequence appears within the first `length` tokens.
+
+    `answer` holds the answer's tokens, then -1 up to a width shared by a batch of problems
+    (`answer_rewards`), so that their rewards stack into one batched SMC call."""
+    width = jnp.sum(answer >= 0)
+    beyond = jnp.full(answer.shape, -1, tokens.dtype)  # windows past the end match nothing real
+    windows = jnp.concatenate([tokens, beyond])[jnp.arange(tokens.shape[0])[:, None] + jnp.arange(answer.shape[0])]
+    found = jnp.all((windows == answer) | (answer < 0), axis=1) & (jnp.arange(tokens.shape[0]) + width <= length)
     return jnp.any(found).astype(jnp.float32)
 
 
-def reward_for(problem, lm, task_item_length, max_new):
-    if problem.exact is not None:
-        reference = np.full(max_new, lm.pad_token_id, np.int32)
-        trace = np.asarray(problem.exact.correct_trace)
-        reference[: len(trace)] = trace
-        return Partial(item_verifier(task_item_length), jnp.asarray(reference))
-    answer = lm.tokenizer.encode(str(problem.answer))
-    return Partial(contains_answer, jnp.asarray(answer, jnp.int32))
+def rewards_for(problems, lm, task_item_length, max_new):
+    """Each problem's reward, `Partial`s of one function with arrays of one shape."""
+    if problems[0].exact is not None:
+        references = []
+        for problem in problems:
+            reference = np.full(max_new, lm.pad_token_id, np.int32)
+            trace = np.asarray(problem.exact.correct_trace)
+            reference[: len(trace)] = trace
+            references.append(reference)
+        return [Partial(item_verifier(task_item_length), jnp.asarray(reference)) for reference in references]
+    answers = [lm.tokenizer.encode(str(problem.answer)) for problem in problems]
+    width = -(-max(len(answer) for answer in answers) // 8) * 8
+    return [Partial(contains_answer, jnp.asarray(answer + [-1] * (width - len(answer)), jnp.int32))
+            for answer in answers]
 
 
 # ---------------------------------------------------------------------------------------
 
 
-def run_smc(key, lm, problem, method, config, max_new, block_size, reward):
-    lam = 0.0 if method == "power_smc" else config["lam"]
-    steps = config["rejuvenation_steps"] if method == "reward_smc_rejuv" else 0
+def run_smc(keys, lm, problems, method, config, max_new, block_size, rewards):
+    """Every run of every problem as one batched `smc_decode` call (problem-major, run r of a
+    problem with its key folded with r); one record per problem. `rewards`: one per problem,
+    None for Power-SMC."""
+    runs = config["runs"]
+    results = js.smc_decode(
+        jnp.stack([jax.random.fold_in(key, run) for key in keys for run in range(runs)]), lm,
+        [problem.prompt for problem in problems for _ in range(runs)],
+        None if rewards is None else [reward for reward in rewards for _ in range(runs)],
+        num_particles=config["particles"], max_new_tokens=max_new, alpha=config["alpha"],
+        lam=0.0 if method == "power_smc" else config["lam"], block_size=block_size,
+        num_rejuvenation_steps=config["rejuvenation_steps"] if method == "reward_smc_rejuv" else 0,
+        top_k=config["top_k"], mesh=experiment_mesh(config),
+    )
+    return [smc_record(problem, results[index * runs:(index + 1) * runs]) for index, problem in enumerate(problems)]
+
+
+def smc_record(problem, results) -> dict:
+    """A problem's record from its runs' `SMCResult`s."""
     accuracies, tokens, ess, written, all_zero_runs = [], [], [], [], 0
-    for run in range(config["runs"]):
-        result = js.smc_decode(
-            jax.random.fold_in(key, run), lm, jnp.asarray(problem.prompt, jnp.int32),
-            None if method == "power_smc" else reward,
-            num_particles=config["particles"], max_new_tokens=max_new, alpha=config["alpha"],
-            lam=lam, block_size=block_size, num_rejuvenation_steps=steps, top_k=config["top_k"],
-            mesh=experiment_mesh(config),
-        )
+    for run, result in enumerate(results):
         weights = np.exp(np.asarray(result.log_weights, np.float64))
         passed = grades(problem, result.tokens)
         all_zero = bool(result.all_zero)  # no particle left to answer: scored 0, and counted
@@ -139,10 +157,9 @@ def run(run_dir: RunDirectory) -> str:
     methods = selected_methods(config, METHODS)
 
     def run_batch(method, keys, batch, budgets):
-        if method in ("power_smc", "reward_smc", "reward_smc_rejuv"):  # resampling stays within one problem
-            return [run_smc(key, lm, problem, method, config, max_new, block_size,
-                            reward_for(problem, lm, item_length, max_new))
-                    for key, problem in zip(keys, batch)]
+        if method in ("power_smc", "reward_smc", "reward_smc_rejuv"):
+            rewards = None if method == "power_smc" else rewards_for(batch, lm, item_length, max_new)
+            return run_smc(keys, lm, batch, method, config, max_new, block_size, rewards)
         return run_method(method, keys, lm, batch, config, max_new, budgets)
 
     run_units(run_dir, "smc", lm, problems, methods, run_batch, known=METHODS, matched=MATCHED)

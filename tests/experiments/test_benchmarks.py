@@ -191,10 +191,12 @@ def test_bench_memory_rows_hold_no_copy_of_the_prompt_cache(tmp_path):
 
 
 def test_bench_smc_and_bench_generate_report_their_ratios(tmp_path):
-    smc = _run(bench_smc.main, tmp_path, "--particles", 4, "--new-tokens", 8, "--block-size", 4, *QUICK)
-    for name in ("plain", "smc_ess_half", "smc_always"):
+    smc = _run(bench_smc.main, tmp_path, "--particles", 4, "--new-tokens", 8, "--block-size", 4, "--prompts", 2, *QUICK)
+    for name in ("plain", "smc_ess_half", "smc_always", "smc_batch", "smc_per_prompt"):
         _timed(smc["timings"][name])
     assert smc["cost_ratio_ess_half"] == pytest.approx(smc["plain_tokens_per_s"] / smc["smc_ess_half_tokens_per_s"])
+    assert smc["batch_gain"] == pytest.approx(smc["batch_tokens_per_s"] / smc["per_prompt_tokens_per_s"])
+    assert smc["batch_tokens_per_s"] == pytest.approx(2 * 4 * 8 / smc["timings"]["smc_batch"]["median_s"])
     generate = _run(bench_generate.main, tmp_path, "--model", "toy-decisions", "--batch", 2, "--new-tokens", 8,
                     "--stacked", *QUICK)
     for name in ("plain", "stacked", "transformers"):
