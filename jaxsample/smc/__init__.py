@@ -4,7 +4,9 @@
 lookahead, optional resample-move rejuvenation); `twisted_smc` samples σ ∝ p φ with a
 twist-induced proposal on the same kernel and `learn_twist` learns its twist (CTL or TRI-TSMC,
 whose trust-region step is `solve_trust_region_beta`); `init` / `build_kernel` expose one SMC step
-for custom loops; the resamplers and log-weight helpers work on any particle pytree.
+for custom loops; the resamplers and log-weight helpers work on any particle pytree. Given P
+prompts and P keys, the samplers and the kernel run P independent runs in one batch, each
+prompt's particles resampled among themselves.
 
     result = smc_decode(key, lm, prompt, reward_fn, num_particles=64, max_new_tokens=256,
                         alpha=4.0, lam=1.0, block_size=16, num_rejuvenation_steps=2)
