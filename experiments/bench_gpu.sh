@@ -101,6 +101,8 @@ step bench_draw 20 python $B/bench_draw.py --vocab 151936 --batches 1,64 --sampl
 # and what a batch of problems gains over one problem after another (8 prompts x 8 chains;
 # 2.17x at 4 x 4 on CPU, 2026-12-04)
 #   bench_power.py --model random:qwen2.5-0.5b --dtype bfloat16 --prompts 8 --chains 8 --reference-chains 2
+# and the same for SMC runs (8 prompts x 16 particles on the toy; 2.07x at 4 x 8 on SmolLM2 on CPU, 2026-12-05)
+#   bench_smc.py --particles 16 --new-tokens 40 --prompts 8 --samples 3 --min-sample-s 0.5
 # The goals against what this run measured (reads the JSON; no device work).
 python $B/goals.py "$OUT" | tee "$OUT/goals.md"
 echo "done $(date -u +%T); JSON in $OUT"

@@ -6,8 +6,9 @@ random model, and reads the peak from XLA's memory analysis of the compiled prog
 (`jitted.lower(...).compile().memory_analysis()`: temporaries + outputs + non-parameter
 arguments − aliased bytes; the weights are excluded). The goal of a shared prompt cache is a
 peak of at most 1.2 x (the generated part of every row's cache + one prompt cache).
-`--prompts P` also compiles `power_sample` on a batch of P prompts with `--particles` / P
-chains each, whose base is the generated part + P prompt caches (each prompt held once).
+`--prompts P` also compiles `smc_decode` and `power_sample` on a batch of P prompts with
+`--particles` / P particles or chains each, whose base is the generated part + P prompt caches
+(each prompt held once).
 
     python experiments/bench_memory.py --particles 64 --prompt-tokens 1024 --new-tokens 512 \
         --shapes tiny,qwen2.5-0.5b
@@ -89,7 +90,7 @@ def main(argv=None):
     parser.add_argument("--particles", type=int, default=64, help="SMC particles = MH chains")
     parser.add_argument("--prompt-tokens", type=int, default=1024, help="prompt length")
     parser.add_argument("--new-tokens", type=int, default=512, help="generated tokens per row")
-    parser.add_argument("--prompts", type=int, default=1, help="also compile power_sample on this many prompts (a divisor of --particles) with --particles / P chains each")
+    parser.add_argument("--prompts", type=int, default=1, help="also compile smc_decode and power_sample on this many prompts (a divisor of --particles) with --particles / P rows each")
     parser.add_argument("--block-size", type=int, default=64, help="SMC block size = MH block size")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and KV cache")
     parser.add_argument("--shapes", default="tiny,qwen2.5-0.5b",
@@ -121,22 +122,27 @@ def measure(shape: str, dtype, args) -> dict:
     key = jax.random.key(0)
     alpha = jnp.float32(4.0)
     proposal = Proposal(temperature=1.0 / alpha).validated()
-    smc = compile_with_report(_smc_run.lower(
-        key, lm, prompt, length, make_target(alpha, 0.0, None), proposal, jnp.float32(0.5),
-        num_particles=args.particles, max_new_tokens=args.new_tokens, block_size=args.block_size,
-        resampler="systematic", num_rejuvenation_steps=0, lookahead=None, progress=False, mesh=None,
-    ), args.largest)
+
+    def smc_program(keys, prompts, lengths):
+        return compile_with_report(_smc_run.lower(
+            keys, lm, prompts, lengths, make_target(alpha, 0.0, None), proposal, jnp.float32(0.5),
+            num_particles=args.particles // keys.shape[0], max_new_tokens=args.new_tokens, block_size=args.block_size,
+            resampler="systematic", num_rejuvenation_steps=0, lookahead=None, progress=False, mesh=None,
+        ), args.largest)
+
     def power_program(keys, prompts, lengths):
         return compile_with_report(_power_sample.lower(
             keys, lm, prompts, lengths, alpha, proposal, as_jit_argument(uniform), args.particles // keys.shape[0],
             args.block_size, 2, args.new_tokens, jnp.asarray(False), False, None,
         ), args.largest)
 
-    programs = [("smc_decode", 1, *smc), ("power_sample", 1, *power_program(key[None], prompt, length))]
+    programs = [("smc_decode", 1, *smc_program(key[None], prompt, length)),
+                ("power_sample", 1, *power_program(key[None], prompt, length))]
     if args.prompts > 1:
         batch = (jax.random.split(key, args.prompts), jnp.tile(prompt, (args.prompts, 1)),
                  jnp.full((args.prompts,), length))
-        programs.append((f"power_sample_{args.prompts}_prompts", args.prompts, *power_program(*batch)))
+        programs += [(f"smc_decode_{args.prompts}_prompts", args.prompts, *smc_program(*batch)),
+                     (f"power_sample_{args.prompts}_prompts", args.prompts, *power_program(*batch))]
 
     kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
     generated = args.particles * args.new_tokens * kv_per_token

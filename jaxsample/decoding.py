@@ -292,8 +292,7 @@ def init_decode(
     if prompt.ndim == 1 or rows_per_prompt > 1:
         # Each prompt is prefilled once; its last token is fed again on top of the shared
         # prefix so that every row's cache starts with it (a rewind to 0 refeeds it there).
-        _, prefix = lm.prefill(prompts, lengths, lm.init_cache(prompts.shape[0], prompt.shape[-1]))
-        prefix = prefix._replace(length=lengths - 1)
+        prefix = prefill_prompts(lm, prompts, lengths)._replace(length=lengths - 1)
         decoded = lm.decode(last_tokens, lm.init_cache(prompts.shape[0], max_new_tokens + 1),
                             with_features=record_features, prefix=prefix)
         prefilled = jax.tree.map(lambda x: jnp.repeat(x, rows_per_prompt, axis=0), decoded)
@@ -325,6 +324,34 @@ def init_decode(
         log_twist=zeros if record_twist else None,
         prompt_cache=prompt_cache,
     )
+
+
+# Prompt tokens prefilled in one model call: the prefill's attention scores grow with the
+# prompts in a call times their width squared, so a batch of long prompts goes a few at a time.
+PREFILL_TOKENS = 2048
+
+
+def prefill_prompts(lm: LanguageModel, prompts: Array, lengths: Array):
+    """The KV caches (G rows) of G right-padded prompts `[G, T]` with real lengths `[G]`,
+    prefilled `PREFILL_TOKENS // T` prompts per call (all at once when they fit)."""
+    num_prompts, width = prompts.shape
+    per_call = max(1, PREFILL_TOKENS // width)
+
+    def prefill(tokens, call_lengths):
+        return lm.prefill(tokens, call_lengths, lm.init_cache(tokens.shape[0], width))[1]
+
+    if per_call >= num_prompts:
+        return prefill(prompts, lengths)
+
+    def call(index, cache):
+        # The last call starts early enough to stay inside: it prefills some prompts again.
+        first = jnp.minimum(index * per_call, num_prompts - per_call)
+        rows = lambda x: jax.lax.dynamic_slice_in_dim(x, first, per_call)  # noqa: E731
+        written = prefill(rows(prompts), rows(lengths))
+        return jax.tree.map(lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x, first, axis=0), cache, written)
+
+    # Written in place into the caches of all the prompts, so that none is copied afterwards.
+    return jax.lax.fori_loop(0, -(-num_prompts // per_call), call, lm.init_cache(num_prompts, width))
 
 
 def _check_prompt_lengths(prompt_lengths: Any, prompt_shape: tuple[int, ...]) -> None:

@@ -1,6 +1,7 @@
 """The checks every sampler entry point shares: prompts (`check_prompt`) and NaN log p
 (`check_finite_log_p`), exercised through each public sampler."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -180,6 +181,19 @@ def test_init_decode_shares_each_of_several_prompts_within_its_group_of_rows(lm)
         js.init_decode(lm, PROMPTS, 5, 4)
     with pytest.raises(ArgumentError, match="take_rows moves rows between prompts"):
         js.decoding.take_rows(shared, jnp.arange(6))
+
+
+def test_long_prompts_are_prefilled_a_few_at_a_time(monkeypatch):
+    from jaxsample import models
+    from tests.models.test_kv_cache import CONFIG, random_params
+    lm = models.make_language_model(CONFIG, random_params(CONFIG, 0), name="tiny")
+    prompts = jnp.asarray(np.random.default_rng(0).integers(0, CONFIG.vocab_size, (5, 16)), jnp.int32)
+    lengths = jnp.array([16, 3, 9, 1, 12], jnp.int32)
+    at_once = js.init_decode(lm, prompts, 10, 4, prompt_lengths=lengths)
+    monkeypatch.setattr(js.decoding, "PREFILL_TOKENS", 32)  # 2 prompts per call: 3 calls, the last one redoing prompt 3
+    assert "scan" in str(jax.make_jaxpr(lambda p, n: js.decoding.prefill_prompts(lm, p, n))(prompts, lengths))
+    in_calls = js.init_decode(lm, prompts, 10, 4, prompt_lengths=lengths)
+    chex.assert_trees_all_close(in_calls, at_once, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", BAD_PROMPT_LENGTHS)
