@@ -117,7 +117,7 @@ def test_two_processes_of_four_devices_match_one_process(reference, tmp_path):
                 p.kill()
     assert codes == [0, 0]
     results = dict(np.load(out))
-    _assert_same({k: v for k, v in reference.items() if k.startswith(("generate", "smc"))}, results,
+    _assert_same({k: v for k, v in reference.items() if k.startswith(("generate.", "smc."))}, results,
                  "data=4,model=2")
     [run_dir] = (tmp_path / "runs").iterdir()
     assert _results(run_dir) == _results(tmp_path / "one")
