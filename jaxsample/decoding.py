@@ -238,6 +238,17 @@ def is_key_batch(key: Array) -> bool:
     return key.ndim == (1 if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else 2)
 
 
+def as_key_batch(key: Array) -> Array:
+    """PRNG keys `[P]`: a batch of keys as it is, one key as a batch of one."""
+    return key if is_key_batch(key) else jnp.expand_dims(key, 0)
+
+
+def split_keys(keys: Array, num: int) -> Array:
+    """PRNG keys `[num, P]`: each of P keys split `num` ways, as `jax.random.split` splits one
+    (row i holds every key's i-th part)."""
+    return jax.vmap(lambda key: jax.random.split(key, num), out_axes=1)(keys)
+
+
 def prompt_row_keys(keys: Array, rows_per_prompt: int) -> Array:
     """PRNG keys `[P·R]`, prompt-major: row r of prompt p gets `fold_in(keys[p], r)`, the key
     of row r in a run of prompt p alone with key p (`extend`'s per-row keys)."""

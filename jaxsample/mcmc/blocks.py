@@ -50,6 +50,7 @@ from jaxsample.decoding import (
     prompt_row_keys,
     prompts_and_keys,
     raise_on_non_finite,
+    split_keys,
     truncate,
 )
 from jaxsample.errors import ArgumentError
@@ -106,7 +107,7 @@ def _power_sample(keys, lm, prompt, prompt_length, alpha, proposal, cut_law, num
 
     def block_keys(block):
         # Per prompt key, as in a run of that prompt alone; rows prompt-major.
-        extend_keys, mh_keys = jax.vmap(lambda key: jax.random.split(jax.random.fold_in(key, block)), out_axes=1)(keys)
+        extend_keys, mh_keys = split_keys(jax.vmap(jax.random.fold_in, (0, None))(keys, block), 2)
         steps = jax.vmap(lambda step: move_keys(jax.vmap(jax.random.fold_in, (0, None))(mh_keys, step), num_rows))
         return prompt_row_keys(extend_keys, num_chains), steps(jnp.arange(num_mcmc_steps))
 

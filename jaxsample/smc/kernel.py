@@ -38,7 +38,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxsample.decoding import extend, first_non_finite, init_decode, is_key_batch, prompt_row_keys
+from jaxsample.decoding import (as_key_batch, extend, first_non_finite, init_decode, is_key_batch, prompt_row_keys,
+                                split_keys)
 from jaxsample.errors import ArgumentError
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc import CutLaw, uniform
@@ -208,11 +209,9 @@ def build_kernel(
             non_finite = jnp.where(non_finite >= 0, non_finite, step_non_finite)
             return (particles, accepted + step_accepted, decoded + step_decoded, non_finite), None
 
-        rows = particles.reward.shape[0]
-        zero = jnp.zeros((rows,), jnp.int32)
-        move_keys = jax.vmap(lambda k: jax.random.split(k, num_rejuvenation_steps), out_axes=1)(keys)
+        zero = jnp.zeros(particles.reward.shape, jnp.int32)
         (particles, accepted, decoded, non_finite), _ = jax.lax.scan(
-            one_move, (particles, zero, zero, zero - 1), move_keys
+            one_move, (particles, zero, zero, zero - 1), split_keys(keys, num_rejuvenation_steps)
         )
         return particles, accepted, decoded, non_finite
 
@@ -222,7 +221,7 @@ def build_kernel(
         return particles, zero, zero, zero - 1
 
     def step(key: Array, state: SMCState) -> tuple[SMCState, SMCInfo]:
-        group_keys = key if is_key_batch(key) else jnp.expand_dims(key, 0)
+        group_keys = as_key_batch(key)
         num_groups, rows = group_keys.shape[0], state.log_weights.shape[0]
         if rows % num_groups:
             raise ArgumentError(f"{num_groups} keys for {rows} particles: each prompt's group needs one key")
@@ -231,8 +230,7 @@ def build_kernel(
         group_size = rows // num_groups
         by_group = lambda x: x.reshape(num_groups, group_size)  # noqa: E731
         per_group = lambda x: jnp.sum(by_group(x), axis=1)  # noqa: E731
-        extend_keys, value_keys, resample_keys, move_keys = jnp.unstack(
-            jax.vmap(lambda k: jax.random.split(k, 4))(group_keys), axis=1)
+        extend_keys, value_keys, resample_keys, move_keys = split_keys(group_keys, 4)
         old = state.particles
         slots = old.decode.tokens.shape[1]
         cap = jnp.minimum((state.step + 1) * block_size, slots).astype(jnp.int32)

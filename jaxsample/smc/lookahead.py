@@ -35,7 +35,7 @@ from typing import Callable, NamedTuple, Union
 import jax
 import jax.numpy as jnp
 
-from jaxsample.decoding import DecodeState, extend, is_key_batch, prompt_row_keys
+from jaxsample.decoding import DecodeState, as_key_batch, extend, prompt_row_keys
 from jaxsample.errors import ArgumentError
 from jaxsample.lm import LanguageModel
 from jaxsample.rows import gather_rows
@@ -133,7 +133,7 @@ def estimate_log_value(
         return jnp.where(settled, 0.0, log_value), jnp.zeros((batch,), jnp.int32)
 
     num_rollouts, horizon = lookahead
-    group_keys = key if is_key_batch(key) else jnp.expand_dims(key, 0)
+    group_keys = as_key_batch(key)
     rollout_keys = prompt_row_keys(group_keys, batch * num_rollouts // group_keys.shape[0])
     # A row's M copies are consecutive, so every group of rows keeps its shared prompt.
     rows = jnp.repeat(jnp.arange(batch), num_rollouts)

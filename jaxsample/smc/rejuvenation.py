@@ -25,7 +25,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxsample.decoding import extend, first_non_finite, is_key_batch, prompt_row_keys, rewind, select_rows
+from jaxsample.decoding import (as_key_batch, extend, first_non_finite, prompt_row_keys, rewind, select_rows,
+                                split_keys)
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc import CutLaw, Trace, log_acceptance_ratio
 from jaxsample.sampling import Proposal
@@ -79,10 +80,9 @@ def build_move(
     """
 
     def move(key, particles: Particles, cap, moving=None):
-        group_keys = key if is_key_batch(key) else jnp.expand_dims(key, 0)
+        group_keys = as_key_batch(key)
         num_groups = group_keys.shape[0]
-        cut_keys, regenerate_keys, value_keys, accept_keys = jnp.unstack(
-            jax.vmap(lambda k: jax.random.split(k, 4))(group_keys), axis=1)
+        cut_keys, regenerate_keys, value_keys, accept_keys = split_keys(group_keys, 4)
         current = particles.decode
         group_size = current.length.shape[0] // num_groups
         by_group = lambda x: x.reshape(num_groups, group_size, *x.shape[1:])  # noqa: E731

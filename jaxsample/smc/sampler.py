@@ -11,7 +11,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxsample import parallel
-from jaxsample.decoding import first_non_finite, prompts_and_keys, raise_on_non_finite
+from jaxsample.decoding import first_non_finite, prompts_and_keys, raise_on_non_finite, split_keys
 from jaxsample.errors import ArgumentError, NumericalError
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc import uniform
@@ -88,7 +88,7 @@ def _run(
     `[P, T]`). Returns `(steps [P], history [P, K], log_p [P, N, S], SMCResult)` with every
     result field given a leading axis P."""
     num_prompts = keys.shape[0]
-    run_keys, sample_keys = jnp.unstack(jax.vmap(jax.random.split)(keys), axis=1)
+    run_keys, sample_keys = split_keys(keys, 2)
     step = build_kernel(
         lm, proposal, target, block_size=block_size, ess_threshold=ess_threshold,
         resampler=resampler, num_rejuvenation_steps=num_rejuvenation_steps,
