@@ -226,6 +226,17 @@ def prompts_and_keys(lm: LanguageModel, key: Any, prompt_tokens: Any, max_new_to
     return Prompts(tokens, lengths, prompt_keys(key, tokens), max_new_tokens)
 
 
+def check_per_prompt(prompts: Prompts, **settings: Any) -> None:
+    """Raises unless each float setting is one number, or, for a batch of P prompts, one per
+    prompt (shape `[P]`; their rows take it: `jaxsample.rows.expand_groups`)."""
+    for name, value in settings.items():
+        shape = jnp.shape(value)
+        if shape == () or (prompts.batched and shape == (prompts.num_prompts,)):
+            continue
+        per_prompt = f", or one per prompt (shape [{prompts.num_prompts}])" if prompts.batched else ""
+        raise ArgumentError(f"{name} must be one number{per_prompt}, got shape {shape}")
+
+
 def prompt_keys(key: Any, prompt_tokens: Array) -> Array:
     """Checked keys `[P]`: one key for one prompt `[T]`, P keys for prompts `[P, T]`."""
     if np.ndim(prompt_tokens) == 1:

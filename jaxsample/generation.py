@@ -9,7 +9,8 @@ import jax
 from jax.sharding import Mesh
 
 from jaxsample import parallel
-from jaxsample.decoding import check_finite_log_p, extend, init_decode, prompt_row_keys, prompts_and_keys
+from jaxsample.decoding import (check_finite_log_p, check_per_prompt, extend, init_decode, prompt_row_keys,
+                                prompts_and_keys)
 from jaxsample.lm import LanguageModel
 from jaxsample.sampling import Proposal
 from jaxsample.validation import check_int
@@ -91,9 +92,10 @@ def generate(
         or `[P, T]`), each prefilled once: rows p·S … p·S + S − 1 continue prompt p, and are
         the samples of a call on prompt p alone with key p.
       max_new_tokens: N; the prompt plus N must fit the model's positions.
-      temperature: τ in [2⁻¹²⁶, 2¹²⁶], where τ and 1/τ are normal float32 numbers.
+      temperature: τ in [2⁻¹²⁶, 2¹²⁶], where τ and 1/τ are normal float32 numbers; for a
+        batch of P prompts one τ, or one per prompt (`[P]`).
       top_k: keep the k most likely tokens, and any tied with the k-th (0 = all).
-      top_p: nucleus mass in (0, 1].
+      top_p: nucleus mass in (0, 1]; one, or one per prompt as τ.
       num_samples: S, rows decoded as one batch.
       record_features: also return each generated token's final-norm hidden state
         (`.features [S, N, D]`), from the same decode steps.
@@ -104,6 +106,7 @@ def generate(
     num_samples = check_int("num_samples", num_samples, 1)
     proposal = Proposal(temperature=temperature, top_k=top_k, top_p=top_p).validated()
     prompts = prompts_and_keys(lm, key, prompt_tokens, max_new_tokens)
+    check_per_prompt(prompts, temperature=proposal.temperature, top_p=proposal.top_p)
     parallel.check_rows(mesh, prompts.num_prompts * num_samples, "prompts × num_samples" if prompts.batched else "num_samples")
     inputs = (prompts.keys, parallel.shard_model(lm, mesh), prompts.tokens, prompts.lengths, proposal)
     result = _generate(*parallel.place_inputs(inputs, mesh), prompts.max_new_tokens, num_samples, record_features, mesh)

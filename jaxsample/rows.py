@@ -13,6 +13,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxsample.errors import ArgumentError
+
 Array = jax.Array
 
 # A gathered leaf of more than this many elements is gathered in place, a slice at a time.
@@ -40,6 +42,19 @@ def select_rows(mask: Array, new: Any, old: Any) -> Any:
     """Per row: `new` where `mask` (bool `[B]`) else `old` (the MH accept step); `Shared`
     parts, such as the prompt cache, are taken from `new`."""
     return map_rows(lambda a, b: jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b), new, old)
+
+
+def expand_groups(values: Array | float, num_rows: int) -> Array | float:
+    """Per-group values `[P]` as per-row values `[num_rows]`: the rows are P equal groups,
+    group-major (the rows of P prompts, prompt-major), and row r takes the value of group
+    r // (num_rows / P). A scalar, one value for every row, is returned as it is."""
+    if not jnp.ndim(values):
+        return values
+    groups = jnp.shape(values)[0]
+    if jnp.ndim(values) != 1 or num_rows % groups:
+        raise ArgumentError(
+            f"per-group values must have shape [P] with P dividing the {num_rows} rows, got shape {jnp.shape(values)}")
+    return jnp.repeat(values, num_rows // groups, total_repeat_length=num_rows)
 
 
 def gather_rows(tree: Any, indices: Array) -> Any:

@@ -66,18 +66,21 @@ SAMPLERS = {
     "power": lambda key, lm, prompt, mesh: js.power_sample(
         key, lm, prompt, alpha=2.0, num_chains=ROWS, block_size=6, num_mcmc_steps=3,
         max_new_tokens=12, mesh=mesh),
-    # Two prompts of 4 chains each (rows split over the data axis across the prompts' groups).
+    # Two prompts of 4 chains each (rows split over the data axis across the prompts' groups),
+    # each with its own α.
     "power_batch": lambda key, lm, prompt, mesh: js.power_sample(
-        jax.random.split(key, 2), lm, [prompt, prompt[:2]], alpha=2.0, num_chains=ROWS // 2, block_size=6,
+        jax.random.split(key, 2), lm, [prompt, prompt[:2]], alpha=jnp.array([2.0, 3.0]), num_chains=ROWS // 2, block_size=6,
         num_mcmc_steps=3, max_new_tokens=12, mesh=mesh),
     "bf16": bf16_logits,
     "smc": lambda key, lm, prompt, mesh: js.smc_decode(
         key, lm, prompt, jax.tree_util.Partial(reward), num_particles=ROWS, max_new_tokens=12,
         alpha=2.0, lam=0.5, block_size=4, num_rejuvenation_steps=1, mesh=mesh),
-    # Two prompts' runs of 4 particles in one loop, the rows of both split over the data axis.
+    # Two prompts' runs of 4 particles in one loop, the rows of both split over the data axis;
+    # each prompt's own α and λ.
     "smc_batch": lambda key, lm, prompt, mesh: js.smc_decode(
         jax.random.split(key, 2), lm, [prompt, prompt[:2]], jax.tree_util.Partial(reward), num_particles=ROWS // 2,
-        max_new_tokens=12, alpha=2.0, lam=0.5, block_size=4, num_rejuvenation_steps=1, mesh=mesh),
+        max_new_tokens=12, alpha=jnp.array([2.0, 3.0]), lam=jnp.array([0.5, 1.0]), block_size=4,
+        num_rejuvenation_steps=1, mesh=mesh),
 }
 
 

@@ -39,13 +39,21 @@ SAMPLERS = {
 }
 
 
-BATCHABLE = {  # (key, lm, prompt or batch of prompts) -> result
-    "generate": lambda key, lm, prompt: js.generate(key, lm, prompt, 4, num_samples=3),
-    "base_sample": lambda key, lm, prompt: js.base_sample(key, lm, prompt, num_chains=3, max_new_tokens=4),
-    "temperature_sample": lambda key, lm, prompt: js.temperature_sample(key, lm, prompt, 2.0, num_chains=3,
-                                                                        max_new_tokens=4),
-    "best_of_n": lambda key, lm, prompt: js.best_of_n(key, lm, prompt, 3, num_chains=3, max_new_tokens=4,
-                                                      token_budget=6),
+BATCHABLE = {  # (key, lm, prompt or batch of prompts, **settings) -> result
+    "generate": lambda key, lm, prompt, **kw: js.generate(key, lm, prompt, 4, num_samples=3, **kw),
+    "base_sample": lambda key, lm, prompt, **kw: js.base_sample(key, lm, prompt, num_chains=3, max_new_tokens=4,
+                                                                **kw),
+    "temperature_sample": lambda key, lm, prompt, **kw: js.temperature_sample(key, lm, prompt, num_chains=3,
+                                                                              max_new_tokens=4, **kw),
+    "best_of_n": lambda key, lm, prompt, **kw: js.best_of_n(key, lm, prompt, 3, num_chains=3, max_new_tokens=4,
+                                                            token_budget=6, **kw),
+}
+# Settings that may differ per prompt of a batch: one value per prompt of the three below.
+PER_PROMPT = {
+    "generate": dict(temperature=[1.0, 0.5, 2.0], top_p=[1.0, 0.8, 1.0]),
+    "base_sample": dict(temperature=[0.5, 1.0, 1.0], top_p=[0.8, 1.0, 0.9]),
+    "temperature_sample": dict(alpha=[2.0, 1.0, 4.0]),
+    "best_of_n": dict(temperature=[2.0, 1.0, 0.5]),
 }
 
 
@@ -95,14 +103,41 @@ def test_rejected_mh_proposals_with_nan_are_reported_not_hidden(lm):
 def test_a_batch_of_prompts_gives_each_prompt_the_rows_of_its_own_call(lm, sampler):
     prompts = [np.array([1, 2, 3]), np.array([4, 1]), np.array([2, 2, 0, 1, 3])]
     keys = jax.random.split(KEY, len(prompts))
-    batch = BATCHABLE[sampler](keys, lm, prompts)
+    settings = PER_PROMPT[sampler]
+    batch = BATCHABLE[sampler](keys, lm, prompts, **{name: jnp.asarray(v) for name, v in settings.items()})
     assert batch.tokens.shape == (9, 4)
     for p, prompt in enumerate(prompts):
-        alone, rows = BATCHABLE[sampler](keys[p], lm, prompt), slice(3 * p, 3 * p + 3)
+        own = {name: values[p] for name, values in settings.items()}
+        alone, rows = BATCHABLE[sampler](keys[p], lm, prompt, **own), slice(3 * p, 3 * p + 3)
         for name in ("tokens", "lengths", "done") + (("tokens_decoded",) if sampler != "generate" else ()):
             np.testing.assert_array_equal(getattr(batch, name)[rows], getattr(alone, name), err_msg=f"{name}, prompt {p}")
         np.testing.assert_allclose(batch.log_p[rows], alone.log_p, atol=1e-6, err_msg=f"log_p, prompt {p}")
     assert len({tuple(row) for row in np.asarray(batch.tokens)}) > 3
+
+
+BATCH_SETTINGS = {  # sampler -> (call on (keys, lm, prompts, **settings), its per-prompt settings)
+    **{name: (BATCHABLE[name], tuple(PER_PROMPT[name])) for name in BATCHABLE},
+    "power_sample": (lambda key, lm, prompt, **kw: js.power_sample(
+        key, lm, prompt, num_chains=2, block_size=4, num_mcmc_steps=1, max_new_tokens=4, **kw),
+        ("alpha", "temperature", "top_p")),
+    "smc_decode": (lambda key, lm, prompt, **kw: js.smc_decode(
+        key, lm, prompt, lambda tokens, length: 0.0, num_particles=2, max_new_tokens=4, **kw),
+        ("alpha", "lam", "temperature", "top_p")),
+}
+
+
+@pytest.mark.parametrize("sampler", BATCH_SETTINGS)
+def test_per_prompt_settings_need_one_value_per_prompt(lm, sampler):
+    call, names = BATCH_SETTINGS[sampler]
+    keys, prompts = jax.random.split(KEY, 2), [[1, 2, 3], [4, 1]]
+    for name in names:
+        with pytest.raises(ArgumentError, match=rf"^{name} must be one number, or one per prompt \(shape \[2\]\), "
+                                                 r"got shape \(3,\)$"):
+            call(keys, lm, prompts, **{name: jnp.full(3, 0.5)})
+        with pytest.raises(ArgumentError, match=rf"^{name} must be one number, got shape \(1,\)$"):
+            call(KEY, lm, PROMPT, **{name: jnp.full(1, 0.5)})
+    with pytest.raises(ArgumentError, match=r"^ess_threshold must be one number, got shape \(2,\)$"):
+        js.smc_decode(keys, lm, prompts, num_particles=2, max_new_tokens=4, ess_threshold=jnp.full(2, 0.5))
 
 
 def test_init_decode_refuses_ragged_rows(lm):

@@ -167,6 +167,27 @@ def test_each_row_is_its_own_categorical_draw(name, monkeypatch):
         np.testing.assert_allclose(draw.log_twist[row], log_twist[row, expected], **close)
 
 
+def test_each_row_draws_from_its_groups_proposal(monkeypatch):
+    # 3 groups of 4 rows, drawn in chunks of 4 that take every third row: each chunk holds
+    # rows of every group, so each row's τ and top-p must travel with it.
+    temperature, top_p = jnp.array([0.5, 1.0, 2.0]), jnp.array([1.0, 0.7, 0.9])
+    draw = _draw(Proposal(temperature=temperature, top_p=top_p), FORCED, 5 * VOCAB, monkeypatch)
+    for row in range(ROWS):
+        alone = Proposal(temperature=temperature[row // 4], top_p=top_p[row // 4]).validated()
+        own = draw_tokens(KEYS[row:row + 1], LOGITS[row:row + 1], alone, FORCED[row:row + 1])
+        assert int(draw.token[row]) == int(own.token[0]), row
+        np.testing.assert_allclose(draw.log_q[row], own.log_q[0], rtol=1e-5, atol=1e-5, err_msg=f"row {row}")
+
+
+def test_a_row_without_top_p_keeps_every_token_beside_truncated_rows():
+    # Row 1's mass after its first token rounds to 1 in float32; top-p = 1 must still keep
+    # all 50 tokens, as it does when no row truncates.
+    logits = jnp.zeros((2, VOCAB)).at[:, 0].set(30.0)
+    log_q = proposal_log_probs(logits, Proposal(top_p=jnp.array([0.5, 1.0])).validated())
+    assert np.isfinite(log_q[1]).all() and np.isfinite(log_q[0]).sum() == 1
+    np.testing.assert_array_equal(log_q[1], proposal_log_probs(logits[1], Proposal().validated()))
+
+
 @pytest.mark.parametrize("offset", [1e4, 1e8, -1e8])
 def test_twisted_log_probs_ignore_a_constant_in_the_twist(offset):
     # q ∝ q·ψ is unchanged by ψ -> e^c ψ. Added to log q before normalising, c = 1e8 rounded

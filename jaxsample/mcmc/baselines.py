@@ -17,8 +17,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxsample import parallel
-from jaxsample.decoding import (DecodeState, Prompts, check_finite_log_p, extend, init_decode, prompt_row_keys,
-                                prompts_and_keys)
+from jaxsample.decoding import (DecodeState, Prompts, check_finite_log_p, check_per_prompt, extend, init_decode,
+                                prompt_row_keys, prompts_and_keys)
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc.kernel import PowerMHInfo
 from jaxsample.mcmc.result import PowerSampleResult
@@ -56,6 +56,7 @@ def _without_mcmc(tokens, lengths, done, log_p, tokens_decoded) -> PowerSampleRe
 def _sample(lm, prompts: Prompts, num_rows, temperature, top_k, top_p, rows, mesh):
     """Decodes `num_rows` rows per prompt (`prompts_and_keys`) from the proposal and checks their log p."""
     proposal = Proposal(temperature=temperature, top_k=top_k, top_p=top_p).validated()
+    check_per_prompt(prompts, temperature=proposal.temperature, top_p=proposal.top_p)
     parallel.check_rows(mesh, prompts.num_prompts * num_rows, f"the {rows} count" + (" × prompts" if prompts.batched else ""))
     inputs = (prompts.keys, parallel.shard_model(lm, mesh), (prompts.tokens, prompts.lengths), proposal)
     state = _decode(*parallel.place_inputs(inputs, mesh), num_rows, prompts.max_new_tokens, mesh)
@@ -93,7 +94,8 @@ def base_sample(
       num_chains: C, completions (per prompt) decoded as one batch.
       max_new_tokens: N (default 3072, `power_sample`'s); the prompt plus N must fit the
         model's positions.
-      temperature, top_k, top_p: the proposal (see `Proposal`); traced, except top_k.
+      temperature, top_k, top_p: the proposal (see `Proposal`); traced, except top_k; τ and
+        top-p one, or one per prompt of a batch (`[P]`).
       mesh: a `jaxsample.parallel` mesh (chains over its data axis, the model over its
         model axis), as in `power_sample`.
 
@@ -120,8 +122,10 @@ def temperature_sample(
     mesh: Mesh | None = None,
 ) -> PowerSampleResult:
     """C independent completions at temperature τ = 1/α (power sampling's proposal, the
-    "power of sums" baseline); `base_sample` with `temperature=1/alpha`, α > 0."""
+    "power of sums" baseline); `base_sample` with `temperature=1/alpha`, α > 0 (one, or one per
+    prompt of a batch `[P]`)."""
     check_real("alpha", alpha, "(0, inf)")
+    check_per_prompt(prompts_and_keys(lm, key, prompt_tokens, max_new_tokens), alpha=alpha)
     return base_sample(key, lm, prompt_tokens, num_chains=num_chains, max_new_tokens=max_new_tokens,
                        temperature=1.0 / jnp.asarray(alpha, jnp.float32), top_k=top_k, top_p=top_p, mesh=mesh)
 

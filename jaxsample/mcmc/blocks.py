@@ -45,6 +45,7 @@ from jaxsample.decoding import (
     DecodeState,
     advance,
     check_finite_log_p,
+    check_per_prompt,
     extendable,
     init_decode,
     prompt_row_keys,
@@ -243,17 +244,18 @@ def power_sample(
         (prompt-major: rows p·C … p·C + C − 1 continue prompt p, prefilled once). Prompt p's
         chains are those a run of prompt p alone with key p gives (same keys; the floats up
         to rounding, as a wider batch or prompt bucket may round differently).
-      alpha: α > 0, the target exponent.
+      alpha: α > 0, the target exponent; for a batch of P prompts one α for all, or one per
+        prompt (`[P]`: an α sweep on one problem is P copies of its prompt).
       cut: "uniform" (Karan & Du), "entropy" (entropy-jump law, β = 4; Zhou et al.) or a
         cut law, e.g. `entropy_jump(beta)` (see `jaxsample.mcmc.cuts`).
       num_chains: C independent chains, decoded as one batch.
       block_size: B; must divide max_new_tokens (blocks end at multiples of B).
       num_mcmc_steps: MH steps per block (0 gives block-wise sampling from q).
       max_new_tokens: N, the cap on generated tokens.
-      temperature: proposal τ (default 1/α).
+      temperature: proposal τ (default 1/α); one, or one per prompt `[P]`.
       top_k: proposal top-k (0 = off). The target keeps the full p; the chain samples π
         restricted to the completions the truncated proposal can reach.
-      top_p: proposal nucleus mass in (0, 1] (same remark as top-k).
+      top_p: proposal nucleus mass in (0, 1] (same remark as top-k); one, or one per prompt.
       freeze_finished: False (default) keeps moving finished chains in later blocks, so the
         output law tends to π; True stops a chain once it holds a stop token after a block,
         Karan & Du's early stop, whose output law stays at the earlier block's target (see
@@ -285,6 +287,7 @@ def power_sample(
     proposal = Proposal(
         temperature=1.0 / alpha if temperature is None else temperature, top_k=top_k, top_p=top_p
     ).validated()
+    check_per_prompt(prompts, alpha=alpha, temperature=proposal.temperature, top_p=proposal.top_p)
     args = parallel.place_inputs((
         prompts.keys, parallel.shard_model(lm, mesh), prompts.tokens, prompts.lengths, alpha, proposal, cut_law,
         num_chains, block_size, num_mcmc_steps, max_new_tokens, jnp.asarray(freeze_finished, bool), progress, mesh,

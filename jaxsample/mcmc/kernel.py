@@ -25,6 +25,7 @@ from jaxsample.decoding import (DecodeState, extend, first_non_finite, fold_in_r
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc.acceptance import Trace, log_acceptance_ratio
 from jaxsample.mcmc.cuts import CutLaw
+from jaxsample.rows import expand_groups
 from jaxsample.sampling import Proposal
 
 Array = jax.Array
@@ -147,9 +148,11 @@ def judge_moves(
     accept_keys: Array, moving: Array,
 ) -> PowerMHInfo:
     """The accept/reject of C proposals (`proposed` cut from `current` at `cut`), with their
-    diagnostics; chains not `moving` (bool `[C]`) are rejected and decoded nothing."""
-    ratio = jax.vmap(partial(log_acceptance_ratio, cut_law=cut_law), in_axes=(0, None, 0, 0))
-    log_r = ratio(cut, alpha, Trace.of(current), Trace.of(proposed))
+    diagnostics; chains not `moving` (bool `[C]`) are rejected and decoded nothing. `alpha`:
+    one α for all chains, or one per group of chains `[P]` (`jaxsample.rows.expand_groups`)."""
+    ratio = jax.vmap(partial(log_acceptance_ratio, cut_law=cut_law))
+    log_r = ratio(cut, jnp.broadcast_to(expand_groups(alpha, cut.shape[0]), cut.shape), Trace.of(current),
+                  Trace.of(proposed))
     log_u = jnp.log(jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(accept_keys))
     return PowerMHInfo(
         cut=cut,
@@ -173,7 +176,8 @@ def build_kernel(
         on the other chains; P keys for chains of P prompts (`init`).
       state: `PowerMHState`; every active chain must lie in the cap's state space (length ≤
         cap, and a chain without a stop token has length == cap).
-      alpha: α > 0, traced.
+      alpha: α > 0, traced: one, or one per prompt `[P]` for chains of P prompts (the
+        proposal's τ and top-p may likewise be `[P]`).
       cap: int32 scalar or `[C]`, the block cap L (≤ N), traced.
       active: bool `[C]` chains to move (default all); the others keep their state and decode
         nothing.

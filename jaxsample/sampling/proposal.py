@@ -16,6 +16,7 @@ import numpy as np
 from flax import struct
 
 from jaxsample.errors import ArgumentError
+from jaxsample.rows import expand_groups
 from jaxsample.validation import check_int, check_real
 
 Array = jax.Array
@@ -52,10 +53,13 @@ class Proposal:
     Attributes:
       temperature: τ > 0, a traced float (changing it does not recompile); a concrete τ must
         lie in [2⁻¹²⁶, 2¹²⁶] ≈ [1.2e-38, 8.5e37], where τ and 1/τ are normal float32 numbers.
+        One τ for every row, or one per group of rows `[P]`: the rows of P prompts,
+        prompt-major (`draw_tokens` gives row r the τ of group r // (B / P)).
       top_k: static int; keep the k most likely tokens, and every token tied with the k-th
         (as transformers' `TopKLogitsWarper`: `top_k=1` samples among tied maxima), 0 keeps all.
       top_p: traced float in (0, 1]; keep the smallest set of most likely tokens whose
         tempered probability reaches top_p (1 keeps all). Ties at the threshold are kept.
+        One for every row, or one per group `[P]`, as τ.
       twist: `None`, or a `Twist` ψ: the proposal is then q ∝ q_τ,k,p · ψ (`twisted_log_probs`),
         the twist-induced proposal of twisted SMC when τ = 1 and nothing is truncated.
     """
@@ -117,7 +121,8 @@ def proposal_log_probs(logits: Array, proposal: Proposal) -> Array:
 
     Args:
       logits: `[..., V]`.
-      proposal: temperature, then top-k, then top-p (the order of transformers' warpers).
+      proposal: temperature, then top-k, then top-p (the order of transformers' warpers);
+        τ and top-p are scalars or have the logits' leading shape `[...]` (one per row).
 
     Returns:
       float32 `[..., V]`, `-inf` outside the support.
@@ -128,20 +133,27 @@ def proposal_log_probs(logits: Array, proposal: Proposal) -> Array:
     # float32 (see `_TEMPERATURE_RANGE`) makes 1/τ = inf, and them 0 · inf = NaN.
     logits = logits.astype(jnp.float32)
     peak = jnp.max(logits, axis=-1, keepdims=True)
-    scores = jnp.where(logits == peak, 0.0, (logits - peak) / proposal.temperature)
+    scores = jnp.where(logits == peak, 0.0, (logits - peak) / _per_token(proposal.temperature))
     if proposal.top_k:
         kth = jax.lax.top_k(scores, min(proposal.top_k, scores.shape[-1]))[0][..., -1:]
         scores = jnp.where(scores < kth, -jnp.inf, scores)
     log_q = jax.nn.log_softmax(scores, axis=-1)
     # Skipping the sort when top-p is off matters at a 150k vocabulary.
-    return jax.lax.cond(proposal.top_p < 1.0, _truncate_top_p, lambda lq, _: lq, log_q, proposal.top_p)
+    top_p = _per_token(proposal.top_p)
+    return jax.lax.cond(jnp.any(top_p < 1.0), _truncate_top_p, lambda lq, _: lq, log_q, top_p)
+
+
+def _per_token(value: Array | float) -> Array | float:
+    """A scalar as it is; per-row values `[...]` as `[..., 1]`, to meet logits `[..., V]`."""
+    return jnp.expand_dims(value, -1) if jnp.ndim(value) else value
 
 
 def _truncate_top_p(log_q: Array, top_p: Array) -> Array:
     sorted_log_q = jnp.sort(log_q, axis=-1)[..., ::-1]
     mass_before = jnp.cumsum(jnp.exp(sorted_log_q), axis=-1) - jnp.exp(sorted_log_q)
-    # The most likely token is always kept; the smallest kept value is the threshold.
-    kept = (mass_before < top_p) | (jnp.arange(log_q.shape[-1]) == 0)
+    # The most likely token is always kept; the smallest kept value is the threshold. A row
+    # with top-p 1 among truncated rows keeps all: its rounded mass may reach 1 before the end.
+    kept = (mass_before < top_p) | (top_p >= 1.0) | (jnp.arange(log_q.shape[-1]) == 0)
     threshold = jnp.min(jnp.where(kept, sorted_log_q, jnp.inf), axis=-1, keepdims=True)
     return jax.nn.log_softmax(jnp.where(log_q < threshold, -jnp.inf, log_q), axis=-1)
 
@@ -240,7 +252,8 @@ def draw_tokens(
     Args:
       keys: `[B]` PRNG keys, one per row.
       logits: `[B, V]` next-token logits.
-      proposal: the sampling distribution.
+      proposal: the sampling distribution; τ and top-p one for all rows, or one per group
+        of rows `[P]` (`jaxsample.rows.expand_groups`).
       forced: optional int32 `[B]`; rows with `forced >= 0` take that token instead of the
         sampled one (its numbers are reported as for a sampled token).
       prefixes: `(tokens [B, S], length [B], features [B, D])`, the twist's inputs; required
@@ -252,10 +265,13 @@ def draw_tokens(
         raise ArgumentError("a twisted proposal needs the rows' prefixes (tokens, length, features)")
     forced = jnp.full((batch,), -1, jnp.int32) if forced is None else forced
 
+    per_row = {name: expand_groups(getattr(proposal, name), batch)
+               for name in ("temperature", "top_p") if jnp.ndim(getattr(proposal, name))}
+
     def draw(rows):
-        keys, logits, forced, prefixes = rows
+        keys, logits, forced, prefixes, per_row = rows
         log_p, entropy = token_log_probs(logits)
-        log_q = proposal_log_probs(logits, proposal)
+        log_q = proposal_log_probs(logits, proposal.replace(**per_row))
         log_twist = None
         if proposal.twist is not None:
             log_twist = proposal.twist.log_values(*prefixes)
@@ -275,7 +291,7 @@ def draw_tokens(
         token_log_twist = jnp.zeros_like(entropy) if log_twist is None else at_token(log_twist)
         return TokenDraw(token, at_token(log_p), at_token(log_q), entropy, token_log_twist)
 
-    rows = (keys, logits, forced, prefixes)
+    rows = (keys, logits, forced, prefixes, per_row)
     chunk = max(d for d in range(1, batch + 1) if batch % d == 0 and d * vocab <= max(DRAW_ELEMENTS, vocab))
     if chunk == batch:
         return draw(rows)

@@ -44,8 +44,8 @@ def move_log_ratio(
     `proposed` must share `current`'s tokens before `cut` (int32 `[N]`) and carry its own
     reward and log value. NaN (e.g. two `-inf` rewards) gives `-inf`: reject.
     """
-    base = jax.vmap(partial(log_acceptance_ratio, cut_law=cut_law), in_axes=(0, None, 0, 0))(
-        cut, target.alpha, Trace.of(current.decode), Trace.of(proposed.decode)
+    base = jax.vmap(partial(log_acceptance_ratio, cut_law=cut_law))(
+        cut, target.row_alpha(cut.shape[0]), Trace.of(current.decode), Trace.of(proposed.decode)
     )
     # log_ratio sums α ℓp − ℓq per token: the power and proposal parts apart cancel in float32
     total = (

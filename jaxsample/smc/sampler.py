@@ -11,7 +11,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxsample import parallel
-from jaxsample.decoding import first_non_finite, prompts_and_keys, raise_on_non_finite, split_keys
+from jaxsample.decoding import check_per_prompt, first_non_finite, prompts_and_keys, raise_on_non_finite, split_keys
 from jaxsample.errors import ArgumentError, NumericalError
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc import uniform
@@ -200,17 +200,18 @@ def smc_decode(
         with arrays of one shape (`jaxsample.smc.target.stack_rewards`).
       num_particles: N, per prompt.
       max_new_tokens: S.
-      alpha: α > 0 (traced).
-      lam: λ, finite (traced); must be 0 without `reward_fn`.
+      alpha: α > 0 (traced); with P prompts one α, or one per prompt (`[P]`).
+      lam: λ, finite (traced); must be 0 without `reward_fn`; one, or one per prompt.
       block_size: B ≤ S tokens between reweightings / resamplings.
       ess_threshold: κ in [0, 1]: resample when ESS < κ N (traced).
       resampler: "systematic", "stratified", "residual", "multinomial" or a resampler function.
       num_rejuvenation_steps: K MH moves after each resampling (0 = none).
       lookahead: `None` (prefix-only SMC), `Lookahead(num_rollouts, horizon)` (Monte Carlo
         future value) or a `log_value_fn(tokens, length) -> log V`.
-      temperature: proposal τ > 0; default 1/α (the Power-SMC proposal).
-      top_k, top_p: proposal truncation. The weights keep the full p, so with truncation
-        SMC targets π restricted to the sequences the proposal can reach.
+      temperature: proposal τ > 0; default 1/α (the Power-SMC proposal); one, or one per prompt.
+      top_k, top_p: proposal truncation (top-p one, or one per prompt). The weights keep the
+        full p, so with truncation SMC targets π restricted to the sequences the proposal
+        can reach.
       progress: show a tqdm bar of SMC blocks while the jitted loop runs (static).
       mesh: a `jaxsample.parallel` mesh: particles split over its data axis (P·N must be a
         multiple of it), the model over its model axis; same key, same particles (in bf16
@@ -239,6 +240,8 @@ def smc_decode(
         top_k=top_k,
         top_p=top_p,
     ).validated()
+    check_per_prompt(prompts, alpha=target.alpha, lam=target.lam, temperature=proposal.temperature,
+                     top_p=proposal.top_p)
 
     parallel.check_rows(mesh, num_particles * prompts.num_prompts, "num_particles × prompts")
     inputs = (prompts.keys, parallel.shard_model(lm, mesh), prompts.tokens, prompts.lengths, target, proposal,
@@ -259,6 +262,8 @@ def check_arguments(key, lm, prompt_tokens, num_particles, max_new_tokens, block
     prompts = prompts_and_keys(lm, key, prompt_tokens, max_new_tokens)
     block_size = check_int("block_size", block_size, 1, prompts.max_new_tokens)
     check_real("ess_threshold", ess_threshold, "[0, 1]")
+    if jnp.shape(ess_threshold):
+        raise ArgumentError(f"ess_threshold must be one number, got shape {jnp.shape(ess_threshold)}")
     return prompts, num_particles, block_size
 
 

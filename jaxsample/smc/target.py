@@ -23,6 +23,7 @@ from jax.tree_util import Partial
 
 from jaxsample.decoding import DecodeState
 from jaxsample.errors import ArgumentError
+from jaxsample.rows import expand_groups
 from jaxsample.validation import check_real
 
 Array = jax.Array
@@ -59,8 +60,9 @@ class RewardTarget:
     group p is scored with prompt p's arrays.
 
     Attributes:
-      alpha: α > 0, the exponent on the base model's probability.
-      lam: λ, the reward's inverse temperature (any sign).
+      alpha: α > 0, the exponent on the base model's probability: one for every row, or one
+        per prompt `[P]` (the rows P groups, prompt-major: `jaxsample.rows.expand_groups`).
+      lam: λ, the reward's inverse temperature (any sign); one, or one per prompt as α.
       reward_fn: `(tokens int32 [S], length int32 []) -> f32 []`, a pure function that scores
         any prefix (tokens after `length` are pad); `None` means r = 0.
     """
@@ -95,12 +97,18 @@ class RewardTarget:
         return reward.astype(decode.log_p.dtype)
 
     def log_potential(self, reward: Array) -> Array:
-        """λ r, the log-potential of a prefix with reward r; exactly 0 when λ = 0."""
-        return jnp.where(self.lam == 0, 0.0, self.lam * reward)
+        """λ r, the log-potential of prefixes with rewards r `[B]`; exactly 0 when λ = 0."""
+        lam = expand_groups(self.lam, reward.shape[0])
+        return jnp.where(lam == 0, 0.0, lam * reward)
 
     def log_potential_change(self, old_reward: Array, new_reward: Array) -> Array:
-        """λ (r_new − r_old); exactly 0 when λ = 0 (no 0 · inf = NaN for hard constraints)."""
-        return jnp.where(self.lam == 0, 0.0, self.lam * (new_reward - old_reward))
+        """λ (r_new − r_old) `[B]`; exactly 0 when λ = 0 (no 0 · inf = NaN for hard constraints)."""
+        lam = expand_groups(self.lam, new_reward.shape[0])
+        return jnp.where(lam == 0, 0.0, lam * (new_reward - old_reward))
+
+    def row_alpha(self, num_rows: int) -> Array:
+        """α of each of `num_rows` rows, f32 `[num_rows]`."""
+        return jnp.broadcast_to(expand_groups(self.alpha, num_rows), (num_rows,))
 
     def log_weight(self, log_p: Array, log_q: Array, start: Array, stop: Array) -> Array:
         """Σ_{start ≤ j < stop} (α log p_j − log q_j) per row, f32 `[B]`.
@@ -111,7 +119,8 @@ class RewardTarget:
         """
         position = jnp.arange(log_p.shape[-1])
         inside = (position >= start[:, None]) & (position < stop[:, None])
-        return jnp.sum(jnp.where(inside, self.alpha * log_p - log_q, 0.0), axis=-1)
+        alpha = self.row_alpha(log_p.shape[0])[:, None]
+        return jnp.sum(jnp.where(inside, alpha * log_p - log_q, 0.0), axis=-1)
 
 
 def make_target(alpha, lam, reward_fn: Optional[RewardFn] | Sequence[RewardFn]) -> RewardTarget:

@@ -140,20 +140,24 @@ def test_chains_equal_the_lockstep_kernel_loop(model, cut, freeze_finished, num_
 
 @pytest.mark.parametrize("model", ["tabular", "transformer"])
 def test_a_batch_of_prompts_gives_each_prompt_the_chains_of_its_own_run(model):
-    # One batch of P·C rows, each prompt prefilled once; prompt p's rows draw with key p.
+    # One batch of P·C rows, each prompt prefilled once; prompt p's rows draw with key p and
+    # its own α (prompt 0 twice: an α sweep), and on the transformer its own top-p.
     if model == "tabular":
         lm, prompts, settings = BLOCK_LM, [[0], [1], [0]], dict(num_chains=64, block_size=2, max_new_tokens=4)
+        per_prompt = dict(alpha=[2.0, 2.0, 4.0])
     else:
         lm, prompts, settings = _tiny_transformer(), [[3, 1, 4, 1, 5], [2, 7], [9, 2, 6, 5, 3, 5, 8]], dict(
             num_chains=4, block_size=4, max_new_tokens=8)
+        per_prompt = dict(alpha=[2.0, 1.0, 4.0], top_p=[1.0, 0.9, 1.0])
     settings.update(num_mcmc_steps=2)
     keys = jax.random.split(jax.random.key(11), len(prompts))
-    batch = power_sample(keys, lm, prompts, 2.0, **settings)
+    batch = power_sample(keys, lm, prompts, **{name: jnp.asarray(v) for name, v in per_prompt.items()}, **settings)
     chains = settings["num_chains"]
     assert batch.tokens.shape == (len(prompts) * chains, settings["max_new_tokens"])
     assert batch.info.accepted.shape[-1] == len(prompts) * chains
     for p, prompt in enumerate(prompts):
-        alone = power_sample(keys[p], lm, jnp.asarray(prompt, jnp.int32), 2.0, **settings)
+        own = {name: values[p] for name, values in per_prompt.items()}
+        alone = power_sample(keys[p], lm, jnp.asarray(prompt, jnp.int32), **own, **settings)
         rows = slice(p * chains, (p + 1) * chains)
         for name in ("tokens", "lengths", "done", "tokens_decoded"):
             np.testing.assert_array_equal(getattr(batch, name)[rows], getattr(alone, name), err_msg=f"{name} of prompt {p}")
@@ -164,23 +168,26 @@ def test_a_batch_of_prompts_gives_each_prompt_the_chains_of_its_own_run(model):
 
 
 def test_kernel_steps_on_a_batch_of_prompts_are_each_prompts_own_steps():
-    lm, prompts = _tiny_transformer(), [[3, 1, 4, 1, 5], [2, 7]]
+    # Each prompt with its own α and proposal τ.
+    lm, prompts, alphas, temperatures = _tiny_transformer(), [[3, 1, 4, 1, 5], [2, 7]], [2.0, 1.0], [0.5, 1.0]
     tokens, lengths = js.decoding.pad_prompts(lm, prompts, 6)
-    proposal = js.Proposal(temperature=0.5).validated()
+    proposal = js.Proposal(temperature=jnp.asarray(temperatures)).validated()
     init_keys, step_keys = jax.random.split(jax.random.key(2), (2, len(prompts)))
     step = build_kernel(lm, uniform, proposal)
     state = init(init_keys, lm, tokens, 3, 6, proposal, prompt_length=lengths)
     batch, infos = state, []
     for index in range(2):
-        batch, info = step(jax.vmap(jax.random.fold_in, (0, None))(step_keys, index), batch, 2.0, 6)
+        batch, info = step(jax.vmap(jax.random.fold_in, (0, None))(step_keys, index), batch, jnp.asarray(alphas), 6)
         infos.append(info)
     for p, prompt in enumerate(prompts):
         padded, length = js.decoding.pad_prompt(lm, jnp.asarray(prompt, jnp.int32), 6)
-        alone = init(init_keys[p], lm, padded, 3, 6, proposal, prompt_length=length)
+        own_proposal = js.Proposal(temperature=temperatures[p]).validated()
+        own_step = build_kernel(lm, uniform, own_proposal)
+        alone = init(init_keys[p], lm, padded, 3, 6, own_proposal, prompt_length=length)
         rows = slice(3 * p, 3 * p + 3)
         np.testing.assert_array_equal(state.decode.tokens[rows], alone.decode.tokens, err_msg=f"init of prompt {p}")
         for index in range(2):
-            alone, info = step(jax.random.fold_in(step_keys[p], index), alone, 2.0, 6)
+            alone, info = own_step(jax.random.fold_in(step_keys[p], index), alone, alphas[p], 6)
             for name in ("cut", "accepted", "tokens_decoded"):
                 np.testing.assert_array_equal(getattr(infos[index], name)[rows], getattr(info, name), err_msg=name)
         np.testing.assert_array_equal(batch.decode.tokens[rows], alone.decode.tokens, err_msg=f"prompt {p}")

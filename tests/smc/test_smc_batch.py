@@ -47,11 +47,17 @@ def test_a_batch_of_prompts_gives_each_prompt_its_own_run(model):
         rewards = [Partial(_count, jnp.int32(token)) for token in (4, 7, 11)]
         settings = dict(num_particles=4, max_new_tokens=6, block_size=2, ess_threshold=1.0,
                         num_rejuvenation_steps=1, lookahead=Lookahead(2, 2))
+    # Each prompt with its own α and λ (the default τ = 1/α too), and top-p on the transformer.
+    per_prompt = dict(alpha=[2.0, 1.0, 3.0], lam=[1.5, 0.5, 2.0])
+    if model == "transformer":
+        per_prompt.update(top_p=[1.0, 0.9, 1.0])
     keys = jax.random.split(jax.random.key(7), len(prompts))
-    batch = smc_decode(keys, lm, prompts, rewards, alpha=2.0, lam=1.5, **settings)
+    batch = smc_decode(keys, lm, prompts, rewards, **{name: jnp.asarray(v) for name, v in per_prompt.items()},
+                       **settings)
     assert isinstance(batch, list) and len(batch) == len(prompts)
     for p, prompt in enumerate(prompts):
-        alone = smc_decode(keys[p], lm, jnp.asarray(prompt, jnp.int32), rewards[p], alpha=2.0, lam=1.5, **settings)
+        own = {name: values[p] for name, values in per_prompt.items()}
+        alone = smc_decode(keys[p], lm, jnp.asarray(prompt, jnp.int32), rewards[p], **own, **settings)
         _assert_same_run(batch[p], alone, p)
     # Each run resampled and moved particles, and differs from the others.
     assert all(run.resampled.any() for run in batch)
