@@ -32,6 +32,7 @@ from jaxsample.errors import ArgumentError
 from problems import (
     add_mesh_argument,
     add_problem_arguments,
+    alpha_values,
     answers,
     check_problem_config,
     exact_record,
@@ -41,7 +42,7 @@ from problems import (
     record_from_result,
     selected_methods,
 )
-from report import summarize
+from report import ALPHA_FREE, summarize
 from run_directory import RunDirectory
 
 METHODS = ("base", "temperature", "mh_uniform", "mh_entropy", "best_of_n")  # run order: best-of-N matches an MH budget
@@ -63,14 +64,14 @@ def check_config(config: dict) -> None:
 
 # ---------------------------------------------------------------------------------------
 # Samplers (jitted once per batch size and prompt length bucket; α and τ are traced). Each
-# takes a batch of problems, one key per problem, and gives every problem the draws of a run
-# of it alone (`--batch-problems` changes only the speed).
+# takes a batch of problems, one key and one α per problem, and gives every problem the draws
+# of a run of it alone at its α (`--batch-problems` changes only the speed).
 
 
 @partial(jax.jit, static_argnames=("cut_law", "num_chains", "num_steps", "max_new_tokens", "top_k", "mesh"))
 def mh_trajectory(keys, lm, prompts, prompt_lengths, alpha, cut_law, num_chains, num_steps, max_new_tokens, top_k, mesh):
-    """C chains of single-block MH per prompt (rows prompt-major); the completion of every
-    chain after every step."""
+    """C chains of single-block MH per prompt (rows prompt-major) at each prompt's α `[P]`;
+    the completion of every chain after every step."""
     proposal = js.Proposal(temperature=1.0 / alpha, top_k=top_k, top_p=jnp.float32(1.0))
     init_keys, run_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
     state = mcmc.init(init_keys, lm, prompts, num_chains, max_new_tokens, proposal, prompt_length=prompt_lengths)
@@ -85,11 +86,11 @@ def mh_trajectory(keys, lm, prompts, prompt_lengths, alpha, cut_law, num_chains,
     return parallel.replicate((state.decode.tokens, state.decode.length, tokens, accepted, decoded), mesh)
 
 
-def run_mh(keys, lm, problems, cut, config, max_new):
+def run_mh(keys, lm, problems, alphas, cut, config, max_new):
     cut_law = mcmc.resolve_cut_law("uniform" if cut == "mh_uniform" else "entropy")
     prompts, prompt_lengths = pad_prompts(lm, [problem.prompt for problem in problems], max_new)
     outputs = mh_trajectory(
-        keys, lm, prompts, prompt_lengths, jnp.float32(config["alpha"]), cut_law,
+        keys, lm, prompts, prompt_lengths, jnp.asarray(alphas, jnp.float32), cut_law,
         config["chains"], config["mcmc_steps"], max_new, config["top_k"], experiment_mesh(config))
     init_tokens, init_lengths, tokens, accepted, decoded = (np.asarray(x) for x in outputs)
     records = []
@@ -113,12 +114,13 @@ def _problem_rows(problems, chains):
     return [slice(i * chains, (i + 1) * chains) for i in range(len(problems))]
 
 
-def run_method(method, keys, lm, problems, config, max_new, budgets):
+def run_method(method, keys, lm, problems, alphas, config, max_new, budgets):
     """One sampling, MH or best-of-N method on a batch of problems (`keys` `[P]`, one per
-    problem); a record per problem. `budgets` holds each problem's `base_length` (mean
-    base-sample length, if base ran) and `matched_tokens` (best-of-N's token budget)."""
+    problem, and `alphas`, one α per problem; None for base); a record per problem. `budgets`
+    holds each problem's `base_length` (mean base-sample length, if base ran) and
+    `matched_tokens` (best-of-N's token budget, at the problem's α)."""
     if method in ("mh_uniform", "mh_entropy"):
-        return run_mh(keys, lm, problems, method, config, max_new)
+        return run_mh(keys, lm, problems, alphas, method, config, max_new)
     common = dict(num_chains=config["chains"], max_new_tokens=max_new, top_k=config["top_k"],
                   mesh=experiment_mesh(config))
     prompts = [jnp.asarray(problem.prompt, jnp.int32) for problem in problems]
@@ -127,7 +129,7 @@ def run_method(method, keys, lm, problems, config, max_new, budgets):
     if method == "base":
         result = mcmc.base_sample(keys, lm, prompts, **common)
     else:
-        result = mcmc.temperature_sample(keys, lm, prompts, alpha=config["alpha"], **common)
+        result = mcmc.temperature_sample(keys, lm, prompts, alpha=jnp.asarray(alphas, jnp.float32), **common)
     return [record_from_result(problem, result.tokens[rows], result.tokens_decoded[rows])
             for rows, problem in zip(_problem_rows(problems, config["chains"]), problems)]
 
@@ -158,55 +160,72 @@ def run(run_dir: RunDirectory) -> str:
     lm, problems, max_new = load_model_and_problems(config)
     methods = selected_methods(config, METHODS)
 
-    def run_batch(method, keys, batch, budgets):
-        return run_method(method, keys, lm, batch, config, max_new, budgets)
+    def run_batch(method, keys, batch, alphas, budgets):
+        return run_method(method, keys, lm, batch, alphas, config, max_new, budgets)
 
     run_units(run_dir, "power", lm, problems, methods, run_batch, known=METHODS, matched=MATCHED)
     return summarize(run_dir, methods, "power sampling")
 
 
 def run_units(run_dir: RunDirectory, command: str, lm, problems, methods, run_batch, *, known, matched) -> None:
-    """Runs every (problem, method) unit the run directory has not finished: for each batch of
-    `--batch-problems` problems in order, the exact references, then each method on the batch's
-    problems that still need it, as one `run_batch(method, keys [P], problems, budgets) ->
-    records`.
+    """Runs every (problem, method, α) unit the run directory has not finished: for each batch
+    of `--batch-problems` problems in order, the exact references, then each method on the
+    batch's problems that still need it, at every α of `--alpha` (once for `ALPHA_FREE`
+    methods), as one `run_batch(method, keys [P], problems, alphas, budgets) -> records`
+    over the problem × α pairs.
 
     A unit's key depends on the seed, the problem and the method's place in `known` only, so
-    resumed, fresh and differently batched runs draw the same. `budgets` hold what each
-    problem's finished units set for the baselines that match the `matched` methods' token
-    budget (`budget_fields`).
+    resumed, fresh and differently batched runs draw the same, and every α of a problem draws
+    from one key. `budgets` hold what each problem's finished units set for the baselines that
+    match the `matched` methods' token budget at the same α (`budget_fields`).
     """
     config = run_dir.config
     done = run_dir.done_keys()
     size = config["batch_problems"]
+    alphas = alpha_values(config)
     units = ["exact", *methods]
-    todo = sum(f"{p.key}/{m}" not in done for p in problems for m in units)
-    run_dir.log.info("model %s, %d problems in batches of %d, methods %s, %d units to do",
-                     lm.name, len(problems), size, methods, todo)
+
+    def levels(method):
+        return [None] if method in ALPHA_FREE else alphas
+
+    def unit_key(problem, method, alpha):
+        return f"{problem.key}/{method}" + (f"/alpha={alpha:g}" if len(alphas) > 1 and alpha is not None else "")
+
+    todo = sum(unit_key(p, m, a) not in done for p in problems for m in units for a in levels(m))
+    run_dir.log.info("model %s, %d problems in batches of %d, methods %s, α %s, %d units to do",
+                     lm.name, len(problems), size, methods, alphas, todo)
     key = jax.random.key(config["seed"])
-    budgets = {}
+    budgets = {}  # (problem key, α or None for every α) -> budget fields
     for record in run_dir.finished:
-        budgets.setdefault(record["problem"], {}).update(budget_fields(record, matched))
+        budgets.setdefault((record["problem"], record.get("alpha")), {}).update(budget_fields(record, matched))
+
+    def budget(problem, alpha):
+        return budgets.get((problem.key, None), {}) | budgets.get((problem.key, alpha), {})
+
     with tqdm(total=todo, desc=f"{command} [{lm.name}]", unit="run") as bar:
         for start in range(0, len(problems), size):
             for method in units:
-                batch = [p for p in problems[start:start + size] if f"{p.key}/{method}" not in done]
+                batch = [(p, a) for p in problems[start:start + size] for a in levels(method)
+                         if unit_key(p, method, a) not in done]
                 if not batch:
                     continue
-                bar.set_postfix(problems=f"{batch[0].key}..{batch[-1].key}" if len(batch) > 1 else batch[0].key,
-                                method=method)
+                first, last = batch[0][0].key, batch[-1][0].key
+                bar.set_postfix(problems=f"{first}..{last}" if first != last else first, method=method)
                 if method == "exact":
-                    records = [exact_record(lm, problem, config["alpha"]) for problem in batch]
+                    records = [exact_record(lm, problem, alpha) for problem, alpha in batch]
                 else:
                     keys = jnp.stack([
                         jax.random.fold_in(jax.random.fold_in(key, zlib.crc32(p.key.encode())), known.index(method))
-                        for p in batch])
-                    records = run_batch(method, keys, batch, [budgets.setdefault(p.key, {}) for p in batch])
-                for problem, record in zip(batch, records):
-                    record.update(key=f"{problem.key}/{method}", problem=problem.key, group=problem.group, method=method)
-                    budgets.setdefault(problem.key, {}).update(budget_fields(record, matched))
+                        for p, _ in batch])
+                    records = run_batch(method, keys, [p for p, _ in batch], [a for _, a in batch],
+                                        [budget(p, a) for p, a in batch])
+                for (problem, alpha), record in zip(batch, records):
+                    record.update(key=unit_key(problem, method, alpha), problem=problem.key, group=problem.group,
+                                  method=method, alpha=alpha)
+                    budgets.setdefault((problem.key, alpha), {}).update(budget_fields(record, matched))
                     run_dir.append(record)
-                    run_dir.log.info("%s %s accuracy=%.3f tokens=%.1f", problem.key, method,
+                    run_dir.log.info("%s %s%s accuracy=%.3f tokens=%.1f", problem.key, method,
+                                     "" if alpha is None else f" α={alpha:g}",
                                      record.get("accuracy", float("nan")), record.get("tokens", float("nan")))
                 bar.update(len(batch))
 

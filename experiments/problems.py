@@ -29,7 +29,7 @@ def add_problem_arguments(
     parser.add_argument("--num-digits", type=int, default=2, help="arithmetic: digits per operand")
     parser.add_argument("--operation", default="+", choices=["+", "*"], help="arithmetic: operation")
     parser.add_argument("--max-new-tokens", type=int, default=0, help="generation cap (0: the task's trace length for the decision task, 48 for arithmetic, 256 for math500 and humaneval)")
-    parser.add_argument("--alpha", type=float, default=4.0, help="power α of the target")
+    parser.add_argument("--alpha", type=alpha_option, default=4.0, help="power α of the target, or comma-separated values for an α sweep (e.g. 1,2,4,8): every method but base runs at each α, a batch's problems at all of them as one batch, each α of a problem from the same keys (common random numbers: its runs at α = 4 are those of --alpha 4)")
     parser.add_argument("--chains", type=int, default=32, help="chains (samples) per problem for the sampling and MH methods")
     parser.add_argument("--mcmc-steps", type=int, default=mcmc_steps, help="MH steps per chain (one block)")
     parser.add_argument("--top-k", type=int, default=0, help="proposal top-k (0: full vocabulary)")
@@ -69,12 +69,15 @@ def check_problem_config(config: dict, positive=("chains", "problems_per_k", "nu
     for name in (*non_negative, "max_new_tokens", "top_k", "seed"):
         check_int(_flag(name), config[name], 0)
     check_int("--stretch-length", config["stretch_length"], 1)
-    check_real("--alpha", config["alpha"], "(0, inf)")
+    alphas = alpha_values(config)
+    for alpha in alphas:
+        check_real("--alpha", alpha, "(0, inf)")
+    check_distinct("--alpha", alphas, str(config["alpha"]))
     # power's "exact" unit on the decision task (tasks.exact_accuracies) bounds the normaliser
     # with Σ p^α ≤ 1, which holds only for α ≥ 1; other commands sample any α > 0.
-    if config["command"] == "power" and config["task"] == "decisions" and config["alpha"] < 1:
+    if config["command"] == "power" and config["task"] == "decisions" and min(alphas) < 1:
         raise ArgumentError(
-            f"--alpha must be ≥ 1 with --task decisions: the exact reference accuracies need α ≥ 1, got {config['alpha']}")
+            f"--alpha must be ≥ 1 with --task decisions: the exact reference accuracies need α ≥ 1, got {min(alphas)}")
     decision_counts(config)
     if config["task"] in ("arithmetic", "math500", "humaneval") and config["model"] in ("toy-decisions", "exact"):
         raise ArgumentError(f"--task {config['task']} needs a chat model, e.g. --model smollm2-135m-instruct")
@@ -101,6 +104,26 @@ def check_distinct(flag: str, keys, text: str) -> None:
         if key in seen:
             raise ArgumentError(f"{flag}: {key} is repeated in {text!r}; give each value once")
         seen.add(key)
+
+
+def alpha_option(value) -> float | list[float]:
+    """`--alpha` as given on the command line or in a config file: one α (a float), or the α's
+    of a sweep (a list of floats, from "1,2,4" or a YAML list)."""
+    parts = value if isinstance(value, list) else str(value).split(",")
+    try:
+        if any(isinstance(part, bool) for part in parts):
+            raise TypeError
+        alphas = [float(part) for part in parts]
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"must be a number, or comma-separated numbers for an α sweep (e.g. 1,2,4), got {value!r}") from None
+    return alphas[0] if len(alphas) == 1 else alphas
+
+
+def alpha_values(config: dict) -> list[float]:
+    """The run's α's: `--alpha` as a list (one value without a sweep)."""
+    alpha = config["alpha"]
+    return list(alpha) if isinstance(alpha, list) else [alpha]
 
 
 def decision_counts(config: dict) -> list[int]:

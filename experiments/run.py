@@ -135,6 +135,11 @@ def coerce_options(subparser: argparse.ArgumentParser, values: dict, source: str
             ok = isinstance(value, bool)
         elif value is None:
             ok = action.default is None
+        elif kind not in (int, float, str):  # the option's own parser, e.g. --alpha's
+            try:
+                value, ok = kind(value), True
+            except argparse.ArgumentTypeError as e:
+                fail(f"{source}: {flag} {e}")
         elif kind in (int, float):
             if isinstance(value, str):
                 try:

@@ -113,16 +113,17 @@ def rewards_for(problems, lm, task_item_length, max_new):
 # ---------------------------------------------------------------------------------------
 
 
-def run_smc(keys, lm, problems, method, config, max_new, block_size, rewards):
+def run_smc(keys, lm, problems, alphas, method, config, max_new, block_size, rewards):
     """Every run of every problem as one batched `smc_decode` call (problem-major, run r of a
-    problem with its key folded with r); one record per problem. `rewards`: one per problem,
-    None for Power-SMC."""
+    problem with its key folded with r, at the problem's α); one record per problem.
+    `rewards`: one per problem, None for Power-SMC."""
     runs = config["runs"]
     results = js.smc_decode(
         jnp.stack([jax.random.fold_in(key, run) for key in keys for run in range(runs)]), lm,
         [problem.prompt for problem in problems for _ in range(runs)],
         None if rewards is None else [reward for reward in rewards for _ in range(runs)],
-        num_particles=config["particles"], max_new_tokens=max_new, alpha=config["alpha"],
+        num_particles=config["particles"], max_new_tokens=max_new,
+        alpha=jnp.asarray([alpha for alpha in alphas for _ in range(runs)], jnp.float32),
         lam=0.0 if method == "power_smc" else config["lam"], block_size=block_size,
         num_rejuvenation_steps=config["rejuvenation_steps"] if method == "reward_smc_rejuv" else 0,
         top_k=config["top_k"], mesh=experiment_mesh(config),
@@ -156,11 +157,11 @@ def run(run_dir: RunDirectory) -> str:
         raise ArgumentError(f"--block-size {block_size} must divide the trace length {max_new}")
     methods = selected_methods(config, METHODS)
 
-    def run_batch(method, keys, batch, budgets):
+    def run_batch(method, keys, batch, alphas, budgets):
         if method in ("power_smc", "reward_smc", "reward_smc_rejuv"):
             rewards = None if method == "power_smc" else rewards_for(batch, lm, item_length, max_new)
-            return run_smc(keys, lm, batch, method, config, max_new, block_size, rewards)
-        return run_method(method, keys, lm, batch, config, max_new, budgets)
+            return run_smc(keys, lm, batch, alphas, method, config, max_new, block_size, rewards)
+        return run_method(method, keys, lm, batch, alphas, config, max_new, budgets)
 
     run_units(run_dir, "smc", lm, problems, methods, run_batch, known=METHODS, matched=MATCHED)
     return summarize(run_dir, methods, "SMC decoding")

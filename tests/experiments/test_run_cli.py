@@ -81,6 +81,10 @@ def test_help_documents_every_option(capsys):
         (["power", "--alpha", "inf"], "--alpha must be a number in (0, inf), got inf"),
         (["power", "--alpha", "nan"], "--alpha must be a number in (0, inf), got nan"),
         (["power", "--alpha", "0.5"], "--alpha must be ≥ 1 with --task decisions: the exact reference accuracies need α ≥ 1, got 0.5"),
+        (["power", "--alpha", "4,0.5"], "--alpha must be ≥ 1 with --task decisions: the exact reference accuracies need α ≥ 1, got 0.5"),
+        (["power", "--alpha", "2,x"], "argument --alpha: must be a number, or comma-separated numbers for an α sweep (e.g. 1,2,4), got '2,x'"),
+        (["power", "--alpha", "2,4,2.0"], "--alpha: 2.0 is repeated in '[2.0, 4.0, 2.0]'; give each value once"),
+        (["smc", "--alpha", "1,-1"], "--alpha must be a number in (0, inf), got -1.0"),
         (["smc", "--lam=-inf"], "--lam must be a number in (-inf, inf), got -inf"),
         (["power", "--chains", "x"], "argument --chains: invalid int value: 'x'"),
         (["power", "--top-k", "-1"], "--top-k must be an integer in [0, inf], got -1"),
@@ -139,11 +143,13 @@ def assert_one_line_error(result, message):
         (b"\x00\xff\xfe\x01binary", "is not valid YAML"),
         (b"1: 2\n", "option names must be strings, got 1"),
         (b"chains: [1, 2]\n", "--chains must be an integer, got [1, 2]"),
-        (b"alpha: high\n", "--alpha must be a number, got 'high'"),
+        (b"alpha: high\n", "--alpha must be a number, or comma-separated numbers for an α sweep (e.g. 1,2,4), got 'high'"),
+        (b"alpha: [2, true]\n", "--alpha must be a number, or comma-separated numbers for an α sweep (e.g. 1,2,4), got [2, True]"),
         (b"task: chess\n", "--task must be one of decisions, arithmetic, math500, humaneval, got 'chess'"),
         (b"- chains\n", "must hold a mapping of option names to values, got list"),
     ],
-    ids=["invalid-yaml", "binary", "int-key", "list-for-int", "string-for-float", "bad-choice", "list"],
+    ids=["invalid-yaml", "binary", "int-key", "list-for-int", "string-for-alpha", "bool-in-alpha-list", "bad-choice",
+         "list"],
 )
 def test_bad_config_file_is_one_line_error(content, message, tmp_path, capsys):
     config = tmp_path / "c.yaml"
@@ -349,6 +355,31 @@ def test_batched_problems_draw_what_each_problem_draws_alone(finished_run, tmp_p
     alone = [{f: r.get(f) for f in fields} for r in read_results(finished_run)]
     assert len(batched) == len(alone) > 2
     assert sorted(batched, key=lambda r: r["key"]) == sorted(alone, key=lambda r: r["key"])
+
+
+def test_an_alpha_sweep_runs_each_alpha_as_a_run_at_that_alpha_alone(tmp_path):
+    """`--alpha 2,4` (from a config file's list) runs every method but base at both α, each
+    batch's problems at both as one batch: the α = 4 units are those of an α = 4 run (common
+    random numbers), base runs once, and the α = 2 units differ."""
+    settings = ["power", *TINY, "--decisions", "2", "--problems-per-k", "2"]
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({"alpha": [2, 4]}))
+    assert run.main([*settings, "--batch-problems", "2", "--config", str(config), "--out", str(tmp_path / "sweep")]) == 0
+    assert run.main([*settings, "--alpha", "4", "--out", str(tmp_path / "alone")]) == 0
+    fields = ("accuracy", "tokens", "acceptance", "curve", "exact")
+    sweep = read_results(tmp_path / "sweep")
+    by_alpha = {alpha: {(r["problem"], r["method"]): {f: r.get(f) for f in fields} for r in sweep if r["alpha"] == alpha}
+                for alpha in (2.0, 4.0, None)}
+    alone = {(r["problem"], r["method"]): {f: r.get(f) for f in fields} for r in read_results(tmp_path / "alone")}
+    assert {key for key in alone if key[1] != "base"} == set(by_alpha[4.0]) == set(by_alpha[2.0])
+    assert by_alpha[4.0] | by_alpha[None] == alone
+    for method in ("exact", "mh_uniform"):  # α reached the references and the sampler
+        assert any(by_alpha[2.0][key] != by_alpha[4.0][key] for key in by_alpha[2.0] if key[1] == method), method
+    assert sorted({r["key"] for r in sweep if r["problem"] == "K2-0"}) == [
+        "K2-0/base", *(f"K2-0/{m}/alpha={a}" for m in ("exact", "mh_uniform", "temperature") for a in (2, 4))]
+    summary = (tmp_path / "sweep" / "summary.md").read_text()
+    assert "| group | method | α |" in summary and "| MH, uniform cuts | 2 |" in summary
+    assert (tmp_path / "sweep" / "accuracy_vs_alpha.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("leftover", ["results.jsonl", "model.msgpack"])
