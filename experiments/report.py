@@ -81,31 +81,39 @@ def summarize(run_dir: RunDirectory, methods, title: str) -> str:
     if sweep:
         text += f"plot: {_plot_alpha_sweep(run_dir, records, exact, methods, groups, alphas, title)}\n"
     text += f"results: {run_dir.results_path}\n"
-    examples = _examples(records, methods)
+    examples = _examples(records, methods, alphas)
     run_dir.write_text("summary.md", text + examples)
     if examples:
         text += f"what each method wrote: {run_dir.path / 'summary.md'}\n"
     return text
 
 
-def _examples(records, methods) -> str:
-    """Per method on a text task: how many final answers pass, and the first passing and the
-    first failing one as the grader read them ('' on the decision task, which has no text)."""
+def _examples(records, methods, alphas) -> str:
+    """Per method (and α, in a sweep) on a text task: how many final answers pass, and the
+    first passing and the first failing one as the grader read them ('' on the decision task,
+    which has no text)."""
     sections = []
+    sweep = len(alphas) > 1
     for method in methods:
-        written = [(r["problem"], a) for r in records if r["method"] == method for a in r.get("answers", [])]
-        if not written:
-            continue
-        passing = [(p, a) for p, a in written if a["passed"]]
-        failing = [(p, a) for p, a in written if not a["passed"]]
-        lines = [f"### {METHOD_LABELS[method]}: {len(passing)} of {len(written)} answers pass"]
-        for verdict, chosen in (("passes", passing[:1]), ("fails", failing[:1])):
-            for problem, answer in chosen:
-                lines += ["", f"{problem}, {verdict}:", "", _fenced(_clipped(answer["text"]))]
-        sections.append("\n".join(lines))
+        for alpha in [None] if not sweep or method in ALPHA_FREE else alphas:
+            written = [(r["problem"], a) for r in records if r["method"] == method
+                       and (alpha is None or r.get("alpha") == alpha) for a in r.get("answers", [])]
+            if written:
+                label = METHOD_LABELS[method] + ("" if alpha is None else f", α = {alpha:g}")
+                sections.append(_example_section(label, written))
     if not sections:
         return ""
     return "\n## What the methods wrote\n\n" + "\n\n".join(sections) + "\n"
+
+
+def _example_section(label, written) -> str:
+    passing = [(p, a) for p, a in written if a["passed"]]
+    failing = [(p, a) for p, a in written if not a["passed"]]
+    lines = [f"### {label}: {len(passing)} of {len(written)} answers pass"]
+    for verdict, chosen in (("passes", passing[:1]), ("fails", failing[:1])):
+        for problem, answer in chosen:
+            lines += ["", f"{problem}, {verdict}:", "", _fenced(_clipped(answer["text"]))]
+    return "\n".join(lines)
 
 
 def _clipped(text: str) -> str:
@@ -146,7 +154,7 @@ def _plot(run_dir, records, exact, methods, groups, alphas, title):
     from matplotlib.ticker import NullFormatter
 
     sweep = len(alphas) > 1
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4.0), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(groups), figsize=(max(4.2 * len(groups), 7.0), 4.0), squeeze=False, sharey=True)
     for ax, group in zip(axes[0], groups):
         for method in methods:
             for alpha in [None] if not sweep or method in ALPHA_FREE else alphas:
@@ -179,7 +187,7 @@ def _plot_alpha_sweep(run_dir, records, exact, methods, groups, alphas, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4.0), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(groups), figsize=(max(4.2 * len(groups), 7.0), 4.0), squeeze=False, sharey=True)
     for ax, group in zip(axes[0], groups):
         mine = [r for r in records if r["group"] == group]
         for method in methods:

@@ -86,11 +86,24 @@ def test_summary_fences_each_answer_beyond_its_backticks_and_clips_long_ones():
     records = [{"problem": "p0", "method": "base", "answers": [
         {"text": "def f():\n    ```` inside", "passed": True},
         {"text": "x" * (report.EXAMPLE_CHARS + 5), "passed": False}]}]
-    text = report._examples(records, ["base"])
+    text = report._examples(records, ["base"], [4.0])
     assert "1 of 2 answers pass" in text
     assert "`````\ndef f():\n    ```` inside\n`````" in text
     assert "x" * report.EXAMPLE_CHARS + "\n… (5 more characters)\n```" in text
-    assert report._examples([{"problem": "p0", "method": "base", "answers": []}], ["base"]) == ""
+    assert report._examples([{"problem": "p0", "method": "base", "answers": []}], ["base"], [4.0]) == ""
+
+
+def test_summary_of_an_alpha_sweep_counts_each_alphas_answers_apart():
+    def record(method, alpha, passed):
+        return {"problem": "p0", "method": method, "alpha": alpha,
+                "answers": [{"text": f"{method} {alpha} {i}", "passed": ok} for i, ok in enumerate(passed)]}
+
+    records = [record("base", None, [True, False]), record("mh_uniform", 2.0, [False, False]),
+               record("mh_uniform", 4.0, [True, True])]
+    headings = [line for line in report._examples(records, ["base", "mh_uniform"], [2.0, 4.0]).splitlines()
+                if line.startswith("###")]
+    assert headings == ["### base (τ=1): 1 of 2 answers pass", "### MH, uniform cuts, α = 2: 0 of 2 answers pass",
+                        "### MH, uniform cuts, α = 4: 2 of 2 answers pass"]
 
 
 def test_summary_counts_smc_runs_whose_every_weight_hit_zero(tmp_path):
