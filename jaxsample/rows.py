@@ -44,12 +44,12 @@ def select_rows(mask: Array, new: Any, old: Any) -> Any:
     return map_rows(lambda a, b: jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b), new, old)
 
 
-def expand_groups(values: Array | float, num_rows: int) -> Array | float:
-    """Per-group values `[P]` as per-row values `[num_rows]`: the rows are P equal groups,
-    group-major (the rows of P prompts, prompt-major), and row r takes the value of group
-    r // (num_rows / P). A scalar, one value for every row, is returned as it is."""
+def expand_groups(values: Array | float, num_rows: int) -> Array:
+    """Per-row values `[num_rows]` of one value for every row, or of per-group values `[P]`:
+    the rows are P equal groups, group-major (the rows of P prompts, prompt-major), and row r
+    takes the value of group r // (num_rows / P)."""
     if not jnp.ndim(values):
-        return values
+        return jnp.broadcast_to(values, (num_rows,))
     groups = jnp.shape(values)[0]
     if jnp.ndim(values) != 1 or num_rows % groups:
         raise ArgumentError(

@@ -105,8 +105,7 @@ def base_sample(
     """
     num_chains = check_int("num_chains", num_chains, 1)
     prompts = prompts_and_keys(lm, key, prompt_tokens, max_new_tokens)
-    state = _sample(lm, prompts, num_chains, temperature, top_k, top_p, "chain", mesh)
-    return _without_mcmc(state.tokens, state.length, state.done, state.log_p, state.length)
+    return _completions(lm, prompts, num_chains, temperature, top_k, top_p, mesh)
 
 
 def temperature_sample(
@@ -125,9 +124,16 @@ def temperature_sample(
     "power of sums" baseline); `base_sample` with `temperature=1/alpha`, α > 0 (one, or one per
     prompt of a batch `[P]`)."""
     check_real("alpha", alpha, "(0, inf)")
-    check_per_prompt(prompts_and_keys(lm, key, prompt_tokens, max_new_tokens), alpha=alpha)
-    return base_sample(key, lm, prompt_tokens, num_chains=num_chains, max_new_tokens=max_new_tokens,
-                       temperature=1.0 / jnp.asarray(alpha, jnp.float32), top_k=top_k, top_p=top_p, mesh=mesh)
+    num_chains = check_int("num_chains", num_chains, 1)
+    prompts = prompts_and_keys(lm, key, prompt_tokens, max_new_tokens)
+    check_per_prompt(prompts, alpha=alpha)
+    return _completions(lm, prompts, num_chains, 1.0 / jnp.asarray(alpha, jnp.float32), top_k, top_p, mesh)
+
+
+def _completions(lm, prompts: Prompts, num_chains, temperature, top_k, top_p, mesh) -> PowerSampleResult:
+    """`base_sample`'s result: `num_chains` completions per prompt from the proposal."""
+    state = _sample(lm, prompts, num_chains, temperature, top_k, top_p, "chain", mesh)
+    return _without_mcmc(state.tokens, state.length, state.done, state.log_p, state.length)
 
 
 @jax.jit

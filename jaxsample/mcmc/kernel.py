@@ -151,8 +151,7 @@ def judge_moves(
     diagnostics; chains not `moving` (bool `[C]`) are rejected and decoded nothing. `alpha`:
     one α for all chains, or one per group of chains `[P]` (`jaxsample.rows.expand_groups`)."""
     ratio = jax.vmap(partial(log_acceptance_ratio, cut_law=cut_law))
-    log_r = ratio(cut, jnp.broadcast_to(expand_groups(alpha, cut.shape[0]), cut.shape), Trace.of(current),
-                  Trace.of(proposed))
+    log_r = ratio(cut, expand_groups(alpha, cut.shape[0]), Trace.of(current), Trace.of(proposed))
     log_u = jnp.log(jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(accept_keys))
     return PowerMHInfo(
         cut=cut,

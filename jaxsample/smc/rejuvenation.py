@@ -29,6 +29,7 @@ from jaxsample.decoding import (as_key_batch, extend, first_non_finite, prompt_r
                                 split_keys)
 from jaxsample.lm import LanguageModel
 from jaxsample.mcmc import CutLaw, Trace, log_acceptance_ratio
+from jaxsample.rows import expand_groups
 from jaxsample.sampling import Proposal
 from jaxsample.smc.lookahead import LookaheadSpec, estimate_log_value
 from jaxsample.smc.target import Particles, RewardTarget
@@ -45,7 +46,7 @@ def move_log_ratio(
     reward and log value. NaN (e.g. two `-inf` rewards) gives `-inf`: reject.
     """
     base = jax.vmap(partial(log_acceptance_ratio, cut_law=cut_law))(
-        cut, target.row_alpha(cut.shape[0]), Trace.of(current.decode), Trace.of(proposed.decode)
+        cut, expand_groups(target.alpha, cut.shape[0]), Trace.of(current.decode), Trace.of(proposed.decode)
     )
     # log_ratio sums α ℓp − ℓq per token: the power and proposal parts apart cancel in float32
     total = (

@@ -106,10 +106,6 @@ class RewardTarget:
         lam = expand_groups(self.lam, new_reward.shape[0])
         return jnp.where(lam == 0, 0.0, lam * (new_reward - old_reward))
 
-    def row_alpha(self, num_rows: int) -> Array:
-        """α of each of `num_rows` rows, f32 `[num_rows]`."""
-        return jnp.broadcast_to(expand_groups(self.alpha, num_rows), (num_rows,))
-
     def log_weight(self, log_p: Array, log_q: Array, start: Array, stop: Array) -> Array:
         """Σ_{start ≤ j < stop} (α log p_j − log q_j) per row, f32 `[B]`.
 
@@ -119,7 +115,7 @@ class RewardTarget:
         """
         position = jnp.arange(log_p.shape[-1])
         inside = (position >= start[:, None]) & (position < stop[:, None])
-        alpha = self.row_alpha(log_p.shape[0])[:, None]
+        alpha = expand_groups(self.alpha, log_p.shape[0])[:, None]
         return jnp.sum(jnp.where(inside, alpha * log_p - log_q, 0.0), axis=-1)
 
 
