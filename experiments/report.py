@@ -37,16 +37,16 @@ def summarize(run_dir: RunDirectory, methods, title: str) -> str:
     groups = sorted({r["group"] for r in records})
     rows = []
     for group in groups:
-        problems = sorted({r["problem"] for r in records if r["group"] == group})
+        mine = [r for r in records if r["group"] == group]
+        problems = sorted({r["problem"] for r in mine})
         for alpha in alphas:
             power_ref = [exact[(p, alpha)]["power"] for p in problems if (p, alpha) in exact]
             target = 0.9 * float(np.mean(power_ref)) if power_ref else None
             for method in methods:
-                if sweep and method in ALPHA_FREE and alpha != alphas[0]:
-                    continue
                 free = sweep and method in ALPHA_FREE
-                chosen = [r for r in records if r["group"] == group and r["method"] == method
-                          and (free or alpha is None or r.get("alpha") in (alpha, None))]
+                if free and alpha != alphas[0]:
+                    continue
+                chosen = _at(mine, method, alpha if sweep and not free else None)
                 if not chosen:
                     continue
                 row = {
@@ -93,17 +93,26 @@ def _examples(records, methods, alphas) -> str:
     first passing and the first failing one as the grader read them ('' on the decision task,
     which has no text)."""
     sections = []
-    sweep = len(alphas) > 1
     for method in methods:
-        for alpha in [None] if not sweep or method in ALPHA_FREE else alphas:
-            written = [(r["problem"], a) for r in records if r["method"] == method
-                       and (alpha is None or r.get("alpha") == alpha) for a in r.get("answers", [])]
+        for alpha in _levels(method, alphas):
+            written = [(r["problem"], a) for r in _at(records, method, alpha) for a in r.get("answers", [])]
             if written:
                 label = METHOD_LABELS[method] + ("" if alpha is None else f", α = {alpha:g}")
                 sections.append(_example_section(label, written))
     if not sections:
         return ""
     return "\n## What the methods wrote\n\n" + "\n\n".join(sections) + "\n"
+
+
+def _levels(method, alphas) -> list:
+    """The α's a method is reported at: each of a sweep's, or None (all its records) for one α
+    or a method whose draws do not depend on α."""
+    return alphas if len(alphas) > 1 and method not in ALPHA_FREE else [None]
+
+
+def _at(records, method, alpha) -> list:
+    """A method's records at `alpha` (every one for None)."""
+    return [r for r in records if r["method"] == method and (alpha is None or r.get("alpha") == alpha)]
 
 
 def _example_section(label, written) -> str:
@@ -156,18 +165,17 @@ def _plot(run_dir, records, exact, methods, groups, alphas, title):
     sweep = len(alphas) > 1
     fig, axes = plt.subplots(1, len(groups), figsize=(max(4.2 * len(groups), 7.0), 4.0), squeeze=False, sharey=True)
     for ax, group in zip(axes[0], groups):
+        mine = [r for r in records if r["group"] == group]
         for method in methods:
-            for alpha in [None] if not sweep or method in ALPHA_FREE else alphas:
-                chosen = [r for r in records if r["group"] == group and r["method"] == method
-                          and (alpha is None or r.get("alpha") == alpha)]
+            for alpha in _levels(method, alphas):
+                chosen = _at(mine, method, alpha)
                 if not chosen:
                     continue
                 curve = _mean_curve(chosen)
                 style = "-" if len(curve) > 1 else "o"
                 label = METHOD_LABELS[method] + ("" if alpha is None else f", α={alpha:g}")
                 ax.plot(curve[:, 0], curve[:, 1], style, label=label, markersize=6)
-        ref = [exact[(p, alphas[0])]["power"] for p in {r["problem"] for r in records if r["group"] == group}
-               if (p, alphas[0]) in exact]
+        ref = [exact[(p, alphas[0])]["power"] for p in {r["problem"] for r in mine} if (p, alphas[0]) in exact]
         if ref and not sweep:
             ax.axhline(np.mean(ref), color="k", linestyle="--", linewidth=1, label="exact p^α")
         ax.set_title(group)
@@ -191,14 +199,14 @@ def _plot_alpha_sweep(run_dir, records, exact, methods, groups, alphas, title):
     for ax, group in zip(axes[0], groups):
         mine = [r for r in records if r["group"] == group]
         for method in methods:
-            chosen = [r for r in mine if r["method"] == method]
+            chosen = _at(mine, method, None)
             if not chosen:
                 continue
             if method in ALPHA_FREE:
                 ax.axhline(np.mean([r["accuracy"] for r in chosen]), linestyle=":", linewidth=1.5,
                            color="gray", label=METHOD_LABELS[method])
                 continue
-            accuracy = [np.mean([r["accuracy"] for r in chosen if r.get("alpha") == alpha] or [np.nan]) for alpha in alphas]
+            accuracy = [np.mean([r["accuracy"] for r in _at(chosen, method, alpha)] or [np.nan]) for alpha in alphas]
             ax.plot(alphas, accuracy, "o-", label=METHOD_LABELS[method], markersize=5)
         problems = {r["problem"] for r in mine}
         power = [np.mean([exact[(p, alpha)]["power"] for p in problems if (p, alpha) in exact] or [np.nan])
