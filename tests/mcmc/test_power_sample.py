@@ -117,6 +117,8 @@ def _tiny_transformer():
 def test_chains_equal_the_lockstep_kernel_loop(model, cut, freeze_finished, num_mcmc_steps):
     # power_sample starts each chain's next move as soon as its proposal ends; every move's
     # keys are those of the lockstep loop of build_kernel steps, so the chains are the same.
+    # Its floats come from another compiled program, whose fusions may round differently
+    # (observed: 2 float32 ulps of a log-prob with XLA's elemental fusion emitters).
     if model == "tabular":
         lm, prompt, settings = BLOCK_LM, PROMPT, dict(num_chains=256, block_size=2, max_new_tokens=4)
     else:
@@ -125,11 +127,16 @@ def test_chains_equal_the_lockstep_kernel_loop(model, cut, freeze_finished, num_
     settings.update(cut=cut, freeze_finished=freeze_finished, num_mcmc_steps=num_mcmc_steps)
     result = power_sample(jax.random.key(5), lm, prompt, 2.0, **settings)
     expected = testing.lockstep_power_sample(jax.random.key(5), lm, prompt, 2.0, **settings)
-    for name in ("tokens", "lengths", "done", "log_p", "active", "tokens_decoded"):
+    for name in ("tokens", "lengths", "done", "active", "tokens_decoded"):
         np.testing.assert_array_equal(getattr(result, name), getattr(expected, name), err_msg=name)
+    np.testing.assert_allclose(result.log_p, expected.log_p, rtol=1e-6, atol=1e-6)
     moved = np.broadcast_to(np.asarray(result.active)[:, None], result.info.accepted.shape)
     for name, value, reference in zip(PowerMHInfo._fields, result.info, expected.info):
-        np.testing.assert_array_equal(np.asarray(value)[moved], np.asarray(reference)[moved], err_msg=name)
+        value, reference = np.asarray(value)[moved], np.asarray(reference)[moved]
+        if value.dtype.kind == "f":
+            np.testing.assert_allclose(value, reference, rtol=1e-5, atol=1e-5, err_msg=name)
+        else:
+            np.testing.assert_array_equal(value, reference, err_msg=name)
     assert not np.any(np.asarray(result.info.accepted)[~moved])
     assert not np.any(np.asarray(result.info.tokens_decoded)[~moved])
     # The draws differ between chains: the equality is not that of a constant.
