@@ -1,11 +1,11 @@
-"""Runs generate, power_sample and smc_decode (the last two also on a batch of two prompts) on a tiny
-random Qwen2 (and its bf16 copy's logits) under several meshes and saves every result leaf to an
+"""Runs generate, and power_sample and smc_decode on a batch of two prompts, on a tiny random
+Qwen2 (and its bf16 copy's logits) under several meshes and saves every result leaf to an
 .npz (`tests/test_parallel.py` starts it in subprocesses with simulated CPU devices, and as the processes of a localhost
 multi-host run).
 
     python tests/parallel_worker.py OUT.npz generate,power,smc,bf16 none data=4,model=2 ...
     JAXSAMPLE_COORDINATOR=127.0.0.1:PORT JAXSAMPLE_NUM_PROCESSES=2 JAXSAMPLE_PROCESS_ID=0 \
-        python tests/parallel_worker.py --distributed OUT.npz generate,smc data=4,model=2
+        python tests/parallel_worker.py --distributed OUT.npz smc data=4,model=2
 
 With --distributed every process first runs `experiments/run.py POWER_COMMAND --distributed
 --mesh data=8`, which joins the multi-host run itself, as the README's multi-host command
@@ -63,21 +63,15 @@ def bf16_logits(key, lm, prompt, mesh):
 SAMPLERS = {
     "generate": lambda key, lm, prompt, mesh: js.generate(
         key, lm, prompt, 12, num_samples=ROWS, mesh=mesh),
-    "power": lambda key, lm, prompt, mesh: js.power_sample(
-        key, lm, prompt, alpha=2.0, num_chains=ROWS, block_size=6, num_mcmc_steps=3,
-        max_new_tokens=12, mesh=mesh),
     # Two prompts of 4 chains each (rows split over the data axis across the prompts' groups),
-    # each with its own α.
-    "power_batch": lambda key, lm, prompt, mesh: js.power_sample(
+    # each with its own α. One prompt runs as a batch of one (`follow_up` calls it alone).
+    "power": lambda key, lm, prompt, mesh: js.power_sample(
         jax.random.split(key, 2), lm, [prompt, prompt[:2]], alpha=jnp.array([2.0, 3.0]), num_chains=ROWS // 2, block_size=6,
         num_mcmc_steps=3, max_new_tokens=12, mesh=mesh),
     "bf16": bf16_logits,
-    "smc": lambda key, lm, prompt, mesh: js.smc_decode(
-        key, lm, prompt, jax.tree_util.Partial(reward), num_particles=ROWS, max_new_tokens=12,
-        alpha=2.0, lam=0.5, block_size=4, num_rejuvenation_steps=1, mesh=mesh),
     # Two prompts' runs of 4 particles in one loop, the rows of both split over the data axis;
     # each prompt's own α and λ.
-    "smc_batch": lambda key, lm, prompt, mesh: js.smc_decode(
+    "smc": lambda key, lm, prompt, mesh: js.smc_decode(
         jax.random.split(key, 2), lm, [prompt, prompt[:2]], jax.tree_util.Partial(reward), num_particles=ROWS // 2,
         max_new_tokens=12, alpha=jnp.array([2.0, 3.0]), lam=jnp.array([0.5, 1.0]), block_size=4,
         num_rejuvenation_steps=1, mesh=mesh),
