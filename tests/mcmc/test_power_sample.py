@@ -1,6 +1,7 @@
 """The jitted sampler against exact laws on tabular toys (`jaxsample.testing`);
 determinism, recompilation, errors."""
 
+import re
 from functools import partial
 
 import jax
@@ -199,6 +200,26 @@ def test_kernel_steps_on_a_batch_of_prompts_are_each_prompts_own_steps():
                 np.testing.assert_array_equal(getattr(infos[index], name)[rows], getattr(info, name), err_msg=name)
         np.testing.assert_array_equal(batch.decode.tokens[rows], alone.decode.tokens, err_msg=f"prompt {p}")
     assert np.asarray(jnp.stack([i.accepted for i in infos])).any()
+
+
+def test_the_decode_loop_carries_the_prompt_cache_once(monkeypatch):
+    # The chains' and the proposals' states share the prompt cache. Carried in both, XLA:CPU
+    # held each copy in a buffer of its own: on SmolLM2's shape with 8 prompts of 1,024
+    # tokens and 64 chains, a peak of 4,239 MB against 3,861 MB carried once.
+    from jaxsample.mcmc import blocks
+
+    calls = []
+    monkeypatch.setattr(blocks, "_power_sample", lambda *args: calls.append(args) or _power_sample(*args))
+    lm, prompts = _tiny_transformer(), [[3, 1, 4, 1, 5], [2, 7]]
+    power_sample(jax.random.split(jax.random.key(0), 2), lm, prompts, 2.0, num_chains=3, block_size=4,
+                 num_mcmc_steps=1, max_new_tokens=8)
+    c = lm.config
+    cache = re.compile(rf"tensor<(\d+)x{c.num_hidden_layers}x{c.num_key_value_heads}x\d+x{c.head_dim}xf32>")
+    carried = [[int(rows) for rows in cache.findall(line)] for line in _power_sample.lower(*calls[0]).as_text().splitlines()
+               if "stablehlo.while" in line]
+    loop = max(carried, key=len)  # the decode loop (the layer loop carries one row cache)
+    # k and v of 2 prompts once, and of 2 x 3 rows for the chains and for the proposals.
+    assert sorted(loop) == [2, 2, 6, 6, 6, 6]
 
 
 def test_a_batch_of_prompts_needs_a_key_per_prompt_and_prompts():
