@@ -67,14 +67,6 @@ from jaxsample.validation import check_int, check_real
 Array = jax.Array
 
 
-def with_prompt_cache(chains_state: "_Chains", prompt_cache) -> "_Chains":
-    """The chains' and the proposals' states with `prompt_cache`. Both hold the same one;
-    the decode loop carries it once, outside them (each carried copy is a buffer of its own:
-    two prompt caches of P prompts on XLA:CPU)."""
-    return chains_state._replace(current=chains_state.current._replace(prompt_cache=prompt_cache),
-                                 proposed=chains_state.proposed._replace(prompt_cache=prompt_cache))
-
-
 class _Chains(NamedTuple):
     """The loop state of `_power_sample` (C chains, P·C for P prompts; K blocks, S MH steps
     per block).
@@ -100,6 +92,14 @@ class _Chains(NamedTuple):
     info: PowerMHInfo
     active: Array
     extended: Array
+
+
+def _with_prompt_cache(chains_state: _Chains, prompt_cache) -> _Chains:
+    """The chains' and the proposals' states with `prompt_cache`. Both hold the same one;
+    the decode loop carries it once, outside them (each carried copy is a buffer of its own:
+    two prompt caches of P prompts on XLA:CPU)."""
+    return chains_state._replace(current=chains_state.current._replace(prompt_cache=prompt_cache),
+                                 proposed=chains_state.proposed._replace(prompt_cache=prompt_cache))
 
 
 @partial(
@@ -184,13 +184,13 @@ def _power_sample(keys, lm, prompt, prompt_length, alpha, proposal, cut_law, num
         return chains_state
 
     def decode_step(chains_state: _Chains):
-        chains_state = with_prompt_cache(chains_state, prompt_cache)
+        chains_state = _with_prompt_cache(chains_state, prompt_cache)
         block, k = block_and_step(jnp.minimum(chains_state.move, total_moves - 1))
         proposed = advance(lm, chains_state.proposed, proposal_keys[block, k, chains],
                            cap(chains_state.move), proposal, refeed=chains_state.refeed)
         chains_state = chains_state._replace(proposed=proposed, refeed=jnp.zeros_like(chains_state.refeed))
         chains_state = jax.lax.cond(jnp.any(move_ended(chains_state)), finish, lambda c: c, chains_state)
-        return with_prompt_cache(chains_state, None)
+        return _with_prompt_cache(chains_state, None)
 
     decode = init_decode(lm, prompt, num_rows, max_new_tokens, prompt_lengths=prompt_length)
     decode = parallel.constrain_rows(decode, mesh)
@@ -205,7 +205,7 @@ def _power_sample(keys, lm, prompt, prompt_length, alpha, proposal, cut_law, num
         active=jnp.zeros((num_blocks, num_rows), bool),
         extended=jnp.zeros((num_blocks, num_rows), jnp.int32),
     )
-    chains_state = with_prompt_cache(start(chains_state, jnp.ones((num_rows,), bool)), None)
+    chains_state = _with_prompt_cache(start(chains_state, jnp.ones((num_rows,), bool)), None)
     chains_state = jax.lax.while_loop(lambda c: jnp.any(c.move < total_moves), decode_step, chains_state)
     current, info = chains_state.current, chains_state.info
     return parallel.replicate(PowerSampleResult(
