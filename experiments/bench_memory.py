@@ -16,6 +16,18 @@ peak of at most 1.2 x (the generated part of every row's cache + one prompt cach
 Only shapes are needed: the programs are lowered with abstract weights, so a 7B shape costs
 no memory here. The model shapes are `bench_decode.SHAPES`.
 
+`--gpu-target experiments/gpu_targets/h200.txtpb` compiles the same programs for a GPU on a
+machine without one (XLA's deviceless compilation: the CUDA PJRT plugin builds a compile-only
+device from the target description, and XLA:GPU's whole pipeline runs, buffer assignment
+included). It needs the plugin of the installed jax's version, and `ptxas` on the PATH:
+
+    pip install jax-cuda13-plugin==$JAX_VERSION jax-cuda13-pjrt==$JAX_VERSION
+    JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 python experiments/bench_memory.py --dtype bfloat16 \
+        --gpu-target experiments/gpu_targets/h200.txtpb
+
+(`JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1` where cuDNN and the other CUDA libraries are absent:
+compiling does not call them.)
+
 What fills the peak: each program's `--largest` biggest buffers other than parameters and
 constants, read from XLA's buffer assignment of that compilation (`xla_dump_to`), with the
 instructions and shapes of the values that share each (`largest_buffers`).
@@ -30,6 +42,8 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+
+from jax.sharding import SingleDeviceSharding
 
 from jaxsample import Proposal
 from jaxsample.decoding import pad_prompt
@@ -51,6 +65,22 @@ def peak_bytes(compiled, params_bytes: int) -> dict:
     return {"temp": stats.temp_size_in_bytes, "output": stats.output_size_in_bytes,
             "arguments": stats.argument_size_in_bytes, "alias": stats.alias_size_in_bytes,
             "peak_without_weights": total - params_bytes}
+
+
+def gpu_target_device(path: str):
+    """A compile-only CUDA device for the GPU that the GpuTargetConfigProto text file `path`
+    describes (no GPU needed)."""
+    from jax.experimental import topologies
+
+    try:
+        topology = topologies.get_topology_desc(
+            platform="cuda", target_config=Path(path).read_text(), topology="1x1x1")
+    except NotImplementedError as error:
+        raise SystemExit(
+            f"--gpu-target needs JAX's CUDA plugin (pip install jax-cuda13-plugin=={jax.__version__} "
+            f"jax-cuda13-pjrt=={jax.__version__}; JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 where CUDA's "
+            f"libraries are absent): {error}") from None
+    return topology.devices[0]
 
 
 def compile_with_report(lowered, largest: int):
@@ -96,26 +126,36 @@ def main(argv=None):
     parser.add_argument("--shapes", default="tiny,qwen2.5-0.5b",
                         help=f"comma-separated model shapes: {', '.join(SHAPES)}")
     parser.add_argument("--largest", type=int, default=8, help="biggest buffers of each program to report (parameters and constants excluded)")
+    parser.add_argument("--gpu-target", help="compile for the GPU this XLA GpuTargetConfigProto text file describes "
+                        "(experiments/gpu_targets/), without a GPU; see above")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
     if args.prompts < 1 or args.particles % args.prompts:
         parser.error(f"--prompts must divide --particles ({args.particles}), got {args.prompts}")
 
+    if args.gpu_target and not Path(args.gpu_target).is_file():
+        parser.error(f"--gpu-target: no file {args.gpu_target!r}")
     dtype = jnp.dtype(args.dtype)
+    target = SingleDeviceSharding(gpu_target_device(args.gpu_target)) if args.gpu_target else None
     results, lines = {}, []
     for shape in args.shapes.split(","):
         if shape not in SHAPES:
             parser.error(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
-        results[shape] = measure(shape, dtype, args)
+        results[shape] = measure(shape, dtype, args, target)
         lines.append(summary(shape, results[shape]))
-    result = {**machine(), "particles": args.particles, "prompts": args.prompts, "prompt_tokens": args.prompt_tokens,
+    compiled_for = {"compiled_for": target.device_set.pop().device_kind, "gpu_target": args.gpu_target} if target else {}
+    result = {**machine(), **compiled_for, "particles": args.particles, "prompts": args.prompts, "prompt_tokens": args.prompt_tokens,
               "new_tokens": args.new_tokens, "dtype": args.dtype, "shapes": results}
     report(result, "\n".join(lines), args.json)
 
 
-def measure(shape: str, dtype, args) -> dict:
+def measure(shape: str, dtype, args, target: SingleDeviceSharding | None) -> dict:
+    """The programs' peaks; compiled for `target`'s device when given (the weights placed on it
+    commit the programs there), else for JAX's default device."""
     config = model_config(shape, args.prompt_tokens + args.new_tokens)
     params = param_shapes(config, dtype)
+    if target is not None:
+        params = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=target), params)
     lm = make_language_model(config, params)
     params_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     prompt, length = pad_prompt(lm, jnp.ones((args.prompt_tokens,), jnp.int32), args.new_tokens)

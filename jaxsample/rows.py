@@ -63,7 +63,8 @@ def gather_rows(tree: Any, indices: Array) -> Any:
     A large leaf with as many rows out as in (resampling) is gathered in place, in about
     `_IN_PLACE_SLICES` slices along one non-row axis: each slice's rows all come from that
     same slice, so it is read whole before being overwritten, and the peak holds the leaf
-    plus one slice instead of twice the leaf (a KV cache is most of the state).
+    plus one slice instead of twice the leaf (a KV cache is most of the state). When
+    `indices` are `0..B-1` (no particle resampled), no slice is moved.
     """
     indices = jnp.asarray(indices, jnp.int32)
     return map_rows(lambda x: _gather(x, indices), tree)
@@ -79,13 +80,17 @@ def _gather(x: Array, indices: Array) -> Array:
     axis = max(1, x.ndim - 2)
     length = x.shape[axis]
     width = -(-length // _IN_PLACE_SLICES)
+    whole, rest = divmod(length, width)
 
     def gather_slice(start, x, size):
         part = jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
         return jax.lax.dynamic_update_slice_in_dim(x, jnp.take(part, indices, axis=0), start, axis=axis)
 
-    whole = length // width
-    x = jax.lax.fori_loop(0, whole, lambda i, x: gather_slice(i * width, x, width), x)
-    if length % width:  # the shorter last slice
-        x = gather_slice(whole * width, x, length % width)
+    # The identity skips the work through the loops' trip counts rather than a `lax.cond`:
+    # a while loop updates its carry in place, while XLA:GPU gives a leaf that passes
+    # through a conditional a second buffer (a second KV cache at the peak).
+    moves = jnp.any(indices != jnp.arange(x.shape[0], dtype=jnp.int32)).astype(jnp.int32)
+    x = jax.lax.fori_loop(0, moves * whole, lambda i, x: gather_slice(i * width, x, width), x)
+    if rest:  # the shorter last slice
+        x = jax.lax.fori_loop(0, moves, lambda _, x: gather_slice(whole * width, x, rest), x)
     return x

@@ -21,8 +21,9 @@ ulp(C)/2 (0.004 at C = 1e5, 0.5 at 1e7). What stays is the float32 rounding of e
 itself: a log V_hat, log ψ or λ r of size C resolves its variation only to ulp(C)/2.
 
 Memory: the particles share one copy of the prompt's KV cache; each owns the generated part
-of its decode state. A resampling gathers the per-particle arrays inside one `lax.cond`, the
-cache in place (a slice at a time). A Monte Carlo lookahead holds M extra copies of the
+of its decode state. A resampling gathers the per-particle arrays, the cache in place (a
+slice at a time; no slice when no particle moves), outside any `lax.cond`, which XLA:GPU
+would make hold the cache twice. A Monte Carlo lookahead holds M extra copies of the
 generated part while its rollouts run, and a rejuvenation move one extra copy.
 
     target = make_target(alpha, lam, reward_fn)

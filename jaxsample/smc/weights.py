@@ -155,10 +155,11 @@ def resample_if_needed(
 ) -> tuple[Any, Array, ResampleInfo]:
     """Resamples when `ESS < ess_threshold * N`, then resets every log-weight to `LSE - log N`.
 
-    The resampler call and the gather of every per-particle leaf (KV cache, tokens, lengths,
-    cumulative scores, stored values...) sit in one `lax.cond`, so nothing is copied when the
-    ESS is high. The KV cache is gathered in place, a slice at a time, and the shared prompt
-    cache is not gathered at all.
+    Every per-particle leaf (KV cache, tokens, lengths, cumulative scores, stored values...)
+    is gathered by the ancestors, the identity where no group resamples. The KV cache is
+    gathered in place, a slice at a time, and not at all when no group resamples; the shared
+    prompt cache is never gathered. There is no `lax.cond` around the gather: XLA:GPU
+    gives a KV cache that passes through a conditional a second buffer.
 
     Groups: with `[P, N]` log-weights and P keys, the particles are P groups of N (one per
     prompt, group-major rows), and each group is resampled, or not, on its own ESS, from
@@ -200,23 +201,15 @@ def _resample_if_needed(keys, log_weights, particles, ess_threshold, resampler):
     current_ess = ess(log_weights)
     resample = (current_ess < ess_threshold * num_particles) & ~all_zero & ~nan_or_inf
 
-    def do_resample(operand):
-        particles, log_weights = operand
-        weights = jnp.exp(log_weights - log_total[:, None])
-        drawn = jax.vmap(lambda key, w: resampler(key, w, num_particles))(keys, weights)
-        ancestors = jnp.where(resample[:, None], drawn, identity)
-        reset = jnp.where(
-            resample[:, None], (log_total - jnp.log(jnp.float32(num_particles)))[:, None], log_weights)
-        first_row = num_particles * jnp.arange(num_groups, dtype=jnp.int32)[:, None]
-        return gather_particles(particles, (first_row + ancestors).reshape(-1)), reset, ancestors
-
-    def keep(operand):
-        particles, log_weights = operand
-        return particles, log_weights, identity
-
-    particles, log_weights, ancestors = jax.lax.cond(
-        jnp.any(resample), do_resample, keep, (particles, log_weights)
-    )
+    # Groups that keep their particles draw from uniform weights, never from the NaNs of
+    # an all-zero or invalid group, and keep the identity.
+    weights = jnp.where(resample[:, None], jnp.exp(log_weights - log_total[:, None]), 1.0 / num_particles)
+    drawn = jax.vmap(lambda key, w: resampler(key, w, num_particles))(keys, weights)
+    ancestors = jnp.where(resample[:, None], drawn, identity)
+    log_weights = jnp.where(
+        resample[:, None], (log_total - jnp.log(jnp.float32(num_particles)))[:, None], log_weights)
+    first_row = num_particles * jnp.arange(num_groups, dtype=jnp.int32)[:, None]
+    particles = gather_particles(particles, (first_row + ancestors).reshape(-1))
     counts = jax.vmap(lambda a: jnp.zeros(num_particles, jnp.int32).at[a].set(1))(ancestors)
     info = ResampleInfo(
         ancestors=ancestors,

@@ -159,6 +159,12 @@ def test_kernels_per_step_needs_an_open_ended_loop():
         bench_decode.kernels_per_step(fixed.compile().as_text())
 
 
+def test_bench_memory_names_a_missing_gpu_target(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench_memory.main(["--gpu-target", str(tmp_path / "h300.txtpb")])
+    assert "--gpu-target: no file" in capsys.readouterr().err
+
+
 def test_bench_memory_rows_hold_no_copy_of_the_prompt_cache(tmp_path):
     rows, prompt, new = 64, 256, 64
     result = _run(bench_memory.main, tmp_path, "--shapes", "tiny", "--particles", rows, "--prompt-tokens", prompt,

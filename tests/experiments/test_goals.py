@@ -91,3 +91,10 @@ def test_the_power_goal_takes_the_per_layer_contender_of_json_written_when_load_
     (tmp_path / "bench_power.json").write_text(json.dumps(power))
     measured = {goal: m for goal, m, _ in goals.goal_rows(tmp_path)}["power MH: ≥ 50× the transformers loop"]
     assert measured.startswith(f"{2 * power['speedup']:.1f}× ({2 * power['jax_tokens_per_s']:.0f} vs ")
+
+
+def test_a_memory_peak_compiled_for_a_gpu_without_one_says_so(tmp_path):
+    shutil.copy(RESULTS / "deviceless-h200" / "bench_memory.json", tmp_path / "bench_memory.json")
+    rows = {goal: (measured, met) for goal, measured, met in goals.goal_rows(tmp_path)}
+    measured, met = rows["SMC peak memory qwen2.5-0.5b: ≤ 1.2× generated cache + one prompt cache"]
+    assert measured == "1.166× (compiled for an NVIDIA H200 on cpu:0, not run)" and met == "yes"
