@@ -36,6 +36,7 @@ instructions and shapes of the values that share each (`largest_buffers`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import tempfile
 from pathlib import Path
@@ -136,26 +137,29 @@ def main(argv=None):
     if args.gpu_target and not Path(args.gpu_target).is_file():
         parser.error(f"--gpu-target: no file {args.gpu_target!r}")
     dtype = jnp.dtype(args.dtype)
-    target = SingleDeviceSharding(gpu_target_device(args.gpu_target)) if args.gpu_target else None
+    device = gpu_target_device(args.gpu_target) if args.gpu_target else None
     results, lines = {}, []
     for shape in args.shapes.split(","):
         if shape not in SHAPES:
             parser.error(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
-        results[shape] = measure(shape, dtype, args, target)
+        results[shape] = measure(shape, dtype, args, device)
         lines.append(summary(shape, results[shape]))
-    compiled_for = {"compiled_for": target.device_set.pop().device_kind, "gpu_target": args.gpu_target} if target else {}
+    compiled_for = {"compiled_for": device.device_kind, "gpu_target": args.gpu_target} if device else {}
     result = {**machine(), **compiled_for, "particles": args.particles, "prompts": args.prompts, "prompt_tokens": args.prompt_tokens,
               "new_tokens": args.new_tokens, "dtype": args.dtype, "shapes": results}
     report(result, "\n".join(lines), args.json)
 
 
-def measure(shape: str, dtype, args, target: SingleDeviceSharding | None) -> dict:
-    """The programs' peaks; compiled for `target`'s device when given (the weights placed on it
-    commit the programs there), else for JAX's default device."""
+def measure(shape: str, dtype, args, device) -> dict:
+    """The programs' peaks, compiled for `device` when given (the weights placed on it commit
+    the programs there; traced with it as the default device, the decode step makes the
+    choices it makes on that platform, `decoder.target_platform`), else for JAX's default
+    device."""
     config = model_config(shape, args.prompt_tokens + args.new_tokens)
     params = param_shapes(config, dtype)
-    if target is not None:
-        params = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=target), params)
+    if device is not None:
+        on_device = SingleDeviceSharding(device)
+        params = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=on_device), params)
     lm = make_language_model(config, params)
     params_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     prompt, length = pad_prompt(lm, jnp.ones((args.prompt_tokens,), jnp.int32), args.new_tokens)
@@ -163,18 +167,25 @@ def measure(shape: str, dtype, args, target: SingleDeviceSharding | None) -> dic
     alpha = jnp.float32(4.0)
     proposal = Proposal(temperature=1.0 / alpha).validated()
 
+    tracing_for = (lambda: jax.default_device(device)) if device else contextlib.nullcontext
+
     def smc_program(keys, prompts, lengths):
-        return compile_with_report(_smc_run.lower(
-            keys, lm, prompts, lengths, make_target(alpha, 0.0, None), proposal, jnp.float32(0.5),
-            num_particles=args.particles // keys.shape[0], max_new_tokens=args.new_tokens, block_size=args.block_size,
-            resampler="systematic", num_rejuvenation_steps=0, lookahead=None, progress=False, mesh=None,
-        ), args.largest)
+        target_of, ess_threshold = make_target(alpha, 0.0, None), jnp.float32(0.5)
+        with tracing_for():  # only tracing inside: an array made eagerly would need the device
+            lowered = _smc_run.lower(
+                keys, lm, prompts, lengths, target_of, proposal, ess_threshold,
+                num_particles=args.particles // keys.shape[0], max_new_tokens=args.new_tokens,
+                block_size=args.block_size, resampler="systematic", num_rejuvenation_steps=0, lookahead=None,
+                progress=False, mesh=None)
+        return compile_with_report(lowered, args.largest)
 
     def power_program(keys, prompts, lengths):
-        return compile_with_report(_power_sample.lower(
-            keys, lm, prompts, lengths, alpha, proposal, as_jit_argument(uniform), args.particles // keys.shape[0],
-            args.block_size, 2, args.new_tokens, jnp.asarray(False), False, None,
-        ), args.largest)
+        cut, freeze = as_jit_argument(uniform), jnp.asarray(False)
+        with tracing_for():
+            lowered = _power_sample.lower(
+                keys, lm, prompts, lengths, alpha, proposal, cut, args.particles // keys.shape[0],
+                args.block_size, 2, args.new_tokens, freeze, False, None)
+        return compile_with_report(lowered, args.largest)
 
     programs = [("smc_decode", 1, *smc_program(key[None], prompt, length)),
                 ("power_sample", 1, *power_program(key[None], prompt, length))]

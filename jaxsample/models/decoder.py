@@ -444,6 +444,17 @@ def filled_widths(capacity: int) -> tuple[int, ...]:
 CAPACITY_READ_FRACTION = 0.125
 
 
+def target_platform() -> str:
+    """The platform the decode step is traced for ("cpu", "gpu", "tpu"): that of
+    `jax.default_device` when one is set, else JAX's default backend. A compile-only device
+    (`jax.experimental.topologies`) set as the default device thus traces the step as it
+    would be traced on that hardware."""
+    device = jax.config.jax_default_device
+    if isinstance(device, str):
+        return jax.devices(device)[0].platform
+    return jax.default_backend() if device is None else device.platform
+
+
 def attention_widths(params: Params, cache: KVCache, attend_over_capacity: bool | None) -> tuple[int, ...]:
     """The widths `decode_step` picks from: `filled_widths`, or the capacity alone with
     `attend_over_capacity` (None: on a GPU, when reading the whole cache's K and V costs
@@ -457,7 +468,7 @@ def attention_widths(params: Params, cache: KVCache, attend_over_capacity: bool 
     if attend_over_capacity is None:
         cache_bytes = 2 * cache.k.size * cache.k.dtype.itemsize
         weight_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(params))
-        attend_over_capacity = (jax.default_backend() == "gpu"
+        attend_over_capacity = (target_platform() == "gpu"
                                 and cache_bytes <= CAPACITY_READ_FRACTION * weight_bytes)
     return (capacity,) if attend_over_capacity else filled_widths(capacity)
 
@@ -477,7 +488,7 @@ def default_mlp_chunks(hidden_size: int, intermediate_size: int, dtype) -> int:
     copies the slices is what `bench_layer_weights` measures there, and many small matmuls
     cost launches). A tensor-parallel model axis splits the same features, so
     `parallel.shard_model` binds 1 block (`DecodeStep.mlp_chunks`) when it splits them."""
-    if jax.default_backend() != "cpu":
+    if target_platform() != "cpu":
         return 1
     column_bytes = hidden_size * jnp.dtype(dtype).itemsize
     fitting = (c for c in range(1, intermediate_size + 1)

@@ -356,6 +356,18 @@ def test_mlp_blocks_hold_one_block_of_weights_at_a_time():
     assert scratch(8) < scratch(1) - 2 * matrix_bytes, (scratch(8), scratch(1), matrix_bytes)
 
 
+def test_the_default_device_decides_the_platform_the_step_is_traced_for(monkeypatch):
+    """`jax.default_device` (a compile-only GPU of `jax.experimental.topologies` in
+    `bench_memory --gpu-target`) wins over JAX's default backend."""
+    chunks = models.decoder.default_mlp_chunks
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert models.decoder.target_platform() == "gpu" and chunks(896, 4864, jnp.float32) == 1
+    with jax.default_device(jax.devices("cpu")[0]):
+        assert models.decoder.target_platform() == "cpu" and chunks(896, 4864, jnp.float32) == 16
+    with jax.default_device("cpu"):
+        assert models.decoder.target_platform() == "cpu"
+
+
 def test_the_default_mlp_blocks_divide_the_intermediate_size_within_the_slice_budget():
     chunks = models.decoder.default_mlp_chunks
     if jax.default_backend() != "cpu":
