@@ -39,6 +39,10 @@ stop tokens suppressed. Reported per (shape, batch):
   blocks). transformers' step over it (`transformers_over_matmuls_alone`) is the speedup a
   step made of these matmuls and nothing else would have.
 
+With `--gpu-target experiments/gpu_targets/h200.txtpb` nothing is timed: each row's decode
+program is compiled for that GPU on a machine without one (see `bench_memory.py` for what
+that needs) and its kernels per step and `conditional`s are reported.
+
 Both sides' steps exclude the prompt: the time of a prefill-only call (`init_decode`; one
 transformers forward over the prompt) is subtracted from the whole call's.
 
@@ -54,9 +58,11 @@ import argparse
 import functools
 import re
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import SingleDeviceSharding
 
 from jaxsample import Proposal
 from jaxsample.decoding import extend, init_decode
@@ -178,16 +184,65 @@ def kernels_per_step(hlo: str) -> int:
     return max(cost(callee(a, "body")) + cost(callee(a, "condition")) for a in loops)
 
 
+def decode_loop(new_tokens: int):
+    """The decode program timed: `new_tokens` steps of `extend` (sampling at temperature 1),
+    `(key, lm, state) -> state`, the state donated."""
+    proposal = Proposal(temperature=1.0).validated()
+    return jax.jit(lambda key, lm, state: extend(key, lm, state, new_tokens, proposal)[0], donate_argnums=2)
+
+
+def gpu_target_device(path: str):
+    """A compile-only CUDA device for the GPU that the XLA GpuTargetConfigProto text file
+    `path` describes (`experiments/gpu_targets/`): programs placed on it compile for that GPU
+    on a machine without one."""
+    from jax.experimental import topologies
+
+    try:
+        topology = topologies.get_topology_desc(
+            platform="cuda", target_config=Path(path).read_text(), topology="1x1x1")
+    except NotImplementedError as error:
+        raise SystemExit(
+            f"--gpu-target needs JAX's CUDA plugin (pip install jax-cuda13-plugin=={jax.__version__} "
+            f"jax-cuda13-pjrt=={jax.__version__}; JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 where CUDA's "
+            f"libraries are absent): {error}") from None
+    return topology.devices[0]
+
+
+def placed_on(device, tree):
+    """`tree`'s arrays or shapes as shapes committed to `device` (nothing allocated)."""
+    sharding = SingleDeviceSharding(device)
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), tree)
+
+
+def compiled_rows(device, shapes: list[str], batches: list[int], dtype, prompt_tokens: int, new_tokens: int) -> list[dict]:
+    """`--gpu-target`: each (shape, batch)'s decode program compiled for `device`, not run:
+    its kernels per step and its `conditional`s (each an XLA:GPU host-device sync per run).
+    Traced with `device` as the default device, the step makes that platform's choices."""
+    rows = []
+    for shape in shapes:
+        config = model_config(shape, prompt_tokens + new_tokens)
+        lm = make_language_model(config, placed_on(device, param_shapes(config, dtype)), name=shape)
+        lm = lm.replace(eos_token_ids=(lm.vocab_size,))
+        prompt = jax.ShapeDtypeStruct((prompt_tokens,), jnp.int32, sharding=SingleDeviceSharding(device))
+        key = placed_on(device, jax.eval_shape(lambda: jax.random.key(0)))
+        for batch in batches:
+            state = placed_on(device, jax.eval_shape(lambda lm, p, b=batch: init_decode(lm, p, b, new_tokens), lm, prompt))
+            decode, began = decode_loop(new_tokens), time.perf_counter()
+            with jax.default_device(device):  # only tracing inside: an eager op would need the device
+                text = decode.lower(key, lm, state).compile().as_text()
+            rows.append({"shape": shape, "batch": batch, "dtype": jnp.dtype(dtype).name,
+                         "kernels_per_step": kernels_per_step(text), "conditionals": text.count(" conditional("),
+                         "compile_s": time.perf_counter() - began})
+            print(f"{shape} B={batch}: {rows[-1]['kernels_per_step']} kernels/step, "
+                  f"{rows[-1]['conditionals']} conditionals (compiled for {device.device_kind}, not run)", flush=True)
+    return rows
+
+
 def jax_contender(lm, batch: int, prompt_tokens: int, new_tokens: int, decode_lm=None):
     """Prefill with `lm`, then the decode loop with `decode_lm` (default `lm`)."""
     decode_lm = lm if decode_lm is None else decode_lm
-    proposal = Proposal(temperature=1.0).validated()
     prompt = jnp.arange(1, prompt_tokens + 1, dtype=jnp.int32) % lm.vocab_size
-
-    @functools.partial(jax.jit, donate_argnums=2)
-    def decode(key, lm, state):
-        return extend(key, lm, state, new_tokens, proposal)[0]
-
+    decode = decode_loop(new_tokens)
     start = jax.jit(init_decode, static_argnums=(2, 3))
 
     def run():
@@ -305,6 +360,9 @@ def main(argv=None):
     parser.add_argument("--bandwidth-gbs", type=float, default=0.0, help="roofline bandwidth in GB/s (0: measure it in this run; an H200 copies at ~4300)")
     parser.add_argument("--peak-gflops", type=float, default=0.0, help="compute peak in GFLOP/s (0: measure it in this run with a square matmul)")
     parser.add_argument("--matmul-size", type=positive_int, default=2048, help="side of the square matmul that measures the compute peak (GPUs need ~8192 to reach theirs)")
+    parser.add_argument("--gpu-target", help="compile each row's decode program for the GPU this XLA GpuTargetConfigProto "
+                        "text file describes (experiments/gpu_targets/), without a GPU, and report its kernels per step "
+                        "and conditionals instead of timing it (JAX's CUDA plugin needed; see bench_memory.py)")
     add_timing_options(parser, samples=3, min_sample_s=1.0)
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
@@ -319,6 +377,17 @@ def main(argv=None):
     torch_shapes = _subset(parser, "--transformers-shapes", args.transformers_shapes, "--shapes", shapes)
 
     dtype = jnp.dtype(args.dtype)
+    if args.gpu_target:
+        if not Path(args.gpu_target).is_file():
+            parser.error(f"--gpu-target: no file {args.gpu_target!r}")
+        device = gpu_target_device(args.gpu_target)
+        rows = compiled_rows(device, shapes, args.batches, dtype, args.prompt_tokens, args.new_tokens)
+        result = {**machine(), "compiled_for": device.device_kind, "gpu_target": args.gpu_target, "layout": "per-layer",
+                  "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rows": rows}
+        table = ["| shape | batch | kernels/step | conditionals |", "|---|---|---|---|"]
+        table += [f"| {r['shape']} | {r['batch']} | {r['kernels_per_step']} | {r['conditionals']} |" for r in rows]
+        report(result, "\n".join(table), args.json)
+        return
     header = machine()
     bandwidth = args.bandwidth_gbs or header["memory_read_gbs"]
     measured_gflops = matmul_gflops(dtype, args.matmul_size)

@@ -44,8 +44,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jax.sharding import SingleDeviceSharding
-
 from jaxsample import Proposal
 from jaxsample.decoding import pad_prompt
 from jaxsample.mcmc import uniform
@@ -55,7 +53,7 @@ from jaxsample.models import make_language_model
 from jaxsample.smc.sampler import _run as _smc_run
 from jaxsample.smc.target import make_target
 
-from bench_decode import SHAPES, model_config, param_shapes
+from bench_decode import SHAPES, gpu_target_device, model_config, param_shapes, placed_on
 from timing import machine, report
 
 
@@ -66,22 +64,6 @@ def peak_bytes(compiled, params_bytes: int) -> dict:
     return {"temp": stats.temp_size_in_bytes, "output": stats.output_size_in_bytes,
             "arguments": stats.argument_size_in_bytes, "alias": stats.alias_size_in_bytes,
             "peak_without_weights": total - params_bytes}
-
-
-def gpu_target_device(path: str):
-    """A compile-only CUDA device for the GPU that the GpuTargetConfigProto text file `path`
-    describes (no GPU needed)."""
-    from jax.experimental import topologies
-
-    try:
-        topology = topologies.get_topology_desc(
-            platform="cuda", target_config=Path(path).read_text(), topology="1x1x1")
-    except NotImplementedError as error:
-        raise SystemExit(
-            f"--gpu-target needs JAX's CUDA plugin (pip install jax-cuda13-plugin=={jax.__version__} "
-            f"jax-cuda13-pjrt=={jax.__version__}; JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 where CUDA's "
-            f"libraries are absent): {error}") from None
-    return topology.devices[0]
 
 
 def compile_with_report(lowered, largest: int):
@@ -158,8 +140,7 @@ def measure(shape: str, dtype, args, device) -> dict:
     config = model_config(shape, args.prompt_tokens + args.new_tokens)
     params = param_shapes(config, dtype)
     if device is not None:
-        on_device = SingleDeviceSharding(device)
-        params = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=on_device), params)
+        params = placed_on(device, params)
     lm = make_language_model(config, params)
     params_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     prompt, length = pad_prompt(lm, jnp.ones((args.prompt_tokens,), jnp.int32), args.new_tokens)

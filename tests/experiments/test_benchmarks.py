@@ -159,9 +159,10 @@ def test_kernels_per_step_needs_an_open_ended_loop():
         bench_decode.kernels_per_step(fixed.compile().as_text())
 
 
-def test_bench_memory_names_a_missing_gpu_target(tmp_path, capsys):
+@pytest.mark.parametrize("bench", [bench_memory, bench_decode], ids=["bench_memory", "bench_decode"])
+def test_a_missing_gpu_target_is_named(bench, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        bench_memory.main(["--gpu-target", str(tmp_path / "h300.txtpb")])
+        bench.main(["--gpu-target", str(tmp_path / "h300.txtpb")])
     assert "--gpu-target: no file" in capsys.readouterr().err
 
 
