@@ -76,7 +76,9 @@ step bench_decode 215 python $B/bench_decode.py --shapes qwen2.5-1.5b,qwen2.5-7b
 # with each program's largest buffers from XLA's buffer assignment (on 2026-12-04 the GPU
 # programs held about two generated-part caches where the CPU's hold one: K and V copies
 # transposed to [B, K, L, S, H] and [B, K, H, L, S] beside the [B, L, S, K, H] cache; the
-# cache is [B, L, K, S, H] since: are the copies gone?).
+# cache is [B, L, K, S, H] since, and the resampling no longer passes it through a
+# conditional: compiled for an H200 without one on 2026-12-05, smc_decode peaks at 1.17x /
+# 1.09x, results/deviceless-h200/. Does the device's compiler agree?).
 step bench_memory 70 python $B/bench_memory.py --dtype bfloat16 --shapes qwen2.5-0.5b,qwen2.5-7b \
   --json "$OUT/bench_memory.json"
 # 3. Power MH end to end vs the transformers reference loop (random Qwen2.5-0.5B weights).
