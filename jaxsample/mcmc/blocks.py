@@ -29,6 +29,10 @@ The bookkeeping (ratio, cut, per-row selects of the state) runs in every decode 
 which some chain's move ends, where lockstep runs it once per MH step: with thousands of
 chains on a model whose forward costs next to nothing, that costs more than the idle rows
 it saves (16,384 chains on a tabular toy: 10 s against 6.8 s in lockstep).
+That bookkeeping sits in a `lax.cond`, but the rows' caches and next-token logits do not:
+XLA:GPU copies every array that passes through a conditional, which made each decode step
+copy the chains' and the proposals' caches whole. After the conditional, only the slices of
+rows whose move ended are rewritten, in place (`_settle_rows`).
 """
 
 from __future__ import annotations
@@ -92,6 +96,73 @@ class _Chains(NamedTuple):
     info: PowerMHInfo
     active: Array
     extended: Array
+
+
+# The per-row parts of a decode state that `finish` only moves whole between the chain and
+# its proposal (it truncates the others): the model cache and the next-token logits.
+_ROW_PARTS = ("cache", "next_logits")
+
+
+def _detach_rows(chains_state: _Chains):
+    """`(chains_state without _ROW_PARTS, the chains' parts, the proposals' parts)`."""
+    def split(state):
+        return state._replace(**dict.fromkeys(_ROW_PARTS)), {name: getattr(state, name) for name in _ROW_PARTS}
+    current, current_rows = split(chains_state.current)
+    proposed, proposed_rows = split(chains_state.proposed)
+    return chains_state._replace(current=current, proposed=proposed), current_rows, proposed_rows
+
+
+def _attach_rows(chains_state: _Chains, current_rows, proposed_rows) -> _Chains:
+    return chains_state._replace(current=chains_state.current._replace(**current_rows),
+                                 proposed=chains_state.proposed._replace(**proposed_rows))
+
+
+# `_settle_rows` rewrites the chains in about this many slices of rows.
+_SETTLE_SLICES = 16
+
+
+def _settle_rows(ended: Array, accepted: Array, current_rows, proposed_rows):
+    """After the moves of the `ended` rows (bool `[C]`): each such row's chain and proposal
+    both hold the proposal's parts where `accepted`, else the chain's (the next move starts
+    from the chain; a chain that has made its last move keeps its proposal unread).
+
+    In place, in about `_SETTLE_SLICES` slices of rows, only those that hold an ended row:
+    a step in which no move ends reads and writes nothing, one in which a few end a few
+    slices. The last slice may overlap the one before it; settling a row twice changes
+    nothing.
+    """
+    num_rows = ended.shape[0]
+    width = -(-num_rows // _SETTLE_SLICES)
+    starts = jnp.minimum(jnp.arange(0, num_rows, width), num_rows - width)
+    touched = jax.vmap(lambda start: jnp.any(jax.lax.dynamic_slice_in_dim(ended, start, width)))(starts)
+    order = jnp.nonzero(touched, size=starts.shape[0], fill_value=0)[0]
+    current_leaves, treedef = jax.tree.flatten(current_rows)
+
+    def settle(i, leaves):
+        start = starts[order[i]]
+
+        def rows(x):
+            return jax.lax.dynamic_slice_in_dim(x, start, width)
+
+        rows_ended = rows(ended)
+        taken = rows_ended & rows(accepted)
+        settled = ([], [])
+        for current, proposed in zip(*leaves):
+            per_row = (width,) + (1,) * (current.ndim - 1)
+            current = jax.lax.dynamic_update_slice_in_dim(
+                current, jnp.where(taken.reshape(per_row), rows(proposed), rows(current)), start, 0)
+            # Read from the updated chains, the proposals' update comes after the chains' in
+            # the data flow, so both are written in place (crossed reads of the old buffers
+            # made XLA copy both whole on every trip).
+            proposed = jax.lax.dynamic_update_slice_in_dim(
+                proposed, jnp.where(rows_ended.reshape(per_row), rows(current), rows(proposed)), start, 0)
+            settled[0].append(current)
+            settled[1].append(proposed)
+        return settled
+
+    current, proposed = jax.lax.fori_loop(0, jnp.sum(touched, dtype=jnp.int32), settle,
+                                          (current_leaves, treedef.flatten_up_to(proposed_rows)))
+    return treedef.unflatten(current), treedef.unflatten(proposed)
 
 
 def _with_prompt_cache(chains_state: _Chains, prompt_cache) -> _Chains:
@@ -181,16 +252,28 @@ def _power_sample(keys, lm, prompt, prompt_length, alpha, proposal, cut_law, num
         if progress:
             block, k = block_and_step(chains_state.move)
             report(jnp.min(block * num_mcmc_steps + jnp.maximum(k - 1, 0)))
-        return chains_state
+        return chains_state, accepted
+
+    def finish_or_keep(chains_state: _Chains, ended):
+        """`finish` where some move ended, with which rows took their proposal."""
+        def keep(chains_state):
+            return chains_state, jnp.zeros_like(ended)
+        return jax.lax.cond(jnp.any(ended), finish, keep, chains_state)
 
     def decode_step(chains_state: _Chains):
         chains_state = _with_prompt_cache(chains_state, prompt_cache)
         block, k = block_and_step(jnp.minimum(chains_state.move, total_moves - 1))
         proposed = advance(lm, chains_state.proposed, proposal_keys[block, k, chains],
                            cap(chains_state.move), proposal, refeed=chains_state.refeed)
-        chains_state = chains_state._replace(proposed=proposed, refeed=jnp.zeros_like(chains_state.refeed))
-        chains_state = jax.lax.cond(jnp.any(move_ended(chains_state)), finish, lambda c: c, chains_state)
-        return _with_prompt_cache(chains_state, None)
+        chains_state = _with_prompt_cache(
+            chains_state._replace(proposed=proposed, refeed=jnp.zeros_like(chains_state.refeed)), None)
+        ended = move_ended(chains_state)
+        # The caches and next-token logits stay out of the conditional, which XLA:GPU would
+        # copy them through whole (in every step); only the ended rows' are rewritten.
+        light, current_rows, proposed_rows = _detach_rows(chains_state)
+        light, accepted = finish_or_keep(light, ended)
+        current_rows, proposed_rows = _settle_rows(ended, accepted, current_rows, proposed_rows)
+        return _attach_rows(light, current_rows, proposed_rows)
 
     decode = init_decode(lm, prompt, num_rows, max_new_tokens, prompt_lengths=prompt_length)
     decode = parallel.constrain_rows(decode, mesh)
