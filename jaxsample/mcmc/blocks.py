@@ -112,7 +112,8 @@ def _detach_rows(chains_state: _Chains):
     return chains_state._replace(current=current, proposed=proposed), current_rows, proposed_rows
 
 
-def _attach_rows(chains_state: _Chains, current_rows, proposed_rows) -> _Chains:
+def _attach_rows(chains_state: _Chains, current_rows: dict, proposed_rows: dict) -> _Chains:
+    """The chains' and the proposals' states with the fields `current_rows` / `proposed_rows`."""
     return chains_state._replace(current=chains_state.current._replace(**current_rows),
                                  proposed=chains_state.proposed._replace(**proposed_rows))
 
@@ -169,8 +170,8 @@ def _with_prompt_cache(chains_state: _Chains, prompt_cache) -> _Chains:
     """The chains' and the proposals' states with `prompt_cache`. Both hold the same one;
     the decode loop carries it once, outside them (each carried copy is a buffer of its own:
     two prompt caches of P prompts on XLA:CPU)."""
-    return chains_state._replace(current=chains_state.current._replace(prompt_cache=prompt_cache),
-                                 proposed=chains_state.proposed._replace(prompt_cache=prompt_cache))
+    shared = {"prompt_cache": prompt_cache}
+    return _attach_rows(chains_state, shared, shared)
 
 
 @partial(
@@ -229,10 +230,10 @@ def _power_sample(keys, lm, prompt, prompt_length, alpha, proposal, cut_law, num
         return chains_state._replace(
             proposed=proposed, move=jnp.where(frozen, total_moves, move), refeed=mh, cut=cut, active=active)
 
-    def finish(chains_state: _Chains):
-        """Judges every move that has ended and starts the chain's next one."""
+    def finish(chains_state: _Chains, ended):
+        """Judges every move that has ended (`ended`, `move_ended`) and starts the chain's
+        next one; returns the state and which rows took their proposal."""
         current, proposed, move = chains_state.current, chains_state.proposed, chains_state.move
-        ended = move_ended(chains_state)
         block, k = block_and_step(move)
         extension = ended & (k == 0)
         extended = chains_state.extended.at[jnp.where(extension, block, num_blocks), chains].set(
@@ -256,9 +257,9 @@ def _power_sample(keys, lm, prompt, prompt_length, alpha, proposal, cut_law, num
 
     def finish_or_keep(chains_state: _Chains, ended):
         """`finish` where some move ended, with which rows took their proposal."""
-        def keep(chains_state):
+        def keep(chains_state, ended):
             return chains_state, jnp.zeros_like(ended)
-        return jax.lax.cond(jnp.any(ended), finish, keep, chains_state)
+        return jax.lax.cond(jnp.any(ended), finish, keep, chains_state, ended)
 
     def decode_step(chains_state: _Chains):
         chains_state = _with_prompt_cache(chains_state, prompt_cache)
