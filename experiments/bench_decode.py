@@ -67,7 +67,7 @@ from jax.sharding import SingleDeviceSharding
 from jaxsample import Proposal
 from jaxsample.decoding import extend, init_decode
 from jaxsample.models import DecodeStep, ModelConfig, init_params, make_language_model, stack_layers, unstack_layers
-from timing import add_timing_options, interleaved_timings, machine, matmul_gflops, positive_int, positive_ints, report
+from timing import add_timing_options, existing_file, interleaved_timings, machine, matmul_gflops, positive_int, positive_ints, report
 
 # Published config.json values (hf.co/Qwen/Qwen2.5-*, hf.co/HuggingFaceTB/SmolLM2-135M-Instruct).
 SHAPES = {
@@ -360,7 +360,7 @@ def main(argv=None):
     parser.add_argument("--bandwidth-gbs", type=float, default=0.0, help="roofline bandwidth in GB/s (0: measure it in this run; an H200 copies at ~4300)")
     parser.add_argument("--peak-gflops", type=float, default=0.0, help="compute peak in GFLOP/s (0: measure it in this run with a square matmul)")
     parser.add_argument("--matmul-size", type=positive_int, default=2048, help="side of the square matmul that measures the compute peak (GPUs need ~8192 to reach theirs)")
-    parser.add_argument("--gpu-target", help="compile each row's decode program for the GPU this XLA GpuTargetConfigProto "
+    parser.add_argument("--gpu-target", type=existing_file, help="compile each row's decode program for the GPU this XLA GpuTargetConfigProto "
                         "text file describes (experiments/gpu_targets/), without a GPU, and report its kernels per step "
                         "and conditionals instead of timing it (JAX's CUDA plugin needed; see bench_memory.py)")
     add_timing_options(parser, samples=3, min_sample_s=1.0)
@@ -378,8 +378,6 @@ def main(argv=None):
 
     dtype = jnp.dtype(args.dtype)
     if args.gpu_target:
-        if not Path(args.gpu_target).is_file():
-            parser.error(f"--gpu-target: no file {args.gpu_target!r}")
         device = gpu_target_device(args.gpu_target)
         rows = compiled_rows(device, shapes, args.batches, dtype, args.prompt_tokens, args.new_tokens)
         result = {**machine(), "compiled_for": device.device_kind, "gpu_target": args.gpu_target, "layout": "per-layer",

@@ -54,7 +54,7 @@ from jaxsample.smc.sampler import _run as _smc_run
 from jaxsample.smc.target import make_target
 
 from bench_decode import SHAPES, gpu_target_device, model_config, param_shapes, placed_on
-from timing import machine, report
+from timing import existing_file, machine, report
 
 
 def peak_bytes(compiled, params_bytes: int) -> dict:
@@ -109,15 +109,13 @@ def main(argv=None):
     parser.add_argument("--shapes", default="tiny,qwen2.5-0.5b",
                         help=f"comma-separated model shapes: {', '.join(SHAPES)}")
     parser.add_argument("--largest", type=int, default=8, help="biggest buffers of each program to report (parameters and constants excluded)")
-    parser.add_argument("--gpu-target", help="compile for the GPU this XLA GpuTargetConfigProto text file describes "
+    parser.add_argument("--gpu-target", type=existing_file, help="compile for the GPU this XLA GpuTargetConfigProto text file describes "
                         "(experiments/gpu_targets/), without a GPU; see above")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
     if args.prompts < 1 or args.particles % args.prompts:
         parser.error(f"--prompts must divide --particles ({args.particles}), got {args.prompts}")
 
-    if args.gpu_target and not Path(args.gpu_target).is_file():
-        parser.error(f"--gpu-target: no file {args.gpu_target!r}")
     dtype = jnp.dtype(args.dtype)
     device = gpu_target_device(args.gpu_target) if args.gpu_target else None
     results, lines = {}, []

@@ -37,6 +37,13 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def existing_file(text: str) -> str:
+    """argparse `type`: the path of a file that exists."""
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no file {text!r}")
+    return text
+
+
 def positive_ints(text: str) -> list[int]:
     """argparse `type`: comma-separated integers ≥ 1, as a list."""
     if not all(_is_positive_int(item) for item in text.split(",")):
